@@ -1,0 +1,133 @@
+//! Wiring: the real SDK clients, the store and the batchers assembled into a pipeline.
+//!
+//! Owns startup decisions that need AWS (is there a dead-letter queue?) and nothing else;
+//! tests assemble their own pipelines from fakes through [`pipeline::Parts`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinHandle;
+
+use crate::aws::retry::with_backoff;
+use crate::aws::sdk::{self, AutoScalingHooks, Ec2Instances, SnsNotifier, SqsQueue};
+use crate::aws::{Hooks, Notifier, Queue, Services};
+use crate::batch::Batcher;
+use crate::config::{Config, OnReject};
+use crate::daemon::Settings;
+use crate::lease::Leases;
+use crate::metrics::Stats;
+use crate::pipeline::{Parts, Pipeline, RejectPolicy};
+use crate::store::Store;
+
+/// How long finished runs stay in the history.
+const HISTORY_KEEP: Duration = Duration::from_secs(90 * 86_400);
+
+pub struct App {
+    pub pipeline: Arc<Pipeline>,
+    pub queue: Arc<dyn Queue>,
+    pub settings: Settings,
+    publisher_task: Option<JoinHandle<()>>,
+}
+
+impl App {
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        let cfg = Arc::new(cfg);
+        let store = Store::open(&cfg.state.path)
+            .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
+        match store.prune(HISTORY_KEEP).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "pruned history older than 90 days"),
+            Err(e) => tracing::warn!(error = %e, "could not prune old history"),
+        }
+        let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+        let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &cfg.queue.url));
+        let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg));
+        let services = Services {
+            instances: Arc::new(Ec2Instances::new(&sdk_cfg)),
+        };
+        let reject_policy = match cfg.queue.on_reject {
+            OnReject::Delete => RejectPolicy::Delete,
+            OnReject::DeadLetter => RejectPolicy::DeadLetter,
+            OnReject::Auto => match queue.redrive_policy().await {
+                Ok(Some(policy)) => {
+                    tracing::info!(%policy, "queue has a dead-letter queue: rejected messages are released to it");
+                    RejectPolicy::DeadLetter
+                }
+                Ok(None) => RejectPolicy::Delete,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the queue's redrive policy; rejected messages will be deleted");
+                    RejectPolicy::Delete
+                }
+            },
+        };
+        let stats = Arc::new(Stats::default());
+        let (publisher, publisher_task) = match &cfg.notify {
+            Some(n) => {
+                let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg));
+                let (topic, retry_for) = (n.topic_arn.clone(), cfg.aws.retry_for);
+                let (b, task) = Batcher::spawn(
+                    10,
+                    Duration::from_millis(100),
+                    move |bodies: Vec<String>| {
+                        let (notifier, topic) = (notifier.clone(), topic.clone());
+                        async move {
+                            match with_backoff(retry_for, || {
+                                notifier.publish_batch(&topic, &bodies)
+                            })
+                            .await
+                            {
+                                Ok(r) => r,
+                                Err(e) => vec![Err(e.to_string()); bodies.len()],
+                            }
+                        }
+                    },
+                );
+                (Some(b), Some(task))
+            }
+            None => (None, None),
+        };
+        let leases = Leases::spawn(
+            Some(queue.clone()),
+            hooks.clone(),
+            cfg.queue.visibility_timeout,
+            stats.clone(),
+        );
+        let settings = Settings {
+            max_in_flight: cfg.queue.max_in_flight,
+            wait_time: cfg.queue.wait_time,
+            visibility_timeout: cfg.queue.visibility_timeout,
+            shutdown_grace: cfg.daemon.shutdown_grace,
+            retry_for: cfg.aws.retry_for,
+        };
+        let pipeline = Arc::new(Pipeline::new(Parts {
+            cfg,
+            hooks,
+            services,
+            store,
+            leases,
+            publisher,
+            reject_policy,
+            stats,
+        }));
+        Ok(App {
+            pipeline,
+            queue,
+            settings,
+            publisher_task,
+        })
+    }
+
+    /// Waits until every queued result event was published.
+    pub async fn close(self) {
+        let App {
+            pipeline,
+            publisher_task,
+            ..
+        } = self;
+        drop(pipeline);
+        if let Some(t) = publisher_task {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The AWS boundary: narrow traits that speak this project's types, and their SDK impls.
+//!
+//! The pipeline never sees an SDK type. Each trait is the handful of calls one concern needs
+//! (the queue, the hooks, the instances, the result topic), so unit tests can hand in small
+//! fakes and the integration tests drive the real SDK (`sdk.rs`) against the emulator.
+//! Classifying errors (retryable or not) happens here, once; retrying beyond the SDK's own
+//! attempts is `retry.rs`.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::event::InstanceId;
+
+pub mod retry;
+pub mod sdk;
+
+/// The result a lifecycle action is completed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HookResult {
+    Continue,
+    Abandon,
+}
+
+impl HookResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookResult::Continue => "CONTINUE",
+            HookResult::Abandon => "ABANDON",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "CONTINUE" => Some(HookResult::Continue),
+            "ABANDON" => Some(HookResult::Abandon),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for HookResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed AWS call, classified once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{operation}: {}{message}{}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), if *retryable { " (retryable)" } else { "" })]
+pub struct AwsError {
+    pub operation: &'static str,
+    pub code: Option<String>,
+    pub message: String,
+    /// Throttling, 5xx, timeouts and connection failures: worth another try later.
+    pub retryable: bool,
+}
+
+impl AwsError {
+    pub fn permanent(operation: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            operation,
+            code: None,
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// Error codes AWS services use for throttling and transient server trouble.
+pub fn is_retryable_code(code: &str) -> bool {
+    matches!(
+        code,
+        "Throttling"
+            | "ThrottlingException"
+            | "ThrottledException"
+            | "RequestThrottled"
+            | "RequestThrottledException"
+            | "RequestLimitExceeded"
+            | "TooManyRequestsException"
+            | "SlowDown"
+            | "PriorRequestNotComplete"
+            | "EC2ThrottledException"
+            | "InternalFailure"
+            | "InternalError"
+            | "InternalErrorException"
+            | "ServiceUnavailable"
+            | "ServiceUnavailableException"
+            | "RequestTimeout"
+            | "RequestTimeoutException"
+    )
+}
+
+/// One message as received from SQS.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub id: String,
+    pub receipt: String,
+    pub body: String,
+    pub receive_count: u32,
+}
+
+/// Per-entry outcome of a batch call: `Err` carries that entry's error text.
+pub type BatchResult = Vec<Result<(), String>>;
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Message>, AwsError>;
+    /// DeleteMessageBatch; at most 10 receipts.
+    async fn delete_batch(&self, receipts: &[String]) -> Result<BatchResult, AwsError>;
+    /// ChangeMessageVisibilityBatch; at most 10 entries. Zero releases a message at once.
+    async fn change_visibility_batch(
+        &self,
+        entries: &[(String, Duration)],
+    ) -> Result<BatchResult, AwsError>;
+    /// The queue's RedrivePolicy attribute, when it has one (a dead-letter queue is set up).
+    async fn redrive_policy(&self) -> Result<Option<String>, AwsError>;
+}
+
+/// Identifies one lifecycle action for the Auto Scaling API.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Action {
+    pub group: String,
+    pub hook: String,
+    pub instance_id: InstanceId,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookInfo {
+    pub heartbeat_timeout: Duration,
+    pub default_result: HookResult,
+}
+
+/// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionCall {
+    Done,
+    /// "No active Lifecycle Action found": completed by someone else, or timed out.
+    NotActive(String),
+}
+
+#[async_trait]
+pub trait Hooks: Send + Sync {
+    /// Every lifecycle hook of a group, by hook name (one DescribeLifecycleHooks call).
+    async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError>;
+    async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError>;
+    async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
+}
+
+#[async_trait]
+pub trait Instances: Send + Sync {
+    /// CreateTags on one instance (tags differ per instance, so this cannot be batched).
+    async fn create_tags(
+        &self,
+        instance: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), AwsError>;
+}
+
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// PublishBatch; at most 10 messages.
+    async fn publish_batch(
+        &self,
+        topic_arn: &str,
+        messages: &[String],
+    ) -> Result<BatchResult, AwsError>;
+}
+
+/// The AWS services a step may call.
+#[derive(Clone)]
+pub struct Services {
+    pub instances: std::sync::Arc<dyn Instances>,
+}

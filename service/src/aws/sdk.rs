@@ -1,0 +1,398 @@
+//! The boundary traits implemented with the AWS SDK for Rust.
+//!
+//! Region, credentials and endpoint come from the standard chain (aws-config), so
+//! `AWS_ENDPOINT_URL` points everything at an emulator with no special code path here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+
+use super::{
+    is_retryable_code, Action, ActionCall, AwsError, BatchResult, HookInfo, HookResult, Hooks,
+    Instances, Message, Notifier, Queue,
+};
+use crate::event::InstanceId;
+
+/// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call.
+pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(max_attempts)
+                .with_initial_backoff(Duration::from_millis(200)),
+        )
+        // A long poll holds the connection for up to 20 s: leave room above that.
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(40))
+                .build(),
+        )
+        .load()
+        .await
+}
+
+/// Turns any SDK error into an [`AwsError`], deciding once whether it is worth retrying.
+fn classify<E, R>(operation: &'static str, err: SdkError<E, R>) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            AwsError {
+                operation,
+                code: None,
+                message: aws_smithy_error_chain(&err),
+                retryable: true,
+            }
+        }
+        SdkError::ServiceError(_) => {
+            let code = err.code().map(str::to_string);
+            let message = err.message().unwrap_or("no message").to_string();
+            let retryable = code.as_deref().is_some_and(is_retryable_code);
+            AwsError {
+                operation,
+                code,
+                message,
+                retryable,
+            }
+        }
+        _ => AwsError {
+            operation,
+            code: None,
+            message: aws_smithy_error_chain(&err),
+            retryable: false,
+        },
+    }
+}
+
+/// The error and its sources on one line (`a: b: c`).
+fn aws_smithy_error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+fn batch_result(n: usize, failed: impl Iterator<Item = (String, String)>) -> BatchResult {
+    let mut out: BatchResult = vec![Ok(()); n];
+    for (id, msg) in failed {
+        if let Some(slot) = id.parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
+            *slot = Err(msg);
+        }
+    }
+    out
+}
+
+pub struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+    url: String,
+}
+
+impl SqsQueue {
+    pub fn new(cfg: &aws_config::SdkConfig, url: &str) -> Self {
+        Self {
+            client: aws_sdk_sqs::Client::new(cfg),
+            url: url.to_string(),
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Message>, AwsError> {
+        use aws_sdk_sqs::types::MessageSystemAttributeName as A;
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .visibility_timeout(visibility.as_secs().min(43_200) as i32)
+            .message_system_attribute_names(A::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| classify("sqs:ReceiveMessage", e))?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                let receive_count = m
+                    .attributes()
+                    .and_then(|a| a.get(&A::ApproximateReceiveCount))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
+                Some(Message {
+                    id: m.message_id?,
+                    receipt: m.receipt_handle?,
+                    body: m.body.unwrap_or_default(),
+                    receive_count,
+                })
+            })
+            .collect())
+    }
+
+    async fn delete_batch(&self, receipts: &[String]) -> Result<BatchResult, AwsError> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry as E;
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| E::builder().id(i.to_string()).receipt_handle(r).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AwsError::permanent("sqs:DeleteMessageBatch", e.to_string()))?;
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| classify("sqs:DeleteMessageBatch", e))?;
+        Ok(batch_result(
+            receipts.len(),
+            out.failed().iter().map(|f| {
+                (
+                    f.id().to_string(),
+                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
+                )
+            }),
+        ))
+    }
+
+    async fn change_visibility_batch(
+        &self,
+        entries: &[(String, Duration)],
+    ) -> Result<BatchResult, AwsError> {
+        use aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry as E;
+        let list = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (r, v))| {
+                E::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(v.as_secs().min(43_200) as i32)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AwsError::permanent("sqs:ChangeMessageVisibilityBatch", e.to_string()))?;
+        let out = self
+            .client
+            .change_message_visibility_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(list))
+            .send()
+            .await
+            .map_err(|e| classify("sqs:ChangeMessageVisibilityBatch", e))?;
+        Ok(batch_result(
+            entries.len(),
+            out.failed().iter().map(|f| {
+                (
+                    f.id().to_string(),
+                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
+                )
+            }),
+        ))
+    }
+
+    async fn redrive_policy(&self) -> Result<Option<String>, AwsError> {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(A::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| classify("sqs:GetQueueAttributes", e))?;
+        Ok(out
+            .attributes()
+            .and_then(|a| a.get(&A::RedrivePolicy))
+            .cloned())
+    }
+}
+
+pub struct AutoScalingHooks {
+    client: aws_sdk_autoscaling::Client,
+}
+
+impl AutoScalingHooks {
+    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_autoscaling::Client::new(cfg),
+        }
+    }
+}
+
+/// "No active Lifecycle Action found with token …" / "… with instance ID …".
+fn not_active(e: &AwsError) -> bool {
+    e.code.as_deref() == Some("ValidationError") && e.message.contains("No active Lifecycle Action")
+}
+
+#[async_trait]
+impl Hooks for AutoScalingHooks {
+    async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError> {
+        let out = self
+            .client
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeLifecycleHooks", e))?;
+        Ok(out
+            .lifecycle_hooks()
+            .iter()
+            .filter_map(|h| {
+                Some((
+                    h.lifecycle_hook_name()?.to_string(),
+                    HookInfo {
+                        // AWS's default when the hook was created without one.
+                        heartbeat_timeout: Duration::from_secs(
+                            h.heartbeat_timeout().unwrap_or(3600).max(1) as u64,
+                        ),
+                        default_result: h
+                            .default_result()
+                            .and_then(HookResult::parse)
+                            .unwrap_or(HookResult::Abandon),
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    async fn heartbeat(&self, a: &Action) -> Result<ActionCall, AwsError> {
+        let r = self
+            .client
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(&a.group)
+            .lifecycle_hook_name(&a.hook)
+            .instance_id(a.instance_id.as_str())
+            .lifecycle_action_token(&a.token)
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:RecordLifecycleActionHeartbeat", e));
+        match r {
+            Ok(_) => Ok(ActionCall::Done),
+            Err(e) if not_active(&e) => Ok(ActionCall::NotActive(e.message)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn complete(&self, a: &Action, result: HookResult) -> Result<ActionCall, AwsError> {
+        let r = self
+            .client
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&a.group)
+            .lifecycle_hook_name(&a.hook)
+            .instance_id(a.instance_id.as_str())
+            .lifecycle_action_token(&a.token)
+            .lifecycle_action_result(result.as_str())
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:CompleteLifecycleAction", e));
+        match r {
+            Ok(_) => Ok(ActionCall::Done),
+            Err(e) if not_active(&e) => Ok(ActionCall::NotActive(e.message)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+pub struct Ec2Instances {
+    client: aws_sdk_ec2::Client,
+}
+
+impl Ec2Instances {
+    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_ec2::Client::new(cfg),
+        }
+    }
+}
+
+#[async_trait]
+impl Instances for Ec2Instances {
+    async fn create_tags(
+        &self,
+        instance: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), AwsError> {
+        use aws_sdk_ec2::types::Tag;
+        self.client
+            .create_tags()
+            .resources(instance.as_str())
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| classify("ec2:CreateTags", e))?;
+        Ok(())
+    }
+}
+
+pub struct SnsNotifier {
+    client: aws_sdk_sns::Client,
+}
+
+impl SnsNotifier {
+    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_sns::Client::new(cfg),
+        }
+    }
+}
+
+#[async_trait]
+impl Notifier for SnsNotifier {
+    async fn publish_batch(
+        &self,
+        topic_arn: &str,
+        messages: &[String],
+    ) -> Result<BatchResult, AwsError> {
+        use aws_sdk_sns::types::PublishBatchRequestEntry as E;
+        let entries = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| E::builder().id(i.to_string()).message(m).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AwsError::permanent("sns:PublishBatch", e.to_string()))?;
+        let out = self
+            .client
+            .publish_batch()
+            .topic_arn(topic_arn)
+            .set_publish_batch_request_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| classify("sns:PublishBatch", e))?;
+        let failed: HashMap<String, String> = out
+            .failed()
+            .iter()
+            .map(|f| {
+                (
+                    f.id().to_string(),
+                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
+                )
+            })
+            .collect();
+        Ok(batch_result(messages.len(), failed.into_iter()))
+    }
+}

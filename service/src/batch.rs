@@ -1,0 +1,119 @@
+//! A micro-batcher: callers submit one item and await its own result; a background task
+//! groups items into calls of up to `max` (AWS batch limits are 10), waiting at most
+//! `linger` for a batch to fill.
+//!
+//! Used for DeleteMessageBatch, ChangeMessageVisibilityBatch (releases) and SNS
+//! PublishBatch. Owns no AWS knowledge: the flush function does the call.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+type Item<T> = (T, oneshot::Sender<Result<(), String>>);
+
+pub struct Batcher<T> {
+    tx: mpsc::UnboundedSender<Item<T>>,
+}
+
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task. It ends once every `Batcher` clone is dropped and the last
+    /// batch has been flushed; await the handle to be sure nothing is left.
+    pub fn spawn<F, Fut>(max: usize, linger: Duration, flush: F) -> (Batcher<T>, JoinHandle<()>)
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<(), String>>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Item<T>>();
+        let handle = tokio::spawn(async move {
+            let flush = std::sync::Arc::new(flush);
+            let mut running = tokio::task::JoinSet::new();
+            while let Some(first) = rx.recv().await {
+                let mut items = vec![first];
+                let deadline = tokio::time::sleep(linger);
+                tokio::pin!(deadline);
+                while items.len() < max {
+                    tokio::select! {
+                        next = rx.recv() => match next {
+                            Some(i) => items.push(i),
+                            None => break,
+                        },
+                        _ = &mut deadline => break,
+                    }
+                }
+                let (values, replies): (Vec<T>, Vec<_>) = items.into_iter().unzip();
+                let flush = flush.clone();
+                // Batches may overlap: a slow (throttled) call must not hold up the next one.
+                running.spawn(async move {
+                    let results = flush(values).await;
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(r);
+                    }
+                });
+                while running.try_join_next().is_some() {}
+            }
+            while running.join_next().await.is_some() {}
+        });
+        (Batcher { tx }, handle)
+    }
+
+    pub async fn submit(&self, item: T) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((item, reply))
+            .map_err(|_| "batcher has stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("batch call was dropped".to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test(start_paused = true)]
+    async fn groups_up_to_max_and_answers_each_caller() {
+        let calls = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let seen = calls.clone();
+        let (b, handle) = Batcher::spawn(10, Duration::from_millis(50), move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.clone());
+            async move {
+                items
+                    .iter()
+                    .map(|i| {
+                        if i % 7 == 0 {
+                            Err(format!("no {i}"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect()
+            }
+        });
+        let mut tasks = Vec::new();
+        for i in 1..=25u32 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move { (i, b.submit(i).await) }));
+        }
+        for t in tasks {
+            let (i, r) = t.await.unwrap();
+            assert_eq!(r.is_err(), i % 7 == 0, "item {i}");
+        }
+        drop(b);
+        handle.await.unwrap();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 25);
+        assert!(calls.iter().all(|c| c.len() <= 10));
+        assert_eq!(calls.len(), 3, "25 items in batches of 10: {calls:?}");
+    }
+}

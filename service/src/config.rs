@@ -1,0 +1,649 @@
+//! Raw TOML -> validated [`Config`].
+//!
+//! Owns the file format: every key, its default, and the checks that make a config usable.
+//! Parsing happens in two passes, as ripgrep does with its flags: serde reads the file into
+//! `Raw*` structs that mirror it (unknown keys are errors), then `validate` turns them into the
+//! typed config, collecting *every* problem with the key it belongs to. The meaning of a step
+//! lives with the step (`step::parse`), not here.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::aws::HookResult;
+use crate::layer::{Glob, Matcher};
+use crate::step::{self, Step};
+
+pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
+pub const DEFAULT_STATE_PATH: &str = "/var/lib/provision/state.db";
+
+/// SQS allows at most 12 hours of visibility for one receive.
+const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub queue: QueueConfig,
+    pub notify: Option<NotifyConfig>,
+    pub state: StateConfig,
+    pub daemon: DaemonConfig,
+    pub aws: AwsConfig,
+    /// In file order: the first layer that matches an event wins.
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub url: String,
+    pub max_in_flight: usize,
+    /// Long-poll wait of one ReceiveMessage (0..=20 s).
+    pub wait_time: Duration,
+    /// How long a received message stays hidden; extended while its event is worked on.
+    pub visibility_timeout: Duration,
+    pub on_reject: OnReject,
+}
+
+/// What happens to a message that can never be handled (malformed, unsafe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnReject {
+    /// Dead-letter when the queue has a redrive policy, otherwise delete.
+    Auto,
+    /// Record and delete at once.
+    Delete,
+    /// Record and release, so the queue's redrive policy moves it to the dead-letter queue
+    /// after maxReceiveCount receives.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    pub topic_arn: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// After SIGTERM, how long in-flight events may finish before they are released.
+    pub shutdown_grace: Duration,
+    /// Events whose group no layer matches.
+    pub unmatched: Unmatched,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Delete the message and leave the hook alone (another consumer, or the hook's
+    /// DefaultResult, decides). The safe default when hooks are shared.
+    Ignore,
+    /// Complete the hook with this result.
+    Complete(HookResult),
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    /// Attempts per AWS call inside the SDK (standard retry mode, exponential backoff with jitter).
+    pub max_attempts: u32,
+    /// After the SDK gives up on a retryable error, keep retrying with backoff this long.
+    pub retry_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub name: String,
+    pub matcher: Matcher,
+    pub on_failure: HookResult,
+    pub launch: Vec<Step>,
+    pub terminate: Vec<Step>,
+}
+
+impl Layer {
+    pub fn steps(&self, transition: crate::event::Transition) -> &[Step] {
+        match transition {
+            crate::event::Transition::Launch => &self.launch,
+            crate::event::Transition::Terminate => &self.terminate,
+        }
+    }
+}
+
+/// One problem with a config, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    pub source_name: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    queue: Option<RawQueue>,
+    notify: Option<RawNotify>,
+    state: Option<RawState>,
+    daemon: Option<RawDaemon>,
+    aws: Option<RawAws>,
+    #[serde(default)]
+    layers: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    url: Option<String>,
+    max_in_flight: Option<i64>,
+    wait_time: Option<String>,
+    visibility_timeout: Option<String>,
+    on_reject: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    topic_arn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    shutdown_grace: Option<String>,
+    unmatched: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    max_attempts: Option<i64>,
+    retry_for: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayer {
+    groups: Option<Vec<String>>,
+    #[serde(default)]
+    metadata: toml::Table,
+    on_failure: Option<String>,
+    #[serde(default)]
+    launch: Vec<toml::Table>,
+    #[serde(default)]
+    terminate: Vec<toml::Table>,
+}
+
+/// Where the config comes from: `--config`, else `$PROVISION_CONFIG`, else the default path.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("PROVISION_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            source_name: name.clone(),
+            errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            source_name: source_name.to_string(),
+            errors,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml names the key and shows the line; keep its message, drop trailing blank lines.
+            let key = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(syntax)".to_string());
+            fail(vec![ConfigError::new(key, e.message().trim().to_string())])
+        })?;
+        let mut errs = Vec::new();
+        let cfg = validate(raw, &mut errs);
+        if errs.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(fail(errs))
+        }
+    }
+}
+
+fn duration(
+    key: &str,
+    raw: Option<&str>,
+    default: Duration,
+    errs: &mut Vec<ConfigError>,
+) -> Duration {
+    match raw {
+        None => default,
+        Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
+            errs.push(ConfigError::new(
+                key,
+                format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""),
+            ));
+            default
+        }),
+    }
+}
+
+fn hook_result(
+    key: &str,
+    raw: Option<&str>,
+    default: HookResult,
+    errs: &mut Vec<ConfigError>,
+) -> HookResult {
+    match raw {
+        None => default,
+        Some("abandon") => HookResult::Abandon,
+        Some("continue") => HookResult::Continue,
+        Some(other) => {
+            errs.push(ConfigError::new(
+                key,
+                format!("{other:?} is not a result; expected \"abandon\" or \"continue\""),
+            ));
+            default
+        }
+    }
+}
+
+fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
+    let q = raw.queue.unwrap_or(RawQueue {
+        url: None,
+        max_in_flight: None,
+        wait_time: None,
+        visibility_timeout: None,
+        on_reject: None,
+    });
+    let url = match q.url {
+        Some(u) if u.starts_with("https://") || u.starts_with("http://") => u,
+        Some(u) => {
+            errs.push(ConfigError::new(
+                "queue.url",
+                format!("{u:?} is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"),
+            ));
+            u
+        }
+        None => {
+            errs.push(ConfigError::new(
+                "queue.url",
+                "missing: the SQS queue the lifecycle hooks notify",
+            ));
+            String::new()
+        }
+    };
+    let max_in_flight = match q.max_in_flight {
+        None => 32,
+        Some(n) if (1..=10_000).contains(&n) => n as usize,
+        Some(n) => {
+            errs.push(ConfigError::new(
+                "queue.max_in_flight",
+                format!("{n} is out of range 1..=10000"),
+            ));
+            32
+        }
+    };
+    let wait_time = duration(
+        "queue.wait_time",
+        q.wait_time.as_deref(),
+        Duration::from_secs(20),
+        errs,
+    );
+    if wait_time > Duration::from_secs(20) {
+        errs.push(ConfigError::new(
+            "queue.wait_time",
+            "SQS long polls at most 20s",
+        ));
+    }
+    let visibility_timeout = duration(
+        "queue.visibility_timeout",
+        q.visibility_timeout.as_deref(),
+        Duration::from_secs(120),
+        errs,
+    );
+    if visibility_timeout < Duration::from_secs(2) || visibility_timeout > MAX_VISIBILITY {
+        errs.push(ConfigError::new(
+            "queue.visibility_timeout",
+            "must be between 2s and 12h (it is extended while an event is worked on)",
+        ));
+    }
+    let on_reject = match q.on_reject.as_deref() {
+        None | Some("auto") => OnReject::Auto,
+        Some("delete") => OnReject::Delete,
+        Some("dead-letter") => OnReject::DeadLetter,
+        Some(other) => {
+            errs.push(ConfigError::new(
+                "queue.on_reject",
+                format!("{other:?}: expected \"auto\", \"delete\" or \"dead-letter\""),
+            ));
+            OnReject::Auto
+        }
+    };
+
+    let notify = match raw.notify {
+        None => None,
+        Some(RawNotify { topic_arn: None }) => {
+            errs.push(ConfigError::new(
+                "notify.topic_arn",
+                "missing (or remove the [notify] table)",
+            ));
+            None
+        }
+        Some(RawNotify {
+            topic_arn: Some(arn),
+        }) => {
+            if !arn.starts_with("arn:") || arn.split(':').nth(2) != Some("sns") {
+                errs.push(ConfigError::new(
+                    "notify.topic_arn",
+                    format!("{arn:?} is not an SNS topic ARN"),
+                ));
+            }
+            Some(NotifyConfig { topic_arn: arn })
+        }
+    };
+
+    let state = StateConfig {
+        path: raw
+            .state
+            .and_then(|s| s.path)
+            .unwrap_or_else(default_state_path),
+    };
+
+    let d = raw.daemon.unwrap_or(RawDaemon {
+        shutdown_grace: None,
+        unmatched: None,
+    });
+    let daemon = DaemonConfig {
+        shutdown_grace: duration(
+            "daemon.shutdown_grace",
+            d.shutdown_grace.as_deref(),
+            Duration::from_secs(30),
+            errs,
+        ),
+        unmatched: match d.unmatched.as_deref() {
+            None | Some("ignore") => Unmatched::Ignore,
+            Some("continue") => Unmatched::Complete(HookResult::Continue),
+            Some("abandon") => Unmatched::Complete(HookResult::Abandon),
+            Some(other) => {
+                errs.push(ConfigError::new(
+                    "daemon.unmatched",
+                    format!("{other:?}: expected \"ignore\", \"continue\" or \"abandon\""),
+                ));
+                Unmatched::Ignore
+            }
+        },
+    };
+
+    let a = raw.aws.unwrap_or(RawAws {
+        max_attempts: None,
+        retry_for: None,
+    });
+    let aws = AwsConfig {
+        max_attempts: match a.max_attempts {
+            None => 5,
+            Some(n) if (1..=20).contains(&n) => n as u32,
+            Some(n) => {
+                errs.push(ConfigError::new(
+                    "aws.max_attempts",
+                    format!("{n} is out of range 1..=20"),
+                ));
+                5
+            }
+        },
+        retry_for: duration(
+            "aws.retry_for",
+            a.retry_for.as_deref(),
+            Duration::from_secs(120),
+            errs,
+        ),
+    };
+
+    let mut layers = Vec::new();
+    if raw.layers.is_empty() {
+        errs.push(ConfigError::new(
+            "layers",
+            "no layers: add at least one [layers.NAME] table",
+        ));
+    }
+    for (name, value) in raw.layers {
+        let key = format!("layers.{name}");
+        if !valid_layer_name(&name) {
+            errs.push(ConfigError::new(
+                &key,
+                "layer names are letters, digits, '-' and '_'",
+            ));
+        }
+        let rl: RawLayer = match value.try_into() {
+            Ok(l) => l,
+            Err(e) => {
+                errs.push(ConfigError::new(&key, e.message().trim().to_string()));
+                continue;
+            }
+        };
+        layers.push(validate_layer(name, &key, rl, errs));
+    }
+
+    Config {
+        queue: QueueConfig {
+            url,
+            max_in_flight,
+            wait_time,
+            visibility_timeout,
+            on_reject,
+        },
+        notify,
+        state,
+        daemon,
+        aws,
+        layers,
+    }
+}
+
+fn valid_layer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigError>) -> Layer {
+    let groups: Vec<Glob> = match rl.groups {
+        Some(g) if !g.is_empty() => g.iter().map(|s| Glob::new(s)).collect(),
+        _ => {
+            errs.push(ConfigError::new(
+                format!("{key}.groups"),
+                "missing: a list of Auto Scaling group name globs, e.g. [\"web-*\"]",
+            ));
+            Vec::new()
+        }
+    };
+    let mut metadata = std::collections::BTreeMap::new();
+    for (k, v) in rl.metadata {
+        match v.as_str() {
+            Some(s) => {
+                metadata.insert(k, Glob::new(s));
+            }
+            None => errs.push(ConfigError::new(
+                format!("{key}.metadata.{k}"),
+                "must be a string glob",
+            )),
+        }
+    }
+    let on_failure = hook_result(
+        &format!("{key}.on_failure"),
+        rl.on_failure.as_deref(),
+        HookResult::Abandon,
+        errs,
+    );
+    let steps = |list: Vec<toml::Table>, which: &str, errs: &mut Vec<ConfigError>| -> Vec<Step> {
+        list.into_iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                step::parse(&t, &format!("{key}.{which}[{i}]"))
+                    .map_err(|e| errs.extend(e))
+                    .ok()
+            })
+            .collect()
+    };
+    let launch = steps(rl.launch, "launch", errs);
+    let terminate = steps(rl.terminate, "terminate", errs);
+    Layer {
+        name,
+        matcher: Matcher { groups, metadata },
+        on_failure,
+        launch,
+        terminate,
+    }
+}
+
+fn default_state_path() -> PathBuf {
+    // systemd's StateDirectory= sets this; prefer it over the compiled-in default.
+    match std::env::var_os("STATE_DIRECTORY") {
+        Some(d) if !d.is_empty() => {
+            let first = d
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            PathBuf::from(first).join("state.db")
+        }
+        _ => PathBuf::from(DEFAULT_STATE_PATH),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[queue]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/asg-lifecycle"
+max_in_flight = 8
+
+[notify]
+topic_arn = "arn:aws:sns:us-east-1:123456789012:provision-results"
+
+[state]
+path = "/tmp/x.db"
+
+[layers.web]
+groups = ["web-*"]
+on_failure = "abandon"
+launch = [ { tag = { Name = "web-{instance_id}", Environment = "{metadata.environment}" } } ]
+terminate = []
+
+[layers.any]
+groups = ["*"]
+on_failure = "continue"
+"#;
+
+    #[test]
+    fn parses_the_documented_keys() {
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.queue.max_in_flight, 8);
+        assert_eq!(c.queue.wait_time, Duration::from_secs(20));
+        assert_eq!(c.layers.len(), 2);
+        assert_eq!(c.layers[0].name, "web", "file order is kept");
+        assert_eq!(c.layers[0].launch.len(), 1);
+        assert_eq!(c.layers[1].on_failure, HookResult::Continue);
+        assert_eq!(c.daemon.unmatched, Unmatched::Ignore);
+        assert_eq!(c.state.path, PathBuf::from("/tmp/x.db"));
+    }
+
+    #[test]
+    fn collects_every_problem_with_its_key() {
+        let bad = r#"
+[queue]
+url = "sqs-queue"
+max_in_flight = 0
+wait_time = "forever"
+
+[layers.web]
+on_failure = "retry"
+launch = [ { tag = { Name = "{nope}" } }, { teleport = {} } ]
+"#;
+        let e = Config::parse(bad, "bad.toml").unwrap_err();
+        let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "queue.url",
+            "queue.max_in_flight",
+            "queue.wait_time",
+            "layers.web.groups",
+            "layers.web.on_failure",
+            "layers.web.launch[0].tag.Name",
+            "layers.web.launch[1]",
+        ] {
+            assert!(keys.contains(&k), "no error for {k}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::parse("[queue]\nurl = \"https://x\"\nmax_inflight = 3\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_inflight"), "{e}");
+        let e = Config::parse(
+            "[queue]\nurl = \"https://x\"\n[layers.a]\ngroups=[\"*\"]\ngrups = 1\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("layers.a") && e.to_string().contains("grups"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,489 @@
+//! Message body -> [`Parsed`]: a lifecycle event, a skip, or a reject.
+//!
+//! Owns the three shapes a lifecycle notification takes on its way to the queue (straight
+//! from the hook, inside an SNS envelope, as an EventBridge event) and the validation of
+//! everything in it, which is untrusted. Pure: no I/O, no clock, no config. What to *do*
+//! with an event (routing, claiming, completing) lives elsewhere.
+//!
+//! A direct lifecycle message, as Auto Scaling posts it to an SQS target
+//! (the same JSON as `tests/fixtures/events/direct-launch.json`):
+//!
+//! ```json
+//! {"Origin":"EC2","LifecycleHookName":"provision-launch","Destination":"AutoScalingGroup",
+//!  "AccountId":"123456789012","RequestId":"6a0b6f3c-7c1e-4a43-9e0a-0c5f3c1d2e4f",
+//!  "LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"web-prod",
+//!  "Service":"AWS Auto Scaling","Time":"2026-11-21T10:15:42.113Z",
+//!  "EC2InstanceId":"i-0a1b2c3d4e5f60718",
+//!  "NotificationMetadata":"{\"environment\":\"production\",\"platform\":\"web\",\"major\":\"3\"}",
+//!  "LifecycleActionToken":"71514b9d-6a40-4b26-8523-05e7ee35fa40"}
+//! ```
+//!
+//! A message without `LifecycleActionToken` is rejected rather than completed by instance id:
+//! AWS always sends a token, and completing by instance id could finish an action this message
+//! never described.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Longest group or hook name AWS allows (both are 1..=255 characters).
+const MAX_NAME_LEN: usize = 255;
+/// Lifecycle action tokens are UUIDs; allow some slack but refuse anything unbounded.
+const MAX_TOKEN_LEN: usize = 64;
+/// NotificationMetadata is at most 1023 characters in AWS.
+const MAX_METADATA_LEN: usize = 1023;
+
+/// What a message body turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    Event(LifecycleEvent),
+    /// Well-formed, but nothing to do (test notification, another event type). Delete it.
+    Skip(Skip),
+    /// Malformed or unsafe. Never completed; recorded, then deleted or dead-lettered.
+    Reject(Reject),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    #[error("test notification for group {group:?} (sent once when a hook is created)")]
+    TestNotification { group: String },
+    #[error("EventBridge event {detail_type:?} from {source_name:?} is not a lifecycle action")]
+    OtherEventBridgeEvent {
+        detail_type: String,
+        source_name: String,
+    },
+    #[error("Auto Scaling event {event:?} is not a lifecycle action")]
+    OtherAutoScalingEvent { event: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("body is JSON but not an object (found {0})")]
+    NotAnObject(&'static str),
+    #[error("SNS envelope's Message is not a JSON object: {0}")]
+    BadSnsMessage(String),
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    #[error("field {field} must be a string")]
+    NotAString { field: &'static str },
+    #[error("field {field} is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("EC2InstanceId {0:?} does not match i-[0-9a-f]{{8,17}}")]
+    BadInstanceId(String),
+    #[error("unknown LifecycleTransition {0:?}")]
+    UnknownTransition(String),
+    #[error("not a recognised lifecycle message (no LifecycleTransition, Event, detail-type or SNS Type)")]
+    Unrecognised,
+}
+
+/// An instance id that matched `i-[0-9a-f]{8,17}`: safe to put in a path, a tag or a log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct InstanceId(String);
+
+impl InstanceId {
+    pub fn parse(s: &str) -> Result<Self, Reject> {
+        let hex = s
+            .strip_prefix("i-")
+            .ok_or_else(|| Reject::BadInstanceId(s.to_string()))?;
+        let ok = (8..=17).contains(&hex.len())
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(Reject::BadInstanceId(truncate(s, 64)))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transition {
+    Launch,
+    Terminate,
+}
+
+impl Transition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Launch => "launch",
+            Transition::Terminate => "terminate",
+        }
+    }
+
+    pub fn aws_name(self) -> &'static str {
+        match self {
+            Transition::Launch => "autoscaling:EC2_INSTANCE_LAUNCHING",
+            Transition::Terminate => "autoscaling:EC2_INSTANCE_TERMINATING",
+        }
+    }
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the message reached the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    Direct,
+    Sns,
+    EventBridge,
+}
+
+/// NotificationMetadata: a JSON object (readable as `{metadata.KEY}`) or opaque text.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[serde(untagged)]
+pub enum Metadata {
+    #[default]
+    None,
+    Json(Map<String, Value>),
+    Text(String),
+}
+
+impl Metadata {
+    fn parse(raw: Option<&str>) -> Metadata {
+        match raw {
+            None => Metadata::None,
+            Some(s) if s.trim().is_empty() => Metadata::None,
+            Some(s) => match serde_json::from_str::<Value>(s) {
+                Ok(Value::Object(map)) => Metadata::Json(map),
+                _ => Metadata::Text(s.to_string()),
+            },
+        }
+    }
+
+    /// A metadata value as template text. Strings verbatim; numbers and booleans as JSON;
+    /// objects, arrays and null are not scalar and yield `None`.
+    pub fn get(&self, key: &str) -> Option<String> {
+        match self {
+            Metadata::Json(map) => match map.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                v @ (Value::Number(_) | Value::Bool(_)) => Some(v.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Metadata::None => "no NotificationMetadata",
+            Metadata::Json(_) => "JSON NotificationMetadata",
+            Metadata::Text(_) => "plain-text NotificationMetadata",
+        }
+    }
+}
+
+/// One lifecycle action, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LifecycleEvent {
+    pub instance_id: InstanceId,
+    pub group: String,
+    pub hook: String,
+    pub transition: Transition,
+    pub token: String,
+    /// `EC2`, `AutoScalingGroup` or `WarmPool`; absent in messages from before 2021.
+    pub origin: Option<String>,
+    pub destination: Option<String>,
+    pub metadata: Metadata,
+    pub account_id: Option<String>,
+    pub time: Option<String>,
+    pub envelope: Envelope,
+}
+
+/// Parse a message body. Never panics, never does I/O.
+pub fn parse(body: &str) -> Parsed {
+    match parse_inner(body) {
+        Ok(p) => p,
+        Err(r) => Parsed::Reject(r),
+    }
+}
+
+fn parse_inner(body: &str) -> Result<Parsed, Reject> {
+    let value: Value = serde_json::from_str(body).map_err(|e| Reject::NotJson(e.to_string()))?;
+    let obj = as_object(value)?;
+
+    // SNS envelope (raw message delivery off): the lifecycle message is a JSON string.
+    if obj.get("Type").and_then(Value::as_str) == Some("Notification")
+        && obj.contains_key("Message")
+    {
+        let inner = str_field(&obj, "Message")?;
+        let inner: Value =
+            serde_json::from_str(inner).map_err(|e| Reject::BadSnsMessage(e.to_string()))?;
+        let inner = match inner {
+            Value::Object(m) => m,
+            other => return Err(Reject::BadSnsMessage(format!("found {}", kind(&other)))),
+        };
+        return from_lifecycle_fields(&inner, Envelope::Sns);
+    }
+
+    // EventBridge event.
+    if let Some(detail_type) = obj.get("detail-type") {
+        let detail_type = detail_type.as_str().unwrap_or_default();
+        let source = obj
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let lifecycle = source == "aws.autoscaling"
+            && matches!(
+                detail_type,
+                "EC2 Instance-launch Lifecycle Action" | "EC2 Instance-terminate Lifecycle Action"
+            );
+        if !lifecycle {
+            return Ok(Parsed::Skip(Skip::OtherEventBridgeEvent {
+                detail_type: truncate(detail_type, 100),
+                source_name: truncate(source, 100),
+            }));
+        }
+        let detail = match obj.get("detail") {
+            Some(Value::Object(d)) => d,
+            Some(_) => return Err(Reject::NotAString { field: "detail" }),
+            None => return Err(Reject::Missing("detail")),
+        };
+        return from_lifecycle_fields(detail, Envelope::EventBridge);
+    }
+
+    from_lifecycle_fields(&obj, Envelope::Direct)
+}
+
+fn from_lifecycle_fields(obj: &Map<String, Value>, envelope: Envelope) -> Result<Parsed, Reject> {
+    if let Some(event) = obj.get("Event").and_then(Value::as_str) {
+        if event == "autoscaling:TEST_NOTIFICATION" {
+            let group = opt_str(obj, "AutoScalingGroupName")?.unwrap_or_default();
+            return Ok(Parsed::Skip(Skip::TestNotification {
+                group: truncate(group, MAX_NAME_LEN),
+            }));
+        }
+        if !obj.contains_key("LifecycleTransition") {
+            return Ok(Parsed::Skip(Skip::OtherAutoScalingEvent {
+                event: truncate(event, 100),
+            }));
+        }
+    }
+    let transition = match opt_str(obj, "LifecycleTransition")? {
+        Some("autoscaling:EC2_INSTANCE_LAUNCHING") => Transition::Launch,
+        Some("autoscaling:EC2_INSTANCE_TERMINATING") => Transition::Terminate,
+        Some(other) => return Err(Reject::UnknownTransition(truncate(other, 100))),
+        None => return Err(Reject::Unrecognised),
+    };
+    let instance_id = InstanceId::parse(str_field(obj, "EC2InstanceId")?)?;
+    let group = name_field(obj, "AutoScalingGroupName")?;
+    let hook = name_field(obj, "LifecycleHookName")?;
+    let token = str_field(obj, "LifecycleActionToken")?;
+    let token_ok = !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !token_ok {
+        return Err(Reject::Invalid {
+            field: "LifecycleActionToken",
+            reason: "expected a UUID-like token of letters, digits and dashes".into(),
+        });
+    }
+    let raw_metadata = opt_str(obj, "NotificationMetadata")?;
+    if raw_metadata.is_some_and(|m| m.len() > MAX_METADATA_LEN) {
+        return Err(Reject::Invalid {
+            field: "NotificationMetadata",
+            reason: format!("longer than {MAX_METADATA_LEN} characters"),
+        });
+    }
+    Ok(Parsed::Event(LifecycleEvent {
+        instance_id,
+        group: group.to_string(),
+        hook: hook.to_string(),
+        transition,
+        token: token.to_string(),
+        origin: opt_str(obj, "Origin")?.map(str::to_string),
+        destination: opt_str(obj, "Destination")?.map(str::to_string),
+        metadata: Metadata::parse(raw_metadata),
+        account_id: opt_str(obj, "AccountId")?.map(str::to_string),
+        time: opt_str(obj, "Time")?.map(str::to_string),
+        envelope,
+    }))
+}
+
+fn as_object(value: Value) -> Result<Map<String, Value>, Reject> {
+    match value {
+        Value::Object(m) => Ok(m),
+        other => Err(Reject::NotAnObject(kind(&other))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn str_field<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, Reject> {
+    opt_str(obj, field)?.ok_or(Reject::Missing(field))
+}
+
+fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, Reject> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Reject::NotAString { field }),
+    }
+}
+
+/// Group and hook names: AWS allows 1..=255 characters without control characters. They are
+/// data, never shell text; we only refuse what could corrupt a log line or a tag.
+fn name_field<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, Reject> {
+    let s = str_field(obj, field)?;
+    if s.is_empty() || s.chars().count() > MAX_NAME_LEN {
+        return Err(Reject::Invalid {
+            field,
+            reason: format!("must be 1 to {MAX_NAME_LEN} characters"),
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Reject::Invalid {
+            field,
+            reason: "contains control characters".into(),
+        });
+    }
+    Ok(s)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
+    if s.chars().count() > max {
+        format!("{clean}…")
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(body: &str) -> LifecycleEvent {
+        match parse(body) {
+            Parsed::Event(e) => e,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn instance_ids() {
+        assert!(InstanceId::parse("i-4c87e963").is_ok());
+        assert!(InstanceId::parse("i-0a1b2c3d4e5f60718").is_ok());
+        for bad in [
+            "i-4c87e96",
+            "i-0a1b2c3d4e5f607189",
+            "i-0A1B2C3D",
+            "x-12345678",
+            "i-0a1b2c3d; rm -rf /",
+            "",
+            "i-",
+        ] {
+            assert!(InstanceId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn metadata_json_and_text() {
+        let m = Metadata::parse(Some(r#"{"a":"x","n":3,"b":true,"o":{}}"#));
+        assert_eq!(m.get("a").as_deref(), Some("x"));
+        assert_eq!(m.get("n").as_deref(), Some("3"));
+        assert_eq!(m.get("b").as_deref(), Some("true"));
+        assert_eq!(m.get("o"), None);
+        assert_eq!(m.get("missing"), None);
+        assert_eq!(
+            Metadata::parse(Some("role=web")),
+            Metadata::Text("role=web".into())
+        );
+        assert_eq!(Metadata::parse(Some("[1]")), Metadata::Text("[1]".into()));
+        assert_eq!(Metadata::parse(None), Metadata::None);
+    }
+
+    #[test]
+    fn non_string_fields_are_rejected_not_coerced() {
+        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"g","EC2InstanceId":12345678,"LifecycleHookName":"h","LifecycleActionToken":"t"}"#;
+        assert_eq!(
+            parse(body),
+            Parsed::Reject(Reject::NotAString {
+                field: "EC2InstanceId"
+            })
+        );
+    }
+
+    #[test]
+    fn control_characters_in_names_are_rejected() {
+        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"web\nprod","EC2InstanceId":"i-12345678","LifecycleHookName":"h","LifecycleActionToken":"t"}"#;
+        assert!(matches!(
+            parse(body),
+            Parsed::Reject(Reject::Invalid {
+                field: "AutoScalingGroupName",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn token_must_look_like_a_token() {
+        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"g","EC2InstanceId":"i-12345678","LifecycleHookName":"h","LifecycleActionToken":"$(id)"}"#;
+        assert!(matches!(
+            parse(body),
+            Parsed::Reject(Reject::Invalid {
+                field: "LifecycleActionToken",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn eventbridge_detail_is_read() {
+        let e = event(
+            r#"{"detail-type":"EC2 Instance-terminate Lifecycle Action","source":"aws.autoscaling","detail":{"LifecycleActionToken":"abc-1","AutoScalingGroupName":"g","LifecycleHookName":"h","EC2InstanceId":"i-12345678","LifecycleTransition":"autoscaling:EC2_INSTANCE_TERMINATING"}}"#,
+        );
+        assert_eq!(e.transition, Transition::Terminate);
+        assert_eq!(e.envelope, Envelope::EventBridge);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for body in [
+            "",
+            "null",
+            "1",
+            "\"s\"",
+            "{",
+            "{\"Type\":\"Notification\",\"Message\":5}",
+            "{\"detail-type\":7}",
+            "{\"Event\":[]}",
+        ] {
+            let _ = parse(body);
+        }
+    }
+}

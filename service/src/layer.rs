@@ -1,0 +1,339 @@
+//! Which layer an event belongs to, and the templates that build names from an event.
+//!
+//! Owns glob matching on group names and metadata, and `{field}` templates: parsed once when
+//! the config is loaded (so a typo is a config error, not a 3 a.m. failure), rendered per
+//! event. Does not own the steps a layer runs (see `step`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::event::LifecycleEvent;
+
+/// The fields a template may name. `metadata.KEY` reads the event's JSON NotificationMetadata.
+pub const TEMPLATE_FIELDS: &[&str] = &[
+    "instance_id",
+    "group",
+    "hook",
+    "layer",
+    "transition",
+    "metadata.KEY",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Lit(String),
+    InstanceId,
+    Group,
+    Hook,
+    Layer,
+    Transition,
+    Metadata(String),
+}
+
+/// A string with `{field}` placeholders; `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unclosed '{{' in {0:?} (write '{{{{' for a literal brace)")]
+    Unclosed(String),
+    #[error("stray '}}' in {0:?} (write '}}}}' for a literal brace)")]
+    Stray(String),
+    #[error("unknown field {{{field}}} in {template:?}; known: {known}", known = known_fields())]
+    UnknownField { field: String, template: String },
+}
+
+fn known_fields() -> String {
+    TEMPLATE_FIELDS
+        .iter()
+        .map(|f| format!("{{{f}}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rendering failed: the event lacks what the template asks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("template {template:?} needs metadata key {key:?}, but the event has {has}")]
+    MissingMetadata {
+        template: String,
+        key: String,
+        has: String,
+    },
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Self, TemplateError> {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut chars = source.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '}' => return Err(TemplateError::Stray(source.to_string())),
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(TemplateError::Unclosed(source.to_string())),
+                        }
+                    }
+                    if !lit.is_empty() {
+                        pieces.push(Piece::Lit(std::mem::take(&mut lit)));
+                    }
+                    pieces.push(field(name.trim(), source)?);
+                }
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit));
+        }
+        Ok(Self {
+            source: source.to_string(),
+            pieces,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Metadata keys this template reads.
+    pub fn metadata_keys(&self) -> impl Iterator<Item = &str> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Metadata(k) => Some(k.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The longest text the template contributes by itself (placeholders count as empty).
+    pub fn literal_len(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Lit(s) => s.chars().count(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    pub fn render(&self, ctx: &Context<'_>) -> Result<String, RenderError> {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Lit(s) => out.push_str(s),
+                Piece::InstanceId => out.push_str(ctx.event.instance_id.as_str()),
+                Piece::Group => out.push_str(&ctx.event.group),
+                Piece::Hook => out.push_str(&ctx.event.hook),
+                Piece::Layer => out.push_str(ctx.layer),
+                Piece::Transition => out.push_str(ctx.event.transition.as_str()),
+                Piece::Metadata(key) => match ctx.event.metadata.get(key) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        return Err(RenderError::MissingMetadata {
+                            template: self.source.clone(),
+                            key: key.clone(),
+                            has: ctx.event.metadata.describe().to_string(),
+                        })
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
+    Ok(match name {
+        "instance_id" => Piece::InstanceId,
+        "group" => Piece::Group,
+        "hook" => Piece::Hook,
+        "layer" => Piece::Layer,
+        "transition" => Piece::Transition,
+        _ => match name.strip_prefix("metadata.") {
+            Some(key) if !key.is_empty() => Piece::Metadata(key.to_string()),
+            _ => {
+                return Err(TemplateError::UnknownField {
+                    field: name.to_string(),
+                    template: source.to_string(),
+                })
+            }
+        },
+    })
+}
+
+/// What a template is rendered against.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub event: &'a LifecycleEvent,
+    pub layer: &'a str,
+}
+
+/// A shell-style glob: `*` any run of characters, `?` one character, everything else literal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Self {
+        Self(pattern.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        // Iterative wildcard match with backtracking to the last '*': linear in practice,
+        // never exponential, whatever the pattern.
+        let p: Vec<char> = self.0.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        let (mut pi, mut ti) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+                pi += 1;
+                ti += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, ti));
+                pi += 1;
+            } else if let Some((sp, st)) = star {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == '*')
+    }
+}
+
+/// The part of a layer that decides whether an event belongs to it.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    /// Any of these globs must match the group name.
+    pub groups: Vec<Glob>,
+    /// Every key must be present in JSON metadata with a value matching the glob.
+    pub metadata: BTreeMap<String, Glob>,
+}
+
+impl Matcher {
+    pub fn matches(&self, event: &LifecycleEvent) -> bool {
+        self.groups.iter().any(|g| g.matches(&event.group))
+            && self
+                .metadata
+                .iter()
+                .all(|(k, g)| event.metadata.get(k).is_some_and(|v| g.matches(&v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse, Parsed};
+
+    fn ev() -> LifecycleEvent {
+        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"web-prod","EC2InstanceId":"i-0123456789abcdef0","LifecycleHookName":"launch","LifecycleActionToken":"t-1","NotificationMetadata":"{\"environment\":\"production\",\"major\":3}"}"#;
+        match parse(body) {
+            Parsed::Event(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn renders_fields_and_metadata() {
+        let e = ev();
+        let ctx = Context {
+            event: &e,
+            layer: "web",
+        };
+        let t = Template::parse("v{metadata.major} {metadata.environment} {layer}/{group}/{hook}/{instance_id}/{transition} {{x}}").unwrap();
+        assert_eq!(
+            t.render(&ctx).unwrap(),
+            "v3 production web/web-prod/launch/i-0123456789abcdef0/launch {x}"
+        );
+        assert_eq!(
+            t.metadata_keys().collect::<Vec<_>>(),
+            ["major", "environment"]
+        );
+    }
+
+    #[test]
+    fn missing_metadata_names_the_key() {
+        let e = ev();
+        let ctx = Context {
+            event: &e,
+            layer: "web",
+        };
+        let err = Template::parse("{metadata.platform}")
+            .unwrap()
+            .render(&ctx)
+            .unwrap_err();
+        assert!(err.to_string().contains("\"platform\""), "{err}");
+    }
+
+    #[test]
+    fn parse_errors() {
+        assert!(matches!(
+            Template::parse("{nope}"),
+            Err(TemplateError::UnknownField { .. })
+        ));
+        assert!(matches!(
+            Template::parse("{metadata.}"),
+            Err(TemplateError::UnknownField { .. })
+        ));
+        assert!(matches!(
+            Template::parse("a{b"),
+            Err(TemplateError::Unclosed(_))
+        ));
+        assert!(matches!(
+            Template::parse("a}b"),
+            Err(TemplateError::Stray(_))
+        ));
+    }
+
+    #[test]
+    fn globs() {
+        let g = Glob::new("web-*");
+        assert!(g.matches("web-prod") && g.matches("web-") && !g.matches("api-prod"));
+        assert!(Glob::new("*").matches(""));
+        assert!(Glob::new("a?c*d").matches("abcxxd") && !Glob::new("a?c*d").matches("acxxd"));
+        assert!(Glob::new("exact").matches("exact") && !Glob::new("exact").matches("exact2"));
+        let long = "a".repeat(200);
+        assert!(!Glob::new("*a*a*a*a*a*a*b").matches(&long));
+    }
+
+    #[test]
+    fn matcher_uses_groups_and_metadata() {
+        let e = ev();
+        let mut m = Matcher {
+            groups: vec![Glob::new("web-*")],
+            metadata: BTreeMap::new(),
+        };
+        assert!(m.matches(&e));
+        m.metadata.insert("environment".into(), Glob::new("prod*"));
+        assert!(m.matches(&e));
+        m.metadata.insert("platform".into(), Glob::new("*"));
+        assert!(!m.matches(&e), "absent key must not match");
+    }
+}

@@ -1,0 +1,217 @@
+//! Keeping work alive while it runs: lifecycle heartbeats and message visibility.
+//!
+//! One background task serves every event in flight. Each event holds a [`Lease`]; the task
+//! heartbeats its lifecycle action every third of the hook's heartbeat timeout and extends
+//! its message's visibility when half of it is used, grouping the extensions of all messages
+//! due at the same moment into ChangeMessageVisibilityBatch calls of ten. Dropping the lease
+//! stops both. Completing the hook is not this module's business.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::aws::{Action, ActionCall, Hooks, Queue};
+use crate::metrics::Stats;
+
+const TICK: Duration = Duration::from_millis(250);
+
+/// The heartbeat interval for a hook: a third of its timeout, so two beats may fail before
+/// Auto Scaling gives up on the action.
+pub fn heartbeat_interval(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 3).clamp(Duration::from_millis(500), Duration::from_secs(900))
+}
+
+struct Entry {
+    receipt: Option<String>,
+    visible_until: Instant,
+    extending: bool,
+    action: Option<Action>,
+    every: Duration,
+    next_beat: Instant,
+    beating: bool,
+    beats: Arc<AtomicU32>,
+}
+
+struct Inner {
+    entries: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+    queue: Option<Arc<dyn Queue>>,
+    hooks: Arc<dyn Hooks>,
+    visibility: Duration,
+    stats: Arc<Stats>,
+}
+
+#[derive(Clone)]
+pub struct Leases {
+    inner: Arc<Inner>,
+}
+
+/// Held while one event is worked on.
+pub struct Lease {
+    id: u64,
+    inner: Arc<Inner>,
+    beats: Arc<AtomicU32>,
+}
+
+impl Lease {
+    /// Heartbeats that succeeded so far.
+    pub fn heartbeats(&self) -> u32 {
+        self.beats.load(Ordering::Relaxed)
+    }
+
+    /// Starts heartbeating an action (once its hook's timeout is known).
+    pub fn beat(&self, action: Action, every: Duration) {
+        if let Some(e) = self.inner.entries.lock().unwrap().get_mut(&self.id) {
+            e.action = Some(action);
+            e.every = every;
+            e.next_beat = Instant::now() + jitter(every);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.inner.entries.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// 90..110 % of `d`, so hundreds of actions started together do not beat in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+impl Leases {
+    /// `queue` is None where there is no message to keep hidden (manual runs).
+    pub fn spawn(
+        queue: Option<Arc<dyn Queue>>,
+        hooks: Arc<dyn Hooks>,
+        visibility: Duration,
+        stats: Arc<Stats>,
+    ) -> Leases {
+        let inner = Arc::new(Inner {
+            entries: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            queue,
+            hooks,
+            visibility,
+            stats,
+        });
+        tokio::spawn(tick_loop(Arc::downgrade(&inner)));
+        Leases { inner }
+    }
+
+    /// Holds a message received at `received` (its visibility started then).
+    pub fn hold(&self, receipt: Option<String>, received: Instant) -> Lease {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let beats = Arc::new(AtomicU32::new(0));
+        self.inner.entries.lock().unwrap().insert(
+            id,
+            Entry {
+                receipt,
+                visible_until: received + self.inner.visibility,
+                extending: false,
+                action: None,
+                every: Duration::MAX,
+                next_beat: Instant::now() + Duration::from_secs(86_400 * 365),
+                beating: false,
+                beats: beats.clone(),
+            },
+        );
+        Lease {
+            id,
+            inner: self.inner.clone(),
+            beats,
+        }
+    }
+}
+
+async fn tick_loop(weak: Weak<Inner>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        tick(&inner);
+    }
+}
+
+fn tick(inner: &Arc<Inner>) {
+    let now = Instant::now();
+    let mut extend: Vec<(u64, String)> = Vec::new();
+    let mut beat: Vec<(u64, Action)> = Vec::new();
+    {
+        let mut entries = inner.entries.lock().unwrap();
+        for (id, e) in entries.iter_mut() {
+            if let Some(r) = &e.receipt {
+                if !e.extending
+                    && e.visible_until.saturating_duration_since(now) <= inner.visibility / 2
+                {
+                    e.extending = true;
+                    extend.push((*id, r.clone()));
+                }
+            }
+            if let Some(a) = &e.action {
+                if !e.beating && e.next_beat <= now {
+                    e.beating = true;
+                    beat.push((*id, a.clone()));
+                }
+            }
+        }
+    }
+    if let Some(queue) = &inner.queue {
+        for chunk in extend.chunks(10) {
+            let (inner, queue, chunk) = (inner.clone(), queue.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                let entries: Vec<(String, Duration)> = chunk
+                    .iter()
+                    .map(|(_, r)| (r.clone(), inner.visibility))
+                    .collect();
+                let at = Instant::now();
+                let results = match queue.change_visibility_batch(&entries).await {
+                    Ok(r) => r,
+                    Err(e) => vec![Err(e.to_string()); entries.len()],
+                };
+                let mut map = inner.entries.lock().unwrap();
+                for ((id, _), r) in chunk.iter().zip(results) {
+                    if let Some(e) = map.get_mut(id) {
+                        e.extending = false;
+                        match r {
+                            Ok(()) => e.visible_until = at + inner.visibility,
+                            Err(err) => {
+                                tracing::warn!(error = %err, "could not extend message visibility; will retry")
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+    for (id, action) in beat {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let r = inner.hooks.heartbeat(&action).await;
+            let mut map = inner.entries.lock().unwrap();
+            let Some(e) = map.get_mut(&id) else { return };
+            e.beating = false;
+            match r {
+                Ok(ActionCall::Done) => {
+                    e.beats.fetch_add(1, Ordering::Relaxed);
+                    Stats::inc(&inner.stats.heartbeats);
+                    e.next_beat = Instant::now() + jitter(e.every);
+                }
+                Ok(ActionCall::NotActive(msg)) => {
+                    tracing::warn!(instance_id = %action.instance_id, reason = %msg,
+                        "lifecycle action is no longer active (timed out or completed elsewhere); heartbeats stop");
+                    e.action = None;
+                }
+                Err(err) => {
+                    tracing::warn!(instance_id = %action.instance_id, error = %err, "heartbeat failed; will retry");
+                    e.next_beat = Instant::now() + (e.every / 4).max(Duration::from_millis(500));
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,34 @@
+//! provision: configures EC2 instances while an Auto Scaling lifecycle hook holds them, then
+//! completes the hook.
+//!
+//! # Layout
+//!
+//! One concept a file; data flows top to bottom:
+//!
+//! - [`event`]: message body -> lifecycle event, skip or reject. Pure.
+//! - [`config`]: TOML -> validated [`config::Config`] (layers, steps, queue, ...).
+//! - [`layer`]: which layer an event belongs to; `{field}` templates.
+//! - [`step`]: the steps a layer runs (`tag`, ...), one file each.
+//! - [`pipeline`]: one event: claim -> steps -> complete hook -> notify.
+//! - [`lease`]: heartbeats and message visibility while steps run.
+//! - [`daemon`]: the SQS receive loop, in-flight limit, acknowledgement, shutdown.
+//! - [`batch`]: micro-batching of delete / release / publish calls (10 per call).
+//! - [`store`]: SQLite history and the idempotency claim on action tokens.
+//! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
+//! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
+//! - [`metrics`], [`shutdown`], [`telemetry`]: counters, signals, logs.
+
+pub mod app;
+pub mod aws;
+pub mod batch;
+pub mod config;
+pub mod daemon;
+pub mod event;
+pub mod layer;
+pub mod lease;
+pub mod metrics;
+pub mod pipeline;
+pub mod shutdown;
+pub mod step;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,227 @@
+//! The `provision` command line: daemon | worker | event parse | history.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use provision::app::App;
+use provision::config::{self, Config};
+use provision::daemon::{self, Mode, Summary};
+use provision::event::{self, Parsed};
+use provision::metrics::Stats;
+use provision::store::Store;
+use provision::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "provision",
+    version,
+    about = "Configures EC2 instances held by Auto Scaling lifecycle hooks, then completes the hooks."
+)]
+struct Cli {
+    /// Config file [default: $PROVISION_CONFIG, else /etc/provision/provision.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// More detail in logs (RUST_LOG overrides)
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Long-poll the queue and handle lifecycle events until SIGTERM/SIGINT
+    Daemon,
+    /// Drain the queue once, then exit (status 0 only if every message was handled)
+    Worker,
+    /// Inspect messages
+    #[command(subcommand)]
+    Event(EventCommand),
+    /// Show what was done (latest first)
+    History {
+        /// Only runs for this instance
+        #[arg(long)]
+        instance: Option<String>,
+        /// How many runs
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// One JSON document instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventCommand {
+    /// Parse a message body (FILE, or - for stdin) and print the normalized event as JSON,
+    /// or why it would be skipped or rejected
+    Parse { file: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("provision: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_config(flag: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let path = config::resolve_path(flag);
+    Ok(Config::load(&path)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Event(EventCommand::Parse { file }) => parse_event(&file),
+        Command::History {
+            instance,
+            limit,
+            json,
+        } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            history(&cfg, instance.as_deref(), limit, json)
+        }
+        Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
+        Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
+    }
+}
+
+fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
+    let mut body = String::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut body)
+            .context("reading stdin")?;
+    } else {
+        body = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    }
+    let (out, code) = match event::parse(&body) {
+        Parsed::Event(e) => (serde_json::json!({ "outcome": "event", "event": e }), 0),
+        Parsed::Skip(s) => (
+            serde_json::json!({ "outcome": "skip", "reason": s.to_string() }),
+            0,
+        ),
+        Parsed::Reject(r) => (
+            serde_json::json!({ "outcome": "reject", "reason": r.to_string() }),
+            1,
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::from(code))
+}
+
+fn history(
+    cfg: &Config,
+    instance: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if !cfg.state.path.exists() {
+        anyhow::bail!(
+            "no history yet: {} does not exist",
+            cfg.state.path.display()
+        );
+    }
+    let store = Store::open(&cfg.state.path)?;
+    let runs = store.history(instance, limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ts = |ms: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+        )
+        .to_string()
+    };
+    println!(
+        "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR",
+        "RUN", "STARTED", "INSTANCE", "TRANSITION", "LAYER", "OUTCOME", "HOOK"
+    );
+    for r in &runs {
+        println!(
+            "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {}",
+            r.id,
+            ts(r.received_at),
+            r.instance_id.as_deref().unwrap_or("-"),
+            r.transition.as_deref().unwrap_or("-"),
+            r.layer.as_deref().unwrap_or("-"),
+            r.outcome,
+            r.hook_result.as_deref().unwrap_or("-"),
+            r.error.as_deref().unwrap_or(""),
+        );
+        for s in &r.steps {
+            let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);
+            println!(
+                "{:>6}  step {} {:<9} {:>6} ms  {}  {}",
+                "",
+                s.idx,
+                s.outcome,
+                ms,
+                s.description,
+                s.detail.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let app = App::build(cfg).await?;
+        tracing::info!(queue = %app.settings.max_in_flight, mode = ?mode, "provision started");
+        let summary = daemon::run(
+            app.pipeline.clone(),
+            app.queue.clone(),
+            app.settings.clone(),
+            mode,
+            provision::shutdown::signal(),
+            || {},
+        )
+        .await;
+        let stats = app.pipeline.stats.clone();
+        app.close().await;
+        log_summary(&summary, &stats);
+        Ok(match mode {
+            Mode::Drain if !summary.all_handled() => ExitCode::from(1),
+            _ => ExitCode::SUCCESS,
+        })
+    })
+}
+
+fn log_summary(s: &Summary, stats: &Stats) {
+    tracing::info!(
+        received = s.received,
+        deleted = s.deleted,
+        returned = s.returned,
+        ack_errors = s.ack_errors,
+        receive_errors = s.receive_errors,
+        succeeded = Stats::get(&stats.succeeded),
+        failed = Stats::get(&stats.failed),
+        skipped = Stats::get(&stats.skipped),
+        rejected = Stats::get(&stats.rejected),
+        unmatched = Stats::get(&stats.unmatched),
+        duplicates = Stats::get(&stats.duplicates),
+        released = Stats::get(&stats.released),
+        heartbeats = Stats::get(&stats.heartbeats),
+        "stopped"
+    );
+}

@@ -1,0 +1,492 @@
+//! SQLite history and idempotency.
+//!
+//! Owns the state file: one row per message handled (`runs`), one per step (`steps`), and one
+//! per lifecycle action token (`actions`) that says whether the action is being worked,
+//! decided (steps finished, hook not yet completed) or done. The claim on a token is what
+//! makes redelivery harmless. Calls are small and synchronous; async callers go through
+//! `spawn_blocking` so a slow disk never stalls the runtime.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::aws::HookResult;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state store: cannot create {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state store: background task failed: {0}")]
+    Join(String),
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY,
+    message_id  TEXT,
+    received_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    instance_id TEXT,
+    group_name  TEXT,
+    hook        TEXT,
+    transition  TEXT,
+    token       TEXT,
+    layer       TEXT,
+    outcome     TEXT NOT NULL,
+    hook_result TEXT,
+    heartbeats  INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    event       TEXT,
+    notified    INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS runs_by_instance ON runs(instance_id, id);
+CREATE INDEX IF NOT EXISTS runs_by_time ON runs(received_at);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    description TEXT NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    outcome     TEXT NOT NULL,
+    detail      TEXT,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS actions (
+    token      TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    run_id     INTEGER,
+    result     TEXT,
+    updated_at INTEGER NOT NULL
+);
+"#;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What claiming a lifecycle action token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to work: new, or left `running` by a process that is gone.
+    Fresh,
+    /// Steps already ran (here or by a crashed predecessor); only completion is left.
+    Decided(HookResult),
+    /// Completed before: acknowledge the message, do nothing else.
+    Done {
+        run_id: Option<i64>,
+        result: Option<String>,
+    },
+}
+
+/// The first row of a run.
+#[derive(Debug, Clone, Default)]
+pub struct NewRun<'a> {
+    pub message_id: Option<&'a str>,
+    pub instance_id: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub hook: Option<&'a str>,
+    pub transition: Option<&'a str>,
+    pub token: Option<&'a str>,
+    pub layer: Option<&'a str>,
+    pub outcome: &'a str,
+    pub error: Option<&'a str>,
+    pub event: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunRow {
+    pub id: i64,
+    pub message_id: Option<String>,
+    pub received_at: i64,
+    pub finished_at: Option<i64>,
+    pub instance_id: Option<String>,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub transition: Option<String>,
+    pub layer: Option<String>,
+    pub outcome: String,
+    pub hook_result: Option<String>,
+    pub heartbeats: i64,
+    pub error: Option<String>,
+    pub steps: Vec<StepRow>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepRow {
+    pub idx: i64,
+    pub kind: String,
+    pub description: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // WAL lets `provision history` read while the daemon writes; NORMAL skips an fsync per
+        // commit (a power cut may lose the last runs, never corrupt the file).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection off the async runtime.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&guard).map_err(StoreError::from)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` on the connection here, blocking (CLI commands).
+    pub fn call_blocking<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, rusqlite::Error>,
+    ) -> Result<R, StoreError> {
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&guard).map_err(StoreError::from)
+    }
+
+    pub async fn insert_run(&self, run: NewRun<'_>) -> Result<i64, StoreError> {
+        let v: Vec<Option<String>> = [
+            run.message_id,
+            run.instance_id,
+            run.group,
+            run.hook,
+            run.transition,
+            run.token,
+            run.layer,
+            run.error,
+            run.event,
+        ]
+        .iter()
+        .map(|s| s.map(str::to_string))
+        .collect();
+        let outcome = run.outcome.to_string();
+        let finished = (outcome != "running").then(now_ms);
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO runs (message_id, received_at, finished_at, instance_id, group_name, hook, transition, token, layer, outcome, error, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![v[0], now_ms(), finished, v[1], v[2], v[3], v[4], v[5], v[6], outcome, v[7], v[8]],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    pub async fn finish_run(
+        &self,
+        run_id: i64,
+        outcome: &str,
+        hook_result: Option<&str>,
+        heartbeats: u32,
+        error: Option<&str>,
+        notified: bool,
+    ) -> Result<(), StoreError> {
+        let (outcome, hook_result, error) = (
+            outcome.to_string(),
+            hook_result.map(str::to_string),
+            error.map(str::to_string),
+        );
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET finished_at = ?2, outcome = ?3, hook_result = ?4, heartbeats = ?5, error = ?6, notified = ?7 WHERE id = ?1",
+                params![run_id, now_ms(), outcome, hook_result, heartbeats, error, notified],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn mark_notified(&self, run_id: i64) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute("UPDATE runs SET notified = 1 WHERE id = ?1", [run_id])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn start_step(
+        &self,
+        run_id: i64,
+        idx: usize,
+        kind: &str,
+        description: &str,
+    ) -> Result<(), StoreError> {
+        let (kind, description) = (kind.to_string(), description.to_string());
+        self.call(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO steps (run_id, idx, kind, description, started_at, outcome) VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+                params![run_id, idx as i64, kind, description, now_ms()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn finish_step(
+        &self,
+        run_id: i64,
+        idx: usize,
+        outcome: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let (outcome, detail) = (outcome.to_string(), detail.to_string());
+        self.call(move |c| {
+            c.execute(
+                "UPDATE steps SET finished_at = ?3, outcome = ?4, detail = ?5 WHERE run_id = ?1 AND idx = ?2",
+                params![run_id, idx as i64, now_ms(), outcome, detail],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Claims a token for `owner`. A `running` claim by another owner is taken over: that
+    /// process is gone (the message only comes back once its visibility lapsed).
+    pub async fn claim(&self, token: &str, owner: &str, run_id: i64) -> Result<Claim, StoreError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        self.call(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let row: Option<(String, Option<i64>, Option<String>)> = tx
+                .query_row(
+                    "SELECT state, run_id, result FROM actions WHERE token = ?1",
+                    [&token],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let claim = match row {
+                Some((state, run_id, result)) if state == "done" => Claim::Done { run_id, result },
+                Some((state, _, Some(result))) if state == "decided" => {
+                    Claim::Decided(HookResult::parse(&result).unwrap_or(HookResult::Abandon))
+                }
+                _ => Claim::Fresh,
+            };
+            if !matches!(claim, Claim::Done { .. }) {
+                tx.execute(
+                    "INSERT INTO actions (token, state, owner, run_id, updated_at) VALUES (?1, 'running', ?2, ?3, ?4)
+                     ON CONFLICT(token) DO UPDATE SET owner = ?2, run_id = ?3, updated_at = ?4,
+                       state = CASE WHEN state = 'decided' THEN 'decided' ELSE 'running' END",
+                    params![token, owner, run_id, now_ms()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    /// Steps finished with this result; only the hook completion is left.
+    pub async fn decide(&self, token: &str, result: HookResult) -> Result<(), StoreError> {
+        self.set_action(token, "decided", Some(result.as_str().to_string()))
+            .await
+    }
+
+    /// The action is finished for good (completed by us or found already finished).
+    pub async fn done(&self, token: &str, result: &str) -> Result<(), StoreError> {
+        self.set_action(token, "done", Some(result.to_string()))
+            .await
+    }
+
+    /// Forget a claim whose work was abandoned midway (released on shutdown), so the next
+    /// delivery starts over instead of trusting a half-run.
+    pub async fn release(&self, token: &str) -> Result<(), StoreError> {
+        let token = token.to_string();
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM actions WHERE token = ?1 AND state = 'running'",
+                [token],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn set_action(
+        &self,
+        token: &str,
+        state: &'static str,
+        result: Option<String>,
+    ) -> Result<(), StoreError> {
+        let token = token.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE actions SET state = ?2, result = ?3, updated_at = ?4 WHERE token = ?1",
+                params![token, state, result, now_ms()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Deletes runs and finished actions older than `keep`. Lifecycle actions live at most
+    /// 48 hours in AWS, so a token older than that can never come back.
+    pub async fn prune(&self, keep: Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - keep.as_millis() as i64;
+        self.call(move |c| {
+            let n = c.execute("DELETE FROM runs WHERE received_at < ?1", [cutoff])?;
+            c.execute("DELETE FROM actions WHERE updated_at < ?1", [cutoff])?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Latest runs first, optionally for one instance, with their steps.
+    pub fn history(&self, instance: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        self.call_blocking(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error
+                 FROM runs WHERE (?1 IS NULL OR instance_id = ?1) ORDER BY id DESC LIMIT ?2",
+            )?;
+            let mut runs: Vec<RunRow> = stmt
+                .query_map(params![instance, limit as i64], |r| {
+                    Ok(RunRow {
+                        id: r.get(0)?,
+                        message_id: r.get(1)?,
+                        received_at: r.get(2)?,
+                        finished_at: r.get(3)?,
+                        instance_id: r.get(4)?,
+                        group: r.get(5)?,
+                        hook: r.get(6)?,
+                        transition: r.get(7)?,
+                        layer: r.get(8)?,
+                        outcome: r.get(9)?,
+                        hook_result: r.get(10)?,
+                        heartbeats: r.get(11)?,
+                        error: r.get(12)?,
+                        steps: Vec::new(),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut steps = c.prepare(
+                "SELECT idx, kind, description, started_at, finished_at, outcome, detail FROM steps WHERE run_id = ?1 ORDER BY idx",
+            )?;
+            for run in &mut runs {
+                run.steps = steps
+                    .query_map([run.id], |r| {
+                        Ok(StepRow {
+                            idx: r.get(0)?,
+                            kind: r.get(1)?,
+                            description: r.get(2)?,
+                            started_at: r.get(3)?,
+                            finished_at: r.get(4)?,
+                            outcome: r.get(5)?,
+                            detail: r.get(6)?,
+                        })
+                    })?
+                    .collect::<Result<_, _>>()?;
+            }
+            Ok(runs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<'a>(token: &'a str) -> NewRun<'a> {
+        NewRun {
+            token: Some(token),
+            instance_id: Some("i-12345678"),
+            outcome: "running",
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_are_idempotent() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t1")).await.unwrap();
+        assert_eq!(s.claim("t1", "a", r1).await.unwrap(), Claim::Fresh);
+        // A redelivery after a crash: taken over, still fresh.
+        assert_eq!(s.claim("t1", "b", r1).await.unwrap(), Claim::Fresh);
+        s.decide("t1", HookResult::Abandon).await.unwrap();
+        assert_eq!(
+            s.claim("t1", "c", r1).await.unwrap(),
+            Claim::Decided(HookResult::Abandon)
+        );
+        s.done("t1", "ABANDON").await.unwrap();
+        assert_eq!(
+            s.claim("t1", "d", r1).await.unwrap(),
+            Claim::Done {
+                run_id: Some(r1),
+                result: Some("ABANDON".into())
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn released_claims_start_over() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t2")).await.unwrap();
+        s.claim("t2", "a", r1).await.unwrap();
+        s.release("t2").await.unwrap();
+        assert_eq!(s.claim("t2", "a", r1).await.unwrap(), Claim::Fresh);
+    }
+
+    #[tokio::test]
+    async fn history_lists_runs_with_steps() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t3")).await.unwrap();
+        s.start_step(r1, 0, "tag", "tag Name=x").await.unwrap();
+        s.finish_step(r1, 0, "succeeded", "tagged").await.unwrap();
+        s.finish_run(r1, "succeeded", Some("CONTINUE"), 2, None, true)
+            .await
+            .unwrap();
+        let h = s.history(Some("i-12345678"), 10).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].hook_result.as_deref(), Some("CONTINUE"));
+        assert_eq!(h[0].heartbeats, 2);
+        assert_eq!(h[0].steps[0].outcome, "succeeded");
+        assert!(s.history(Some("i-99999999"), 10).unwrap().is_empty());
+    }
+}

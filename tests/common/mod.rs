@@ -1,0 +1,699 @@
+//! Test harness: a private emulator per test, AWS resources in it, and the real `provision`
+//! binary run against it. Everything listens on 127.0.0.1; every process started here is
+//! killed when its guard drops.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sqs::config::Credentials;
+use serde_json::Value;
+
+pub const ACCOUNT: &str = "123456789012";
+pub const REGION: &str = "us-east-1";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROVISION_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run ./scripts/test (it installs the emulator into .venv)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The moto-based emulator (tests/emulator/emulator.py) on its own port.
+pub struct Emulator {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let last_log = dir.path().join("emulator.log");
+            let log = std::fs::File::create(&last_log).unwrap();
+            let port = free_port();
+            let child = Command::new(python())
+                .arg(root().join("tests/emulator/emulator.py"))
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start the emulator");
+            let mut emu = Emulator { port, child, dir };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = emu.child.try_wait() {
+                    break; // lost a port race: try another port
+                }
+                if emu.try_request("GET", "/_emulator/health", None).is_ok() {
+                    return emu;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Dropping `emu` kills the process; keep its log for the panic message.
+            let _ = std::fs::copy(
+                &last_log,
+                std::env::temp_dir().join("provision-emulator-failed.log"),
+            );
+        }
+        panic!(
+            "emulator did not start; last log copied to {}",
+            std::env::temp_dir()
+                .join("provision-emulator-failed.log")
+                .display()
+        );
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Environment that points the AWS SDK (ours and the binary's) at this emulator only.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_CONFIG_FILE", "/nonexistent".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    pub async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(self.endpoint())
+            .region(Region::new(REGION))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await
+    }
+
+    fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("bad status line"))?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    pub fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, text) = self
+            .try_request(method, path, body.as_ref())
+            .expect("emulator control call");
+        assert!(status < 300, "{method} {path}: HTTP {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Every lifecycle action the emulator knows, pending and finished.
+    pub fn actions(&self) -> Vec<Value> {
+        self.control("GET", "/_emulator/lifecycle", None)["actions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn finished_actions(&self) -> Vec<Value> {
+        self.actions()
+            .into_iter()
+            .filter(|a| a["state"] == "finished")
+            .collect()
+    }
+
+    /// API calls by "service:Action".
+    pub fn calls(&self) -> serde_json::Map<String, Value> {
+        self.control("GET", "/_emulator/calls", None)["calls"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A call in an AWS JSON protocol (for services the project has no SDK crate for, such
+    /// as EventBridge). The emulator does not check signatures; the credential scope names
+    /// the service.
+    pub fn aws_json(&self, service: &str, target: &str, body: Value) -> Value {
+        let body = body.to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-amz-json-1.1\r\nX-Amz-Target: {target}\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
+            "{target}: {resp}"
+        );
+        let text = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(text).unwrap_or(Value::Null)
+    }
+
+    pub fn fault(&self, spec: Value) {
+        self.control("POST", "/_emulator/faults", Some(spec));
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// AWS resources for one test: a queue, a group with hooks, optionally a result topic.
+pub struct Aws {
+    pub sqs: aws_sdk_sqs::Client,
+    pub sns: aws_sdk_sns::Client,
+    pub asg: aws_sdk_autoscaling::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub events: Option<()>,
+    pub sdk: aws_config::SdkConfig,
+}
+
+pub struct Queue {
+    pub url: String,
+    pub arn: String,
+}
+
+impl Aws {
+    pub async fn new(emu: &Emulator) -> Aws {
+        let sdk = emu.sdk().await;
+        Aws {
+            sqs: aws_sdk_sqs::Client::new(&sdk),
+            sns: aws_sdk_sns::Client::new(&sdk),
+            asg: aws_sdk_autoscaling::Client::new(&sdk),
+            ec2: aws_sdk_ec2::Client::new(&sdk),
+            events: None,
+            sdk,
+        }
+    }
+
+    pub async fn queue(&self, name: &str) -> Queue {
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        Queue {
+            arn: format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"),
+            url,
+        }
+    }
+
+    /// A topic and a queue subscribed to it (envelope delivery, as AWS does by default).
+    pub async fn topic_with_queue(&self, name: &str) -> (String, Queue) {
+        let arn = self
+            .sns
+            .create_topic()
+            .name(name)
+            .send()
+            .await
+            .unwrap()
+            .topic_arn
+            .unwrap();
+        let q = self.queue(&format!("{name}-sub")).await;
+        self.sns
+            .subscribe()
+            .topic_arn(&arn)
+            .protocol("sqs")
+            .endpoint(&q.arn)
+            .send()
+            .await
+            .unwrap();
+        (arn, q)
+    }
+
+    /// Bodies of all messages in a queue, deleting them (bounded number of receives).
+    pub async fn drain(&self, q: &Queue) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            let r = self
+                .sqs
+                .receive_message()
+                .queue_url(&q.url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .unwrap();
+            let msgs = r.messages.unwrap_or_default();
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                self.sqs
+                    .delete_message()
+                    .queue_url(&q.url)
+                    .receipt_handle(m.receipt_handle.unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+                out.push(m.body.unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// Result events published to a topic, read from its subscribed queue.
+    pub async fn results(&self, q: &Queue) -> Vec<Value> {
+        self.drain(q)
+            .await
+            .iter()
+            .map(|b| {
+                let env: Value = serde_json::from_str(b).unwrap();
+                serde_json::from_str(env["Message"].as_str().unwrap()).unwrap()
+            })
+            .collect()
+    }
+
+    pub async fn approximate_messages(&self, q: &Queue) -> (i64, i64) {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let r = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&q.url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let a = r.attributes.unwrap_or_default();
+        let n = |k| {
+            a.get(&k)
+                .and_then(|v: &String| v.parse().ok())
+                .unwrap_or(-1)
+        };
+        (
+            n(A::ApproximateNumberOfMessages),
+            n(A::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    /// A group of `desired` 0 in a fresh VPC, ready for hooks.
+    pub async fn group(&self, name: &str) {
+        let vpc = self
+            .ec2
+            .create_vpc()
+            .cidr_block("10.200.0.0/16")
+            .send()
+            .await
+            .unwrap();
+        let vpc_id = vpc.vpc.unwrap().vpc_id.unwrap();
+        let subnet = self
+            .ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block("10.200.0.0/24")
+            .availability_zone(format!("{REGION}a"))
+            .send()
+            .await
+            .unwrap();
+        let subnet_id = subnet.subnet.unwrap().subnet_id.unwrap();
+        let image = self
+            .ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .unwrap()
+            .images
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|i| i.image_id)
+            .expect("the emulator has an image");
+        use aws_sdk_ec2::types::RequestLaunchTemplateData;
+        self.ec2
+            .create_launch_template()
+            .launch_template_name(format!("{name}-lt"))
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id(image)
+                    .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        use aws_sdk_autoscaling::types::LaunchTemplateSpecification;
+        self.asg
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .launch_template(
+                LaunchTemplateSpecification::builder()
+                    .launch_template_name(format!("{name}-lt"))
+                    .build(),
+            )
+            .min_size(0)
+            .max_size(600)
+            .desired_capacity(0)
+            .vpc_zone_identifier(subnet_id)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn hook(
+        &self,
+        group: &str,
+        hook: &str,
+        transition: &str,
+        target_arn: Option<&str>,
+        heartbeat: i32,
+        default_result: &str,
+        metadata: Option<&str>,
+    ) {
+        let mut req = self
+            .asg
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .lifecycle_transition(transition)
+            .heartbeat_timeout(heartbeat)
+            .default_result(default_result);
+        if let Some(arn) = target_arn {
+            req = req
+                .notification_target_arn(arn)
+                .role_arn(format!("arn:aws:iam::{ACCOUNT}:role/asg-notify"));
+        }
+        if let Some(m) = metadata {
+            req = req.notification_metadata(m);
+        }
+        req.send().await.unwrap();
+    }
+
+    pub async fn scale(&self, group: &str, desired: i32) {
+        self.asg
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(desired)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// (instance id, lifecycle state) of every instance in the group.
+    pub async fn instances(&self, group: &str) -> Vec<(String, String)> {
+        let r = self
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .unwrap();
+        r.auto_scaling_groups()
+            .first()
+            .map(|g| {
+                g.instances()
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.instance_id().unwrap_or_default().to_string(),
+                            i.lifecycle_state()
+                                .map(|s| s.as_str().to_string())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn tags(&self, instance: &str) -> std::collections::BTreeMap<String, String> {
+        let r = self
+            .ec2
+            .describe_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .unwrap();
+        r.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.tags())
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_string(),
+                    t.value().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub async fn instance_state(&self, instance: &str) -> String {
+        let r = self
+            .ec2
+            .describe_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .unwrap();
+        r.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+            })
+            .next()
+            .unwrap_or_default()
+    }
+
+    pub async fn send(&self, q: &Queue, body: &str) {
+        self.sqs
+            .send_message()
+            .queue_url(&q.url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls an async condition every 200 ms until it returns Some, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The `provision` binary with a config of the test's making.
+pub struct Provision {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Provision {
+    /// `layers` is TOML for the [layers.*] tables (and any other tables); the queue,
+    /// state and notify settings are filled in.
+    pub fn new(emu: &Emulator, queue: &Queue, topic: Option<&str>, extra: &str) -> Provision {
+        let dir = emu
+            .dir
+            .path()
+            .join(format!("provision-{}", fastrand::u32(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("state.db");
+        let notify = topic
+            .map(|t| format!("[notify]\ntopic_arn = \"{t}\"\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "[queue]\nurl = \"{}\"\nwait_time = \"1s\"\nvisibility_timeout = \"30s\"\n\n{notify}\n[state]\npath = \"{}\"\n\n{extra}\n",
+            queue.url,
+            state.display()
+        );
+        let config = dir.join("provision.toml");
+        std::fs::write(&config, text).unwrap();
+        Provision {
+            dir,
+            config,
+            state,
+            env: emu.env(),
+        }
+    }
+
+    /// Replaces text in the generated config (for keys of the generated tables).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "{from:?} not in config");
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_provision"));
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_clear();
+        c.env("PATH", std::env::var("PATH").unwrap_or_default());
+        c.env("RUST_LOG", "provision=debug,warn");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs `provision worker` to completion (bounded), returning (exit code, stderr).
+    pub fn worker(&self) -> (i32, String) {
+        let log = self.dir.join(format!("worker-{}.log", fastrand::u32(..)));
+        let mut child = self
+            .command(&["worker"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let status = wait_child(&mut child, Duration::from_secs(120));
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// Starts `provision daemon` in the background; killed when the guard drops.
+    pub fn daemon(&self) -> Running {
+        let log = self.dir.join(format!("daemon-{}.log", fastrand::u32(..)));
+        let child = self
+            .command(&["daemon"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Running { child, log }
+    }
+
+    pub fn history(&self) -> Vec<provision::store::RunRow> {
+        provision::store::Store::open(&self.state)
+            .unwrap()
+            .history(None, 10_000)
+            .unwrap()
+    }
+}
+
+/// Waits for a child up to `timeout` (then kills it and fails the test).
+pub fn wait_child(child: &mut Child, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Running {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Running {
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        wait_child(&mut self.child, timeout)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,0 +1,662 @@
+//! The whole pipeline against the emulator: real AWS SDK, real `provision` binary, a moto
+//! server extended with lifecycle hooks (tests/emulator/emulator.py). Each test has its own
+//! emulator process on its own port.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{eventually, Aws, Emulator, Provision};
+use serde_json::{json, Value};
+
+const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
+
+const WEB_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+on_failure = "abandon"
+launch = [ { tag = { Name = "web-{instance_id}", Environment = "{metadata.environment}", Layer = "{layer}" } } ]
+terminate = [ { tag = { Draining = "true" } } ]
+"#;
+
+fn outcomes(p: &Provision) -> Vec<(String, Option<String>)> {
+    p.history()
+        .into_iter()
+        .map(|r| (r.outcome, r.hook_result))
+        .collect()
+}
+
+fn count(p: &Provision, outcome: &str) -> usize {
+    p.history().iter().filter(|r| r.outcome == outcome).count()
+}
+
+/// Launch actions the emulator finished, by instance: (result, finished_by, completions, heartbeats).
+fn finished(emu: &Emulator) -> Vec<Value> {
+    emu.finished_actions()
+}
+
+async fn assert_in_service_and_tagged(aws: &Aws, group: &str, n: usize) -> Vec<String> {
+    let instances = aws.instances(group).await;
+    assert_eq!(instances.len(), n, "{instances:?}");
+    for (id, state) in &instances {
+        assert_eq!(state, "InService", "{id}");
+        let tags = aws.tags(id).await;
+        assert_eq!(
+            tags.get("Name"),
+            Some(&format!("web-{id}")),
+            "{id}: {tags:?}"
+        );
+        assert_eq!(
+            tags.get("Environment").map(String::as_str),
+            Some("production")
+        );
+        assert_eq!(tags.get("Layer").map(String::as_str), Some("web"));
+    }
+    instances.into_iter().map(|(id, _)| id).collect()
+}
+
+async fn queue_is_empty(aws: &Aws, q: &common::Queue) {
+    eventually("queue to be empty", Duration::from_secs(10), || async {
+        (aws.approximate_messages(q).await == (0, 0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_of_three_is_tagged_completed_recorded_and_published() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    let (topic, results) = aws.topic_with_queue("results").await;
+    aws.group("web-prod").await;
+    aws.hook(
+        "web-prod",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-prod", 3).await;
+    let pending = aws.instances("web-prod").await;
+    assert!(
+        pending.iter().all(|(_, s)| s == "Pending:Wait"),
+        "{pending:?}"
+    );
+
+    let p = Provision::new(&emu, &q, Some(&topic), WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "worker failed:\n{log}");
+
+    let ids: BTreeSet<String> = assert_in_service_and_tagged(&aws, "web-prod", 3)
+        .await
+        .into_iter()
+        .collect();
+    let runs = p.history();
+    let done: Vec<_> = runs.iter().filter(|r| r.outcome == "succeeded").collect();
+    assert_eq!(done.len(), 3, "{:?}", outcomes(&p));
+    for r in &done {
+        assert_eq!(r.hook_result.as_deref(), Some("CONTINUE"));
+        assert_eq!(r.layer.as_deref(), Some("web"));
+        assert_eq!(r.steps.len(), 1);
+        assert_eq!(r.steps[0].outcome, "succeeded");
+    }
+    assert_eq!(
+        count(&p, "skipped"),
+        1,
+        "the hook's test notification is skipped"
+    );
+
+    let events = aws.results(&results).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    let published: BTreeSet<String> = events
+        .iter()
+        .map(|e| e["instance_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(published, ids);
+    for e in &events {
+        assert_eq!(e["type"], "provision.result");
+        assert_eq!(e["outcome"], "succeeded");
+        assert_eq!(e["hook_result"], "CONTINUE");
+        assert_eq!(e["steps"][0]["kind"], "tag");
+    }
+
+    let actions = finished(&emu);
+    assert_eq!(actions.len(), 3);
+    for a in &actions {
+        assert_eq!(a["result"], "CONTINUE");
+        assert_eq!(a["finished_by"], "complete");
+        assert_eq!(a["completions"], 1);
+    }
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_through_sns_are_handled() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    let topic = aws
+        .sns
+        .create_topic()
+        .name("asg-lifecycle")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn
+        .unwrap();
+    aws.sns
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&q.arn)
+        .send()
+        .await
+        .unwrap();
+    aws.group("web-sns").await;
+    aws.hook(
+        "web-sns",
+        "provision-launch",
+        LAUNCH,
+        Some(&topic),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-sns", 2).await;
+
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_in_service_and_tagged(&aws, "web-sns", 2).await;
+    assert_eq!(count(&p, "succeeded"), 2, "{:?}", outcomes(&p));
+    assert_eq!(count(&p, "skipped"), 1, "SNS-wrapped test notification");
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_through_eventbridge_are_handled() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    // A rule on the default bus for Auto Scaling lifecycle events, targeting the queue.
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutRule",
+        json!({"Name": "asg-lifecycle", "EventPattern": json!({"source": ["aws.autoscaling"], "detail-type": ["EC2 Instance-launch Lifecycle Action"]}).to_string()}),
+    );
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutTargets",
+        json!({"Rule": "asg-lifecycle", "Targets": [{"Id": "q", "Arn": q.arn}]}),
+    );
+    aws.group("web-eb").await;
+    // No notification target: the event reaches the queue only through EventBridge.
+    aws.hook(
+        "web-eb",
+        "provision-launch",
+        LAUNCH,
+        None,
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-eb", 2).await;
+
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_in_service_and_tagged(&aws, "web-eb", 2).await;
+    assert_eq!(count(&p, "succeeded"), 2, "{:?}", outcomes(&p));
+    assert_eq!(
+        count(&p, "skipped"),
+        0,
+        "EventBridge sends no test notification"
+    );
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-t").await;
+    aws.hook(
+        "web-t",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.hook(
+        "web-t",
+        "provision-terminate",
+        TERMINATE,
+        Some(&q.arn),
+        300,
+        "CONTINUE",
+        None,
+    )
+    .await;
+    aws.scale("web-t", 1).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    assert_eq!(p.worker().0, 0);
+    let id = assert_in_service_and_tagged(&aws, "web-t", 1)
+        .await
+        .remove(0);
+
+    aws.asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(&id)
+        .should_decrement_desired_capacity(true)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        aws.instances("web-t").await,
+        vec![(id.clone(), "Terminating:Wait".to_string())]
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+
+    let term = p
+        .history()
+        .into_iter()
+        .find(|r| r.transition.as_deref() == Some("terminate"))
+        .expect("a terminate run");
+    assert_eq!(term.outcome, "succeeded");
+    assert_eq!(term.hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(term.steps[0].description, "tag Draining=true");
+    assert_eq!(
+        aws.tags(&id).await.get("Draining").map(String::as_str),
+        Some("true")
+    );
+    eventually(
+        "the instance to be terminated",
+        Duration::from_secs(10),
+        || async { (aws.instance_state(&id).await == "terminated").then_some(()) },
+    )
+    .await;
+    assert!(aws.instances("web-t").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_messages_are_worked_once() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let source = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-dup").await;
+    aws.hook(
+        "web-dup",
+        "provision-launch",
+        LAUNCH,
+        Some(&source.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-dup", 1).await;
+    let launch = aws
+        .drain(&source)
+        .await
+        .into_iter()
+        .find(|b| b.contains("EC2_INSTANCE_LAUNCHING"))
+        .expect("launch message");
+    // At-least-once delivery, exaggerated: the same body four times, plus once more later.
+    for _ in 0..4 {
+        aws.send(&q, &launch).await;
+    }
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    aws.send(&q, &launch).await;
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+
+    assert_eq!(count(&p, "succeeded"), 1, "{:?}", outcomes(&p));
+    assert_eq!(count(&p, "duplicate"), 4, "{:?}", outcomes(&p));
+    let actions = finished(&emu);
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0]["completions"], 1, "completed exactly once");
+    let tags = emu.calls().get("ec2:CreateTags").cloned();
+    assert_eq!(tags, Some(json!(1)), "steps ran once");
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_get_a_reason_and_do_not_loop() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    let dir = common::root().join("tests/fixtures/events/bad");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for path in &names {
+        aws.send(&q, &std::fs::read_to_string(path).unwrap()).await;
+    }
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(
+        code, 0,
+        "rejects are handled (recorded and deleted):\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+
+    let runs = p.history();
+    assert_eq!(
+        runs.len(),
+        names.len(),
+        "one record per message: {:?}",
+        outcomes(&p)
+    );
+    let rejected: Vec<_> = runs.iter().filter(|r| r.outcome == "rejected").collect();
+    assert_eq!(rejected.len(), 5, "{:?}", outcomes(&p));
+    assert_eq!(
+        count(&p, "skipped"),
+        1,
+        "the EC2 state-change event is skipped"
+    );
+    for r in &rejected {
+        let e = r.error.as_deref().unwrap_or_default();
+        assert!(e.len() > 10, "reason too thin: {e:?}");
+    }
+    assert!(rejected
+        .iter()
+        .any(|r| r.error.as_deref().unwrap().contains("i-[0-9a-f]{8,17}")));
+    assert!(log.contains("rejected message"), "{log}");
+    queue_is_empty(&aws, &q).await;
+    // Nothing was completed or tagged on behalf of garbage.
+    assert!(emu
+        .calls()
+        .keys()
+        .all(|k| !k.starts_with("autoscaling:Complete") && k != "ec2:CreateTags"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_abandons_and_the_replacement_is_handled() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-f").await;
+    aws.hook(
+        "web-f",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-f", 1).await;
+    let first = aws.instances("web-f").await.remove(0).0;
+    // The first CreateTags fails with a server error, and this config gives up at once.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "error": "server"}));
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!("[aws]\nmax_attempts = 1\nretry_for = \"0s\"\n{WEB_LAYER}"),
+    );
+    let mut daemon = p.daemon();
+    eventually(
+        "the replacement to be InService",
+        Duration::from_secs(60),
+        || async {
+            let inst = aws.instances("web-f").await;
+            (inst.len() == 1 && inst[0].0 != first && inst[0].1 == "InService").then_some(())
+        },
+    )
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+
+    let runs = p.history();
+    let failed = runs
+        .iter()
+        .find(|r| r.outcome == "failed")
+        .expect("a failed run");
+    assert_eq!(failed.instance_id.as_deref(), Some(first.as_str()));
+    assert_eq!(failed.hook_result.as_deref(), Some("ABANDON"));
+    assert!(
+        failed.error.as_deref().unwrap().contains("CreateTags"),
+        "{:?}",
+        failed.error
+    );
+    assert_eq!(failed.steps[0].outcome, "failed");
+    assert_eq!(count(&p, "succeeded"), 1, "{:?}", outcomes(&p));
+    assert_eq!(aws.instance_state(&first).await, "terminated");
+    assert_in_service_and_tagged(&aws, "web-f", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_long_run_alive() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-hb").await;
+    // Heartbeat timeout of 3 s; the step takes 8 s. Without heartbeats the emulator would
+    // apply the default result (ABANDON) after 3 s.
+    aws.hook(
+        "web-hb",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        3,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-hb", 1).await;
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+
+    let actions = finished(&emu);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(actions[0]["finished_by"], "complete", "{actions:?}");
+    assert_eq!(actions[0]["result"], "CONTINUE");
+    let beats = actions[0]["heartbeats"].as_u64().unwrap();
+    assert!(beats >= 2, "heartbeats: {beats}");
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.outcome == "succeeded")
+        .unwrap();
+    assert!(
+        run.heartbeats >= 2 && run.heartbeats as u64 <= beats,
+        "{} vs {beats}",
+        run.heartbeats
+    );
+    assert_in_service_and_tagged(&aws, "web-hb", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_completes_every_action_once() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-k").await;
+    aws.hook(
+        "web-k",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-k", 4).await;
+    // Every CreateTags takes 3 s, so the kill lands while steps are running.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    // A short visibility timeout, so the killed worker's messages come back soon.
+    p.edit_config(
+        "visibility_timeout = \"30s\"",
+        "visibility_timeout = \"4s\"",
+    );
+    let mut first = p.daemon();
+    eventually("steps to be running", Duration::from_secs(30), || async {
+        (emu.calls()
+            .get("ec2:CreateTags")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    emu.control("DELETE", "/_emulator/faults", None);
+
+    let mut second = p.daemon();
+    eventually(
+        "all four actions to finish",
+        Duration::from_secs(60),
+        || async { (emu.finished_actions().len() == 4).then_some(()) },
+    )
+    .await;
+    second.signal("TERM");
+    assert_eq!(second.wait(Duration::from_secs(30)), 0, "{}", second.log());
+
+    for a in emu.finished_actions() {
+        assert_eq!(a["finished_by"], "complete", "{a}");
+        assert_eq!(a["result"], "CONTINUE", "{a}");
+        assert_eq!(a["completions"], 1, "{a}");
+    }
+    assert_in_service_and_tagged(&aws, "web-k", 4).await;
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_work_in_flight_and_exits_zero() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-s").await;
+    aws.hook(
+        "web-s",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-s", 2).await;
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 20}));
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!("[daemon]\nshutdown_grace = \"1s\"\n{WEB_LAYER}"),
+    );
+    let mut daemon = p.daemon();
+    eventually(
+        "both steps to be running",
+        Duration::from_secs(30),
+        || async {
+            (emu.calls()
+                .get("ec2:CreateTags")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(15)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("releasing unfinished events"), "{log}");
+
+    // Released at once (visibility 0), not after the 30 s visibility timeout.
+    eventually(
+        "both messages to be visible again",
+        Duration::from_secs(5),
+        || async { (aws.approximate_messages(&q).await.0 == 2).then_some(()) },
+    )
+    .await;
+    assert!(emu.finished_actions().is_empty(), "nothing was completed");
+    assert_eq!(count(&p, "released"), 2, "{:?}", outcomes(&p));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_retried_with_backoff() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-th").await;
+    aws.hook(
+        "web-th",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-th", 1).await;
+    // More throttles than the SDK's 5 attempts: our own backoff carries on.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 7, "error": "throttle"}));
+    emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": 2, "error": "throttle"}));
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(count(&p, "succeeded"), 1, "{:?}", outcomes(&p));
+    let calls = emu.calls();
+    assert!(calls["ec2:CreateTags"].as_u64().unwrap() >= 8, "{calls:?}");
+    assert!(log.contains("retrying after AWS error"), "{log}");
+    assert_in_service_and_tagged(&aws, "web-th", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_without_a_layer_are_left_alone() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("batch-1").await;
+    aws.hook(
+        "batch-1",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        None,
+    )
+    .await;
+    aws.scale("batch-1", 1).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(count(&p, "unmatched"), 1, "{:?}", outcomes(&p));
+    assert!(log.contains("no layer matches"), "{log}");
+    assert_eq!(
+        aws.instances("batch-1").await[0].1,
+        "Pending:Wait",
+        "hook left alone"
+    );
+    assert!(emu.finished_actions().is_empty());
+    queue_is_empty(&aws, &q).await;
+}

@@ -1,0 +1,187 @@
+//! Every message shape in tests/fixtures/events/ parses to the outcome its README lists,
+//! through the library and through `provision event parse`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use provision::event::{self, Envelope, Parsed, Reject, Skip, Transition};
+
+fn fixture(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/events")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn event(name: &str) -> event::LifecycleEvent {
+    match event::parse(&fixture(name)) {
+        Parsed::Event(e) => e,
+        other => panic!("{name}: expected an event, got {other:?}"),
+    }
+}
+
+#[test]
+fn direct_launch() {
+    let e = event("direct-launch.json");
+    assert_eq!(e.instance_id.as_str(), "i-0a1b2c3d4e5f60718");
+    assert_eq!(e.group, "web-prod");
+    assert_eq!(e.hook, "provision-launch");
+    assert_eq!(e.transition, Transition::Launch);
+    assert_eq!(e.token, "71514b9d-6a40-4b26-8523-05e7ee35fa40");
+    assert_eq!(e.envelope, Envelope::Direct);
+    assert_eq!(e.origin.as_deref(), Some("EC2"));
+    for (k, v) in [
+        ("environment", "production"),
+        ("platform", "web"),
+        ("major", "3"),
+    ] {
+        assert_eq!(e.metadata.get(k).as_deref(), Some(v), "metadata {k}");
+    }
+}
+
+#[test]
+fn direct_terminate() {
+    let e = event("direct-terminate.json");
+    assert_eq!(e.instance_id.as_str(), "i-0a1b2c3d4e5f60718");
+    assert_eq!(e.transition, Transition::Terminate);
+    assert_eq!(e.metadata, event::Metadata::None);
+}
+
+#[test]
+fn legacy_launch_without_origin() {
+    let e = event("legacy-launch-no-origin.json");
+    assert_eq!(e.transition, Transition::Launch);
+    assert_eq!(e.instance_id.as_str(), "i-4c87e963");
+    assert_eq!(e.origin, None);
+    assert_eq!(e.destination, None);
+}
+
+#[test]
+fn warm_pool_launch() {
+    let e = event("warm-pool-launch.json");
+    assert_eq!(e.transition, Transition::Launch);
+    assert_eq!(e.origin.as_deref(), Some("WarmPool"));
+}
+
+#[test]
+fn sns_launch_is_the_same_event_as_direct() {
+    let sns = event("sns-launch.json");
+    let direct = event("direct-launch.json");
+    assert_eq!(sns.envelope, Envelope::Sns);
+    assert_eq!(
+        event::LifecycleEvent {
+            envelope: Envelope::Direct,
+            ..sns
+        },
+        direct
+    );
+}
+
+#[test]
+fn eventbridge_launch_and_terminate() {
+    let l = event("eventbridge-launch.json");
+    assert_eq!(l.instance_id.as_str(), "i-1234567890abcdef0");
+    assert_eq!(l.transition, Transition::Launch);
+    assert_eq!(l.envelope, Envelope::EventBridge);
+    assert_eq!(l.metadata.get("platform").as_deref(), Some("web"));
+    let t = event("eventbridge-terminate.json");
+    assert_eq!(t.transition, Transition::Terminate);
+    assert_eq!(t.token, "11112222-3333-4444-5555-666677778888");
+}
+
+#[test]
+fn test_notifications_are_skipped() {
+    for name in ["test-notification.json", "sns-test-notification.json"] {
+        match event::parse(&fixture(name)) {
+            Parsed::Skip(Skip::TestNotification { group }) => assert_eq!(group, "web-prod"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_messages_are_rejected_or_skipped_with_a_reason() {
+    type Check = fn(&Parsed) -> bool;
+    let cases: &[(&str, Check)] = &[
+        ("bad/not-json.txt", |p| {
+            matches!(p, Parsed::Reject(Reject::NotJson(_)))
+        }),
+        ("bad/array.json", |p| {
+            matches!(p, Parsed::Reject(Reject::NotAnObject("an array")))
+        }),
+        ("bad/missing-token.json", |p| {
+            matches!(p, Parsed::Reject(Reject::Missing("LifecycleActionToken")))
+        }),
+        ("bad/injected-instance-id.json", |p| {
+            matches!(p, Parsed::Reject(Reject::BadInstanceId(_)))
+        }),
+        ("bad/sns-bad-inner.json", |p| {
+            matches!(p, Parsed::Reject(Reject::BadSnsMessage(_)))
+        }),
+        ("bad/eventbridge-other-event.json", |p| {
+            matches!(p, Parsed::Skip(Skip::OtherEventBridgeEvent { .. }))
+        }),
+    ];
+    for (name, ok) in cases {
+        let parsed = event::parse(&fixture(name));
+        assert!(ok(&parsed), "{name}: unexpected {parsed:?}");
+        let reason = match &parsed {
+            Parsed::Reject(r) => r.to_string(),
+            Parsed::Skip(s) => s.to_string(),
+            Parsed::Event(_) => unreachable!(),
+        };
+        assert!(reason.len() > 10, "{name}: reason too thin: {reason:?}");
+    }
+}
+
+#[test]
+fn cli_prints_the_normalized_event_or_the_reason() {
+    let bin = env!("CARGO_BIN_EXE_provision");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/events");
+    let out = Command::new(bin)
+        .args(["event", "parse"])
+        .arg(dir.join("sns-launch.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "event");
+    assert_eq!(v["event"]["instance_id"], "i-0a1b2c3d4e5f60718");
+    assert_eq!(v["event"]["envelope"], "sns");
+    assert_eq!(v["event"]["metadata"]["environment"], "production");
+
+    let out = Command::new(bin)
+        .args(["event", "parse"])
+        .arg(dir.join("bad/injected-instance-id.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a reject exits 1");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "reject");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match i-[0-9a-f]{8,17}"),
+        "{v}"
+    );
+
+    // stdin
+    let mut child = Command::new(bin)
+        .args(["event", "parse", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(fixture("test-notification.json").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "skip");
+}
