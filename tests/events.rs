@@ -185,3 +185,11 @@ fn cli_prints_the_normalized_event_or_the_reason() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["outcome"], "skip");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/provision.toml");
+    let cfg = provision::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.layers.len(), 2);
+    assert_eq!(cfg.queue.max_in_flight, 32);
+}

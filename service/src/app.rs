@@ -20,6 +20,9 @@ use crate::metrics::Stats;
 use crate::pipeline::{Parts, Pipeline, RejectPolicy};
 use crate::store::Store;
 
+/// How long a result event waits for others to share its PublishBatch call.
+const PUBLISH_LINGER: Duration = Duration::from_millis(250);
+
 /// How long finished runs stay in the history.
 const HISTORY_KEEP: Duration = Duration::from_secs(90 * 86_400);
 
@@ -66,23 +69,17 @@ impl App {
             Some(n) => {
                 let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg));
                 let (topic, retry_for) = (n.topic_arn.clone(), cfg.aws.retry_for);
-                let (b, task) = Batcher::spawn(
-                    10,
-                    Duration::from_millis(100),
-                    move |bodies: Vec<String>| {
-                        let (notifier, topic) = (notifier.clone(), topic.clone());
-                        async move {
-                            match with_backoff(retry_for, || {
-                                notifier.publish_batch(&topic, &bodies)
-                            })
+                let (b, task) = Batcher::spawn(10, PUBLISH_LINGER, move |bodies: Vec<String>| {
+                    let (notifier, topic) = (notifier.clone(), topic.clone());
+                    async move {
+                        match with_backoff(retry_for, || notifier.publish_batch(&topic, &bodies))
                             .await
-                            {
-                                Ok(r) => r,
-                                Err(e) => vec![Err(e.to_string()); bodies.len()],
-                            }
+                        {
+                            Ok(r) => r,
+                            Err(e) => vec![Err(e.to_string()); bodies.len()],
                         }
-                    },
-                );
+                    }
+                });
                 (Some(b), Some(task))
             }
             None => (None, None),

@@ -59,6 +59,12 @@ impl Summary {
     }
 }
 
+const OUTBOX_EVERY: Duration = Duration::from_secs(60);
+/// How long a receive waits for more free slots before asking for fewer than ten messages.
+const BATCH_FILL: Duration = Duration::from_millis(100);
+/// How long a delete or release waits for others to share its batch call.
+const ACK_LINGER: Duration = Duration::from_millis(250);
+
 /// Stops after this many consecutive failed receives in drain mode (the daemon keeps trying).
 const DRAIN_MAX_RECEIVE_FAILURES: u32 = 5;
 
@@ -73,24 +79,18 @@ pub async fn run(
     let stats = pipeline.stats.clone();
     let retry_for = settings.retry_for;
     let q = queue.clone();
-    let (deleter, deleter_task) = Batcher::spawn(
-        10,
-        Duration::from_millis(100),
-        move |receipts: Vec<String>| {
-            let q = q.clone();
-            async move {
-                match with_backoff(retry_for, || q.delete_batch(&receipts)).await {
-                    Ok(r) => r,
-                    Err(e) => vec![Err(e.to_string()); receipts.len()],
-                }
+    let (deleter, deleter_task) = Batcher::spawn(10, ACK_LINGER, move |receipts: Vec<String>| {
+        let q = q.clone();
+        async move {
+            match with_backoff(retry_for, || q.delete_batch(&receipts)).await {
+                Ok(r) => r,
+                Err(e) => vec![Err(e.to_string()); receipts.len()],
             }
-        },
-    );
+        }
+    });
     let q = queue.clone();
-    let (releaser, releaser_task) = Batcher::spawn(
-        10,
-        Duration::from_millis(100),
-        move |entries: Vec<(String, Duration)>| {
+    let (releaser, releaser_task) =
+        Batcher::spawn(10, ACK_LINGER, move |entries: Vec<(String, Duration)>| {
             let q = q.clone();
             async move {
                 match with_backoff(retry_for, || q.change_visibility_batch(&entries)).await {
@@ -98,8 +98,22 @@ pub async fn run(
                     Err(e) => vec![Err(e.to_string()); entries.len()],
                 }
             }
-        },
-    );
+        });
+
+    // Result events that failed to publish earlier (the outbox): at start, then every minute.
+    let outbox_stop = CancellationToken::new();
+    let outbox = {
+        let (pipeline, stop) = (pipeline.clone(), outbox_stop.clone());
+        tokio::spawn(async move {
+            loop {
+                pipeline.republish().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(OUTBOX_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    };
 
     let slots = Arc::new(Semaphore::new(settings.max_in_flight));
     let cancel = CancellationToken::new();
@@ -124,6 +138,18 @@ pub async fn run(
             match slots.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
+            }
+        }
+        // Fewer than ten free slots while work is finishing: wait a moment for more, so a
+        // receive asks for a full batch instead of a trickle of small ones.
+        if permits.len() < 10 && !tasks.is_empty() {
+            let fill = tokio::time::sleep(BATCH_FILL);
+            tokio::pin!(fill);
+            while permits.len() < 10 {
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => permits.push(p.expect("semaphore is never closed")),
+                    _ = &mut fill => break,
+                }
             }
         }
         let wait = match mode {
@@ -208,6 +234,9 @@ pub async fn run(
     }
 
     // Shutdown (or drain finished): no more receives.
+    while let Some(done) = tasks.try_join_next() {
+        tally(&mut summary, done);
+    }
     if !tasks.is_empty() {
         info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "waiting for in-flight events");
         let grace = tokio::time::sleep(settings.shutdown_grace);
@@ -225,6 +254,8 @@ pub async fn run(
             }
         }
     }
+    outbox_stop.cancel();
+    let _ = outbox.await;
     drop(deleter);
     drop(releaser);
     let _ = deleter_task.await;

@@ -187,7 +187,7 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let app = App::build(cfg).await?;
-        tracing::info!(queue = %app.settings.max_in_flight, mode = ?mode, "provision started");
+        tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
         let summary = daemon::run(
             app.pipeline.clone(),
             app.queue.clone(),
@@ -222,6 +222,19 @@ fn log_summary(s: &Summary, stats: &Stats) {
         duplicates = Stats::get(&stats.duplicates),
         released = Stats::get(&stats.released),
         heartbeats = Stats::get(&stats.heartbeats),
+        peak_rss_kib = peak_rss_kib(),
         "stopped"
     );
+}
+
+/// This process's peak resident memory (VmHWM), for the exit summary.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -26,7 +26,7 @@ use crate::layer::Context;
 use crate::lease::{heartbeat_interval, Leases};
 use crate::metrics::Stats;
 use crate::step::{StepContext, StepError};
-use crate::store::{now_ms, Claim, NewRun, Store};
+use crate::store::{now_ms, Claim, NewRun, RunEnd, Store};
 
 /// What should happen to the message once the pipeline is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
 const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long a step's output may be in the history.
 const DETAIL_MAX: usize = 2000;
+/// How long it may be in a result event: ten events share one PublishBatch (256 KiB).
+const EVENT_DETAIL_MAX: usize = 500;
 
 type HookCache = HashMap<String, (Instant, Arc<OnceCell<Arc<HashMap<String, HookInfo>>>>)>;
 
@@ -302,7 +304,7 @@ impl Pipeline {
                     _ = async { let _ = rx.wait_for(|done| *done).await; } => {}
                     _ = cancel.cancelled() => {
                         report.outcome = "released";
-                        return self.finish(report, started).await;
+                        return self.finish(report).await;
                     }
                 }
             }
@@ -334,7 +336,7 @@ impl Pipeline {
             Err(e) => {
                 warn!(error = %e, "cannot record the run; leaving the message for a retry");
                 report.error = Some(e.to_string());
-                return self.finish(report, started).await;
+                return self.finish(report).await;
             }
         };
         report.run_id = Some(run_id);
@@ -344,7 +346,7 @@ impl Pipeline {
             Err(e) => {
                 warn!(error = %e, "cannot claim the action; leaving the message for a retry");
                 report.error = Some(e.to_string());
-                return self.finish(report, started).await;
+                return self.finish(report).await;
             }
         };
         let result = match claim {
@@ -353,7 +355,7 @@ impl Pipeline {
                 info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
                 report.outcome = "duplicate";
                 report.hook_result = result;
-                return self.finish(report, started).await;
+                return self.finish(report).await;
             }
             Claim::Decided(result) => {
                 info!(%result, "steps already ran for this action; completing it");
@@ -374,7 +376,7 @@ impl Pipeline {
                         }
                         report.outcome = "released";
                         report.heartbeats = lease.heartbeats();
-                        return self.finish(report, started).await;
+                        return self.finish(report).await;
                     }
                 }
             }
@@ -406,7 +408,7 @@ impl Pipeline {
                 warn!(error = %e, "could not complete the lifecycle action; the message will come back");
                 report.outcome = "retry";
                 report.error = Some(e.to_string());
-                return self.finish(report, started).await;
+                return self.finish(report).await;
             }
             Err(e) => {
                 warn!(error = %e, "completing the lifecycle action failed permanently");
@@ -426,7 +428,7 @@ impl Pipeline {
             "succeeded" => Stats::inc(&self.stats.succeeded),
             _ => Stats::inc(&self.stats.failed),
         }
-        self.finish(report, started).await
+        self.finish(report).await
     }
 
     /// Runs the layer's steps in order, stopping at the first failure. Returns the hook
@@ -480,7 +482,7 @@ impl Pipeline {
                 kind: step.kind_name(),
                 description,
                 outcome,
-                detail: detail.clone(),
+                detail: clip(&detail, EVENT_DETAIL_MAX),
                 duration_ms: t0.elapsed().as_millis() as u64,
             });
             if let Err(e) = r {
@@ -504,7 +506,6 @@ impl Pipeline {
         mut report: RunReport,
     ) -> RunReport {
         Stats::inc(&self.stats.unmatched);
-        let started = now_ms();
         report.outcome = "unmatched";
         match self.cfg.daemon.unmatched {
             Unmatched::Ignore => {
@@ -549,20 +550,21 @@ impl Pipeline {
             Ok(id) => report.run_id = Some(id),
             Err(e) => warn!(error = %e, "could not record the unmatched event"),
         }
-        self.finish(report, started).await
+        self.finish(report).await
     }
 
-    /// Records the end of a run and publishes its result when it is final.
-    async fn finish(&self, mut report: RunReport, _started: i64) -> RunReport {
+    /// Records the end of a run and publishes its result when it is final. A result that
+    /// cannot be published stays in the store's outbox for [`Pipeline::republish`].
+    async fn finish(&self, mut report: RunReport) -> RunReport {
         report.finished_at = rfc3339(now_ms());
         let publish = matches!(report.outcome, "succeeded" | "failed" | "hook-error");
-        let mut notified = true;
+        let mut unpublished = None;
         if publish {
             if let Some(publisher) = &self.publisher {
                 let body = serde_json::to_string(&report).unwrap_or_default();
-                if let Err(e) = publisher.submit(body).await {
-                    warn!(error = %e, "could not publish the result event");
-                    notified = false;
+                if let Err(e) = publisher.submit(body.clone()).await {
+                    warn!(error = %e, "could not publish the result event; it will be retried");
+                    unpublished = Some(body);
                 }
             }
         }
@@ -579,11 +581,13 @@ impl Pipeline {
                 .store
                 .finish_run(
                     run_id,
-                    report.outcome,
-                    report.hook_result.as_deref(),
-                    report.heartbeats,
-                    report.error.as_deref(),
-                    notified,
+                    RunEnd {
+                        outcome: report.outcome,
+                        hook_result: report.hook_result.as_deref(),
+                        heartbeats: report.heartbeats,
+                        error: report.error.as_deref(),
+                        unpublished: unpublished.as_deref(),
+                    },
                 )
                 .await;
             if let Err(e) = r {
@@ -591,6 +595,40 @@ impl Pipeline {
             }
         }
         report
+    }
+
+    /// Publishes result events that failed to publish earlier (the outbox). Returns how
+    /// many went out.
+    pub async fn republish(&self) -> usize {
+        let Some(publisher) = &self.publisher else {
+            return 0;
+        };
+        let pending = match self.store.unpublished(100).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read unpublished results");
+                return 0;
+            }
+        };
+        let mut sent = 0;
+        for (run_id, body) in pending {
+            match publisher.submit(body).await {
+                Ok(()) => {
+                    sent += 1;
+                    if let Err(e) = self.store.mark_published(run_id).await {
+                        warn!(error = %e, run_id, "published, but could not record it (it may be sent twice)");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "result events still cannot be published; will try again later");
+                    break;
+                }
+            }
+        }
+        if sent > 0 {
+            info!(sent, "published result events from the outbox");
+        }
+        sent
     }
 
     /// The hook's heartbeat timeout, from one DescribeLifecycleHooks per group (cached, and
@@ -662,5 +700,248 @@ impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.working.lock().unwrap().remove(self.token);
         let _ = self.tx.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::fake::{FakeHooks, FakeInstances};
+    use crate::aws::AwsError;
+
+    const CONFIG: &str = r#"
+[queue]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
+[state]
+path = "unused"
+[aws]
+retry_for = "1s"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Name = "web-{instance_id}", Env = "{metadata.environment}" } } ]
+[layers.lenient]
+groups = ["lenient-*"]
+on_failure = "continue"
+launch = [ { tag = { Env = "{metadata.environment}" } } ]
+"#;
+
+    struct World {
+        pipeline: Pipeline,
+        hooks: Arc<FakeHooks>,
+        instances: Arc<FakeInstances>,
+    }
+
+    fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
+        let cfg = Arc::new(Config::parse(CONFIG, "test").unwrap());
+        let hooks = Arc::new(hooks);
+        let instances = Arc::new(instances);
+        let stats = Arc::new(Stats::default());
+        let leases = Leases::spawn(None, hooks.clone(), Duration::from_secs(30), stats.clone());
+        let pipeline = Pipeline::new(Parts {
+            cfg,
+            hooks: hooks.clone(),
+            services: Services {
+                instances: instances.clone(),
+            },
+            store: Store::in_memory().unwrap(),
+            leases,
+            publisher: None,
+            reject_policy: RejectPolicy::Delete,
+            stats,
+        });
+        World {
+            pipeline,
+            hooks,
+            instances,
+        }
+    }
+
+    fn message(group: &str, token: &str, metadata: &str) -> Message {
+        let body = serde_json::json!({
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "AutoScalingGroupName": group, "LifecycleHookName": "launch",
+            "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": token,
+            "NotificationMetadata": metadata,
+        });
+        Message {
+            id: format!("m-{}", fastrand::u32(..)),
+            receipt: "r".into(),
+            body: body.to_string(),
+            receive_count: 1,
+        }
+    }
+
+    async fn handle(w: &World, m: &Message) -> Disposition {
+        w.pipeline
+            .handle_message(m, Instant::now(), &CancellationToken::new())
+            .await
+    }
+
+    fn completions(w: &World) -> Vec<HookResult> {
+        w.hooks
+            .completions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| *r)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_good_event_is_tagged_completed_and_deleted() {
+        let w = world(FakeHooks::default(), FakeInstances::default());
+        let d = handle(&w, &message("web-1", "t1", r#"{"environment":"prod"}"#)).await;
+        assert_eq!(d, Disposition::Delete);
+        assert_eq!(completions(&w), [HookResult::Continue]);
+        let tagged = w.instances.tagged.lock().unwrap();
+        assert_eq!(
+            tagged[0].1,
+            [
+                ("Name".into(), "web-i-0123456789abcdef0".into()),
+                ("Env".into(), "prod".into())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_completes_with_the_layers_failure_result() {
+        let w = world(FakeHooks::default(), FakeInstances::default());
+        // No "environment" in the metadata: the template cannot be filled.
+        assert_eq!(
+            handle(&w, &message("web-1", "t1", "{}")).await,
+            Disposition::Delete
+        );
+        assert_eq!(
+            handle(&w, &message("lenient-1", "t2", "plain text")).await,
+            Disposition::Delete
+        );
+        assert_eq!(completions(&w), [HookResult::Abandon, HookResult::Continue]);
+        assert!(w.instances.tagged.lock().unwrap().is_empty());
+        let h = w.pipeline.store().history(None, 10).unwrap();
+        assert!(h.iter().all(|r| r.outcome == "failed"), "{h:?}");
+        assert!(
+            h[1].error.as_deref().unwrap().contains("\"environment\""),
+            "{:?}",
+            h[1].error
+        );
+    }
+
+    #[tokio::test]
+    async fn an_action_finished_elsewhere_counts_as_done() {
+        let hooks = FakeHooks::default();
+        hooks
+            .complete_script
+            .lock()
+            .unwrap()
+            .push_back(Ok(ActionCall::NotActive(
+                "No active Lifecycle Action found".into(),
+            )));
+        let w = world(hooks, FakeInstances::default());
+        assert_eq!(
+            handle(&w, &message("web-1", "t1", r#"{"environment":"p"}"#)).await,
+            Disposition::Delete
+        );
+        let h = w.pipeline.store().history(None, 10).unwrap();
+        assert_eq!(h[0].hook_result.as_deref(), Some("already-finished"));
+        // A redelivery is acknowledged without running steps or completing again.
+        assert_eq!(
+            handle(&w, &message("web-1", "t1", r#"{"environment":"p"}"#)).await,
+            Disposition::Delete
+        );
+        assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+        assert_eq!(completions(&w).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_completion_failure_leaves_the_message_and_skips_steps_next_time() {
+        let hooks = FakeHooks::default();
+        let throttled = AwsError {
+            operation: "autoscaling:CompleteLifecycleAction",
+            code: Some("Throttling".into()),
+            message: "Rate exceeded".into(),
+            retryable: true,
+        };
+        hooks
+            .complete_script
+            .lock()
+            .unwrap()
+            .extend(std::iter::repeat_n(Err(throttled), 50));
+        let w = world(hooks, FakeInstances::default());
+        let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+        assert!(matches!(handle(&w, &m).await, Disposition::Retry(d) if d > Duration::ZERO));
+        w.hooks.complete_script.lock().unwrap().clear();
+        assert_eq!(handle(&w, &m).await, Disposition::Delete);
+        assert_eq!(
+            w.instances.tagged.lock().unwrap().len(),
+            1,
+            "steps ran once"
+        );
+        assert_eq!(completions(&w).last(), Some(&HookResult::Continue));
+    }
+
+    #[tokio::test]
+    async fn the_same_token_at_once_is_worked_once() {
+        let w = world(
+            FakeHooks::default(),
+            FakeInstances {
+                delay: Duration::from_millis(200),
+                ..Default::default()
+            },
+        );
+        let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+        let (a, b, c) = tokio::join!(handle(&w, &m), handle(&w, &m), handle(&w, &m));
+        assert_eq!([a, b, c], [Disposition::Delete; 3]);
+        assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+        assert_eq!(completions(&w).len(), 1);
+        assert_eq!(Stats::get(&w.pipeline.stats.duplicates), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_steps_are_heartbeated_and_the_hook_described_once() {
+        let w = world(
+            FakeHooks {
+                heartbeat_timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
+            FakeInstances {
+                delay: Duration::from_secs(100),
+                ..Default::default()
+            },
+        );
+        let (m1, m2) = (
+            message("web-1", "t1", r#"{"environment":"p"}"#),
+            message("web-2", "t2", r#"{"environment":"p"}"#),
+        );
+        let (a, b) = tokio::join!(handle(&w, &m1), handle(&w, &m2));
+        assert_eq!([a, b], [Disposition::Delete; 2]);
+        // Every ~10 s (a third of 30 s, jittered) over 100 s, for each of the two actions.
+        let beats = w.hooks.heartbeats.lock().unwrap().len();
+        assert!((16..=24).contains(&beats), "heartbeats: {beats}");
+        assert_eq!(
+            *w.hooks.describes.lock().unwrap(),
+            2,
+            "one DescribeLifecycleHooks per group"
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_and_skips_are_recorded_and_deleted() {
+        let w = world(FakeHooks::default(), FakeInstances::default());
+        let mut m = message("web-1", "t1", "{}");
+        m.body = "not json".into();
+        assert_eq!(handle(&w, &m).await, Disposition::Delete);
+        m.body =
+            r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"web-1"}"#.into();
+        assert_eq!(handle(&w, &m).await, Disposition::Delete);
+        let outcomes: Vec<String> = w
+            .pipeline
+            .store()
+            .history(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        assert_eq!(outcomes, ["skipped", "rejected"]);
+        assert!(completions(&w).is_empty());
     }
 }

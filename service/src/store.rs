@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS runs (
     heartbeats  INTEGER NOT NULL DEFAULT 0,
     error       TEXT,
     event       TEXT,
-    notified    INTEGER NOT NULL DEFAULT 1
+    notified    INTEGER NOT NULL DEFAULT 1,
+    result_json TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_instance ON runs(instance_id, id);
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs(received_at);
@@ -90,6 +91,16 @@ pub enum Claim {
         run_id: Option<i64>,
         result: Option<String>,
     },
+}
+
+/// The last word on a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunEnd<'a> {
+    pub outcome: &'a str,
+    pub hook_result: Option<&'a str>,
+    pub heartbeats: u32,
+    pub error: Option<&'a str>,
+    pub unpublished: Option<&'a str>,
 }
 
 /// The first row of a run.
@@ -222,34 +233,44 @@ impl Store {
         .await
     }
 
-    pub async fn finish_run(
-        &self,
-        run_id: i64,
-        outcome: &str,
-        hook_result: Option<&str>,
-        heartbeats: u32,
-        error: Option<&str>,
-        notified: bool,
-    ) -> Result<(), StoreError> {
-        let (outcome, hook_result, error) = (
-            outcome.to_string(),
-            hook_result.map(str::to_string),
-            error.map(str::to_string),
-        );
+    /// Records the end of a run. `end.unpublished` is the result event that could not be
+    /// published yet (kept for [`Store::unpublished`]).
+    pub async fn finish_run(&self, run_id: i64, end: RunEnd<'_>) -> Result<(), StoreError> {
+        let outcome = end.outcome.to_string();
+        let hook_result = end.hook_result.map(str::to_string);
+        let error = end.error.map(str::to_string);
+        let unpublished = end.unpublished.map(str::to_string);
+        let heartbeats = end.heartbeats;
         self.call(move |c| {
             c.execute(
-                "UPDATE runs SET finished_at = ?2, outcome = ?3, hook_result = ?4, heartbeats = ?5, error = ?6, notified = ?7 WHERE id = ?1",
-                params![run_id, now_ms(), outcome, hook_result, heartbeats, error, notified],
+                "UPDATE runs SET finished_at = ?2, outcome = ?3, hook_result = ?4, heartbeats = ?5, error = ?6,
+                   notified = ?7, result_json = ?8 WHERE id = ?1",
+                params![run_id, now_ms(), outcome, hook_result, heartbeats, error, unpublished.is_none(), unpublished],
             )?;
             Ok(())
         })
         .await
     }
 
-    pub async fn mark_notified(&self, run_id: i64) -> Result<(), StoreError> {
+    /// Result events whose publication failed, oldest first (the outbox).
+    pub async fn unpublished(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
         self.call(move |c| {
-            c.execute("UPDATE runs SET notified = 1 WHERE id = ?1", [run_id])
-                .map(|_| ())
+            let mut stmt = c.prepare(
+                "SELECT id, result_json FROM runs WHERE notified = 0 AND result_json IS NOT NULL ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    pub async fn mark_published(&self, run_id: i64) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET notified = 1, result_json = NULL WHERE id = ?1",
+                [run_id],
+            )
+            .map(|_| ())
         })
         .await
     }
@@ -474,14 +495,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unpublished_results_wait_in_the_outbox() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t4")).await.unwrap();
+        let r2 = s.insert_run(run("t5")).await.unwrap();
+        let body = r#"{"a":1}"#;
+        s.finish_run(
+            r1,
+            RunEnd {
+                outcome: "succeeded",
+                unpublished: Some(body),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.finish_run(
+            r2,
+            RunEnd {
+                outcome: "succeeded",
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.unpublished(10).await.unwrap(),
+            vec![(r1, body.to_string())]
+        );
+        s.mark_published(r1).await.unwrap();
+        assert!(s.unpublished(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn history_lists_runs_with_steps() {
         let s = Store::in_memory().unwrap();
         let r1 = s.insert_run(run("t3")).await.unwrap();
         s.start_step(r1, 0, "tag", "tag Name=x").await.unwrap();
         s.finish_step(r1, 0, "succeeded", "tagged").await.unwrap();
-        s.finish_run(r1, "succeeded", Some("CONTINUE"), 2, None, true)
-            .await
-            .unwrap();
+        s.finish_run(
+            r1,
+            RunEnd {
+                outcome: "succeeded",
+                hook_result: Some("CONTINUE"),
+                heartbeats: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let h = s.history(Some("i-12345678"), 10).unwrap();
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].hook_result.as_deref(), Some("CONTINUE"));

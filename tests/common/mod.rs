@@ -115,8 +115,8 @@ impl Emulator {
             ("AWS_ACCESS_KEY_ID", "testing".into()),
             ("AWS_SECRET_ACCESS_KEY", "testing".into()),
             ("AWS_REGION", REGION.into()),
-            ("AWS_CONFIG_FILE", "/nonexistent".into()),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
         ]
     }

@@ -14,6 +14,8 @@ use serde::Serialize;
 
 use crate::event::InstanceId;
 
+#[cfg(test)]
+pub mod fake;
 pub mod retry;
 pub mod sdk;
 
