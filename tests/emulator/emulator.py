@@ -25,11 +25,19 @@ What it adds on top of moto:
 * Control endpoints (JSON): GET /_emulator/lifecycle, GET /_emulator/calls,
   POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults, GET /_emulator/health.
   POST /moto-api/reset also clears the lifecycle actions, the counters and the faults.
+* Extensions, in modules next to this file (requests are routed to them after call counting
+  and fault injection; their control endpoints live under /_emulator/<name>; POST
+  /moto-api/reset resets them too):
+  - ssm_agent.py: SSM Run Command with simulated agents that run AWS-RunShellScript for real
+    (DescribeInstanceInformation, SendCommand, ListCommands, ListCommandInvocations,
+    GetCommandInvocation, CancelCommand; /_emulator/ssm).
+  - opsworks.py: OpsWorks Stacks in memory (stacks, layers, registered instances;
+    /_emulator/opsworks).
 
 Output is moto_server's (werkzeug banner + one access-log line per request on stderr); set
 EMULATOR_QUIET=1 to drop the access log (handy when stderr is piped and not drained).
 
-This file is self-contained: it only needs the moto[server] package.
+Apart from its two extension modules it only needs the moto[server] package.
 """
 
 from __future__ import annotations
@@ -50,6 +58,11 @@ from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the extension modules
+sys.dont_write_bytecode = True  # no __pycache__ in the work tree
+
+import opsworks  # noqa: E402
+import ssm_agent  # noqa: E402
 from moto.autoscaling import models as M
 from moto.autoscaling import responses as R
 from moto.autoscaling.exceptions import AutoscalingClientError, ValidationError
@@ -70,6 +83,10 @@ LOCK = threading.RLock()
 ACTIONS: dict[str, dict[str, Any]] = {}
 CALLS: Counter = Counter()
 FAULTS: list[dict[str, Any]] = []
+# Modules that answer some AWS requests themselves: dispatch(environ, body), control(method,
+# path, body) and reset().
+EXTENSIONS = (ssm_agent, opsworks)
+ssm_agent.BACKEND_LOCK = LOCK
 PUBLIC_ACTION_KEYS = (
     "token", "group", "hook", "instance_id", "transition", "state", "result",
     "finished_by", "heartbeats", "completions", "created", "finished",
@@ -825,6 +842,10 @@ def _identify(environ: dict[str, Any], body: bytes) -> tuple[str, str, str]:
         protocol = "ec2"
     if service == "unknown" and target.startswith("AmazonSQS."):
         service = "sqs"
+    elif service == "unknown" and target.startswith("AmazonSSM."):
+        service = "ssm"
+    elif service == "unknown" and target.startswith("OpsWorks_20130218."):
+        service = "opsworks"
     if action is None:
         action = f"{environ.get('REQUEST_METHOD', 'GET')} {environ.get('PATH_INFO', '/')}"
     return service, action, protocol
@@ -904,6 +925,8 @@ def _clear_emulator_state() -> None:
     ACTIONS.clear()
     CALLS.clear()
     FAULTS.clear()
+    for extension in EXTENSIONS:
+        extension.reset()
 
 
 def _json_reply(start_response: Any, status: str, payload: Any) -> list[bytes]:
@@ -958,6 +981,10 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
                     return _json_reply(start_response, "400 Bad Request", {"error": str(exc)})
                 FAULTS.append(fault)
                 return _json_reply(start_response, "200 OK", {"faults": FAULTS})
+        for extension in EXTENSIONS:
+            reply = extension.control(method, path, body)
+            if reply is not None:
+                return _json_reply(start_response, *reply)
         return _json_reply(start_response, "404 Not Found", {"error": f"no such endpoint: {method} {path}"})
 
 
@@ -992,6 +1019,12 @@ class EmulatorApp:
         if service == "sqs":  # long polling must not hold the lock
             return self.inner(environ, start_response)
         with LOCK:
+            for extension in EXTENSIONS:
+                reply = extension.dispatch(environ, body)
+                if reply is not None:
+                    status, headers, payload = reply
+                    start_response(status, headers)
+                    return [payload]
             result = self.inner(environ, start_response)
             # materialise the body while holding the lock (moto builds it eagerly anyway)
             if not isinstance(result, list):
