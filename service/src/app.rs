@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
 use crate::aws::retry::with_backoff;
-use crate::aws::sdk::{self, AutoScalingHooks, Ec2Instances, SnsNotifier, SqsQueue};
+use crate::aws::sdk::{
+    self, AutoScalingHooks, Ec2Instances, OpsWorksClient, SnsNotifier, SqsQueue, SsmClient,
+};
 use crate::aws::{Hooks, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::config::{Config, OnReject};
@@ -48,6 +50,8 @@ impl App {
         let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg));
         let services = Services {
             instances: Arc::new(Ec2Instances::new(&sdk_cfg)),
+            ssm: Arc::new(SsmClient::new(&sdk_cfg)),
+            opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg)),
         };
         let reject_policy = match cfg.queue.on_reject {
             OnReject::Delete => RejectPolicy::Delete,

@@ -11,13 +11,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-type Item<T> = (T, oneshot::Sender<Result<(), String>>);
+type Item<T, R> = (T, oneshot::Sender<Result<R, String>>);
 
-pub struct Batcher<T> {
-    tx: mpsc::UnboundedSender<Item<T>>,
+/// Batches items of type `T`; each caller gets its own `Result<R, String>`.
+pub struct Batcher<T, R = ()> {
+    tx: mpsc::UnboundedSender<Item<T, R>>,
 }
 
-impl<T> Clone for Batcher<T> {
+impl<T, R> Clone for Batcher<T, R> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
@@ -25,15 +26,15 @@ impl<T> Clone for Batcher<T> {
     }
 }
 
-impl<T: Send + 'static> Batcher<T> {
+impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// Starts the batching task. It ends once every `Batcher` clone is dropped and the last
     /// batch has been flushed; await the handle to be sure nothing is left.
-    pub fn spawn<F, Fut>(max: usize, linger: Duration, flush: F) -> (Batcher<T>, JoinHandle<()>)
+    pub fn spawn<F, Fut>(max: usize, linger: Duration, flush: F) -> (Batcher<T, R>, JoinHandle<()>)
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<(), String>>> + Send + 'static,
+        Fut: Future<Output = Vec<Result<R, String>>> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Item<T>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Item<T, R>>();
         let handle = tokio::spawn(async move {
             let flush = std::sync::Arc::new(flush);
             let mut running = tokio::task::JoinSet::new();
@@ -66,7 +67,7 @@ impl<T: Send + 'static> Batcher<T> {
         (Batcher { tx }, handle)
     }
 
-    pub async fn submit(&self, item: T) -> Result<(), String> {
+    pub async fn submit(&self, item: T) -> Result<R, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((item, reply))
@@ -85,21 +86,22 @@ mod tests {
     async fn groups_up_to_max_and_answers_each_caller() {
         let calls = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
         let seen = calls.clone();
-        let (b, handle) = Batcher::spawn(10, Duration::from_millis(50), move |items: Vec<u32>| {
-            seen.lock().unwrap().push(items.clone());
-            async move {
-                items
-                    .iter()
-                    .map(|i| {
-                        if i % 7 == 0 {
-                            Err(format!("no {i}"))
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .collect()
-            }
-        });
+        let (b, handle) =
+            Batcher::<u32>::spawn(10, Duration::from_millis(50), move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.clone());
+                async move {
+                    items
+                        .iter()
+                        .map(|i| {
+                            if i % 7 == 0 {
+                                Err(format!("no {i}"))
+                            } else {
+                                Ok(())
+                            }
+                        })
+                        .collect()
+                }
+            });
         let mut tasks = Vec::new();
         for i in 1..=25u32 {
             let b = b.clone();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::aws::HookResult;
-use crate::layer::{Glob, Matcher};
+use crate::layer::{Glob, Matcher, Pattern, Vars};
 use crate::step::{self, Step};
 
 pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
@@ -29,8 +29,15 @@ pub struct Config {
     pub state: StateConfig,
     pub daemon: DaemonConfig,
     pub aws: AwsConfig,
+    pub ssm: SsmConfig,
     /// In file order: the first layer that matches an event wins.
     pub layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SsmConfig {
+    /// Instances reaching the same ssm step within this window share one SendCommand.
+    pub batch_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +102,8 @@ pub struct AwsConfig {
 pub struct Layer {
     pub name: String,
     pub matcher: Matcher,
+    /// Metadata keys the steps may use, with the pattern each value must match.
+    pub vars: Vars,
     pub on_failure: HookResult,
     pub launch: Vec<Step>,
     pub terminate: Vec<Step>,
@@ -162,8 +171,15 @@ struct RawConfig {
     state: Option<RawState>,
     daemon: Option<RawDaemon>,
     aws: Option<RawAws>,
+    ssm: Option<RawSsm>,
     #[serde(default)]
     layers: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsm {
+    batch_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -208,6 +224,8 @@ struct RawLayer {
     groups: Option<Vec<String>>,
     #[serde(default)]
     metadata: toml::Table,
+    #[serde(default)]
+    vars: toml::Table,
     on_failure: Option<String>,
     #[serde(default)]
     launch: Vec<toml::Table>,
@@ -451,6 +469,15 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         ),
     };
 
+    let ssm = SsmConfig {
+        batch_window: duration(
+            "ssm.batch_window",
+            raw.ssm.and_then(|s| s.batch_window).as_deref(),
+            Duration::from_secs(2),
+            errs,
+        ),
+    };
+
     let mut layers = Vec::new();
     if raw.layers.is_empty() {
         errs.push(ConfigError::new(
@@ -488,6 +515,7 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         state,
         daemon,
         aws,
+        ssm,
         layers,
     }
 }
@@ -523,6 +551,18 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
             )),
         }
     }
+    let mut vars = Vars::default();
+    for (k, v) in rl.vars {
+        let vk = format!("{key}.vars.{k}");
+        match v.as_str().map(Pattern::new) {
+            Some(Ok(p)) => vars.insert(k, p),
+            Some(Err(e)) => errs.push(ConfigError::new(vk, format!("not a valid pattern: {e}"))),
+            None => errs.push(ConfigError::new(
+                vk,
+                "must be a pattern string, e.g. \"[a-z0-9-]{1,32}\"",
+            )),
+        }
+    }
     let on_failure = hook_result(
         &format!("{key}.on_failure"),
         rl.on_failure.as_deref(),
@@ -533,7 +573,7 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
         list.into_iter()
             .enumerate()
             .filter_map(|(i, t)| {
-                step::parse(&t, &format!("{key}.{which}[{i}]"))
+                step::parse(&t, &format!("{key}.{which}[{i}]"), &vars)
                     .map_err(|e| errs.extend(e))
                     .ok()
             })
@@ -543,6 +583,7 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
     let terminate = steps(rl.terminate, "terminate", errs);
     Layer {
         name,
+        vars,
         matcher: Matcher { groups, metadata },
         on_failure,
         launch,

@@ -28,6 +28,49 @@ enum Piece {
     Layer,
     Transition,
     Metadata(String),
+    /// A field only one step kind provides (e.g. the opsworks step's `{hostname}`).
+    Extra(String),
+}
+
+/// A layer's declared variables: the NotificationMetadata keys its steps may use, each with
+/// the pattern a value must match in full. Metadata is untrusted; this is its only way into
+/// a command, a playbook or a document parameter.
+#[derive(Debug, Clone, Default)]
+pub struct Vars(BTreeMap<String, Pattern>);
+
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    re: regex_lite::Regex,
+}
+
+impl Pattern {
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        regex_lite::Regex::new(&format!("^(?:{source})$"))
+            .map(|re| Pattern {
+                source: source.to_string(),
+                re,
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        self.re.is_match(value)
+    }
+}
+
+impl Vars {
+    pub fn insert(&mut self, key: String, pattern: Pattern) {
+        self.0.insert(key, pattern);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Pattern> {
+        self.0.get(key)
+    }
+
+    pub fn is_declared(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
 }
 
 /// A string with `{field}` placeholders; `{{` and `}}` are literal braces.
@@ -55,7 +98,8 @@ fn known_fields() -> String {
         .join(", ")
 }
 
-/// Rendering failed: the event lacks what the template asks for.
+/// Rendering failed: the event lacks what the template asks for, or offers a value the
+/// layer does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
     #[error("template {template:?} needs metadata key {key:?}, but the event has {has}")]
@@ -64,10 +108,23 @@ pub enum RenderError {
         key: String,
         has: String,
     },
+    #[error("metadata {key} = {value:?} does not match the layer's pattern {pattern:?}: rejected, nothing was run with it")]
+    Disallowed {
+        key: String,
+        value: String,
+        pattern: String,
+    },
+    #[error("template {template:?} needs {{{field}}}, which this step does not provide")]
+    MissingExtra { template: String, field: String },
 }
 
 impl Template {
     pub fn parse(source: &str) -> Result<Self, TemplateError> {
+        Self::parse_with(source, &[])
+    }
+
+    /// Parses a template that may also name the step-specific fields in `extra`.
+    pub fn parse_with(source: &str, extra: &[&str]) -> Result<Self, TemplateError> {
         let mut pieces = Vec::new();
         let mut lit = String::new();
         let mut chars = source.chars().peekable();
@@ -94,7 +151,12 @@ impl Template {
                     if !lit.is_empty() {
                         pieces.push(Piece::Lit(std::mem::take(&mut lit)));
                     }
-                    pieces.push(field(name.trim(), source)?);
+                    let name = name.trim();
+                    if extra.contains(&name) {
+                        pieces.push(Piece::Extra(name.to_string()));
+                    } else {
+                        pieces.push(field(name, source)?);
+                    }
                 }
                 c => lit.push(c),
             }
@@ -142,12 +204,32 @@ impl Template {
                 Piece::Layer => out.push_str(ctx.layer),
                 Piece::Transition => out.push_str(ctx.event.transition.as_str()),
                 Piece::Metadata(key) => match ctx.event.metadata.get(key) {
-                    Some(v) => out.push_str(&v),
+                    Some(v) => {
+                        if let Some(p) = ctx.vars.get(key) {
+                            if !p.matches(&v) {
+                                return Err(RenderError::Disallowed {
+                                    key: key.clone(),
+                                    value: v.chars().take(80).collect(),
+                                    pattern: p.source.clone(),
+                                });
+                            }
+                        }
+                        out.push_str(&v)
+                    }
                     None => {
                         return Err(RenderError::MissingMetadata {
                             template: self.source.clone(),
                             key: key.clone(),
                             has: ctx.event.metadata.describe().to_string(),
+                        })
+                    }
+                },
+                Piece::Extra(name) => match ctx.extra.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => {
+                        return Err(RenderError::MissingExtra {
+                            template: self.source.clone(),
+                            field: name.clone(),
                         })
                     }
                 },
@@ -187,6 +269,24 @@ fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
 pub struct Context<'a> {
     pub event: &'a LifecycleEvent,
     pub layer: &'a str,
+    pub vars: &'a Vars,
+    /// Values of step-specific fields (`Template::parse_with`).
+    pub extra: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> Context<'a> {
+    pub fn new(event: &'a LifecycleEvent, layer: &'a str, vars: &'a Vars) -> Self {
+        Context {
+            event,
+            layer,
+            vars,
+            extra: &[],
+        }
+    }
+
+    pub fn with_extra(self, extra: &'a [(&'a str, &'a str)]) -> Self {
+        Context { extra, ..self }
+    }
 }
 
 /// A shell-style glob: `*` any run of characters, `?` one character, everything else literal.
@@ -263,10 +363,8 @@ mod tests {
     #[test]
     fn renders_fields_and_metadata() {
         let e = ev();
-        let ctx = Context {
-            event: &e,
-            layer: "web",
-        };
+        let vars = Vars::default();
+        let ctx = Context::new(&e, "web", &vars);
         let t = Template::parse("v{metadata.major} {metadata.environment} {layer}/{group}/{hook}/{instance_id}/{transition} {{x}}").unwrap();
         assert_eq!(
             t.render(&ctx).unwrap(),
@@ -281,15 +379,56 @@ mod tests {
     #[test]
     fn missing_metadata_names_the_key() {
         let e = ev();
-        let ctx = Context {
-            event: &e,
-            layer: "web",
-        };
+        let vars = Vars::default();
+        let ctx = Context::new(&e, "web", &vars);
         let err = Template::parse("{metadata.platform}")
             .unwrap()
             .render(&ctx)
             .unwrap_err();
         assert!(err.to_string().contains("\"platform\""), "{err}");
+    }
+
+    #[test]
+    fn declared_vars_are_validated_in_full() {
+        let e = ev();
+        let mut vars = Vars::default();
+        vars.insert("environment".into(), Pattern::new("prod|staging").unwrap());
+        let ctx = Context::new(&e, "web", &vars);
+        assert!(
+            Template::parse("{metadata.environment}")
+                .unwrap()
+                .render(&ctx)
+                .is_err(),
+            "production is not prod"
+        );
+        vars.insert("environment".into(), Pattern::new("[a-z]+").unwrap());
+        let ctx = Context::new(&e, "web", &vars);
+        assert_eq!(
+            Template::parse("{metadata.environment}")
+                .unwrap()
+                .render(&ctx)
+                .unwrap(),
+            "production"
+        );
+        let p = Pattern::new("[a-z]+").unwrap();
+        assert!(
+            !p.matches("{{ lookup('pipe', 'id') }}") && !p.matches("a; rm -rf /") && !p.matches("")
+        );
+    }
+
+    #[test]
+    fn extra_fields_only_where_allowed() {
+        assert!(Template::parse("{hostname}").is_err());
+        let t = Template::parse_with("{metadata.major} - {hostname}", &["hostname"]).unwrap();
+        let e = ev();
+        let vars = Vars::default();
+        let ctx = Context::new(&e, "web", &vars);
+        assert!(matches!(
+            t.render(&ctx),
+            Err(RenderError::MissingExtra { .. })
+        ));
+        let extra = [("hostname", "app1")];
+        assert_eq!(t.render(&ctx.with_extra(&extra)).unwrap(), "3 - app1");
     }
 
     #[test]

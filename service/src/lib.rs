@@ -8,11 +8,13 @@
 //! - [`event`]: message body -> lifecycle event, skip or reject. Pure.
 //! - [`config`]: TOML -> validated [`config::Config`] (layers, steps, queue, ...).
 //! - [`layer`]: which layer an event belongs to; `{field}` templates.
-//! - [`step`]: the steps a layer runs (`tag`, ...), one file each.
+//! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`), one file each, and the
+//!   gathering of instances into shared batched calls.
 //! - [`pipeline`]: one event: claim -> steps -> complete hook -> notify.
 //! - [`lease`]: heartbeats and message visibility while steps run.
 //! - [`daemon`]: the SQS receive loop, in-flight limit, acknowledgement, shutdown.
-//! - [`batch`]: micro-batching of delete / release / publish calls (10 per call).
+//! - [`batch`]: micro-batching of delete / release / publish / describe calls.
+//! - [`cache`]: single-flight TTL cache for rarely changing AWS descriptions.
 //! - [`store`]: SQLite history and the idempotency claim on action tokens.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
@@ -21,6 +23,7 @@
 pub mod app;
 pub mod aws;
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod event;

@@ -25,7 +25,7 @@ use crate::event::{self, LifecycleEvent, Parsed};
 use crate::layer::Context;
 use crate::lease::{heartbeat_interval, Leases};
 use crate::metrics::Stats;
-use crate::step::{StepContext, StepError};
+use crate::step::{Shared, StepContext, StepError};
 use crate::store::{now_ms, Claim, NewRun, RunEnd, Store};
 
 /// What should happen to the message once the pipeline is done with it.
@@ -60,6 +60,7 @@ pub struct Pipeline {
     cfg: Arc<Config>,
     hooks: Arc<dyn Hooks>,
     services: Services,
+    shared: Shared,
     store: Store,
     leases: Leases,
     publisher: Option<Batcher<String>>,
@@ -136,9 +137,11 @@ impl Pipeline {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
+        let shared = Shared::new(&p.services, p.cfg.ssm.batch_window, p.cfg.aws.retry_for);
         Pipeline {
             cfg: p.cfg,
             hooks: p.hooks,
+            shared,
             services: p.services,
             store: p.store,
             leases: p.leases,
@@ -442,11 +445,9 @@ impl Pipeline {
         cancel: &CancellationToken,
     ) -> Option<HookResult> {
         let ctx = StepContext {
-            template: Context {
-                event: ev,
-                layer: &layer.name,
-            },
+            template: Context::new(ev, &layer.name, &layer.vars),
             services: &self.services,
+            shared: &self.shared,
             retry_for: self.cfg.aws.retry_for,
         };
         for (idx, step) in layer.steps(ev.transition).iter().enumerate() {
@@ -742,6 +743,8 @@ launch = [ { tag = { Env = "{metadata.environment}" } } ]
             hooks: hooks.clone(),
             services: Services {
                 instances: instances.clone(),
+                ssm: Arc::new(crate::aws::fake::Unused),
+                opsworks: Arc::new(crate::aws::fake::Unused),
             },
             store: Store::in_memory().unwrap(),
             leases,

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Action, ActionCall, AwsError, HookInfo, HookResult, Hooks, Instances};
+use super::{
+    Action, ActionCall, AwsError, HookInfo, HookResult, Hooks, InstanceInfo, Instances, Invocation,
+    OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
+};
 use crate::event::InstanceId;
 
 #[derive(Default)]
@@ -73,5 +76,69 @@ impl Instances for FakeInstances {
             .unwrap()
             .push((instance.to_string(), tags.to_vec()));
         Ok(())
+    }
+
+    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError> {
+        Ok(ids
+            .iter()
+            .map(|i| InstanceInfo {
+                id: i.to_string(),
+                state: "running".into(),
+                ..Default::default()
+            })
+            .collect())
+    }
+}
+
+/// For services a test never expects to be called: any call fails the test.
+pub struct Unused;
+
+#[async_trait]
+impl Ssm for Unused {
+    async fn online(&self, _: &[InstanceId]) -> Result<Vec<String>, AwsError> {
+        panic!("unexpected SSM call")
+    }
+    async fn send_command(&self, _: &SsmCommand, _: &[InstanceId]) -> Result<String, AwsError> {
+        panic!("unexpected SSM call")
+    }
+    async fn invocations(&self, _: &str) -> Result<Vec<Invocation>, AwsError> {
+        panic!("unexpected SSM call")
+    }
+    async fn cancel(&self, _: &str, _: &[InstanceId]) -> Result<(), AwsError> {
+        panic!("unexpected SSM call")
+    }
+}
+
+#[async_trait]
+impl OpsWorks for Unused {
+    async fn stacks(&self, _: &str) -> Result<Vec<OwStack>, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn layers(&self, _: &str, _: &str) -> Result<Vec<OwLayer>, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn instances(&self, _: &str, _: &str) -> Result<Vec<OwInstance>, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn instance(&self, _: &str, _: &str) -> Result<Option<OwInstance>, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn hostname_suggestion(&self, _: &str, _: &str) -> Result<String, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn register(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &InstanceInfo,
+    ) -> Result<String, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn assign(&self, _: &str, _: &str, _: &str) -> Result<(), AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
+    async fn deregister(&self, _: &str, _: &str) -> Result<(), AwsError> {
+        panic!("unexpected OpsWorks call")
     }
 }

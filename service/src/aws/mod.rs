@@ -158,6 +158,19 @@ pub trait Hooks: Send + Sync {
     async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
 }
 
+/// What DescribeInstances says about one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// pending | running | shutting-down | terminated | stopping | stopped
+    pub state: String,
+    pub private_ip: Option<String>,
+    pub public_ip: Option<String>,
+    pub private_dns: Option<String>,
+    pub public_dns: Option<String>,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
 #[async_trait]
 pub trait Instances: Send + Sync {
     /// CreateTags on one instance (tags differ per instance, so this cannot be batched).
@@ -166,6 +179,93 @@ pub trait Instances: Send + Sync {
         instance: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), AwsError>;
+    /// DescribeInstances for many instances in one call (at most 1000 ids). Unknown ids are
+    /// simply absent from the answer.
+    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError>;
+}
+
+/// One Run Command request, the same for every instance it targets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SsmCommand {
+    pub document: String,
+    pub parameters: std::collections::BTreeMap<String, Vec<String>>,
+    /// Delivery timeout (SendCommand's TimeoutSeconds); the run time is the document's.
+    pub timeout_seconds: Option<i32>,
+    pub comment: Option<String>,
+    pub output_s3_bucket: Option<String>,
+    pub output_s3_prefix: Option<String>,
+    pub cloudwatch_log_group: Option<String>,
+}
+
+/// One instance's part of a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub instance_id: String,
+    /// Pending | InProgress | Delayed | Success | Cancelled | Cancelling | TimedOut | Failed
+    pub status: String,
+    pub status_details: String,
+    pub response_code: Option<i32>,
+    pub output: String,
+}
+
+impl Invocation {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "Success" | "Cancelled" | "TimedOut" | "Failed"
+        )
+    }
+}
+
+#[async_trait]
+pub trait Ssm: Send + Sync {
+    /// Which of these instances (at most 50) have an SSM agent that is Online.
+    async fn online(&self, ids: &[InstanceId]) -> Result<Vec<String>, AwsError>;
+    /// SendCommand to at most 50 instances; returns the command id.
+    async fn send_command(&self, cmd: &SsmCommand, ids: &[InstanceId]) -> Result<String, AwsError>;
+    /// Every invocation of a command (ListCommandInvocations with details, all pages).
+    async fn invocations(&self, command_id: &str) -> Result<Vec<Invocation>, AwsError>;
+    async fn cancel(&self, command_id: &str, ids: &[InstanceId]) -> Result<(), AwsError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwStack {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwLayer {
+    pub id: String,
+    pub shortname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwInstance {
+    pub id: String,
+    pub ec2_instance_id: Option<String>,
+    pub hostname: Option<String>,
+    pub status: String,
+    pub layer_ids: Vec<String>,
+}
+
+/// The OpsWorks Stacks calls the opsworks step makes, in a given region.
+#[async_trait]
+pub trait OpsWorks: Send + Sync {
+    async fn stacks(&self, region: &str) -> Result<Vec<OwStack>, AwsError>;
+    async fn layers(&self, region: &str, stack_id: &str) -> Result<Vec<OwLayer>, AwsError>;
+    async fn instances(&self, region: &str, stack_id: &str) -> Result<Vec<OwInstance>, AwsError>;
+    async fn instance(&self, region: &str, id: &str) -> Result<Option<OwInstance>, AwsError>;
+    async fn hostname_suggestion(&self, region: &str, layer_id: &str) -> Result<String, AwsError>;
+    async fn register(
+        &self,
+        region: &str,
+        stack_id: &str,
+        hostname: &str,
+        ec2: &InstanceInfo,
+    ) -> Result<String, AwsError>;
+    async fn assign(&self, region: &str, id: &str, layer_id: &str) -> Result<(), AwsError>;
+    async fn deregister(&self, region: &str, id: &str) -> Result<(), AwsError>;
 }
 
 #[async_trait]
@@ -182,4 +282,6 @@ pub trait Notifier: Send + Sync {
 #[derive(Clone)]
 pub struct Services {
     pub instances: std::sync::Arc<dyn Instances>,
+    pub ssm: std::sync::Arc<dyn Ssm>,
+    pub opsworks: std::sync::Arc<dyn OpsWorks>,
 }

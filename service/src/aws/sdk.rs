@@ -14,7 +14,8 @@ use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{
     is_retryable_code, Action, ActionCall, AwsError, BatchResult, HookInfo, HookResult, Hooks,
-    Instances, Message, Notifier, Queue,
+    InstanceInfo, Instances, Invocation, Message, Notifier, OpsWorks, OwInstance, OwLayer, OwStack,
+    Queue, Ssm, SsmCommand,
 };
 use crate::event::InstanceId;
 
@@ -345,6 +346,355 @@ impl Instances for Ec2Instances {
             .send()
             .await
             .map_err(|e| classify("ec2:CreateTags", e))?;
+        Ok(())
+    }
+
+    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .describe_instances()
+            .set_instance_ids(Some(ids.iter().map(|i| i.to_string()).collect()))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("ec2:DescribeInstances", e))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                out.push(InstanceInfo {
+                    id: i.instance_id().unwrap_or_default().to_string(),
+                    state: i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                    private_ip: i.private_ip_address().map(str::to_string),
+                    public_ip: i.public_ip_address().map(str::to_string),
+                    private_dns: i
+                        .private_dns_name()
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                    public_dns: i
+                        .public_dns_name()
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                    tags: i
+                        .tags()
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.key().unwrap_or_default().to_string(),
+                                t.value().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub struct SsmClient {
+    client: aws_sdk_ssm::Client,
+}
+
+impl SsmClient {
+    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_ssm::Client::new(cfg),
+        }
+    }
+}
+
+#[async_trait]
+impl Ssm for SsmClient {
+    async fn online(&self, ids: &[InstanceId]) -> Result<Vec<String>, AwsError> {
+        use aws_sdk_ssm::types::{InstanceInformationStringFilter as F, PingStatus};
+        let op = "ssm:DescribeInstanceInformation";
+        let ids_filter = F::builder()
+            .key("InstanceIds")
+            .set_values(Some(ids.iter().map(|i| i.to_string()).collect()))
+            .build()
+            .map_err(|e| AwsError::permanent(op, e.to_string()))?;
+        let ping = F::builder()
+            .key("PingStatus")
+            .values("Online")
+            .build()
+            .map_err(|e| AwsError::permanent(op, e.to_string()))?;
+        let mut pages = self
+            .client
+            .describe_instance_information()
+            .filters(ids_filter)
+            .filters(ping)
+            .max_results(50)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify(op, e))?;
+            for i in page.instance_information_list() {
+                if i.ping_status() == Some(&PingStatus::Online) {
+                    if let Some(id) = i.instance_id() {
+                        out.push(id.to_string());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn send_command(&self, cmd: &SsmCommand, ids: &[InstanceId]) -> Result<String, AwsError> {
+        let mut req = self
+            .client
+            .send_command()
+            .document_name(&cmd.document)
+            .set_instance_ids(Some(ids.iter().map(|i| i.to_string()).collect()))
+            .set_parameters(Some(cmd.parameters.clone().into_iter().collect()))
+            .set_timeout_seconds(cmd.timeout_seconds)
+            .set_comment(cmd.comment.clone())
+            .set_output_s3_bucket_name(cmd.output_s3_bucket.clone())
+            .set_output_s3_key_prefix(cmd.output_s3_prefix.clone());
+        if let Some(group) = &cmd.cloudwatch_log_group {
+            req = req.cloud_watch_output_config(
+                aws_sdk_ssm::types::CloudWatchOutputConfig::builder()
+                    .cloud_watch_log_group_name(group)
+                    .cloud_watch_output_enabled(true)
+                    .build(),
+            );
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("ssm:SendCommand", e))?;
+        out.command()
+            .and_then(|c| c.command_id())
+            .map(str::to_string)
+            .ok_or_else(|| AwsError::permanent("ssm:SendCommand", "no command id in the answer"))
+    }
+
+    async fn invocations(&self, command_id: &str) -> Result<Vec<Invocation>, AwsError> {
+        let mut pages = self
+            .client
+            .list_command_invocations()
+            .command_id(command_id)
+            .details(true)
+            .max_results(50)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("ssm:ListCommandInvocations", e))?;
+            for inv in page.command_invocations() {
+                let plugins = inv.command_plugins();
+                out.push(Invocation {
+                    instance_id: inv.instance_id().unwrap_or_default().to_string(),
+                    status: inv
+                        .status()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    status_details: inv.status_details().unwrap_or_default().to_string(),
+                    response_code: plugins.last().map(|p| p.response_code()),
+                    output: plugins
+                        .iter()
+                        .filter_map(|p| p.output())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cancel(&self, command_id: &str, ids: &[InstanceId]) -> Result<(), AwsError> {
+        self.client
+            .cancel_command()
+            .command_id(command_id)
+            .set_instance_ids(Some(ids.iter().map(|i| i.to_string()).collect()))
+            .send()
+            .await
+            .map_err(|e| classify("ssm:CancelCommand", e))?;
+        Ok(())
+    }
+}
+
+/// OpsWorks Stacks, one client per region (stacks live in the region named by the step).
+pub struct OpsWorksClient {
+    base: aws_config::SdkConfig,
+    clients: std::sync::Mutex<HashMap<String, aws_sdk_opsworks::Client>>,
+}
+
+impl OpsWorksClient {
+    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+        Self {
+            base: cfg.clone(),
+            clients: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, region: &str) -> aws_sdk_opsworks::Client {
+        let mut map = self.clients.lock().unwrap();
+        map.entry(region.to_string())
+            .or_insert_with(|| {
+                let conf = aws_sdk_opsworks::config::Builder::from(&self.base)
+                    .region(aws_config::Region::new(region.to_string()))
+                    .build();
+                aws_sdk_opsworks::Client::from_conf(conf)
+            })
+            .clone()
+    }
+}
+
+fn ow_instance(i: &aws_sdk_opsworks::types::Instance) -> OwInstance {
+    OwInstance {
+        id: i.instance_id().unwrap_or_default().to_string(),
+        ec2_instance_id: i.ec2_instance_id().map(str::to_string),
+        hostname: i.hostname().map(str::to_string),
+        status: i.status().unwrap_or_default().to_string(),
+        layer_ids: i.layer_ids().to_vec(),
+    }
+}
+
+#[async_trait]
+impl OpsWorks for OpsWorksClient {
+    async fn stacks(&self, region: &str) -> Result<Vec<OwStack>, AwsError> {
+        let out = self
+            .client(region)
+            .describe_stacks()
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:DescribeStacks", e))?;
+        Ok(out
+            .stacks()
+            .iter()
+            .map(|s| OwStack {
+                id: s.stack_id().unwrap_or_default().to_string(),
+                name: s.name().unwrap_or_default().to_string(),
+            })
+            .collect())
+    }
+
+    async fn layers(&self, region: &str, stack_id: &str) -> Result<Vec<OwLayer>, AwsError> {
+        let out = self
+            .client(region)
+            .describe_layers()
+            .stack_id(stack_id)
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:DescribeLayers", e))?;
+        Ok(out
+            .layers()
+            .iter()
+            .map(|l| OwLayer {
+                id: l.layer_id().unwrap_or_default().to_string(),
+                shortname: l.shortname().unwrap_or_default().to_string(),
+            })
+            .collect())
+    }
+
+    async fn instances(&self, region: &str, stack_id: &str) -> Result<Vec<OwInstance>, AwsError> {
+        let out = self
+            .client(region)
+            .describe_instances()
+            .stack_id(stack_id)
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:DescribeInstances", e))?;
+        Ok(out.instances().iter().map(ow_instance).collect())
+    }
+
+    async fn instance(&self, region: &str, id: &str) -> Result<Option<OwInstance>, AwsError> {
+        let out = self
+            .client(region)
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await;
+        match out {
+            Ok(o) => Ok(o.instances().first().map(ow_instance)),
+            Err(e) => {
+                let e = classify("opsworks:DescribeInstances", e);
+                if e.code.as_deref() == Some("ResourceNotFoundException") {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn hostname_suggestion(&self, region: &str, layer_id: &str) -> Result<String, AwsError> {
+        let out = self
+            .client(region)
+            .get_hostname_suggestion()
+            .layer_id(layer_id)
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:GetHostnameSuggestion", e))?;
+        out.hostname().map(str::to_string).ok_or_else(|| {
+            AwsError::permanent(
+                "opsworks:GetHostnameSuggestion",
+                "no hostname in the answer",
+            )
+        })
+    }
+
+    async fn register(
+        &self,
+        region: &str,
+        stack_id: &str,
+        hostname: &str,
+        ec2: &InstanceInfo,
+    ) -> Result<String, AwsError> {
+        // The identity document names the EC2 instance, which makes this an "ec2"
+        // registration. The instance itself would add a signature; the service accepts the
+        // document from a caller with permission on the stack.
+        let document = serde_json::json!({
+            "instanceId": ec2.id,
+            "privateIp": ec2.private_ip,
+            "region": region,
+        })
+        .to_string();
+        let out = self
+            .client(region)
+            .register_instance()
+            .stack_id(stack_id)
+            .hostname(hostname)
+            .set_private_ip(ec2.private_ip.clone())
+            .set_public_ip(ec2.public_ip.clone())
+            .instance_identity(
+                aws_sdk_opsworks::types::InstanceIdentity::builder()
+                    .document(document)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:RegisterInstance", e))?;
+        out.instance_id().map(str::to_string).ok_or_else(|| {
+            AwsError::permanent("opsworks:RegisterInstance", "no instance id in the answer")
+        })
+    }
+
+    async fn assign(&self, region: &str, id: &str, layer_id: &str) -> Result<(), AwsError> {
+        self.client(region)
+            .assign_instance()
+            .instance_id(id)
+            .layer_ids(layer_id)
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:AssignInstance", e))?;
+        Ok(())
+    }
+
+    async fn deregister(&self, region: &str, id: &str) -> Result<(), AwsError> {
+        self.client(region)
+            .deregister_instance()
+            .instance_id(id)
+            .send()
+            .await
+            .map_err(|e| classify("opsworks:DeregisterInstance", e))?;
         Ok(())
     }
 }

@@ -5,16 +5,23 @@
 //! Every step is safe to repeat: at-least-once delivery and crash recovery re-run them.
 //! Running steps in order, heartbeating and completing the hook is the pipeline's job.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::aws::{AwsError, Services};
+use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
+use crate::batch::Batcher;
+use crate::cache::TtlCache;
 use crate::config::ConfigError;
-use crate::layer::Context;
+use crate::event::InstanceId;
+use crate::layer::{Context, Template, Vars};
 
+pub mod gather;
+pub mod opsworks;
+pub mod ssm;
 pub mod tag;
 
 /// Step kinds this build knows, in the order the docs list them.
-pub const KINDS: &[&str] = &["tag"];
+pub const KINDS: &[&str] = &["tag", "ssm", "opsworks"];
 
 /// Default upper bound of one step, retries included.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -28,6 +35,8 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub enum StepKind {
     Tag(tag::Tag),
+    Ssm(ssm::Ssm),
+    OpsWorks(opsworks::OpsWorks),
 }
 
 /// Why a step failed; decides nothing about the hook (the layer's `on_failure` does).
@@ -39,6 +48,12 @@ pub enum StepError {
     /// AWS refused or kept failing after retries.
     #[error(transparent)]
     Aws(#[from] AwsError),
+    /// The instance never became reachable (SSM agent, OpsWorks registration, SSH).
+    #[error("{0}")]
+    NotReady(String),
+    /// The work ran on the instance and failed there.
+    #[error("{0}")]
+    Remote(String),
     #[error("timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
 }
@@ -53,13 +68,81 @@ pub struct StepOutput {
 pub struct StepContext<'a> {
     pub template: Context<'a>,
     pub services: &'a Services,
+    pub shared: &'a Shared,
     pub retry_for: Duration,
+}
+
+/// Step machinery shared by every event in flight: batched lookups, batches being
+/// gathered, and caches of rarely changing descriptions.
+pub struct Shared {
+    /// DescribeInstances for all instances asked about within 50 ms, in one call.
+    pub lookup: Batcher<InstanceId, InstanceInfo>,
+    pub ssm_online: ssm::OnlineWatch,
+    pub ssm_batches: gather::Gather<ssm::BatchKey, InstanceId, Result<String, String>>,
+    pub ow_stacks: TtlCache<String, Vec<OwStack>>,
+    pub ow_layers: TtlCache<(String, String), Vec<OwLayer>>,
+}
+
+impl Shared {
+    pub fn new(services: &Services, ssm_window: Duration, retry_for: Duration) -> Shared {
+        let instances = services.instances.clone();
+        let (lookup, _task) = Batcher::spawn(
+            100,
+            Duration::from_millis(50),
+            move |ids: Vec<InstanceId>| {
+                let instances = instances.clone();
+                async move {
+                    match crate::aws::retry::with_backoff(retry_for, || instances.describe(&ids))
+                        .await
+                    {
+                        Ok(found) => {
+                            let mut by_id: HashMap<String, InstanceInfo> =
+                                found.into_iter().map(|i| (i.id.clone(), i)).collect();
+                            ids.iter()
+                                .map(|id| {
+                                    by_id.remove(id.as_str()).ok_or_else(|| {
+                                        format!("DescribeInstances does not know {id}")
+                                    })
+                                })
+                                .collect()
+                        }
+                        Err(e) => vec![Err(e.to_string()); ids.len()],
+                    }
+                }
+            },
+        );
+        Shared {
+            lookup,
+            ssm_online: ssm::OnlineWatch::new(services.ssm.clone()),
+            ssm_batches: gather::Gather::new(ssm_window, ssm::MAX_TARGETS),
+            ow_stacks: TtlCache::new(Duration::from_secs(300)),
+            ow_layers: TtlCache::new(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Steps that run things on the instance (ssm, ansible, ssh) may read metadata only
+/// through variables the layer declares with an allowed pattern.
+pub fn require_declared(t: &Template, key: &str, vars: &Vars) -> Vec<ConfigError> {
+    t.metadata_keys()
+        .filter(|k| !vars.is_declared(k))
+        .map(|k| {
+            ConfigError::new(
+                key,
+                format!(
+                    "{{metadata.{k}}} is not declared: add it to the layer's vars with the pattern its values must match, e.g. vars = {{ {k} = \"[a-z0-9-]{{1,32}}\" }}"
+                ),
+            )
+        })
+        .collect()
 }
 
 impl Step {
     pub fn kind_name(&self) -> &'static str {
         match &self.kind {
             StepKind::Tag(_) => "tag",
+            StepKind::Ssm(_) => "ssm",
+            StepKind::OpsWorks(_) => "opsworks",
         }
     }
 
@@ -67,6 +150,8 @@ impl Step {
     pub fn describe(&self) -> String {
         match &self.kind {
             StepKind::Tag(t) => t.describe(),
+            StepKind::Ssm(s) => s.describe(),
+            StepKind::OpsWorks(o) => o.describe(),
         }
     }
 
@@ -74,6 +159,8 @@ impl Step {
         let work = async {
             match &self.kind {
                 StepKind::Tag(t) => t.run(ctx).await,
+                StepKind::Ssm(s) => s.run(ctx).await,
+                StepKind::OpsWorks(o) => o.run(ctx).await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -84,7 +171,7 @@ impl Step {
 
 /// Parses one step table, e.g. `{ tag = { Name = "web-{instance_id}" }, timeout = "2m" }`.
 /// Errors name the key they belong to (`layers.web.launch[0].tag.Name`).
-pub fn parse(table: &toml::Table, key: &str) -> Result<Step, Vec<ConfigError>> {
+pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<ConfigError>> {
     let kinds: Vec<&str> = table
         .keys()
         .map(String::as_str)
@@ -110,12 +197,12 @@ pub fn parse(table: &toml::Table, key: &str) -> Result<Step, Vec<ConfigError>> {
         }
     };
     let mut errs = Vec::new();
-    let mut timeout = DEFAULT_TIMEOUT;
+    let mut timeout = None;
     for (k, v) in table {
         match k.as_str() {
             k if k == kind => {}
             "timeout" => match v.as_str().map(humantime::parse_duration) {
-                Some(Ok(d)) if !d.is_zero() => timeout = d,
+                Some(Ok(d)) if !d.is_zero() => timeout = Some(d),
                 _ => errs.push(ConfigError::new(
                     format!("{key}.timeout"),
                     "must be a duration such as \"5m\"",
@@ -130,10 +217,23 @@ pub fn parse(table: &toml::Table, key: &str) -> Result<Step, Vec<ConfigError>> {
     let kind_key = format!("{key}.{kind}");
     let parsed = match kind {
         "tag" => tag::Tag::parse(&table[kind], &kind_key).map(StepKind::Tag),
+        "ssm" => ssm::Ssm::parse(&table[kind], &kind_key, vars).map(StepKind::Ssm),
+        "opsworks" => {
+            opsworks::OpsWorks::parse(&table[kind], &kind_key, vars).map(StepKind::OpsWorks)
+        }
         _ => unreachable!("kind comes from KINDS"),
     };
     match parsed {
-        Ok(kind) if errs.is_empty() => Ok(Step { kind, timeout }),
+        Ok(kind) if errs.is_empty() => {
+            // Steps that wait on their own deadlines get an outer bound above them, so their
+            // own (clearer) timeout message wins.
+            let timeout = timeout.unwrap_or(match &kind {
+                StepKind::Ssm(s) => s.online_timeout + s.timeout + Duration::from_secs(60),
+                StepKind::OpsWorks(_) => Duration::from_secs(3600),
+                StepKind::Tag(_) => DEFAULT_TIMEOUT,
+            });
+            Ok(Step { kind, timeout })
+        }
         Ok(_) => Err(errs),
         Err(mut e) => {
             e.append(&mut errs);

@@ -1,0 +1,85 @@
+//! A small single-flight cache with a time to live: concurrent misses for one key make one
+//! call. Used for AWS descriptions that change rarely (lifecycle hooks, OpsWorks stacks),
+//! so a burst of launches does not turn into a burst of identical Describe calls.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+type Slot<V> = (Instant, Arc<OnceCell<V>>);
+
+pub struct TtlCache<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, Slot<V>>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
+    pub fn new(ttl: Duration) -> Self {
+        TtlCache {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached value, or the result of `load` (shared with every concurrent caller).
+    /// A failed load is not cached.
+    pub async fn get_or_load<E, F, Fut>(&self, key: &K, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let cell = {
+            let mut map = self.map.lock().unwrap();
+            let fresh = map
+                .get(key)
+                .filter(|(at, cell)| at.elapsed() < self.ttl || !cell.initialized())
+                .map(|(_, c)| c.clone());
+            match fresh {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(OnceCell::new());
+                    map.insert(key.clone(), (Instant::now(), c.clone()));
+                    c
+                }
+            }
+        };
+        cell.get_or_try_init(load).await.cloned()
+    }
+
+    /// Forgets a key (after a lookup found the cached value stale).
+    pub fn invalidate(&self, key: &K) {
+        self.map.lock().unwrap().remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_misses_load_once() {
+        let c: TtlCache<&str, u32> = TtlCache::new(Duration::from_secs(60));
+        let loads = AtomicU32::new(0);
+        let load = || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, ()>(7)
+        };
+        let (a, b, d) = tokio::join!(
+            c.get_or_load(&"k", load),
+            c.get_or_load(&"k", load),
+            c.get_or_load(&"k", load)
+        );
+        assert_eq!((a, b, d), (Ok(7), Ok(7), Ok(7)));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        c.invalidate(&"k");
+        assert_eq!(c.get_or_load(&"k", load).await, Ok(7));
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1,0 +1,144 @@
+//! Gathering the instances that reach the same batched step within a short window, so
+//! they share one call: one SendCommand for up to 50 instances (and, for the ansible step,
+//! one ansible-playbook run).
+//!
+//! The first instance to arrive for a key opens a batch and supplies the function that runs
+//! it; the batch closes when the window ends or it is full, and then runs in its own task,
+//! so an instance that gives up waiting (shutdown) does not stop the others.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+type Run<I, R> = Box<dyn FnOnce(Vec<I>) -> Pin<Box<dyn Future<Output = Vec<R>> + Send>> + Send>;
+
+struct Open<I, R> {
+    id: u64,
+    items: Vec<(I, oneshot::Sender<R>)>,
+    run: Run<I, R>,
+}
+
+type Batches<K, I, R> = Arc<Mutex<HashMap<K, Open<I, R>>>>;
+
+pub struct Gather<K, I, R> {
+    open: Batches<K, I, R>,
+    window: Duration,
+    max: usize,
+    next_id: AtomicU64,
+}
+
+impl<K, I, R> Gather<K, I, R>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    I: Send + 'static,
+    R: Send + 'static,
+{
+    pub fn new(window: Duration, max: usize) -> Self {
+        Gather {
+            open: Arc::new(Mutex::new(HashMap::new())),
+            window,
+            max: max.max(1),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Adds `item` to the open batch for `key` (opening one with `run` if there is none)
+    /// and waits for its own result. `run` gets the items in arrival order and must return
+    /// one result per item, in the same order. None if the batch task died.
+    pub async fn join<F, Fut>(&self, key: K, item: I, run: F) -> Option<R>
+    where
+        F: FnOnce(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let ready = {
+            let mut open = self.open.lock().unwrap();
+            match open.get_mut(&key) {
+                Some(batch) => {
+                    batch.items.push((item, tx));
+                    if batch.items.len() >= self.max {
+                        open.remove(&key)
+                    } else {
+                        None
+                    }
+                }
+                None => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let batch = Open {
+                        id,
+                        items: vec![(item, tx)],
+                        run: Box::new(move |items| Box::pin(run(items))),
+                    };
+                    if self.max == 1 {
+                        Some(batch)
+                    } else {
+                        open.insert(key.clone(), batch);
+                        let (open, window) = (self.open.clone(), self.window);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(window).await;
+                            let batch = {
+                                let mut open = open.lock().unwrap();
+                                match open.get(&key) {
+                                    Some(b) if b.id == id => open.remove(&key),
+                                    _ => None,
+                                }
+                            };
+                            if let Some(b) = batch {
+                                execute(b).await;
+                            }
+                        });
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(b) = ready {
+            tokio::spawn(execute(b));
+        }
+        rx.await.ok()
+    }
+}
+
+async fn execute<I, R>(batch: Open<I, R>) {
+    let (items, replies): (Vec<I>, Vec<_>) = batch.items.into_iter().unzip();
+    let results = (batch.run)(items).await;
+    for (reply, r) in replies.into_iter().zip(results) {
+        let _ = reply.send(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test(start_paused = true)]
+    async fn arrivals_within_the_window_share_a_run_and_get_their_own_result() {
+        let g: Arc<Gather<&str, u32, u32>> = Arc::new(Gather::new(Duration::from_secs(2), 3));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..7u32 {
+            let (g, runs) = (g.clone(), runs.clone());
+            let key = if i == 6 { "other" } else { "k" };
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100 * i as u64)).await;
+                g.join(key, i, move |items: Vec<u32>| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    items.into_iter().map(|x| x * 10).collect()
+                })
+                .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), Some(i as u32 * 10));
+        }
+        // k: [0,1,2] full, [3,4,5] full; other: [6].
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+}

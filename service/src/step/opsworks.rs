@@ -1,0 +1,319 @@
+//! The `opsworks` step: register the instance with an OpsWorks Stacks stack and assign it
+//! to a layer, from the ops host, with nothing on the instance; deregister on terminate.
+//!
+//! ```toml
+//! { opsworks = { stack = "v{metadata.major} {metadata.environment} {metadata.platform}", layer = "app", region = "us-east-1" } }
+//! ```
+//!
+//! Launch: find the stack by name and the layer by shortname (cached), reuse an existing
+//! registration of this EC2 instance or: GetHostnameSuggestion, tag `Name` (default
+//! `"{stack} - {hostname}"`), RegisterInstance; wait until registered; AssignInstance
+//! unless already assigned; wait until online. Every part is safe to repeat.
+//! AWS ended OpsWorks Stacks on 26 May 2024: this step serves stacks that still answer
+//! the API and migrations away from them.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::aws::retry::{backoff, with_backoff};
+use crate::aws::{AwsError, InstanceInfo, OwInstance};
+use crate::config::ConfigError;
+use crate::event::Transition;
+use crate::layer::{Template, Vars};
+
+use super::{StepContext, StepError, StepOutput};
+
+const DEFAULT_ONLINE_TIMEOUT: Duration = Duration::from_secs(1200);
+const DEFAULT_NAME_TAG: &str = "{stack} - {hostname}";
+/// Statuses from which an instance will not reach `online` by itself.
+const DEAD_END: &[&str] = &[
+    "setup_failed",
+    "start_failed",
+    "connection_lost",
+    "terminated",
+    "terminating",
+    "stopped",
+    "stop_failed",
+    "shutting_down",
+    "deregistering",
+];
+
+#[derive(Debug, Clone)]
+pub struct OpsWorks {
+    stack: Template,
+    layer: String,
+    region: Option<String>,
+    name_tag: Option<Template>,
+    online_timeout: Duration,
+}
+
+impl OpsWorks {
+    pub fn parse(
+        value: &toml::Value,
+        key: &str,
+        _vars: &Vars,
+    ) -> Result<OpsWorks, Vec<ConfigError>> {
+        let t = value.as_table().ok_or_else(|| {
+            vec![ConfigError::new(
+                key,
+                "must be a table: { stack = \"...\", layer = \"...\" }",
+            )]
+        })?;
+        let mut errs = Vec::new();
+        for k in t.keys() {
+            if !matches!(
+                k.as_str(),
+                "stack" | "layer" | "region" | "name_tag" | "online_timeout"
+            ) {
+                errs.push(ConfigError::new(
+                    format!("{key}.{k}"),
+                    "unknown key for an opsworks step",
+                ));
+            }
+        }
+        let s = |k: &str, errs: &mut Vec<ConfigError>| match t.get(k) {
+            None => None,
+            Some(toml::Value::String(v)) if !v.is_empty() => Some(v.clone()),
+            Some(_) => {
+                errs.push(ConfigError::new(
+                    format!("{key}.{k}"),
+                    "must be a non-empty string",
+                ));
+                None
+            }
+        };
+        let stack = match s("stack", &mut errs).map(|v| Template::parse(&v)) {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                errs.push(ConfigError::new(format!("{key}.stack"), e.to_string()));
+                None
+            }
+            None => {
+                errs.push(ConfigError::new(
+                    format!("{key}.stack"),
+                    "missing: the stack's name (a template)",
+                ));
+                None
+            }
+        };
+        let layer = s("layer", &mut errs).unwrap_or_else(|| {
+            errs.push(ConfigError::new(
+                format!("{key}.layer"),
+                "missing: the OpsWorks layer's shortname",
+            ));
+            String::new()
+        });
+        let name_tag = match s("name_tag", &mut errs) {
+            None => Some(DEFAULT_NAME_TAG.to_string()),
+            Some(v) if v == "none" => None,
+            Some(v) => Some(v),
+        }
+        .and_then(|v| match Template::parse_with(&v, &["stack", "hostname"]) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errs.push(ConfigError::new(format!("{key}.name_tag"), e.to_string()));
+                None
+            }
+        });
+        let online_timeout = match t
+            .get("online_timeout")
+            .map(|v| v.as_str().map(humantime::parse_duration))
+        {
+            None => DEFAULT_ONLINE_TIMEOUT,
+            Some(Some(Ok(d))) if !d.is_zero() => d,
+            _ => {
+                errs.push(ConfigError::new(
+                    format!("{key}.online_timeout"),
+                    "must be a duration such as \"20m\"",
+                ));
+                DEFAULT_ONLINE_TIMEOUT
+            }
+        };
+        match (stack, errs.is_empty()) {
+            (Some(stack), true) => Ok(OpsWorks {
+                stack,
+                layer,
+                region: s("region", &mut Vec::new()),
+                name_tag,
+                online_timeout,
+            }),
+            _ => Err(errs),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "opsworks stack {:?} layer {:?}{}",
+            self.stack.source(),
+            self.layer,
+            self.region
+                .as_deref()
+                .map(|r| format!(" in {r}"))
+                .unwrap_or_default()
+        )
+    }
+
+    fn region(&self) -> String {
+        self.region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_string())
+    }
+
+    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
+        let stack_name = self
+            .stack
+            .render(&ctx.template)
+            .map_err(|e| StepError::Input(e.to_string()))?;
+        let region = self.region();
+        let ow = ctx.services.opsworks.clone();
+        let retry = ctx.retry_for;
+        let ec2_id = ctx.template.event.instance_id.clone();
+
+        let stacks = ctx
+            .shared
+            .ow_stacks
+            .get_or_load(&region, || with_backoff(retry, || ow.stacks(&region)))
+            .await?;
+        let stack = stacks
+            .iter()
+            .find(|s| s.name == stack_name)
+            .ok_or_else(|| {
+                StepError::Input(format!(
+                    "no OpsWorks stack named {stack_name:?} in {region}"
+                ))
+            })?;
+        let existing = with_backoff(retry, || ow.instances(&region, &stack.id))
+            .await?
+            .into_iter()
+            .find(|i| i.ec2_instance_id.as_deref() == Some(ec2_id.as_str()));
+
+        if ctx.template.event.transition == Transition::Terminate {
+            return match existing {
+                Some(i) => {
+                    with_backoff(retry, || ow.deregister(&region, &i.id)).await?;
+                    Ok(StepOutput {
+                        detail: format!("deregistered {} ({}) from stack {stack_name:?}", i.id, i.hostname.unwrap_or_default()),
+                    })
+                }
+                None => Ok(StepOutput {
+                    detail: format!("{ec2_id} is not registered with stack {stack_name:?}; nothing to deregister"),
+                }),
+            };
+        }
+
+        let layers = ctx
+            .shared
+            .ow_layers
+            .get_or_load(&(region.clone(), stack.id.clone()), || {
+                with_backoff(retry, || ow.layers(&region, &stack.id))
+            })
+            .await?;
+        let layer = layers
+            .iter()
+            .find(|l| l.shortname == self.layer)
+            .ok_or_else(|| {
+                StepError::Input(format!(
+                    "stack {stack_name:?} has no layer with shortname {:?}",
+                    self.layer
+                ))
+            })?;
+
+        let deadline = Instant::now() + self.online_timeout;
+        let registered = match existing {
+            Some(i) => {
+                info!(opsworks_id = %i.id, "instance already registered with the stack; reusing it");
+                i
+            }
+            None => {
+                let hostname =
+                    with_backoff(retry, || ow.hostname_suggestion(&region, &layer.id)).await?;
+                if let Some(t) = &self.name_tag {
+                    let extra = [
+                        ("stack", stack_name.as_str()),
+                        ("hostname", hostname.as_str()),
+                    ];
+                    let name = t
+                        .render(&ctx.template.with_extra(&extra))
+                        .map_err(|e| StepError::Input(e.to_string()))?;
+                    let tags = [("Name".to_string(), name)];
+                    with_backoff(retry, || ctx.services.instances.create_tags(&ec2_id, &tags))
+                        .await?;
+                }
+                let info: InstanceInfo = ctx
+                    .shared
+                    .lookup
+                    .submit(ec2_id.clone())
+                    .await
+                    .map_err(StepError::Remote)?;
+                let id = with_backoff(retry, || ow.register(&region, &stack.id, &hostname, &info))
+                    .await?;
+                info!(opsworks_id = %id, %hostname, "registered with the stack");
+                self.wait_for(ctx, &region, &id, deadline, |s| {
+                    s != "registering" && s != "requested"
+                })
+                .await?
+            }
+        };
+        if !registered.layer_ids.contains(&layer.id) {
+            with_backoff(retry, || ow.assign(&region, &registered.id, &layer.id)).await?;
+            info!(layer = %self.layer, "assigned to the layer");
+        }
+        let online = self
+            .wait_for(ctx, &region, &registered.id, deadline, |s| s == "online")
+            .await?;
+        Ok(StepOutput {
+            detail: format!(
+                "{} ({}) online in stack {stack_name:?}, layer {}",
+                online.id,
+                online.hostname.unwrap_or_default(),
+                self.layer
+            ),
+        })
+    }
+
+    /// Polls the registration with backoff until `done(status)` or the deadline; fails
+    /// early on a status that cannot lead there.
+    async fn wait_for(
+        &self,
+        ctx: &StepContext<'_>,
+        region: &str,
+        id: &str,
+        deadline: Instant,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<OwInstance, StepError> {
+        let mut attempt = 0;
+        loop {
+            let r: Result<Option<OwInstance>, AwsError> =
+                with_backoff(ctx.retry_for, || ctx.services.opsworks.instance(region, id)).await;
+            let status = match r? {
+                Some(i) if done(&i.status) => return Ok(i),
+                Some(i) if DEAD_END.contains(&i.status.as_str()) => {
+                    return Err(StepError::Remote(format!(
+                        "OpsWorks instance {id} is {}",
+                        i.status
+                    )))
+                }
+                Some(i) => i.status,
+                None => {
+                    return Err(StepError::Remote(format!(
+                        "OpsWorks instance {id} disappeared"
+                    )))
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(StepError::NotReady(format!(
+                    "OpsWorks instance {id} still {status} after {}",
+                    humantime::format_duration(self.online_timeout)
+                )));
+            }
+            let pause = backoff(attempt, Duration::from_secs(2), Duration::from_secs(15))
+                .max(Duration::from_millis(500));
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            attempt += 1;
+        }
+    }
+}

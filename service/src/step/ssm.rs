@@ -1,0 +1,441 @@
+//! The `ssm` step: Run Command on the instance, for fleets the ops host cannot reach by SSH.
+//!
+//! ```toml
+//! { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["systemctl restart app"] }, timeout = "10m" } }
+//! ```
+//!
+//! Each instance first waits until its agent is Online (one DescribeInstanceInformation
+//! for up to 50 waiting instances per poll, shared by every event). Instances that reach
+//! the same command within `ssm.batch_window` share one SendCommand (up to 50, AWS's
+//! limit); the command's invocations are then polled with ListCommandInvocations (one call
+//! a page of 50, not one call per instance), with backoff, until each is terminal. Past
+//! the step's `timeout` the command is cancelled for the instances still running it.
+//! Parameter values are templates; metadata only reaches them through the layer's declared
+//! `vars`. Repeating the step runs the document again: documents should be idempotent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::aws::retry::with_backoff;
+use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
+use crate::config::ConfigError;
+use crate::event::InstanceId;
+use crate::layer::{Template, Vars};
+
+use super::{require_declared, StepContext, StepError, StepOutput};
+
+/// SendCommand takes at most 50 instance ids.
+pub const MAX_TARGETS: usize = 50;
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_ONLINE_TIMEOUT: Duration = Duration::from_secs(600);
+const POLL_FIRST: Duration = Duration::from_secs(1);
+const POLL_MAX: Duration = Duration::from_secs(10);
+const EXCERPT: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct Ssm {
+    document: String,
+    parameters: Vec<(String, Vec<Template>)>,
+    /// How long the command may run before it is cancelled.
+    pub timeout: Duration,
+    /// How long to wait for the agent to come Online.
+    pub online_timeout: Duration,
+    delivery_timeout: Option<i32>,
+    comment: Option<String>,
+    output_s3_bucket: Option<String>,
+    output_s3_prefix: Option<String>,
+    cloudwatch_log_group: Option<String>,
+}
+
+/// Instances share a SendCommand only when everything sent is identical.
+pub type BatchKey = (SsmCommand, Duration);
+
+fn opt_string(t: &toml::Table, k: &str, key: &str, errs: &mut Vec<ConfigError>) -> Option<String> {
+    match t.get(k) {
+        None => None,
+        Some(toml::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => {
+            errs.push(ConfigError::new(
+                format!("{key}.{k}"),
+                "must be a non-empty string",
+            ));
+            None
+        }
+    }
+}
+
+fn opt_duration(
+    t: &toml::Table,
+    k: &str,
+    key: &str,
+    default: Duration,
+    errs: &mut Vec<ConfigError>,
+) -> Duration {
+    match t.get(k) {
+        None => default,
+        Some(v) => match v.as_str().map(humantime::parse_duration) {
+            Some(Ok(d)) if !d.is_zero() => d,
+            _ => {
+                errs.push(ConfigError::new(
+                    format!("{key}.{k}"),
+                    "must be a duration such as \"10m\"",
+                ));
+                default
+            }
+        },
+    }
+}
+
+impl Ssm {
+    pub fn parse(value: &toml::Value, key: &str, vars: &Vars) -> Result<Ssm, Vec<ConfigError>> {
+        let t = value.as_table().ok_or_else(|| {
+            vec![ConfigError::new(
+                key,
+                "must be a table: { document = \"...\", parameters = { ... } }",
+            )]
+        })?;
+        let mut errs = Vec::new();
+        for k in t.keys() {
+            if !matches!(
+                k.as_str(),
+                "document"
+                    | "parameters"
+                    | "timeout"
+                    | "online_timeout"
+                    | "delivery_timeout"
+                    | "comment"
+                    | "output_s3_bucket"
+                    | "output_s3_prefix"
+                    | "cloudwatch_log_group"
+            ) {
+                errs.push(ConfigError::new(
+                    format!("{key}.{k}"),
+                    "unknown key for an ssm step",
+                ));
+            }
+        }
+        let document = opt_string(t, "document", key, &mut errs).unwrap_or_else(|| {
+            errs.push(ConfigError::new(
+                format!("{key}.document"),
+                "missing: an SSM document name, e.g. \"AWS-RunShellScript\"",
+            ));
+            String::new()
+        });
+        let mut parameters = Vec::new();
+        match t.get("parameters") {
+            None => {}
+            Some(toml::Value::Table(p)) => {
+                for (name, v) in p {
+                    let pk = format!("{key}.parameters.{name}");
+                    let values: Vec<&str> = match v {
+                        toml::Value::String(s) => vec![s.as_str()],
+                        toml::Value::Array(a) if a.iter().all(|x| x.is_str()) => {
+                            a.iter().filter_map(|x| x.as_str()).collect()
+                        }
+                        _ => {
+                            errs.push(ConfigError::new(
+                                &pk,
+                                "must be a string or a list of strings",
+                            ));
+                            continue;
+                        }
+                    };
+                    let mut templates = Vec::new();
+                    for (i, v) in values.iter().enumerate() {
+                        match Template::parse(v) {
+                            Ok(t) => {
+                                errs.extend(require_declared(&t, &format!("{pk}[{i}]"), vars));
+                                templates.push(t);
+                            }
+                            Err(e) => {
+                                errs.push(ConfigError::new(format!("{pk}[{i}]"), e.to_string()))
+                            }
+                        }
+                    }
+                    parameters.push((name.clone(), templates));
+                }
+            }
+            Some(_) => errs.push(ConfigError::new(
+                format!("{key}.parameters"),
+                "must be a table of parameter names to values",
+            )),
+        }
+        let timeout = opt_duration(t, "timeout", key, DEFAULT_TIMEOUT, &mut errs);
+        let online_timeout =
+            opt_duration(t, "online_timeout", key, DEFAULT_ONLINE_TIMEOUT, &mut errs);
+        let delivery_timeout = match t.get("delivery_timeout") {
+            None => None,
+            Some(v) => match v.as_str().map(humantime::parse_duration) {
+                // SendCommand's TimeoutSeconds: 30 s to 30 days.
+                Some(Ok(d)) if (30..=2_592_000).contains(&d.as_secs()) => Some(d.as_secs() as i32),
+                _ => {
+                    errs.push(ConfigError::new(
+                        format!("{key}.delivery_timeout"),
+                        "must be a duration from 30s to 30 days",
+                    ));
+                    None
+                }
+            },
+        };
+        let ssm = Ssm {
+            document,
+            parameters,
+            timeout,
+            online_timeout,
+            delivery_timeout,
+            comment: opt_string(t, "comment", key, &mut errs),
+            output_s3_bucket: opt_string(t, "output_s3_bucket", key, &mut errs),
+            output_s3_prefix: opt_string(t, "output_s3_prefix", key, &mut errs),
+            cloudwatch_log_group: opt_string(t, "cloudwatch_log_group", key, &mut errs),
+        };
+        if errs.is_empty() {
+            Ok(ssm)
+        } else {
+            Err(errs)
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let params: Vec<String> = self
+            .parameters
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={:?}",
+                    v.iter().map(Template::source).collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        format!("ssm {} {}", self.document, params.join(" "))
+    }
+
+    /// The command for one event (templates filled in and validated).
+    pub fn command(&self, ctx: &StepContext<'_>) -> Result<SsmCommand, StepError> {
+        let mut parameters = BTreeMap::new();
+        for (name, templates) in &self.parameters {
+            let values = templates
+                .iter()
+                .map(|t| {
+                    t.render(&ctx.template)
+                        .map_err(|e| StepError::Input(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            parameters.insert(name.clone(), values);
+        }
+        Ok(SsmCommand {
+            document: self.document.clone(),
+            parameters,
+            timeout_seconds: self.delivery_timeout,
+            comment: self.comment.clone(),
+            output_s3_bucket: self.output_s3_bucket.clone(),
+            output_s3_prefix: self.output_s3_prefix.clone(),
+            cloudwatch_log_group: self.cloudwatch_log_group.clone(),
+        })
+    }
+
+    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
+        let cmd = self.command(ctx)?;
+        let id = ctx.template.event.instance_id.clone();
+        ctx.shared
+            .ssm_online
+            .wait(&id, self.online_timeout)
+            .await
+            .map_err(StepError::NotReady)?;
+        info!("SSM agent is Online; joining the command batch");
+        let (ssm, retry_for, timeout) = (ctx.services.ssm.clone(), ctx.retry_for, self.timeout);
+        let key = (cmd.clone(), timeout);
+        let result = ctx
+            .shared
+            .ssm_batches
+            .join(key, id, move |ids| {
+                run_batch(ssm, cmd, ids, timeout, retry_for)
+            })
+            .await
+            .unwrap_or_else(|| Err("the command batch stopped unexpectedly".to_string()));
+        result
+            .map(|detail| StepOutput { detail })
+            .map_err(StepError::Remote)
+    }
+}
+
+fn excerpt(s: &str) -> String {
+    let s = s.trim();
+    if s.len() <= EXCERPT {
+        return s.to_string();
+    }
+    let mut start = s.len() - EXCERPT;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &s[start..])
+}
+
+/// One SendCommand for `ids`, polled to the end. One result per id, in order.
+async fn run_batch(
+    ssm: Arc<dyn SsmApi>,
+    cmd: SsmCommand,
+    ids: Vec<InstanceId>,
+    timeout: Duration,
+    retry_for: Duration,
+) -> Vec<Result<String, String>> {
+    let deadline = Instant::now() + timeout;
+    let command_id = match with_backoff(retry_for, || ssm.send_command(&cmd, &ids)).await {
+        Ok(c) => c,
+        Err(e) => return vec![Err(format!("SendCommand failed: {e}")); ids.len()],
+    };
+    info!(command_id = %command_id, instances = ids.len(), document = %cmd.document, "sent SSM command");
+    let mut latest: HashMap<String, Invocation> = HashMap::new();
+    let mut delay = POLL_FIRST;
+    let mut timed_out = Vec::new();
+    loop {
+        tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+        match ssm.invocations(&command_id).await {
+            Ok(list) => {
+                for inv in list {
+                    latest.insert(inv.instance_id.clone(), inv);
+                }
+            }
+            Err(e) if e.retryable => {
+                warn!(error = %e, "cannot list command invocations yet; will retry")
+            }
+            Err(e) => return vec![Err(format!("command {command_id}: {e}")); ids.len()],
+        }
+        let running: Vec<InstanceId> = ids
+            .iter()
+            .filter(|id| !latest.get(id.as_str()).is_some_and(Invocation::is_terminal))
+            .cloned()
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(command_id = %command_id, instances = running.len(), "command timed out; cancelling it");
+            if let Err(e) = with_backoff(retry_for, || ssm.cancel(&command_id, &running)).await {
+                warn!(error = %e, "CancelCommand failed");
+            }
+            timed_out = running;
+            break;
+        }
+        delay = (delay * 2).min(POLL_MAX);
+    }
+    ids.iter()
+        .map(|id| {
+            if timed_out.contains(id) {
+                return Err(format!(
+                    "command {command_id} still running on {id} after {}; cancelled",
+                    humantime::format_duration(timeout)
+                ));
+            }
+            let inv = &latest[id.as_str()];
+            let code = inv
+                .response_code
+                .map(|c| format!(", exit {c}"))
+                .unwrap_or_default();
+            let out = excerpt(&inv.output);
+            if inv.status == "Success" {
+                Ok(format!("command {command_id}: Success{code}\n{out}"))
+            } else {
+                Err(format!(
+                    "command {command_id}: {} ({}){code}\n{out}",
+                    inv.status, inv.status_details
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Waits for SSM agents to come Online: one poller for every waiting instance, asking about
+/// up to 50 instances per DescribeInstanceInformation call.
+pub struct OnlineWatch {
+    ssm: Arc<dyn SsmApi>,
+    state: Arc<Mutex<WatchState>>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    waiting: HashMap<InstanceId, Vec<oneshot::Sender<()>>>,
+    polling: bool,
+    /// Set when someone new arrives, so the poller looks again soon.
+    fresh: bool,
+}
+
+impl OnlineWatch {
+    pub fn new(ssm: Arc<dyn SsmApi>) -> Self {
+        OnlineWatch {
+            ssm,
+            state: Arc::new(Mutex::new(WatchState::default())),
+        }
+    }
+
+    pub async fn wait(&self, id: &InstanceId, timeout: Duration) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.waiting.entry(id.clone()).or_default().push(tx);
+            st.fresh = true;
+            if !st.polling {
+                st.polling = true;
+                tokio::spawn(poll(self.ssm.clone(), self.state.clone()));
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(format!(
+                "{id} did not come Online in SSM within {} (is the agent installed, and does the instance profile allow SSM?)",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+}
+
+async fn poll(ssm: Arc<dyn SsmApi>, state: Arc<Mutex<WatchState>>) {
+    // Let a burst of arrivals gather, so they share the first call.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut delay = POLL_FIRST;
+    loop {
+        let ids: Vec<InstanceId> = {
+            let mut st = state.lock().unwrap();
+            // Waiters that gave up (timeout, shutdown) no longer count.
+            st.waiting.retain(|_, txs| {
+                txs.retain(|t| !t.is_closed());
+                !txs.is_empty()
+            });
+            if st.waiting.is_empty() {
+                st.polling = false;
+                return;
+            }
+            if st.fresh {
+                st.fresh = false;
+                delay = POLL_FIRST;
+            }
+            st.waiting.keys().cloned().collect()
+        };
+        for chunk in ids.chunks(MAX_TARGETS) {
+            match ssm.online(chunk).await {
+                Ok(online) => {
+                    let mut st = state.lock().unwrap();
+                    for id in online {
+                        if let Some(txs) = InstanceId::parse(&id)
+                            .ok()
+                            .and_then(|i| st.waiting.remove(&i))
+                        {
+                            for t in txs {
+                                let _ = t.send(());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot ask SSM which instances are Online; will retry")
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay.mul_f64(1.5)).min(POLL_MAX);
+    }
+}
