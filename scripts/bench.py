@@ -1,8 +1,11 @@
-"""Benchmark: a burst of launches with one `tag` step against the emulator.
+"""Benchmarks against the emulator. Prints figures, asserts nothing.
 
-Prints figures, asserts nothing: wall time from first message to last completed hook, AWS API
-calls per launch as counted by the emulator, peak RSS of the worker, idle RSS of the daemon.
-Usage: bench.py BINARY [LAUNCHES]"""
+Scenarios (usage: bench.py BINARY [SCENARIO ...], default all):
+  tag[:N]   a burst of N launches (default 500) with one `tag` step: wall time from first
+            message to last completed hook, AWS API calls per launch as counted by the
+            emulator, peak RSS of the worker, idle RSS of the daemon
+  ssm[:N]   N launches (default 200) with one `ssm` step: SSM API calls per launch, wall time
+"""
 
 import json
 import os
@@ -24,9 +27,88 @@ def rss_kib(pid):
     return 0
 
 
+def run_worker(binary, config, env, work):
+    """Runs `provision worker`; returns (exit code, wall seconds, cpu seconds, peak RSS KiB)."""
+    worker_log = os.path.join(work, "worker.log")
+    start = time.time()
+    worker = subprocess.Popen([binary, "--config", config, "--log-format", "json", "worker"], env=env,
+                              stderr=open(worker_log, "w"))
+    _, status, usage = os.wait4(worker.pid, 0)
+    elapsed = time.time() - start
+    # The worker reports its own peak RSS (VmHWM) when it stops. (wait4's ru_maxrss would
+    # count the pages of this Python process, forked before exec.)
+    peak_kib = 0
+    with open(worker_log) as f:
+        for line in f:
+            if '"stopped"' in line:
+                peak_kib = json.loads(line).get("peak_rss_kib", 0)
+    return os.waitstatus_to_exitcode(status), start, elapsed, usage.ru_utime + usage.ru_stime, peak_kib
+
+
+def print_calls(calls, launches, prefix=""):
+    for k, v in sorted(calls.items(), key=lambda kv: -kv[1]):
+        if k.startswith(prefix):
+            print(f"    {k:40} {v:6}  ({v / launches:.3f} per launch)")
+
+
+def bench_ssm(binary, launches):
+    work = tempfile.mkdtemp(prefix="provision-bench-ssm-")
+    aws = emu.Emulator(os.path.join(work, "emulator.log"))
+    try:
+        url, arn = aws.queue("asg-lifecycle")
+        aws.group("app-bench", max_size=launches + 10)
+        aws.hook("app-bench", "provision-launch", emu.LAUNCH, arn, heartbeat=600, metadata={"role": "api"})
+        config = os.path.join(work, "provision.toml")
+        emu.write_config(config, url, os.path.join(work, "state.db"), wait_time="1s", extra='''
+[layers.app]
+groups = ["app-*"]
+vars = { role = "[a-z]{1,16}" }
+launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["echo {metadata.role} > role"] } } } ]
+''')
+        aws.asg.set_desired_capacity(AutoScalingGroupName="app-bench", DesiredCapacity=launches)
+        while aws.queue_depth(url)[0] < launches:
+            time.sleep(0.2)
+        aws.control("POST", "/_emulator/calls/reset")
+        code, start, elapsed, cpu, peak_kib = run_worker(binary, config, aws.env(), work)
+        calls = aws.control("GET", "/_emulator/calls")["calls"]
+        actions = aws.control("GET", "/_emulator/lifecycle")["actions"]
+        done = [a for a in actions if a["state"] == "finished"]
+        continued = [a for a in done if a["result"] == "CONTINUE" and a["finished_by"] == "complete"]
+        last_done = max(a["finished"] for a in done) if done else float("nan")
+        ssm_calls = sum(v for k, v in calls.items() if k.startswith("ssm:"))
+        commands = aws.control("GET", "/_emulator/ssm")["commands"]
+        print(f"\n== ssm: {launches} launches, one ssm step (AWS-RunShellScript)")
+        print(f"worker exit status               {code}")
+        print(f"hooks completed with CONTINUE    {len(continued)}/{launches}")
+        print(f"SendCommand calls                {len(commands)} (instances per command: {sorted(len(c['instance_ids']) for c in commands)})")
+        print(f"worker start -> last completion  {last_done - start:.2f} s")
+        print(f"worker CPU (user+sys)            {cpu:.2f} s")
+        print(f"worker peak RSS                  {peak_kib / 1024:.1f} MiB")
+        print(f"SSM API calls                    {ssm_calls}  ({ssm_calls / launches:.3f} per launch)")
+        print_calls(calls, launches, "ssm:")
+        print(f"all AWS API calls                {sum(calls.values())}  ({sum(calls.values()) / launches:.2f} per launch)")
+        return {"ssm_launches": launches, "ssm_calls_per_launch": round(ssm_calls / launches, 3),
+                "ssm_seconds_to_last_completion": round(last_done - start, 2)}
+    finally:
+        aws.stop()
+
+
 def main():
     binary = sys.argv[1]
-    launches = int(sys.argv[2]) if len(sys.argv) > 2 else 500
+    scenarios = sys.argv[2:] or ["tag", "ssm"]
+    figures = {}
+    for sc in scenarios:
+        name, _, n = sc.partition(":")
+        if name == "tag":
+            figures.update(bench_tag(binary, int(n or 500)))
+        elif name == "ssm":
+            figures.update(bench_ssm(binary, int(n or 200)))
+        else:
+            raise SystemExit(f"unknown scenario {sc!r}")
+    print("\n" + json.dumps(figures))
+
+
+def bench_tag(binary, launches):
     work = tempfile.mkdtemp(prefix="provision-bench-")
     aws = emu.Emulator(os.path.join(work, "emulator.log"))
     try:
@@ -54,20 +136,7 @@ def main():
         scale_out = time.time() - t0
         aws.control("POST", "/_emulator/calls/reset")
 
-        start = time.time()
-        worker_log = os.path.join(work, "worker.log")
-        worker = subprocess.Popen([binary, "--config", config, "--log-format", "json", "worker"], env=aws.env(),
-                                  stderr=open(worker_log, "w"))
-        _, status, usage = os.wait4(worker.pid, 0)
-        worker.returncode = os.waitstatus_to_exitcode(status)
-        elapsed = time.time() - start
-        # The worker reports its own peak RSS (VmHWM) when it stops. (wait4's ru_maxrss would
-        # count the pages of this Python process, forked before exec.)
-        peak_kib = 0
-        with open(worker_log) as f:
-            for line in f:
-                if '"stopped"' in line:
-                    peak_kib = json.loads(line).get("peak_rss_kib", 0)
+        code, start, elapsed, cpu, peak_kib = run_worker(binary, config, aws.env(), work)
         calls = aws.control("GET", "/_emulator/calls")["calls"]
         actions = aws.control("GET", "/_emulator/lifecycle")["actions"]
         done = [a for a in actions if a["state"] == "finished"]
@@ -76,23 +145,21 @@ def main():
         last_done = max(a["finished"] for a in done) if done else float("nan")
         total = sum(calls.values())
 
-        print(f"launches                         {launches}")
-        print(f"worker exit status               {worker.returncode}")
+        print(f"\n== tag: a burst of {launches} launches, one tag step")
+        print(f"worker exit status               {code}")
         print(f"hooks completed with CONTINUE    {len(continued)}/{launches}")
         print(f"emulator scale-out (not ours)    {scale_out:.1f} s")
         print(f"worker start -> last completion  {last_done - start:.2f} s")
         print(f"first message -> last completion {last_done - first_msg:.2f} s")
         print(f"worker wall time                 {elapsed:.2f} s")
-        print(f"worker CPU (user+sys)            {usage.ru_utime + usage.ru_stime:.2f} s")
+        print(f"worker CPU (user+sys)            {cpu:.2f} s")
         print(f"AWS API calls                    {total}  ({total / launches:.2f} per launch)")
-        for k, v in sorted(calls.items(), key=lambda kv: -kv[1]):
-            print(f"    {k:40} {v:6}  ({v / launches:.3f} per launch)")
+        print_calls(calls, launches)
         print(f"worker peak RSS                  {peak_kib / 1024:.1f} MiB")
         print(f"idle daemon RSS                  {idle_rss / 1024:.1f} MiB")
-        print(json.dumps({"launches": launches, "seconds_to_last_completion": round(last_done - start, 2),
-                          "calls_per_launch": round(total / launches, 3),
-                          "peak_rss_mib": round(peak_kib / 1024, 1),
-                          "idle_rss_mib": round(idle_rss / 1024, 1)}))
+        return {"launches": launches, "seconds_to_last_completion": round(last_done - start, 2),
+                "calls_per_launch": round(total / launches, 3), "peak_rss_mib": round(peak_kib / 1024, 1),
+                "idle_rss_mib": round(idle_rss / 1024, 1)}
     finally:
         aws.stop()
 

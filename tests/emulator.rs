@@ -660,3 +660,117 @@ async fn groups_without_a_layer_are_left_alone() {
     assert!(emu.finished_actions().is_empty());
     queue_is_empty(&aws, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_read_the_queue_fails() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let mut q = aws.queue("lifecycle").await;
+    q.url = q.url.replace("/lifecycle", "/no-such-queue");
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains("cannot receive from the queue") && log.contains("giving up"),
+        "{log}"
+    );
+}
+
+/// GET on 127.0.0.1:port, returning (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-m").await;
+    aws.hook(
+        "web-m",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-m", 2).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{WEB_LAYER}"),
+    );
+    // A notify socket, as systemd would hand it to a Type=notify service.
+    let sock_path = p.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = p.command(&["daemon"]);
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000000");
+    let log = p.dir.join("daemon-m.log");
+    let child = cmd
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = common::Running { child, log };
+
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("READY=1"),
+        "first notification is READY"
+    );
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"WATCHDOG=1");
+
+    eventually("both launches handled", Duration::from_secs(30), || async {
+        (emu.finished_actions().len() == 2).then_some(())
+    })
+    .await;
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // The hooks are done; the messages' deletes may still be lingering for a batch.
+    let metrics = eventually("nothing in flight", Duration::from_secs(10), || async {
+        let (status, m) = http_get(port, "/metrics");
+        assert_eq!(status, 200);
+        m.lines().any(|l| l == "provision_in_flight 0").then_some(m)
+    })
+    .await;
+    for line in [
+        "provision_events_received_total 3",
+        "provision_events_skipped_total 1",
+        "provision_runs_total{layer=\"web\",outcome=\"succeeded\"} 2",
+        "provision_step_duration_seconds_count{kind=\"tag\"} 2",
+        "provision_aws_calls_total{service=\"autoscaling\",operation=\"CompleteLifecycleAction\"} 2",
+        "provision_aws_calls_total{service=\"ec2\",operation=\"CreateTags\"} 2",
+        "provision_in_flight 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
+    }
+    assert_eq!(http_get(port, "/nope").0, 404);
+
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    let mut saw_stopping = false;
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    while let Ok(n) = sock.recv(&mut buf) {
+        saw_stopping |= String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1");
+    }
+    assert!(saw_stopping, "STOPPING=1 on SIGTERM");
+}

@@ -190,6 +190,6 @@ fn cli_prints_the_normalized_event_or_the_reason() {
 fn the_example_config_is_valid() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/provision.toml");
     let cfg = provision::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.layers.len(), 2);
+    assert_eq!(cfg.layers.len(), 4);
     assert_eq!(cfg.queue.max_in_flight, 32);
 }

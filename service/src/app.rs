@@ -18,7 +18,7 @@ use crate::batch::Batcher;
 use crate::config::{Config, OnReject};
 use crate::daemon::Settings;
 use crate::lease::Leases;
-use crate::metrics::Stats;
+use crate::metrics::{CountCalls, Stats};
 use crate::pipeline::{Parts, Pipeline, RejectPolicy};
 use crate::store::Store;
 
@@ -45,13 +45,15 @@ impl App {
             Ok(n) => tracing::info!(runs = n, "pruned history older than 90 days"),
             Err(e) => tracing::warn!(error = %e, "could not prune old history"),
         }
+        let stats = Arc::new(Stats::default());
+        let calls = CountCalls(stats.clone());
         let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
-        let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &cfg.queue.url));
-        let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg));
+        let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url));
+        let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
         let services = Services {
-            instances: Arc::new(Ec2Instances::new(&sdk_cfg)),
-            ssm: Arc::new(SsmClient::new(&sdk_cfg)),
-            opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg)),
+            instances: Arc::new(Ec2Instances::new(&sdk_cfg, &calls)),
+            ssm: Arc::new(SsmClient::new(&sdk_cfg, &calls)),
+            opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
         };
         let reject_policy = match cfg.queue.on_reject {
             OnReject::Delete => RejectPolicy::Delete,
@@ -68,10 +70,9 @@ impl App {
                 }
             },
         };
-        let stats = Arc::new(Stats::default());
         let (publisher, publisher_task) = match &cfg.notify {
             Some(n) => {
-                let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg));
+                let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg, &calls));
                 let (topic, retry_for) = (n.topic_arn.clone(), cfg.aws.retry_for);
                 let (b, task) = Batcher::spawn(10, PUBLISH_LINGER, move |bodies: Vec<String>| {
                     let (notifier, topic) = (notifier.clone(), topic.clone());

@@ -30,6 +30,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub aws: AwsConfig,
     pub ssm: SsmConfig,
+    /// Where the daemon serves /metrics and /healthz; None to serve nothing.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// In file order: the first layer that matches an event wins.
     pub layers: Vec<Layer>,
 }
@@ -172,8 +174,15 @@ struct RawConfig {
     daemon: Option<RawDaemon>,
     aws: Option<RawAws>,
     ssm: Option<RawSsm>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     layers: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -478,6 +487,21 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         ),
     };
 
+    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+        None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        Some(s) if s.is_empty() || s == "off" => None,
+        Some(s) => match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(ConfigError::new(
+                    "metrics.listen",
+                    format!("{s:?} is not an address:port (or \"off\")"),
+                ));
+                None
+            }
+        },
+    };
+
     let mut layers = Vec::new();
     if raw.layers.is_empty() {
         errs.push(ConfigError::new(
@@ -516,6 +540,7 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         daemon,
         aws,
         ssm,
+        metrics_listen,
         layers,
     }
 }

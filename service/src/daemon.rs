@@ -50,16 +50,20 @@ pub struct Summary {
     /// Acknowledgements that failed (the message will come back and be found done).
     pub ack_errors: u64,
     pub receive_errors: u64,
+    /// Drain mode stopped because the queue could not be read.
+    pub gave_up: bool,
 }
 
 impl Summary {
     /// True when every message received was handled and acknowledged.
     pub fn all_handled(&self) -> bool {
-        self.returned == 0 && self.ack_errors == 0
+        self.returned == 0 && self.ack_errors == 0 && !self.gave_up
     }
 }
 
 const OUTBOX_EVERY: Duration = Duration::from_secs(60);
+/// How often the loop marks itself alive while it waits for a free slot.
+const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// How long a receive waits for more free slots before asking for fewer than ten messages.
 const BATCH_FILL: Duration = Duration::from_millis(100);
 /// How long a delete or release waits for others to share its batch call.
@@ -74,7 +78,6 @@ pub async fn run(
     settings: Settings,
     mode: Mode,
     shutdown: impl Future<Output = ()>,
-    on_poll: impl Fn() + Send + Sync,
 ) -> Summary {
     let stats = pipeline.stats.clone();
     let retry_for = settings.retry_for;
@@ -128,10 +131,14 @@ pub async fn run(
         }
         // Only receive what can be started now: a message waiting for a slot would sit
         // invisible with nobody heartbeating its hook.
-        let first = tokio::select! {
-            biased;
-            _ = &mut shutdown => break 'receive,
-            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        // Waiting for a free slot is healthy (all slots busy): say so while waiting.
+        let first = loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break 'receive,
+                p = slots.clone().acquire_owned() => break p.expect("semaphore is never closed"),
+                _ = tokio::time::sleep(ALIVE_EVERY) => Stats::mark(&stats.loop_alive_ms),
+            }
         };
         let mut permits = vec![first];
         while permits.len() < 10 {
@@ -166,7 +173,8 @@ pub async fn run(
         let messages = match received {
             Ok(m) => {
                 receive_failures = 0;
-                on_poll();
+                Stats::mark(&stats.last_poll_ms);
+                Stats::mark(&stats.loop_alive_ms);
                 m
             }
             Err(e) => {
@@ -174,7 +182,11 @@ pub async fn run(
                 summary.receive_errors += 1;
                 receive_failures += 1;
                 error!(error = %e, failures = receive_failures, "cannot receive from the queue");
-                if mode == Mode::Drain && receive_failures >= DRAIN_MAX_RECEIVE_FAILURES {
+                if mode == Mode::Drain
+                    && (!e.retryable || receive_failures >= DRAIN_MAX_RECEIVE_FAILURES)
+                {
+                    error!("giving up: the queue cannot be read");
+                    summary.gave_up = true;
                     break 'receive;
                 }
                 let pause = backoff(
@@ -211,8 +223,10 @@ pub async fn run(
                 releaser.clone(),
                 cancel.clone(),
             );
+            Stats::inc(&pipeline.stats.in_flight);
             tasks.spawn(async move {
                 let _permit = permit;
+                let _in_flight = InFlight(pipeline.stats.clone());
                 let disposition = pipeline.handle_message(&msg, at, &cancel).await;
                 match disposition {
                     Disposition::Delete => match deleter.submit(msg.receipt.clone()).await {
@@ -261,6 +275,17 @@ pub async fn run(
     let _ = deleter_task.await;
     let _ = releaser_task.await;
     summary
+}
+
+/// Counts a message as in flight until dropped.
+struct InFlight(Arc<Stats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 enum Outcome {

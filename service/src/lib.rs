@@ -18,7 +18,8 @@
 //! - [`store`]: SQLite history and the idempotency claim on action tokens.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
-//! - [`metrics`], [`shutdown`], [`telemetry`]: counters, signals, logs.
+//! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
+//!   endpoint, signals, logs, systemd readiness and watchdog.
 
 pub mod app;
 pub mod aws;
@@ -26,10 +27,12 @@ pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod endpoint;
 pub mod event;
 pub mod layer;
 pub mod lease;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod shutdown;
 pub mod step;

@@ -3,6 +3,8 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -12,6 +14,7 @@ use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
 use provision::event::{self, Parsed};
 use provision::metrics::Stats;
+use provision::notify::SystemdNotify;
 use provision::store::Store;
 use provision::telemetry::{self, LogFormat};
 
@@ -185,18 +188,39 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let metrics_listen = cfg.metrics_listen;
     rt.block_on(async move {
         let app = App::build(cfg).await?;
         tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
-        let summary = daemon::run(
-            app.pipeline.clone(),
-            app.queue.clone(),
-            app.settings.clone(),
-            mode,
-            provision::shutdown::signal(),
-            || {},
-        )
-        .await;
+        let systemd = Arc::new(SystemdNotify::from_env());
+        let stats = app.pipeline.stats.clone();
+        let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
+        let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
+        let endpoint = match (mode, metrics_listen) {
+            (Mode::Daemon, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "serving /metrics and /healthz");
+                    Some(tokio::spawn(provision::endpoint::serve(l, stats.clone(), alive_within)))
+                }
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "cannot serve metrics (metrics.listen); continuing without them");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let shutdown = {
+            let systemd = systemd.clone();
+            async move {
+                provision::shutdown::signal().await;
+                systemd.stopping();
+            }
+        };
+        let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
+        health.abort();
+        if let Some(e) = endpoint {
+            e.abort();
+        }
         let stats = app.pipeline.stats.clone();
         app.close().await;
         log_summary(&summary, &stats);
@@ -205,6 +229,29 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
             _ => ExitCode::SUCCESS,
         })
     })
+}
+
+/// Tells systemd the service is ready after the first successful poll, and pings its
+/// watchdog only while the receive loop shows it is alive.
+async fn report_health(systemd: Arc<SystemdNotify>, stats: Arc<Stats>, alive_within: Duration) {
+    if !systemd.enabled() {
+        return;
+    }
+    while Stats::get(&stats.last_poll_ms) == 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    systemd.ready();
+    let Some(every) = systemd.watchdog_every else {
+        return;
+    };
+    loop {
+        if stats.loop_is_alive(alive_within) {
+            systemd.watchdog();
+        } else {
+            tracing::error!("the receive loop has not shown life for {alive_within:?}; not pinging the watchdog");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 fn log_summary(s: &Summary, stats: &Stats) {

@@ -1,11 +1,38 @@
-//! Counters of what the service did, shared by every part of it.
+//! Counters of what the service did, shared by every part of it, and their Prometheus text.
 //!
-//! Owns only the numbers; logging them (the worker's summary) and exposing them are callers'.
+//! Owns the numbers and how they read; serving them over HTTP is `endpoint.rs`, counting AWS
+//! calls as the SDK makes them is the interceptor below.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_sqs::error::BoxError;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+
+/// Upper bounds (seconds) of the step duration histogram.
+const STEP_BUCKETS: [f64; 12] = [
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; STEP_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// (layer, outcome) -> runs.
+    runs: Mutex<BTreeMap<(String, String), u64>>,
+    /// step kind -> durations.
+    steps: Mutex<BTreeMap<String, Histogram>>,
+    /// (service, operation) -> HTTP attempts, retries included.
+    aws_calls: Mutex<BTreeMap<(String, String), u64>>,
     pub received: AtomicU64,
     pub skipped: AtomicU64,
     pub rejected: AtomicU64,
@@ -16,6 +43,13 @@ pub struct Stats {
     pub released: AtomicU64,
     pub heartbeats: AtomicU64,
     pub receive_errors: AtomicU64,
+    /// Messages being worked on now.
+    pub in_flight: AtomicU64,
+    /// When the receive loop last showed it is alive (a poll completed, or it was waiting
+    /// for a free slot), in ms since the epoch; 0 before the first poll.
+    pub loop_alive_ms: AtomicU64,
+    /// When a receive last completed, in ms since the epoch; 0 before the first.
+    pub last_poll_ms: AtomicU64,
 }
 
 impl Stats {
@@ -25,5 +59,234 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn mark(at: &AtomicU64) {
+        at.store(crate::store::now_ms().max(0) as u64, Ordering::Relaxed);
+    }
+
+    pub fn run_finished(&self, layer: &str, outcome: &str) {
+        *self
+            .runs
+            .lock()
+            .unwrap()
+            .entry((layer.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn step_finished(&self, kind: &str, seconds: f64) {
+        let mut steps = self.steps.lock().unwrap();
+        let h = steps.entry(kind.to_string()).or_default();
+        for (i, bound) in STEP_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += seconds;
+    }
+
+    pub fn aws_call(&self, service: &str, operation: &str) {
+        *self
+            .aws_calls
+            .lock()
+            .unwrap()
+            .entry((service.to_string(), operation.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Everything, in the Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 9] = [
+            (
+                "provision_events_received_total",
+                "Messages received from the queue.",
+                &self.received,
+            ),
+            (
+                "provision_events_skipped_total",
+                "Messages skipped (test notifications, other events).",
+                &self.skipped,
+            ),
+            (
+                "provision_events_rejected_total",
+                "Messages rejected as malformed or unsafe.",
+                &self.rejected,
+            ),
+            (
+                "provision_events_unmatched_total",
+                "Events whose group no layer matches.",
+                &self.unmatched,
+            ),
+            (
+                "provision_events_duplicate_total",
+                "Events whose lifecycle action was already completed.",
+                &self.duplicates,
+            ),
+            (
+                "provision_events_released_total",
+                "Events released to the queue unfinished (shutdown).",
+                &self.released,
+            ),
+            (
+                "provision_heartbeats_total",
+                "Lifecycle action heartbeats sent.",
+                &self.heartbeats,
+            ),
+            (
+                "provision_queue_receive_errors_total",
+                "Failed ReceiveMessage calls.",
+                &self.receive_errors,
+            ),
+            (
+                "provision_in_flight",
+                "Messages being worked on now.",
+                &self.in_flight,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                Self::get(value)
+            );
+        }
+        let _ = writeln!(out, "# HELP provision_runs_total Finished runs by layer and outcome.\n# TYPE provision_runs_total counter");
+        for ((layer, outcome), n) in self.runs.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "provision_runs_total{{layer=\"{}\",outcome=\"{}\"}} {n}",
+                label(layer),
+                label(outcome)
+            );
+        }
+        let _ = writeln!(out, "# HELP provision_step_duration_seconds Step durations by kind.\n# TYPE provision_step_duration_seconds histogram");
+        for (kind, h) in self.steps.lock().unwrap().iter() {
+            let kind = label(kind);
+            for (bound, n) in STEP_BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "provision_step_duration_seconds_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "provision_step_duration_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "provision_step_duration_seconds_sum{{kind=\"{kind}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "provision_step_duration_seconds_count{{kind=\"{kind}\"}} {}",
+                h.count
+            );
+        }
+        let _ = writeln!(out, "# HELP provision_aws_calls_total AWS API calls (HTTP attempts, retries included).\n# TYPE provision_aws_calls_total counter");
+        for ((service, op), n) in self.aws_calls.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "provision_aws_calls_total{{service=\"{}\",operation=\"{}\"}} {n}",
+                label(service),
+                label(op)
+            );
+        }
+        let age = match Self::get(&self.last_poll_ms) {
+            0 => -1.0,
+            t => (crate::store::now_ms().max(0) as u64).saturating_sub(t) as f64 / 1000.0,
+        };
+        let _ = writeln!(out, "# HELP provision_last_poll_age_seconds Seconds since a receive last completed (-1 before the first).\n# TYPE provision_last_poll_age_seconds gauge\nprovision_last_poll_age_seconds {age}");
+        out
+    }
+
+    /// True when the receive loop has shown it is alive within `within`.
+    pub fn loop_is_alive(&self, within: std::time::Duration) -> bool {
+        let last = Self::get(&self.loop_alive_ms);
+        last > 0
+            && (crate::store::now_ms().max(0) as u64).saturating_sub(last)
+                <= within.as_millis() as u64
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// An SDK interceptor counting every HTTP attempt by service and operation.
+#[derive(Debug, Clone)]
+pub struct CountCalls(pub Arc<Stats>);
+
+impl Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "CountCalls"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(m) = cfg.load::<Metadata>() {
+            self.0
+                .aws_call(&m.service().to_ascii_lowercase().replace(' ', ""), m.name());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let s = Stats::default();
+        Stats::inc(&s.received);
+        s.run_finished("web", "succeeded");
+        s.step_finished("tag", 0.3);
+        s.step_finished("tag", 7.0);
+        s.aws_call("sqs", "ReceiveMessage");
+        let text = s.prometheus();
+        assert!(text.contains("provision_events_received_total 1"), "{text}");
+        assert!(
+            text.contains("provision_runs_total{layer=\"web\",outcome=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("provision_step_duration_seconds_bucket{kind=\"tag\",le=\"0.5\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("provision_step_duration_seconds_bucket{kind=\"tag\",le=\"10\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("provision_step_duration_seconds_count{kind=\"tag\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "provision_aws_calls_total{service=\"sqs\",operation=\"ReceiveMessage\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("provision_last_poll_age_seconds -1"),
+            "{text}"
+        );
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
     }
 }

@@ -479,6 +479,8 @@ impl Pipeline {
             if let Err(e) = self.store.finish_step(run_id, idx, outcome, &detail).await {
                 warn!(error = %e, "could not record step result");
             }
+            self.stats
+                .step_finished(step.kind_name(), t0.elapsed().as_secs_f64());
             report.steps.push(StepReport {
                 kind: step.kind_name(),
                 description,
@@ -569,6 +571,8 @@ impl Pipeline {
                 }
             }
         }
+        self.stats
+            .run_finished(report.layer.as_deref().unwrap_or("-"), report.outcome);
         match report.outcome {
             "retry" => warn!(
                 error = report.error.as_deref().unwrap_or(""),

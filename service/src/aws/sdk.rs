@@ -18,10 +18,13 @@ use super::{
     Queue, Ssm, SsmCommand,
 };
 use crate::event::InstanceId;
+use crate::metrics::CountCalls;
 
 /// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call.
 pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
+        // Shows as app/provision in the User-Agent (CloudTrail, and the emulator's counters).
+        .app_name(aws_config::AppName::new("provision").expect("a valid app name"))
         .retry_config(
             RetryConfig::standard()
                 .with_max_attempts(max_attempts)
@@ -101,9 +104,12 @@ pub struct SqsQueue {
 }
 
 impl SqsQueue {
-    pub fn new(cfg: &aws_config::SdkConfig, url: &str) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls, url: &str) -> Self {
+        let conf = aws_sdk_sqs::config::Builder::from(cfg)
+            .interceptor(calls.clone())
+            .build();
         Self {
-            client: aws_sdk_sqs::Client::new(cfg),
+            client: aws_sdk_sqs::Client::from_conf(conf),
             url: url.to_string(),
         }
     }
@@ -234,9 +240,12 @@ pub struct AutoScalingHooks {
 }
 
 impl AutoScalingHooks {
-    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Self {
+        let conf = aws_sdk_autoscaling::config::Builder::from(cfg)
+            .interceptor(calls.clone())
+            .build();
         Self {
-            client: aws_sdk_autoscaling::Client::new(cfg),
+            client: aws_sdk_autoscaling::Client::from_conf(conf),
         }
     }
 }
@@ -320,9 +329,12 @@ pub struct Ec2Instances {
 }
 
 impl Ec2Instances {
-    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Self {
+        let conf = aws_sdk_ec2::config::Builder::from(cfg)
+            .interceptor(calls.clone())
+            .build();
         Self {
-            client: aws_sdk_ec2::Client::new(cfg),
+            client: aws_sdk_ec2::Client::from_conf(conf),
         }
     }
 }
@@ -402,9 +414,12 @@ pub struct SsmClient {
 }
 
 impl SsmClient {
-    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Self {
+        let conf = aws_sdk_ssm::config::Builder::from(cfg)
+            .interceptor(calls.clone())
+            .build();
         Self {
-            client: aws_sdk_ssm::Client::new(cfg),
+            client: aws_sdk_ssm::Client::from_conf(conf),
         }
     }
 }
@@ -523,13 +538,15 @@ impl Ssm for SsmClient {
 /// OpsWorks Stacks, one client per region (stacks live in the region named by the step).
 pub struct OpsWorksClient {
     base: aws_config::SdkConfig,
+    calls: CountCalls,
     clients: std::sync::Mutex<HashMap<String, aws_sdk_opsworks::Client>>,
 }
 
 impl OpsWorksClient {
-    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Self {
         Self {
             base: cfg.clone(),
+            calls: calls.clone(),
             clients: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -540,6 +557,7 @@ impl OpsWorksClient {
             .or_insert_with(|| {
                 let conf = aws_sdk_opsworks::config::Builder::from(&self.base)
                     .region(aws_config::Region::new(region.to_string()))
+                    .interceptor(self.calls.clone())
                     .build();
                 aws_sdk_opsworks::Client::from_conf(conf)
             })
@@ -704,9 +722,12 @@ pub struct SnsNotifier {
 }
 
 impl SnsNotifier {
-    pub fn new(cfg: &aws_config::SdkConfig) -> Self {
+    pub fn new(cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Self {
+        let conf = aws_sdk_sns::config::Builder::from(cfg)
+            .interceptor(calls.clone())
+            .build();
         Self {
-            client: aws_sdk_sns::Client::new(cfg),
+            client: aws_sdk_sns::Client::from_conf(conf),
         }
     }
 }
