@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod hosts;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -221,8 +223,31 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
+        self.record_provision_calls();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Emulator {
+    /// Saves the AWS operations the provision binary made against this emulator (its SDK
+    /// announces itself as app/provision) to target/aws-calls/, where scripts/check_iam.py
+    /// checks every one of them against config/iam-policy.json after the test run.
+    fn record_provision_calls(&self) {
+        let Ok((200, body)) = self.try_request("GET", "/_emulator/calls", None) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&body) else {
+            return;
+        };
+        let calls = &v["by_app"]["provision"];
+        if calls.as_object().is_none_or(|m| m.is_empty()) {
+            return;
+        }
+        let dir = root().join("target/aws-calls");
+        let _ = std::fs::create_dir_all(&dir);
+        let name = format!("{}-{}.json", std::process::id(), self.port);
+        let _ = std::fs::write(dir.join(name), calls.to_string());
     }
 }
 

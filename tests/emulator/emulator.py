@@ -33,6 +33,10 @@ What it adds on top of moto:
     GetCommandInvocation, CancelCommand; /_emulator/ssm).
   - opsworks.py: OpsWorks Stacks in memory (stacks, layers, registered instances;
     /_emulator/opsworks).
+  - console.py: EC2 GetConsoleOutput with cloud-init's SSH host key blocks for instances whose
+    host keys a test registered (/_emulator/console).
+* GET /_emulator/calls also answers "by_app": {"<name>": {"service:Action": n}}, counting the
+  requests whose User-Agent or X-Amz-User-Agent names the SDK app `app/<name>`.
 
 Output is moto_server's (werkzeug banner + one access-log line per request on stderr); set
 EMULATOR_QUIET=1 to drop the access log (handy when stderr is piped and not drained).
@@ -61,6 +65,7 @@ from urllib.parse import parse_qs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the extension modules
 sys.dont_write_bytecode = True  # no __pycache__ in the work tree
 
+import console  # noqa: E402
 import opsworks  # noqa: E402
 import ssm_agent  # noqa: E402
 from moto.autoscaling import models as M
@@ -82,10 +87,12 @@ LOCK = threading.RLock()
 # token -> action dict. Keys starting with "_" are private and not shown by /_emulator/lifecycle.
 ACTIONS: dict[str, dict[str, Any]] = {}
 CALLS: Counter = Counter()
+# SDK app name (the `app/<name>` of the user agent) -> Counter like CALLS
+CALLS_BY_APP: dict[str, Counter] = {}
 FAULTS: list[dict[str, Any]] = []
 # Modules that answer some AWS requests themselves: dispatch(environ, body), control(method,
 # path, body) and reset().
-EXTENSIONS = (ssm_agent, opsworks)
+EXTENSIONS = (ssm_agent, opsworks, console)
 ssm_agent.BACKEND_LOCK = LOCK
 PUBLIC_ACTION_KEYS = (
     "token", "group", "hook", "instance_id", "transition", "state", "result",
@@ -851,6 +858,19 @@ def _identify(environ: dict[str, Any], body: bytes) -> tuple[str, str, str]:
     return service, action, protocol
 
 
+# The SDKs' app id (AppName in the Rust SDK, user_agent_appid in botocore): `app/<name>`, where
+# <name> is made of the header token characters (so it ends at a space or the next `/`).
+_APP_RE = re.compile(r"(?:^|\s)app/([A-Za-z0-9!#$%&'*+.^_`|~-]+)")
+
+
+def _apps(environ: dict[str, Any]) -> set[str]:
+    """The app names a request's User-Agent / X-Amz-User-Agent headers carry."""
+    apps: set[str] = set()
+    for header in ("HTTP_USER_AGENT", "HTTP_X_AMZ_USER_AGENT"):
+        apps.update(_APP_RE.findall(environ.get(header, "")))
+    return apps
+
+
 def _fault_matches(fault: dict[str, Any], service: str, action: str) -> bool:
     fs, fa = fault.get("service") or "*", fault.get("action") or "*"
     return (fs == "*" or fs.lower() == service.lower()) and (fa == "*" or fa.lower() == action.lower())
@@ -924,6 +944,7 @@ def _public_action(a: dict[str, Any]) -> dict[str, Any]:
 def _clear_emulator_state() -> None:
     ACTIONS.clear()
     CALLS.clear()
+    CALLS_BY_APP.clear()
     FAULTS.clear()
     for extension in EXTENSIONS:
         extension.reset()
@@ -945,9 +966,11 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
             actions = sorted(ACTIONS.values(), key=lambda a: a["created"])
             return _json_reply(start_response, "200 OK", {"actions": [_public_action(a) for a in actions]})
         if path == "/_emulator/calls" and method == "GET":
-            return _json_reply(start_response, "200 OK", {"calls": dict(CALLS)})
+            by_app = {app: dict(calls) for app, calls in CALLS_BY_APP.items()}
+            return _json_reply(start_response, "200 OK", {"calls": dict(CALLS), "by_app": by_app})
         if path == "/_emulator/calls/reset" and method == "POST":
             CALLS.clear()
+            CALLS_BY_APP.clear()
             return _json_reply(start_response, "200 OK", {"calls": {}})
         if path == "/_emulator/faults":
             if method == "GET":
@@ -1008,6 +1031,8 @@ class EmulatorApp:
         service, action, protocol = _identify(environ, body)
         with LOCK:
             CALLS[f"{service}:{action}"] += 1
+            for app in _apps(environ):
+                CALLS_BY_APP.setdefault(app, Counter())[f"{service}:{action}"] += 1
         delay, error = _take_faults(service, action)
         if delay > 0:
             time.sleep(delay)
