@@ -18,6 +18,7 @@
 //! - [`store`]: SQLite history and the idempotency claim on action tokens.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
+//! - [`lambda`]: the pipeline as an AWS Lambda function with an SQS trigger.
 //! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
 //!   endpoint, signals, logs, systemd readiness and watchdog.
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod endpoint;
 pub mod event;
+pub mod lambda;
 pub mod layer;
 pub mod lease;
 pub mod metrics;

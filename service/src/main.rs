@@ -59,6 +59,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    // BEGIN lambda wiring (added by the lambda helper; the lead may keep or rewrite it)
+    /// Serve as an AWS Lambda function with an SQS trigger (inside Lambda only)
+    Lambda,
+    // END lambda wiring
 }
 
 #[derive(Subcommand)]
@@ -98,6 +102,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
+        // BEGIN lambda wiring
+        Command::Lambda => lambda(cli.config.as_deref()),
+        // END lambda wiring
     }
 }
 
@@ -180,6 +187,30 @@ fn history(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+// BEGIN lambda wiring
+/// Serves Lambda invocations until the process is stopped; startup problems (the config
+/// included) are posted to the Runtime API's /runtime/init/error and exit 2.
+fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let cfg = match load_config(flag) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                provision::lambda::report_init_error(&format!("{e:#}")).await;
+                return Err(e);
+            }
+        };
+        provision::lambda::run(cfg).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+// END lambda wiring
 
 fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -274,7 +274,7 @@ impl Pipeline {
             group: ev.group.clone(),
             hook: ev.hook.clone(),
             instance_id: ev.instance_id.clone(),
-            token: ev.token.clone(),
+            token: Some(ev.token.clone()),
         };
         let receipt = msg.map(|(m, _)| m.receipt.clone());
         let received = msg.map(|(_, at)| at).unwrap_or_else(Instant::now);
@@ -665,7 +665,7 @@ impl Pipeline {
             .await;
         match hooks {
             Ok(map) => {
-                let info = map.get(hook).copied();
+                let info = map.get(hook).cloned();
                 if info.is_none() {
                     warn!(
                         "hook is not among the group's lifecycle hooks; heartbeating every {:?}",

@@ -32,12 +32,17 @@ impl Hooks for FakeHooks {
             HookInfo {
                 heartbeat_timeout: self.heartbeat_timeout,
                 default_result: HookResult::Abandon,
+                transition: "autoscaling:EC2_INSTANCE_LAUNCHING".into(),
+                ..Default::default()
             },
         )])
     }
 
     async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError> {
-        self.heartbeats.lock().unwrap().push(action.token.clone());
+        self.heartbeats
+            .lock()
+            .unwrap()
+            .push(action.token.clone().unwrap_or_default());
         Ok(ActionCall::Done)
     }
 
@@ -45,12 +50,23 @@ impl Hooks for FakeHooks {
         self.completions
             .lock()
             .unwrap()
-            .push((action.token.clone(), result));
+            .push((action.token.clone().unwrap_or_default(), result));
         self.complete_script
             .lock()
             .unwrap()
             .pop_front()
             .unwrap_or(Ok(ActionCall::Done))
+    }
+
+    async fn instance_group(
+        &self,
+        _instance: &InstanceId,
+    ) -> Result<Option<(String, String)>, AwsError> {
+        Ok(None)
+    }
+
+    async fn groups(&self) -> Result<Vec<String>, AwsError> {
+        Ok(Vec::new())
     }
 }
 

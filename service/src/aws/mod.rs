@@ -20,10 +20,12 @@ pub mod retry;
 pub mod sdk;
 
 /// The result a lifecycle action is completed with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum HookResult {
     Continue,
+    /// AWS's DefaultResult when a hook names none.
+    #[default]
     Abandon,
 }
 
@@ -133,13 +135,19 @@ pub struct Action {
     pub group: String,
     pub hook: String,
     pub instance_id: InstanceId,
-    pub token: String,
+    /// The action's token; None completes or heartbeats by instance id (manual runs,
+    /// where no message carried a token).
+    pub token: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HookInfo {
     pub heartbeat_timeout: Duration,
     pub default_result: HookResult,
+    /// autoscaling:EC2_INSTANCE_LAUNCHING | autoscaling:EC2_INSTANCE_TERMINATING
+    pub transition: String,
+    pub notification_target: Option<String>,
+    pub notification_metadata: Option<String>,
 }
 
 /// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
@@ -156,6 +164,13 @@ pub trait Hooks: Send + Sync {
     async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError>;
     async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError>;
     async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
+    /// The group an instance belongs to and its lifecycle state (DescribeAutoScalingInstances).
+    async fn instance_group(
+        &self,
+        instance: &InstanceId,
+    ) -> Result<Option<(String, String)>, AwsError>;
+    /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
+    async fn groups(&self) -> Result<Vec<String>, AwsError>;
 }
 
 /// What DescribeInstances says about one instance.
@@ -276,6 +291,8 @@ pub trait Notifier: Send + Sync {
         topic_arn: &str,
         messages: &[String],
     ) -> Result<BatchResult, AwsError>;
+    /// GetTopicAttributes: the topic exists and may be read (`provision check --aws`).
+    async fn check_topic(&self, topic_arn: &str) -> Result<(), AwsError>;
 }
 
 /// The AWS services a step may call.

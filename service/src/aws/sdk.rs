@@ -280,6 +280,9 @@ impl Hooks for AutoScalingHooks {
                             .default_result()
                             .and_then(HookResult::parse)
                             .unwrap_or(HookResult::Abandon),
+                        transition: h.lifecycle_transition().unwrap_or_default().to_string(),
+                        notification_target: h.notification_target_arn().map(str::to_string),
+                        notification_metadata: h.notification_metadata().map(str::to_string),
                     },
                 ))
             })
@@ -293,7 +296,7 @@ impl Hooks for AutoScalingHooks {
             .auto_scaling_group_name(&a.group)
             .lifecycle_hook_name(&a.hook)
             .instance_id(a.instance_id.as_str())
-            .lifecycle_action_token(&a.token)
+            .set_lifecycle_action_token(a.token.clone())
             .send()
             .await
             .map_err(|e| classify("autoscaling:RecordLifecycleActionHeartbeat", e));
@@ -311,7 +314,7 @@ impl Hooks for AutoScalingHooks {
             .auto_scaling_group_name(&a.group)
             .lifecycle_hook_name(&a.hook)
             .instance_id(a.instance_id.as_str())
-            .lifecycle_action_token(&a.token)
+            .set_lifecycle_action_token(a.token.clone())
             .lifecycle_action_result(result.as_str())
             .send()
             .await
@@ -321,6 +324,43 @@ impl Hooks for AutoScalingHooks {
             Err(e) if not_active(&e) => Ok(ActionCall::NotActive(e.message)),
             Err(e) => Err(e),
         }
+    }
+
+    async fn instance_group(
+        &self,
+        instance: &InstanceId,
+    ) -> Result<Option<(String, String)>, AwsError> {
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(instance.as_str())
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeAutoScalingInstances", e))?;
+        Ok(out.auto_scaling_instances().first().map(|i| {
+            (
+                i.auto_scaling_group_name().unwrap_or_default().to_string(),
+                i.lifecycle_state().unwrap_or_default().to_string(),
+            )
+        }))
+    }
+
+    async fn groups(&self) -> Result<Vec<String>, AwsError> {
+        let mut pages = self
+            .client
+            .describe_auto_scaling_groups()
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("autoscaling:DescribeAutoScalingGroups", e))?;
+            out.extend(
+                page.auto_scaling_groups()
+                    .iter()
+                    .filter_map(|g| g.auto_scaling_group_name().map(str::to_string)),
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -765,5 +805,15 @@ impl Notifier for SnsNotifier {
             })
             .collect();
         Ok(batch_result(messages.len(), failed.into_iter()))
+    }
+
+    async fn check_topic(&self, topic_arn: &str) -> Result<(), AwsError> {
+        self.client
+            .get_topic_attributes()
+            .topic_arn(topic_arn)
+            .send()
+            .await
+            .map_err(|e| classify("sns:GetTopicAttributes", e))?;
+        Ok(())
     }
 }

@@ -1,0 +1,683 @@
+//! `provision lambda` against a fake Lambda Runtime API and the emulator: the real binary,
+//! real SQS messages (received here with the SDK, so receipt handles are real) wrapped into
+//! the SQS event Lambda's event source mapping would send.
+//!
+//! The fake Runtime API (https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html)
+//! serves queued invocations on GET /2018-06-01/runtime/invocation/next, blocks that call
+//! when none is queued, and records what the function posts to .../response, .../error and
+//! /runtime/init/error. Each test stops the binary (its guard kills it) and the server.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{eventually, wait_child, Aws, Emulator, Provision, Queue, Running, ACCOUNT, REGION};
+use serde_json::{json, Value};
+
+const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
+
+const WEB_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+on_failure = "abandon"
+launch = [ { tag = { Name = "web-{instance_id}", Environment = "{metadata.environment}" } } ]
+"#;
+
+// ---------------------------------------------------------------------------------------
+// The fake Lambda Runtime API
+// ---------------------------------------------------------------------------------------
+
+struct Invocation {
+    id: String,
+    deadline_ms: u128,
+    body: String,
+}
+
+#[derive(Default)]
+struct State {
+    pending: VecDeque<Invocation>,
+    /// request id -> ("response" | "error", body)
+    answers: HashMap<String, (String, String)>,
+    /// (Lambda-Runtime-Function-Error-Type header, body)
+    init_errors: Vec<(String, String)>,
+    closed: bool,
+}
+
+type Shared = Arc<(Mutex<State>, Condvar)>;
+
+struct RuntimeApi {
+    addr: SocketAddr,
+    shared: Shared,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl RuntimeApi {
+    fn start() -> RuntimeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared: Shared = Arc::default();
+        let accept = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if shared.0.lock().unwrap().closed {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve_connection(stream, &shared);
+                    });
+                }
+            })
+        };
+        RuntimeApi {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// Queues an invocation with `event` as its payload; returns its request id.
+    fn invoke(&self, event: &Value, time_limit: Duration) -> String {
+        let id = format!("req-{:08x}", fastrand::u32(..));
+        let deadline = SystemTime::now() + time_limit;
+        let deadline_ms = deadline
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap().pending.push_back(Invocation {
+            id: id.clone(),
+            deadline_ms,
+            body: event.to_string(),
+        });
+        cv.notify_all();
+        id
+    }
+
+    /// What the function answered for an invocation: ("response" | "error", JSON body).
+    fn answer(&self, id: &str, timeout: Duration) -> (String, Value) {
+        let (lock, cv) = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if let Some((kind, body)) = state.answers.get(id) {
+                return (
+                    kind.clone(),
+                    serde_json::from_str(body).unwrap_or(Value::Null),
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no answer to {id} within {timeout:?}");
+            state = cv.wait_timeout(state, left).unwrap().0;
+        }
+    }
+
+    fn init_errors(&self) -> Vec<(String, String)> {
+        self.shared.0.lock().unwrap().init_errors.clone()
+    }
+}
+
+impl Drop for RuntimeApi {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap().closed = true;
+        cv.notify_all();
+        // Wake the accept loop so it sees `closed`.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One keep-alive connection: requests in order until the peer closes or the server does.
+fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        );
+        let mut headers = HashMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let body = read_body(&mut reader, &headers)?;
+        let (lock, cv) = &**shared;
+        if method == "GET" && path == "/2018-06-01/runtime/invocation/next" {
+            let mut state = lock.lock().unwrap();
+            let inv = loop {
+                if state.closed {
+                    return Ok(());
+                }
+                if let Some(inv) = state.pending.pop_front() {
+                    break inv;
+                }
+                state = cv
+                    .wait_timeout(state, Duration::from_millis(200))
+                    .unwrap()
+                    .0;
+            };
+            drop(state);
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: {}\r\n\
+                 Lambda-Runtime-Deadline-Ms: {}\r\n\
+                 Lambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:{REGION}:{ACCOUNT}:function:provision\r\n\
+                 Lambda-Runtime-Trace-Id: Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700;Parent=9a9197af755a6419;Sampled=1\r\n\
+                 Content-Length: {}\r\n\r\n{}",
+                inv.id,
+                inv.deadline_ms,
+                inv.body.len(),
+                inv.body
+            )?;
+            out.flush()?;
+            continue;
+        }
+        let status = if method != "POST" {
+            "404 Not Found"
+        } else if path == "/2018-06-01/runtime/init/error" {
+            let kind = headers
+                .get("lambda-runtime-function-error-type")
+                .cloned()
+                .unwrap_or_default();
+            lock.lock().unwrap().init_errors.push((kind, body));
+            cv.notify_all();
+            "202 Accepted"
+        } else if let Some(rest) = path.strip_prefix("/2018-06-01/runtime/invocation/") {
+            match rest.split_once('/') {
+                Some((id, kind @ ("response" | "error"))) => {
+                    lock.lock()
+                        .unwrap()
+                        .answers
+                        .insert(id.to_string(), (kind.to_string(), body));
+                    cv.notify_all();
+                    "202 Accepted"
+                }
+                _ => "404 Not Found",
+            }
+        } else {
+            "404 Not Found"
+        };
+        let reply = r#"{"status":"OK"}"#;
+        write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        )?;
+        out.flush()?;
+    }
+}
+
+fn read_body(
+    reader: &mut BufReader<TcpStream>,
+    headers: &HashMap<String, String>,
+) -> std::io::Result<String> {
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .map_err(std::io::Error::other)?;
+            let mut chunk = vec![0; n + 2]; // data + CRLF
+            reader.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = headers.get("content-length").and_then(|v| v.parse().ok()) {
+        body.resize(n, 0);
+        reader.read_exact(&mut body)?;
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// The environment Lambda gives a function (the rest comes from `Provision::command`).
+fn lambda_env(cmd: &mut Command, api: &RuntimeApi) {
+    cmd.env("AWS_LAMBDA_RUNTIME_API", api.addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", "provision")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/provision")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test");
+}
+
+/// `provision lambda` in the background; killed when the guard drops.
+fn start_lambda(p: &Provision, api: &RuntimeApi) -> Running {
+    let log = p.dir.join(format!("lambda-{}.log", fastrand::u32(..)));
+    let mut cmd = p.command(&["lambda"]);
+    lambda_env(&mut cmd, api);
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Running { child, log }
+}
+
+/// Receives `n` messages (with their attributes), hidden for a minute.
+async fn receive(aws: &Aws, q: &Queue, n: usize) -> Vec<aws_sdk_sqs::types::Message> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "received {} of {n} messages",
+            got.len()
+        );
+        let r = aws
+            .sqs
+            .receive_message()
+            .queue_url(&q.url)
+            .max_number_of_messages((n - got.len()).min(10) as i32)
+            .visibility_timeout(60)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        got.extend(r.messages.unwrap_or_default());
+    }
+    got
+}
+
+/// The SQS event Lambda's event source mapping sends for these messages.
+fn sqs_event(q: &Queue, msgs: &[aws_sdk_sqs::types::Message]) -> Value {
+    let records: Vec<Value> = msgs
+        .iter()
+        .map(|m| {
+            let attributes: serde_json::Map<String, Value> = m
+                .attributes()
+                .map(|a| {
+                    a.iter()
+                        .map(|(k, v)| (k.as_str().to_string(), Value::from(v.as_str())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "messageId": m.message_id(),
+                "receiptHandle": m.receipt_handle(),
+                "body": m.body(),
+                "attributes": attributes,
+                "messageAttributes": {},
+                "md5OfBody": m.md5_of_body(),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": q.arn,
+                "awsRegion": REGION,
+            })
+        })
+        .collect();
+    json!({ "Records": records })
+}
+
+fn failures(response: &Value) -> Vec<String> {
+    response["batchItemFailures"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a batch response: {response}"))
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The message id of the launch message for `instance`.
+fn message_for(msgs: &[aws_sdk_sqs::types::Message], instance: &str) -> String {
+    msgs.iter()
+        .find(|m| m.body().unwrap_or_default().contains(instance))
+        .and_then(|m| m.message_id())
+        .unwrap_or_else(|| panic!("no message for {instance}"))
+        .to_string()
+}
+
+fn pending_instances(emu: &Emulator) -> Vec<String> {
+    emu.actions()
+        .into_iter()
+        .filter(|a| a["state"] == "pending")
+        .map(|a| a["instance_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn calls(emu: &Emulator, name: &str) -> i64 {
+    emu.calls().get(name).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The answer to an invocation, which must be a response (not an invocation error).
+fn response(api: &RuntimeApi, lambda: &Running, id: &str, timeout: Duration) -> Value {
+    let (kind, body) = api.answer(id, timeout);
+    assert_eq!(
+        kind,
+        "response",
+        "invocation error {body}\n{}",
+        lambda.log()
+    );
+    body
+}
+
+async fn launch_group(aws: &Aws, q: &Queue, instances: i32) {
+    aws.group("web-prod").await;
+    aws.hook(
+        "web-prod",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-prod", instances).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_launches_is_completed_published_and_reported_without_failures() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    let (topic, results) = aws.topic_with_queue("results").await;
+    launch_group(&aws, &q, 3).await;
+    aws.send(&q, "not json").await;
+    // The hook's test notification, three launches, the bad message.
+    let msgs = receive(&aws, &q, 5).await;
+
+    let p = Provision::new(&emu, &q, Some(&topic), WEB_LAYER);
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+
+    // Lambda's event source mapping deletes successful records; the function must not.
+    assert_eq!(calls(&emu, "sqs:DeleteMessage"), 0);
+    assert_eq!(calls(&emu, "sqs:DeleteMessageBatch"), 0);
+    assert_eq!(aws.approximate_messages(&q).await, (0, 5));
+    // Result events were published before the invocation returned: read them right away.
+    let events = aws.results(&results).await;
+    assert_eq!(events.len(), 3, "{events:?}\n{}", lambda.log());
+    assert!(events.iter().all(|e| e["hook_result"] == "CONTINUE"));
+
+    let instances = aws.instances("web-prod").await;
+    assert_eq!(instances.len(), 3);
+    for (id, state) in &instances {
+        assert_eq!(state, "InService", "{id}");
+        assert_eq!(aws.tags(id).await.get("Name"), Some(&format!("web-{id}")));
+    }
+    let finished = emu.finished_actions();
+    assert_eq!(finished.len(), 3);
+    assert!(finished
+        .iter()
+        .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
+    let mut outcomes: Vec<String> = p.history().into_iter().map(|r| r.outcome).collect();
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        ["rejected", "skipped", "succeeded", "succeeded", "succeeded"]
+    );
+
+    // The same batch again (a redelivery): every record is a success, nothing runs twice.
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }));
+    assert!(emu.finished_actions().iter().all(|a| a["completions"] == 1));
+    assert_eq!(calls(&emu, "ec2:CreateTags"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_completion_fails_is_the_only_failure_and_comes_back() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    launch_group(&aws, &q, 3).await;
+    let msgs = receive(&aws, &q, 4).await;
+
+    // One attempt per completion (no SDK retries, no backoff): exactly one of the three
+    // concurrent completions meets the server error, and it gives up.
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!("[aws]\nmax_attempts = 1\nretry_for = \"0s\"\n{WEB_LAYER}"),
+    );
+    emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": 1, "error": "server"}));
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+
+    let pending = pending_instances(&emu);
+    assert_eq!(pending.len(), 1, "{pending:?}\n{}", lambda.log());
+    let failed = message_for(&msgs, &pending[0]);
+    assert_eq!(failures(&r), [failed.as_str()], "{}", lambda.log());
+    let finished = emu.finished_actions();
+    assert_eq!(finished.len(), 2);
+    assert!(finished.iter().all(|a| a["result"] == "CONTINUE"));
+    // The failed record was released with the pipeline's retry delay (seconds, not zero):
+    // it is still hidden, and nothing was deleted.
+    assert!(calls(&emu, "sqs:ChangeMessageVisibilityBatch") >= 1);
+    assert_eq!(calls(&emu, "sqs:DeleteMessageBatch"), 0);
+    assert_eq!(aws.approximate_messages(&q).await, (0, 4));
+
+    // It comes back in a later batch: only the completion is left to do.
+    let again: Vec<_> = msgs
+        .iter()
+        .filter(|m| m.message_id() == Some(failed.as_str()))
+        .cloned()
+        .collect();
+    let id = api.invoke(&sqs_event(&q, &again), Duration::from_secs(120));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    assert!(pending_instances(&emu).is_empty());
+    assert!(emu
+        .finished_actions()
+        .iter()
+        .all(|a| a["result"] == "CONTINUE"));
+    assert_eq!(
+        calls(&emu, "ec2:CreateTags"),
+        3,
+        "steps ran once per instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_released() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    launch_group(&aws, &q, 2).await;
+    let msgs = receive(&aws, &q, 3).await;
+    // One of the two tag steps hangs far beyond the invocation's deadline.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 60}));
+
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let limit = Duration::from_secs(15);
+    let t0 = Instant::now();
+    let id = api.invoke(&sqs_event(&q, &msgs), limit);
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    let took = t0.elapsed();
+    assert!(took < limit, "answered after {took:?}, beyond the deadline");
+
+    let pending = pending_instances(&emu);
+    assert_eq!(pending.len(), 1, "{pending:?}\n{}", lambda.log());
+    assert_eq!(
+        failures(&r),
+        [message_for(&msgs, &pending[0])],
+        "{}",
+        lambda.log()
+    );
+    let history = p.history();
+    let released: Vec<_> = history.iter().filter(|r| r.outcome == "released").collect();
+    assert_eq!(released.len(), 1, "{history:?}");
+    assert_eq!(
+        released[0].instance_id.as_deref(),
+        Some(pending[0].as_str())
+    );
+    // Released at once (visibility 0), for another invocation to take.
+    eventually(
+        "the cancelled record to be visible again",
+        Duration::from_secs(10),
+        || async { (aws.approximate_messages(&q).await.0 == 1).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_dead_letter_queue_a_bad_record_fails_until_the_queue_moves_it() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let dlq = aws.queue("lifecycle-dead").await;
+    let url = aws
+        .sqs
+        .create_queue()
+        .queue_name("lifecycle")
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            json!({"deadLetterTargetArn": dlq.arn, "maxReceiveCount": "2"}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let q = Queue {
+        url,
+        arn: format!("arn:aws:sqs:{REGION}:{ACCOUNT}:lifecycle"),
+    };
+    aws.send(&q, "not json").await;
+    aws.send(
+        &q,
+        r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"web-prod"}"#,
+    )
+    .await;
+    let msgs = receive(&aws, &q, 2).await;
+    let bad = msgs
+        .iter()
+        .find(|m| m.body() == Some("not json"))
+        .and_then(|m| m.message_id())
+        .unwrap()
+        .to_string();
+
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    // The skip succeeds; the reject fails, released at once so it is received again ...
+    assert_eq!(failures(&r), [bad.as_str()], "{}", lambda.log());
+    let again = receive(&aws, &q, 1).await;
+    assert_eq!(again[0].message_id(), Some(bad.as_str()));
+    let id = api.invoke(&sqs_event(&q, &again), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(failures(&r), [bad.as_str()]);
+    // ... until maxReceiveCount receives have passed and SQS moves it to the dead-letter queue.
+    let dead = eventually("the reject in the DLQ", Duration::from_secs(10), || async {
+        let _ = aws
+            .sqs
+            .receive_message()
+            .queue_url(&q.url)
+            .wait_time_seconds(0)
+            .send()
+            .await;
+        let bodies = aws.drain(&dlq).await;
+        (!bodies.is_empty()).then_some(bodies)
+    })
+    .await;
+    assert_eq!(dead, ["not json"]);
+    let rejected = p
+        .history()
+        .iter()
+        .filter(|r| r.outcome == "rejected")
+        .count();
+    assert_eq!(rejected, 2, "each receive is recorded");
+}
+
+#[test]
+fn a_config_that_cannot_run_in_lambda_is_refused_at_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let cases = [
+        (
+            format!(
+                "[queue]\nurl = \"http://127.0.0.1:9/{ACCOUNT}/q\"\n[state]\npath = \"{}\"\n{WEB_LAYER}",
+                not_a_dir.join("state.db").display()
+            ),
+            ["cannot run in AWS Lambda", "state.path", "/tmp"],
+        ),
+        (
+            format!("[queue]\nurl = \"http://127.0.0.1:9/{ACCOUNT}/q\"\nnmae = 1\n{WEB_LAYER}"),
+            ["provision.toml", "nmae", "1 problem"],
+        ),
+    ];
+    for (config, expected) in cases {
+        let path = dir.path().join("provision.toml");
+        std::fs::write(&path, config).unwrap();
+        let api = RuntimeApi::start();
+        let log = dir.path().join("lambda.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_provision"));
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("lambda")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_REGION", REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        lambda_env(&mut cmd, &api);
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let code = wait_child(&mut child, Duration::from_secs(30));
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert_ne!(code, 0, "{stderr}");
+        let errors = api.init_errors();
+        assert_eq!(errors.len(), 1, "{errors:?}\n{stderr}");
+        let (kind, body) = &errors[0];
+        assert_eq!(kind, "Runtime.InitError");
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["errorType"], "Runtime.InitError");
+        let message = body["errorMessage"].as_str().unwrap();
+        for e in expected {
+            assert!(message.contains(e), "{e:?} not in {message:?}");
+            assert!(stderr.contains(e), "{e:?} not in stderr:\n{stderr}");
+        }
+    }
+}
