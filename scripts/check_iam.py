@@ -308,6 +308,7 @@ def self_test() -> int:
                 "ssm:GetParameter", "opsworks:DescribeStacks", "opsworks:DescribeLayers",
                 "opsworks:DescribeInstances", "opsworks:GetHostnameSuggestion",
                 "opsworks:RegisterInstance", "opsworks:AssignInstance", "opsworks:DeregisterInstance",
+                "autoscaling:DescribeAutoScalingGroups", "sns:GetTopicAttributes",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",

@@ -774,3 +774,65 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
     }
     assert!(saw_stopping, "STOPPING=1 on SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_what_is_wrong_precisely() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    let (topic, _results) = aws.topic_with_queue("results").await;
+    aws.group("web-c").await;
+    aws.hook(
+        "web-c",
+        "provision-launch",
+        LAUNCH,
+        Some(&q.arn),
+        300,
+        "ABANDON",
+        None,
+    )
+    .await;
+
+    let good = Provision::new(&emu, &q, Some(&topic), WEB_LAYER);
+    let out = good.command(&["check", "--aws"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("group web-c (layer web): hooks provision-launch (EC2_INSTANCE_LAUNCHING)"),
+        "{text}"
+    );
+
+    // A missing topic and an unreadable queue: both listed, exit 1.
+    let mut gone = aws.queue("other").await;
+    gone.url = gone.url.replace("/other", "/missing");
+    let bad = Provision::new(
+        &emu,
+        &gone,
+        Some("arn:aws:sns:us-east-1:123456789012:nope"),
+        WEB_LAYER,
+    );
+    let out = bad.command(&["check", "--aws"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("problem: queue.url: cannot read the queue"),
+        "{text}"
+    );
+    assert!(text.contains("problem: notify.topic_arn"), "{text}");
+    assert!(text.contains("2 problem(s)"), "{text}");
+
+    // A broken config: every problem with its key, exit 2.
+    let broken = Provision::new(
+        &emu,
+        &q,
+        None,
+        "[layers.web]\ngroups = []\non_failure = \"maybe\"\n",
+    );
+    let out = broken.command(&["check"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("layers.web.groups") && err.contains("layers.web.on_failure"),
+        "{err}"
+    );
+}

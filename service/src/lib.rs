@@ -18,6 +18,7 @@
 //! - [`store`]: SQLite history and the idempotency claim on action tokens.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
+//! - [`check`]: `provision check`, the config and (with `--aws`) its AWS surroundings.
 //! - [`lambda`]: the pipeline as an AWS Lambda function with an SQS trigger.
 //! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
 //!   endpoint, signals, logs, systemd readiness and watchdog.
@@ -26,6 +27,7 @@ pub mod app;
 pub mod aws;
 pub mod batch;
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod endpoint;

@@ -47,6 +47,13 @@ enum Command {
     /// Inspect messages
     #[command(subcommand)]
     Event(EventCommand),
+    /// Validate the config (and with --aws, the queue, topic and hooks it names); exit 1 on
+    /// any problem, 2 when the config itself is broken
+    Check {
+        /// Also ask AWS: the queue is readable, the topic exists, groups have hooks
+        #[arg(long)]
+        aws: bool,
+    },
     /// Show what was done (latest first)
     History {
         /// Only runs for this instance
@@ -100,11 +107,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(cli.config.as_deref())?;
             history(&cfg, instance.as_deref(), limit, json)
         }
+        Command::Check { aws } => check(load_config(cli.config.as_deref())?, aws),
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
         // BEGIN lambda wiring
         Command::Lambda => lambda(cli.config.as_deref()),
         // END lambda wiring
+    }
+}
+
+fn check(cfg: Config, aws: bool) -> anyhow::Result<ExitCode> {
+    let mut report = provision::check::offline(&cfg);
+    if aws {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(provision::check::with_aws(&cfg, &mut report));
+    }
+    println!("config: {} layer(s), every key valid", cfg.layers.len());
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    if report.problems.is_empty() {
+        println!("ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problem(s)", report.problems.len());
+        Ok(ExitCode::from(1))
     }
 }
 

@@ -1,0 +1,163 @@
+//! `provision check`: is this config ready to run, and (with `--aws`) does AWS agree?
+//!
+//! The config itself is validated by `Config::load` (every problem with its key). This adds
+//! what only the surroundings can tell: the queue can be read, the result topic exists,
+//! and the groups each layer matches have lifecycle hooks that notify the queue. Problems
+//! fail the check; notes are what an operator should know but may be intended.
+
+use std::sync::Arc;
+
+use crate::aws::sdk::{self, AutoScalingHooks, SnsNotifier, SqsQueue};
+use crate::aws::{Hooks, Notifier, Queue};
+use crate::config::{Config, OnReject};
+use crate::metrics::{CountCalls, Stats};
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// What the config alone says.
+pub fn offline(cfg: &Config) -> Report {
+    let mut r = Report::default();
+    for l in &cfg.layers {
+        if l.launch.is_empty() && l.terminate.is_empty() {
+            r.notes.push(format!(
+                "layers.{}: no steps; its hooks are completed with CONTINUE at once",
+                l.name
+            ));
+        }
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        if !addr.ip().is_loopback() {
+            r.notes.push(format!(
+                "metrics.listen: {addr} is reachable from other hosts"
+            ));
+        }
+    }
+    if cfg.notify.is_none() {
+        r.notes
+            .push("notify: no result topic; results are only in the local history".into());
+    }
+    r
+}
+
+/// The queue ARN for a queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`, or an
+/// endpoint's `/ACCOUNT/NAME`).
+pub fn queue_arn(url: &str, region: &str) -> Option<String> {
+    let mut parts = url.trim_end_matches('/').rsplit('/');
+    let name = parts.next()?;
+    let account = parts.next()?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| format!("arn:aws:sqs:{region}:{account}:{name}"))
+}
+
+/// What AWS says, added to `r`.
+pub async fn with_aws(cfg: &Config, r: &mut Report) {
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let calls = CountCalls(Arc::new(Stats::default()));
+    let region = sdk_cfg.region().map(|r| r.to_string()).unwrap_or_default();
+    let queue = SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url);
+    match queue.redrive_policy().await {
+        Ok(Some(p)) => r.notes.push(format!("queue: readable, dead-letter queue configured ({p})")),
+        Ok(None) if cfg.queue.on_reject == OnReject::DeadLetter => r.problems.push(
+            "queue.on_reject = \"dead-letter\" but the queue has no RedrivePolicy: rejected messages would loop".into(),
+        ),
+        Ok(None) => r.notes.push("queue: readable, no dead-letter queue (rejected messages are deleted)".into()),
+        Err(e) => r.problems.push(format!("queue.url: cannot read the queue: {e}")),
+    }
+    if let Some(n) = &cfg.notify {
+        let sns = SnsNotifier::new(&sdk_cfg, &calls);
+        match sns.check_topic(&n.topic_arn).await {
+            Ok(()) => r
+                .notes
+                .push(format!("notify.topic_arn: {} exists", n.topic_arn)),
+            Err(e) => r.problems.push(format!("notify.topic_arn: {e}")),
+        }
+    }
+    let hooks = AutoScalingHooks::new(&sdk_cfg, &calls);
+    let groups = match hooks.groups().await {
+        Ok(g) => g,
+        Err(e) => {
+            r.problems
+                .push(format!("cannot list Auto Scaling groups: {e}"));
+            return;
+        }
+    };
+    let arn = queue_arn(&cfg.queue.url, &region).unwrap_or_default();
+    // A hook notifies us when it targets the queue, or an SNS topic (which the queue may
+    // subscribe to: SNS subscriptions are not checked).
+    let ours = |target: &str| target == arn || target.contains(":sns:");
+    for layer in &cfg.layers {
+        let matched: Vec<&String> = groups
+            .iter()
+            .filter(|g| layer.matcher.groups.iter().any(|glob| glob.matches(g)))
+            .collect();
+        if matched.is_empty() {
+            r.notes.push(format!(
+                "layers.{}: no Auto Scaling group matches {:?} yet",
+                layer.name,
+                layer
+                    .matcher
+                    .groups
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+            ));
+        }
+        for g in matched {
+            match hooks.describe_hooks(g).await {
+                Ok(list) => {
+                    let ours: Vec<String> = list
+                        .iter()
+                        .filter(|(_, h)| h.notification_target.as_deref().is_some_and(ours))
+                        .map(|(name, h)| {
+                            format!(
+                                "{name} ({})",
+                                h.transition.trim_start_matches("autoscaling:")
+                            )
+                        })
+                        .collect();
+                    if ours.is_empty() {
+                        r.notes.push(format!(
+                            "group {g} (layer {}): no lifecycle hook notifies the queue or an SNS topic; fine only if an EventBridge rule delivers its events",
+                            layer.name
+                        ));
+                    } else {
+                        r.notes.push(format!(
+                            "group {g} (layer {}): hooks {}",
+                            layer.name,
+                            ours.join(", ")
+                        ));
+                    }
+                }
+                Err(e) => r.problems.push(format!(
+                    "group {g}: cannot describe its lifecycle hooks: {e}"
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_arns_from_urls() {
+        assert_eq!(
+            queue_arn(
+                "https://sqs.us-east-1.amazonaws.com/123456789012/asg-lifecycle",
+                "us-east-1"
+            )
+            .as_deref(),
+            Some("arn:aws:sqs:us-east-1:123456789012:asg-lifecycle")
+        );
+        assert_eq!(
+            queue_arn("http://127.0.0.1:5000/123456789012/q/", "eu-west-1").as_deref(),
+            Some("arn:aws:sqs:eu-west-1:123456789012:q")
+        );
+        assert_eq!(queue_arn("https://example.com/q", "x"), None);
+    }
+}
