@@ -836,3 +836,78 @@ async fn check_lists_what_is_wrong_precisely() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_provisions_one_instance_by_hand() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let nobody_reads = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-h").await;
+    aws.hook(
+        "web-h",
+        "provision-launch",
+        LAUNCH,
+        Some(&nobody_reads.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-h", 1).await;
+    let id = aws.instances("web-h").await.remove(0).0;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+
+    let out = p.command(&[&id, "--dry-run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("Name=\"web-{id}\"")) && text.contains("Environment=\"production\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("complete hook provision-launch by instance id"),
+        "{text}"
+    );
+    assert_eq!(
+        aws.instances("web-h").await[0].1,
+        "Pending:Wait",
+        "a dry run changes nothing"
+    );
+    assert!(!aws.tags(&id).await.contains_key("Name"));
+
+    let out = p.command(&[&id]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("step 1/1 tag") && text.contains("result     succeeded (CONTINUE)"),
+        "{text}"
+    );
+    assert_in_service_and_tagged(&aws, "web-h", 1).await;
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.outcome == "succeeded")
+        .expect("recorded in the history");
+    assert_eq!(run.layer.as_deref(), Some("web"));
+    let action = &emu.finished_actions()[0];
+    assert_eq!(
+        (action["result"].as_str(), action["completions"].as_u64()),
+        (Some("CONTINUE"), Some(1))
+    );
+
+    let out = p.command(&["i-0000000000000000f"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in an Auto Scaling group"),
+        "{out:?}"
+    );
+}

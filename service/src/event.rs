@@ -147,6 +147,8 @@ pub enum Envelope {
     Direct,
     Sns,
     EventBridge,
+    /// No message: `provision <instance-id>`.
+    Manual,
 }
 
 /// NotificationMetadata: a JSON object (readable as `{metadata.KEY}`) or opaque text.
@@ -160,7 +162,7 @@ pub enum Metadata {
 }
 
 impl Metadata {
-    fn parse(raw: Option<&str>) -> Metadata {
+    pub fn parse(raw: Option<&str>) -> Metadata {
         match raw {
             None => Metadata::None,
             Some(s) if s.trim().is_empty() => Metadata::None,

@@ -18,6 +18,7 @@
 //! - [`store`]: SQLite history and the idempotency claim on action tokens.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
+//! - [`manual`]: `provision <instance-id>`, the pipeline by hand for one instance.
 //! - [`check`]: `provision check`, the config and (with `--aws`) its AWS surroundings.
 //! - [`lambda`]: the pipeline as an AWS Lambda function with an SQS trigger.
 //! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
@@ -35,6 +36,7 @@ pub mod event;
 pub mod lambda;
 pub mod layer;
 pub mod lease;
+pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use provision::app::App;
 use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
-use provision::event::{self, Parsed};
+use provision::event::{self, Parsed, Transition};
 use provision::metrics::Stats;
 use provision::notify::SystemdNotify;
 use provision::store::Store;
@@ -40,6 +40,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run an instance's layer by hand (also: `provision i-0123456789abcdef0`), then complete
+    /// its pending lifecycle action
+    Instance {
+        /// The EC2 instance id
+        id: String,
+        /// Print the plan (layer, steps with templates filled in) and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Run the steps but leave the pending lifecycle action as it is
+        #[arg(long)]
+        no_complete: bool,
+        /// Use this layer instead of the one the instance's group matches
+        #[arg(long)]
+        layer: Option<String>,
+        /// launch or terminate [default: from the instance's lifecycle state]
+        #[arg(long, value_parser = ["launch", "terminate"])]
+        transition: Option<String>,
+        /// The hook to complete, when the group has several for the transition
+        #[arg(long)]
+        hook: Option<String>,
+    },
     /// Long-poll the queue and handle lifecycle events until SIGTERM/SIGINT
     Daemon,
     /// Drain the queue once, then exit (status 0 only if every message was handled)
@@ -79,8 +100,29 @@ enum EventCommand {
     Parse { file: String },
 }
 
+/// `provision i-0123…` is short for `provision instance i-0123…`.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--config" || a == "--log-format" {
+            i += 2;
+            continue;
+        }
+        if !a.starts_with('-') {
+            if a.starts_with("i-") {
+                args.insert(i, "instance".into());
+            }
+            break;
+        }
+        i += 1;
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args());
     telemetry::init(cli.log_format, cli.verbose);
     match run(cli) {
         Ok(code) => code,
@@ -108,6 +150,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             history(&cfg, instance.as_deref(), limit, json)
         }
         Command::Check { aws } => check(load_config(cli.config.as_deref())?, aws),
+        Command::Instance {
+            id,
+            dry_run,
+            no_complete,
+            layer,
+            transition,
+            hook,
+        } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            let args = provision::manual::Args {
+                instance: id,
+                dry_run,
+                no_complete,
+                layer,
+                transition: transition.map(|t| {
+                    if t == "terminate" {
+                        Transition::Terminate
+                    } else {
+                        Transition::Launch
+                    }
+                }),
+                hook,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(provision::manual::run(cfg, args))
+        }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
         // BEGIN lambda wiring

@@ -37,6 +37,47 @@ pub enum Disposition {
     Retry(Duration),
 }
 
+/// How a run treats its lifecycle action (the defaults are the daemon's).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Complete the action when the steps are done.
+    pub complete: bool,
+    /// Heartbeat the action while the steps run.
+    pub heartbeat: bool,
+    /// Address the action by instance id instead of its token (manual runs: no message,
+    /// so no token).
+    pub by_instance_id: bool,
+    /// Step progress, for a person watching.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            complete: true,
+            heartbeat: true,
+            by_instance_id: false,
+            progress: None,
+        }
+    }
+}
+
+/// A step starting or ending, as `RunOptions::progress` reports it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Started {
+        idx: usize,
+        total: usize,
+        description: String,
+    },
+    Finished {
+        idx: usize,
+        outcome: &'static str,
+        detail: String,
+        elapsed: Duration,
+    },
+}
+
 /// Where rejected messages go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectPolicy {
@@ -159,6 +200,24 @@ impl Pipeline {
         &self.store
     }
 
+    pub fn hooks(&self) -> &Arc<dyn Hooks> {
+        &self.hooks
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// One line per step, templates filled in for this event (`--dry-run`).
+    pub fn preview(&self, ev: &LifecycleEvent, layer: &Layer) -> Vec<String> {
+        let ctx = Context::new(ev, &layer.name, &layer.vars);
+        layer
+            .steps(ev.transition)
+            .iter()
+            .map(|s| s.preview(&ctx))
+            .collect()
+    }
+
     /// The first layer whose matcher accepts the event.
     pub fn route(&self, event: &LifecycleEvent) -> Option<&Layer> {
         self.cfg.layers.iter().find(|l| l.matcher.matches(event))
@@ -216,7 +275,13 @@ impl Pipeline {
             }
             Parsed::Event(ev) => {
                 let report = self
-                    .handle_event(&ev, Some((msg, received)), None, cancel)
+                    .handle_event(
+                        &ev,
+                        Some((msg, received)),
+                        None,
+                        cancel,
+                        &RunOptions::default(),
+                    )
                     .await;
                 match report.outcome {
                     "retry" => Disposition::Retry(retry_delay(msg.receive_count)),
@@ -235,12 +300,13 @@ impl Pipeline {
         msg: Option<(&Message, Instant)>,
         layer: Option<&Layer>,
         cancel: &CancellationToken,
+        opts: &RunOptions,
     ) -> RunReport {
         let span = info_span!("event",
             message_id = msg.map(|(m, _)| m.id.as_str()).unwrap_or("-"),
             instance_id = %ev.instance_id, group = %ev.group, hook = %ev.hook,
             transition = %ev.transition, layer = field::Empty);
-        self.handle_event_inner(ev, msg, layer, cancel)
+        self.handle_event_inner(ev, msg, layer, cancel, opts)
             .instrument(span)
             .await
     }
@@ -251,6 +317,7 @@ impl Pipeline {
         msg: Option<(&Message, Instant)>,
         forced: Option<&Layer>,
         cancel: &CancellationToken,
+        opts: &RunOptions,
     ) -> RunReport {
         let started = now_ms();
         let mut report = RunReport {
@@ -274,7 +341,7 @@ impl Pipeline {
             group: ev.group.clone(),
             hook: ev.hook.clone(),
             instance_id: ev.instance_id.clone(),
-            token: Some(ev.token.clone()),
+            token: (!opts.by_instance_id).then(|| ev.token.clone()),
         };
         let receipt = msg.map(|(m, _)| m.receipt.clone());
         let received = msg.map(|(_, at)| at).unwrap_or_else(Instant::now);
@@ -365,12 +432,16 @@ impl Pipeline {
                 result
             }
             Claim::Fresh => {
-                if let Some(info) = self.hook_info(&ev.group, &ev.hook).await {
+                if !opts.heartbeat {
+                } else if let Some(info) = self.hook_info(&ev.group, &ev.hook).await {
                     lease.beat(action.clone(), heartbeat_interval(info.heartbeat_timeout));
                 } else {
                     lease.beat(action.clone(), FALLBACK_HEARTBEAT);
                 }
-                match self.run_steps(ev, layer, run_id, &mut report, cancel).await {
+                match self
+                    .run_steps(ev, layer, run_id, &mut report, cancel, opts)
+                    .await
+                {
                     Some(r) => r,
                     None => {
                         // Cancelled by shutdown: forget the half-run, release the message.
@@ -391,6 +462,14 @@ impl Pipeline {
             report.outcome = "succeeded";
         }
 
+        if !opts.complete {
+            report.heartbeats = lease.heartbeats();
+            info!(%result, "steps done; the lifecycle action is left as it is (not completing)");
+            if let Err(e) = self.store.done(&ev.token, "not-completed").await {
+                warn!(error = %e, "could not record the run's end");
+            }
+            return self.finish(report).await;
+        }
         // Completion runs to its end even during shutdown: it is bounded by aws.retry_for.
         let completed = with_backoff(self.cfg.aws.retry_for, || {
             self.hooks.complete(&action, result)
@@ -443,7 +522,14 @@ impl Pipeline {
         run_id: i64,
         report: &mut RunReport,
         cancel: &CancellationToken,
+        opts: &RunOptions,
     ) -> Option<HookResult> {
+        let total = layer.steps(ev.transition).len();
+        let tell = |p: Progress| {
+            if let Some(tx) = &opts.progress {
+                let _ = tx.send(p);
+            }
+        };
         let ctx = StepContext {
             template: Context::new(ev, &layer.name, &layer.vars),
             services: &self.services,
@@ -460,6 +546,11 @@ impl Pipeline {
             {
                 warn!(error = %e, "could not record step start");
             }
+            tell(Progress::Started {
+                idx,
+                total,
+                description: description.clone(),
+            });
             let t0 = Instant::now();
             let r = tokio::select! {
                 r = step.run(&ctx).instrument(span.clone()) => r,
@@ -481,6 +572,12 @@ impl Pipeline {
             }
             self.stats
                 .step_finished(step.kind_name(), t0.elapsed().as_secs_f64());
+            tell(Progress::Finished {
+                idx,
+                outcome,
+                detail: detail.clone(),
+                elapsed: t0.elapsed(),
+            });
             report.steps.push(StepReport {
                 kind: step.kind_name(),
                 description,

@@ -155,6 +155,26 @@ impl Step {
         }
     }
 
+    /// What this step would do for an event, templates filled in (or why it cannot).
+    pub fn preview(&self, ctx: &Context<'_>) -> String {
+        let r = match &self.kind {
+            StepKind::Tag(t) => t.render(ctx).map(|tags| {
+                let list: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                format!("tag {}", list.join(", "))
+            }),
+            StepKind::Ssm(s) => s.command(ctx).map(|c| {
+                format!(
+                    "ssm {} {:?} (timeout {})",
+                    c.document,
+                    c.parameters,
+                    humantime::format_duration(s.timeout)
+                )
+            }),
+            StepKind::OpsWorks(o) => o.preview(ctx),
+        };
+        r.unwrap_or_else(|e| format!("{} (would fail: {e})", self.describe()))
+    }
+
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
         let work = async {
             match &self.kind {

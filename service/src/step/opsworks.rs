@@ -155,6 +155,18 @@ impl OpsWorks {
         )
     }
 
+    pub fn preview(&self, ctx: &crate::layer::Context<'_>) -> Result<String, StepError> {
+        let stack = self
+            .stack
+            .render(ctx)
+            .map_err(|e| StepError::Input(e.to_string()))?;
+        Ok(format!(
+            "opsworks stack {stack:?} layer {:?} in {}",
+            self.layer,
+            self.region()
+        ))
+    }
+
     fn region(&self) -> String {
         self.region
             .clone()

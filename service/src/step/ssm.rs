@@ -215,15 +215,12 @@ impl Ssm {
     }
 
     /// The command for one event (templates filled in and validated).
-    pub fn command(&self, ctx: &StepContext<'_>) -> Result<SsmCommand, StepError> {
+    pub fn command(&self, ctx: &crate::layer::Context<'_>) -> Result<SsmCommand, StepError> {
         let mut parameters = BTreeMap::new();
         for (name, templates) in &self.parameters {
             let values = templates
                 .iter()
-                .map(|t| {
-                    t.render(&ctx.template)
-                        .map_err(|e| StepError::Input(e.to_string()))
-                })
+                .map(|t| t.render(ctx).map_err(|e| StepError::Input(e.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
             parameters.insert(name.clone(), values);
         }
@@ -239,7 +236,7 @@ impl Ssm {
     }
 
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
-        let cmd = self.command(ctx)?;
+        let cmd = self.command(&ctx.template)?;
         let id = ctx.template.event.instance_id.clone();
         ctx.shared
             .ssm_online

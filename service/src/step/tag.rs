@@ -77,13 +77,14 @@ impl Tag {
     }
 
     /// The tags for one event, or why they cannot be made.
-    pub fn render(&self, ctx: &StepContext<'_>) -> Result<Vec<(String, String)>, StepError> {
+    pub fn render(
+        &self,
+        ctx: &crate::layer::Context<'_>,
+    ) -> Result<Vec<(String, String)>, StepError> {
         self.tags
             .iter()
             .map(|(k, t)| {
-                let v = t
-                    .render(&ctx.template)
-                    .map_err(|e| StepError::Input(e.to_string()))?;
+                let v = t.render(ctx).map_err(|e| StepError::Input(e.to_string()))?;
                 if v.chars().count() > MAX_VALUE {
                     return Err(StepError::Input(format!(
                         "tag {k} would be {} characters; EC2 allows {MAX_VALUE}",
@@ -96,7 +97,7 @@ impl Tag {
     }
 
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
-        let tags = self.render(ctx)?;
+        let tags = self.render(&ctx.template)?;
         let id = &ctx.template.event.instance_id;
         with_backoff(ctx.retry_for, || {
             ctx.services.instances.create_tags(id, &tags)
