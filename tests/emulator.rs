@@ -33,11 +33,6 @@ fn count(p: &Provision, outcome: &str) -> usize {
     p.history().iter().filter(|r| r.outcome == outcome).count()
 }
 
-/// Launch actions the emulator finished, by instance: (result, finished_by, completions, heartbeats).
-fn finished(emu: &Emulator) -> Vec<Value> {
-    emu.finished_actions()
-}
-
 async fn assert_in_service_and_tagged(aws: &Aws, group: &str, n: usize) -> Vec<String> {
     let instances = aws.instances(group).await;
     assert_eq!(instances.len(), n, "{instances:?}");
@@ -126,7 +121,7 @@ async fn scale_out_of_three_is_tagged_completed_recorded_and_published() {
         assert_eq!(e["steps"][0]["kind"], "tag");
     }
 
-    let actions = finished(&emu);
+    let actions = emu.finished_actions();
     assert_eq!(actions.len(), 3);
     for a in &actions {
         assert_eq!(a["result"], "CONTINUE");
@@ -226,19 +221,7 @@ async fn launches_through_eventbridge_are_handled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-t").await;
-    aws.hook(
-        "web-t",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-t", 300, Some(METADATA)).await;
     aws.hook(
         "web-t",
         "provision-terminate",
@@ -328,7 +311,7 @@ async fn duplicate_messages_are_worked_once() {
 
     assert_eq!(count(&p, "succeeded"), 1, "{:?}", outcomes(&p));
     assert_eq!(count(&p, "duplicate"), 4, "{:?}", outcomes(&p));
-    let actions = finished(&emu);
+    let actions = emu.finished_actions();
     assert_eq!(actions.len(), 1);
     assert_eq!(actions[0]["completions"], 1, "completed exactly once");
     let tags = emu.calls().get("ec2:CreateTags").cloned();
@@ -391,19 +374,7 @@ async fn bad_messages_get_a_reason_and_do_not_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_abandons_and_the_replacement_is_handled() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-f").await;
-    aws.hook(
-        "web-f",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-f", 300, Some(METADATA)).await;
     aws.scale("web-f", 1).await;
     let first = aws.instances("web-f").await.remove(0).0;
     // The first CreateTags fails with a server error, and this config gives up at once.
@@ -469,7 +440,7 @@ async fn heartbeats_keep_a_long_run_alive() {
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
 
-    let actions = finished(&emu);
+    let actions = emu.finished_actions();
     assert_eq!(actions.len(), 1, "{actions:?}");
     assert_eq!(actions[0]["finished_by"], "complete", "{actions:?}");
     assert_eq!(actions[0]["result"], "CONTINUE");
@@ -491,19 +462,7 @@ async fn heartbeats_keep_a_long_run_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_completes_every_action_once() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-k").await;
-    aws.hook(
-        "web-k",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-k", 300, Some(METADATA)).await;
     aws.scale("web-k", 4).await;
     // Every CreateTags takes 3 s, so the kill lands while steps are running.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
@@ -549,19 +508,7 @@ async fn sigkill_mid_run_then_restart_completes_every_action_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_work_in_flight_and_exits_zero() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-s").await;
-    aws.hook(
-        "web-s",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-s", 300, Some(METADATA)).await;
     aws.scale("web-s", 2).await;
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 20}));
     let p = Provision::new(
@@ -603,19 +550,7 @@ async fn sigterm_releases_work_in_flight_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_is_retried_with_backoff() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-th").await;
-    aws.hook(
-        "web-th",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-th", 300, Some(METADATA)).await;
     aws.scale("web-th", 1).await;
     // More throttles than the SDK's 5 attempts: our own backoff carries on.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 7, "error": "throttle"}));
@@ -633,19 +568,7 @@ async fn throttling_is_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_without_a_layer_are_left_alone() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("batch-1").await;
-    aws.hook(
-        "batch-1",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        None,
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "batch-1", 300, None).await;
     aws.scale("batch-1", 1).await;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     let (code, log) = p.worker();
@@ -690,19 +613,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-m").await;
-    aws.hook(
-        "web-m",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(&emu, "web-m", 300, Some(METADATA)).await;
     aws.scale("web-m", 2).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

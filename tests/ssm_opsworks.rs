@@ -31,19 +31,7 @@ fn count(p: &Provision, outcome: &str) -> usize {
 }
 
 async fn setup(emu: &Emulator, group: &str, n: i32, heartbeat: i32) -> (Aws, common::Queue) {
-    let aws = Aws::new(emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group(group).await;
-    aws.hook(
-        group,
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        heartbeat,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, q) = common::launch_group(emu, group, heartbeat, Some(METADATA)).await;
     if n > 0 {
         aws.scale(group, n).await;
     }

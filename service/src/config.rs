@@ -699,6 +699,29 @@ launch = [ { tag = { Name = "{nope}" } }, { teleport = {} } ]
     }
 
     #[test]
+    fn message_names_never_reach_a_command() {
+        let text = r#"
+[queue]
+url = "https://x/123456789012/q"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["echo {group}", "echo {layer} {instance_id}"] } } } ]
+"#;
+        let e = Config::parse(text, "t").unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(
+            e.errors[0].key,
+            "layers.app.launch[0].ssm.parameters.commands[0]"
+        );
+        assert!(
+            e.errors[0]
+                .message
+                .contains("{group} and {hook} come from the message"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let e = Config::parse("[queue]\nurl = \"https://x\"\nmax_inflight = 3\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_inflight"), "{e}");

@@ -182,6 +182,14 @@ impl Template {
         })
     }
 
+    /// True when the template reads names the message carries ({group}, {hook}): data that
+    /// is validated only against control characters, never fit for a command line.
+    pub fn reads_message_names(&self) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Group | Piece::Hook))
+    }
+
     /// The longest text the template contributes by itself (placeholders count as empty).
     pub fn literal_len(&self) -> usize {
         self.pieces

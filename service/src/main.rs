@@ -133,6 +133,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime every async command runs on: two workers (the machine size this is built
+/// for); blocking threads serve SQLite calls.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn load_config(flag: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let path = config::resolve_path(flag);
     Ok(Config::load(&path)?)
@@ -173,11 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 hook,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let rt = runtime()?;
             rt.block_on(provision::manual::run(cfg, args))
         }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
@@ -191,10 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check(cfg: Config, aws: bool) -> anyhow::Result<ExitCode> {
     let mut report = provision::check::offline(&cfg);
     if aws {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let rt = runtime()?;
         rt.block_on(provision::check::with_aws(&cfg, &mut report));
     }
     println!("config: {} layer(s), every key valid", cfg.layers.len());
@@ -297,12 +301,7 @@ fn history(
 /// Serves Lambda invocations until the process is stopped; startup problems (the config
 /// included) are posted to the Runtime API's /runtime/init/error and exit 2.
 fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime()?;
     rt.block_on(async {
         let cfg = match load_config(flag) {
             Ok(cfg) => cfg,
@@ -318,12 +317,7 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 // END lambda wiring
 
 fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
     rt.block_on(async move {
         let app = App::build(cfg).await?;

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::watch;
+
+use crate::cache::TtlCache;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info, info_span, warn, Instrument};
@@ -25,7 +27,7 @@ use crate::event::{self, LifecycleEvent, Parsed};
 use crate::layer::Context;
 use crate::lease::{heartbeat_interval, Leases};
 use crate::metrics::Stats;
-use crate::step::{Shared, StepContext, StepError};
+use crate::step::{Shared, StepContext};
 use crate::store::{now_ms, Claim, NewRun, RunEnd, Store};
 
 /// What should happen to the message once the pipeline is done with it.
@@ -95,8 +97,6 @@ const DETAIL_MAX: usize = 2000;
 /// How long it may be in a result event: ten events share one PublishBatch (256 KiB).
 const EVENT_DETAIL_MAX: usize = 500;
 
-type HookCache = HashMap<String, (Instant, Arc<OnceCell<Arc<HashMap<String, HookInfo>>>>)>;
-
 pub struct Pipeline {
     cfg: Arc<Config>,
     hooks: Arc<dyn Hooks>,
@@ -106,7 +106,7 @@ pub struct Pipeline {
     leases: Leases,
     publisher: Option<Batcher<String>>,
     reject_policy: RejectPolicy,
-    hook_info: Mutex<HookCache>,
+    hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
     /// Tokens being worked in this process; a second message for one waits on it.
     working: Mutex<HashMap<String, watch::Receiver<bool>>>,
     owner: String,
@@ -188,7 +188,7 @@ impl Pipeline {
             leases: p.leases,
             publisher: p.publisher,
             reject_policy: p.reject_policy,
-            hook_info: Mutex::new(HashMap::new()),
+            hook_info: TtlCache::new(HOOK_INFO_TTL),
             working: Mutex::new(HashMap::new()),
             owner: format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)),
             host,
@@ -587,11 +587,7 @@ impl Pipeline {
             });
             if let Err(e) = r {
                 report.outcome = "failed";
-                report.error = Some(format!(
-                    "step {idx} ({}): {}",
-                    step.kind_name(),
-                    step_error(&e)
-                ));
+                report.error = Some(format!("step {idx} ({}): {}", step.kind_name(), e));
                 return Some(layer.on_failure);
             }
         }
@@ -736,23 +732,9 @@ impl Pipeline {
     /// The hook's heartbeat timeout, from one DescribeLifecycleHooks per group (cached, and
     /// shared by concurrent callers so a burst of launches makes one call).
     async fn hook_info(&self, group: &str, hook: &str) -> Option<HookInfo> {
-        let cell = {
-            let mut cache = self.hook_info.lock().unwrap();
-            let fresh = cache
-                .get(group)
-                .filter(|(at, cell)| at.elapsed() < HOOK_INFO_TTL || !cell.initialized())
-                .map(|(_, c)| c.clone());
-            match fresh {
-                Some(c) => c,
-                None => {
-                    let c = Arc::new(OnceCell::new());
-                    cache.insert(group.to_string(), (Instant::now(), c.clone()));
-                    c
-                }
-            }
-        };
-        let hooks = cell
-            .get_or_try_init(|| async {
+        let hooks = self
+            .hook_info
+            .get_or_load(&group.to_string(), || async {
                 with_backoff(self.cfg.aws.retry_for.min(Duration::from_secs(10)), || {
                     self.hooks.describe_hooks(group)
                 })
@@ -777,10 +759,6 @@ impl Pipeline {
             }
         }
     }
-}
-
-fn step_error(e: &StepError) -> String {
-    e.to_string()
 }
 
 /// Delay before a message that failed for a transient reason comes back: grows with the

@@ -566,6 +566,30 @@ impl Aws {
     }
 }
 
+/// The usual start of a test: a queue "lifecycle", a group, and its launch hook
+/// "provision-launch" (DefaultResult ABANDON) notifying the queue.
+pub async fn launch_group(
+    emu: &Emulator,
+    group: &str,
+    heartbeat: i32,
+    metadata: Option<&str>,
+) -> (Aws, Queue) {
+    let aws = Aws::new(emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group(group).await;
+    aws.hook(
+        group,
+        "provision-launch",
+        "autoscaling:EC2_INSTANCE_LAUNCHING",
+        Some(&q.arn),
+        heartbeat,
+        "ABANDON",
+        metadata,
+    )
+    .await;
+    (aws, q)
+}
+
 /// Polls an async condition every 200 ms until it returns Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where

@@ -124,7 +124,15 @@ impl Shared {
 /// Steps that run things on the instance (ssm, ansible, ssh) may read metadata only
 /// through variables the layer declares with an allowed pattern.
 pub fn require_declared(t: &Template, key: &str, vars: &Vars) -> Vec<ConfigError> {
-    t.metadata_keys()
+    let names = t.reads_message_names().then(|| {
+        ConfigError::new(
+            key,
+            "{group} and {hook} come from the message and may not reach a step that runs things; use {layer}, {instance_id} or a declared metadata var",
+        )
+    });
+    names
+        .into_iter()
+        .chain(t.metadata_keys()
         .filter(|k| !vars.is_declared(k))
         .map(|k| {
             ConfigError::new(
@@ -134,6 +142,7 @@ pub fn require_declared(t: &Template, key: &str, vars: &Vars) -> Vec<ConfigError
                 ),
             )
         })
+        )
         .collect()
 }
 

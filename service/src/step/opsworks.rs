@@ -131,11 +131,12 @@ impl OpsWorks {
                 DEFAULT_ONLINE_TIMEOUT
             }
         };
+        let region = s("region", &mut errs);
         match (stack, errs.is_empty()) {
             (Some(stack), true) => Ok(OpsWorks {
                 stack,
                 layer,
-                region: s("region", &mut Vec::new()),
+                region,
                 name_tag,
                 online_timeout,
             }),
