@@ -190,6 +190,17 @@ fn cli_prints_the_normalized_event_or_the_reason() {
 fn the_example_config_is_valid() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/provision.toml");
     let cfg = provision::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.layers.len(), 4);
+    assert_eq!(cfg.layers.len(), 5);
+    // Every playbook the example names ships in playbooks/.
+    for l in &cfg.layers {
+        for s in l.launch.iter().chain(&l.terminate) {
+            if let provision::step::StepKind::Ansible(a) = &s.kind {
+                let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("playbooks")
+                    .join(&a.playbook);
+                assert!(p.is_file(), "{}", p.display());
+            }
+        }
+    }
     assert_eq!(cfg.queue.max_in_flight, 32);
 }

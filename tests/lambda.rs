@@ -645,6 +645,18 @@ fn a_config_that_cannot_run_in_lambda_is_refused_at_init() {
             format!("[queue]\nurl = \"http://127.0.0.1:9/{ACCOUNT}/q\"\nnmae = 1\n{WEB_LAYER}"),
             ["provision.toml", "nmae", "1 problem"],
         ),
+        (
+            format!(
+                "[queue]\nurl = \"http://127.0.0.1:9/{ACCOUNT}/q\"\n[state]\npath = \"/tmp/x.db\"\n\
+                 [layers.web]\ngroups = [\"web-*\"]\nlaunch = [ {{ tag = {{ A = \"b\" }} }}, {{ ansible = \"web.yml\" }} ]\n\
+                 terminate = [ {{ ssh = [\"true\"] }} ]\n"
+            ),
+            [
+                "cannot run in AWS Lambda",
+                "layers.web.launch[1] (ansible)",
+                "layers.web.terminate[0] (ssh)",
+            ],
+        ),
     ];
     for (config, expected) in cases {
         let path = dir.path().join("provision.toml");

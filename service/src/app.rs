@@ -20,6 +20,8 @@ use crate::daemon::Settings;
 use crate::lease::Leases;
 use crate::metrics::{CountCalls, Stats};
 use crate::pipeline::{Parts, Pipeline, RejectPolicy};
+use crate::remote::Remote;
+use crate::step::ansible::Runner;
 use crate::store::Store;
 
 /// How long a result event waits for others to share its PublishBatch call.
@@ -95,6 +97,24 @@ impl App {
             cfg.queue.visibility_timeout,
             stats.clone(),
         );
+        let (remote, ansible) = if cfg.uses_ssh() {
+            let state_dir = cfg.state_dir();
+            let remote = Arc::new(
+                Remote::new(cfg.ssh.clone(), &state_dir)
+                    .context("setting up SSH (known_hosts directory, runtime directory, key)")?,
+            );
+            let runner = Runner::new(
+                cfg.ansible.clone(),
+                remote.clone(),
+                services.ssm.clone(),
+                cfg.aws.retry_for,
+                &state_dir,
+            )
+            .context("setting up Ansible (log directory, callback plugin)")?;
+            (Some(remote), Some(runner))
+        } else {
+            (None, None)
+        };
         let settings = Settings {
             max_in_flight: cfg.queue.max_in_flight,
             wait_time: cfg.queue.wait_time,
@@ -111,6 +131,8 @@ impl App {
             publisher,
             reject_policy,
             stats,
+            remote,
+            ansible,
         }));
         Ok(App {
             pipeline,

@@ -36,11 +36,91 @@ pub fn offline(cfg: &Config) -> Report {
             ));
         }
     }
+    // Patterns are the operator's choice; say so when one lets shell or template text in.
+    const PROBES: &[&str] = &["$(id)", "`id`", "a;id", "a|id", "a b", "{{ x }}", "../x"];
+    for l in &cfg.layers {
+        for (k, p) in l.vars.iter() {
+            let let_in: Vec<&str> = PROBES.iter().copied().filter(|x| p.matches(x)).collect();
+            if !let_in.is_empty() {
+                r.notes.push(format!(
+                    "layers.{}.vars.{k}: pattern {:?} accepts {let_in:?}; metadata matching it reaches commands and playbooks as is (Jinja markers are refused for ansible anyway). Prefer a strict pattern such as \"[a-z0-9-]{{1,32}}\"",
+                    l.name,
+                    p.source()
+                ));
+            }
+        }
+    }
+    if cfg.uses_ssh() && cfg.ssh.host_key_check == crate::remote::HostKeyCheck::Off {
+        r.notes.push(
+            "ssh.host_key_check = \"off\": instances' host keys are not checked; anyone on the path can impersonate an instance and receive what the steps send".into(),
+        );
+    }
     if cfg.notify.is_none() {
         r.notes
             .push("notify: no result topic; results are only in the local history".into());
     }
     r
+}
+
+/// Every playbook of an `ansible` step exists and passes `ansible-playbook --syntax-check`.
+/// The vault password comes from its credential; from SSM only with `--aws`.
+pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
+    use crate::step::{ansible, StepKind};
+    let mut books: Vec<(String, String)> = Vec::new();
+    for l in &cfg.layers {
+        for (which, steps) in [("launch", &l.launch), ("terminate", &l.terminate)] {
+            for (i, s) in steps.iter().enumerate() {
+                if let StepKind::Ansible(a) = &s.kind {
+                    if !books.iter().any(|(_, b)| *b == a.playbook) {
+                        books.push((
+                            format!("layers.{}.{which}[{i}]", l.name),
+                            a.playbook.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if books.is_empty() {
+        return;
+    }
+    let vault = match &cfg.ansible.vault_password {
+        None => None,
+        Some(crate::secret::Source::Credential(n)) => match crate::secret::read_credential(n) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                r.problems.push(format!("ansible.vault_password: {e}"));
+                None
+            }
+        },
+        Some(crate::secret::Source::SsmParameter(n)) if aws => {
+            let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+            let calls = CountCalls(Arc::new(Stats::default()));
+            let ssm = sdk::SsmClient::new(&sdk_cfg, &calls);
+            match crate::aws::Ssm::parameter(&ssm, n).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    r.problems
+                        .push(format!("ansible.vault_password: SSM parameter {n}: {e}"));
+                    None
+                }
+            }
+        }
+        Some(crate::secret::Source::SsmParameter(n)) => {
+            r.notes.push(format!(
+                "ansible.vault_password: SSM parameter {n} not read without --aws; playbooks that need it will fail the syntax check"
+            ));
+            None
+        }
+    };
+    for (key, book) in books {
+        match ansible::syntax_check(&cfg.ansible, &book, vault.as_ref()).await {
+            Ok(()) => r.notes.push(format!("playbook {book}: syntax ok")),
+            Err(e) => r
+                .problems
+                .push(format!("{key}.ansible: playbook {book}: {e}")),
+        }
+    }
 }
 
 /// The queue ARN for a queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`, or an

@@ -30,6 +30,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub aws: AwsConfig,
     pub ssm: SsmConfig,
+    pub ssh: crate::remote::SshSettings,
+    pub ansible: crate::step::ansible::AnsibleSettings,
     /// Where the daemon serves /metrics and /healthz; None to serve nothing.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// In file order: the first layer that matches an event wins.
@@ -107,8 +109,30 @@ pub struct Layer {
     /// Metadata keys the steps may use, with the pattern each value must match.
     pub vars: Vars,
     pub on_failure: HookResult,
+    /// Overrides of `[ssh]` for this layer's instances.
+    pub ssh: crate::remote::LayerSsh,
     pub launch: Vec<Step>,
     pub terminate: Vec<Step>,
+}
+
+impl Config {
+    /// Whether any layer has a step that connects over SSH (ssh, ansible).
+    pub fn uses_ssh(&self) -> bool {
+        self.layers.iter().any(|l| {
+            l.launch
+                .iter()
+                .chain(&l.terminate)
+                .any(|s| matches!(s.kind, step::StepKind::Ssh(_) | step::StepKind::Ansible(_)))
+        })
+    }
+
+    /// The directory of the state store: known_hosts.d and ansible-logs live there too.
+    pub fn state_dir(&self) -> PathBuf {
+        match self.state.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
 }
 
 impl Layer {
@@ -174,6 +198,8 @@ struct RawConfig {
     daemon: Option<RawDaemon>,
     aws: Option<RawAws>,
     ssm: Option<RawSsm>,
+    ssh: Option<toml::Table>,
+    ansible: Option<toml::Table>,
     metrics: Option<RawMetrics>,
     #[serde(default)]
     layers: toml::Table,
@@ -236,6 +262,7 @@ struct RawLayer {
     #[serde(default)]
     vars: toml::Table,
     on_failure: Option<String>,
+    ssh: Option<toml::Value>,
     #[serde(default)]
     launch: Vec<toml::Table>,
     #[serde(default)]
@@ -260,10 +287,17 @@ impl Config {
             source_name: name.clone(),
             errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
         })?;
-        Self::parse(&text, &name)
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(&text, &name, base)
     }
 
+    /// Parses a config whose relative paths are relative to the working directory.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
+        Self::parse_in(text, source_name, Path::new("."))
+    }
+
+    /// Parses a config whose relative paths (`ansible.playbook_dir`) are relative to `base`.
+    pub fn parse_in(text: &str, source_name: &str, base: &Path) -> Result<Config, ConfigErrors> {
         let fail = |errors| ConfigErrors {
             source_name: source_name.to_string(),
             errors,
@@ -280,7 +314,7 @@ impl Config {
             fail(vec![ConfigError::new(key, e.message().trim().to_string())])
         })?;
         let mut errs = Vec::new();
-        let cfg = validate(raw, &mut errs);
+        let cfg = validate(raw, base, &mut errs);
         if errs.is_empty() {
             Ok(cfg)
         } else {
@@ -327,7 +361,7 @@ fn hook_result(
     }
 }
 
-fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
+fn validate(raw: RawConfig, base: &Path, errs: &mut Vec<ConfigError>) -> Config {
     let q = raw.queue.unwrap_or(RawQueue {
         url: None,
         max_in_flight: None,
@@ -487,6 +521,9 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         ),
     };
 
+    let ssh = crate::remote::SshSettings::parse(raw.ssh.as_ref(), errs);
+    let ansible = crate::step::ansible::AnsibleSettings::parse(raw.ansible.as_ref(), base, errs);
+
     let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
         None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
         Some(s) if s.is_empty() || s == "off" => None,
@@ -540,6 +577,8 @@ fn validate(raw: RawConfig, errs: &mut Vec<ConfigError>) -> Config {
         daemon,
         aws,
         ssm,
+        ssh,
+        ansible,
         metrics_listen,
         layers,
     }
@@ -604,6 +643,10 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
             })
             .collect()
     };
+    let ssh = rl
+        .ssh
+        .map(|v| crate::remote::LayerSsh::parse(&v, &format!("{key}.ssh"), errs))
+        .unwrap_or_default();
     let launch = steps(rl.launch, "launch", errs);
     let terminate = steps(rl.terminate, "terminate", errs);
     Layer {
@@ -611,6 +654,7 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
         vars,
         matcher: Matcher { groups, metadata },
         on_failure,
+        ssh,
         launch,
         terminate,
     }
@@ -618,18 +662,18 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
 
 fn default_state_path() -> PathBuf {
     // systemd's StateDirectory= sets this; prefer it over the compiled-in default.
-    match std::env::var_os("STATE_DIRECTORY") {
-        Some(d) if !d.is_empty() => {
-            let first = d
-                .to_string_lossy()
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            PathBuf::from(first).join("state.db")
-        }
-        _ => PathBuf::from(DEFAULT_STATE_PATH),
+    match systemd_directory("STATE_DIRECTORY") {
+        Some(d) => d.join("state.db"),
+        None => PathBuf::from(DEFAULT_STATE_PATH),
     }
+}
+
+/// The first directory of a systemd `*_DIRECTORY` variable (StateDirectory=,
+/// RuntimeDirectory=, ...: colon-separated when the unit names several).
+pub fn systemd_directory(var: &str) -> Option<PathBuf> {
+    let d = std::env::var_os(var).filter(|d| !d.is_empty())?;
+    let first = d.to_string_lossy().split(':').next()?.to_string();
+    (!first.is_empty()).then(|| PathBuf::from(first))
 }
 
 #[cfg(test)]
@@ -719,6 +763,40 @@ launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = 
                 .contains("{group} and {hook} come from the message"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ssh_and_ansible_sections_and_layer_overrides() {
+        let text = r#"
+[queue]
+url = "https://x/123456789012/q"
+[ssh]
+user = "admin"
+host_key_check = "accept-new"
+[ansible]
+playbook_dir = "books"
+max_batch = 10
+vault_password = { ssm_parameter = "/provision/vault" }
+[layers.app]
+groups = ["app-*"]
+ssh = { user = "ubuntu", port = 2222 }
+launch = [ { ansible = "app.yml" }, { ssh = ["true"] } ]
+"#;
+        let c = Config::parse_in(text, "t", Path::new("/etc/provision")).unwrap();
+        assert_eq!(c.ssh.user, "admin");
+        assert_eq!(c.ssh.host_key_check, crate::remote::HostKeyCheck::AcceptNew);
+        assert_eq!(
+            c.ansible.playbook_dir,
+            PathBuf::from("/etc/provision/books")
+        );
+        assert_eq!(c.ansible.max_batch, 10);
+        assert_eq!(c.layers[0].ssh.user.as_deref(), Some("ubuntu"));
+        assert_eq!(c.layers[0].ssh.port, Some(2222));
+        assert!(c.uses_ssh());
+        let bad = text.replace("port = 2222", "port = 0, shell = \"zsh\"");
+        let e = Config::parse(&bad, "t").unwrap_err();
+        let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["layers.app.ssh.port", "layers.app.ssh.shell"], "{e}");
     }
 
     #[test]

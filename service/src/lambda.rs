@@ -65,7 +65,9 @@ const RUNTIME_ENV: [&str; 4] = [
 pub fn allowed_in_lambda(kind: &StepKind) -> bool {
     match kind {
         StepKind::Tag(_) | StepKind::Ssm(_) | StepKind::OpsWorks(_) => true,
-        // StepKind::Ansible(_) | StepKind::Ssh(_) => false, once they exist.
+        // A Lambda has no ssh client, no ansible-playbook, and usually no route to
+        // instances' private addresses.
+        StepKind::Ansible(_) | StepKind::Ssh(_) => false,
     }
 }
 
@@ -585,6 +587,8 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             publisher: None,
             reject_policy: reject,
             stats,
+            remote: None,
+            ansible: None,
         });
         World {
             handler: Handler::new(

@@ -57,6 +57,10 @@ impl Pattern {
     pub fn matches(&self, value: &str) -> bool {
         self.re.is_match(value)
     }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 impl Vars {
@@ -70,6 +74,10 @@ impl Vars {
 
     pub fn is_declared(&self, key: &str) -> bool {
         self.0.contains_key(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Pattern)> {
+        self.0.iter().map(|(k, p)| (k.as_str(), p))
     }
 }
 

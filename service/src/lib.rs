@@ -8,8 +8,11 @@
 //! - [`event`]: message body -> lifecycle event, skip or reject. Pure.
 //! - [`config`]: TOML -> validated [`config::Config`] (layers, steps, queue, ...).
 //! - [`layer`]: which layer an event belongs to; `{field}` templates.
-//! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`), one file each, and the
-//!   gathering of instances into shared batched calls.
+//! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`, `ssh`, `ansible`), one
+//!   file each, and the gathering of instances into shared batched calls.
+//! - [`remote`]: reaching an instance over SSH: address, readiness, verified host keys.
+//! - [`secret`]: the vault password and other secrets; keeping them out of argv, children's
+//!   environments and logs.
 //! - [`pipeline`]: one event: claim -> steps -> complete hook -> notify.
 //! - [`lease`]: heartbeats and message visibility while steps run.
 //! - [`daemon`]: the SQS receive loop, in-flight limit, acknowledgement, shutdown.
@@ -40,6 +43,8 @@ pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod remote;
+pub mod secret;
 pub mod shutdown;
 pub mod step;
 pub mod store;

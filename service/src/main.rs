@@ -122,6 +122,8 @@ fn args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // First, while single-threaded: no child may inherit AWS credentials from us.
+    provision::secret::scrub_environment();
     let cli = Cli::parse_from(args());
     telemetry::init(cli.log_format, cli.verbose);
     match run(cli) {
@@ -197,8 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn check(cfg: Config, aws: bool) -> anyhow::Result<ExitCode> {
     let mut report = provision::check::offline(&cfg);
+    let rt = runtime()?;
+    rt.block_on(provision::check::playbooks(&cfg, aws, &mut report));
     if aws {
-        let rt = runtime()?;
         rt.block_on(provision::check::with_aws(&cfg, &mut report));
     }
     println!("config: {} layer(s), every key valid", cfg.layers.len());

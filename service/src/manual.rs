@@ -154,25 +154,56 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
     });
     let start = Instant::now();
     let printer = tokio::spawn(async move {
+        use std::io::{IsTerminal as _, Write as _};
+        // On a terminal the "still running" line updates in place; otherwise plain lines.
+        let tty = std::io::stdout().is_terminal();
+        let mut live = false;
         let mut current: Option<(usize, usize, String, Instant)> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut waiting = String::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(if tty { 1 } else { 5 }));
         tick.tick().await;
+        let mut line = |text: String, transient: bool| {
+            let mut out = std::io::stdout().lock();
+            if live {
+                let _ = write!(out, "\r\x1b[K");
+            }
+            if transient && tty {
+                let _ = write!(out, "{text}");
+                live = true;
+            } else {
+                let _ = writeln!(out, "{text}");
+                live = false;
+            }
+            let _ = out.flush();
+        };
         loop {
+            let at = format!("[{:>6.1}s]", start.elapsed().as_secs_f64());
             tokio::select! {
                 p = rx.recv() => match p {
                     Some(Progress::Started { idx, total, description }) => {
-                        println!("[{:>6.1}s] step {}/{total} {description}: running", start.elapsed().as_secs_f64(), idx + 1);
+                        line(format!("{at} step {}/{total} {description}: running", idx + 1), false);
                         current = Some((idx, total, description, Instant::now()));
+                        waiting.clear();
+                    }
+                    Some(Progress::Waiting { idx, what }) => {
+                        line(format!("{at} step {}: {what}", idx + 1), false);
+                        waiting = what;
                     }
                     Some(Progress::Finished { idx, outcome, detail, elapsed }) => {
                         let first = detail.lines().next().unwrap_or("");
-                        println!("[{:>6.1}s] step {} {outcome} in {:.1}s: {first}", start.elapsed().as_secs_f64(), idx + 1, elapsed.as_secs_f64());
+                        line(format!("{at} step {} {outcome} in {:.1}s: {first}", idx + 1, elapsed.as_secs_f64()), false);
                         current = None;
                     }
-                    None => return,
+                    None => {
+                        if tty {
+                            line(String::new(), true);
+                        }
+                        return;
+                    }
                 },
-                _ = tick.tick() => if let Some((idx, total, d, at)) = &current {
-                    println!("[{:>6.1}s] step {}/{total} {d}: still running ({:.0}s)", start.elapsed().as_secs_f64(), idx + 1, at.elapsed().as_secs_f64());
+                _ = tick.tick() => if let Some((idx, total, d, since)) = &current {
+                    let doing = if waiting.is_empty() { "still running".to_string() } else { format!("still {waiting}") };
+                    line(format!("{at} step {}/{total} {d}: {doing} ({:.0}s)", idx + 1, since.elapsed().as_secs_f64()), true);
                 },
             }
         }

@@ -17,13 +17,13 @@ use tokio::sync::watch;
 use crate::cache::TtlCache;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{field, info, info_span, warn, Instrument};
+use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::aws::retry::with_backoff;
 use crate::aws::{Action, ActionCall, HookInfo, HookResult, Hooks, Message, Services};
 use crate::batch::Batcher;
 use crate::config::{Config, Layer, Unmatched};
-use crate::event::{self, LifecycleEvent, Parsed};
+use crate::event::{self, LifecycleEvent, Parsed, Transition};
 use crate::layer::Context;
 use crate::lease::{heartbeat_interval, Leases};
 use crate::metrics::Stats;
@@ -78,6 +78,8 @@ pub enum Progress {
         detail: String,
         elapsed: Duration,
     },
+    /// What a running step waits for (the instance, its host keys, SSH, a batch).
+    Waiting { idx: usize, what: String },
 }
 
 /// Where rejected messages go.
@@ -155,6 +157,9 @@ pub struct Parts {
     pub publisher: Option<Batcher<String>>,
     pub reject_policy: RejectPolicy,
     pub stats: Arc<Stats>,
+    /// SSH reach and the Ansible runner, when the config has SSH steps.
+    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub ansible: Option<Arc<crate::step::ansible::Runner>>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -178,7 +183,13 @@ impl Pipeline {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
-        let shared = Shared::new(&p.services, p.cfg.ssm.batch_window, p.cfg.aws.retry_for);
+        let shared = Shared::new(
+            &p.services,
+            p.cfg.ssm.batch_window,
+            p.cfg.aws.retry_for,
+            p.remote,
+            p.ansible,
+        );
         Pipeline {
             cfg: p.cfg,
             hooks: p.hooks,
@@ -455,6 +466,12 @@ impl Pipeline {
                 }
             }
         };
+        // The instance is going away: forget its host keys, so its address can be reused.
+        if ev.transition == Transition::Terminate || result == HookResult::Abandon {
+            if let Some(r) = &self.shared.remote {
+                r.forget(&ev.instance_id);
+            }
+        }
         if let Err(e) = self.store.decide(&ev.token, result).await {
             warn!(error = %e, "could not record the decision; completing anyway");
         }
@@ -530,13 +547,24 @@ impl Pipeline {
                 let _ = tx.send(p);
             }
         };
-        let ctx = StepContext {
-            template: Context::new(ev, &layer.name, &layer.vars),
-            services: &self.services,
-            shared: &self.shared,
-            retry_for: self.cfg.aws.retry_for,
-        };
         for (idx, step) in layer.steps(ev.transition).iter().enumerate() {
+            let last_note = Mutex::new(String::new());
+            let note = |what: String| {
+                let mut last = last_note.lock().unwrap();
+                if *last != what {
+                    debug!(%what, "waiting");
+                    *last = what.clone();
+                    tell(Progress::Waiting { idx, what });
+                }
+            };
+            let ctx = StepContext {
+                template: Context::new(ev, &layer.name, &layer.vars),
+                services: &self.services,
+                shared: &self.shared,
+                retry_for: self.cfg.aws.retry_for,
+                ssh: &layer.ssh,
+                note: &note,
+            };
             let description = step.describe();
             let span = info_span!("step", idx, kind = step.kind_name());
             if let Err(e) = self
@@ -830,6 +858,8 @@ launch = [ { tag = { Env = "{metadata.environment}" } } ]
             publisher: None,
             reject_policy: RejectPolicy::Delete,
             stats,
+            remote: None,
+            ansible: None,
         });
         World {
             pipeline,

@@ -183,6 +183,15 @@ impl Emulator {
             .collect()
     }
 
+    /// API calls the provision binary made (its SDK announces itself as app/provision), by
+    /// "service:Action".
+    pub fn provision_calls(&self) -> serde_json::Map<String, Value> {
+        self.control("GET", "/_emulator/calls", None)["by_app"]["provision"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// API calls by "service:Action".
     pub fn calls(&self) -> serde_json::Map<String, Value> {
         self.control("GET", "/_emulator/calls", None)["calls"]
@@ -386,10 +395,16 @@ impl Aws {
 
     /// A group of `desired` 0 in a fresh VPC, ready for hooks.
     pub async fn group(&self, name: &str) {
+        self.group_in(name, "10.200.0.0/16", "10.200.0.0/24").await
+    }
+
+    /// A group whose instances get private IPs in `subnet_cidr` (e.g. a `HostNet`'s /24, so
+    /// simulated hosts can take the instances' addresses).
+    pub async fn group_in(&self, name: &str, vpc_cidr: &str, subnet_cidr: &str) {
         let vpc = self
             .ec2
             .create_vpc()
-            .cidr_block("10.200.0.0/16")
+            .cidr_block(vpc_cidr)
             .send()
             .await
             .unwrap();
@@ -398,7 +413,7 @@ impl Aws {
             .ec2
             .create_subnet()
             .vpc_id(&vpc_id)
-            .cidr_block("10.200.0.0/24")
+            .cidr_block(subnet_cidr)
             .availability_zone(format!("{REGION}a"))
             .send()
             .await
@@ -535,7 +550,7 @@ impl Aws {
             .collect()
     }
 
-    pub async fn instance_state(&self, instance: &str) -> String {
+    async fn describe_instance(&self, instance: &str) -> aws_sdk_ec2::types::Instance {
         let r = self
             .ec2
             .describe_instances()
@@ -546,12 +561,25 @@ impl Aws {
         r.reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .filter_map(|i| {
-                i.state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_string())
-            })
             .next()
+            .cloned()
+            .unwrap_or_else(|| panic!("no instance {instance}"))
+    }
+
+    pub async fn private_ip(&self, instance: &str) -> String {
+        self.describe_instance(instance)
+            .await
+            .private_ip_address()
+            .expect("the instance has a private IP")
+            .to_string()
+    }
+
+    pub async fn instance_state(&self, instance: &str) -> String {
+        self.describe_instance(instance)
+            .await
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
             .unwrap_or_default()
     }
 
@@ -643,6 +671,11 @@ impl Provision {
             state,
             env: emu.env(),
         }
+    }
+
+    /// An environment variable for every command this runs.
+    pub fn set_env(&mut self, key: &'static str, value: impl Into<String>) {
+        self.env.push((key, value.into()));
     }
 
     /// Replaces text in the generated config (for keys of the generated tables).

@@ -104,6 +104,10 @@ impl Instances for FakeInstances {
             })
             .collect())
     }
+
+    async fn console_output(&self, _: &InstanceId) -> Result<Option<String>, AwsError> {
+        Ok(None)
+    }
 }
 
 /// For services a test never expects to be called: any call fails the test.
@@ -121,6 +125,9 @@ impl Ssm for Unused {
         panic!("unexpected SSM call")
     }
     async fn cancel(&self, _: &str, _: &[InstanceId]) -> Result<(), AwsError> {
+        panic!("unexpected SSM call")
+    }
+    async fn parameter(&self, _: &str) -> Result<crate::secret::Secret, AwsError> {
         panic!("unexpected SSM call")
     }
 }

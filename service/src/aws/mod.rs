@@ -197,6 +197,9 @@ pub trait Instances: Send + Sync {
     /// DescribeInstances for many instances in one call (at most 1000 ids). Unknown ids are
     /// simply absent from the answer.
     async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError>;
+    /// GetConsoleOutput, decoded from base64; None while the instance has no output yet.
+    /// (EC2 has no batch form of this call.)
+    async fn console_output(&self, instance: &InstanceId) -> Result<Option<String>, AwsError>;
 }
 
 /// One Run Command request, the same for every instance it targets.
@@ -241,6 +244,8 @@ pub trait Ssm: Send + Sync {
     /// Every invocation of a command (ListCommandInvocations with details, all pages).
     async fn invocations(&self, command_id: &str) -> Result<Vec<Invocation>, AwsError>;
     async fn cancel(&self, command_id: &str, ids: &[InstanceId]) -> Result<(), AwsError>;
+    /// GetParameter WithDecryption (a SecureString's plain text).
+    async fn parameter(&self, name: &str) -> Result<crate::secret::Secret, AwsError>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

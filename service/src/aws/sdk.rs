@@ -22,7 +22,19 @@ use crate::metrics::CountCalls;
 
 /// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call.
 pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    // Credentials that were in the environment live in memory only (secret::scrub_environment):
+    // children never inherit them.
+    if let Some(c) = crate::secret::env_credentials() {
+        loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            c.access_key_id,
+            c.secret_access_key.expose(),
+            c.session_token.map(|t| t.expose().to_string()),
+            None,
+            "environment",
+        ));
+    }
+    loader
         // Shows as app/provision in the User-Agent (CloudTrail, and the emulator's counters).
         .app_name(aws_config::AppName::new("provision").expect("a valid app name"))
         .retry_config(
@@ -447,6 +459,29 @@ impl Instances for Ec2Instances {
         }
         Ok(out)
     }
+
+    async fn console_output(&self, instance: &InstanceId) -> Result<Option<String>, AwsError> {
+        use base64::Engine as _;
+        let op = "ec2:GetConsoleOutput";
+        let out = self
+            .client
+            .get_console_output()
+            .instance_id(instance.as_str())
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        match out.output() {
+            None | Some("") => Ok(None),
+            Some(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| {
+                        AwsError::permanent(op, format!("console output is not base64: {e}"))
+                    })?;
+                Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+        }
+    }
 }
 
 pub struct SsmClient {
@@ -572,6 +607,22 @@ impl Ssm for SsmClient {
             .await
             .map_err(|e| classify("ssm:CancelCommand", e))?;
         Ok(())
+    }
+
+    async fn parameter(&self, name: &str) -> Result<crate::secret::Secret, AwsError> {
+        let op = "ssm:GetParameter";
+        let out = self
+            .client
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))?;
+        out.parameter()
+            .and_then(|p| p.value())
+            .map(|v| crate::secret::Secret::new(v.to_string()))
+            .ok_or_else(|| AwsError::permanent(op, format!("parameter {name} has no value")))
     }
 }
 

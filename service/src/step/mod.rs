@@ -6,6 +6,7 @@
 //! Running steps in order, heartbeating and completing the hook is the pipeline's job.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
@@ -15,13 +16,18 @@ use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Context, Template, Vars};
 
+pub mod ansible;
 pub mod gather;
 pub mod opsworks;
+pub mod ssh;
 pub mod ssm;
 pub mod tag;
 
 /// Step kinds this build knows, in the order the docs list them.
-pub const KINDS: &[&str] = &["tag", "ssm", "opsworks"];
+pub const KINDS: &[&str] = &["tag", "ssm", "opsworks", "ssh", "ansible"];
+
+/// Room above an SSH step's own timeout for reaching the instance (ssh.ready_timeout).
+const SSH_REACH_ALLOWANCE: Duration = Duration::from_secs(3600);
 
 /// Default upper bound of one step, retries included.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -37,6 +43,8 @@ pub enum StepKind {
     Tag(tag::Tag),
     Ssm(ssm::Ssm),
     OpsWorks(opsworks::OpsWorks),
+    Ssh(ssh::Ssh),
+    Ansible(ansible::Ansible),
 }
 
 /// Why a step failed; decides nothing about the hook (the layer's `on_failure` does).
@@ -70,6 +78,18 @@ pub struct StepContext<'a> {
     pub services: &'a Services,
     pub shared: &'a Shared,
     pub retry_for: Duration,
+    /// The layer's ssh overrides (user, port).
+    pub ssh: &'a crate::remote::LayerSsh,
+    /// Tells a watching operator what the step waits for (`provision <instance-id>`).
+    pub note: &'a (dyn Fn(String) + Send + Sync),
+}
+
+impl StepContext<'_> {
+    /// Reports what the step is waiting for; repeated identical notes are the caller's
+    /// to de-duplicate.
+    pub fn note(&self, what: String) {
+        (self.note)(what)
+    }
 }
 
 /// Step machinery shared by every event in flight: batched lookups, batches being
@@ -81,10 +101,19 @@ pub struct Shared {
     pub ssm_batches: gather::Gather<ssm::BatchKey, InstanceId, Result<String, String>>,
     pub ow_stacks: TtlCache<String, Vec<OwStack>>,
     pub ow_layers: TtlCache<(String, String), Vec<OwLayer>>,
+    /// SSH reach (None where SSH is not set up: Lambda, unit tests).
+    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub ansible: Option<Arc<ansible::Runner>>,
 }
 
 impl Shared {
-    pub fn new(services: &Services, ssm_window: Duration, retry_for: Duration) -> Shared {
+    pub fn new(
+        services: &Services,
+        ssm_window: Duration,
+        retry_for: Duration,
+        remote: Option<Arc<crate::remote::Remote>>,
+        ansible: Option<Arc<ansible::Runner>>,
+    ) -> Shared {
         let instances = services.instances.clone();
         let (lookup, _task) = Batcher::spawn(
             100,
@@ -117,8 +146,24 @@ impl Shared {
             ssm_batches: gather::Gather::new(ssm_window, ssm::MAX_TARGETS),
             ow_stacks: TtlCache::new(Duration::from_secs(300)),
             ow_layers: TtlCache::new(Duration::from_secs(300)),
+            remote,
+            ansible,
         }
     }
+}
+
+/// The end of a command's output for the history: trimmed, at most `max` bytes, with `…`
+/// where the beginning was cut (the end is where errors are).
+pub fn tail(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &s[start..])
 }
 
 /// Steps that run things on the instance (ssm, ansible, ssh) may read metadata only
@@ -152,6 +197,8 @@ impl Step {
             StepKind::Tag(_) => "tag",
             StepKind::Ssm(_) => "ssm",
             StepKind::OpsWorks(_) => "opsworks",
+            StepKind::Ssh(_) => "ssh",
+            StepKind::Ansible(_) => "ansible",
         }
     }
 
@@ -161,6 +208,8 @@ impl Step {
             StepKind::Tag(t) => t.describe(),
             StepKind::Ssm(s) => s.describe(),
             StepKind::OpsWorks(o) => o.describe(),
+            StepKind::Ssh(s) => s.describe(),
+            StepKind::Ansible(a) => a.describe(),
         }
     }
 
@@ -180,6 +229,8 @@ impl Step {
                 )
             }),
             StepKind::OpsWorks(o) => o.preview(ctx),
+            StepKind::Ssh(s) => s.preview(ctx),
+            StepKind::Ansible(a) => a.preview(ctx),
         };
         r.unwrap_or_else(|e| format!("{} (would fail: {e})", self.describe()))
     }
@@ -190,6 +241,8 @@ impl Step {
                 StepKind::Tag(t) => t.run(ctx).await,
                 StepKind::Ssm(s) => s.run(ctx).await,
                 StepKind::OpsWorks(o) => o.run(ctx).await,
+                StepKind::Ssh(s) => s.run(ctx).await,
+                StepKind::Ansible(a) => a.run(ctx).await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -230,6 +283,7 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
     for (k, v) in table {
         match k.as_str() {
             k if k == kind => {}
+            k if kind == "ansible" && ansible::SIBLING_KEYS.contains(&k) => {}
             "timeout" => match v.as_str().map(humantime::parse_duration) {
                 Some(Ok(d)) if !d.is_zero() => timeout = Some(d),
                 _ => errs.push(ConfigError::new(
@@ -250,6 +304,8 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
         "opsworks" => {
             opsworks::OpsWorks::parse(&table[kind], &kind_key, vars).map(StepKind::OpsWorks)
         }
+        "ssh" => ssh::Ssh::parse(&table[kind], &kind_key, vars).map(StepKind::Ssh),
+        "ansible" => ansible::Ansible::parse(table, key, vars).map(StepKind::Ansible),
         _ => unreachable!("kind comes from KINDS"),
     };
     match parsed {
@@ -260,6 +316,8 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
                 StepKind::Ssm(s) => s.online_timeout + s.timeout + Duration::from_secs(60),
                 StepKind::OpsWorks(_) => Duration::from_secs(3600),
                 StepKind::Tag(_) => DEFAULT_TIMEOUT,
+                StepKind::Ssh(_) => ssh::DEFAULT_TIMEOUT + SSH_REACH_ALLOWANCE,
+                StepKind::Ansible(a) => a.timeout + SSH_REACH_ALLOWANCE,
             });
             Ok(Step { kind, timeout })
         }

@@ -27,7 +27,7 @@ use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Template, Vars};
 
-use super::{require_declared, StepContext, StepError, StepOutput};
+use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
 /// SendCommand takes at most 50 instance ids.
 pub const MAX_TARGETS: usize = 50;
@@ -260,18 +260,6 @@ impl Ssm {
     }
 }
 
-fn excerpt(s: &str) -> String {
-    let s = s.trim();
-    if s.len() <= EXCERPT {
-        return s.to_string();
-    }
-    let mut start = s.len() - EXCERPT;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &s[start..])
-}
-
 /// One SendCommand for `ids`, polled to the end. One result per id, in order.
 async fn run_batch(
     ssm: Arc<dyn SsmApi>,
@@ -333,7 +321,7 @@ async fn run_batch(
                 .response_code
                 .map(|c| format!(", exit {c}"))
                 .unwrap_or_default();
-            let out = excerpt(&inv.output);
+            let out = tail(&inv.output, EXCERPT);
             if inv.status == "Success" {
                 Ok(format!("command {command_id}: Success{code}\n{out}"))
             } else {

@@ -1,0 +1,201 @@
+//! The `ssh` step: commands, or a local script, run on the instance over SSH.
+//!
+//! ```toml
+//! { ssh = ["systemctl restart app", "/opt/app/check --role {metadata.role}"] }
+//! { ssh = { script = "scripts/drain.sh" }, timeout = "5m" }
+//! ```
+//!
+//! The instance is reached as for every SSH step ([`crate::remote`]), then each command runs
+//! in the login shell of `ssh.user`, in order, through one connection (the `openssh`
+//! crate); a script is sent on stdin to `sh -s`. A non-zero exit fails the step with the
+//! command's exit status and the end of its stderr and stdout. Commands are templates;
+//! metadata only reaches them through the layer's declared vars.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::ConfigError;
+use crate::layer::{Context, Template, Vars};
+
+use super::{require_declared, tail, StepContext, StepError, StepOutput};
+
+const EXCERPT: usize = 800;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub enum Ssh {
+    Commands(Vec<Template>),
+    /// A local file, relative to the playbook directory's parent when relative.
+    Script(PathBuf),
+}
+
+impl Ssh {
+    pub fn parse(value: &toml::Value, key: &str, vars: &Vars) -> Result<Ssh, Vec<ConfigError>> {
+        let usage = "must be a list of commands, or { commands = [...] } or { script = \"PATH\" }";
+        let commands = |list: &[toml::Value], key: &str| -> Result<Ssh, Vec<ConfigError>> {
+            let mut errs = Vec::new();
+            let mut out = Vec::new();
+            if list.is_empty() {
+                errs.push(ConfigError::new(key, "no commands"));
+            }
+            for (i, v) in list.iter().enumerate() {
+                let ck = format!("{key}[{i}]");
+                match v.as_str().map(Template::parse) {
+                    Some(Ok(t)) => {
+                        errs.extend(require_declared(&t, &ck, vars));
+                        out.push(t);
+                    }
+                    Some(Err(e)) => errs.push(ConfigError::new(ck, e.to_string())),
+                    None => errs.push(ConfigError::new(ck, "must be a string")),
+                }
+            }
+            if errs.is_empty() {
+                Ok(Ssh::Commands(out))
+            } else {
+                Err(errs)
+            }
+        };
+        match value {
+            toml::Value::Array(a) => commands(a, key),
+            toml::Value::Table(t) => match (t.get("commands"), t.get("script"), t.len()) {
+                (Some(toml::Value::Array(a)), None, 1) => commands(a, &format!("{key}.commands")),
+                (None, Some(toml::Value::String(s)), 1) if !s.is_empty() => {
+                    Ok(Ssh::Script(PathBuf::from(s)))
+                }
+                _ => Err(vec![ConfigError::new(key, usage)]),
+            },
+            _ => Err(vec![ConfigError::new(key, usage)]),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Ssh::Commands(c) => format!(
+                "ssh {}",
+                c.iter()
+                    .map(|t| format!("{:?}", t.source()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Ssh::Script(p) => format!("ssh script {}", p.display()),
+        }
+    }
+
+    pub fn preview(&self, ctx: &Context<'_>) -> Result<String, StepError> {
+        match self {
+            Ssh::Commands(c) => {
+                let cmds = c
+                    .iter()
+                    .map(|t| t.render(ctx).map_err(|e| StepError::Input(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(format!("ssh {cmds:?}"))
+            }
+            Ssh::Script(p) => Ok(format!("ssh script {} (sh -s)", p.display())),
+        }
+    }
+
+    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
+        // Render first: bad input fails before anything connects.
+        let work: Vec<(String, Option<Vec<u8>>)> = match self {
+            Ssh::Commands(c) => c
+                .iter()
+                .map(|t| {
+                    t.render(&ctx.template)
+                        .map(|cmd| (cmd, None))
+                        .map_err(|e| StepError::Input(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
+            Ssh::Script(p) => {
+                let path = match (&ctx.shared.ansible, p.is_relative()) {
+                    (Some(r), true) => r
+                        .settings
+                        .playbook_dir
+                        .parent()
+                        .map(|d| d.join(p))
+                        .unwrap_or_else(|| p.clone()),
+                    _ => p.clone(),
+                };
+                let body = tokio::fs::read(&path).await.map_err(|e| {
+                    StepError::Input(format!("cannot read script {}: {e}", path.display()))
+                })?;
+                vec![("sh -s".to_string(), Some(body))]
+            }
+        };
+        let remote =
+            ctx.shared.remote.as_ref().ok_or_else(|| {
+                StepError::NotReady("SSH is not available in this mode".to_string())
+            })?;
+        let (target, session) = remote.reach(ctx).await?;
+        let mut details = Vec::new();
+        let mut failure = None;
+        for (cmd, stdin) in &work {
+            ctx.note(format!("running {cmd:?} on {}", target.address));
+            let mut c = session.raw_command(cmd);
+            c.stdout(openssh::Stdio::piped())
+                .stderr(openssh::Stdio::piped());
+            if stdin.is_some() {
+                c.stdin(openssh::Stdio::piped());
+            } else {
+                c.stdin(openssh::Stdio::null());
+            }
+            let out = match stdin {
+                None => c.output().await,
+                Some(body) => run_with_stdin(&mut c, body).await,
+            };
+            match out {
+                Ok(out) => {
+                    let code = out.status.code();
+                    let text = format!(
+                        "$ {cmd} -> exit {}\n{}{}",
+                        code.map(|c| c.to_string())
+                            .unwrap_or_else(|| "by signal".into()),
+                        lines("", &out.stdout),
+                        lines("stderr: ", &out.stderr)
+                    );
+                    info!(command = %cmd, exit = ?code, "ssh command finished");
+                    details.push(text.clone());
+                    if !out.status.success() {
+                        failure = Some(text);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(format!("$ {cmd}: {}", crate::remote::ssh_error_text(&e)));
+                    break;
+                }
+            }
+        }
+        if let Err(e) = session.close().await {
+            warn!(error = %e, "closing the SSH session");
+        }
+        match failure {
+            Some(f) => Err(StepError::Remote(f)),
+            None => Ok(StepOutput {
+                detail: details.join("\n"),
+            }),
+        }
+    }
+}
+
+async fn run_with_stdin(
+    c: &mut openssh::OwningCommand<&openssh::Session>,
+    body: &[u8],
+) -> Result<std::process::Output, openssh::Error> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = c.spawn().await?;
+    if let Some(mut stdin) = child.stdin().take() {
+        let _ = stdin.write_all(body).await;
+        let _ = stdin.shutdown().await;
+    }
+    child.wait_with_output().await
+}
+
+/// An output excerpt as its own line(s), or nothing.
+fn lines(label: &str, b: &[u8]) -> String {
+    match tail(&String::from_utf8_lossy(b), EXCERPT) {
+        e if e.is_empty() => e,
+        e => format!("{label}{e}\n"),
+    }
+}
