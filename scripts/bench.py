@@ -1,10 +1,18 @@
 """Benchmarks against the emulator. Prints figures, asserts nothing.
 
-Scenarios (usage: bench.py BINARY [SCENARIO ...], default all):
-  tag[:N]   a burst of N launches (default 500) with one `tag` step: wall time from first
-            message to last completed hook, AWS API calls per launch as counted by the
-            emulator, peak RSS of the worker, idle RSS of the daemon
-  ssm[:N]   N launches (default 200) with one `ssm` step: SSM API calls per launch, wall time
+Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
+  tag[:N]     a burst of N launches (default 500) with one `tag` step: wall time from first
+              message to last completed hook, AWS API calls per launch as counted by the
+              emulator, peak RSS of the worker, idle RSS of the daemon
+  ssm[:N]     N launches (default 200) with one `ssm` step: SSM API calls per launch, wall time
+  ansible[:N] N instances (default 20) launched at once, each a simulated host (its own sshd
+              in a network namespace) configured by a 3-task playbook, once batched (one
+              ansible-playbook run for the burst) and once with max_batch = 1 (one run per
+              instance): runs, wall time, CPU seconds of the whole provision process tree,
+              batched/per-instance CPU ratio (target <= 1/3). Runs the ignored test
+              bench_ansible_batching of tests/ssh_steps.rs (the debug build of provision;
+              its own CPU is a few percent of the tree's). Needs root (network namespaces),
+              takes a few minutes, so it is not in the default set.
 """
 
 import json
@@ -93,9 +101,44 @@ launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = 
         aws.stop()
 
 
+def require_root(scenario):
+    if os.geteuid() != 0:
+        raise SystemExit(f"bench {scenario}: needs root (each simulated instance is an sshd in its "
+                         f"own network namespace); run it as root, e.g. sudo scripts/bench {scenario}")
+
+
+def bench_ansible(instances):
+    """Runs the bench_ansible_batching test (it prints the figures) and relays its report."""
+    require_root("ansible")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = ["cargo", "test", "--test", "ssh_steps", "--", "--ignored", "--nocapture", "--exact",
+           "--test-threads=1", "bench_ansible_batching"]
+    print(f"\n(running: BENCH_INSTANCES={instances} {' '.join(cmd)})", flush=True)
+    out = subprocess.run(cmd, cwd=root, env={**os.environ, "BENCH_INSTANCES": str(instances)},
+                         stdout=subprocess.PIPE, text=True)
+    figures, report = None, False
+    for line in out.stdout.splitlines():
+        if line.startswith("== ansible"):
+            report = True
+        if line.startswith("BENCH_JSON "):
+            figures = json.loads(line[len("BENCH_JSON "):])
+            report = False
+        elif report:
+            print(line)
+    if out.returncode != 0 or figures is None:
+        print(out.stdout)
+        raise SystemExit(f"bench ansible: the test failed (exit {out.returncode})")
+    return figures
+
+
 def main():
     binary = sys.argv[1]
     scenarios = sys.argv[2:] or ["tag", "ssm"]
+    for sc in scenarios:
+        if sc.partition(":")[0] not in ("tag", "ssm", "ansible"):
+            raise SystemExit(f"unknown scenario {sc!r} (tag[:N], ssm[:N], ansible[:N])")
+    if any(sc.partition(":")[0] == "ansible" for sc in scenarios):
+        require_root("ansible")
     figures = {}
     for sc in scenarios:
         name, _, n = sc.partition(":")
@@ -103,8 +146,8 @@ def main():
             figures.update(bench_tag(binary, int(n or 500)))
         elif name == "ssm":
             figures.update(bench_ssm(binary, int(n or 200)))
-        else:
-            raise SystemExit(f"unknown scenario {sc!r}")
+        elif name == "ansible":
+            figures.update(bench_ansible(int(n or 20)))
     print("\n" + json.dumps(figures))
 
 
