@@ -560,6 +560,65 @@ launch = [ { ssh = [
     }
 }
 
+/// A message for an instance that no longer exists (a stale redelivery, a DLQ redrive) is
+/// looked up in the same DescribeInstances call as the live ones: EC2 answers a call naming
+/// an unknown instance id with InvalidInstanceID.NotFound, so the lookup must not name ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_for_a_vanished_instance_does_not_hold_up_the_others() {
+    let w = World::new("app-gone", 300, None).await;
+    let hosts = w.launch("app-gone", 2, |net, ip| net.host(ip)).await;
+    let gone = "i-0dead00000000beef";
+    let body = json!({
+        "Origin": "EC2", "Destination": "AutoScalingGroup", "Service": "AWS Auto Scaling",
+        "AccountId": "123456789012", "RequestId": "5f7e0c1a-0b1c-4d2e-8f3a-9b8c7d6e5f4a",
+        "Time": "2026-11-21T10:15:42.113Z", "LifecycleHookName": "provision-launch",
+        "LifecycleTransition": LAUNCH, "AutoScalingGroupName": "app-gone",
+        "EC2InstanceId": gone, "LifecycleActionToken": "0c7d1e9a-3b5f-4a6e-9d2c-1f8e7a6b5c4d",
+    });
+    w.aws.send(&w.q, &body.to_string()).await;
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/done"] } ]
+"#,
+    );
+    p.edit_config("ready_timeout = \"60s\"", "ready_timeout = \"8s\"");
+    // Not a drain-once worker: an ABANDONed instance's replacement would keep it busy.
+    let mut d = p.daemon();
+    common::eventually(
+        "every action to finish",
+        Duration::from_secs(150),
+        || async {
+            let done = results_by_instance(&w.emu);
+            let gone_run = p
+                .history()
+                .into_iter()
+                .any(|r| r.instance_id.as_deref() == Some(gone) && r.error.is_some());
+            (gone_run && hosts.iter().all(|(id, _)| done.contains_key(id))).then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    let log = d.log();
+    let results = results_by_instance(&w.emu);
+    for (id, _) in &hosts {
+        assert_eq!(
+            results.get(id).map(|r| r["result"].clone()),
+            Some(json!("CONTINUE")),
+            "{id}: {}\n{log}",
+            run_error(&p, id)
+        );
+        assert!(w.dir(id).join("done").exists());
+    }
+    let err = run_error(&p, gone);
+    assert!(
+        err.contains("DescribeInstances does not know") && err.contains("ssh.ready_timeout"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manual_command_shows_what_it_waits_for_then_completes() {
     let w = World::new("web-man", 300, Some(r#"{"role":"ops"}"#)).await;

@@ -389,39 +389,17 @@ impl Ec2Instances {
             client: aws_sdk_ec2::Client::from_conf(conf),
         }
     }
-}
 
-#[async_trait]
-impl Instances for Ec2Instances {
-    async fn create_tags(
+    /// Every page of DescribeInstances with one filter, appended to `out`.
+    async fn describe_pages(
         &self,
-        instance: &InstanceId,
-        tags: &[(String, String)],
+        filter: aws_sdk_ec2::types::Filter,
+        out: &mut Vec<InstanceInfo>,
     ) -> Result<(), AwsError> {
-        use aws_sdk_ec2::types::Tag;
-        self.client
-            .create_tags()
-            .resources(instance.as_str())
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .send()
-            .await
-            .map_err(|e| classify("ec2:CreateTags", e))?;
-        Ok(())
-    }
-
-    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
         let mut pages = self
             .client
             .describe_instances()
-            .set_instance_ids(Some(ids.iter().map(|i| i.to_string()).collect()))
+            .filters(filter)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -456,6 +434,49 @@ impl Instances for Ec2Instances {
                         .collect(),
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Instances for Ec2Instances {
+    async fn create_tags(
+        &self,
+        instance: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), AwsError> {
+        use aws_sdk_ec2::types::Tag;
+        self.client
+            .create_tags()
+            .resources(instance.as_str())
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| classify("ec2:CreateTags", e))?;
+        Ok(())
+    }
+
+    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The ids go in an `instance-id` filter, not in InstanceIds: EC2 fails the whole
+        // call with InvalidInstanceID.NotFound when InstanceIds names one instance it does
+        // not know (gone for over an hour, or too new to be visible yet), and one stale
+        // message would then stop every instance it shares the call with. A filter simply
+        // leaves unknown ids out. (EC2 takes at most 200 values in one filter.)
+        let mut out = Vec::new();
+        for chunk in ids.chunks(200) {
+            let filter = aws_sdk_ec2::types::Filter::builder()
+                .name("instance-id")
+                .set_values(Some(chunk.iter().map(|i| i.to_string()).collect()))
+                .build();
+            self.describe_pages(filter, &mut out).await?;
         }
         Ok(out)
     }
