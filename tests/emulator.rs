@@ -822,3 +822,81 @@ async fn an_operator_provisions_one_instance_by_hand() {
         "{out:?}"
     );
 }
+
+/// Instances that terminate without their terminate hook reaching provision leave their
+/// known_hosts files behind; the daemon removes those of instances EC2 lists as terminated
+/// or not at all, once they are an hour old, and keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_hosts_files_of_vanished_instances_are_pruned() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("app-prune").await;
+    aws.scale("app-prune", 2).await;
+    let ids: Vec<String> = aws
+        .instances("app-prune")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let (alive, terminated) = (&ids[0], &ids[1]);
+    aws.ec2
+        .terminate_instances()
+        .instance_ids(terminated)
+        .send()
+        .await
+        .unwrap();
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        "[layers.app]\ngroups = [\"app-*\"]\nlaunch = [ { ssh = [\"true\"] } ]\n",
+    );
+    let dir = p.dir.join("known_hosts.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let file = |name: &str, old: bool| {
+        let f = std::fs::File::create(dir.join(name)).unwrap();
+        if old {
+            f.set_modified(two_hours_ago).unwrap();
+        }
+    };
+    let never_existed = "i-0123456789abcdef0";
+    let too_new_to_judge = "i-0fedcba9876543210";
+    file(alive, true);
+    file(terminated, true);
+    file(never_existed, true);
+    file(too_new_to_judge, false);
+    file("not-an-instance", true);
+    let mut d = p.daemon();
+    let left = || -> BTreeSet<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    eventually(
+        "the vanished instances' files to go",
+        Duration::from_secs(30),
+        || async {
+            (!left().contains(terminated.as_str()) && !left().contains(never_existed)).then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    let expected: BTreeSet<String> = [alive.as_str(), too_new_to_judge, "not-an-instance"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(left(), expected, "{}", d.log());
+    assert!(
+        d.log()
+            .contains("removed the known_hosts entries of instances that no longer exist"),
+        "{}",
+        d.log()
+    );
+    // One DescribeInstances for the three old files.
+    assert_eq!(emu.provision_calls()["ec2:DescribeInstances"], 1);
+}

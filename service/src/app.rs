@@ -13,7 +13,7 @@ use crate::aws::retry::with_backoff;
 use crate::aws::sdk::{
     self, AutoScalingHooks, Ec2Instances, OpsWorksClient, SnsNotifier, SqsQueue, SsmClient,
 };
-use crate::aws::{Hooks, Notifier, Queue, Services};
+use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::config::{Config, OnReject};
 use crate::daemon::Settings;
@@ -27,6 +27,9 @@ use crate::store::Store;
 /// How long a result event waits for others to share its PublishBatch call.
 const PUBLISH_LINGER: Duration = Duration::from_millis(250);
 
+/// How often the known_hosts files of vanished instances are looked for.
+const KNOWN_HOSTS_PRUNE_EVERY: Duration = Duration::from_secs(6 * 3600);
+
 /// How long finished runs stay in the history.
 const HISTORY_KEEP: Duration = Duration::from_secs(90 * 86_400);
 
@@ -35,6 +38,26 @@ pub struct App {
     pub queue: Arc<dyn Queue>,
     pub settings: Settings,
     publisher_task: Option<JoinHandle<()>>,
+}
+
+/// At start and every [`KNOWN_HOSTS_PRUNE_EVERY`]: removes the known_hosts files of
+/// instances that terminated without their terminate hook reaching provision.
+fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>) {
+    tokio::spawn(async move {
+        loop {
+            match remote.prune_known_hosts(instances.as_ref()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    files = n,
+                    "removed the known_hosts entries of instances that no longer exist"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune known_hosts entries; will try again later")
+                }
+            }
+            tokio::time::sleep(KNOWN_HOSTS_PRUNE_EVERY).await;
+        }
+    });
 }
 
 impl App {
@@ -111,6 +134,7 @@ impl App {
                 &state_dir,
             )
             .context("setting up Ansible (log directory, callback plugin)")?;
+            spawn_known_hosts_pruning(remote.clone(), services.instances.clone());
             (Some(remote), Some(runner))
         } else {
             (None, None)

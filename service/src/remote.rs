@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::aws::InstanceInfo;
+use crate::aws::{AwsError, InstanceInfo, Instances};
 use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::step::{StepContext, StepError};
@@ -35,6 +35,8 @@ use crate::step::{StepContext, StepError};
 const DEFAULT_USER: &str = "ec2-user";
 const WAIT_FIRST: Duration = Duration::from_secs(1);
 const WAIT_MAX: Duration = Duration::from_secs(10);
+/// A known_hosts file this old whose instance EC2 no longer lists as alive is removed.
+pub const PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
 
 /// `[ssh]`: how every SSH step reaches instances.
 #[derive(Debug, Clone)]
@@ -476,6 +478,53 @@ impl Remote {
                 Err(e) => warn!(instance_id = %id, error = %e, "cannot remove known_hosts entry"),
             }
         }
+    }
+
+    /// Removes the known_hosts files of instances EC2 no longer lists as alive: terminated
+    /// without their terminate hook reaching provision (no terminate hook, or a decommission
+    /// run by hand). Files younger than [`PRUNE_MIN_AGE`] stay: a new instance may not be
+    /// visible to DescribeInstances yet. One DescribeInstances call per 200 files, none when
+    /// there is nothing old. Returns how many files were removed.
+    pub async fn prune_known_hosts(&self, instances: &dyn Instances) -> Result<usize, AwsError> {
+        if !matches!(
+            self.settings.host_key_check,
+            HostKeyCheck::Console | HostKeyCheck::AcceptNew
+        ) {
+            return Ok(0);
+        }
+        let Ok(dir) = std::fs::read_dir(&self.known_hosts_dir) else {
+            return Ok(0);
+        };
+        let old: Vec<InstanceId> = dir
+            .flatten()
+            .filter(|e| {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= PRUNE_MIN_AGE)
+            })
+            .filter_map(|e| InstanceId::parse(e.file_name().to_str()?).ok())
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let alive: std::collections::HashSet<String> = instances
+            .describe(&old)
+            .await?
+            .into_iter()
+            .filter(|i| i.state != "terminated")
+            .map(|i| i.id)
+            .collect();
+        let mut removed = 0;
+        for id in old.iter().filter(|id| !alive.contains(id.as_str())) {
+            match std::fs::remove_file(self.known_hosts_dir.join(id.as_str())) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(instance_id = %id, error = %e, "cannot remove known_hosts entry"),
+            }
+        }
+        Ok(removed)
     }
 
     fn address_of(&self, info: &InstanceInfo) -> Option<String> {

@@ -194,8 +194,8 @@ pub trait Instances: Send + Sync {
         instance: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), AwsError>;
-    /// DescribeInstances for many instances in one call (at most 1000 ids). Unknown ids are
-    /// simply absent from the answer.
+    /// DescribeInstances for many instances (one call per 200 ids). Unknown ids are simply
+    /// absent from the answer, never an error.
     async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError>;
     /// GetConsoleOutput, decoded from base64; None while the instance has no output yet.
     /// (EC2 has no batch form of this call.)
