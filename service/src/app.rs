@@ -38,11 +38,13 @@ pub struct App {
     pub queue: Arc<dyn Queue>,
     pub settings: Settings,
     publisher_task: Option<JoinHandle<()>>,
+    /// For the daemon's housekeeping (None when no step uses SSH).
+    known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
 }
 
 /// At start and every [`KNOWN_HOSTS_PRUNE_EVERY`]: removes the known_hosts files of
 /// instances that terminated without their terminate hook reaching provision.
-fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>) {
+fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match remote.prune_known_hosts(instances.as_ref()).await {
@@ -57,7 +59,7 @@ fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>)
             }
             tokio::time::sleep(KNOWN_HOSTS_PRUNE_EVERY).await;
         }
-    });
+    })
 }
 
 impl App {
@@ -134,11 +136,13 @@ impl App {
                 &state_dir,
             )
             .context("setting up Ansible (log directory, callback plugin)")?;
-            spawn_known_hosts_pruning(remote.clone(), services.instances.clone());
             (Some(remote), Some(runner))
         } else {
             (None, None)
         };
+        let known_hosts = remote
+            .as_ref()
+            .map(|r| (r.clone(), services.instances.clone()));
         let settings = Settings {
             max_in_flight: cfg.queue.max_in_flight,
             wait_time: cfg.queue.wait_time,
@@ -163,7 +167,15 @@ impl App {
             queue,
             settings,
             publisher_task,
+            known_hosts,
         })
+    }
+
+    /// The long-running daemon's housekeeping (not for one-shot commands): known_hosts files
+    /// of vanished instances are pruned at start and every few hours. Abort it at shutdown.
+    pub fn spawn_housekeeping(&self) -> Option<JoinHandle<()>> {
+        let (remote, instances) = self.known_hosts.clone()?;
+        Some(spawn_known_hosts_pruning(remote, instances))
     }
 
     /// Waits until every queued result event was published.

@@ -329,6 +329,10 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         let stats = app.pipeline.stats.clone();
         let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
         let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
+        let housekeeping = match mode {
+            Mode::Daemon => app.spawn_housekeeping(),
+            _ => None,
+        };
         let endpoint = match (mode, metrics_listen) {
             (Mode::Daemon, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
@@ -351,6 +355,9 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
         health.abort();
+        if let Some(h) = housekeeping {
+            h.abort();
+        }
         if let Some(e) = endpoint {
             e.abort();
         }

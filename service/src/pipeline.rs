@@ -443,11 +443,12 @@ impl Pipeline {
                 result
             }
             Claim::Fresh => {
-                if !opts.heartbeat {
-                } else if let Some(info) = self.hook_info(&ev.group, &ev.hook).await {
-                    lease.beat(action.clone(), heartbeat_interval(info.heartbeat_timeout));
-                } else {
-                    lease.beat(action.clone(), FALLBACK_HEARTBEAT);
+                if opts.heartbeat {
+                    let every = match self.hook_info(&ev.group, &ev.hook).await {
+                        Some(info) => heartbeat_interval(info.heartbeat_timeout),
+                        None => FALLBACK_HEARTBEAT,
+                    };
+                    lease.beat(action.clone(), every);
                 }
                 match self
                     .run_steps(ev, layer, run_id, &mut report, cancel, opts)
@@ -466,8 +467,12 @@ impl Pipeline {
                 }
             }
         };
-        // The instance is going away: forget its host keys, so its address can be reused.
-        if ev.transition == Transition::Terminate || result == HookResult::Abandon {
+        // The instance is going away (its terminate action, or an ABANDONed launch, is about
+        // to be completed): forget its host keys. A manual run that completes nothing leaves
+        // the instance as it is, and its keys with it.
+        if opts.complete
+            && (ev.transition == Transition::Terminate || result == HookResult::Abandon)
+        {
             if let Some(r) = &self.shared.remote {
                 r.forget(&ev.instance_id);
             }

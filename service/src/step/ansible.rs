@@ -204,18 +204,12 @@ impl Ansible {
                 "must be a table of variable names to templates",
             )),
         }
-        let timeout = match table.get("timeout") {
-            Some(v) => v
-                .as_str()
-                .and_then(|s| humantime::parse_duration(s).ok())
-                .unwrap_or(DEFAULT_TIMEOUT),
-            None => DEFAULT_TIMEOUT,
-        };
         if errs.is_empty() {
             Ok(Ansible {
                 playbook,
                 vars: rendered,
-                timeout,
+                // The step's `timeout`, when given, is set by `step::parse`.
+                timeout: DEFAULT_TIMEOUT,
             })
         } else {
             Err(errs)
@@ -471,22 +465,24 @@ impl Runner {
             let status = child.wait().await;
             (o, e, status)
         };
-        let (stdout, stderr, status) = match tokio::time::timeout(key.timeout, io).await {
-            Ok(r) => r,
-            Err(_) => {
-                drop(group);
-                return Err(format!(
-                    "ansible-playbook {} did not finish within {}; stopped",
-                    key.playbook,
-                    humantime::format_duration(key.timeout)
-                ));
-            }
-        };
-        group.disarm();
+        let finished = tokio::time::timeout(key.timeout, io).await;
+        match finished {
+            Ok(_) => group.disarm(),
+            // Past the timeout: the whole group goes (ansible-playbook, its forks, their ssh).
+            Err(_) => drop(group),
+        }
         drop(vault);
-        // Ansible's ssh masters (ControlPersist) would outlive the run by a minute, holding a
-        // session on every instance, with their socket directory about to be removed.
+        // Ansible's ssh masters (ControlPersist) detach from the run's process group and
+        // would outlive it by a minute, holding a session on every instance, with their
+        // socket directory about to be removed: closed after every run, timed out or not.
         close_masters(&cp).await;
+        let (stdout, stderr, status) = finished.map_err(|_| {
+            format!(
+                "ansible-playbook {} did not finish within {}; stopped",
+                key.playbook,
+                humantime::format_duration(key.timeout)
+            )
+        })?;
         let status = status.map_err(|e| e.to_string())?;
         let (stdout, stderr) = (
             String::from_utf8_lossy(&stdout),

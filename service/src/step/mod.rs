@@ -309,16 +309,25 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
         _ => unreachable!("kind comes from KINDS"),
     };
     match parsed {
-        Ok(kind) if errs.is_empty() => {
+        Ok(mut kind) if errs.is_empty() => {
             // Steps that wait on their own deadlines get an outer bound above them, so their
-            // own (clearer) timeout message wins.
-            let timeout = timeout.unwrap_or(match &kind {
-                StepKind::Ssm(s) => s.online_timeout + s.timeout + Duration::from_secs(60),
-                StepKind::OpsWorks(_) => Duration::from_secs(3600),
-                StepKind::Tag(_) => DEFAULT_TIMEOUT,
-                StepKind::Ssh(_) => ssh::DEFAULT_TIMEOUT + SSH_REACH_ALLOWANCE,
-                StepKind::Ansible(a) => a.timeout + SSH_REACH_ALLOWANCE,
-            });
+            // own (clearer) timeout message wins. For SSH steps `timeout` bounds the work
+            // once the instance is reached (ssh.ready_timeout bounds the reaching).
+            let timeout = match &mut kind {
+                StepKind::Ssh(s) => {
+                    s.timeout = timeout.unwrap_or(s.timeout);
+                    s.timeout + SSH_REACH_ALLOWANCE
+                }
+                StepKind::Ansible(a) => {
+                    a.timeout = timeout.unwrap_or(a.timeout);
+                    a.timeout + SSH_REACH_ALLOWANCE
+                }
+                StepKind::Ssm(s) => {
+                    timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
+                }
+                StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
+                StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
+            };
             Ok(Step { kind, timeout })
         }
         Ok(_) => Err(errs),
@@ -326,5 +335,37 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
             e.append(&mut errs);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(text: &str) -> Step {
+        let t: toml::Table = toml::from_str(text).unwrap();
+        parse(&t, "s", &Vars::default()).unwrap()
+    }
+
+    #[test]
+    fn an_ssh_steps_timeout_bounds_its_work_and_reaching_comes_on_top() {
+        let s = step("ssh = [\"true\"]\ntimeout = \"5m\"");
+        let StepKind::Ssh(ssh) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!(ssh.timeout, Duration::from_secs(300));
+        assert_eq!(s.timeout, Duration::from_secs(300) + SSH_REACH_ALLOWANCE);
+
+        let s = step("ansible = \"web.yml\"\ntimeout = \"45m\"");
+        let StepKind::Ansible(a) = &s.kind else {
+            panic!("{s:?}")
+        };
+        assert_eq!(a.timeout, Duration::from_secs(2700));
+        assert_eq!(s.timeout, Duration::from_secs(2700) + SSH_REACH_ALLOWANCE);
+
+        let s = step("ansible = \"web.yml\"");
+        assert_eq!(s.timeout, Duration::from_secs(1800) + SSH_REACH_ALLOWANCE);
+        let s = step("tag = { A = \"b\" }\ntimeout = \"1m\"");
+        assert_eq!(s.timeout, Duration::from_secs(60));
     }
 }

@@ -22,10 +22,17 @@ use crate::layer::{Context, Template, Vars};
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
 const EXCERPT: usize = 800;
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
-pub enum Ssh {
+pub struct Ssh {
+    work: Work,
+    /// Bounds the commands once the instance is reached (the step's `timeout`).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum Work {
     Commands(Vec<Template>),
     /// A local file, relative to the playbook directory's parent when relative.
     Script(PathBuf),
@@ -34,7 +41,7 @@ pub enum Ssh {
 impl Ssh {
     pub fn parse(value: &toml::Value, key: &str, vars: &Vars) -> Result<Ssh, Vec<ConfigError>> {
         let usage = "must be a list of commands, or { commands = [...] } or { script = \"PATH\" }";
-        let commands = |list: &[toml::Value], key: &str| -> Result<Ssh, Vec<ConfigError>> {
+        let commands = |list: &[toml::Value], key: &str| -> Result<Work, Vec<ConfigError>> {
             let mut errs = Vec::new();
             let mut out = Vec::new();
             if list.is_empty() {
@@ -52,54 +59,58 @@ impl Ssh {
                 }
             }
             if errs.is_empty() {
-                Ok(Ssh::Commands(out))
+                Ok(Work::Commands(out))
             } else {
                 Err(errs)
             }
         };
-        match value {
+        let work = match value {
             toml::Value::Array(a) => commands(a, key),
             toml::Value::Table(t) => match (t.get("commands"), t.get("script"), t.len()) {
                 (Some(toml::Value::Array(a)), None, 1) => commands(a, &format!("{key}.commands")),
                 (None, Some(toml::Value::String(s)), 1) if !s.is_empty() => {
-                    Ok(Ssh::Script(PathBuf::from(s)))
+                    Ok(Work::Script(PathBuf::from(s)))
                 }
                 _ => Err(vec![ConfigError::new(key, usage)]),
             },
             _ => Err(vec![ConfigError::new(key, usage)]),
-        }
+        }?;
+        Ok(Ssh {
+            work,
+            timeout: DEFAULT_TIMEOUT,
+        })
     }
 
     pub fn describe(&self) -> String {
-        match self {
-            Ssh::Commands(c) => format!(
+        match &self.work {
+            Work::Commands(c) => format!(
                 "ssh {}",
                 c.iter()
                     .map(|t| format!("{:?}", t.source()))
                     .collect::<Vec<_>>()
                     .join(" ")
             ),
-            Ssh::Script(p) => format!("ssh script {}", p.display()),
+            Work::Script(p) => format!("ssh script {}", p.display()),
         }
     }
 
     pub fn preview(&self, ctx: &Context<'_>) -> Result<String, StepError> {
-        match self {
-            Ssh::Commands(c) => {
+        match &self.work {
+            Work::Commands(c) => {
                 let cmds = c
                     .iter()
                     .map(|t| t.render(ctx).map_err(|e| StepError::Input(e.to_string())))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(format!("ssh {cmds:?}"))
             }
-            Ssh::Script(p) => Ok(format!("ssh script {} (sh -s)", p.display())),
+            Work::Script(p) => Ok(format!("ssh script {} (sh -s)", p.display())),
         }
     }
 
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
         // Render first: bad input fails before anything connects.
-        let work: Vec<(String, Option<Vec<u8>>)> = match self {
-            Ssh::Commands(c) => c
+        let work: Vec<(String, Option<Vec<u8>>)> = match &self.work {
+            Work::Commands(c) => c
                 .iter()
                 .map(|t| {
                     t.render(&ctx.template)
@@ -107,7 +118,7 @@ impl Ssh {
                         .map_err(|e| StepError::Input(e.to_string()))
                 })
                 .collect::<Result<_, _>>()?,
-            Ssh::Script(p) => {
+            Work::Script(p) => {
                 let path = match (&ctx.shared.ansible, p.is_relative()) {
                     (Some(r), true) => r
                         .settings
@@ -130,42 +141,51 @@ impl Ssh {
         let (target, session) = remote.reach(ctx).await?;
         let mut details = Vec::new();
         let mut failure = None;
-        for (cmd, stdin) in &work {
-            ctx.note(format!("running {cmd:?} on {}", target.address));
-            let mut c = session.raw_command(cmd);
-            c.stdout(openssh::Stdio::piped())
-                .stderr(openssh::Stdio::piped());
-            if stdin.is_some() {
-                c.stdin(openssh::Stdio::piped());
-            } else {
-                c.stdin(openssh::Stdio::null());
-            }
-            let out = match stdin {
-                None => c.output().await,
-                Some(body) => run_with_stdin(&mut c, body).await,
-            };
-            match out {
-                Ok(out) => {
-                    let code = out.status.code();
-                    let text = format!(
-                        "$ {cmd} -> exit {}\n{}{}",
-                        code.map(|c| c.to_string())
-                            .unwrap_or_else(|| "by signal".into()),
-                        lines("", &out.stdout),
-                        lines("stderr: ", &out.stderr)
-                    );
-                    info!(command = %cmd, exit = ?code, "ssh command finished");
-                    details.push(text.clone());
-                    if !out.status.success() {
-                        failure = Some(text);
+        let commands = async {
+            for (cmd, stdin) in &work {
+                ctx.note(format!("running {cmd:?} on {}", target.address));
+                let mut c = session.raw_command(cmd);
+                c.stdout(openssh::Stdio::piped())
+                    .stderr(openssh::Stdio::piped());
+                if stdin.is_some() {
+                    c.stdin(openssh::Stdio::piped());
+                } else {
+                    c.stdin(openssh::Stdio::null());
+                }
+                let out = match stdin {
+                    None => c.output().await,
+                    Some(body) => run_with_stdin(&mut c, body).await,
+                };
+                match out {
+                    Ok(out) => {
+                        let code = out.status.code();
+                        let text = format!(
+                            "$ {cmd} -> exit {}\n{}{}",
+                            code.map(|c| c.to_string())
+                                .unwrap_or_else(|| "by signal".into()),
+                            lines("", &out.stdout),
+                            lines("stderr: ", &out.stderr)
+                        );
+                        info!(command = %cmd, exit = ?code, "ssh command finished");
+                        details.push(text.clone());
+                        if !out.status.success() {
+                            failure = Some(text);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        failure = Some(format!("$ {cmd}: {}", crate::remote::ssh_error_text(&e)));
                         break;
                     }
                 }
-                Err(e) => {
-                    failure = Some(format!("$ {cmd}: {}", crate::remote::ssh_error_text(&e)));
-                    break;
-                }
             }
+        };
+        if tokio::time::timeout(self.timeout, commands).await.is_err() {
+            failure = Some(format!(
+                "{}the commands did not finish within {} (the step's timeout); the session was closed",
+                details.last().map(|d| format!("{d}\n")).unwrap_or_default(),
+                humantime::format_duration(self.timeout)
+            ));
         }
         if let Err(e) = session.close().await {
             warn!(error = %e, "closing the SSH session");
