@@ -689,23 +689,11 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_what_is_wrong_precisely() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
+    let (aws, q) = common::launch_group(&emu, "web-c", 300, None).await;
     let (topic, _results) = aws.topic_with_queue("results").await;
-    aws.group("web-c").await;
-    aws.hook(
-        "web-c",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        None,
-    )
-    .await;
 
     let good = Provision::new(&emu, &q, Some(&topic), WEB_LAYER);
-    let out = good.command(&["check", "--aws"]).output().unwrap();
+    let out = good.output(&["check", "--aws"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -722,7 +710,7 @@ async fn check_lists_what_is_wrong_precisely() {
         Some("arn:aws:sns:us-east-1:123456789012:nope"),
         WEB_LAYER,
     );
-    let out = bad.command(&["check", "--aws"]).output().unwrap();
+    let out = bad.output(&["check", "--aws"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -739,7 +727,7 @@ async fn check_lists_what_is_wrong_precisely() {
         None,
         "[layers.web]\ngroups = []\non_failure = \"maybe\"\n",
     );
-    let out = broken.command(&["check"]).output().unwrap();
+    let out = broken.output(&["check"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -751,25 +739,13 @@ async fn check_lists_what_is_wrong_precisely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_provisions_one_instance_by_hand() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let nobody_reads = aws.queue("hook-target").await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-h").await;
-    aws.hook(
-        "web-h",
-        "provision-launch",
-        LAUNCH,
-        Some(&nobody_reads.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    // The manual command reads no queue: the hook's messages stay where they are.
+    let (aws, q) = common::launch_group(&emu, "web-h", 300, Some(METADATA)).await;
     aws.scale("web-h", 1).await;
     let id = aws.instances("web-h").await.remove(0).0;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
 
-    let out = p.command(&[&id, "--dry-run"]).output().unwrap();
+    let out = p.output(&[&id, "--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -791,7 +767,7 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
     assert!(!aws.tags(&id).await.contains_key("Name"));
 
-    let out = p.command(&[&id]).output().unwrap();
+    let out = p.output(&[&id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -815,7 +791,7 @@ async fn an_operator_provisions_one_instance_by_hand() {
         (Some("CONTINUE"), Some(1))
     );
 
-    let out = p.command(&["i-0000000000000000f"]).output().unwrap();
+    let out = p.output(&["i-0000000000000000f"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not in an Auto Scaling group"),

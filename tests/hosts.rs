@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::hosts::{ansible_stats, base64_decode, HostNet, SimHost};
-use common::{Aws, Emulator, REGION};
+use common::{output_within, Aws, Emulator, REGION};
 use serde_json::{json, Value};
 
 const VAULT_PASSWORD: &str = "correct horse battery staple";
@@ -28,35 +28,6 @@ fn text(b: &[u8]) -> String {
 
 fn report(what: &str, d: Duration) {
     eprintln!("TIMING {what}: {:.1} ms", d.as_secs_f64() * 1000.0);
-}
-
-/// Runs a command with a deadline (killing it when exceeded).
-fn output_within(cmd: &mut std::process::Command, limit: Duration) -> Output {
-    use std::io::Read;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    common::wait_child(&mut child, limit); // kills it and panics when it overruns
-    let status = child.wait().unwrap(); // already reaped: the cached status
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
 }
 
 fn ssh_echo(host: &SimHost, known_hosts: &Path) -> Output {
@@ -235,7 +206,11 @@ fn ansible_runs_the_marker_playbook_on_two_hosts() {
         assert_eq!(stat(&stats, name, "unreachable"), 0, "{name}: {log}");
         assert_eq!(
             fs::read_to_string(h.dir().join("marker")).unwrap(),
-            format!("host={name}\nrole=web\nserver={}\n", h.ip())
+            format!(
+                "host={name}\nrole=web\nserver={}\nclient={}\n",
+                h.ip(),
+                net.gateway()
+            )
         );
     }
 
@@ -251,7 +226,7 @@ fn ansible_runs_the_marker_playbook_on_two_hosts() {
     assert_eq!(stat(&stats, "web1", "changed"), 1, "{log}");
     assert_eq!(
         fs::read_to_string(h2.dir().join("marker")).unwrap(),
-        format!("host=web2\nserver={}\n", h2.ip())
+        format!("host=web2\nserver={}\nclient={}\n", h2.ip(), net.gateway())
     );
 }
 
@@ -711,14 +686,12 @@ fn timings() {
     for pipelining in ["0", "1"] {
         for run in 1..=2 {
             let t = Instant::now();
-            let out = net
-                .ansible_playbook()
-                .env("ANSIBLE_PIPELINING", pipelining)
+            let mut c = net.ansible_playbook();
+            c.env("ANSIBLE_PIPELINING", pipelining)
                 .arg("-i")
                 .arg(&inventory)
-                .arg(root().join("tests/playbooks/marker.yml"))
-                .output()
-                .unwrap();
+                .arg(root().join("tests/playbooks/marker.yml"));
+            let out = output_within(&mut c, Duration::from_secs(300));
             assert!(out.status.success());
             report(
                 &format!("marker.yml, 2 hosts, pipelining={pipelining}, run {run}"),
@@ -726,15 +699,13 @@ fn timings() {
             );
         }
         let t = Instant::now();
-        let out = net
-            .ansible_playbook()
-            .env("ANSIBLE_PIPELINING", pipelining)
+        let mut c = net.ansible_playbook();
+        c.env("ANSIBLE_PIPELINING", pipelining)
             .arg("-i")
             .arg(&one)
             .arg(root().join("playbooks/base.yml"))
-            .arg(root().join("playbooks/ecs-host.yml"))
-            .output()
-            .unwrap();
+            .arg(root().join("playbooks/ecs-host.yml"));
+        let out = output_within(&mut c, Duration::from_secs(300));
         assert!(out.status.success(), "{}", text(&out.stdout));
         report(
             &format!("base.yml + ecs-host.yml, 1 host, pipelining={pipelining}"),

@@ -191,7 +191,11 @@ async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker()
         // The play reached this instance's own sshd, at its own address.
         assert_eq!(
             marker,
-            format!("host={id}\nrole=api\nserver={}\n", host.ip()),
+            format!(
+                "host={id}\nrole=api\nserver={}\nclient={}\n",
+                host.ip(),
+                w.net.gateway()
+            ),
             "{id}"
         );
     }
@@ -339,14 +343,13 @@ launch = [ { ansible = "vault.yml", vars = { sim_root = "SIM_ROOT" } } ]
     std::fs::create_dir(&runtime).unwrap();
     p.set_env("RUNTIME_DIRECTORY", path_str(&runtime));
 
-    // Scan every process's argv and environment while the run goes on.
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new((
-        BTreeSet::<String>::new(),
-        Vec::<String>::new(),
-    )));
+    // Scan every process's argv and environment while the run goes on; note this run's
+    // ansible-playbook (its password file lies under this test's runtime directory) and
+    // the password file it was given, with its mode.
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let seen = Arc::new(Mutex::new(Scan::default()));
     let scanner = {
-        let (stop, seen) = (stop.clone(), seen.clone());
+        let (stop, seen, runtime) = (stop.0.clone(), seen.clone(), runtime.clone());
         std::thread::spawn(move || {
             let needle = VAULT_PASSWORD.as_bytes();
             let mut rounds = 0;
@@ -360,18 +363,25 @@ launch = [ { ansible = "vault.yml", vars = { sim_root = "SIM_ROOT" } } ]
                     let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
                     let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
                     let mut s = seen.lock().unwrap();
-                    if cmdline
-                        .windows(b"ansible-playbook".len())
-                        .any(|w| w == b"ansible-playbook")
-                    {
-                        s.0.insert(pid.clone());
+                    let args: Vec<String> = cmdline
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    if args.iter().any(|a| a.ends_with("ansible-playbook")) {
+                        if let Some(i) = args.iter().position(|a| a == "--vault-password-file") {
+                            let file = PathBuf::from(&args[i + 1]);
+                            if file.starts_with(&runtime) {
+                                s.ansible_pids.insert(pid.clone());
+                                if let Ok(m) = std::fs::metadata(&file) {
+                                    use std::os::unix::fs::PermissionsExt as _;
+                                    s.vault_files.insert((file, m.permissions().mode() & 0o777));
+                                }
+                            }
+                        }
                     }
                     for (what, bytes) in [("cmdline", &cmdline), ("environ", &environ)] {
                         if bytes.windows(needle.len()).any(|w| w == needle) {
-                            s.1.push(format!(
-                                "{pid} {what}: {}",
-                                String::from_utf8_lossy(&cmdline)
-                            ));
+                            s.hits.push(format!("{pid} {what}: {}", args.join(" ")));
                         }
                     }
                 }
@@ -380,7 +390,7 @@ launch = [ { ansible = "vault.yml", vars = { sim_root = "SIM_ROOT" } } ]
         })
     };
     let (code, log) = p.worker();
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     scanner.join().unwrap();
     assert_eq!(code, 0, "{log}");
 
@@ -391,15 +401,27 @@ launch = [ { ansible = "vault.yml", vars = { sim_root = "SIM_ROOT" } } ]
         let secret = std::fs::read_to_string(w.dir(id).join("secret")).unwrap();
         assert!(!secret.trim().is_empty());
     }
-    let (ansible_pids, hits) = &*seen.lock().unwrap();
+    let scan = seen.lock().unwrap();
     assert!(
-        !ansible_pids.is_empty(),
-        "the scanner never saw ansible-playbook run"
+        !scan.ansible_pids.is_empty(),
+        "the scanner never saw this run's ansible-playbook"
     );
-    assert!(hits.is_empty(), "the password was visible: {hits:?}");
-    // Nor in any log: the worker's, the ansible run logs, the history.
+    assert!(
+        scan.hits.is_empty(),
+        "the password was visible: {:?}",
+        scan.hits
+    );
+    // The password went through a 0600 file in the private runtime directory, gone now.
+    assert!(!scan.vault_files.is_empty(), "no password file seen");
+    for (file, mode) in &scan.vault_files {
+        assert_eq!(*mode, 0o600, "{file:?}");
+        assert!(!file.exists(), "left behind: {file:?}");
+    }
+    // Nor in any log: the worker's, the ansible run log, the history.
     assert!(!log.contains(VAULT_PASSWORD));
-    for l in ansible_logs(&p) {
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 1, "one run, one log: {logs:?}");
+    for l in logs {
         assert!(
             !std::fs::read_to_string(&l)
                 .unwrap()
@@ -409,12 +431,30 @@ launch = [ { ansible = "vault.yml", vars = { sim_root = "SIM_ROOT" } } ]
     }
     let history = format!("{:?}", p.history());
     assert!(!history.contains(VAULT_PASSWORD));
-    // The 0600 password file is gone with its run directory.
     let left: Vec<PathBuf> = walk(&runtime)
         .into_iter()
         .filter(|f| f.to_string_lossy().contains("vault"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[derive(Default)]
+struct Scan {
+    /// This run's ansible-playbook processes.
+    ansible_pids: BTreeSet<String>,
+    /// `--vault-password-file` arguments seen, with the file's mode at the time.
+    vault_files: BTreeSet<(PathBuf, u32)>,
+    /// Where the password showed.
+    hits: Vec<String>,
+}
+
+/// Stops the scanner thread however the test ends (a failed assertion included).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -516,9 +556,9 @@ async fn a_terminate_playbook_drains_and_the_known_hosts_entry_goes() {
     assert!(!known.exists(), "known_hosts entry left after terminate");
     let finished: Vec<Value> = w.emu.finished_actions();
     assert!(
-        finished
-            .iter()
-            .any(|a| a["hook"] == "provision-terminate" && a["result"] == "CONTINUE"),
+        finished.iter().any(|a| a["hook"] == "provision-terminate"
+            && a["result"] == "CONTINUE"
+            && a["finished_by"] == "complete"),
         "{finished:?}"
     );
     // The terminate run reused the verified keys: the console was read once.
@@ -546,14 +586,16 @@ async fn ssh_commands_run_in_order_and_a_failing_one_fails_its_instance() {
 groups = ["app-*"]
 launch = [ { ssh = [
   "echo \"$SSH_CONNECTION\" | cut -d' ' -f3 > SIM_ROOT/{instance_id}/server",
+  "echo first >> SIM_ROOT/{instance_id}/order",
   "test ! -e SIM_ROOT/{instance_id}/fail || {{ echo flagged >&2; exit 3; }}",
-  "touch SIM_ROOT/{instance_id}/done",
+  "echo last >> SIM_ROOT/{instance_id}/order",
 ] } ]
 "#,
     );
     let ids: Vec<&str> = hosts.iter().map(|(id, _)| id.as_str()).collect();
     daemon_until_finished(&w, &p, &ids).await;
     let results = results_by_instance(&w.emu);
+    let order = |id: &str| std::fs::read_to_string(w.dir(id).join("order")).unwrap();
     for (id, host) in &hosts {
         let server = std::fs::read_to_string(w.dir(id).join("server")).unwrap();
         assert_eq!(server.trim(), host.ip().to_string(), "ran on its own host");
@@ -561,12 +603,37 @@ launch = [ { ssh = [
             assert_eq!(results[id]["result"], "ABANDON");
             let err = run_error(&p, id);
             assert!(err.contains("exit 3") && err.contains("flagged"), "{err}");
-            assert!(!w.dir(id).join("done").exists(), "stopped at the failure");
+            assert_eq!(order(id), "first\n", "stopped at the failure");
         } else {
             assert_eq!(results[id]["result"], "CONTINUE", "{}", run_error(&p, id));
-            assert!(w.dir(id).join("done").exists());
+            assert_eq!(order(id), "first\nlast\n", "every command, in order");
         }
     }
+}
+
+/// The step's `timeout` bounds the commands once the instance is reached, not the wait for
+/// it: a command still running at the deadline fails its instance with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_command_past_the_steps_timeout_fails_its_instance() {
+    let w = World::new("app-slow", 300, None).await;
+    let hosts = w.launch("app-slow", 1, |net, ip| net.host(ip)).await;
+    let id = hosts[0].0.as_str();
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/started", "sleep 60", "touch SIM_ROOT/{instance_id}/done"], timeout = "3s" } ]
+"#,
+    );
+    daemon_until_finished(&w, &p, &[id]).await;
+    assert_eq!(results_by_instance(&w.emu)[id]["result"], "ABANDON");
+    let err = run_error(&p, id);
+    assert!(
+        err.contains("did not finish within 3s (the step's timeout)"),
+        "{err}"
+    );
+    assert!(w.dir(id).join("started").exists(), "reached and ran: {err}");
+    assert!(!w.dir(id).join("done").exists());
 }
 
 /// A message for an instance that no longer exists (a stale redelivery, a DLQ redrive) is
@@ -611,6 +678,22 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/done"] } ]
         err.contains("DescribeInstances does not know") && err.contains("ssh.ready_timeout"),
         "{err}"
     );
+    // Not held up: the live ones were done well before the vanished one's ready_timeout.
+    let finished = |id: &str| {
+        p.history()
+            .into_iter()
+            .find(|r| r.instance_id.as_deref() == Some(id))
+            .and_then(|r| r.finished_at)
+            .unwrap()
+    };
+    for (id, _) in &hosts {
+        assert!(
+            finished(id) + 1000 < finished(gone),
+            "{id} finished at {}, the vanished instance at {}",
+            finished(id),
+            finished(gone)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -625,7 +708,7 @@ async fn the_manual_command_shows_what_it_waits_for_then_completes() {
         Some(json!({ "host_keys": [hosts[0].1.public_key_line()], "appear_after_seconds": 2 })),
     );
     let p = w.provision(MARKER_LAYER);
-    let out = p.command(&[id]).output().unwrap();
+    let out = p.output(&[id]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -653,7 +736,10 @@ async fn steps_reach_instances_through_a_jump_host_and_run_scripts() {
     let script = w.sim_root.join("whoami.sh");
     std::fs::write(
         &script,
-        format!("set -e\ntouch {}/{id}/script-ran\n", path_str(&w.sim_root)),
+        format!(
+            "set -e\necho \"$SSH_CONNECTION\" | cut -d' ' -f1 > {}/{id}/script-client\n",
+            path_str(&w.sim_root)
+        ),
     )
     .unwrap();
     let p = w.provision(&format!(
@@ -684,10 +770,13 @@ launch = [
     // The instance saw the bastion as its SSH client, not this host.
     let client = std::fs::read_to_string(w.dir(id).join("client")).unwrap();
     assert_eq!(client.trim(), bastion.ip().to_string());
-    assert!(w.dir(id).join("script-ran").exists());
+    // The script and the play came through the bastion too.
+    let script_client = std::fs::read_to_string(w.dir(id).join("script-client")).unwrap();
+    assert_eq!(script_client.trim(), bastion.ip().to_string());
+    let marker = std::fs::read_to_string(w.dir(id).join("marker")).unwrap();
     assert!(
-        w.dir(id).join("marker").exists(),
-        "ansible ran with the same settings"
+        marker.ends_with(&format!("client={}\n", bastion.ip())),
+        "ansible ran with the same settings: {marker}"
     );
 }
 
@@ -722,13 +811,12 @@ fn check_syntax_checks_the_playbooks_with_the_vault_password() {
         .unwrap()
     };
     let check = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_provision"))
-            .args(["--config", path_str(&config), "check"])
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_provision"));
+        c.args(["--config", path_str(&config), "check"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CREDENTIALS_DIRECTORY", &creds)
-            .output()
-            .unwrap()
+            .env("CREDENTIALS_DIRECTORY", &creds);
+        common::output_within(&mut c, Duration::from_secs(180))
     };
     write("{ ansible = \"vault.yml\" }, { ansible = \"marker.yml\" }");
     let out = check();
@@ -947,7 +1035,11 @@ async fn bench_ansible_mode(group: &str, n: i32, ansible_extra: &str) -> BenchFi
         let marker = std::fs::read_to_string(w.dir(id).join("marker")).unwrap();
         assert_eq!(
             marker,
-            format!("host={id}\nrole=api\nserver={}\n", host.ip()),
+            format!(
+                "host={id}\nrole=api\nserver={}\nclient={}\n",
+                host.ip(),
+                w.net.gateway()
+            ),
             "{id}"
         );
     }

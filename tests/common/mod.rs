@@ -722,6 +722,11 @@ impl Provision {
         Running { child, log }
     }
 
+    /// Runs `provision ARGS` to completion (bounded: 3 minutes).
+    pub fn output(&self, args: &[&str]) -> std::process::Output {
+        output_within(&mut self.command(args), Duration::from_secs(180))
+    }
+
     pub fn history(&self) -> Vec<provision::store::RunRow> {
         provision::store::Store::open(&self.state)
             .unwrap()
@@ -730,19 +735,63 @@ impl Provision {
     }
 }
 
-/// Waits for a child up to `timeout` (then kills it and fails the test).
+/// Waits for a child up to `timeout` (then stops it and fails the test).
 pub fn wait_child(child: &mut Child, timeout: Duration) -> i32 {
+    wait_status(child, timeout).code().unwrap_or(-1)
+}
+
+fn wait_status(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(s) = child.try_wait().unwrap() {
-            return s.code().unwrap_or(-1);
+            return s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(child);
             panic!("process did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM, up to 5 s to exit (provision then stops its own children: ansible-playbook's
+/// process group, ssh masters), then SIGKILL.
+pub fn stop_child(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `cmd.output()`, bounded: past `timeout` the process is stopped and the test fails. The
+/// output goes through files, not pipes: a grandchild that outlives the child (an ssh
+/// ControlPersist master) cannot keep the read open.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_status(&mut child, timeout);
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
     }
 }
 
@@ -771,8 +820,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 }
 
