@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
-use crate::aws::retry::with_backoff;
 use crate::aws::sdk::{
     self, AutoScalingHooks, Ec2Instances, OpsWorksClient, SnsNotifier, SqsQueue, SsmClient,
 };
@@ -17,9 +16,10 @@ use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::config::{Config, OnReject};
 use crate::daemon::Settings;
+use crate::delivery::RejectPolicy;
 use crate::lease::Leases;
 use crate::metrics::{CountCalls, Stats};
-use crate::pipeline::{Parts, Pipeline, RejectPolicy};
+use crate::pipeline::{Parts, Pipeline};
 use crate::remote::Remote;
 use crate::step::ansible::Runner;
 use crate::store::Store;
@@ -62,6 +62,55 @@ fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>)
     })
 }
 
+/// Where rejected messages go: `queue.on_reject`, or with "auto" the queue's redrive policy.
+async fn reject_policy(on_reject: OnReject, queue: &dyn Queue) -> RejectPolicy {
+    match on_reject {
+        OnReject::Delete => RejectPolicy::Delete,
+        OnReject::DeadLetter => RejectPolicy::DeadLetter,
+        OnReject::Auto => match queue.redrive_policy().await {
+            Ok(Some(policy)) => {
+                tracing::info!(%policy, "queue has a dead-letter queue: rejected messages are released to it");
+                RejectPolicy::DeadLetter
+            }
+            Ok(None) => RejectPolicy::Delete,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the queue's redrive policy; rejected messages will be deleted");
+                RejectPolicy::Delete
+            }
+        },
+    }
+}
+
+/// Result events go out ten to a PublishBatch call.
+fn publisher(
+    notifier: Arc<dyn Notifier>,
+    topic: String,
+    retry_for: Duration,
+) -> (Batcher<String>, JoinHandle<()>) {
+    Batcher::retried(10, PUBLISH_LINGER, retry_for, move |bodies: Vec<String>| {
+        let (notifier, topic) = (notifier.clone(), topic.clone());
+        async move { notifier.publish_batch(&topic, &bodies).await }
+    })
+}
+
+/// SSH reach and the Ansible runner, for configs with SSH steps.
+fn ssh_parts(cfg: &Config, services: &Services) -> anyhow::Result<(Arc<Remote>, Arc<Runner>)> {
+    let state_dir = cfg.state_dir();
+    let remote = Arc::new(
+        Remote::new(cfg.ssh.clone(), &state_dir)
+            .context("setting up SSH (known_hosts directory, runtime directory, key)")?,
+    );
+    let runner = Runner::new(
+        cfg.ansible.clone(),
+        remote.clone(),
+        services.ssm.clone(),
+        cfg.aws.retry_for,
+        &state_dir,
+    )
+    .context("setting up Ansible (log directory, callback plugin)")?;
+    Ok((remote, runner))
+}
+
 impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
@@ -82,36 +131,11 @@ impl App {
             ssm: Arc::new(SsmClient::new(&sdk_cfg, &calls)),
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
         };
-        let reject_policy = match cfg.queue.on_reject {
-            OnReject::Delete => RejectPolicy::Delete,
-            OnReject::DeadLetter => RejectPolicy::DeadLetter,
-            OnReject::Auto => match queue.redrive_policy().await {
-                Ok(Some(policy)) => {
-                    tracing::info!(%policy, "queue has a dead-letter queue: rejected messages are released to it");
-                    RejectPolicy::DeadLetter
-                }
-                Ok(None) => RejectPolicy::Delete,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the queue's redrive policy; rejected messages will be deleted");
-                    RejectPolicy::Delete
-                }
-            },
-        };
+        let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;
         let (publisher, publisher_task) = match &cfg.notify {
             Some(n) => {
                 let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg, &calls));
-                let (topic, retry_for) = (n.topic_arn.clone(), cfg.aws.retry_for);
-                let (b, task) = Batcher::spawn(10, PUBLISH_LINGER, move |bodies: Vec<String>| {
-                    let (notifier, topic) = (notifier.clone(), topic.clone());
-                    async move {
-                        match with_backoff(retry_for, || notifier.publish_batch(&topic, &bodies))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(e) => vec![Err(e.to_string()); bodies.len()],
-                        }
-                    }
-                });
+                let (b, task) = publisher(notifier, n.topic_arn.clone(), cfg.aws.retry_for);
                 (Some(b), Some(task))
             }
             None => (None, None),
@@ -123,19 +147,7 @@ impl App {
             stats.clone(),
         );
         let (remote, ansible) = if cfg.uses_ssh() {
-            let state_dir = cfg.state_dir();
-            let remote = Arc::new(
-                Remote::new(cfg.ssh.clone(), &state_dir)
-                    .context("setting up SSH (known_hosts directory, runtime directory, key)")?,
-            );
-            let runner = Runner::new(
-                cfg.ansible.clone(),
-                remote.clone(),
-                services.ssm.clone(),
-                cfg.aws.retry_for,
-                &state_dir,
-            )
-            .context("setting up Ansible (log directory, callback plugin)")?;
+            let (remote, runner) = ssh_parts(&cfg, &services)?;
             (Some(remote), Some(runner))
         } else {
             (None, None)
@@ -149,6 +161,7 @@ impl App {
             visibility_timeout: cfg.queue.visibility_timeout,
             shutdown_grace: cfg.daemon.shutdown_grace,
             retry_for: cfg.aws.retry_for,
+            reject: reject_policy,
         };
         let pipeline = Arc::new(Pipeline::new(Parts {
             cfg,
@@ -157,7 +170,6 @@ impl App {
             store,
             leases,
             publisher,
-            reject_policy,
             stats,
             remote,
             ansible,

@@ -2,14 +2,18 @@
 //! groups items into calls of up to `max` (AWS batch limits are 10), waiting at most
 //! `linger` for a batch to fill.
 //!
-//! Used for DeleteMessageBatch, ChangeMessageVisibilityBatch (releases) and SNS
-//! PublishBatch. Owns no AWS knowledge: the flush function does the call.
+//! Used for DeleteMessageBatch, ChangeMessageVisibilityBatch (releases), SNS PublishBatch
+//! and DescribeInstances. Owns no AWS knowledge: the flush function does the call;
+//! [`Batcher::retried`] wraps it in the project's one retry policy.
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::aws::retry::with_backoff;
+use crate::aws::AwsError;
 
 type Item<T, R> = (T, oneshot::Sender<Result<R, String>>);
 
@@ -67,6 +71,31 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         (Batcher { tx }, handle)
     }
 
+    /// A batcher whose calls are retried with backoff for `retry_for` after the SDK's own
+    /// attempts; a call that still fails fails each of its items with its error.
+    pub fn retried<F, Fut>(
+        max: usize,
+        linger: Duration,
+        retry_for: Duration,
+        call: F,
+    ) -> (Batcher<T, R>, JoinHandle<()>)
+    where
+        T: Clone + Sync,
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, String>>, AwsError>> + Send + 'static,
+    {
+        let call = std::sync::Arc::new(call);
+        Self::spawn(max, linger, move |items: Vec<T>| {
+            let call = call.clone();
+            async move {
+                match with_backoff(retry_for, || call(items.clone())).await {
+                    Ok(results) => results,
+                    Err(e) => items.iter().map(|_| Err(e.to_string())).collect(),
+                }
+            }
+        })
+    }
+
     pub async fn submit(&self, item: T) -> Result<R, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -117,5 +146,50 @@ mod tests {
         assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 25);
         assert!(calls.iter().all(|c| c.len() <= 10));
         assert_eq!(calls.len(), 3, "25 items in batches of 10: {calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retried_calls_back_off_then_fail_each_item() {
+        let attempts = Arc::new(Mutex::new(0u32));
+        let seen = attempts.clone();
+        let (b, handle) = Batcher::<u32>::retried(
+            10,
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            move |items: Vec<u32>| {
+                let n = {
+                    let mut a = seen.lock().unwrap();
+                    *a += 1;
+                    *a
+                };
+                async move {
+                    if n < 3 {
+                        Err(AwsError {
+                            operation: "sqs:DeleteMessageBatch",
+                            code: Some("Throttling".into()),
+                            message: "slow down".into(),
+                            retryable: true,
+                        })
+                    } else if items[0] == 99 {
+                        Err(AwsError::permanent(
+                            "sqs:DeleteMessageBatch",
+                            "no such queue",
+                        ))
+                    } else {
+                        Ok(items.iter().map(|_| Ok(())).collect())
+                    }
+                }
+            },
+        );
+        assert_eq!(b.submit(1).await, Ok(()));
+        assert_eq!(
+            *attempts.lock().unwrap(),
+            3,
+            "two throttled attempts, then success"
+        );
+        let e = b.submit(99).await.unwrap_err();
+        assert!(e.contains("no such queue"), "{e}");
+        drop(b);
+        handle.await.unwrap();
     }
 }

@@ -1,26 +1,27 @@
-//! The receive loop: long-poll SQS, hand each message to the pipeline, acknowledge it.
+//! The SQS source: long-poll the queue, hand each message to the pipeline, settle it.
 //!
-//! Owns concurrency (at most `max_in_flight` messages, never receiving more than it can
-//! start), acknowledgement (DeleteMessageBatch, ten at a time; releases through
-//! ChangeMessageVisibilityBatch) and shutdown: stop receiving, give in-flight work the grace
-//! period, then cancel it and release its messages so another worker takes them. `Mode::Drain`
-//! is the one-shot worker: it stops once a receive comes back empty with nothing in flight.
+//! Owns receiving (never more messages than there are free slots: a message waiting for a
+//! slot would sit invisible with nobody heartbeating its hook) and the end of the loop: on
+//! shutdown no more receives, in-flight work gets the grace period, then it is cancelled and
+//! its messages released so another worker takes them. `Mode::Drain` is the one-shot worker:
+//! it stops once a receive comes back empty with nothing in flight. Concurrency is the
+//! [`Engine`]'s, acknowledgement the [`Acks`]'s, the work the [`Pipeline`]'s.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-use crate::aws::retry::{backoff, with_backoff};
-use crate::aws::Queue;
-use crate::batch::Batcher;
+use crate::aws::retry::backoff;
+use crate::aws::{AwsError, Message, Queue};
+use crate::delivery::{Acks, Delivery, RejectPolicy, Settled};
+use crate::engine::{Done, Engine, Slot};
 use crate::metrics::Stats;
-use crate::pipeline::{Disposition, Pipeline};
+use crate::pipeline::Pipeline;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -37,6 +38,7 @@ pub struct Settings {
     pub visibility_timeout: Duration,
     pub shutdown_grace: Duration,
     pub retry_for: Duration,
+    pub reject: RejectPolicy,
 }
 
 /// What a run of the loop did.
@@ -59,6 +61,18 @@ impl Summary {
     pub fn all_handled(&self) -> bool {
         self.returned == 0 && self.ack_errors == 0 && !self.gave_up
     }
+
+    fn tally(&mut self, done: Done<Settled>) {
+        match done {
+            Ok(Settled::Handled) => self.deleted += 1,
+            Ok(Settled::Returned) => self.returned += 1,
+            Ok(Settled::AckFailed) => self.ack_errors += 1,
+            Err(e) => {
+                error!(error = %e, "message task panicked; its message will come back");
+                self.returned += 1;
+            }
+        }
+    }
 }
 
 const OUTBOX_EVERY: Duration = Duration::from_secs(60);
@@ -66,12 +80,13 @@ const OUTBOX_EVERY: Duration = Duration::from_secs(60);
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// How long a receive waits for more free slots before asking for fewer than ten messages.
 const BATCH_FILL: Duration = Duration::from_millis(100);
-/// How long a delete or release waits for others to share its batch call.
-const ACK_LINGER: Duration = Duration::from_millis(250);
-
 /// Stops after this many consecutive failed receives in drain mode (the daemon keeps trying).
 const DRAIN_MAX_RECEIVE_FAILURES: u32 = 5;
 
+type Shutdown<'a> = Pin<&'a mut dyn Future<Output = ()>>;
+
+/// Receives and works messages until `shutdown` (or, draining, until the queue is empty),
+/// then winds down the work in flight.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     queue: Arc<dyn Queue>,
@@ -79,229 +94,221 @@ pub async fn run(
     mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> Summary {
-    let stats = pipeline.stats.clone();
-    let retry_for = settings.retry_for;
-    let q = queue.clone();
-    let (deleter, deleter_task) = Batcher::spawn(10, ACK_LINGER, move |receipts: Vec<String>| {
-        let q = q.clone();
-        async move {
-            match with_backoff(retry_for, || q.delete_batch(&receipts)).await {
-                Ok(r) => r,
-                Err(e) => vec![Err(e.to_string()); receipts.len()],
+    let acks = Arc::new(Acks::spawn(
+        queue.clone(),
+        settings.retry_for,
+        true,
+        settings.reject,
+    ));
+    let outbox = spawn_outbox(pipeline.clone());
+    let mut listener = Listener {
+        engine: Engine::new(settings.max_in_flight),
+        pipeline,
+        queue,
+        acks: acks.clone(),
+        settings,
+        mode,
+        summary: Summary::default(),
+        receive_failures: 0,
+    };
+    tokio::pin!(shutdown);
+    listener.run(shutdown).await;
+    let summary = listener.drain().await;
+    outbox.cancel();
+    if let Ok(acks) = Arc::try_unwrap(acks) {
+        acks.close().await;
+    }
+    summary
+}
+
+/// Result events that failed to publish earlier (the outbox): at start, then every minute,
+/// until the returned token is cancelled.
+fn spawn_outbox(pipeline: Arc<Pipeline>) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            pipeline.republish().await;
+            tokio::select! {
+                _ = tokio::time::sleep(OUTBOX_EVERY) => {}
+                _ = stopped.cancelled() => return,
             }
         }
     });
-    let q = queue.clone();
-    let (releaser, releaser_task) =
-        Batcher::spawn(10, ACK_LINGER, move |entries: Vec<(String, Duration)>| {
-            let q = q.clone();
-            async move {
-                match with_backoff(retry_for, || q.change_visibility_batch(&entries)).await {
-                    Ok(r) => r,
-                    Err(e) => vec![Err(e.to_string()); entries.len()],
-                }
+    stop
+}
+
+struct Listener {
+    engine: Engine<Settled>,
+    pipeline: Arc<Pipeline>,
+    queue: Arc<dyn Queue>,
+    acks: Arc<Acks>,
+    settings: Settings,
+    mode: Mode,
+    summary: Summary,
+    receive_failures: u32,
+}
+
+impl Listener {
+    /// The receive loop: free slots, receive that many, start each message.
+    async fn run(&mut self, mut shutdown: Shutdown<'_>) {
+        loop {
+            for done in self.engine.finished() {
+                self.summary.tally(done);
             }
-        });
-
-    // Result events that failed to publish earlier (the outbox): at start, then every minute.
-    let outbox_stop = CancellationToken::new();
-    let outbox = {
-        let (pipeline, stop) = (pipeline.clone(), outbox_stop.clone());
-        tokio::spawn(async move {
-            loop {
-                pipeline.republish().await;
-                tokio::select! {
-                    _ = tokio::time::sleep(OUTBOX_EVERY) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        })
-    };
-
-    let slots = Arc::new(Semaphore::new(settings.max_in_flight));
-    let cancel = CancellationToken::new();
-    let mut tasks: JoinSet<Outcome> = JoinSet::new();
-    let mut summary = Summary::default();
-    let mut receive_failures = 0u32;
-    tokio::pin!(shutdown);
-
-    'receive: loop {
-        while let Some(done) = tasks.try_join_next() {
-            tally(&mut summary, done);
-        }
-        // Only receive what can be started now: a message waiting for a slot would sit
-        // invisible with nobody heartbeating its hook.
-        // Waiting for a free slot is healthy (all slots busy): say so while waiting.
-        let first = loop {
-            tokio::select! {
+            let slots = tokio::select! {
                 biased;
-                _ = &mut shutdown => break 'receive,
-                p = slots.clone().acquire_owned() => break p.expect("semaphore is never closed"),
-                _ = tokio::time::sleep(ALIVE_EVERY) => Stats::mark(&stats.loop_alive_ms),
-            }
-        };
-        let mut permits = vec![first];
-        while permits.len() < 10 {
-            match slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
-        // Fewer than ten free slots while work is finishing: wait a moment for more, so a
-        // receive asks for a full batch instead of a trickle of small ones.
-        if permits.len() < 10 && !tasks.is_empty() {
-            let fill = tokio::time::sleep(BATCH_FILL);
-            tokio::pin!(fill);
-            while permits.len() < 10 {
-                tokio::select! {
-                    p = slots.clone().acquire_owned() => permits.push(p.expect("semaphore is never closed")),
-                    _ = &mut fill => break,
-                }
-            }
-        }
-        let wait = match mode {
-            Mode::Daemon => settings.wait_time,
-            // Draining: a short poll is enough to tell "empty" from "busy".
-            Mode::Drain => settings.wait_time.min(Duration::from_secs(1)),
-        };
-        let received = tokio::select! {
-            biased;
-            _ = &mut shutdown => break 'receive,
-            r = queue.receive(permits.len() as u32, wait, settings.visibility_timeout) => r,
-        };
-        let at = Instant::now();
-        let messages = match received {
-            Ok(m) => {
-                receive_failures = 0;
-                Stats::mark(&stats.last_poll_ms);
-                Stats::mark(&stats.loop_alive_ms);
-                m
-            }
-            Err(e) => {
-                Stats::inc(&stats.receive_errors);
-                summary.receive_errors += 1;
-                receive_failures += 1;
-                error!(error = %e, failures = receive_failures, "cannot receive from the queue");
-                if mode == Mode::Drain
-                    && (!e.retryable || receive_failures >= DRAIN_MAX_RECEIVE_FAILURES)
-                {
-                    error!("giving up: the queue cannot be read");
-                    summary.gave_up = true;
-                    break 'receive;
-                }
-                let pause = backoff(
-                    receive_failures,
-                    Duration::from_secs(1),
-                    Duration::from_secs(60),
-                );
-                tokio::select! {
-                    _ = &mut shutdown => break 'receive,
-                    _ = tokio::time::sleep(pause) => continue 'receive,
-                }
-            }
-        };
-        if messages.is_empty() {
-            drop(permits);
-            if mode == Mode::Drain {
-                if tasks.is_empty() {
-                    break 'receive;
-                }
-                // Something is still in flight and may release its message: wait for it.
-                if let Some(done) = tasks.join_next().await {
-                    tally(&mut summary, done);
-                }
-            }
-            continue;
-        }
-        summary.received += messages.len() as u64;
-        let mut permits = permits.into_iter();
-        for msg in messages {
-            let permit = permits.next();
-            let (pipeline, deleter, releaser, cancel) = (
-                pipeline.clone(),
-                deleter.clone(),
-                releaser.clone(),
-                cancel.clone(),
-            );
-            Stats::inc(&pipeline.stats.in_flight);
-            tasks.spawn(async move {
-                let _permit = permit;
-                let _in_flight = InFlight(pipeline.stats.clone());
-                let disposition = pipeline.handle_message(&msg, at, &cancel).await;
-                match disposition {
-                    Disposition::Delete => match deleter.submit(msg.receipt.clone()).await {
-                        Ok(()) => Outcome::Deleted,
-                        Err(e) => {
-                            warn!(message_id = %msg.id, error = %e, "could not delete the message; it will come back and be found done");
-                            Outcome::AckFailed
-                        }
-                    },
-                    Disposition::Retry(delay) => {
-                        if let Err(e) = releaser.submit((msg.receipt.clone(), delay)).await {
-                            warn!(message_id = %msg.id, error = %e, "could not release the message; it comes back when its visibility lapses");
-                        }
-                        Outcome::Returned
+                _ = &mut shutdown => return,
+                s = self.free_slots() => s,
+            };
+            let received = tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                r = self.receive(slots.len()) => r,
+            };
+            let at = Instant::now();
+            match received {
+                Ok(messages) if messages.is_empty() => {
+                    drop(slots);
+                    if !self.idle().await {
+                        return;
                     }
                 }
+                Ok(messages) => self.start(messages, slots, at),
+                Err(e) => {
+                    drop(slots);
+                    let Some(pause) = self.receive_failed(e) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to ten free slots; says it is alive while all are busy (that is healthy).
+    async fn free_slots(&self) -> Vec<Slot> {
+        let stats = &self.pipeline.stats;
+        loop {
+            tokio::select! {
+                s = self.engine.slots(10, BATCH_FILL) => return s,
+                _ = tokio::time::sleep(ALIVE_EVERY) => Stats::mark(&stats.loop_alive_ms),
+            }
+        }
+    }
+
+    async fn receive(&mut self, max: usize) -> Result<Vec<Message>, AwsError> {
+        let wait = match self.mode {
+            Mode::Daemon => self.settings.wait_time,
+            // Draining: a short poll is enough to tell "empty" from "busy".
+            Mode::Drain => self.settings.wait_time.min(Duration::from_secs(1)),
+        };
+        let r = self
+            .queue
+            .receive(max as u32, wait, self.settings.visibility_timeout)
+            .await;
+        if r.is_ok() {
+            self.receive_failures = 0;
+            let stats = &self.pipeline.stats;
+            Stats::mark(&stats.last_poll_ms);
+            Stats::mark(&stats.loop_alive_ms);
+        }
+        r
+    }
+
+    /// An empty receive. Draining, it may end the loop (false) once nothing is in flight;
+    /// with work in flight, wait for some to finish: it may release its message.
+    async fn idle(&mut self) -> bool {
+        if self.mode == Mode::Daemon {
+            return true;
+        }
+        match self.engine.next().await {
+            Some(done) => {
+                self.summary.tally(done);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How long to pause after a failed receive; None to give up (draining only).
+    fn receive_failed(&mut self, e: AwsError) -> Option<Duration> {
+        Stats::inc(&self.pipeline.stats.receive_errors);
+        self.summary.receive_errors += 1;
+        self.receive_failures += 1;
+        let failures = self.receive_failures;
+        error!(error = %e, failures, "cannot receive from the queue");
+        if self.mode == Mode::Drain && (!e.retryable || failures >= DRAIN_MAX_RECEIVE_FAILURES) {
+            error!("giving up: the queue cannot be read");
+            self.summary.gave_up = true;
+            return None;
+        }
+        Some(backoff(
+            failures,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ))
+    }
+
+    /// Starts one task per message, each in its own slot.
+    fn start(&mut self, messages: Vec<Message>, slots: Vec<Slot>, at: Instant) {
+        self.summary.received += messages.len() as u64;
+        for (msg, slot) in messages.into_iter().zip(slots) {
+            let delivery = Delivery::new(msg, at, self.pipeline.leases());
+            let (pipeline, acks) = (self.pipeline.clone(), self.acks.clone());
+            self.engine.start(slot, move |cancel| async move {
+                handle(&pipeline, &acks, delivery, &cancel).await
             });
         }
     }
 
-    // Shutdown (or drain finished): no more receives.
-    while let Some(done) = tasks.try_join_next() {
-        tally(&mut summary, done);
-    }
-    if !tasks.is_empty() {
-        info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "waiting for in-flight events");
-        let grace = tokio::time::sleep(settings.shutdown_grace);
-        tokio::pin!(grace);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    Some(done) => tally(&mut summary, done),
-                    None => break,
-                },
-                _ = &mut grace, if !cancel.is_cancelled() => {
-                    warn!(in_flight = tasks.len(), "grace period over; releasing unfinished events to the queue");
-                    cancel.cancel();
-                }
+    /// Shutdown (or drain finished): in-flight work gets the grace period, then is
+    /// cancelled and its messages released.
+    async fn drain(mut self) -> Summary {
+        for done in self.engine.finished() {
+            self.summary.tally(done);
+        }
+        if self.engine.in_flight() > 0 {
+            info!(in_flight = self.engine.in_flight(), grace = ?self.settings.shutdown_grace, "waiting for in-flight events");
+            let cancel_at = Instant::now() + self.settings.shutdown_grace;
+            let why = "grace period over; releasing unfinished events to the queue";
+            for done in self.engine.finish(cancel_at, None, why).await {
+                self.summary.tally(done);
             }
         }
+        self.summary
     }
-    outbox_stop.cancel();
-    let _ = outbox.await;
-    drop(deleter);
-    drop(releaser);
-    let _ = deleter_task.await;
-    let _ = releaser_task.await;
-    summary
+}
+
+/// One message: worked by the pipeline, then settled.
+async fn handle(
+    pipeline: &Pipeline,
+    acks: &Acks,
+    delivery: Delivery,
+    cancel: &CancellationToken,
+) -> Settled {
+    let _in_flight = InFlight::count(&pipeline.stats);
+    let outcome = pipeline.handle(&delivery, cancel).await;
+    acks.settle(delivery, outcome).await
 }
 
 /// Counts a message as in flight until dropped.
-struct InFlight(Arc<Stats>);
+struct InFlight<'a>(&'a Stats);
 
-impl Drop for InFlight {
+impl<'a> InFlight<'a> {
+    fn count(stats: &'a Stats) -> InFlight<'a> {
+        Stats::inc(&stats.in_flight);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-enum Outcome {
-    Deleted,
-    Returned,
-    AckFailed,
-}
-
-fn tally(summary: &mut Summary, done: Result<Outcome, tokio::task::JoinError>) {
-    match done {
-        Ok(Outcome::Deleted) => summary.deleted += 1,
-        Ok(Outcome::Returned) => summary.returned += 1,
-        Ok(Outcome::AckFailed) => summary.ack_errors += 1,
-        Err(e) => {
-            error!(error = %e, "message task panicked; its message will come back");
-            summary.returned += 1;
-        }
     }
 }

@@ -1,11 +1,11 @@
 //! AWS Lambda mode: the daemon's pipeline run as a function with an SQS trigger.
 //!
 //! Owns what differs from the daemon. Records arrive in the invocation's SQS event instead
-//! of from ReceiveMessage, and are worked concurrently (at most `queue.max_in_flight`). A
-//! handled record (the pipeline says [`Disposition::Delete`]) is a success: the event source
-//! mapping deletes it, provision never does. A record the pipeline wants back
-//! ([`Disposition::Retry`]) is released with the pipeline's delay (ChangeMessageVisibility)
-//! and listed in `batchItemFailures`, so only it comes back. The invocation's deadline takes
+//! of from ReceiveMessage, and are worked by the same [`Engine`] (at most
+//! `queue.max_in_flight` at once). A handled record is a success: the event source mapping
+//! deletes it, provision never does. A record whose outcome wants it back is released with
+//! the delivery's delay (ChangeMessageVisibility) and listed in `batchItemFailures`, so only
+//! it comes back. The invocation's deadline takes
 //! the place of SIGTERM: shortly before it, unfinished records are cancelled (released and
 //! reported as failures) instead of Lambda killing the function in the middle of a step.
 //! Everything else (pipeline, leases, result publisher, store) is built by [`App::build`],
@@ -30,17 +30,17 @@ use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use lambda_runtime::{service_fn, LambdaEvent};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::app::App;
-use crate::aws::retry::with_backoff;
 use crate::aws::{Message, Queue};
 use crate::config::Config;
-use crate::pipeline::{Disposition, Pipeline};
+use crate::daemon::Settings;
+use crate::delivery::{Acks, Delivery, Settled};
+use crate::engine::Engine;
+use crate::outcome::Outcome;
+use crate::pipeline::Pipeline;
 use crate::step::StepKind;
 
 /// Unfinished records are cancelled when this much of the invocation is left.
@@ -186,13 +186,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 async fn start(cfg: Config) -> anyhow::Result<Handler> {
     check(&cfg)?;
-    let max_in_flight = cfg.queue.max_in_flight;
     let queue_url = cfg.queue.url.clone();
     let app = App::build(cfg).await?;
     Ok(Handler::new(
         app.pipeline.clone(),
         app.queue.clone(),
-        max_in_flight,
+        &app.settings,
         &queue_url,
     ))
 }
@@ -239,7 +238,8 @@ pub async fn report_init_error(message: &str) {
 /// Handles the records of one invocation.
 pub struct Handler {
     pipeline: Arc<Pipeline>,
-    queue: Arc<dyn Queue>,
+    /// Releases only: the event source mapping deletes what is reported handled.
+    acks: Arc<Acks>,
     max_in_flight: usize,
     /// The last part of `queue.url`, to spot records from another queue.
     queue_name: String,
@@ -249,13 +249,14 @@ impl Handler {
     pub fn new(
         pipeline: Arc<Pipeline>,
         queue: Arc<dyn Queue>,
-        max_in_flight: usize,
+        settings: &Settings,
         queue_url: &str,
     ) -> Handler {
+        let acks = Acks::spawn(queue, RELEASE_RETRY_FOR, false, settings.reject);
         Handler {
             pipeline,
-            queue,
-            max_in_flight: max_in_flight.max(1),
+            acks: Arc::new(acks),
+            max_in_flight: settings.max_in_flight.max(1),
             queue_name: queue_url
                 .trim_end_matches('/')
                 .rsplit('/')
@@ -281,8 +282,41 @@ impl Handler {
             })
         };
 
+        let messages = self.messages(records);
+        info!(
+            records = messages.len(),
+            remaining_ms = remaining.as_millis() as u64,
+            "invocation"
+        );
+
+        let handled = self.work(&messages, started, cancel_at, give_up_at).await;
+
+        let mut response = SqsBatchResponse::default();
+        for (msg, ok) in messages.iter().zip(&handled) {
+            if !ok {
+                response.add_failure(msg.id.clone());
+            }
+        }
+        let until_give_up = give_up_at.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(until_give_up, outbox).await.is_err() {
+            warn!(
+                "no time left to republish earlier result events; the next invocation tries again"
+            );
+        }
+        info!(
+            records = messages.len(),
+            succeeded = messages.len() - response.batch_item_failures.len(),
+            failed = response.batch_item_failures.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "invocation done"
+        );
+        response
+    }
+
+    /// The records as messages, warning once about records from another queue.
+    fn messages(&self, records: Vec<SqsMessage>) -> Vec<Message> {
         let mut foreign = None;
-        let messages: Vec<Message> = records
+        let messages = records
             .into_iter()
             .filter_map(|r| {
                 if let Some(arn) = &r.event_source_arn {
@@ -297,120 +331,42 @@ impl Handler {
             warn!(event_source = %arn, queue = %self.queue_name,
                 "records come from another queue than queue.url names: extending and releasing them will fail");
         }
-        info!(
-            records = messages.len(),
-            remaining_ms = remaining.as_millis() as u64,
-            "invocation"
-        );
-
-        let slots = Arc::new(Semaphore::new(self.max_in_flight));
-        let cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for (i, msg) in messages.iter().enumerate() {
-            let (pipeline, slots, cancel, msg) = (
-                self.pipeline.clone(),
-                slots.clone(),
-                cancel.clone(),
-                msg.clone(),
-            );
-            tasks.spawn(
-                async move {
-                    let _permit = tokio::select! {
-                        biased;
-                        // Never started: it goes back at once, for another invocation.
-                        _ = cancel.cancelled() => return (i, Disposition::Retry(Duration::ZERO)),
-                        p = slots.acquire_owned() => p.expect("semaphore is never closed"),
-                    };
-                    let d = pipeline.handle_message(&msg, started, &cancel).await;
-                    (i, d)
-                }
-                .in_current_span(),
-            );
-        }
-
-        // None: unfinished when we gave up; it comes back when its visibility lapses.
-        let mut outcomes: Vec<Option<Disposition>> = vec![None; messages.len()];
-        let cancel_timer = tokio::time::sleep_until(cancel_at);
-        let give_up_timer = tokio::time::sleep_until(give_up_at);
-        tokio::pin!(cancel_timer, give_up_timer);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    Some(Ok((i, d))) => outcomes[i] = Some(d),
-                    Some(Err(e)) => error!(error = %e, "record task failed; the record will come back"),
-                    None => break,
-                },
-                _ = &mut cancel_timer, if !cancel.is_cancelled() => {
-                    warn!(unfinished = tasks.len(), "the invocation's deadline is near: cancelling unfinished records, they will come back");
-                    cancel.cancel();
-                }
-                _ = &mut give_up_timer => {
-                    error!(unfinished = tasks.len(), "records still unfinished at the deadline; reporting them as failures");
-                    tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-
-        let mut response = SqsBatchResponse::default();
-        let mut releases = Vec::new();
-        let mut succeeded = 0usize;
-        for (msg, outcome) in messages.iter().zip(&outcomes) {
-            match outcome {
-                Some(Disposition::Delete) => succeeded += 1,
-                Some(Disposition::Retry(delay)) => {
-                    releases.push((msg.receipt.clone(), *delay));
-                    response.add_failure(msg.id.clone());
-                }
-                None => response.add_failure(msg.id.clone()),
-            }
-        }
-        let until_give_up = give_up_at.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(until_give_up, self.release(&releases))
-            .await
-            .is_err()
-        {
-            warn!("no time left to release the failed records; they come back when their visibility lapses");
-        }
-        let until_give_up = give_up_at.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(until_give_up, outbox).await.is_err() {
-            warn!(
-                "no time left to republish earlier result events; the next invocation tries again"
-            );
-        }
-        info!(
-            records = messages.len(),
-            succeeded,
-            failed = response.batch_item_failures.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "invocation done"
-        );
-        response
+        messages
     }
 
-    /// Makes the failed records visible again after the pipeline's delay (zero for
-    /// cancelled work and dead-lettered rejects), as the daemon does, instead of leaving
-    /// them hidden for the rest of their visibility timeout.
-    async fn release(&self, entries: &[(String, Duration)]) {
-        for chunk in entries.chunks(10) {
-            match with_backoff(RELEASE_RETRY_FOR, || {
-                self.queue.change_visibility_batch(chunk)
-            })
-            .await
-            {
-                Ok(results) => {
-                    for r in results {
-                        if let Err(e) = r {
-                            warn!(error = %e, "could not release a failed record; it comes back when its visibility lapses");
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "could not release failed records; they come back when their visibility lapses")
-                }
+    /// Works every message in the engine; says which were handled (false: it comes back,
+    /// released now or when its visibility lapses).
+    async fn work(
+        &self,
+        messages: &[Message],
+        received: Instant,
+        cancel_at: Instant,
+        give_up_at: Instant,
+    ) -> Vec<bool> {
+        let mut engine = Engine::new(self.max_in_flight);
+        for (i, msg) in messages.iter().enumerate() {
+            let delivery = Delivery::new(msg.clone(), received, self.pipeline.leases());
+            let (pipeline, acks) = (self.pipeline.clone(), self.acks.clone());
+            engine.queue(move |cancel| async move {
+                let outcome = match cancel {
+                    Some(cancel) => pipeline.handle(&delivery, &cancel).await,
+                    // Never started: it goes back at once, for another invocation.
+                    None => Outcome::Released,
+                };
+                (i, acks.settle(delivery, outcome).await)
+            });
+        }
+        let mut handled = vec![false; messages.len()];
+        let why =
+            "the invocation's deadline is near: cancelling unfinished records, they will come back";
+        for done in engine.finish(cancel_at, Some(give_up_at), why).await {
+            match done {
+                Ok((i, settled)) => handled[i] = settled == Settled::Handled,
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => error!(error = %e, "record task failed; the record will come back"),
             }
         }
+        handled
     }
 }
 
@@ -442,9 +398,10 @@ mod tests {
 
     use crate::aws::fake::{FakeHooks, FakeInstances, Unused};
     use crate::aws::{AwsError, BatchResult, Services};
+    use crate::delivery::RejectPolicy;
     use crate::lease::Leases;
     use crate::metrics::Stats;
-    use crate::pipeline::{Parts, RejectPolicy};
+    use crate::pipeline::Parts;
     use crate::store::Store;
 
     const CONFIG: &str = r#"
@@ -585,7 +542,6 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             store: Store::in_memory().unwrap(),
             leases,
             publisher: None,
-            reject_policy: reject,
             stats,
             remote: None,
             ansible: None,
@@ -594,7 +550,14 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             handler: Handler::new(
                 Arc::new(pipeline),
                 queue.clone(),
-                max_in_flight,
+                &Settings {
+                    max_in_flight,
+                    wait_time: cfg.queue.wait_time,
+                    visibility_timeout: cfg.queue.visibility_timeout,
+                    shutdown_grace: cfg.daemon.shutdown_grace,
+                    retry_for: cfg.aws.retry_for,
+                    reject,
+                },
                 &cfg.queue.url,
             ),
             hooks,

@@ -139,79 +139,92 @@ async fn tick_loop(weak: Weak<Inner>) {
 }
 
 fn tick(inner: &Arc<Inner>) {
-    let now = Instant::now();
-    let mut extend: Vec<(u64, String)> = Vec::new();
-    let mut beat: Vec<(u64, Action)> = Vec::new();
-    {
-        let mut entries = inner.entries.lock().unwrap();
-        for (id, e) in entries.iter_mut() {
-            if let Some(r) = &e.receipt {
-                if !e.extending
-                    && e.visible_until.saturating_duration_since(now) <= inner.visibility / 2
-                {
-                    e.extending = true;
-                    extend.push((*id, r.clone()));
-                }
-            }
-            if let Some(a) = &e.action {
-                if !e.beating && e.next_beat <= now {
-                    e.beating = true;
-                    beat.push((*id, a.clone()));
-                }
-            }
-        }
-    }
+    let (extend, beat) = due(inner, Instant::now());
     if let Some(queue) = &inner.queue {
         for chunk in extend.chunks(10) {
-            let (inner, queue, chunk) = (inner.clone(), queue.clone(), chunk.to_vec());
-            tokio::spawn(async move {
-                let entries: Vec<(String, Duration)> = chunk
-                    .iter()
-                    .map(|(_, r)| (r.clone(), inner.visibility))
-                    .collect();
-                let at = Instant::now();
-                let results = match queue.change_visibility_batch(&entries).await {
-                    Ok(r) => r,
-                    Err(e) => vec![Err(e.to_string()); entries.len()],
-                };
-                let mut map = inner.entries.lock().unwrap();
-                for ((id, _), r) in chunk.iter().zip(results) {
-                    if let Some(e) = map.get_mut(id) {
-                        e.extending = false;
-                        match r {
-                            Ok(()) => e.visible_until = at + inner.visibility,
-                            Err(err) => {
-                                tracing::warn!(error = %err, "could not extend message visibility; will retry")
-                            }
-                        }
-                    }
-                }
-            });
+            tokio::spawn(extend_visibility(
+                inner.clone(),
+                queue.clone(),
+                chunk.to_vec(),
+            ));
         }
     }
     for (id, action) in beat {
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let r = inner.hooks.heartbeat(&action).await;
-            let mut map = inner.entries.lock().unwrap();
-            let Some(e) = map.get_mut(&id) else { return };
-            e.beating = false;
+        tokio::spawn(heartbeat(inner.clone(), id, action));
+    }
+}
+
+/// Messages whose visibility is half used, and actions due a heartbeat; each marked as
+/// being worked on so the next tick does not send it again.
+#[allow(clippy::type_complexity)]
+fn due(inner: &Inner, now: Instant) -> (Vec<(u64, String)>, Vec<(u64, Action)>) {
+    let mut extend = Vec::new();
+    let mut beat = Vec::new();
+    let mut entries = inner.entries.lock().unwrap();
+    for (id, e) in entries.iter_mut() {
+        if let Some(r) = &e.receipt {
+            if !e.extending
+                && e.visible_until.saturating_duration_since(now) <= inner.visibility / 2
+            {
+                e.extending = true;
+                extend.push((*id, r.clone()));
+            }
+        }
+        if let Some(a) = &e.action {
+            if !e.beating && e.next_beat <= now {
+                e.beating = true;
+                beat.push((*id, a.clone()));
+            }
+        }
+    }
+    (extend, beat)
+}
+
+/// One ChangeMessageVisibilityBatch for up to ten held messages.
+async fn extend_visibility(inner: Arc<Inner>, queue: Arc<dyn Queue>, chunk: Vec<(u64, String)>) {
+    let entries: Vec<(String, Duration)> = chunk
+        .iter()
+        .map(|(_, r)| (r.clone(), inner.visibility))
+        .collect();
+    let at = Instant::now();
+    let results = match queue.change_visibility_batch(&entries).await {
+        Ok(r) => r,
+        Err(e) => vec![Err(e.to_string()); entries.len()],
+    };
+    let mut map = inner.entries.lock().unwrap();
+    for ((id, _), r) in chunk.iter().zip(results) {
+        if let Some(e) = map.get_mut(id) {
+            e.extending = false;
             match r {
-                Ok(ActionCall::Done) => {
-                    e.beats.fetch_add(1, Ordering::Relaxed);
-                    Stats::inc(&inner.stats.heartbeats);
-                    e.next_beat = Instant::now() + jitter(e.every);
-                }
-                Ok(ActionCall::NotActive(msg)) => {
-                    tracing::warn!(instance_id = %action.instance_id, reason = %msg,
-                        "lifecycle action is no longer active (timed out or completed elsewhere); heartbeats stop");
-                    e.action = None;
-                }
+                Ok(()) => e.visible_until = at + inner.visibility,
                 Err(err) => {
-                    tracing::warn!(instance_id = %action.instance_id, error = %err, "heartbeat failed; will retry");
-                    e.next_beat = Instant::now() + (e.every / 4).max(Duration::from_millis(500));
+                    tracing::warn!(error = %err, "could not extend message visibility; will retry")
                 }
             }
-        });
+        }
+    }
+}
+
+/// One heartbeat; schedules the next, or stops beating an action that is gone.
+async fn heartbeat(inner: Arc<Inner>, id: u64, action: Action) {
+    let r = inner.hooks.heartbeat(&action).await;
+    let mut map = inner.entries.lock().unwrap();
+    let Some(e) = map.get_mut(&id) else { return };
+    e.beating = false;
+    match r {
+        Ok(ActionCall::Done) => {
+            e.beats.fetch_add(1, Ordering::Relaxed);
+            Stats::inc(&inner.stats.heartbeats);
+            e.next_beat = Instant::now() + jitter(e.every);
+        }
+        Ok(ActionCall::NotActive(msg)) => {
+            tracing::warn!(instance_id = %action.instance_id, reason = %msg,
+                "lifecycle action is no longer active (timed out or completed elsewhere); heartbeats stop");
+            e.action = None;
+        }
+        Err(err) => {
+            tracing::warn!(instance_id = %action.instance_id, error = %err, "heartbeat failed; will retry");
+            e.next_beat = Instant::now() + (e.every / 4).max(Duration::from_millis(500));
+        }
     }
 }

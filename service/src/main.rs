@@ -14,8 +14,8 @@ use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
 use provision::event::{self, Parsed, Transition};
 use provision::metrics::Stats;
-use provision::notify::SystemdNotify;
 use provision::store::Store;
+use provision::systemd::SystemdNotify;
 use provision::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -172,7 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hook,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
-            let args = provision::manual::Args {
+            let args = provision::instance::Args {
                 instance: id,
                 dry_run,
                 no_complete,
@@ -187,7 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hook,
             };
             let rt = runtime()?;
-            rt.block_on(provision::manual::run(cfg, args))
+            rt.block_on(provision::instance::run(cfg, args))
         }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),

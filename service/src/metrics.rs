@@ -13,6 +13,9 @@ use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_sqs::error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 
+use crate::clock::now_ms;
+use crate::outcome::Outcome;
+
 /// Upper bounds (seconds) of the step duration histogram.
 const STEP_BUCKETS: [f64; 12] = [
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
@@ -62,15 +65,38 @@ impl Stats {
     }
 
     pub fn mark(at: &AtomicU64) {
-        at.store(crate::store::now_ms().max(0) as u64, Ordering::Relaxed);
+        at.store(now_ms().max(0) as u64, Ordering::Relaxed);
     }
 
-    pub fn run_finished(&self, layer: &str, outcome: &str) {
+    /// The counter that stands for an outcome, where there is one.
+    fn counter(&self, outcome: Outcome) -> Option<&AtomicU64> {
+        match outcome {
+            Outcome::Succeeded => Some(&self.succeeded),
+            Outcome::Failed | Outcome::HookError => Some(&self.failed),
+            Outcome::Duplicate => Some(&self.duplicates),
+            Outcome::Unmatched => Some(&self.unmatched),
+            Outcome::Released => Some(&self.released),
+            Outcome::Rejected => Some(&self.rejected),
+            Outcome::Skipped => Some(&self.skipped),
+            Outcome::Running | Outcome::Retry => None,
+        }
+    }
+
+    /// Counts a message that ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) {
+        if let Some(c) = self.counter(outcome) {
+            Self::inc(c);
+        }
+    }
+
+    /// Counts a worked run, by layer and outcome.
+    pub fn run_finished(&self, layer: &str, outcome: Outcome) {
+        self.count(outcome);
         *self
             .runs
             .lock()
             .unwrap()
-            .entry((layer.to_string(), outcome.to_string()))
+            .entry((layer.to_string(), outcome.as_str().to_string()))
             .or_default() += 1;
     }
 
@@ -98,6 +124,16 @@ impl Stats {
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
+        self.write_counters(&mut out);
+        self.write_runs(&mut out);
+        self.write_steps(&mut out);
+        self.write_aws_calls(&mut out);
+        self.write_poll_age(&mut out);
+        out
+    }
+
+    /// The plain counters and gauges.
+    fn write_counters(&self, out: &mut String) {
         let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "provision_events_received_total",
@@ -157,6 +193,9 @@ impl Stats {
                 Self::get(value)
             );
         }
+    }
+
+    fn write_runs(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP provision_runs_total Finished runs by layer and outcome.\n# TYPE provision_runs_total counter");
         for ((layer, outcome), n) in self.runs.lock().unwrap().iter() {
             let _ = writeln!(
@@ -166,6 +205,9 @@ impl Stats {
                 label(outcome)
             );
         }
+    }
+
+    fn write_steps(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP provision_step_duration_seconds Step durations by kind.\n# TYPE provision_step_duration_seconds histogram");
         for (kind, h) in self.steps.lock().unwrap().iter() {
             let kind = label(kind);
@@ -191,6 +233,9 @@ impl Stats {
                 h.count
             );
         }
+    }
+
+    fn write_aws_calls(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP provision_aws_calls_total AWS API calls (HTTP attempts, retries included).\n# TYPE provision_aws_calls_total counter");
         for ((service, op), n) in self.aws_calls.lock().unwrap().iter() {
             let _ = writeln!(
@@ -200,20 +245,20 @@ impl Stats {
                 label(op)
             );
         }
+    }
+
+    fn write_poll_age(&self, out: &mut String) {
         let age = match Self::get(&self.last_poll_ms) {
             0 => -1.0,
-            t => (crate::store::now_ms().max(0) as u64).saturating_sub(t) as f64 / 1000.0,
+            t => (now_ms().max(0) as u64).saturating_sub(t) as f64 / 1000.0,
         };
         let _ = writeln!(out, "# HELP provision_last_poll_age_seconds Seconds since a receive last completed (-1 before the first).\n# TYPE provision_last_poll_age_seconds gauge\nprovision_last_poll_age_seconds {age}");
-        out
     }
 
     /// True when the receive loop has shown it is alive within `within`.
     pub fn loop_is_alive(&self, within: std::time::Duration) -> bool {
         let last = Self::get(&self.loop_alive_ms);
-        last > 0
-            && (crate::store::now_ms().max(0) as u64).saturating_sub(last)
-                <= within.as_millis() as u64
+        last > 0 && (now_ms().max(0) as u64).saturating_sub(last) <= within.as_millis() as u64
     }
 }
 
@@ -255,7 +300,7 @@ mod tests {
     fn renders_prometheus_text() {
         let s = Stats::default();
         Stats::inc(&s.received);
-        s.run_finished("web", "succeeded");
+        s.run_finished("web", Outcome::Succeeded);
         s.step_finished("tag", 0.3);
         s.step_finished("tag", 7.0);
         s.aws_call("sqs", "ReceiveMessage");

@@ -8,12 +8,13 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::aws::HookResult;
+use crate::clock::now_ms;
+use crate::outcome::{HookResult, Outcome, StepOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,14 +72,6 @@ CREATE TABLE IF NOT EXISTS actions (
 );
 "#;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// What claiming a lifecycle action token found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -96,7 +89,7 @@ pub enum Claim {
 /// The last word on a run.
 #[derive(Debug, Clone, Default)]
 pub struct RunEnd<'a> {
-    pub outcome: &'a str,
+    pub outcome: Outcome,
     pub hook_result: Option<&'a str>,
     pub heartbeats: u32,
     pub error: Option<&'a str>,
@@ -113,7 +106,7 @@ pub struct NewRun<'a> {
     pub transition: Option<&'a str>,
     pub token: Option<&'a str>,
     pub layer: Option<&'a str>,
-    pub outcome: &'a str,
+    pub outcome: Outcome,
     pub error: Option<&'a str>,
     pub event: Option<&'a str>,
 }
@@ -220,8 +213,8 @@ impl Store {
         .iter()
         .map(|s| s.map(str::to_string))
         .collect();
-        let outcome = run.outcome.to_string();
-        let finished = (outcome != "running").then(now_ms);
+        let finished = (run.outcome != Outcome::Running).then(now_ms);
+        let outcome = run.outcome.as_str();
         self.call(move |c| {
             c.execute(
                 "INSERT INTO runs (message_id, received_at, finished_at, instance_id, group_name, hook, transition, token, layer, outcome, error, event)
@@ -236,7 +229,7 @@ impl Store {
     /// Records the end of a run. `end.unpublished` is the result event that could not be
     /// published yet (kept for [`Store::unpublished`]).
     pub async fn finish_run(&self, run_id: i64, end: RunEnd<'_>) -> Result<(), StoreError> {
-        let outcome = end.outcome.to_string();
+        let outcome = end.outcome.as_str();
         let hook_result = end.hook_result.map(str::to_string);
         let error = end.error.map(str::to_string);
         let unpublished = end.unpublished.map(str::to_string);
@@ -297,10 +290,10 @@ impl Store {
         &self,
         run_id: i64,
         idx: usize,
-        outcome: &str,
+        outcome: StepOutcome,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let (outcome, detail) = (outcome.to_string(), detail.to_string());
+        let (outcome, detail) = (outcome.as_str(), detail.to_string());
         self.call(move |c| {
             c.execute(
                 "UPDATE steps SET finished_at = ?3, outcome = ?4, detail = ?5 WHERE run_id = ?1 AND idx = ?2",
@@ -458,7 +451,7 @@ mod tests {
         NewRun {
             token: Some(token),
             instance_id: Some("i-12345678"),
-            outcome: "running",
+            outcome: Outcome::Running,
             ..Default::default()
         }
     }
@@ -503,7 +496,7 @@ mod tests {
         s.finish_run(
             r1,
             RunEnd {
-                outcome: "succeeded",
+                outcome: Outcome::Succeeded,
                 unpublished: Some(body),
                 ..Default::default()
             },
@@ -513,7 +506,7 @@ mod tests {
         s.finish_run(
             r2,
             RunEnd {
-                outcome: "succeeded",
+                outcome: Outcome::Succeeded,
                 ..Default::default()
             },
         )
@@ -532,11 +525,13 @@ mod tests {
         let s = Store::in_memory().unwrap();
         let r1 = s.insert_run(run("t3")).await.unwrap();
         s.start_step(r1, 0, "tag", "tag Name=x").await.unwrap();
-        s.finish_step(r1, 0, "succeeded", "tagged").await.unwrap();
+        s.finish_step(r1, 0, StepOutcome::Succeeded, "tagged")
+            .await
+            .unwrap();
         s.finish_run(
             r1,
             RunEnd {
-                outcome: "succeeded",
+                outcome: Outcome::Succeeded,
                 hook_result: Some("CONTINUE"),
                 heartbeats: 2,
                 ..Default::default()

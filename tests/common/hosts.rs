@@ -1,5 +1,5 @@
 //! Simulated EC2 instances: one network namespace per instance, with its own IPv4 address, and
-//! a real `sshd` listening on port 22 in it (see /work/shared/reference/simulated-hosts.md).
+//! a real `sshd` listening on port 22 in it (how to build one by hand: tests/README.md).
 //!
 //! ```text
 //!   host netns                                    netns psim-10-213-7-4

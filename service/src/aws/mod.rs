@@ -6,11 +6,9 @@
 //! Classifying errors (retryable or not) happens here, once; retrying beyond the SDK's own
 //! attempts is `retry.rs`.
 
-use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 
 use crate::event::InstanceId;
 
@@ -19,38 +17,7 @@ pub mod fake;
 pub mod retry;
 pub mod sdk;
 
-/// The result a lifecycle action is completed with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum HookResult {
-    Continue,
-    /// AWS's DefaultResult when a hook names none.
-    #[default]
-    Abandon,
-}
-
-impl HookResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HookResult::Continue => "CONTINUE",
-            HookResult::Abandon => "ABANDON",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "CONTINUE" => Some(HookResult::Continue),
-            "ABANDON" => Some(HookResult::Abandon),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for HookResult {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::outcome::HookResult;
 
 /// A failed AWS call, classified once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

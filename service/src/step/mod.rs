@@ -115,28 +115,24 @@ impl Shared {
         ansible: Option<Arc<ansible::Runner>>,
     ) -> Shared {
         let instances = services.instances.clone();
-        let (lookup, _task) = Batcher::spawn(
+        let (lookup, _task) = Batcher::retried(
             100,
             Duration::from_millis(50),
+            retry_for,
             move |ids: Vec<InstanceId>| {
                 let instances = instances.clone();
                 async move {
-                    match crate::aws::retry::with_backoff(retry_for, || instances.describe(&ids))
-                        .await
-                    {
-                        Ok(found) => {
-                            let mut by_id: HashMap<String, InstanceInfo> =
-                                found.into_iter().map(|i| (i.id.clone(), i)).collect();
-                            ids.iter()
-                                .map(|id| {
-                                    by_id.remove(id.as_str()).ok_or_else(|| {
-                                        format!("DescribeInstances does not know {id}")
-                                    })
-                                })
-                                .collect()
-                        }
-                        Err(e) => vec![Err(e.to_string()); ids.len()],
-                    }
+                    let found = instances.describe(&ids).await?;
+                    let mut by_id: HashMap<String, InstanceInfo> =
+                        found.into_iter().map(|i| (i.id.clone(), i)).collect();
+                    Ok(ids
+                        .iter()
+                        .map(|id| {
+                            by_id
+                                .remove(id.as_str())
+                                .ok_or_else(|| format!("DescribeInstances does not know {id}"))
+                        })
+                        .collect())
                 }
             },
         );

@@ -1,0 +1,320 @@
+//! `provision instance <id>` (or `provision <id>`): the pipeline by hand, for one instance.
+//!
+//! Finds the instance's group (DescribeAutoScalingInstances), its layer, and whether a
+//! lifecycle action is pending for it (`Pending:Wait` / `Terminating:Wait`); prints the plan;
+//! then (unless `--dry-run`) runs the layer's steps through the same pipeline as the daemon
+//! (same history, heartbeats, result event), showing progress, and completes the pending
+//! action by instance id (unless `--no-complete`). There is no message, hence no token and
+//! nothing to acknowledge: the run is a [`Job`] handed straight to the pipeline.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::aws::retry::with_backoff;
+use crate::aws::{Action, HookInfo};
+use crate::clock::now_ms;
+use crate::config::{Config, Layer};
+use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Transition};
+use crate::pipeline::{Job, Pipeline, Progress, RunReport};
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub instance: String,
+    pub dry_run: bool,
+    pub no_complete: bool,
+    pub layer: Option<String>,
+    pub transition: Option<Transition>,
+    pub hook: Option<String>,
+}
+
+/// What Auto Scaling says about the instance, and the hook to complete.
+struct Found {
+    id: InstanceId,
+    group: String,
+    state: String,
+    transition: Transition,
+    /// A lifecycle action of `transition` waits for this instance.
+    pending: bool,
+    hook: Option<(String, HookInfo)>,
+}
+
+pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
+    let id = InstanceId::parse(&args.instance).map_err(|e| anyhow!("{e}"))?;
+    let app = App::build(cfg).await?;
+    let pipeline = app.pipeline.clone();
+    let found = find(&pipeline, id, &args).await?;
+    let job = job(&found, &args);
+    let layer = match &args.layer {
+        Some(name) => pipeline
+            .config()
+            .layers
+            .iter()
+            .find(|l| &l.name == name)
+            .ok_or_else(|| anyhow!("no layer named {name:?} in the config"))?,
+        None => pipeline.route(&job.event).ok_or_else(|| {
+            anyhow!(
+                "no layer matches group {}; pass --layer NAME to choose one",
+                found.group
+            )
+        })?,
+    };
+    print_plan(&pipeline, &found, &job, layer, &args);
+    if args.dry_run {
+        println!("(dry run: nothing was changed)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = execute(&pipeline, job).await;
+    drop(pipeline);
+    app.close().await;
+    Ok(print_result(&found.id, &report))
+}
+
+/// The instance's group and state, the transition to run, and the hook to complete.
+async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Result<Found> {
+    let retry = pipeline.config().aws.retry_for;
+    let hooks = pipeline.hooks().clone();
+    let membership = with_backoff(retry, || hooks.instance_group(&id))
+        .await
+        .context("looking up the instance's Auto Scaling group")?;
+    let (group, state) = match &membership {
+        Some((g, s)) => (g.clone(), s.clone()),
+        None if args.layer.is_some() => ("-".to_string(), "not in an Auto Scaling group".to_string()),
+        None => bail!("{id} is not in an Auto Scaling group (or does not exist); pass --layer NAME to run a layer's steps on it anyway"),
+    };
+    let transition = args
+        .transition
+        .unwrap_or(if state.starts_with("Terminating") {
+            Transition::Terminate
+        } else {
+            Transition::Launch
+        });
+    let waiting_state = match transition {
+        Transition::Launch => "Pending:Wait",
+        Transition::Terminate => "Terminating:Wait",
+    };
+    let pending = state == waiting_state;
+    let group_hooks = match membership {
+        Some(_) => with_backoff(retry, || hooks.describe_hooks(&group))
+            .await
+            .context("describing the group's lifecycle hooks")?,
+        None => Vec::new(),
+    };
+    let mut candidates: Vec<(String, HookInfo)> = group_hooks
+        .into_iter()
+        .filter(|(_, h)| h.transition == transition.aws_name())
+        .collect();
+    let hook = match &args.hook {
+        Some(name) => Some(
+            candidates
+                .iter()
+                .find(|(n, _)| n == name)
+                .cloned()
+                .ok_or_else(|| anyhow!("group {group} has no {transition} hook named {name:?}"))?,
+        ),
+        None if candidates.len() == 1 => candidates.pop(),
+        None if candidates.len() > 1 && pending && !args.no_complete => bail!(
+            "group {group} has several {transition} hooks ({}); name the one to complete with --hook",
+            candidates.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        None => None,
+    };
+    Ok(Found {
+        id,
+        group,
+        state,
+        transition,
+        pending,
+        hook,
+    })
+}
+
+/// The pipeline's job: the instance's event as the hook would describe it, its pending
+/// action addressed by instance id (there is no token), completed unless told otherwise.
+fn job(found: &Found, args: &Args) -> Job {
+    let hook_name = found.hook.as_ref().map(|(n, _)| n.clone());
+    let event = LifecycleEvent {
+        instance_id: found.id.clone(),
+        group: found.group.clone(),
+        hook: hook_name.clone().unwrap_or_else(|| "-".into()),
+        transition: found.transition,
+        token: format!("manual-{}-{}", found.id, now_ms()),
+        origin: None,
+        destination: None,
+        metadata: Metadata::parse(
+            found
+                .hook
+                .as_ref()
+                .and_then(|(_, h)| h.notification_metadata.as_deref()),
+        ),
+        account_id: None,
+        time: None,
+        envelope: Envelope::Manual,
+    };
+    let action = match (found.pending, hook_name) {
+        (true, Some(hook)) => Some(Action {
+            group: found.group.clone(),
+            hook,
+            instance_id: found.id.clone(),
+            token: None,
+        }),
+        _ => None,
+    };
+    Job {
+        event,
+        message_id: None,
+        layer: args.layer.clone(),
+        action,
+        complete: !args.no_complete,
+        progress: None,
+    }
+}
+
+fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args: &Args) {
+    let chosen = if args.layer.is_some() {
+        " (chosen with --layer)"
+    } else {
+        ""
+    };
+    println!(
+        "instance   {} in group {} ({})",
+        found.id, found.group, found.state
+    );
+    println!("layer      {}{chosen}", layer.name);
+    println!("transition {}", found.transition);
+    for (i, line) in pipeline.preview(&job.event, layer).iter().enumerate() {
+        println!("step {i}     {line}");
+    }
+    match (&job.action, job.complete) {
+        (Some(a), true) => println!(
+            "then       complete hook {} by instance id: CONTINUE, or {} if a step fails",
+            a.hook, layer.on_failure
+        ),
+        (Some(a), false) => println!(
+            "then       leave the pending action of hook {} as it is (--no-complete)",
+            a.hook
+        ),
+        (None, _) => println!(
+            "then       nothing to complete: no lifecycle action is pending for this {}",
+            found.transition
+        ),
+    }
+}
+
+/// Runs the job, printing progress until it ends; Ctrl-C cancels it.
+async fn execute(pipeline: &Pipeline, mut job: Job) -> RunReport {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    job.progress = Some(tx);
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        crate::shutdown::signal().await;
+        stop.cancel();
+    });
+    let printer = tokio::spawn(print_progress(rx, Instant::now()));
+    // No message to keep hidden: the lease only heartbeats the action.
+    let lease = pipeline.leases().hold(None, Instant::now());
+    let report = pipeline.run(&job, &lease, &cancel).await;
+    drop((lease, job));
+    let _ = printer.await;
+    report
+}
+
+/// Prints each step's start, waits and end; on a terminal a "still running" line updates
+/// in place, elsewhere plain lines every few seconds.
+async fn print_progress(mut rx: UnboundedReceiver<Progress>, start: Instant) {
+    use std::io::IsTerminal as _;
+    let mut out = Screen {
+        tty: std::io::stdout().is_terminal(),
+        live: false,
+    };
+    let mut current: Option<(usize, usize, String, Instant)> = None;
+    let mut waiting = String::new();
+    let every = Duration::from_secs(if out.tty { 1 } else { 5 });
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        let at = format!("[{:>6.1}s]", start.elapsed().as_secs_f64());
+        tokio::select! {
+            p = rx.recv() => match p {
+                Some(Progress::Started { idx, total, description }) => {
+                    out.line(format!("{at} step {}/{total} {description}: running", idx + 1), false);
+                    current = Some((idx, total, description, Instant::now()));
+                    waiting.clear();
+                }
+                Some(Progress::Waiting { idx, what }) => {
+                    out.line(format!("{at} step {}: {what}", idx + 1), false);
+                    waiting = what;
+                }
+                Some(Progress::Finished { idx, outcome, detail, elapsed }) => {
+                    let first = detail.lines().next().unwrap_or("");
+                    out.line(format!("{at} step {} {outcome} in {:.1}s: {first}", idx + 1, elapsed.as_secs_f64()), false);
+                    current = None;
+                }
+                None => return out.end(),
+            },
+            _ = tick.tick() => if let Some((idx, total, d, since)) = &current {
+                let doing = if waiting.is_empty() { "still running".to_string() } else { format!("still {waiting}") };
+                out.line(format!("{at} step {}/{total} {d}: {doing} ({:.0}s)", idx + 1, since.elapsed().as_secs_f64()), true);
+            },
+        }
+    }
+}
+
+/// Standard output, with one line that may be rewritten in place on a terminal.
+struct Screen {
+    tty: bool,
+    /// The last line written is a transient one (no newline yet).
+    live: bool,
+}
+
+impl Screen {
+    fn line(&mut self, text: String, transient: bool) {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if self.live {
+            let _ = write!(out, "\r\x1b[K");
+        }
+        if transient && self.tty {
+            let _ = write!(out, "{text}");
+            self.live = true;
+        } else {
+            let _ = writeln!(out, "{text}");
+            self.live = false;
+        }
+        let _ = out.flush();
+    }
+
+    fn end(&mut self) {
+        if self.tty {
+            self.line(String::new(), true);
+        }
+    }
+}
+
+fn print_result(id: &InstanceId, report: &RunReport) -> ExitCode {
+    println!(
+        "result     {} ({}){}",
+        report.outcome,
+        report
+            .hook_result
+            .map(|c| c.as_str())
+            .unwrap_or("hook not completed"),
+        report
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    if report.outcome.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        println!("next       see `provision history --instance {id}` for each step's output; fix and run again (every step is safe to repeat)");
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,410 @@
+//! One lifecycle action, start to finish: parse -> route -> claim -> steps -> complete ->
+//! record and publish.
+//!
+//! Owns the order of things and the rules that make at-least-once delivery safe: a token
+//! that completed is acknowledged without work; the same token arriving twice at once is
+//! worked once; the hook is completed on its own, uncancelled path. It answers with an
+//! [`Outcome`]; what then happens to the message (deleted, released) is the delivery's
+//! business ([`crate::delivery`]), and receiving messages is the sources' (daemon, Lambda,
+//! manual run). Each stage has its file:
+//!
+//! - `claim.rs`: the token, worked once in this process and claimed in the store;
+//! - `steps.rs`: the layer's steps in order, with progress for a person watching;
+//! - `complete.rs`: completing the action, and what the answer means;
+//! - `record.rs`: the run's report, its history rows and its result event.
+
+mod claim;
+mod complete;
+mod record;
+mod steps;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::{field, info, info_span, warn, Instrument};
+
+use crate::aws::retry::with_backoff;
+use crate::aws::{Action, HookInfo, Hooks, Services};
+use crate::batch::Batcher;
+use crate::cache::TtlCache;
+use crate::config::{Config, Layer, Unmatched};
+use crate::delivery::Delivery;
+use crate::event::{self, LifecycleEvent, Parsed, Transition};
+use crate::layer::Context;
+use crate::lease::{heartbeat_interval, Lease, Leases};
+use crate::metrics::Stats;
+use crate::outcome::{Completion, HookResult, Outcome};
+use crate::step::Shared;
+use crate::store::{Claim, Store};
+
+pub use record::{RunReport, StepReport};
+pub use steps::Progress;
+
+use claim::Working;
+use complete::Completed;
+
+/// How long a group's hook descriptions are trusted before being fetched again.
+const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
+/// Heartbeat interval when the hook cannot be described: short enough for the 30 s minimum.
+const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// One lifecycle event to work, and how to treat its action.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub event: LifecycleEvent,
+    /// The message it came in; None for a manual run.
+    pub message_id: Option<String>,
+    /// A layer forced by name instead of routing (`provision <id> --layer`).
+    pub layer: Option<String>,
+    /// The lifecycle action to heartbeat while the steps run; None when no action is
+    /// pending (a manual run on an instance that is not waiting).
+    pub action: Option<Action>,
+    /// Complete the action once the steps are done (false: `--no-complete`).
+    pub complete: bool,
+    /// Step progress, for a person watching.
+    pub progress: Option<UnboundedSender<Progress>>,
+}
+
+impl Job {
+    /// What a queued message asks for: its action, by token, heartbeated and completed.
+    pub fn from_message(event: LifecycleEvent, message_id: &str) -> Job {
+        let action = Action {
+            group: event.group.clone(),
+            hook: event.hook.clone(),
+            instance_id: event.instance_id.clone(),
+            token: Some(event.token.clone()),
+        };
+        Job {
+            event,
+            message_id: Some(message_id.to_string()),
+            layer: None,
+            action: Some(action),
+            complete: true,
+            progress: None,
+        }
+    }
+
+    /// The action this run completes, if it completes one.
+    fn completing(&self) -> Option<&Action> {
+        self.action.as_ref().filter(|_| self.complete)
+    }
+}
+
+pub struct Pipeline {
+    cfg: Arc<Config>,
+    hooks: Arc<dyn Hooks>,
+    services: Services,
+    shared: Shared,
+    store: Store,
+    leases: Leases,
+    publisher: Option<Batcher<String>>,
+    hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
+    working: Working,
+    owner: String,
+    host: String,
+    pub stats: Arc<Stats>,
+}
+
+pub struct Parts {
+    pub cfg: Arc<Config>,
+    pub hooks: Arc<dyn Hooks>,
+    pub services: Services,
+    pub store: Store,
+    pub leases: Leases,
+    pub publisher: Option<Batcher<String>>,
+    pub stats: Arc<Stats>,
+    /// SSH reach and the Ansible runner, when the config has SSH steps.
+    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub ansible: Option<Arc<crate::step::ansible::Runner>>,
+}
+
+impl Pipeline {
+    pub fn new(p: Parts) -> Pipeline {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let shared = Shared::new(
+            &p.services,
+            p.cfg.ssm.batch_window,
+            p.cfg.aws.retry_for,
+            p.remote,
+            p.ansible,
+        );
+        Pipeline {
+            cfg: p.cfg,
+            hooks: p.hooks,
+            shared,
+            services: p.services,
+            store: p.store,
+            leases: p.leases,
+            publisher: p.publisher,
+            hook_info: TtlCache::new(HOOK_INFO_TTL),
+            working: Working::default(),
+            owner: format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)),
+            host,
+            stats: p.stats,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn hooks(&self) -> &Arc<dyn Hooks> {
+        &self.hooks
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// One line per step, templates filled in for this event (`--dry-run`).
+    pub fn preview(&self, ev: &LifecycleEvent, layer: &Layer) -> Vec<String> {
+        let ctx = Context::new(ev, &layer.name, &layer.vars);
+        layer
+            .steps(ev.transition)
+            .iter()
+            .map(|s| s.preview(&ctx))
+            .collect()
+    }
+
+    /// The first layer whose matcher accepts the event.
+    pub fn route(&self, event: &LifecycleEvent) -> Option<&Layer> {
+        self.cfg.layers.iter().find(|l| l.matcher.matches(event))
+    }
+
+    /// The layer a job runs: the one it names, else the one its event routes to.
+    fn layer_for(&self, job: &Job) -> Option<&Layer> {
+        match &job.layer {
+            Some(name) => self.cfg.layers.iter().find(|l| &l.name == name),
+            None => self.route(&job.event),
+        }
+    }
+
+    /// Works one received message. `cancel` fires when its source stops waiting (end of the
+    /// shutdown grace, the Lambda deadline): unfinished work is then abandoned, and the
+    /// outcome says the message should go back.
+    pub async fn handle(&self, delivery: &Delivery, cancel: &CancellationToken) -> Outcome {
+        Stats::inc(&self.stats.received);
+        let msg = &delivery.message;
+        match event::parse(&msg.body) {
+            Parsed::Reject(reason) => {
+                warn!(message_id = %msg.id, receive_count = msg.receive_count, %reason,
+                    body = ?record::clip(&msg.body, 200), "rejected message: it can never be handled");
+                self.record_unworked(msg, Outcome::Rejected, &reason.to_string())
+                    .await
+            }
+            Parsed::Skip(reason) => {
+                info!(message_id = %msg.id, %reason, "skipped message");
+                self.record_unworked(msg, Outcome::Skipped, &reason.to_string())
+                    .await
+            }
+            Parsed::Event(ev) => {
+                let job = Job::from_message(ev, &msg.id);
+                self.run(&job, delivery.lease(), cancel).await.outcome
+            }
+        }
+    }
+
+    /// Works one lifecycle event through its layer and, as the job says, completes its
+    /// action. `lease` keeps the job's message hidden; the action's heartbeat joins it.
+    pub async fn run(&self, job: &Job, lease: &Lease, cancel: &CancellationToken) -> RunReport {
+        let ev = &job.event;
+        let span = info_span!("event",
+            message_id = job.message_id.as_deref().unwrap_or("-"),
+            instance_id = %ev.instance_id, group = %ev.group, hook = %ev.hook,
+            transition = %ev.transition, layer = field::Empty);
+        self.work(job, lease, cancel).instrument(span).await
+    }
+
+    /// The story of one run.
+    async fn work(&self, job: &Job, lease: &Lease, cancel: &CancellationToken) -> RunReport {
+        let mut run = RunReport::new(&job.event, &self.host);
+        let Some(layer) = self.layer_for(job) else {
+            return self.unmatched(job, run).await;
+        };
+        tracing::Span::current().record("layer", layer.name.as_str());
+        run.layer = Some(layer.name.clone());
+
+        // The same token twice in this process (SQS duplicate, or both SNS and EventBridge
+        // delivering): the second waits for the first and then finds it done.
+        let Some(_working) = self.working.enter(&job.event.token, cancel).await else {
+            return self.finish(run.ended(Outcome::Released)).await;
+        };
+        let (run_id, claim) = match self.claim(job, layer, &mut run).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                warn!(error = %e, "cannot record or claim the run; leaving the message for a retry");
+                run.error = Some(e.to_string());
+                return self.finish(run.ended(Outcome::Retry)).await;
+            }
+        };
+        let result = match claim {
+            Claim::Done { result, .. } => {
+                info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
+                run.hook_result = result.as_deref().and_then(Completion::parse);
+                return self.finish(run.ended(Outcome::Duplicate)).await;
+            }
+            Claim::Decided(result) => {
+                info!(%result, "steps already ran for this action; completing it");
+                result
+            }
+            Claim::Fresh => {
+                self.heartbeat(job, lease).await;
+                match self.run_steps(job, layer, run_id, &mut run, cancel).await {
+                    Some(result) => result,
+                    None => return self.released(job, lease, run).await,
+                }
+            }
+        };
+        self.decided(job, result).await;
+        run.outcome = if run.outcome == Outcome::Failed {
+            Outcome::Failed
+        } else {
+            Outcome::Succeeded
+        };
+        self.end_action(job, result, lease, run).await
+    }
+
+    /// Joins the action's heartbeat to the lease, at a third of the hook's timeout.
+    async fn heartbeat(&self, job: &Job, lease: &Lease) {
+        let Some(action) = &job.action else { return };
+        let every = match self.hook_info(&action.group, &action.hook).await {
+            Some(info) => heartbeat_interval(info.heartbeat_timeout),
+            None => FALLBACK_HEARTBEAT,
+        };
+        lease.beat(action.clone(), every);
+    }
+
+    /// Cancelled by shutdown: forget the half-run, so the next delivery starts over.
+    async fn released(&self, job: &Job, lease: &Lease, mut run: RunReport) -> RunReport {
+        if let Err(e) = self.store.release(&job.event.token).await {
+            warn!(error = %e, "could not release the claim");
+        }
+        run.heartbeats = lease.heartbeats();
+        self.finish(run.ended(Outcome::Released)).await
+    }
+
+    /// The steps are over with `result`: remember it before completing, so a crash now
+    /// only leaves the completion to do.
+    async fn decided(&self, job: &Job, result: HookResult) {
+        // The instance is going away (its terminate action, or an ABANDONed launch, is about
+        // to be completed): forget its host keys. A run that completes nothing leaves the
+        // instance as it is, and its keys with it.
+        let leaving =
+            job.event.transition == Transition::Terminate || result == HookResult::Abandon;
+        if leaving && job.completing().is_some() {
+            if let Some(r) = &self.shared.remote {
+                r.forget(&job.event.instance_id);
+            }
+        }
+        if let Err(e) = self.store.decide(&job.event.token, result).await {
+            warn!(error = %e, "could not record the decision; completing anyway");
+        }
+    }
+
+    /// Completes the action with `result` (or deliberately does not), records the end.
+    async fn end_action(
+        &self,
+        job: &Job,
+        result: HookResult,
+        lease: &Lease,
+        mut run: RunReport,
+    ) -> RunReport {
+        let Some(action) = job.completing() else {
+            run.heartbeats = lease.heartbeats();
+            info!(%result, "steps done; the lifecycle action is left as it is (not completing)");
+            self.done(&job.event.token, Completion::NotCompleted).await;
+            return self.finish(run).await;
+        };
+        // Completion runs to its end even during shutdown: it is bounded by aws.retry_for.
+        let completed = self.complete(action, result).await;
+        run.heartbeats = lease.heartbeats();
+        match completed {
+            Completed::Final(c) => run.hook_result = Some(c),
+            Completed::Transient(e) => {
+                warn!(error = %e, "could not complete the lifecycle action; the message will come back");
+                run.error = Some(e.to_string());
+                return self.finish(run.ended(Outcome::Retry)).await;
+            }
+            Completed::Permanent(e) => {
+                warn!(error = %e, "completing the lifecycle action failed permanently");
+                run.error = Some(e.to_string());
+                run.outcome = Outcome::HookError;
+            }
+        }
+        self.done(
+            &job.event.token,
+            run.hook_result.unwrap_or(Completion::Error),
+        )
+        .await;
+        self.finish(run).await
+    }
+
+    /// No layer matches: record it, and complete the action if `daemon.unmatched` says so.
+    async fn unmatched(&self, job: &Job, mut run: RunReport) -> RunReport {
+        run.outcome = Outcome::Unmatched;
+        match (self.cfg.daemon.unmatched, job.completing()) {
+            (Unmatched::Complete(result), Some(action)) => {
+                match self.complete(action, result).await {
+                    Completed::Final(c) => run.hook_result = Some(c),
+                    Completed::Transient(e) => {
+                        run.error = Some(e.to_string());
+                        run.outcome = Outcome::Retry;
+                    }
+                    Completed::Permanent(e) => run.error = Some(e.to_string()),
+                }
+                warn!(%result, "no layer matches this group; completed the hook per daemon.unmatched");
+            }
+            _ => warn!(
+                "no layer matches this group; leaving the hook alone (daemon.unmatched = \"ignore\")"
+            ),
+        }
+        match self.open_run(job, None).await {
+            Ok(id) => run.run_id = Some(id),
+            Err(e) => warn!(error = %e, "could not record the unmatched event"),
+        }
+        self.finish(run).await
+    }
+
+    /// The hook's heartbeat timeout, from one DescribeLifecycleHooks per group (cached, and
+    /// shared by concurrent callers so a burst of launches makes one call).
+    async fn hook_info(&self, group: &str, hook: &str) -> Option<HookInfo> {
+        let hooks = self
+            .hook_info
+            .get_or_load(&group.to_string(), || async {
+                with_backoff(self.cfg.aws.retry_for.min(Duration::from_secs(10)), || {
+                    self.hooks.describe_hooks(group)
+                })
+                .await
+                .map(|v| Arc::new(v.into_iter().collect::<HashMap<_, _>>()))
+            })
+            .await;
+        match hooks {
+            Ok(map) => {
+                let info = map.get(hook).cloned();
+                if info.is_none() {
+                    warn!(
+                        "hook is not among the group's lifecycle hooks; heartbeating every {:?}",
+                        FALLBACK_HEARTBEAT
+                    );
+                }
+                info
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot describe the group's lifecycle hooks; heartbeating every {:?}", FALLBACK_HEARTBEAT);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+//! What a run leaves behind: its report, its rows in the history, its result event.
+//!
+//! Owns the shape of the result event (the JSON published to `notify.topic_arn`), the rows
+//! written for every run (also for messages that were never worked: rejects and skips), and
+//! the outbox: a result event that could not be published waits in the store and goes out
+//! with [`Pipeline::republish`]. Deciding the outcome is not this file's business.
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{Job, Pipeline};
+use crate::aws::Message;
+use crate::clock::{now_ms, rfc3339};
+use crate::event::LifecycleEvent;
+use crate::outcome::{Completion, Outcome, StepOutcome};
+use crate::store::{NewRun, RunEnd, StoreError};
+
+/// How long a rejected message's body may be in the history.
+const EXCERPT_MAX: usize = 2000;
+
+/// What happened to one event, for the caller and the result topic.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub run_id: Option<i64>,
+    pub instance_id: String,
+    pub group: String,
+    pub hook: String,
+    pub transition: &'static str,
+    pub layer: Option<String>,
+    pub outcome: Outcome,
+    /// CONTINUE | ABANDON | already-finished | null (hook not completed)
+    pub hook_result: Option<Completion>,
+    pub error: Option<String>,
+    pub steps: Vec<StepReport>,
+    pub heartbeats: u32,
+    pub started_at: String,
+    pub finished_at: String,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub kind: &'static str,
+    pub description: String,
+    pub outcome: StepOutcome,
+    pub detail: String,
+    pub duration_ms: u64,
+}
+
+impl RunReport {
+    pub(super) fn new(ev: &LifecycleEvent, host: &str) -> RunReport {
+        RunReport {
+            kind: "provision.result",
+            run_id: None,
+            instance_id: ev.instance_id.to_string(),
+            group: ev.group.clone(),
+            hook: ev.hook.clone(),
+            transition: ev.transition.as_str(),
+            layer: None,
+            outcome: Outcome::Running,
+            hook_result: None,
+            error: None,
+            steps: Vec::new(),
+            heartbeats: 0,
+            started_at: rfc3339(now_ms()),
+            finished_at: String::new(),
+            host: host.to_string(),
+        }
+    }
+
+    pub(super) fn ended(mut self, outcome: Outcome) -> RunReport {
+        self.outcome = outcome;
+        self
+    }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
+pub(crate) fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl Pipeline {
+    /// The first row of a worked run (outcome `running` until [`Pipeline::finish`]).
+    pub(super) async fn open_run(&self, job: &Job, layer: Option<&str>) -> Result<i64, StoreError> {
+        let ev = &job.event;
+        let event_json = serde_json::to_string(ev).unwrap_or_default();
+        self.store
+            .insert_run(NewRun {
+                message_id: job.message_id.as_deref(),
+                instance_id: Some(ev.instance_id.as_str()),
+                group: Some(&ev.group),
+                hook: Some(&ev.hook),
+                transition: Some(ev.transition.as_str()),
+                token: Some(&ev.token),
+                layer,
+                outcome: Outcome::Running,
+                error: None,
+                event: Some(&event_json),
+            })
+            .await
+    }
+
+    /// A message that was never worked (rejected, skipped): one finished row, with the
+    /// reason, and for a reject an excerpt of the body to look at.
+    pub(super) async fn record_unworked(
+        &self,
+        msg: &Message,
+        outcome: Outcome,
+        reason: &str,
+    ) -> Outcome {
+        self.stats.count(outcome);
+        let excerpt = (outcome == Outcome::Rejected).then(|| clip(&msg.body, EXCERPT_MAX));
+        let r = self
+            .store
+            .insert_run(NewRun {
+                message_id: Some(&msg.id),
+                outcome,
+                error: Some(reason),
+                event: excerpt.as_deref(),
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, %outcome, "could not record the message");
+        }
+        outcome
+    }
+
+    /// The action is finished for good (completed, found finished, or left as it is).
+    pub(super) async fn done(&self, token: &str, completion: Completion) {
+        if let Err(e) = self.store.done(token, completion.as_str()).await {
+            warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
+        }
+    }
+
+    /// Records the end of a run and publishes its result when it is final. A result that
+    /// cannot be published stays in the store's outbox for [`Pipeline::republish`].
+    pub(super) async fn finish(&self, mut run: RunReport) -> RunReport {
+        run.finished_at = rfc3339(now_ms());
+        let mut unpublished = None;
+        if let (true, Some(publisher)) = (run.outcome.publishes(), &self.publisher) {
+            let body = serde_json::to_string(&run).unwrap_or_default();
+            if let Err(e) = publisher.submit(body.clone()).await {
+                warn!(error = %e, "could not publish the result event; it will be retried");
+                unpublished = Some(body);
+            }
+        }
+        self.stats
+            .run_finished(run.layer.as_deref().unwrap_or("-"), run.outcome);
+        if run.outcome == Outcome::Retry {
+            warn!(
+                error = run.error.as_deref().unwrap_or(""),
+                "event not finished; the message will come back"
+            );
+        }
+        if let Some(run_id) = run.run_id {
+            let end = RunEnd {
+                outcome: run.outcome,
+                hook_result: run.hook_result.map(Completion::as_str),
+                heartbeats: run.heartbeats,
+                error: run.error.as_deref(),
+                unpublished: unpublished.as_deref(),
+            };
+            if let Err(e) = self.store.finish_run(run_id, end).await {
+                warn!(error = %e, "could not record the run's end");
+            }
+        }
+        run
+    }
+
+    /// Publishes result events that failed to publish earlier (the outbox). Returns how
+    /// many went out.
+    pub async fn republish(&self) -> usize {
+        let Some(publisher) = &self.publisher else {
+            return 0;
+        };
+        let pending = match self.store.unpublished(100).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read unpublished results");
+                return 0;
+            }
+        };
+        let mut sent = 0;
+        for (run_id, body) in pending {
+            if let Err(e) = publisher.submit(body).await {
+                warn!(error = %e, "result events still cannot be published; will try again later");
+                break;
+            }
+            sent += 1;
+            if let Err(e) = self.store.mark_published(run_id).await {
+                warn!(error = %e, run_id, "published, but could not record it (it may be sent twice)");
+            }
+        }
+        if sent > 0 {
+            info!(sent, "published result events from the outbox");
+        }
+        sent
+    }
+}

@@ -1,0 +1,243 @@
+//! The pipeline against in-memory fakes of the AWS traits.
+
+use super::*;
+use crate::aws::fake::{FakeHooks, FakeInstances};
+use crate::aws::{ActionCall, AwsError, HookResult, Message};
+use crate::delivery::{Ack, Delivery, RejectPolicy};
+use tokio::time::Instant;
+
+const CONFIG: &str = r#"
+[queue]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
+[state]
+path = "unused"
+[aws]
+retry_for = "1s"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Name = "web-{instance_id}", Env = "{metadata.environment}" } } ]
+[layers.lenient]
+groups = ["lenient-*"]
+on_failure = "continue"
+launch = [ { tag = { Env = "{metadata.environment}" } } ]
+"#;
+
+struct World {
+    pipeline: Pipeline,
+    hooks: Arc<FakeHooks>,
+    instances: Arc<FakeInstances>,
+}
+
+fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
+    let cfg = Arc::new(Config::parse(CONFIG, "test").unwrap());
+    let hooks = Arc::new(hooks);
+    let instances = Arc::new(instances);
+    let stats = Arc::new(Stats::default());
+    let leases = Leases::spawn(None, hooks.clone(), Duration::from_secs(30), stats.clone());
+    let pipeline = Pipeline::new(Parts {
+        cfg,
+        hooks: hooks.clone(),
+        services: Services {
+            instances: instances.clone(),
+            ssm: Arc::new(crate::aws::fake::Unused),
+            opsworks: Arc::new(crate::aws::fake::Unused),
+        },
+        store: Store::in_memory().unwrap(),
+        leases,
+        publisher: None,
+        stats,
+        remote: None,
+        ansible: None,
+    });
+    World {
+        pipeline,
+        hooks,
+        instances,
+    }
+}
+
+fn message(group: &str, token: &str, metadata: &str) -> Message {
+    let body = serde_json::json!({
+        "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+        "AutoScalingGroupName": group, "LifecycleHookName": "launch",
+        "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": token,
+        "NotificationMetadata": metadata,
+    });
+    Message {
+        id: format!("m-{}", fastrand::u32(..)),
+        receipt: "r".into(),
+        body: body.to_string(),
+        receive_count: 1,
+    }
+}
+
+/// Works a message as the daemon does, and answers what becomes of it.
+async fn handle(w: &World, m: &Message) -> Ack {
+    let d = Delivery::new(m.clone(), Instant::now(), w.pipeline.leases());
+    let outcome = w.pipeline.handle(&d, &CancellationToken::new()).await;
+    Ack::for_outcome(outcome, m.receive_count, RejectPolicy::Delete)
+}
+
+fn completions(w: &World) -> Vec<HookResult> {
+    w.hooks
+        .completions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_good_event_is_tagged_completed_and_deleted() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    let d = handle(&w, &message("web-1", "t1", r#"{"environment":"prod"}"#)).await;
+    assert_eq!(d, Ack::Delete);
+    assert_eq!(completions(&w), [HookResult::Continue]);
+    let tagged = w.instances.tagged.lock().unwrap();
+    assert_eq!(
+        tagged[0].1,
+        [
+            ("Name".into(), "web-i-0123456789abcdef0".into()),
+            ("Env".into(), "prod".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_step_completes_with_the_layers_failure_result() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    // No "environment" in the metadata: the template cannot be filled.
+    assert_eq!(handle(&w, &message("web-1", "t1", "{}")).await, Ack::Delete);
+    assert_eq!(
+        handle(&w, &message("lenient-1", "t2", "plain text")).await,
+        Ack::Delete
+    );
+    assert_eq!(completions(&w), [HookResult::Abandon, HookResult::Continue]);
+    assert!(w.instances.tagged.lock().unwrap().is_empty());
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert!(h.iter().all(|r| r.outcome == "failed"), "{h:?}");
+    assert!(
+        h[1].error.as_deref().unwrap().contains("\"environment\""),
+        "{:?}",
+        h[1].error
+    );
+}
+
+#[tokio::test]
+async fn an_action_finished_elsewhere_counts_as_done() {
+    let hooks = FakeHooks::default();
+    hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .push_back(Ok(ActionCall::NotActive(
+            "No active Lifecycle Action found".into(),
+        )));
+    let w = world(hooks, FakeInstances::default());
+    assert_eq!(
+        handle(&w, &message("web-1", "t1", r#"{"environment":"p"}"#)).await,
+        Ack::Delete
+    );
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert_eq!(h[0].hook_result.as_deref(), Some("already-finished"));
+    // A redelivery is acknowledged without running steps or completing again.
+    assert_eq!(
+        handle(&w, &message("web-1", "t1", r#"{"environment":"p"}"#)).await,
+        Ack::Delete
+    );
+    assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+    assert_eq!(completions(&w).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_completion_failure_leaves_the_message_and_skips_steps_next_time() {
+    let hooks = FakeHooks::default();
+    let throttled = AwsError {
+        operation: "autoscaling:CompleteLifecycleAction",
+        code: Some("Throttling".into()),
+        message: "Rate exceeded".into(),
+        retryable: true,
+    };
+    hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .extend(std::iter::repeat_n(Err(throttled), 50));
+    let w = world(hooks, FakeInstances::default());
+    let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    assert!(matches!(handle(&w, &m).await, Ack::Release(d) if d > Duration::ZERO));
+    w.hooks.complete_script.lock().unwrap().clear();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    assert_eq!(
+        w.instances.tagged.lock().unwrap().len(),
+        1,
+        "steps ran once"
+    );
+    assert_eq!(completions(&w).last(), Some(&HookResult::Continue));
+}
+
+#[tokio::test]
+async fn the_same_token_at_once_is_worked_once() {
+    let w = world(
+        FakeHooks::default(),
+        FakeInstances {
+            delay: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    let (a, b, c) = tokio::join!(handle(&w, &m), handle(&w, &m), handle(&w, &m));
+    assert_eq!([a, b, c], [Ack::Delete; 3]);
+    assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+    assert_eq!(completions(&w).len(), 1);
+    assert_eq!(Stats::get(&w.pipeline.stats.duplicates), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_steps_are_heartbeated_and_the_hook_described_once() {
+    let w = world(
+        FakeHooks {
+            heartbeat_timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+        FakeInstances {
+            delay: Duration::from_secs(100),
+            ..Default::default()
+        },
+    );
+    let (m1, m2) = (
+        message("web-1", "t1", r#"{"environment":"p"}"#),
+        message("web-2", "t2", r#"{"environment":"p"}"#),
+    );
+    let (a, b) = tokio::join!(handle(&w, &m1), handle(&w, &m2));
+    assert_eq!([a, b], [Ack::Delete; 2]);
+    // Every ~10 s (a third of 30 s, jittered) over 100 s, for each of the two actions.
+    let beats = w.hooks.heartbeats.lock().unwrap().len();
+    assert!((16..=24).contains(&beats), "heartbeats: {beats}");
+    assert_eq!(
+        *w.hooks.describes.lock().unwrap(),
+        2,
+        "one DescribeLifecycleHooks per group"
+    );
+}
+
+#[tokio::test]
+async fn rejects_and_skips_are_recorded_and_deleted() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    let mut m = message("web-1", "t1", "{}");
+    m.body = "not json".into();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    m.body = r#"{"Event":"autoscaling:TEST_NOTIFICATION","AutoScalingGroupName":"web-1"}"#.into();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    let outcomes: Vec<String> = w
+        .pipeline
+        .store()
+        .history(None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(outcomes, ["skipped", "rejected"]);
+    assert!(completions(&w).is_empty());
+}
