@@ -876,3 +876,157 @@ async fn known_hosts_files_of_vanished_instances_are_pruned() {
     // One DescribeInstances for the three old files.
     assert_eq!(emu.provision_calls()["ec2:DescribeInstances"], 1);
 }
+
+/// A lifecycle message as an application role with `sqs:SendMessage` could write it.
+fn forged(transition: &str, group: &str, hook: &str, instance: &str) -> String {
+    json!({
+        "Origin": "EC2", "Destination": "AutoScalingGroup",
+        "LifecycleTransition": transition, "AutoScalingGroupName": group,
+        "LifecycleHookName": hook, "EC2InstanceId": instance,
+        "LifecycleActionToken": format!("{:08x}-0000-4000-8000-000000000000", 0xdead_beefu32),
+        "NotificationMetadata": METADATA, "Service": "AWS Auto Scaling",
+        "Time": "2026-01-01T00:00:00.000Z", "AccountId": "123456789012",
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let source = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-f").await;
+    for (name, transition) in [
+        ("provision-launch", LAUNCH),
+        ("provision-terminate", TERMINATE),
+    ] {
+        aws.hook(
+            "web-f",
+            name,
+            transition,
+            Some(&source.arn),
+            300,
+            "ABANDON",
+            Some(METADATA),
+        )
+        .await;
+    }
+    // Another group, without hooks: its instance goes straight into service.
+    aws.group("web-other").await;
+    aws.scale("web-other", 1).await;
+    let (outsider, state) = aws.instances("web-other").await.remove(0);
+    assert_eq!(state, "InService");
+
+    // One genuine launch of web-f, worked as usual.
+    aws.scale("web-f", 1).await;
+    for b in aws.drain(&source).await {
+        aws.send(&q, &b).await;
+    }
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    assert_eq!(p.worker().0, 0);
+    let member = assert_in_service_and_tagged(&aws, "web-f", 1)
+        .await
+        .remove(0);
+
+    // A second, genuine launch whose message carries other metadata; a launch for the
+    // outsider (in service, in another group); a terminate for the member (in service).
+    aws.scale("web-f", 2).await;
+    let genuine = aws
+        .drain(&source)
+        .await
+        .into_iter()
+        .find(|b| b.contains("EC2_INSTANCE_LAUNCHING"))
+        .unwrap();
+    let tampered = genuine.replace("production", "attacker");
+    assert_ne!(tampered, genuine);
+    aws.send(&q, &tampered).await;
+    aws.send(&q, &forged(LAUNCH, "web-f", "provision-launch", &outsider))
+        .await;
+    aws.send(
+        &q,
+        &forged(TERMINATE, "web-f", "provision-terminate", &member),
+    )
+    .await;
+    let tags_before = emu.calls().get("ec2:CreateTags").and_then(Value::as_u64);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+
+    // Only the genuine launch ran (one CreateTags), with the hook's metadata.
+    let tags_after = emu.calls().get("ec2:CreateTags").and_then(Value::as_u64);
+    assert_eq!(tags_after, tags_before.map(|n| n + 1), "{log}");
+    assert_in_service_and_tagged(&aws, "web-f", 2).await;
+    assert_eq!(aws.tags(&outsider).await.get("Name"), None);
+    assert_eq!(aws.tags(&member).await.get("Draining"), None);
+    assert_eq!(
+        emu.finished_actions().len(),
+        2,
+        "no forged action was completed"
+    );
+    let history = p.history();
+    let rejected: Vec<&str> = history
+        .iter()
+        .filter(|r| r.outcome == "rejected")
+        .filter_map(|r| r.error.as_deref())
+        .collect();
+    assert_eq!(rejected.len(), 2, "{history:?}");
+    assert!(
+        rejected.iter().all(|e| e.starts_with("forged or stale: ")),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.iter().any(|e| e.contains("\"web-other\"")),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.iter().any(|e| e.contains("InService")),
+        "{rejected:?}"
+    );
+    let noted = history
+        .iter()
+        .find(|r| r.outcome == "succeeded" && r.error.is_some());
+    assert!(
+        noted
+            .and_then(|r| r.error.as_deref())
+            .is_some_and(|e| e.contains("differs from the hook's")),
+        "{history:?}"
+    );
+    queue_is_empty(&aws, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waited_in_a_backlog_is_heartbeated_at_pickup() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let source = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("web-late").await;
+    aws.hook(
+        "web-late",
+        "provision-launch",
+        LAUNCH,
+        Some(&source.arn),
+        30,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("web-late", 1).await;
+    // The message waits 24 s of the hook's 30 s before anyone reads it; the step then takes
+    // 8 s. The first scheduled heartbeat (a third of 30 s after pickup) would come after
+    // the action timed out: only a beat at pickup keeps it alive.
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    for b in aws.drain(&source).await {
+        aws.send(&q, &b).await;
+    }
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let actions = emu.finished_actions();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(actions[0]["finished_by"], "complete", "{actions:?}");
+    assert_eq!(actions[0]["result"], "CONTINUE", "{actions:?}");
+    assert!(log.contains("heartbeating at once"), "{log}");
+    assert_in_service_and_tagged(&aws, "web-late", 1).await;
+}

@@ -172,6 +172,8 @@ fn job(found: &Found, args: &Args) -> Job {
         action,
         complete: !args.no_complete,
         progress: None,
+        // Read from Auto Scaling just now, not from a message: nothing to verify.
+        verify: false,
     }
 }
 

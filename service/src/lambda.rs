@@ -576,6 +576,14 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
         r
     }
 
+    impl World {
+        /// A record of a genuine launch: the instance waits in group tags-1.
+        fn launch(&self, id: &str, instance: &str) -> SqsMessage {
+            self.hooks.waiting(instance, "tags-1", "");
+            launch(id, instance)
+        }
+    }
+
     fn launch(id: &str, instance: &str) -> SqsMessage {
         let body = serde_json::json!({
             "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
@@ -604,8 +612,8 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             4,
         );
         let records = vec![
-            launch("a", "i-0000000000000000a"),
-            launch("b", "i-0000000000000000b"),
+            w.launch("a", "i-0000000000000000a"),
+            w.launch("b", "i-0000000000000000b"),
             record("bad", "not json"),
             record("test", TEST_NOTIFICATION),
         ];
@@ -628,7 +636,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             4,
         );
         let records = vec![
-            launch("a", "i-0000000000000000a"),
+            w.launch("a", "i-0000000000000000a"),
             record("bad", "not json"),
         ];
         let r = w.handler.handle(records, Duration::from_secs(60)).await;
@@ -657,7 +665,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
         let r = w
             .handler
             .handle(
-                vec![launch("a", "i-0000000000000000a")],
+                vec![w.launch("a", "i-0000000000000000a")],
                 Duration::from_secs(60),
             )
             .await;
@@ -676,8 +684,8 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
         // One slot: the second record never starts.
         let w = world(FakeHooks::default(), instances, RejectPolicy::Delete, 1);
         let records = vec![
-            launch("a", "i-0000000000000000a"),
-            launch("b", "i-0000000000000000b"),
+            w.launch("a", "i-0000000000000000a"),
+            w.launch("b", "i-0000000000000000b"),
         ];
         let t0 = Instant::now();
         let r = w.handler.handle(records, Duration::from_secs(30)).await;
@@ -733,7 +741,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
         let r = w
             .handler
             .handle(
-                vec![launch("a", "i-0000000000000000a")],
+                vec![w.launch("a", "i-0000000000000000a")],
                 Duration::from_secs(30),
             )
             .await;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::aws::{Action, ActionCall, Hooks, Queue};
 use crate::metrics::Stats;
@@ -33,6 +34,7 @@ struct Entry {
     next_beat: Instant,
     beating: bool,
     beats: Arc<AtomicU32>,
+    gone: CancellationToken,
 }
 
 struct Inner {
@@ -54,6 +56,7 @@ pub struct Lease {
     id: u64,
     inner: Arc<Inner>,
     beats: Arc<AtomicU32>,
+    gone: CancellationToken,
 }
 
 impl Lease {
@@ -62,13 +65,25 @@ impl Lease {
         self.beats.load(Ordering::Relaxed)
     }
 
-    /// Starts heartbeating an action (once its hook's timeout is known).
-    pub fn beat(&self, action: Action, every: Duration) {
+    /// Starts heartbeating an action (once its hook's timeout is known): the first beat
+    /// `at_once` (the action may be close to timing out), else one interval from now.
+    pub fn beat(&self, action: Action, every: Duration, at_once: bool) {
         if let Some(e) = self.inner.entries.lock().unwrap().get_mut(&self.id) {
             e.action = Some(action);
             e.every = every;
-            e.next_beat = Instant::now() + jitter(every);
+            e.next_beat = Instant::now()
+                + if at_once {
+                    Duration::ZERO
+                } else {
+                    jitter(every)
+                };
         }
+    }
+
+    /// Fires when a heartbeat finds the action no longer active (timed out, or completed
+    /// elsewhere): the work for it is moot.
+    pub fn gone(&self) -> &CancellationToken {
+        &self.gone
     }
 }
 
@@ -107,6 +122,7 @@ impl Leases {
     pub fn hold(&self, receipt: Option<String>, received: Instant) -> Lease {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let beats = Arc::new(AtomicU32::new(0));
+        let gone = CancellationToken::new();
         self.inner.entries.lock().unwrap().insert(
             id,
             Entry {
@@ -118,12 +134,14 @@ impl Leases {
                 next_beat: Instant::now() + Duration::from_secs(86_400 * 365),
                 beating: false,
                 beats: beats.clone(),
+                gone: gone.clone(),
             },
         );
         Lease {
             id,
             inner: self.inner.clone(),
             beats,
+            gone,
         }
     }
 }
@@ -221,6 +239,7 @@ async fn heartbeat(inner: Arc<Inner>, id: u64, action: Action) {
             tracing::warn!(instance_id = %action.instance_id, reason = %msg,
                 "lifecycle action is no longer active (timed out or completed elsewhere); heartbeats stop");
             e.action = None;
+            e.gone.cancel();
         }
         Err(err) => {
             tracing::warn!(instance_id = %action.instance_id, error = %err, "heartbeat failed; will retry");

@@ -1,7 +1,7 @@
 //! In-memory fakes of the boundary traits for the pipeline's unit tests. They record every
 //! call and answer from a script; they never replace the emulator tests.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -9,23 +9,29 @@ use async_trait::async_trait;
 
 use super::{
     Action, ActionCall, AwsError, HookInfo, HookResult, Hooks, InstanceInfo, Instances, Invocation,
-    OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
+    Membership, OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
 };
 use crate::event::InstanceId;
 
 #[derive(Default)]
 pub struct FakeHooks {
     pub heartbeat_timeout: Duration,
+    /// Every group has one hook, "launch"; this is its NotificationMetadata, by group.
+    pub metadata: Mutex<HashMap<String, String>>,
+    /// What DescribeAutoScalingInstances answers, by instance id.
+    pub members: Mutex<HashMap<String, Membership>>,
     /// Answers for `complete`, in order; `Ok(Done)` once the script is used up.
     pub complete_script: Mutex<VecDeque<Result<ActionCall, AwsError>>>,
     pub completions: Mutex<Vec<(String, HookResult)>>,
     pub heartbeats: Mutex<Vec<String>>,
     pub describes: Mutex<u32>,
+    /// Heartbeats answer "No active Lifecycle Action" (it timed out).
+    pub gone: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Hooks for FakeHooks {
-    async fn describe_hooks(&self, _group: &str) -> Result<Vec<(String, HookInfo)>, AwsError> {
+    async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError> {
         *self.describes.lock().unwrap() += 1;
         Ok(vec![(
             "launch".into(),
@@ -33,6 +39,7 @@ impl Hooks for FakeHooks {
                 heartbeat_timeout: self.heartbeat_timeout,
                 default_result: HookResult::Abandon,
                 transition: "autoscaling:EC2_INSTANCE_LAUNCHING".into(),
+                notification_metadata: self.metadata.lock().unwrap().get(group).cloned(),
                 ..Default::default()
             },
         )])
@@ -43,6 +50,11 @@ impl Hooks for FakeHooks {
             .lock()
             .unwrap()
             .push(action.token.clone().unwrap_or_default());
+        if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(ActionCall::NotActive(
+                "No active Lifecycle Action found".into(),
+            ));
+        }
         Ok(ActionCall::Done)
     }
 
@@ -58,15 +70,34 @@ impl Hooks for FakeHooks {
             .unwrap_or(Ok(ActionCall::Done))
     }
 
-    async fn instance_group(
-        &self,
-        _instance: &InstanceId,
-    ) -> Result<Option<(String, String)>, AwsError> {
-        Ok(None)
+    async fn memberships(&self, ids: &[InstanceId]) -> Result<Vec<Membership>, AwsError> {
+        let members = self.members.lock().unwrap();
+        Ok(ids
+            .iter()
+            .filter_map(|i| members.get(i.as_str()).cloned())
+            .collect())
     }
 
     async fn groups(&self) -> Result<Vec<String>, AwsError> {
         Ok(Vec::new())
+    }
+}
+
+impl FakeHooks {
+    /// A launch of `instance` waiting in `group`, whose hook carries `metadata`.
+    pub fn waiting(&self, instance: &str, group: &str, metadata: &str) {
+        self.members.lock().unwrap().insert(
+            instance.to_string(),
+            Membership {
+                instance_id: instance.to_string(),
+                group: group.to_string(),
+                state: "Pending:Wait".into(),
+            },
+        );
+        self.metadata
+            .lock()
+            .unwrap()
+            .insert(group.to_string(), metadata.to_string());
     }
 }
 

@@ -117,6 +117,15 @@ pub struct HookInfo {
     pub notification_metadata: Option<String>,
 }
 
+/// An instance's place in Auto Scaling (DescribeAutoScalingInstances).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub instance_id: String,
+    pub group: String,
+    /// Pending:Wait, InService, Terminating:Wait, Warmed:Pending:Wait, ...
+    pub state: String,
+}
+
 /// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActionCall {
@@ -131,11 +140,17 @@ pub trait Hooks: Send + Sync {
     async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError>;
     async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError>;
     async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
-    /// The group an instance belongs to and its lifecycle state (DescribeAutoScalingInstances).
+    /// The group each of these instances belongs to and its lifecycle state, one
+    /// DescribeAutoScalingInstances call per 50 ids. Instances in no group are absent.
+    async fn memberships(&self, instances: &[InstanceId]) -> Result<Vec<Membership>, AwsError>;
+    /// The group one instance belongs to and its lifecycle state.
     async fn instance_group(
         &self,
         instance: &InstanceId,
-    ) -> Result<Option<(String, String)>, AwsError>;
+    ) -> Result<Option<(String, String)>, AwsError> {
+        let found = self.memberships(std::slice::from_ref(instance)).await?;
+        Ok(found.into_iter().next().map(|m| (m.group, m.state)))
+    }
     /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
     async fn groups(&self) -> Result<Vec<String>, AwsError>;
 }

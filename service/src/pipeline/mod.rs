@@ -17,6 +17,7 @@ mod claim;
 mod complete;
 mod record;
 mod steps;
+mod verify;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field, info, info_span, warn, Instrument};
 
 use crate::aws::retry::with_backoff;
-use crate::aws::{Action, HookInfo, Hooks, Services};
+use crate::aws::{Action, AwsError, HookInfo, Hooks, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
 use crate::config::{Config, Layer, Unmatched};
@@ -45,6 +46,7 @@ pub use steps::Progress;
 
 use claim::Working;
 use complete::Completed;
+use verify::{MembershipLookup, Verdict};
 
 /// How long a group's hook descriptions are trusted before being fetched again.
 const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
@@ -66,6 +68,9 @@ pub struct Job {
     pub complete: bool,
     /// Step progress, for a person watching.
     pub progress: Option<UnboundedSender<Progress>>,
+    /// The event comes from an untrusted message: Auto Scaling must confirm it before any
+    /// step runs, and the hook's metadata replaces the message's.
+    pub verify: bool,
 }
 
 impl Job {
@@ -84,6 +89,7 @@ impl Job {
             action: Some(action),
             complete: true,
             progress: None,
+            verify: true,
         }
     }
 
@@ -102,6 +108,7 @@ pub struct Pipeline {
     leases: Leases,
     publisher: Option<Batcher<String>>,
     hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
+    memberships: MembershipLookup,
     working: Working,
     owner: String,
     host: String,
@@ -134,6 +141,7 @@ impl Pipeline {
             p.ansible,
         );
         Pipeline {
+            memberships: verify::membership_lookup(p.hooks.clone(), p.cfg.aws.retry_for),
             cfg: p.cfg,
             hooks: p.hooks,
             shared,
@@ -257,10 +265,18 @@ impl Pipeline {
                 result
             }
             Claim::Fresh => {
+                let verified = match self.genuine(job, &mut run).await {
+                    Ok(job) => job,
+                    Err(outcome) => return self.unclaim(job, lease, run.ended(outcome)).await,
+                };
+                let job = verified.as_ref().unwrap_or(job);
                 self.heartbeat(job, lease).await;
-                match self.run_steps(job, layer, run_id, &mut run, cancel).await {
+                match self
+                    .run_steps(job, layer, run_id, &mut run, lease, cancel)
+                    .await
+                {
                     Some(result) => result,
-                    None => return self.released(job, lease, run).await,
+                    None => return self.unclaim(job, lease, run.ended(Outcome::Released)).await,
                 }
             }
         };
@@ -273,23 +289,56 @@ impl Pipeline {
         self.end_action(job, result, lease, run).await
     }
 
-    /// Joins the action's heartbeat to the lease, at a third of the hook's timeout.
+    /// For a job from a message: Auto Scaling's confirmation, and the job with the hook's
+    /// metadata (None: the job as it is). The outcome to end with when it is not genuine.
+    async fn genuine(&self, job: &Job, run: &mut RunReport) -> Result<Option<Job>, Outcome> {
+        if !job.verify {
+            return Ok(None);
+        }
+        match self.verify(&job.event).await {
+            Ok(Verdict::Genuine { metadata, note }) => {
+                run.note = note;
+                let mut verified = job.clone();
+                verified.event.metadata = metadata;
+                Ok(Some(verified))
+            }
+            Ok(Verdict::Forged(why)) => {
+                warn!(%why, "rejected message: Auto Scaling does not confirm this lifecycle action; nothing runs");
+                run.error = Some(format!("forged or stale: {why}"));
+                Err(Outcome::Rejected)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot verify the lifecycle action with Auto Scaling; the message will come back");
+                run.error = Some(format!("cannot verify the lifecycle action: {e}"));
+                Err(Outcome::Retry)
+            }
+        }
+    }
+
+    /// Joins the action's heartbeat to the lease, at a third of the hook's timeout. A
+    /// message that waited longer than that since it was sent is heartbeated at once.
     async fn heartbeat(&self, job: &Job, lease: &Lease) {
         let Some(action) = &job.action else { return };
         let every = match self.hook_info(&action.group, &action.hook).await {
             Some(info) => heartbeat_interval(info.heartbeat_timeout),
             None => FALLBACK_HEARTBEAT,
         };
-        lease.beat(action.clone(), every);
+        let waited = job.event.time.as_deref().and_then(age);
+        let at_once = waited.is_some_and(|w| w >= every);
+        if at_once {
+            info!(waited = ?waited.unwrap_or_default(), "the message waited long: heartbeating at once");
+        }
+        lease.beat(action.clone(), every, at_once);
     }
 
-    /// Cancelled by shutdown: forget the half-run, so the next delivery starts over.
-    async fn released(&self, job: &Job, lease: &Lease, mut run: RunReport) -> RunReport {
+    /// Not worked to its end (cancelled, forged, unverifiable): forget the claim, so the
+    /// next delivery starts over instead of trusting a half-run.
+    async fn unclaim(&self, job: &Job, lease: &Lease, mut run: RunReport) -> RunReport {
         if let Err(e) = self.store.release(&job.event.token).await {
             warn!(error = %e, "could not release the claim");
         }
         run.heartbeats = lease.heartbeats();
-        self.finish(run.ended(Outcome::Released)).await
+        self.finish(run).await
     }
 
     /// The steps are over with `result`: remember it before completing, so a crash now
@@ -374,11 +423,10 @@ impl Pipeline {
         self.finish(run).await
     }
 
-    /// The hook's heartbeat timeout, from one DescribeLifecycleHooks per group (cached, and
+    /// A group's lifecycle hooks, from one DescribeLifecycleHooks per group (cached, and
     /// shared by concurrent callers so a burst of launches makes one call).
-    async fn hook_info(&self, group: &str, hook: &str) -> Option<HookInfo> {
-        let hooks = self
-            .hook_info
+    async fn hooks_of(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
+        self.hook_info
             .get_or_load(&group.to_string(), || async {
                 with_backoff(self.cfg.aws.retry_for.min(Duration::from_secs(10)), || {
                     self.hooks.describe_hooks(group)
@@ -386,8 +434,12 @@ impl Pipeline {
                 .await
                 .map(|v| Arc::new(v.into_iter().collect::<HashMap<_, _>>()))
             })
-            .await;
-        match hooks {
+            .await
+    }
+
+    /// One hook's description, for its heartbeat timeout.
+    async fn hook_info(&self, group: &str, hook: &str) -> Option<HookInfo> {
+        match self.hooks_of(group).await {
             Ok(map) => {
                 let info = map.get(hook).cloned();
                 if info.is_none() {
@@ -404,6 +456,16 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// How long ago an RFC 3339 time was (zero when it is in the future).
+fn age(time: &str) -> Option<Duration> {
+    let t = humantime::parse_rfc3339_weak(time).ok()?;
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(t)
+            .unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]

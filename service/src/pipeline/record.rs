@@ -33,6 +33,9 @@ pub struct RunReport {
     /// CONTINUE | ABANDON | already-finished | null (hook not completed)
     pub hook_result: Option<Completion>,
     pub error: Option<String>,
+    /// Something worth knowing about a run that went well (its metadata differed, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub steps: Vec<StepReport>,
     pub heartbeats: u32,
     pub started_at: String,
@@ -62,6 +65,7 @@ impl RunReport {
             outcome: Outcome::Running,
             hook_result: None,
             error: None,
+            note: None,
             steps: Vec::new(),
             heartbeats: 0,
             started_at: rfc3339(now_ms()),
@@ -167,7 +171,7 @@ impl Pipeline {
                 outcome: run.outcome,
                 hook_result: run.hook_result.map(Completion::as_str),
                 heartbeats: run.heartbeats,
-                error: run.error.as_deref(),
+                error: run.error.as_deref().or(run.note.as_deref()),
                 unpublished: unpublished.as_deref(),
             };
             if let Err(e) = self.store.finish_run(run_id, end).await {

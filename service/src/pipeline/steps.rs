@@ -15,6 +15,7 @@ use super::record::clip;
 use super::{Job, Pipeline, RunReport, StepReport};
 use crate::config::Layer;
 use crate::layer::Context;
+use crate::lease::Lease;
 use crate::outcome::{HookResult, Outcome, StepOutcome};
 use crate::step::{Step, StepContext, StepError, StepOutput};
 
@@ -22,6 +23,17 @@ use crate::step::{Step, StepContext, StepError, StepOutput};
 const DETAIL_MAX: usize = 2000;
 /// How long it may be in a result event: ten events share one PublishBatch (256 KiB).
 const EVENT_DETAIL_MAX: usize = 500;
+
+const ACTION_GONE: &str = "the lifecycle action ended while this step ran (heartbeat timeout, or completed elsewhere): the step was stopped";
+
+/// How a step ended.
+enum StepEnd {
+    Done(Result<StepOutput, StepError>),
+    /// Shutdown or a deadline: the run is released.
+    Cancelled,
+    /// A heartbeat found the action gone: nothing the steps do can count any more.
+    ActionGone,
+}
 
 /// A step starting or ending, as [`Job::progress`] reports it.
 #[derive(Debug, Clone)]
@@ -58,23 +70,29 @@ impl Pipeline {
         layer: &Layer,
         run_id: i64,
         run: &mut RunReport,
+        lease: &Lease,
         cancel: &CancellationToken,
     ) -> Option<HookResult> {
         let steps = layer.steps(job.event.transition);
         for (idx, step) in steps.iter().enumerate() {
-            let r = self
-                .run_step(job, layer, run_id, (idx, steps.len()), step, run, cancel)
-                .await?;
-            if let Err(e) = r {
-                run.outcome = Outcome::Failed;
-                run.error = Some(format!("step {idx} ({}): {}", step.kind_name(), e));
-                return Some(layer.on_failure);
-            }
+            let at = (idx, steps.len());
+            let failure = match self
+                .run_step(job, layer, run_id, at, step, run, lease, cancel)
+                .await
+            {
+                StepEnd::Done(Ok(_)) => continue,
+                StepEnd::Done(Err(e)) => e.to_string(),
+                StepEnd::ActionGone => ACTION_GONE.to_string(),
+                StepEnd::Cancelled => return None,
+            };
+            run.outcome = Outcome::Failed;
+            run.error = Some(format!("step {idx} ({}): {failure}", step.kind_name()));
+            return Some(layer.on_failure);
         }
         Some(HookResult::Continue)
     }
 
-    /// One step: recorded, timed, reported. None when cancelled.
+    /// One step: recorded, timed, reported.
     #[allow(clippy::too_many_arguments)]
     async fn run_step(
         &self,
@@ -84,8 +102,9 @@ impl Pipeline {
         (idx, total): (usize, usize),
         step: &Step,
         run: &mut RunReport,
+        lease: &Lease,
         cancel: &CancellationToken,
-    ) -> Option<Result<StepOutput, StepError>> {
+    ) -> StepEnd {
         let last_note = Mutex::new(String::new());
         let note = |what: String| {
             let mut last = last_note.lock().unwrap();
@@ -122,7 +141,12 @@ impl Pipeline {
             r = step.run(&ctx).instrument(span.clone()) => r,
             _ = cancel.cancelled() => {
                 let _ = self.store.finish_step(run_id, idx, StepOutcome::Cancelled, "shutdown").await;
-                return None;
+                return StepEnd::Cancelled;
+            }
+            _ = lease.gone().cancelled() => {
+                warn!("{ACTION_GONE}");
+                let _ = self.store.finish_step(run_id, idx, StepOutcome::Cancelled, ACTION_GONE).await;
+                return StepEnd::ActionGone;
             }
         };
         let (outcome, detail) = match &r {
@@ -152,6 +176,6 @@ impl Pipeline {
             detail: clip(&detail, EVENT_DETAIL_MAX),
             duration_ms: elapsed.as_millis() as u64,
         });
-        Some(r)
+        StepEnd::Done(r)
     }
 }

@@ -56,11 +56,19 @@ fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
     }
 }
 
+/// One instance per token, so that tokens of different groups are different instances.
+fn instance_for(token: &str) -> String {
+    let h = token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("i-{h:017x}")
+}
+
 fn message(group: &str, token: &str, metadata: &str) -> Message {
     let body = serde_json::json!({
         "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
         "AutoScalingGroupName": group, "LifecycleHookName": "launch",
-        "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": token,
+        "EC2InstanceId": instance_for(token), "LifecycleActionToken": token,
         "NotificationMetadata": metadata,
     });
     Message {
@@ -71,8 +79,20 @@ fn message(group: &str, token: &str, metadata: &str) -> Message {
     }
 }
 
-/// Works a message as the daemon does, and answers what becomes of it.
+/// Works a genuine message as the daemon does (Auto Scaling confirms its action and its
+/// hook carries its metadata), and answers what becomes of it.
 async fn handle(w: &World, m: &Message) -> Ack {
+    if let crate::event::Parsed::Event(ev) = crate::event::parse(&m.body) {
+        let raw: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+        let metadata = raw["NotificationMetadata"].as_str().unwrap_or_default();
+        w.hooks
+            .waiting(ev.instance_id.as_str(), &ev.group, metadata);
+    }
+    handle_as_is(w, m).await
+}
+
+/// Works a message as the daemon does, whatever Auto Scaling says of it.
+async fn handle_as_is(w: &World, m: &Message) -> Ack {
     let d = Delivery::new(m.clone(), Instant::now(), w.pipeline.leases());
     let outcome = w.pipeline.handle(&d, &CancellationToken::new()).await;
     Ack::for_outcome(outcome, m.receive_count, RejectPolicy::Delete)
@@ -98,7 +118,7 @@ async fn a_good_event_is_tagged_completed_and_deleted() {
     assert_eq!(
         tagged[0].1,
         [
-            ("Name".into(), "web-i-0123456789abcdef0".into()),
+            ("Name".into(), format!("web-{}", instance_for("t1"))),
             ("Env".into(), "prod".into())
         ]
     );
@@ -240,4 +260,116 @@ async fn rejects_and_skips_are_recorded_and_deleted() {
         .collect();
     assert_eq!(outcomes, ["skipped", "rejected"]);
     assert!(completions(&w).is_empty());
+}
+
+#[tokio::test]
+async fn a_message_auto_scaling_does_not_confirm_runs_nothing() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    let metadata = r#"{"environment":"prod"}"#;
+    // In service in another group; waiting in this group but for a hook it does not have.
+    let in_service = message("web-1", "t1", metadata);
+    w.hooks
+        .waiting(&instance_for("t1"), "other-group", metadata);
+    let mut no_hook = message("web-1", "t2", metadata);
+    no_hook.body = no_hook.body.replace("\"launch\"", "\"made-up\"");
+    w.hooks.waiting(&instance_for("t2"), "web-1", metadata);
+    assert_eq!(handle_as_is(&w, &in_service).await, Ack::Delete);
+    assert_eq!(handle_as_is(&w, &no_hook).await, Ack::Delete);
+    assert!(w.instances.tagged.lock().unwrap().is_empty(), "no step ran");
+    assert!(completions(&w).is_empty(), "no hook was completed");
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert!(h.iter().all(|r| r.outcome == "rejected"), "{h:?}");
+    let errors: Vec<&str> = h.iter().filter_map(|r| r.error.as_deref()).collect();
+    assert!(
+        errors[1].starts_with("forged or stale: ") && errors[1].contains("other-group"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].contains("no lifecycle hook \"made-up\""),
+        "{errors:?}"
+    );
+    // The claim was given back: once genuine, the same token is worked.
+    w.hooks.waiting(&instance_for("t1"), "web-1", metadata);
+    assert_eq!(handle_as_is(&w, &in_service).await, Ack::Delete);
+    assert_eq!(completions(&w), [HookResult::Continue]);
+}
+
+#[tokio::test]
+async fn steps_see_the_hooks_metadata_not_the_messages() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    let forged = message("web-1", "t1", r#"{"environment":"attacker"}"#);
+    w.hooks
+        .waiting(&instance_for("t1"), "web-1", r#"{"environment":"prod"}"#);
+    assert_eq!(handle_as_is(&w, &forged).await, Ack::Delete);
+    let tagged = w.instances.tagged.lock().unwrap();
+    assert_eq!(tagged[0].1[1], ("Env".into(), "prod".into()));
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    assert_eq!(h[0].outcome, "succeeded");
+    assert!(
+        h[0].error
+            .as_deref()
+            .unwrap()
+            .contains("differs from the hook's"),
+        "{h:?}"
+    );
+    // Differing metadata makes the pipeline describe the hook again, once.
+    assert_eq!(*w.hooks.describes.lock().unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_that_waited_long_is_heartbeated_at_once() {
+    let w = world(
+        FakeHooks {
+            heartbeat_timeout: Duration::from_secs(300),
+            ..Default::default()
+        },
+        FakeInstances {
+            delay: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Time"] = "2020-01-01T00:00:00Z".into();
+    m.body = body.to_string();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    // The step took 5 s, far less than the 100 s interval: only the beat at pickup.
+    assert_eq!(w.hooks.heartbeats.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_stops_when_a_heartbeat_finds_the_action_gone() {
+    let w = world(
+        FakeHooks {
+            heartbeat_timeout: Duration::from_secs(30),
+            gone: true.into(),
+            ..Default::default()
+        },
+        FakeInstances {
+            delay: Duration::from_secs(600),
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        w.instances.tagged.lock().unwrap().is_empty(),
+        "the step was stopped"
+    );
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    assert_eq!(h[0].outcome, "failed");
+    assert!(
+        h[0].error
+            .as_deref()
+            .unwrap()
+            .contains("lifecycle action ended"),
+        "{h:?}"
+    );
+    assert_eq!(h[0].steps[0].outcome, "cancelled");
 }

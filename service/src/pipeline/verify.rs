@@ -1,0 +1,250 @@
+//! Showing a lifecycle action genuine before anything runs for it.
+//!
+//! Anyone allowed to send to the queue can write a message, so a message is a claim, not a
+//! fact. Before a step runs, Auto Scaling must confirm it: the group has the hook, the hook's
+//! transition is the message's, and the instance is a member of that group waiting in the
+//! transition's wait state. The metadata the steps see is the hook's own, never the
+//! message's copy. Instances arriving together are looked up together (one
+//! DescribeAutoScalingInstances per 50), and hook descriptions come from the pipeline's cache.
+//! Owns no decision about what a forged message becomes: the pipeline rejects it.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::Pipeline;
+use crate::aws::{AwsError, HookInfo, Membership};
+use crate::batch::Batcher;
+use crate::event::{InstanceId, LifecycleEvent, Metadata, Transition};
+
+/// How long a membership lookup waits for others to share its call.
+const LOOKUP_LINGER: Duration = Duration::from_millis(50);
+/// DescribeAutoScalingInstances takes at most 50 instance ids.
+const LOOKUP_MAX: usize = 50;
+
+/// DescribeAutoScalingInstances for every instance verified within [`LOOKUP_LINGER`].
+pub(super) type MembershipLookup = Batcher<InstanceId, Option<Membership>>;
+
+pub(super) fn membership_lookup(
+    hooks: std::sync::Arc<dyn crate::aws::Hooks>,
+    retry_for: Duration,
+) -> MembershipLookup {
+    let (lookup, _task) = Batcher::retried(
+        LOOKUP_MAX,
+        LOOKUP_LINGER,
+        retry_for,
+        move |ids: Vec<InstanceId>| {
+            let hooks = hooks.clone();
+            async move {
+                let found = hooks.memberships(&ids).await?;
+                Ok(ids
+                    .iter()
+                    .map(|id| Ok(found.iter().find(|m| m.instance_id == id.as_str()).cloned()))
+                    .collect())
+            }
+        },
+    );
+    lookup
+}
+
+/// What Auto Scaling says of a message's action.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// The action is real. `metadata` is the hook's; `note` says how the message differed.
+    Genuine {
+        metadata: Metadata,
+        note: Option<String>,
+    },
+    /// Not a waiting action of this group and hook: nothing may run for it.
+    Forged(String),
+}
+
+/// The lifecycle states in which an instance waits for an action of `transition`.
+fn wait_states(transition: Transition) -> &'static [&'static str] {
+    match transition {
+        Transition::Launch => &["Pending:Wait", "Warmed:Pending:Wait"],
+        // Scale-in into a warm pool waits in Warmed:Pending:Wait (instance reuse).
+        Transition::Terminate => &[
+            "Terminating:Wait",
+            "Warmed:Terminating:Wait",
+            "Warmed:Pending:Wait",
+        ],
+    }
+}
+
+impl Pipeline {
+    /// Asks Auto Scaling whether `ev` describes an action that is waiting now. A transient
+    /// AWS error is returned as such (the message comes back); everything else is a verdict.
+    pub(super) async fn verify(&self, ev: &LifecycleEvent) -> Result<Verdict, AwsError> {
+        let Some(hook) = self.hook_of(ev).await? else {
+            return Ok(Verdict::Forged(format!(
+                "group {:?} has no lifecycle hook {:?}",
+                ev.group, ev.hook
+            )));
+        };
+        if hook.transition != ev.transition.aws_name() {
+            return Ok(Verdict::Forged(format!(
+                "hook {:?} is a {} hook, the message says {}",
+                ev.hook,
+                hook.transition,
+                ev.transition.aws_name()
+            )));
+        }
+        let member = self
+            .memberships
+            .submit(ev.instance_id.clone())
+            .await
+            .map_err(|e| AwsError {
+                operation: "autoscaling:DescribeAutoScalingInstances",
+                code: None,
+                message: e,
+                retryable: true,
+            })?;
+        if let Some(why) = not_waiting(ev, member.as_ref()) {
+            return Ok(Verdict::Forged(why));
+        }
+        Ok(self.hook_metadata(ev, hook).await)
+    }
+
+    /// The event's hook, described again once when the cached group has no such hook (it
+    /// may just have been created). None when the group or hook does not exist.
+    async fn hook_of(&self, ev: &LifecycleEvent) -> Result<Option<HookInfo>, AwsError> {
+        if let Some(h) = self.group_hooks(&ev.group).await?.get(&ev.hook) {
+            return Ok(Some(h.clone()));
+        }
+        self.hook_info.invalidate(&ev.group);
+        Ok(self.group_hooks(&ev.group).await?.get(&ev.hook).cloned())
+    }
+
+    /// The group's hooks; none when the group does not exist (AWS answers ValidationError).
+    async fn group_hooks(
+        &self,
+        group: &str,
+    ) -> Result<std::sync::Arc<std::collections::HashMap<String, HookInfo>>, AwsError> {
+        match self.hooks_of(group).await {
+            Err(e) if !e.retryable && e.code.as_deref() == Some("ValidationError") => {
+                Ok(Default::default())
+            }
+            other => other,
+        }
+    }
+
+    /// The hook's NotificationMetadata, which wins over the message's copy. When they differ
+    /// the hook is described once more (an operator may just have edited it).
+    async fn hook_metadata(&self, ev: &LifecycleEvent, cached: HookInfo) -> Verdict {
+        let from_hook = |h: &HookInfo| Metadata::parse(h.notification_metadata.as_deref());
+        let mut metadata = from_hook(&cached);
+        if metadata == ev.metadata {
+            return Verdict::Genuine {
+                metadata,
+                note: None,
+            };
+        }
+        self.hook_info.invalidate(&ev.group);
+        match self.hook_of(ev).await {
+            Ok(Some(fresh)) => metadata = from_hook(&fresh),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot describe the hook again; using its cached metadata")
+            }
+        }
+        if metadata == ev.metadata {
+            info!("the hook's metadata changed since it was cached; using the new one");
+            return Verdict::Genuine {
+                metadata,
+                note: None,
+            };
+        }
+        warn!("the message's NotificationMetadata differs from the hook's; using the hook's");
+        Verdict::Genuine {
+            metadata,
+            note: Some(
+                "the message's NotificationMetadata differs from the hook's; the hook's was used"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Why `member` shows the event's instance is not waiting for it, or None when it is.
+fn not_waiting(ev: &LifecycleEvent, member: Option<&Membership>) -> Option<String> {
+    let id = &ev.instance_id;
+    let Some(m) = member else {
+        return Some(format!("instance {id} is not in an Auto Scaling group"));
+    };
+    if m.group != ev.group {
+        return Some(format!(
+            "instance {id} is in group {:?}, not {:?}",
+            m.group, ev.group
+        ));
+    }
+    let states = wait_states(ev.transition);
+    (!states.contains(&m.state.as_str())).then(|| {
+        format!(
+            "instance {id} is {}, not waiting for a {} action ({})",
+            m.state,
+            ev.transition,
+            states.join(" or ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(transition: &str) -> LifecycleEvent {
+        let body = serde_json::json!({
+            "LifecycleTransition": transition,
+            "AutoScalingGroupName": "web", "LifecycleHookName": "h",
+            "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": "t",
+        });
+        match crate::event::parse(&body.to_string()) {
+            crate::event::Parsed::Event(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn member(group: &str, state: &str) -> Membership {
+        Membership {
+            instance_id: "i-0123456789abcdef0".into(),
+            group: group.into(),
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn only_an_instance_waiting_in_the_messages_group_is_genuine() {
+        let launch = event("autoscaling:EC2_INSTANCE_LAUNCHING");
+        let terminate = event("autoscaling:EC2_INSTANCE_TERMINATING");
+        assert_eq!(
+            not_waiting(&launch, Some(&member("web", "Pending:Wait"))),
+            None
+        );
+        assert_eq!(
+            not_waiting(&launch, Some(&member("web", "Warmed:Pending:Wait"))),
+            None
+        );
+        assert_eq!(
+            not_waiting(&terminate, Some(&member("web", "Terminating:Wait"))),
+            None
+        );
+        let forged = [
+            (&launch, None),
+            (&launch, Some(member("other", "Pending:Wait"))),
+            (&launch, Some(member("web", "InService"))),
+            (&launch, Some(member("web", "Terminating:Wait"))),
+            (&terminate, Some(member("web", "InService"))),
+            (&terminate, Some(member("web", "Pending:Wait"))),
+        ];
+        for (ev, m) in forged {
+            let why = not_waiting(ev, m.as_ref());
+            assert!(why.is_some(), "{m:?} for {}", ev.transition);
+        }
+        let why = not_waiting(&launch, Some(&member("web", "InService"))).unwrap();
+        assert!(
+            why.contains("InService") && why.contains("Pending:Wait"),
+            "{why}"
+        );
+    }
+}
