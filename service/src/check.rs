@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::aws::sdk::{self, AutoScalingHooks, SnsNotifier, SqsQueue};
 use crate::aws::{Hooks, Notifier, Queue};
-use crate::config::{Config, OnReject};
+use crate::config::{Config, Layer, OnReject};
 use crate::metrics::{CountCalls, Stats};
 
 #[derive(Debug, Default)]
@@ -139,14 +139,7 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
     let calls = CountCalls(Arc::new(Stats::default()));
     let region = sdk_cfg.region().map(|r| r.to_string()).unwrap_or_default();
     let queue = SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url);
-    match queue.redrive_policy().await {
-        Ok(Some(p)) => r.notes.push(format!("queue: readable, dead-letter queue configured ({p})")),
-        Ok(None) if cfg.queue.on_reject == OnReject::DeadLetter => r.problems.push(
-            "queue.on_reject = \"dead-letter\" but the queue has no RedrivePolicy: rejected messages would loop".into(),
-        ),
-        Ok(None) => r.notes.push("queue: readable, no dead-letter queue (rejected messages are deleted)".into()),
-        Err(e) => r.problems.push(format!("queue.url: cannot read the queue: {e}")),
-    }
+    check_queue(cfg, &queue, r).await;
     if let Some(n) = &cfg.notify {
         let sns = SnsNotifier::new(&sdk_cfg, &calls);
         match sns.check_topic(&n.topic_arn).await {
@@ -166,56 +159,75 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
         }
     };
     let arn = queue_arn(&cfg.queue.url, &region).unwrap_or_default();
-    // A hook notifies us when it targets the queue, or an SNS topic (which the queue may
-    // subscribe to: SNS subscriptions are not checked).
-    let ours = |target: &str| target == arn || target.contains(":sns:");
     for layer in &cfg.layers {
-        let matched: Vec<&String> = groups
-            .iter()
-            .filter(|g| layer.matcher.groups.iter().any(|glob| glob.matches(g)))
-            .collect();
-        if matched.is_empty() {
-            r.notes.push(format!(
-                "layers.{}: no Auto Scaling group matches {:?} yet",
-                layer.name,
-                layer
-                    .matcher
-                    .groups
-                    .iter()
-                    .map(|g| g.as_str())
-                    .collect::<Vec<_>>()
-            ));
-        }
-        for g in matched {
-            match hooks.describe_hooks(g).await {
-                Ok(list) => {
-                    let ours: Vec<String> = list
-                        .iter()
-                        .filter(|(_, h)| h.notification_target.as_deref().is_some_and(ours))
-                        .map(|(name, h)| {
-                            format!(
-                                "{name} ({})",
-                                h.transition.trim_start_matches("autoscaling:")
-                            )
-                        })
-                        .collect();
-                    if ours.is_empty() {
-                        r.notes.push(format!(
-                            "group {g} (layer {}): no lifecycle hook notifies the queue or an SNS topic; fine only if an EventBridge rule delivers its events",
-                            layer.name
-                        ));
-                    } else {
-                        r.notes.push(format!(
-                            "group {g} (layer {}): hooks {}",
-                            layer.name,
-                            ours.join(", ")
-                        ));
-                    }
-                }
-                Err(e) => r.problems.push(format!(
+        check_layer_groups(layer, &groups, &hooks, &arn, r).await;
+    }
+}
+
+/// The queue is readable, and its dead-letter setup fits `queue.on_reject`.
+async fn check_queue(cfg: &Config, queue: &SqsQueue, r: &mut Report) {
+    match queue.redrive_policy().await {
+        Ok(Some(p)) => r.notes.push(format!("queue: readable, dead-letter queue configured ({p})")),
+        Ok(None) if cfg.queue.on_reject == OnReject::DeadLetter => r.problems.push(
+            "queue.on_reject = \"dead-letter\" but the queue has no RedrivePolicy: rejected messages would loop".into(),
+        ),
+        Ok(None) => r.notes.push("queue: readable, no dead-letter queue (rejected messages are deleted)".into()),
+        Err(e) => r.problems.push(format!("queue.url: cannot read the queue: {e}")),
+    }
+}
+
+/// The groups a layer matches, and which of their hooks notify the queue (`queue_arn`), or
+/// an SNS topic (which the queue may subscribe to: subscriptions are not checked).
+async fn check_layer_groups(
+    layer: &Layer,
+    groups: &[String],
+    hooks: &AutoScalingHooks,
+    queue_arn: &str,
+    r: &mut Report,
+) {
+    let ours = |target: &str| target == queue_arn || target.contains(":sns:");
+    let matched: Vec<&String> = groups
+        .iter()
+        .filter(|g| layer.matcher.groups.iter().any(|glob| glob.matches(g)))
+        .collect();
+    if matched.is_empty() {
+        let globs: Vec<&str> = layer.matcher.groups.iter().map(|g| g.as_str()).collect();
+        r.notes.push(format!(
+            "layers.{}: no Auto Scaling group matches {globs:?} yet",
+            layer.name
+        ));
+    }
+    for g in matched {
+        let list = match hooks.describe_hooks(g).await {
+            Ok(list) => list,
+            Err(e) => {
+                r.problems.push(format!(
                     "group {g}: cannot describe its lifecycle hooks: {e}"
-                )),
+                ));
+                continue;
             }
+        };
+        let notifying: Vec<String> = list
+            .iter()
+            .filter(|(_, h)| h.notification_target.as_deref().is_some_and(ours))
+            .map(|(name, h)| {
+                format!(
+                    "{name} ({})",
+                    h.transition.trim_start_matches("autoscaling:")
+                )
+            })
+            .collect();
+        if notifying.is_empty() {
+            r.notes.push(format!(
+                "group {g} (layer {}): no lifecycle hook notifies the queue or an SNS topic; fine only if an EventBridge rule delivers its events",
+                layer.name
+            ));
+        } else {
+            r.notes.push(format!(
+                "group {g} (layer {}): hooks {}",
+                layer.name,
+                notifying.join(", ")
+            ));
         }
     }
 }
