@@ -20,7 +20,7 @@ use crate::daemon::Settings;
 use crate::lease::Leases;
 use crate::metrics::{CountCalls, Stats};
 use crate::pipeline::{Parts, Pipeline, RejectPolicy};
-use crate::remote::Remote;
+use crate::ssh::Remote;
 use crate::step::ansible::Runner;
 use crate::store::Store;
 

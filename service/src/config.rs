@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::aws::HookResult;
 use crate::layer::{Glob, Matcher, Pattern, Vars};
+use crate::setting::ConfigError;
 use crate::step::{self, Step};
 
 pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
@@ -30,7 +31,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub aws: AwsConfig,
     pub ssm: SsmConfig,
-    pub ssh: crate::remote::SshSettings,
+    pub ssh: crate::ssh::SshSettings,
     pub ansible: crate::step::ansible::AnsibleSettings,
     /// Where the daemon serves /metrics and /healthz; None to serve nothing.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -110,7 +111,7 @@ pub struct Layer {
     pub vars: Vars,
     pub on_failure: HookResult,
     /// Overrides of `[ssh]` for this layer's instances.
-    pub ssh: crate::remote::LayerSsh,
+    pub ssh: crate::ssh::LayerSsh,
     pub launch: Vec<Step>,
     pub terminate: Vec<Step>,
 }
@@ -141,28 +142,6 @@ impl Layer {
             crate::event::Transition::Launch => &self.launch,
             crate::event::Transition::Terminate => &self.terminate,
         }
-    }
-}
-
-/// One problem with a config, named by its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
     }
 }
 
@@ -521,7 +500,7 @@ fn validate(raw: RawConfig, base: &Path, errs: &mut Vec<ConfigError>) -> Config 
         ),
     };
 
-    let ssh = crate::remote::SshSettings::parse(raw.ssh.as_ref(), errs);
+    let ssh = crate::ssh::SshSettings::parse(raw.ssh.as_ref(), errs);
     let ansible = crate::step::ansible::AnsibleSettings::parse(raw.ansible.as_ref(), base, errs);
 
     let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
@@ -645,7 +624,7 @@ fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigEr
     };
     let ssh = rl
         .ssh
-        .map(|v| crate::remote::LayerSsh::parse(&v, &format!("{key}.ssh"), errs))
+        .map(|v| crate::ssh::LayerSsh::parse(&v, &format!("{key}.ssh"), errs))
         .unwrap_or_default();
     let launch = steps(rl.launch, "launch", errs);
     let terminate = steps(rl.terminate, "terminate", errs);
@@ -784,7 +763,7 @@ launch = [ { ansible = "app.yml" }, { ssh = ["true"] } ]
 "#;
         let c = Config::parse_in(text, "t", Path::new("/etc/provision")).unwrap();
         assert_eq!(c.ssh.user, "admin");
-        assert_eq!(c.ssh.host_key_check, crate::remote::HostKeyCheck::AcceptNew);
+        assert_eq!(c.ssh.host_key_check, crate::ssh::HostKeyCheck::AcceptNew);
         assert_eq!(
             c.ansible.playbook_dir,
             PathBuf::from("/etc/provision/books")

@@ -12,7 +12,7 @@
 //! - [`layer`]: which layer an event belongs to; `{field}` templates.
 //! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`, `ssh`, `ansible`), one
 //!   file each, and the gathering of instances into shared batched calls.
-//! - [`remote`]: reaching an instance over SSH: address, readiness, verified host keys.
+//! - [`ssh`]: reaching an instance over SSH: settings, host keys, known_hosts, reach.
 //! - [`poll`]: polling with a growing delay until a deadline.
 //! - [`secret`]: the vault password and other secrets; keeping them out of argv, children's
 //!   environments and logs.
@@ -47,10 +47,10 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod poll;
-pub mod remote;
 pub mod secret;
 pub mod setting;
 pub mod shutdown;
+pub mod ssh;
 pub mod step;
 pub mod store;
 pub mod telemetry;

@@ -12,9 +12,10 @@ use std::time::Duration;
 use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
-use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Context, Template, Vars};
+use crate::setting::ConfigError;
+use crate::ssh::{Reach, ReachError, Remote, Target};
 
 pub mod ansible;
 pub mod gather;
@@ -79,7 +80,7 @@ pub struct StepContext<'a> {
     pub shared: &'a Shared,
     pub retry_for: Duration,
     /// The layer's ssh overrides (user, port).
-    pub ssh: &'a crate::remote::LayerSsh,
+    pub ssh: &'a crate::ssh::LayerSsh,
     /// Tells a watching operator what the step waits for (`provision <instance-id>`).
     pub note: &'a (dyn Fn(String) + Send + Sync),
 }
@@ -89,6 +90,29 @@ impl StepContext<'_> {
     /// to de-duplicate.
     pub fn note(&self, what: String) {
         (self.note)(what)
+    }
+
+    /// Reaches this event's instance over SSH (running, address, verified host key, server
+    /// accepting), bounded by `ssh.ready_timeout`; returns the open session.
+    pub async fn reach(&self, remote: &Remote) -> Result<(Target, openssh::Session), StepError> {
+        let to = Reach {
+            id: &self.template.event.instance_id,
+            layer: self.ssh,
+            lookup: &self.shared.lookup,
+            instances: self.services.instances.as_ref(),
+            note: self.note,
+        };
+        Ok(remote.reach(&to).await?)
+    }
+}
+
+impl From<ReachError> for StepError {
+    fn from(e: ReachError) -> StepError {
+        match e {
+            ReachError::NotReady(why) => StepError::NotReady(why),
+            ReachError::HostKeyRefused(why) => StepError::Remote(why),
+            ReachError::Aws(e) => StepError::Aws(e),
+        }
     }
 }
 
@@ -102,7 +126,7 @@ pub struct Shared {
     pub ow_stacks: TtlCache<String, Vec<OwStack>>,
     pub ow_layers: TtlCache<(String, String), Vec<OwLayer>>,
     /// SSH reach (None where SSH is not set up: Lambda, unit tests).
-    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub remote: Option<Arc<crate::ssh::Remote>>,
     pub ansible: Option<Arc<ansible::Runner>>,
 }
 
@@ -111,7 +135,7 @@ impl Shared {
         services: &Services,
         ssm_window: Duration,
         retry_for: Duration,
-        remote: Option<Arc<crate::remote::Remote>>,
+        remote: Option<Arc<crate::ssh::Remote>>,
         ansible: Option<Arc<ansible::Runner>>,
     ) -> Shared {
         let instances = services.instances.clone();
@@ -284,7 +308,7 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
         match k.as_str() {
             k if k == kind => {}
             k if kind == "ansible" && ansible::SIBLING_KEYS.contains(&k) => {}
-            "timeout" => match v.as_str().map(humantime::parse_duration) {
+            "timeout" => match v.as_str().map(crate::setting::parse_duration) {
                 Some(Ok(d)) if !d.is_zero() => timeout = Some(d),
                 _ => errs.push(ConfigError::new(
                     format!("{key}.timeout"),

@@ -19,9 +19,9 @@ use tracing::info;
 
 use crate::aws::retry::{backoff, with_backoff};
 use crate::aws::{AwsError, InstanceInfo, OwInstance};
-use crate::config::ConfigError;
 use crate::event::Transition;
 use crate::layer::{Template, Vars};
+use crate::setting::ConfigError;
 
 use super::{StepContext, StepError, StepOutput};
 

@@ -23,9 +23,9 @@ use tracing::{info, warn};
 
 use crate::aws::retry::with_backoff;
 use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
-use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Template, Vars};
+use crate::setting::ConfigError;
 
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
