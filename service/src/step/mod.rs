@@ -278,30 +278,7 @@ impl Step {
 /// Parses one step table, e.g. `{ tag = { Name = "web-{instance_id}" }, timeout = "2m" }`.
 /// Errors name the key they belong to (`layers.web.launch[0].tag.Name`).
 pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<ConfigError>> {
-    let kinds: Vec<&str> = table
-        .keys()
-        .map(String::as_str)
-        .filter(|k| KINDS.contains(k))
-        .collect();
-    let kind = match kinds.as_slice() {
-        [k] => *k,
-        [] => {
-            let found: Vec<&String> = table.keys().collect();
-            return Err(vec![ConfigError::new(
-                key,
-                format!(
-                    "no step kind among keys {found:?}; expected one of: {}",
-                    KINDS.join(", ")
-                ),
-            )]);
-        }
-        many => {
-            return Err(vec![ConfigError::new(
-                key,
-                format!("one step kind per step, found {}", many.join(" and ")),
-            )])
-        }
-    };
+    let kind = kind_of(table, key)?;
     let mut errs = Vec::new();
     let mut timeout = None;
     for (k, v) in table {
@@ -334,24 +311,7 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
     };
     match parsed {
         Ok(mut kind) if errs.is_empty() => {
-            // Steps that wait on their own deadlines get an outer bound above them, so their
-            // own (clearer) timeout message wins. For SSH steps `timeout` bounds the work
-            // once the instance is reached (ssh.ready_timeout bounds the reaching).
-            let timeout = match &mut kind {
-                StepKind::Ssh(s) => {
-                    s.timeout = timeout.unwrap_or(s.timeout);
-                    s.timeout + SSH_REACH_ALLOWANCE
-                }
-                StepKind::Ansible(a) => {
-                    a.timeout = timeout.unwrap_or(a.timeout);
-                    a.timeout + SSH_REACH_ALLOWANCE
-                }
-                StepKind::Ssm(s) => {
-                    timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
-                }
-                StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
-                StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
-            };
+            let timeout = outer_timeout(&mut kind, timeout);
             Ok(Step { kind, timeout })
         }
         Ok(_) => Err(errs),
@@ -359,6 +319,54 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
             e.append(&mut errs);
             Err(e)
         }
+    }
+}
+
+/// The one key of a step table that names its kind.
+fn kind_of<'t>(table: &'t toml::Table, key: &str) -> Result<&'t str, Vec<ConfigError>> {
+    let kinds: Vec<&str> = table
+        .keys()
+        .map(String::as_str)
+        .filter(|k| KINDS.contains(k))
+        .collect();
+    match kinds.as_slice() {
+        [k] => Ok(*k),
+        [] => {
+            let found: Vec<&String> = table.keys().collect();
+            Err(vec![ConfigError::new(
+                key,
+                format!(
+                    "no step kind among keys {found:?}; expected one of: {}",
+                    KINDS.join(", ")
+                ),
+            )])
+        }
+        many => Err(vec![ConfigError::new(
+            key,
+            format!("one step kind per step, found {}", many.join(" and ")),
+        )]),
+    }
+}
+
+/// The step's outer bound, from its `timeout` when given. Steps that wait on their own
+/// deadlines get an outer bound above them, so their own (clearer) timeout message wins.
+/// For SSH steps `timeout` bounds the work once the instance is reached (ssh.ready_timeout
+/// bounds the reaching).
+fn outer_timeout(kind: &mut StepKind, timeout: Option<Duration>) -> Duration {
+    match kind {
+        StepKind::Ssh(s) => {
+            s.timeout = timeout.unwrap_or(s.timeout);
+            s.timeout + SSH_REACH_ALLOWANCE
+        }
+        StepKind::Ansible(a) => {
+            a.timeout = timeout.unwrap_or(a.timeout);
+            a.timeout + SSH_REACH_ALLOWANCE
+        }
+        StepKind::Ssm(s) => {
+            timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
+        }
+        StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
+        StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
     }
 }
 
