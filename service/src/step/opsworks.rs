@@ -51,6 +51,36 @@ pub struct OpsWorks {
     online_timeout: Duration,
 }
 
+/// Terminate: deregisters the instance's registration with the stack, if it has one.
+async fn deregister(
+    ctx: &StepContext<'_>,
+    region: &str,
+    stack_name: &str,
+    existing: Option<OwInstance>,
+) -> Result<StepOutput, StepError> {
+    let ec2_id = &ctx.template.event.instance_id;
+    match existing {
+        Some(i) => {
+            with_backoff(ctx.retry_for, || {
+                ctx.services.opsworks.deregister(region, &i.id)
+            })
+            .await?;
+            Ok(StepOutput {
+                detail: format!(
+                    "deregistered {} ({}) from stack {stack_name:?}",
+                    i.id,
+                    i.hostname.unwrap_or_default()
+                ),
+            })
+        }
+        None => Ok(StepOutput {
+            detail: format!(
+                "{ec2_id} is not registered with stack {stack_name:?}; nothing to deregister"
+            ),
+        }),
+    }
+}
+
 /// `name_tag`: the template of the `Name` tag (`{stack}`, `{hostname}`), or `"none"`.
 fn name_tag(f: &mut Fields<'_>) -> Option<Template> {
     let v = match f.non_empty("name_tag") {
@@ -175,17 +205,7 @@ impl OpsWorks {
             .find(|i| i.ec2_instance_id.as_deref() == Some(ec2_id.as_str()));
 
         if ctx.template.event.transition == Transition::Terminate {
-            return match existing {
-                Some(i) => {
-                    with_backoff(retry, || ow.deregister(&region, &i.id)).await?;
-                    Ok(StepOutput {
-                        detail: format!("deregistered {} ({}) from stack {stack_name:?}", i.id, i.hostname.unwrap_or_default()),
-                    })
-                }
-                None => Ok(StepOutput {
-                    detail: format!("{ec2_id} is not registered with stack {stack_name:?}; nothing to deregister"),
-                }),
-            };
+            return deregister(ctx, &region, &stack_name, existing).await;
         }
 
         let layers = ctx
@@ -212,33 +232,9 @@ impl OpsWorks {
                 i
             }
             None => {
-                let hostname =
-                    with_backoff(retry, || ow.hostname_suggestion(&region, &layer.id)).await?;
-                if let Some(t) = &self.name_tag {
-                    let extra = [
-                        ("stack", stack_name.as_str()),
-                        ("hostname", hostname.as_str()),
-                    ];
-                    let name = t
-                        .render(&ctx.template.with_extra(&extra))
-                        .map_err(|e| StepError::Input(e.to_string()))?;
-                    let tags = [("Name".to_string(), name)];
-                    with_backoff(retry, || ctx.services.instances.create_tags(&ec2_id, &tags))
-                        .await?;
-                }
-                let info: InstanceInfo = ctx
-                    .shared
-                    .lookup
-                    .submit(ec2_id.clone())
-                    .await
-                    .map_err(StepError::Remote)?;
-                let id = with_backoff(retry, || ow.register(&region, &stack.id, &hostname, &info))
-                    .await?;
-                info!(opsworks_id = %id, %hostname, "registered with the stack");
-                self.wait_for(ctx, &region, &id, deadline, |s| {
-                    s != "registering" && s != "requested"
-                })
-                .await?
+                let stack = (stack_name.as_str(), stack.id.as_str());
+                self.register(ctx, &region, stack, &layer.id, deadline)
+                    .await?
             }
         };
         if !registered.layer_ids.contains(&layer.id) {
@@ -256,6 +252,41 @@ impl OpsWorks {
                 self.layer
             ),
         })
+    }
+
+    /// Registers the EC2 instance with the stack (`(name, id)`) under a suggested hostname,
+    /// tagging it `Name` first, and waits until OpsWorks has registered it.
+    async fn register(
+        &self,
+        ctx: &StepContext<'_>,
+        region: &str,
+        (stack_name, stack_id): (&str, &str),
+        layer_id: &str,
+        deadline: Instant,
+    ) -> Result<OwInstance, StepError> {
+        let (ow, retry) = (&ctx.services.opsworks, ctx.retry_for);
+        let ec2_id = &ctx.template.event.instance_id;
+        let hostname = with_backoff(retry, || ow.hostname_suggestion(region, layer_id)).await?;
+        if let Some(t) = &self.name_tag {
+            let extra = [("stack", stack_name), ("hostname", hostname.as_str())];
+            let name = t
+                .render(&ctx.template.with_extra(&extra))
+                .map_err(|e| StepError::Input(e.to_string()))?;
+            let tags = [("Name".to_string(), name)];
+            with_backoff(retry, || ctx.services.instances.create_tags(ec2_id, &tags)).await?;
+        }
+        let info: InstanceInfo = ctx
+            .shared
+            .lookup
+            .submit(ec2_id.clone())
+            .await
+            .map_err(StepError::Remote)?;
+        let id = with_backoff(retry, || ow.register(region, stack_id, &hostname, &info)).await?;
+        info!(opsworks_id = %id, %hostname, "registered with the stack");
+        self.wait_for(ctx, region, &id, deadline, |s| {
+            s != "registering" && s != "requested"
+        })
+        .await
     }
 
     /// Polls the registration with backoff until `done(status)` or the deadline; fails
