@@ -20,7 +20,7 @@ use crate::delivery::RejectPolicy;
 use crate::lease::Leases;
 use crate::metrics::{CountCalls, Stats};
 use crate::pipeline::{Parts, Pipeline};
-use crate::remote::Remote;
+use crate::ssh::Remote;
 use crate::step::ansible::Runner;
 use crate::store::Store;
 

@@ -50,7 +50,7 @@ pub fn offline(cfg: &Config) -> Report {
             }
         }
     }
-    if cfg.uses_ssh() && cfg.ssh.host_key_check == crate::remote::HostKeyCheck::Off {
+    if cfg.uses_ssh() && cfg.ssh.host_key_check == crate::ssh::HostKeyCheck::Off {
         r.notes.push(
             "ssh.host_key_check = \"off\": instances' host keys are not checked; anyone on the path can impersonate an instance and receive what the steps send".into(),
         );

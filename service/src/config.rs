@@ -1,12 +1,18 @@
 //! Raw TOML -> validated [`Config`].
 //!
 //! Owns the file format: every key, its default, and the checks that make a config usable.
-//! Parsing happens in two passes, as ripgrep does with its flags: serde reads the file into
-//! `Raw*` structs that mirror it (unknown keys are errors), then `validate` turns them into the
-//! typed config, collecting *every* problem with the key it belongs to. The meaning of a step
-//! lives with the step (`step::parse`), not here.
+//! Parsing happens in passes, as ripgrep builds its typed arguments from parts: serde reads
+//! the top level (an unknown section is an error), then each section's `from_raw` reads its
+//! table with the shared [`Fields`] reader (unknown keys are errors there), collecting
+//! *every* problem with the key it belongs to. Facts from the environment
+//! (`$STATE_DIRECTORY`, ...) come in as one [`Env`] snapshot taken before parsing.
+//!
+//! Not here: the meaning of a step (`step::parse`), of `[ssh]` (`ssh::settings`) and of
+//! `[ansible]` (`step::ansible`); how a key is read and named in errors (`setting`).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +20,9 @@ use serde::Deserialize;
 
 use crate::aws::HookResult;
 use crate::layer::{Glob, Matcher, Pattern, Vars};
+use crate::setting::{quoted, ConfigError, Env, Fields};
+use crate::ssh::{LayerSsh, SshSettings};
+use crate::step::ansible::AnsibleSettings;
 use crate::step::{self, Step};
 
 pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
@@ -30,10 +39,10 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub aws: AwsConfig,
     pub ssm: SsmConfig,
-    pub ssh: crate::remote::SshSettings,
-    pub ansible: crate::step::ansible::AnsibleSettings,
+    pub ssh: SshSettings,
+    pub ansible: AnsibleSettings,
     /// Where the daemon serves /metrics and /healthz; None to serve nothing.
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     /// In file order: the first layer that matches an event wins.
     pub layers: Vec<Layer>,
 }
@@ -110,7 +119,7 @@ pub struct Layer {
     pub vars: Vars,
     pub on_failure: HookResult,
     /// Overrides of `[ssh]` for this layer's instances.
-    pub ssh: crate::remote::LayerSsh,
+    pub ssh: LayerSsh,
     pub launch: Vec<Step>,
     pub terminate: Vec<Step>,
 }
@@ -144,28 +153,6 @@ impl Layer {
     }
 }
 
-/// One problem with a config, named by its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
-}
-
 /// Every problem found in one config file.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigErrors {
@@ -189,95 +176,34 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// The file as serde sees it: the top level only (an unknown section is an error). Each
+/// section is then read by its own `from_raw` with the shared [`Fields`] reader.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    queue: Option<RawQueue>,
-    notify: Option<RawNotify>,
-    state: Option<RawState>,
-    daemon: Option<RawDaemon>,
-    aws: Option<RawAws>,
-    ssm: Option<RawSsm>,
+    queue: Option<toml::Table>,
+    notify: Option<toml::Table>,
+    state: Option<toml::Table>,
+    daemon: Option<toml::Table>,
+    aws: Option<toml::Table>,
+    ssm: Option<toml::Table>,
     ssh: Option<toml::Table>,
     ansible: Option<toml::Table>,
-    metrics: Option<RawMetrics>,
+    metrics: Option<toml::Table>,
     #[serde(default)]
     layers: toml::Table,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    listen: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSsm {
-    batch_window: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQueue {
-    url: Option<String>,
-    max_in_flight: Option<i64>,
-    wait_time: Option<String>,
-    visibility_timeout: Option<String>,
-    on_reject: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNotify {
-    topic_arn: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawState {
-    path: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDaemon {
-    shutdown_grace: Option<String>,
-    unmatched: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAws {
-    max_attempts: Option<i64>,
-    retry_for: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLayer {
-    groups: Option<Vec<String>>,
-    #[serde(default)]
-    metadata: toml::Table,
-    #[serde(default)]
-    vars: toml::Table,
-    on_failure: Option<String>,
-    ssh: Option<toml::Value>,
-    #[serde(default)]
-    launch: Vec<toml::Table>,
-    #[serde(default)]
-    terminate: Vec<toml::Table>,
-}
-
 /// Where the config comes from: `--config`, else `$PROVISION_CONFIG`, else the default path.
 pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
-    }
-    match std::env::var_os("PROVISION_CONFIG") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(DEFAULT_PATH),
-    }
+    resolve_path_in(flag, &Env::from_process())
+}
+
+/// [`resolve_path`] with the environment's facts handed in.
+pub fn resolve_path_in(flag: Option<&Path>, env: &Env) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| env.config_path.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
 }
 
 impl Config {
@@ -288,7 +214,7 @@ impl Config {
             errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse_in(&text, &name, base)
+        Self::parse_with(&text, &name, base, &Env::from_process())
     }
 
     /// Parses a config whose relative paths are relative to the working directory.
@@ -298,6 +224,17 @@ impl Config {
 
     /// Parses a config whose relative paths (`ansible.playbook_dir`) are relative to `base`.
     pub fn parse_in(text: &str, source_name: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        Self::parse_with(text, source_name, base, &Env::from_process())
+    }
+
+    /// Parses a config with the environment's facts (`$STATE_DIRECTORY`, ...) handed in:
+    /// nothing is read from the process environment while validating.
+    pub fn parse_with(
+        text: &str,
+        source_name: &str,
+        base: &Path,
+        env: &Env,
+    ) -> Result<Config, ConfigErrors> {
         let fail = |errors| ConfigErrors {
             source_name: source_name.to_string(),
             errors,
@@ -314,7 +251,7 @@ impl Config {
             fail(vec![ConfigError::new(key, e.message().trim().to_string())])
         })?;
         let mut errs = Vec::new();
-        let cfg = validate(raw, base, &mut errs);
+        let cfg = validate(raw, base, env, &mut errs);
         if errs.is_empty() {
             Ok(cfg)
         } else {
@@ -323,264 +260,254 @@ impl Config {
     }
 }
 
-fn duration(
-    key: &str,
-    raw: Option<&str>,
-    default: Duration,
-    errs: &mut Vec<ConfigError>,
-) -> Duration {
-    match raw {
-        None => default,
-        Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
-            errs.push(ConfigError::new(
-                key,
-                format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""),
-            ));
-            default
-        }),
+/// Every section from its table, in file-documentation order; problems are collected, not
+/// returned early, so one run names them all.
+fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>) -> Config {
+    Config {
+        queue: QueueConfig::from_raw(raw.queue.as_ref(), errs),
+        notify: NotifyConfig::from_raw(raw.notify.as_ref(), errs),
+        state: StateConfig::from_raw(raw.state.as_ref(), env, errs),
+        daemon: DaemonConfig::from_raw(raw.daemon.as_ref(), errs),
+        aws: AwsConfig::from_raw(raw.aws.as_ref(), errs),
+        ssm: SsmConfig::from_raw(raw.ssm.as_ref(), errs),
+        ssh: SshSettings::parse(raw.ssh.as_ref(), errs),
+        ansible: AnsibleSettings::parse(raw.ansible.as_ref(), base, errs),
+        metrics_listen: metrics_listen(raw.metrics.as_ref(), errs),
+        layers: Layer::all_from_raw(&raw.layers, errs),
     }
 }
 
-fn hook_result(
-    key: &str,
-    raw: Option<&str>,
-    default: HookResult,
-    errs: &mut Vec<ConfigError>,
-) -> HookResult {
-    match raw {
-        None => default,
-        Some("abandon") => HookResult::Abandon,
-        Some("continue") => HookResult::Continue,
-        Some(other) => {
-            errs.push(ConfigError::new(
-                key,
-                format!("{other:?} is not a result; expected \"abandon\" or \"continue\""),
-            ));
-            default
+impl QueueConfig {
+    /// `[queue]`.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> QueueConfig {
+        let mut f = Fields::new(t, "queue", errs);
+        let url = queue_url(&mut f);
+        let max_in_flight = f.int("max_in_flight", 1..=10_000, 32) as usize;
+        let wait_time = f.duration("wait_time", Duration::from_secs(20));
+        if wait_time > Duration::from_secs(20) {
+            f.error("wait_time", "SQS long polls at most 20s");
         }
-    }
-}
-
-fn validate(raw: RawConfig, base: &Path, errs: &mut Vec<ConfigError>) -> Config {
-    let q = raw.queue.unwrap_or(RawQueue {
-        url: None,
-        max_in_flight: None,
-        wait_time: None,
-        visibility_timeout: None,
-        on_reject: None,
-    });
-    let url = match q.url {
-        Some(u) if u.starts_with("https://") || u.starts_with("http://") => u,
-        Some(u) => {
-            errs.push(ConfigError::new(
-                "queue.url",
-                format!("{u:?} is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"),
-            ));
-            u
+        let visibility_timeout = f.duration("visibility_timeout", Duration::from_secs(120));
+        if visibility_timeout < Duration::from_secs(2) || visibility_timeout > MAX_VISIBILITY {
+            f.error(
+                "visibility_timeout",
+                "must be between 2s and 12h (it is extended while an event is worked on)",
+            );
         }
-        None => {
-            errs.push(ConfigError::new(
-                "queue.url",
-                "missing: the SQS queue the lifecycle hooks notify",
-            ));
-            String::new()
-        }
-    };
-    let max_in_flight = match q.max_in_flight {
-        None => 32,
-        Some(n) if (1..=10_000).contains(&n) => n as usize,
-        Some(n) => {
-            errs.push(ConfigError::new(
-                "queue.max_in_flight",
-                format!("{n} is out of range 1..=10000"),
-            ));
-            32
-        }
-    };
-    let wait_time = duration(
-        "queue.wait_time",
-        q.wait_time.as_deref(),
-        Duration::from_secs(20),
-        errs,
-    );
-    if wait_time > Duration::from_secs(20) {
-        errs.push(ConfigError::new(
-            "queue.wait_time",
-            "SQS long polls at most 20s",
-        ));
-    }
-    let visibility_timeout = duration(
-        "queue.visibility_timeout",
-        q.visibility_timeout.as_deref(),
-        Duration::from_secs(120),
-        errs,
-    );
-    if visibility_timeout < Duration::from_secs(2) || visibility_timeout > MAX_VISIBILITY {
-        errs.push(ConfigError::new(
-            "queue.visibility_timeout",
-            "must be between 2s and 12h (it is extended while an event is worked on)",
-        ));
-    }
-    let on_reject = match q.on_reject.as_deref() {
-        None | Some("auto") => OnReject::Auto,
-        Some("delete") => OnReject::Delete,
-        Some("dead-letter") => OnReject::DeadLetter,
-        Some(other) => {
-            errs.push(ConfigError::new(
-                "queue.on_reject",
-                format!("{other:?}: expected \"auto\", \"delete\" or \"dead-letter\""),
-            ));
-            OnReject::Auto
-        }
-    };
-
-    let notify = match raw.notify {
-        None => None,
-        Some(RawNotify { topic_arn: None }) => {
-            errs.push(ConfigError::new(
-                "notify.topic_arn",
-                "missing (or remove the [notify] table)",
-            ));
-            None
-        }
-        Some(RawNotify {
-            topic_arn: Some(arn),
-        }) => {
-            if !arn.starts_with("arn:") || arn.split(':').nth(2) != Some("sns") {
-                errs.push(ConfigError::new(
-                    "notify.topic_arn",
-                    format!("{arn:?} is not an SNS topic ARN"),
-                ));
-            }
-            Some(NotifyConfig { topic_arn: arn })
-        }
-    };
-
-    let state = StateConfig {
-        path: raw
-            .state
-            .and_then(|s| s.path)
-            .unwrap_or_else(default_state_path),
-    };
-
-    let d = raw.daemon.unwrap_or(RawDaemon {
-        shutdown_grace: None,
-        unmatched: None,
-    });
-    let daemon = DaemonConfig {
-        shutdown_grace: duration(
-            "daemon.shutdown_grace",
-            d.shutdown_grace.as_deref(),
-            Duration::from_secs(30),
-            errs,
-        ),
-        unmatched: match d.unmatched.as_deref() {
-            None | Some("ignore") => Unmatched::Ignore,
-            Some("continue") => Unmatched::Complete(HookResult::Continue),
-            Some("abandon") => Unmatched::Complete(HookResult::Abandon),
+        let on_reject = match f.string("on_reject") {
+            None | Some("auto") => OnReject::Auto,
+            Some("delete") => OnReject::Delete,
+            Some("dead-letter") => OnReject::DeadLetter,
             Some(other) => {
-                errs.push(ConfigError::new(
-                    "daemon.unmatched",
-                    format!("{other:?}: expected \"ignore\", \"continue\" or \"abandon\""),
-                ));
-                Unmatched::Ignore
-            }
-        },
-    };
-
-    let a = raw.aws.unwrap_or(RawAws {
-        max_attempts: None,
-        retry_for: None,
-    });
-    let aws = AwsConfig {
-        max_attempts: match a.max_attempts {
-            None => 5,
-            Some(n) if (1..=20).contains(&n) => n as u32,
-            Some(n) => {
-                errs.push(ConfigError::new(
-                    "aws.max_attempts",
-                    format!("{n} is out of range 1..=20"),
-                ));
-                5
-            }
-        },
-        retry_for: duration(
-            "aws.retry_for",
-            a.retry_for.as_deref(),
-            Duration::from_secs(120),
-            errs,
-        ),
-    };
-
-    let ssm = SsmConfig {
-        batch_window: duration(
-            "ssm.batch_window",
-            raw.ssm.and_then(|s| s.batch_window).as_deref(),
-            Duration::from_secs(2),
-            errs,
-        ),
-    };
-
-    let ssh = crate::remote::SshSettings::parse(raw.ssh.as_ref(), errs);
-    let ansible = crate::step::ansible::AnsibleSettings::parse(raw.ansible.as_ref(), base, errs);
-
-    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
-        None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
-        Some(s) if s.is_empty() || s == "off" => None,
-        Some(s) => match s.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                errs.push(ConfigError::new(
-                    "metrics.listen",
-                    format!("{s:?} is not an address:port (or \"off\")"),
-                ));
-                None
-            }
-        },
-    };
-
-    let mut layers = Vec::new();
-    if raw.layers.is_empty() {
-        errs.push(ConfigError::new(
-            "layers",
-            "no layers: add at least one [layers.NAME] table",
-        ));
-    }
-    for (name, value) in raw.layers {
-        let key = format!("layers.{name}");
-        if !valid_layer_name(&name) {
-            errs.push(ConfigError::new(
-                &key,
-                "layer names are letters, digits, '-' and '_'",
-            ));
-        }
-        let rl: RawLayer = match value.try_into() {
-            Ok(l) => l,
-            Err(e) => {
-                errs.push(ConfigError::new(&key, e.message().trim().to_string()));
-                continue;
+                f.error(
+                    "on_reject",
+                    format!("{other:?}: expected \"auto\", \"delete\" or \"dead-letter\""),
+                );
+                OnReject::Auto
             }
         };
-        layers.push(validate_layer(name, &key, rl, errs));
-    }
-
-    Config {
-        queue: QueueConfig {
+        f.finish_section("[queue]");
+        QueueConfig {
             url,
             max_in_flight,
             wait_time,
             visibility_timeout,
             on_reject,
-        },
-        notify,
-        state,
-        daemon,
-        aws,
-        ssm,
-        ssh,
-        ansible,
-        metrics_listen,
-        layers,
+        }
+    }
+}
+
+fn queue_url(f: &mut Fields<'_>) -> String {
+    let Some(v) = f.required("url", "missing: the SQS queue the lifecycle hooks notify") else {
+        return String::new();
+    };
+    match v.as_str() {
+        Some(u) if u.starts_with("https://") || u.starts_with("http://") => u.to_string(),
+        _ => {
+            f.error(
+                "url",
+                format!(
+                    "{} is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)",
+                    quoted(v)
+                ),
+            );
+            v.as_str().unwrap_or_default().to_string()
+        }
+    }
+}
+
+impl NotifyConfig {
+    /// `[notify]`; None when the table is absent.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> Option<NotifyConfig> {
+        let mut f = Fields::new(Some(t?), "notify", errs);
+        let arn = f
+            .required("topic_arn", "missing (or remove the [notify] table)")
+            .map(|v| {
+                let arn = v.as_str().unwrap_or_default();
+                if !arn.starts_with("arn:") || arn.split(':').nth(2) != Some("sns") {
+                    f.error(
+                        "topic_arn",
+                        format!("{} is not an SNS topic ARN", quoted(v)),
+                    );
+                }
+                arn.to_string()
+            });
+        f.finish_section("[notify]");
+        arn.map(|topic_arn| NotifyConfig { topic_arn })
+    }
+}
+
+impl StateConfig {
+    /// `[state]`: the store's path defaults to systemd's StateDirectory= when it is set.
+    fn from_raw(t: Option<&toml::Table>, env: &Env, errs: &mut Vec<ConfigError>) -> StateConfig {
+        let mut f = Fields::new(t, "state", errs);
+        let path = f
+            .path("path")
+            .unwrap_or_else(|| match &env.state_directory {
+                Some(d) => d.join("state.db"),
+                None => PathBuf::from(DEFAULT_STATE_PATH),
+            });
+        f.finish_section("[state]");
+        StateConfig { path }
+    }
+}
+
+impl DaemonConfig {
+    /// `[daemon]`.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> DaemonConfig {
+        let mut f = Fields::new(t, "daemon", errs);
+        let shutdown_grace = f.duration("shutdown_grace", Duration::from_secs(30));
+        let unmatched = match f.string("unmatched") {
+            None | Some("ignore") => Unmatched::Ignore,
+            Some("continue") => Unmatched::Complete(HookResult::Continue),
+            Some("abandon") => Unmatched::Complete(HookResult::Abandon),
+            Some(other) => {
+                f.error(
+                    "unmatched",
+                    format!("{other:?}: expected \"ignore\", \"continue\" or \"abandon\""),
+                );
+                Unmatched::Ignore
+            }
+        };
+        f.finish_section("[daemon]");
+        DaemonConfig {
+            shutdown_grace,
+            unmatched,
+        }
+    }
+}
+
+impl AwsConfig {
+    /// `[aws]`.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> AwsConfig {
+        let mut f = Fields::new(t, "aws", errs);
+        let max_attempts = f.int("max_attempts", 1..=20, 5) as u32;
+        let retry_for = f.duration("retry_for", Duration::from_secs(120));
+        f.finish_section("[aws]");
+        AwsConfig {
+            max_attempts,
+            retry_for,
+        }
+    }
+}
+
+impl SsmConfig {
+    /// `[ssm]`.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> SsmConfig {
+        let mut f = Fields::new(t, "ssm", errs);
+        let batch_window = f.duration("batch_window", Duration::from_secs(2));
+        f.finish_section("[ssm]");
+        SsmConfig { batch_window }
+    }
+}
+
+/// `[metrics] listen`: an address, or `"off"` (or empty) for none.
+fn metrics_listen(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> Option<SocketAddr> {
+    let mut f = Fields::new(t, "metrics", errs);
+    let listen = match f.string("listen") {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        Some("" | "off") => None,
+        Some(s) => s
+            .parse()
+            .map_err(|_| {
+                f.error(
+                    "listen",
+                    format!("{s:?} is not an address:port (or \"off\")"),
+                )
+            })
+            .ok(),
+    };
+    f.finish_section("[metrics]");
+    listen
+}
+
+/// The keys a `[layers.NAME]` table may have.
+const LAYER_KEYS: &str = "groups, metadata, vars, on_failure, ssh, launch, terminate";
+
+impl Layer {
+    /// `[layers.*]`, in file order.
+    fn all_from_raw(layers: &toml::Table, errs: &mut Vec<ConfigError>) -> Vec<Layer> {
+        if layers.is_empty() {
+            errs.push(ConfigError::new(
+                "layers",
+                "no layers: add at least one [layers.NAME] table",
+            ));
+        }
+        layers
+            .iter()
+            .filter_map(|(name, value)| Layer::from_raw(name, value, errs))
+            .collect()
+    }
+
+    /// `[layers.NAME]`; None when it is not even a table.
+    fn from_raw(name: &str, value: &toml::Value, errs: &mut Vec<ConfigError>) -> Option<Layer> {
+        let key = format!("layers.{name}");
+        if !valid_layer_name(name) {
+            errs.push(ConfigError::new(
+                &key,
+                "layer names are letters, digits, '-' and '_'",
+            ));
+        }
+        let Some(t) = value.as_table() else {
+            errs.push(ConfigError::new(
+                &key,
+                format!("must be a table with keys {LAYER_KEYS}"),
+            ));
+            return None;
+        };
+        let mut f = Fields::new(Some(t), key.as_str(), errs);
+        let groups = layer_groups(&mut f);
+        let metadata = layer_metadata(&mut f);
+        let vars = layer_vars(&mut f);
+        let on_failure = match f.string("on_failure") {
+            None | Some("abandon") => HookResult::Abandon,
+            Some("continue") => HookResult::Continue,
+            Some(other) => {
+                f.error(
+                    "on_failure",
+                    format!("{other:?} is not a result; expected \"abandon\" or \"continue\""),
+                );
+                HookResult::Abandon
+            }
+        };
+        let ssh = match f.value("ssh") {
+            Some(v) => LayerSsh::parse(v, &f.key("ssh"), f.errors()),
+            None => LayerSsh::default(),
+        };
+        let launch = layer_steps(&mut f, "launch", &vars);
+        let terminate = layer_steps(&mut f, "terminate", &vars);
+        f.finish(&format!(
+            "unknown key in a layer; expected one of: {LAYER_KEYS}"
+        ));
+        Some(Layer {
+            name: name.to_string(),
+            vars,
+            matcher: Matcher { groups, metadata },
+            on_failure,
+            ssh,
+            launch,
+            terminate,
+        })
     }
 }
 
@@ -592,88 +519,79 @@ fn valid_layer_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn validate_layer(name: String, key: &str, rl: RawLayer, errs: &mut Vec<ConfigError>) -> Layer {
-    let groups: Vec<Glob> = match rl.groups {
-        Some(g) if !g.is_empty() => g.iter().map(|s| Glob::new(s)).collect(),
-        _ => {
-            errs.push(ConfigError::new(
-                format!("{key}.groups"),
+fn layer_groups(f: &mut Fields<'_>) -> Vec<Glob> {
+    let list = f.value("groups").and_then(|v| v.as_array());
+    match list.filter(|l| !l.is_empty() && l.iter().all(toml::Value::is_str)) {
+        Some(l) => l.iter().filter_map(|g| g.as_str()).map(Glob::new).collect(),
+        None => {
+            f.error(
+                "groups",
                 "missing: a list of Auto Scaling group name globs, e.g. [\"web-*\"]",
-            ));
+            );
             Vec::new()
         }
+    }
+}
+
+fn layer_metadata(f: &mut Fields<'_>) -> BTreeMap<String, Glob> {
+    let mut metadata = BTreeMap::new();
+    let Some(t) = f.with("metadata", |v| {
+        v.as_table()
+            .ok_or_else(|| "must be a table of KEY = \"glob\"".to_string())
+    }) else {
+        return metadata;
     };
-    let mut metadata = std::collections::BTreeMap::new();
-    for (k, v) in rl.metadata {
+    for (k, v) in t {
         match v.as_str() {
             Some(s) => {
-                metadata.insert(k, Glob::new(s));
+                metadata.insert(k.clone(), Glob::new(s));
             }
-            None => errs.push(ConfigError::new(
-                format!("{key}.metadata.{k}"),
-                "must be a string glob",
-            )),
+            None => f.error(&format!("metadata.{k}"), "must be a string glob"),
         }
     }
+    metadata
+}
+
+fn layer_vars(f: &mut Fields<'_>) -> Vars {
     let mut vars = Vars::default();
-    for (k, v) in rl.vars {
-        let vk = format!("{key}.vars.{k}");
+    let Some(t) = f.with("vars", |v| {
+        v.as_table()
+            .ok_or_else(|| "must be a table of KEY = \"pattern\"".to_string())
+    }) else {
+        return vars;
+    };
+    for (k, v) in t {
+        let vk = format!("vars.{k}");
         match v.as_str().map(Pattern::new) {
-            Some(Ok(p)) => vars.insert(k, p),
-            Some(Err(e)) => errs.push(ConfigError::new(vk, format!("not a valid pattern: {e}"))),
-            None => errs.push(ConfigError::new(
-                vk,
-                "must be a pattern string, e.g. \"[a-z0-9-]{1,32}\"",
+            Some(Ok(p)) => vars.insert(k.clone(), p),
+            Some(Err(e)) => f.error(&vk, format!("not a valid pattern: {e}")),
+            None => f.error(&vk, "must be a pattern string, e.g. \"[a-z0-9-]{1,32}\""),
+        }
+    }
+    vars
+}
+
+/// `launch` or `terminate`: a list of step tables, each parsed by the step it names.
+fn layer_steps(f: &mut Fields<'_>, which: &'static str, vars: &Vars) -> Vec<Step> {
+    let Some(list) = f.with(which, |v| {
+        v.as_array()
+            .ok_or_else(|| "must be a list of steps: [ { KIND = ... }, ... ]".to_string())
+    }) else {
+        return Vec::new();
+    };
+    let mut steps = Vec::new();
+    for (i, v) in list.iter().enumerate() {
+        let key = format!("{}[{i}]", f.key(which));
+        match v.as_table().map(|t| step::parse(t, &key, vars)) {
+            Some(Ok(s)) => steps.push(s),
+            Some(Err(e)) => f.errors().extend(e),
+            None => f.errors().push(ConfigError::new(
+                key,
+                "must be a step table, e.g. { tag = { Name = \"web\" } }",
             )),
         }
     }
-    let on_failure = hook_result(
-        &format!("{key}.on_failure"),
-        rl.on_failure.as_deref(),
-        HookResult::Abandon,
-        errs,
-    );
-    let steps = |list: Vec<toml::Table>, which: &str, errs: &mut Vec<ConfigError>| -> Vec<Step> {
-        list.into_iter()
-            .enumerate()
-            .filter_map(|(i, t)| {
-                step::parse(&t, &format!("{key}.{which}[{i}]"), &vars)
-                    .map_err(|e| errs.extend(e))
-                    .ok()
-            })
-            .collect()
-    };
-    let ssh = rl
-        .ssh
-        .map(|v| crate::remote::LayerSsh::parse(&v, &format!("{key}.ssh"), errs))
-        .unwrap_or_default();
-    let launch = steps(rl.launch, "launch", errs);
-    let terminate = steps(rl.terminate, "terminate", errs);
-    Layer {
-        name,
-        vars,
-        matcher: Matcher { groups, metadata },
-        on_failure,
-        ssh,
-        launch,
-        terminate,
-    }
-}
-
-fn default_state_path() -> PathBuf {
-    // systemd's StateDirectory= sets this; prefer it over the compiled-in default.
-    match systemd_directory("STATE_DIRECTORY") {
-        Some(d) => d.join("state.db"),
-        None => PathBuf::from(DEFAULT_STATE_PATH),
-    }
-}
-
-/// The first directory of a systemd `*_DIRECTORY` variable (StateDirectory=,
-/// RuntimeDirectory=, ...: colon-separated when the unit names several).
-pub fn systemd_directory(var: &str) -> Option<PathBuf> {
-    let d = std::env::var_os(var).filter(|d| !d.is_empty())?;
-    let first = d.to_string_lossy().split(':').next()?.to_string();
-    (!first.is_empty()).then(|| PathBuf::from(first))
+    steps
 }
 
 #[cfg(test)]
@@ -784,7 +702,7 @@ launch = [ { ansible = "app.yml" }, { ssh = ["true"] } ]
 "#;
         let c = Config::parse_in(text, "t", Path::new("/etc/provision")).unwrap();
         assert_eq!(c.ssh.user, "admin");
-        assert_eq!(c.ssh.host_key_check, crate::remote::HostKeyCheck::AcceptNew);
+        assert_eq!(c.ssh.host_key_check, crate::ssh::HostKeyCheck::AcceptNew);
         assert_eq!(
             c.ansible.playbook_dir,
             PathBuf::from("/etc/provision/books")
@@ -797,6 +715,55 @@ launch = [ { ansible = "app.yml" }, { ssh = ["true"] } ]
         let e = Config::parse(&bad, "t").unwrap_err();
         let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["layers.app.ssh.port", "layers.app.ssh.shell"], "{e}");
+    }
+
+    #[test]
+    fn the_state_path_defaults_to_the_state_directory_of_the_snapshot() {
+        let text = "[queue]\nurl = \"https://x/123456789012/q\"\n[layers.a]\ngroups = [\"*\"]\n";
+        let env = Env {
+            state_directory: Some(PathBuf::from("/var/lib/provision-test")),
+            ..Env::default()
+        };
+        let c = Config::parse_with(text, "t", Path::new("."), &env).unwrap();
+        assert_eq!(
+            c.state.path,
+            PathBuf::from("/var/lib/provision-test/state.db")
+        );
+        let c = Config::parse_with(text, "t", Path::new("."), &Env::default()).unwrap();
+        assert_eq!(c.state.path, PathBuf::from(DEFAULT_STATE_PATH));
+    }
+
+    #[test]
+    fn the_config_path_comes_from_the_flag_then_the_snapshot() {
+        let env = Env {
+            config_path: Some(PathBuf::from("/srv/p.toml")),
+            ..Env::default()
+        };
+        let flag = Path::new("/etc/other.toml");
+        assert_eq!(resolve_path_in(Some(flag), &env), flag);
+        assert_eq!(resolve_path_in(None, &env), PathBuf::from("/srv/p.toml"));
+        assert_eq!(
+            resolve_path_in(None, &Env::default()),
+            PathBuf::from(DEFAULT_PATH)
+        );
+    }
+
+    #[test]
+    fn a_wrong_key_in_a_section_is_named_with_its_section_and_the_rest_still_checked() {
+        let text = "[queue]\nurl = \"https://x/123456789012/q\"\nnmae = 1\nwait_time = \"1y\"\n[daemon]\nunmatched = \"drop\"\n[layers.a]\ngroups = [\"*\"]\n";
+        let e = Config::parse(text, "t").unwrap_err();
+        let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["queue.wait_time", "queue.nmae", "daemon.unmatched"],
+            "{e}"
+        );
+        assert!(
+            e.errors[1]
+                .message
+                .starts_with("unknown key in [queue]; expected one of: url, "),
+            "{e}"
+        );
     }
 
     #[test]

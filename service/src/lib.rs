@@ -6,11 +6,14 @@
 //! One concept a file; data flows top to bottom:
 //!
 //! - [`event`]: message body -> lifecycle event, skip or reject. Pure.
+//! - [`setting`]: config errors with their key, the duration parser, the field reader and
+//!   the environment snapshot every section is read with. A leaf.
 //! - [`config`]: TOML -> validated [`config::Config`] (layers, steps, queue, ...).
 //! - [`layer`]: which layer an event belongs to; `{field}` templates.
 //! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`, `ssh`, `ansible`), one
 //!   file each, and the gathering of instances into shared batched calls.
-//! - [`remote`]: reaching an instance over SSH: address, readiness, verified host keys.
+//! - [`ssh`]: reaching an instance over SSH: settings, host keys, known_hosts, reach.
+//! - [`poll`]: polling with a growing delay until a deadline.
 //! - [`secret`]: the vault password and other secrets; keeping them out of argv, children's
 //!   environments and logs.
 //! - [`pipeline`]: one event: claim -> steps -> complete hook -> notify.
@@ -46,9 +49,11 @@ pub mod lease;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
-pub mod remote;
+pub mod poll;
 pub mod secret;
+pub mod setting;
 pub mod shutdown;
+pub mod ssh;
 pub mod step;
 pub mod store;
 pub mod systemd;

@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::config::ConfigError;
+use crate::setting::{ConfigError, Env};
 
 /// A secret value. Never printed, never compared in logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -93,9 +93,15 @@ impl Source {
 
 /// The path of a systemd credential, or why it cannot be used.
 pub fn credential_path(name: &str) -> Result<PathBuf, String> {
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(dir) if !dir.is_empty() => Ok(Path::new(&dir).join(name)),
-        _ => Err(format!(
+    credential_path_in(Env::from_process().credentials_directory.as_deref(), name)
+}
+
+/// The path of a systemd credential in `dir` (`$CREDENTIALS_DIRECTORY`), or why it cannot
+/// be used.
+pub fn credential_path_in(dir: Option<&Path>, name: &str) -> Result<PathBuf, String> {
+    match dir {
+        Some(dir) => Ok(dir.join(name)),
+        None => Err(format!(
             "credential {name:?}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={name}:PATH, or set it to a directory holding a file {name:?})"
         )),
     }

@@ -124,7 +124,7 @@ pub struct Parts {
     pub publisher: Option<Batcher<String>>,
     pub stats: Arc<Stats>,
     /// SSH reach and the Ansible runner, when the config has SSH steps.
-    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub remote: Option<Arc<crate::ssh::Remote>>,
     pub ansible: Option<Arc<crate::step::ansible::Runner>>,
 }
 

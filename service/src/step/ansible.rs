@@ -4,7 +4,7 @@
 //! { ansible = "web.yml", vars = { role = "{metadata.role}" }, timeout = "30m" }
 //! ```
 //!
-//! Each instance is first reached over SSH ([`crate::remote`]: running, address, verified
+//! Each instance is first reached over SSH ([`crate::ssh`]: running, address, verified
 //! host key, server accepting). Instances that then reach the same playbook with the same
 //! rendered `vars` within `ansible.batch_window` share ONE `ansible-playbook` run (up to
 //! `ansible.max_batch`) over a generated inventory; each gets its own result from the
@@ -36,10 +36,10 @@ use tokio::io::AsyncReadExt as _;
 use tracing::{info, warn};
 
 use crate::cache::TtlCache;
-use crate::config::ConfigError;
 use crate::layer::{Context, Template, Vars};
-use crate::remote::{Remote, Target};
 use crate::secret::{Secret, SecretFile, Source};
+use crate::setting::ConfigError;
+use crate::ssh::{Remote, Target};
 
 use super::gather::Gather;
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
@@ -112,7 +112,7 @@ impl AnsibleSettings {
                         }
                         _ => errs.push(ConfigError::new(&key, "must be a path")),
                     },
-                    "batch_window" => match v.as_str().map(humantime::parse_duration) {
+                    "batch_window" => match v.as_str().map(crate::setting::parse_duration) {
                         Some(Ok(d)) => s.batch_window = d,
                         _ => errs.push(ConfigError::new(&key, "must be a duration such as \"2s\"")),
                     },
@@ -261,7 +261,7 @@ impl Ansible {
             StepError::NotReady("Ansible is not available in this mode (no [ssh] setup)".into())
         })?;
         let remote = runner.remote.clone();
-        let (target, session) = remote.reach(ctx).await?;
+        let (target, session) = ctx.reach(&remote).await?;
         // Ansible makes its own connections; this one proved the host and its key.
         if let Err(e) = session.close().await {
             warn!(error = %e, "closing the probe SSH session");

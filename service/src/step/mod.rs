@@ -12,9 +12,10 @@ use std::time::Duration;
 use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
-use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Context, Template, Vars};
+use crate::setting::ConfigError;
+use crate::ssh::{Reach, ReachError, Remote, Target};
 
 pub mod ansible;
 pub mod gather;
@@ -79,7 +80,7 @@ pub struct StepContext<'a> {
     pub shared: &'a Shared,
     pub retry_for: Duration,
     /// The layer's ssh overrides (user, port).
-    pub ssh: &'a crate::remote::LayerSsh,
+    pub ssh: &'a crate::ssh::LayerSsh,
     /// Tells a watching operator what the step waits for (`provision <instance-id>`).
     pub note: &'a (dyn Fn(String) + Send + Sync),
 }
@@ -89,6 +90,29 @@ impl StepContext<'_> {
     /// to de-duplicate.
     pub fn note(&self, what: String) {
         (self.note)(what)
+    }
+
+    /// Reaches this event's instance over SSH (running, address, verified host key, server
+    /// accepting), bounded by `ssh.ready_timeout`; returns the open session.
+    pub async fn reach(&self, remote: &Remote) -> Result<(Target, openssh::Session), StepError> {
+        let to = Reach {
+            id: &self.template.event.instance_id,
+            layer: self.ssh,
+            lookup: &self.shared.lookup,
+            instances: self.services.instances.as_ref(),
+            note: self.note,
+        };
+        Ok(remote.reach(&to).await?)
+    }
+}
+
+impl From<ReachError> for StepError {
+    fn from(e: ReachError) -> StepError {
+        match e {
+            ReachError::NotReady(why) => StepError::NotReady(why),
+            ReachError::HostKeyRefused(why) => StepError::Remote(why),
+            ReachError::Aws(e) => StepError::Aws(e),
+        }
     }
 }
 
@@ -102,7 +126,7 @@ pub struct Shared {
     pub ow_stacks: TtlCache<String, Vec<OwStack>>,
     pub ow_layers: TtlCache<(String, String), Vec<OwLayer>>,
     /// SSH reach (None where SSH is not set up: Lambda, unit tests).
-    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub remote: Option<Arc<crate::ssh::Remote>>,
     pub ansible: Option<Arc<ansible::Runner>>,
 }
 
@@ -111,7 +135,7 @@ impl Shared {
         services: &Services,
         ssm_window: Duration,
         retry_for: Duration,
-        remote: Option<Arc<crate::remote::Remote>>,
+        remote: Option<Arc<crate::ssh::Remote>>,
         ansible: Option<Arc<ansible::Runner>>,
     ) -> Shared {
         let instances = services.instances.clone();
@@ -250,37 +274,14 @@ impl Step {
 /// Parses one step table, e.g. `{ tag = { Name = "web-{instance_id}" }, timeout = "2m" }`.
 /// Errors name the key they belong to (`layers.web.launch[0].tag.Name`).
 pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<ConfigError>> {
-    let kinds: Vec<&str> = table
-        .keys()
-        .map(String::as_str)
-        .filter(|k| KINDS.contains(k))
-        .collect();
-    let kind = match kinds.as_slice() {
-        [k] => *k,
-        [] => {
-            let found: Vec<&String> = table.keys().collect();
-            return Err(vec![ConfigError::new(
-                key,
-                format!(
-                    "no step kind among keys {found:?}; expected one of: {}",
-                    KINDS.join(", ")
-                ),
-            )]);
-        }
-        many => {
-            return Err(vec![ConfigError::new(
-                key,
-                format!("one step kind per step, found {}", many.join(" and ")),
-            )])
-        }
-    };
+    let kind = kind_of(table, key)?;
     let mut errs = Vec::new();
     let mut timeout = None;
     for (k, v) in table {
         match k.as_str() {
             k if k == kind => {}
             k if kind == "ansible" && ansible::SIBLING_KEYS.contains(&k) => {}
-            "timeout" => match v.as_str().map(humantime::parse_duration) {
+            "timeout" => match v.as_str().map(crate::setting::parse_duration) {
                 Some(Ok(d)) if !d.is_zero() => timeout = Some(d),
                 _ => errs.push(ConfigError::new(
                     format!("{key}.timeout"),
@@ -306,24 +307,7 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
     };
     match parsed {
         Ok(mut kind) if errs.is_empty() => {
-            // Steps that wait on their own deadlines get an outer bound above them, so their
-            // own (clearer) timeout message wins. For SSH steps `timeout` bounds the work
-            // once the instance is reached (ssh.ready_timeout bounds the reaching).
-            let timeout = match &mut kind {
-                StepKind::Ssh(s) => {
-                    s.timeout = timeout.unwrap_or(s.timeout);
-                    s.timeout + SSH_REACH_ALLOWANCE
-                }
-                StepKind::Ansible(a) => {
-                    a.timeout = timeout.unwrap_or(a.timeout);
-                    a.timeout + SSH_REACH_ALLOWANCE
-                }
-                StepKind::Ssm(s) => {
-                    timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
-                }
-                StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
-                StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
-            };
+            let timeout = outer_timeout(&mut kind, timeout);
             Ok(Step { kind, timeout })
         }
         Ok(_) => Err(errs),
@@ -331,6 +315,54 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
             e.append(&mut errs);
             Err(e)
         }
+    }
+}
+
+/// The one key of a step table that names its kind.
+fn kind_of<'t>(table: &'t toml::Table, key: &str) -> Result<&'t str, Vec<ConfigError>> {
+    let kinds: Vec<&str> = table
+        .keys()
+        .map(String::as_str)
+        .filter(|k| KINDS.contains(k))
+        .collect();
+    match kinds.as_slice() {
+        [k] => Ok(*k),
+        [] => {
+            let found: Vec<&String> = table.keys().collect();
+            Err(vec![ConfigError::new(
+                key,
+                format!(
+                    "no step kind among keys {found:?}; expected one of: {}",
+                    KINDS.join(", ")
+                ),
+            )])
+        }
+        many => Err(vec![ConfigError::new(
+            key,
+            format!("one step kind per step, found {}", many.join(" and ")),
+        )]),
+    }
+}
+
+/// The step's outer bound, from its `timeout` when given. Steps that wait on their own
+/// deadlines get an outer bound above them, so their own (clearer) timeout message wins.
+/// For SSH steps `timeout` bounds the work once the instance is reached (ssh.ready_timeout
+/// bounds the reaching).
+fn outer_timeout(kind: &mut StepKind, timeout: Option<Duration>) -> Duration {
+    match kind {
+        StepKind::Ssh(s) => {
+            s.timeout = timeout.unwrap_or(s.timeout);
+            s.timeout + SSH_REACH_ALLOWANCE
+        }
+        StepKind::Ansible(a) => {
+            a.timeout = timeout.unwrap_or(a.timeout);
+            a.timeout + SSH_REACH_ALLOWANCE
+        }
+        StepKind::Ssm(s) => {
+            timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
+        }
+        StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
+        StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
     }
 }
 

@@ -12,6 +12,7 @@
 //! AWS ended OpsWorks Stacks on 26 May 2024: this step serves stacks that still answer
 //! the API and migrations away from them.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,9 +20,10 @@ use tracing::info;
 
 use crate::aws::retry::{backoff, with_backoff};
 use crate::aws::{AwsError, InstanceInfo, OwInstance};
-use crate::config::ConfigError;
 use crate::event::Transition;
 use crate::layer::{Template, Vars};
+use crate::poll::{until, Pace};
+use crate::setting::{ConfigError, Fields};
 
 use super::{StepContext, StepError, StepOutput};
 
@@ -49,6 +51,52 @@ pub struct OpsWorks {
     online_timeout: Duration,
 }
 
+/// Terminate: deregisters the instance's registration with the stack, if it has one.
+async fn deregister(
+    ctx: &StepContext<'_>,
+    region: &str,
+    stack_name: &str,
+    existing: Option<OwInstance>,
+) -> Result<StepOutput, StepError> {
+    let ec2_id = &ctx.template.event.instance_id;
+    match existing {
+        Some(i) => {
+            with_backoff(ctx.retry_for, || {
+                ctx.services.opsworks.deregister(region, &i.id)
+            })
+            .await?;
+            Ok(StepOutput {
+                detail: format!(
+                    "deregistered {} ({}) from stack {stack_name:?}",
+                    i.id,
+                    i.hostname.unwrap_or_default()
+                ),
+            })
+        }
+        None => Ok(StepOutput {
+            detail: format!(
+                "{ec2_id} is not registered with stack {stack_name:?}; nothing to deregister"
+            ),
+        }),
+    }
+}
+
+/// `name_tag`: the template of the `Name` tag (`{stack}`, `{hostname}`), or `"none"`.
+fn name_tag(f: &mut Fields<'_>) -> Option<Template> {
+    let v = match f.non_empty("name_tag") {
+        None => DEFAULT_NAME_TAG,
+        Some("none") => return None,
+        Some(v) => v,
+    };
+    match Template::parse_with(v, &["stack", "hostname"]) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            f.error("name_tag", e.to_string());
+            None
+        }
+    }
+}
+
 impl OpsWorks {
     pub fn parse(
         value: &toml::Value,
@@ -62,76 +110,28 @@ impl OpsWorks {
             )]
         })?;
         let mut errs = Vec::new();
-        for k in t.keys() {
-            if !matches!(
-                k.as_str(),
-                "stack" | "layer" | "region" | "name_tag" | "online_timeout"
-            ) {
-                errs.push(ConfigError::new(
-                    format!("{key}.{k}"),
-                    "unknown key for an opsworks step",
-                ));
-            }
-        }
-        let s = |k: &str, errs: &mut Vec<ConfigError>| match t.get(k) {
-            None => None,
-            Some(toml::Value::String(v)) if !v.is_empty() => Some(v.clone()),
-            Some(_) => {
-                errs.push(ConfigError::new(
-                    format!("{key}.{k}"),
-                    "must be a non-empty string",
-                ));
-                None
-            }
-        };
-        let stack = match s("stack", &mut errs).map(|v| Template::parse(&v)) {
+        let mut f = Fields::new(Some(t), key, &mut errs);
+        let stack = match f.non_empty("stack").map(Template::parse) {
             Some(Ok(t)) => Some(t),
             Some(Err(e)) => {
-                errs.push(ConfigError::new(format!("{key}.stack"), e.to_string()));
+                f.error("stack", e.to_string());
                 None
             }
             None => {
-                errs.push(ConfigError::new(
-                    format!("{key}.stack"),
-                    "missing: the stack's name (a template)",
-                ));
+                f.error("stack", "missing: the stack's name (a template)");
                 None
             }
         };
-        let layer = s("layer", &mut errs).unwrap_or_else(|| {
-            errs.push(ConfigError::new(
-                format!("{key}.layer"),
-                "missing: the OpsWorks layer's shortname",
-            ));
+        let layer = f.non_empty("layer").map(str::to_string).unwrap_or_else(|| {
+            f.error("layer", "missing: the OpsWorks layer's shortname");
             String::new()
         });
-        let name_tag = match s("name_tag", &mut errs) {
-            None => Some(DEFAULT_NAME_TAG.to_string()),
-            Some(v) if v == "none" => None,
-            Some(v) => Some(v),
-        }
-        .and_then(|v| match Template::parse_with(&v, &["stack", "hostname"]) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                errs.push(ConfigError::new(format!("{key}.name_tag"), e.to_string()));
-                None
-            }
-        });
-        let online_timeout = match t
-            .get("online_timeout")
-            .map(|v| v.as_str().map(humantime::parse_duration))
-        {
-            None => DEFAULT_ONLINE_TIMEOUT,
-            Some(Some(Ok(d))) if !d.is_zero() => d,
-            _ => {
-                errs.push(ConfigError::new(
-                    format!("{key}.online_timeout"),
-                    "must be a duration such as \"20m\"",
-                ));
-                DEFAULT_ONLINE_TIMEOUT
-            }
-        };
-        let region = s("region", &mut errs);
+        let name_tag = name_tag(&mut f);
+        let online_timeout = f
+            .timeout("online_timeout", "20m")
+            .unwrap_or(DEFAULT_ONLINE_TIMEOUT);
+        let region = f.non_empty("region").map(str::to_string);
+        f.finish("unknown key for an opsworks step");
         match (stack, errs.is_empty()) {
             (Some(stack), true) => Ok(OpsWorks {
                 stack,
@@ -205,17 +205,7 @@ impl OpsWorks {
             .find(|i| i.ec2_instance_id.as_deref() == Some(ec2_id.as_str()));
 
         if ctx.template.event.transition == Transition::Terminate {
-            return match existing {
-                Some(i) => {
-                    with_backoff(retry, || ow.deregister(&region, &i.id)).await?;
-                    Ok(StepOutput {
-                        detail: format!("deregistered {} ({}) from stack {stack_name:?}", i.id, i.hostname.unwrap_or_default()),
-                    })
-                }
-                None => Ok(StepOutput {
-                    detail: format!("{ec2_id} is not registered with stack {stack_name:?}; nothing to deregister"),
-                }),
-            };
+            return deregister(ctx, &region, &stack_name, existing).await;
         }
 
         let layers = ctx
@@ -242,33 +232,9 @@ impl OpsWorks {
                 i
             }
             None => {
-                let hostname =
-                    with_backoff(retry, || ow.hostname_suggestion(&region, &layer.id)).await?;
-                if let Some(t) = &self.name_tag {
-                    let extra = [
-                        ("stack", stack_name.as_str()),
-                        ("hostname", hostname.as_str()),
-                    ];
-                    let name = t
-                        .render(&ctx.template.with_extra(&extra))
-                        .map_err(|e| StepError::Input(e.to_string()))?;
-                    let tags = [("Name".to_string(), name)];
-                    with_backoff(retry, || ctx.services.instances.create_tags(&ec2_id, &tags))
-                        .await?;
-                }
-                let info: InstanceInfo = ctx
-                    .shared
-                    .lookup
-                    .submit(ec2_id.clone())
-                    .await
-                    .map_err(StepError::Remote)?;
-                let id = with_backoff(retry, || ow.register(&region, &stack.id, &hostname, &info))
-                    .await?;
-                info!(opsworks_id = %id, %hostname, "registered with the stack");
-                self.wait_for(ctx, &region, &id, deadline, |s| {
-                    s != "registering" && s != "requested"
-                })
-                .await?
+                let stack = (stack_name.as_str(), stack.id.as_str());
+                self.register(ctx, &region, stack, &layer.id, deadline)
+                    .await?
             }
         };
         if !registered.layer_ids.contains(&layer.id) {
@@ -288,6 +254,41 @@ impl OpsWorks {
         })
     }
 
+    /// Registers the EC2 instance with the stack (`(name, id)`) under a suggested hostname,
+    /// tagging it `Name` first, and waits until OpsWorks has registered it.
+    async fn register(
+        &self,
+        ctx: &StepContext<'_>,
+        region: &str,
+        (stack_name, stack_id): (&str, &str),
+        layer_id: &str,
+        deadline: Instant,
+    ) -> Result<OwInstance, StepError> {
+        let (ow, retry) = (&ctx.services.opsworks, ctx.retry_for);
+        let ec2_id = &ctx.template.event.instance_id;
+        let hostname = with_backoff(retry, || ow.hostname_suggestion(region, layer_id)).await?;
+        if let Some(t) = &self.name_tag {
+            let extra = [("stack", stack_name), ("hostname", hostname.as_str())];
+            let name = t
+                .render(&ctx.template.with_extra(&extra))
+                .map_err(|e| StepError::Input(e.to_string()))?;
+            let tags = [("Name".to_string(), name)];
+            with_backoff(retry, || ctx.services.instances.create_tags(ec2_id, &tags)).await?;
+        }
+        let info: InstanceInfo = ctx
+            .shared
+            .lookup
+            .submit(ec2_id.clone())
+            .await
+            .map_err(StepError::Remote)?;
+        let id = with_backoff(retry, || ow.register(region, stack_id, &hostname, &info)).await?;
+        info!(opsworks_id = %id, %hostname, "registered with the stack");
+        self.wait_for(ctx, region, &id, deadline, |s| {
+            s != "registering" && s != "requested"
+        })
+        .await
+    }
+
     /// Polls the registration with backoff until `done(status)` or the deadline; fails
     /// early on a status that cannot lead there.
     async fn wait_for(
@@ -298,35 +299,33 @@ impl OpsWorks {
         deadline: Instant,
         done: impl Fn(&str) -> bool,
     ) -> Result<OwInstance, StepError> {
-        let mut attempt = 0;
-        loop {
+        // Jittered, so registrations started together do not poll in step.
+        let pace = Pace::with(deadline, |attempt| {
+            backoff(attempt, Duration::from_secs(2), Duration::from_secs(15))
+                .max(Duration::from_millis(500))
+        });
+        let done = &done;
+        let found = until(pace, move || async move {
             let r: Result<Option<OwInstance>, AwsError> =
                 with_backoff(ctx.retry_for, || ctx.services.opsworks.instance(region, id)).await;
-            let status = match r? {
-                Some(i) if done(&i.status) => return Ok(i),
-                Some(i) if DEAD_END.contains(&i.status.as_str()) => {
-                    return Err(StepError::Remote(format!(
-                        "OpsWorks instance {id} is {}",
-                        i.status
-                    )))
-                }
-                Some(i) => i.status,
-                None => {
-                    return Err(StepError::Remote(format!(
-                        "OpsWorks instance {id} disappeared"
-                    )))
-                }
-            };
-            if Instant::now() >= deadline {
-                return Err(StepError::NotReady(format!(
-                    "OpsWorks instance {id} still {status} after {}",
-                    humantime::format_duration(self.online_timeout)
-                )));
+            match r {
+                Err(e) => ControlFlow::Break(Err(StepError::Aws(e))),
+                Ok(Some(i)) if done(&i.status) => ControlFlow::Break(Ok(i)),
+                Ok(Some(i)) if DEAD_END.contains(&i.status.as_str()) => ControlFlow::Break(Err(
+                    StepError::Remote(format!("OpsWorks instance {id} is {}", i.status)),
+                )),
+                Ok(Some(i)) => ControlFlow::Continue(i.status),
+                Ok(None) => ControlFlow::Break(Err(StepError::Remote(format!(
+                    "OpsWorks instance {id} disappeared"
+                )))),
             }
-            let pause = backoff(attempt, Duration::from_secs(2), Duration::from_secs(15))
-                .max(Duration::from_millis(500));
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            attempt += 1;
-        }
+        })
+        .await;
+        found.unwrap_or_else(|status| {
+            Err(StepError::NotReady(format!(
+                "OpsWorks instance {id} still {status} after {}",
+                humantime::format_duration(self.online_timeout)
+            )))
+        })
     }
 }

@@ -5,7 +5,7 @@
 //! { ssh = { script = "scripts/drain.sh" }, timeout = "5m" }
 //! ```
 //!
-//! The instance is reached as for every SSH step ([`crate::remote`]), then each command runs
+//! The instance is reached as for every SSH step ([`crate::ssh`]), then each command runs
 //! in the login shell of `ssh.user`, in order, through one connection (the `openssh`
 //! crate); a script is sent on stdin to `sh -s`. A non-zero exit fails the step with the
 //! command's exit status and the end of its stderr and stdout. Commands are templates;
@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::config::ConfigError;
 use crate::layer::{Context, Template, Vars};
+use crate::setting::ConfigError;
 
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
@@ -138,7 +138,7 @@ impl Ssh {
             ctx.shared.remote.as_ref().ok_or_else(|| {
                 StepError::NotReady("SSH is not available in this mode".to_string())
             })?;
-        let (target, session) = remote.reach(ctx).await?;
+        let (target, session) = ctx.reach(remote).await?;
         let mut details = Vec::new();
         let mut failure = None;
         let commands = async {
@@ -174,7 +174,7 @@ impl Ssh {
                         }
                     }
                     Err(e) => {
-                        failure = Some(format!("$ {cmd}: {}", crate::remote::ssh_error_text(&e)));
+                        failure = Some(format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e)));
                         break;
                     }
                 }

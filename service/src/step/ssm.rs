@@ -23,9 +23,10 @@ use tracing::{info, warn};
 
 use crate::aws::retry::with_backoff;
 use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
-use crate::config::ConfigError;
 use crate::event::InstanceId;
 use crate::layer::{Template, Vars};
+use crate::poll::Pace;
+use crate::setting::{parse_duration, ConfigError, Fields};
 
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
@@ -55,39 +56,58 @@ pub struct Ssm {
 /// Instances share a SendCommand only when everything sent is identical.
 pub type BatchKey = (SsmCommand, Duration);
 
-fn opt_string(t: &toml::Table, k: &str, key: &str, errs: &mut Vec<ConfigError>) -> Option<String> {
-    match t.get(k) {
-        None => None,
-        Some(toml::Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(_) => {
-            errs.push(ConfigError::new(
-                format!("{key}.{k}"),
-                "must be a non-empty string",
-            ));
-            None
+/// `parameters = { NAME = "value" or ["values"] }`: each value a template.
+fn parameters(f: &mut Fields<'_>, vars: &Vars) -> Vec<(String, Vec<Template>)> {
+    let mut parameters = Vec::new();
+    let Some(p) = f.with("parameters", |v| {
+        v.as_table()
+            .ok_or_else(|| "must be a table of parameter names to values".to_string())
+    }) else {
+        return parameters;
+    };
+    for (name, v) in p {
+        let pk = format!("{}.{name}", f.key("parameters"));
+        let values: Vec<&str> = match v {
+            toml::Value::String(s) => vec![s.as_str()],
+            toml::Value::Array(a) if a.iter().all(|x| x.is_str()) => {
+                a.iter().filter_map(|x| x.as_str()).collect()
+            }
+            _ => {
+                f.errors().push(ConfigError::new(
+                    &pk,
+                    "must be a string or a list of strings",
+                ));
+                continue;
+            }
+        };
+        let mut templates = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            match Template::parse(v) {
+                Ok(t) => {
+                    let declared = require_declared(&t, &format!("{pk}[{i}]"), vars);
+                    f.errors().extend(declared);
+                    templates.push(t);
+                }
+                Err(e) => f
+                    .errors()
+                    .push(ConfigError::new(format!("{pk}[{i}]"), e.to_string())),
+            }
         }
+        parameters.push((name.clone(), templates));
     }
+    parameters
 }
 
-fn opt_duration(
-    t: &toml::Table,
-    k: &str,
-    key: &str,
-    default: Duration,
-    errs: &mut Vec<ConfigError>,
-) -> Duration {
-    match t.get(k) {
-        None => default,
-        Some(v) => match v.as_str().map(humantime::parse_duration) {
-            Some(Ok(d)) if !d.is_zero() => d,
-            _ => {
-                errs.push(ConfigError::new(
-                    format!("{key}.{k}"),
-                    "must be a duration such as \"10m\"",
-                ));
-                default
-            }
-        },
+/// An optional non-empty string.
+fn text<'a>(f: &mut Fields<'a>, k: &'a str) -> Option<String> {
+    f.non_empty(k).map(str::to_string)
+}
+
+/// `delivery_timeout`: SendCommand's TimeoutSeconds, 30 s to 30 days.
+fn delivery_timeout(v: &toml::Value) -> Result<i32, String> {
+    match v.as_str().map(parse_duration) {
+        Some(Ok(d)) if (30..=2_592_000).contains(&d.as_secs()) => Ok(d.as_secs() as i32),
+        _ => Err("must be a duration from 30s to 30 days".to_string()),
     }
 }
 
@@ -100,99 +120,28 @@ impl Ssm {
             )]
         })?;
         let mut errs = Vec::new();
-        for k in t.keys() {
-            if !matches!(
-                k.as_str(),
-                "document"
-                    | "parameters"
-                    | "timeout"
-                    | "online_timeout"
-                    | "delivery_timeout"
-                    | "comment"
-                    | "output_s3_bucket"
-                    | "output_s3_prefix"
-                    | "cloudwatch_log_group"
-            ) {
-                errs.push(ConfigError::new(
-                    format!("{key}.{k}"),
-                    "unknown key for an ssm step",
-                ));
-            }
-        }
-        let document = opt_string(t, "document", key, &mut errs).unwrap_or_else(|| {
-            errs.push(ConfigError::new(
-                format!("{key}.document"),
+        let mut f = Fields::new(Some(t), key, &mut errs);
+        let document = text(&mut f, "document").unwrap_or_else(|| {
+            f.error(
+                "document",
                 "missing: an SSM document name, e.g. \"AWS-RunShellScript\"",
-            ));
+            );
             String::new()
         });
-        let mut parameters = Vec::new();
-        match t.get("parameters") {
-            None => {}
-            Some(toml::Value::Table(p)) => {
-                for (name, v) in p {
-                    let pk = format!("{key}.parameters.{name}");
-                    let values: Vec<&str> = match v {
-                        toml::Value::String(s) => vec![s.as_str()],
-                        toml::Value::Array(a) if a.iter().all(|x| x.is_str()) => {
-                            a.iter().filter_map(|x| x.as_str()).collect()
-                        }
-                        _ => {
-                            errs.push(ConfigError::new(
-                                &pk,
-                                "must be a string or a list of strings",
-                            ));
-                            continue;
-                        }
-                    };
-                    let mut templates = Vec::new();
-                    for (i, v) in values.iter().enumerate() {
-                        match Template::parse(v) {
-                            Ok(t) => {
-                                errs.extend(require_declared(&t, &format!("{pk}[{i}]"), vars));
-                                templates.push(t);
-                            }
-                            Err(e) => {
-                                errs.push(ConfigError::new(format!("{pk}[{i}]"), e.to_string()))
-                            }
-                        }
-                    }
-                    parameters.push((name.clone(), templates));
-                }
-            }
-            Some(_) => errs.push(ConfigError::new(
-                format!("{key}.parameters"),
-                "must be a table of parameter names to values",
-            )),
-        }
-        let timeout = opt_duration(t, "timeout", key, DEFAULT_TIMEOUT, &mut errs);
-        let online_timeout =
-            opt_duration(t, "online_timeout", key, DEFAULT_ONLINE_TIMEOUT, &mut errs);
-        let delivery_timeout = match t.get("delivery_timeout") {
-            None => None,
-            Some(v) => match v.as_str().map(humantime::parse_duration) {
-                // SendCommand's TimeoutSeconds: 30 s to 30 days.
-                Some(Ok(d)) if (30..=2_592_000).contains(&d.as_secs()) => Some(d.as_secs() as i32),
-                _ => {
-                    errs.push(ConfigError::new(
-                        format!("{key}.delivery_timeout"),
-                        "must be a duration from 30s to 30 days",
-                    ));
-                    None
-                }
-            },
-        };
         let ssm = Ssm {
             document,
-            parameters,
-            timeout,
-            online_timeout,
-            delivery_timeout,
-            comment: opt_string(t, "comment", key, &mut errs),
-            output_s3_bucket: opt_string(t, "output_s3_bucket", key, &mut errs),
-            output_s3_prefix: opt_string(t, "output_s3_prefix", key, &mut errs),
-            cloudwatch_log_group: opt_string(t, "cloudwatch_log_group", key, &mut errs),
+            parameters: parameters(&mut f, vars),
+            timeout: f.timeout("timeout", "10m").unwrap_or(DEFAULT_TIMEOUT),
+            online_timeout: f
+                .timeout("online_timeout", "10m")
+                .unwrap_or(DEFAULT_ONLINE_TIMEOUT),
+            delivery_timeout: f.with("delivery_timeout", delivery_timeout),
+            comment: text(&mut f, "comment"),
+            output_s3_bucket: text(&mut f, "output_s3_bucket"),
+            output_s3_prefix: text(&mut f, "output_s3_prefix"),
+            cloudwatch_log_group: text(&mut f, "cloudwatch_log_group"),
         };
+        f.finish("unknown key for an ssm step");
         if errs.is_empty() {
             Ok(ssm)
         } else {
@@ -275,10 +224,10 @@ async fn run_batch(
     };
     info!(command_id = %command_id, instances = ids.len(), document = %cmd.document, "sent SSM command");
     let mut latest: HashMap<String, Invocation> = HashMap::new();
-    let mut delay = POLL_FIRST;
+    let mut pace = Pace::doubling(deadline, POLL_FIRST, POLL_MAX);
     let mut timed_out = Vec::new();
     loop {
-        tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+        pace.pause().await;
         match ssm.invocations(&command_id).await {
             Ok(list) => {
                 for inv in list {
@@ -298,7 +247,7 @@ async fn run_batch(
         if running.is_empty() {
             break;
         }
-        if Instant::now() >= deadline {
+        if pace.expired() {
             warn!(command_id = %command_id, instances = running.len(), "command timed out; cancelling it");
             if let Err(e) = with_backoff(retry_for, || ssm.cancel(&command_id, &running)).await {
                 warn!(error = %e, "CancelCommand failed");
@@ -306,7 +255,6 @@ async fn run_batch(
             timed_out = running;
             break;
         }
-        delay = (delay * 2).min(POLL_MAX);
     }
     ids.iter()
         .map(|id| {

@@ -4,8 +4,8 @@
 //! Repeating it sets the same tags again, so it is safe under redelivery.
 
 use crate::aws::retry::with_backoff;
-use crate::config::ConfigError;
 use crate::layer::Template;
+use crate::setting::ConfigError;
 
 use super::{StepContext, StepError, StepOutput};
 

@@ -1,0 +1,260 @@
+//! Reaching an instance: waiting until it is running, has the address `ssh.address` names,
+//! has published its host keys (console mode) and accepts an SSH connection with a verified
+//! key; all with backoff until `ssh.ready_timeout`.
+//!
+//! Owns the waits and their words (`i-0… was not reachable over SSH within 5m
+//! (ssh.ready_timeout): …`). Its inputs are narrow ([`Reach`]): the instance, the layer's
+//! overrides, the batched lookup, the EC2 service and a note for a watching operator; so it
+//! knows nothing of steps ([`ReachError`] becomes a step error in `step`). Not here: the
+//! ssh options ([`super::Remote`]), the key files ([`super::known_hosts`]).
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::aws::{AwsError, InstanceInfo, Instances};
+use crate::batch::Batcher;
+use crate::event::InstanceId;
+use crate::poll::{until, Pace};
+
+use super::host_keys::{console_host_keys, key_refused};
+use super::settings::{AddressMode, HostKeyCheck, LayerSsh};
+use super::{ssh_error_text, Remote};
+
+const WAIT_FIRST: Duration = Duration::from_secs(1);
+const WAIT_MAX: Duration = Duration::from_secs(10);
+const CONSOLE_WAIT_FIRST: Duration = Duration::from_secs(2);
+const CONSOLE_WAIT_MAX: Duration = Duration::from_secs(15);
+
+/// An instance ready for SSH: where to connect and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub id: InstanceId,
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+}
+
+/// What reaching one instance needs to know.
+pub struct Reach<'a> {
+    pub id: &'a InstanceId,
+    /// The layer's overrides of `[ssh]` user and port.
+    pub layer: &'a LayerSsh,
+    /// DescribeInstances, batched with every other instance asked about at once.
+    pub lookup: &'a Batcher<InstanceId, InstanceInfo>,
+    /// EC2, for the console output.
+    pub instances: &'a dyn Instances,
+    /// Tells a watching operator what is waited for (`provision <instance-id>`).
+    pub note: &'a (dyn Fn(String) + Send + Sync),
+}
+
+/// Why an instance could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReachError {
+    /// Not ready by the deadline, or never going to be (stopped, terminated).
+    #[error("{0}")]
+    NotReady(String),
+    /// The server presented a key other than the verified ones.
+    #[error("{0}")]
+    HostKeyRefused(String),
+    /// AWS refused a call for good.
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+}
+
+impl Remote {
+    /// Waits until the instance is running, has an address, its host keys are known (console
+    /// mode) and SSH accepts a connection; returns the open session. Fails at once when the
+    /// server presents a key other than the verified ones.
+    pub async fn reach(&self, to: &Reach<'_>) -> Result<(Target, openssh::Session), ReachError> {
+        let ready = self.settings.ready_timeout;
+        let deadline = Instant::now() + ready;
+        let late = |last: &str| {
+            ReachError::NotReady(format!(
+                "{} was not reachable over SSH within {} (ssh.ready_timeout): {last}",
+                to.id,
+                humantime::format_duration(ready)
+            ))
+        };
+        let address = self
+            .running_address(to, deadline)
+            .await?
+            .map_err(|w| late(&w))?;
+        let target = Target {
+            id: to.id.clone(),
+            address,
+            port: to.layer.port.unwrap_or(self.settings.port),
+            user: to
+                .layer
+                .user
+                .clone()
+                .unwrap_or_else(|| self.settings.user.clone()),
+        };
+        if self.settings.host_key_check == HostKeyCheck::Console {
+            self.console_keys(to, &target, deadline).await?.map_err(|last| {
+                late(&format!(
+                    "{last} (cloud-init prints the keys at first boot; without them the host cannot be verified)"
+                ))
+            })?;
+        }
+        let session = self
+            .ssh_accepts(to, &target, deadline)
+            .await?
+            .map_err(|w| late(&w))?;
+        Ok((target, session))
+    }
+
+    /// Running, with an address. Outer error: give up now; inner: the last reason to wait.
+    async fn running_address(
+        &self,
+        to: &Reach<'_>,
+        deadline: Instant,
+    ) -> Result<Result<String, String>, ReachError> {
+        let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
+        let found = until(pace, move || async move {
+            let last = match to.lookup.submit(to.id.clone()).await {
+                Ok(info) => match info.state.as_str() {
+                    "running" => match self.address_of(&info) {
+                        Some(a) => return ControlFlow::Break(Ok(a)),
+                        None => format!("running, but it has no {}", self.address_name()),
+                    },
+                    s @ ("shutting-down" | "terminated" | "stopping" | "stopped") => {
+                        return ControlFlow::Break(Err(ReachError::NotReady(format!(
+                            "{} is {s}; nothing to connect to",
+                            to.id
+                        ))))
+                    }
+                    s => format!("instance state is {s}"),
+                },
+                Err(e) => e,
+            };
+            (to.note)(format!("waiting for the instance: {last}"));
+            ControlFlow::Continue(last)
+        })
+        .await;
+        flip(found)
+    }
+
+    /// Reads the console until its first host key block appears, then writes the instance's
+    /// known_hosts file. Already written (an earlier step or run): nothing to do.
+    async fn console_keys(
+        &self,
+        to: &Reach<'_>,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Result<(), String>, ReachError> {
+        if self.known_hosts.file(&target.id).exists() {
+            return Ok(Ok(()));
+        }
+        let pace = Pace::doubling(deadline, CONSOLE_WAIT_FIRST, CONSOLE_WAIT_MAX);
+        let written = until(pace, move || async move {
+            (to.note)("waiting for the host keys in the console output".to_string());
+            let why = match to.instances.console_output(&target.id).await {
+                Ok(Some(text)) => match console_host_keys(&text) {
+                    Some(keys) if !keys.is_empty() => {
+                        return ControlFlow::Break(self.keep_console_keys(target, &keys))
+                    }
+                    Some(_) => "the console's host key block lists no usable key".to_string(),
+                    None => "no SSH HOST KEY KEYS block in the console output yet".to_string(),
+                },
+                Ok(None) => "the console output is empty so far".to_string(),
+                Err(e) if e.retryable => e.to_string(),
+                Err(e) => return ControlFlow::Break(Err(ReachError::Aws(e))),
+            };
+            ControlFlow::Continue(why)
+        })
+        .await;
+        flip(written)
+    }
+
+    fn keep_console_keys(&self, target: &Target, keys: &[String]) -> Result<(), ReachError> {
+        self.known_hosts.write(target, keys).map_err(|e| {
+            let file = self.known_hosts.file(&target.id);
+            ReachError::NotReady(format!("cannot write {}: {e}", file.display()))
+        })?;
+        info!(keys = keys.len(), "host keys taken from the console output");
+        Ok(())
+    }
+
+    /// SSH accepts a connection with a verified key.
+    async fn ssh_accepts(
+        &self,
+        to: &Reach<'_>,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Result<openssh::Session, String>, ReachError> {
+        let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
+        let connected = until(pace, move || async move {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = self.settings.connect_timeout.min(left);
+            (to.note)(format!(
+                "waiting for SSH on {}:{}",
+                target.address, target.port
+            ));
+            let attempt = tokio::time::timeout(
+                timeout + Duration::from_secs(5),
+                self.builder(target, timeout).connect(&target.address),
+            )
+            .await;
+            let last = match attempt {
+                Ok(Ok(session)) => {
+                    info!(address = %target.address, port = target.port, user = %target.user, "SSH is up");
+                    return ControlFlow::Break(Ok(session));
+                }
+                Ok(Err(e)) => {
+                    let text = ssh_error_text(&e);
+                    if let Some(why) = key_refused(&self.settings.host_key_check, &text, target) {
+                        return ControlFlow::Break(Err(ReachError::HostKeyRefused(why)));
+                    }
+                    format!("{}:{}: {text}", target.address, target.port)
+                }
+                Err(_) => format!(
+                    "{}:{}: connection attempt timed out",
+                    target.address, target.port
+                ),
+            };
+            ControlFlow::Continue(last)
+        })
+        .await;
+        flip(connected)
+    }
+
+    fn address_of(&self, info: &InstanceInfo) -> Option<String> {
+        match &self.settings.address {
+            AddressMode::PrivateIp => info.private_ip.clone(),
+            AddressMode::PublicIp => info.public_ip.clone(),
+            AddressMode::PrivateDns => info.private_dns.clone(),
+            AddressMode::PublicDns => info.public_dns.clone(),
+            AddressMode::Tag(k) => info.tags.get(k).cloned(),
+        }
+        .filter(|a| {
+            // Tags are instance-writable data: only a plain host name or address passes.
+            !a.is_empty()
+                && !a.starts_with('-')
+                && a.len() <= 253
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        })
+    }
+
+    fn address_name(&self) -> String {
+        match &self.settings.address {
+            AddressMode::PrivateIp => "private IP".into(),
+            AddressMode::PublicIp => "public IP".into(),
+            AddressMode::PrivateDns => "private DNS name".into(),
+            AddressMode::PublicDns => "public DNS name".into(),
+            AddressMode::Tag(k) => format!("address in tag {k:?}"),
+        }
+    }
+}
+
+/// A wait's outcome, with "give up now" outside and "still waiting at the deadline" inside.
+fn flip<T, W>(r: Result<Result<T, ReachError>, W>) -> Result<Result<T, W>, ReachError> {
+    match r {
+        Ok(Ok(t)) => Ok(Ok(t)),
+        Ok(Err(e)) => Err(e),
+        Err(w) => Ok(Err(w)),
+    }
+}
