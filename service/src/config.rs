@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::aws::HookResult;
 use crate::layer::{Glob, Matcher, Pattern, Vars};
+use crate::outcome::HookResult;
 use crate::setting::{quoted, ConfigError, Env, Fields};
 use crate::ssh::{LayerSsh, SshSettings};
 use crate::step::ansible::AnsibleSettings;

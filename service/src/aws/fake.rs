@@ -8,10 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Action, ActionCall, AwsError, HookInfo, HookResult, Hooks, InstanceInfo, Instances, Invocation,
-    Membership, OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
+    Action, ActionCall, AwsError, HookInfo, Hooks, InstanceInfo, Instances, Invocation, Membership,
+    OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
 };
 use crate::event::InstanceId;
+use crate::outcome::HookResult;
 
 #[derive(Default)]
 pub struct FakeHooks {

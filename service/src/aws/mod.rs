@@ -11,13 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::event::InstanceId;
+use crate::outcome::HookResult;
 
 #[cfg(test)]
 pub mod fake;
 pub mod retry;
 pub mod sdk;
-
-pub use crate::outcome::HookResult;
 
 /// A failed AWS call, classified once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

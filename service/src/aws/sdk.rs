@@ -13,12 +13,13 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{
-    is_retryable_code, Action, ActionCall, AwsError, BatchResult, HookInfo, HookResult, Hooks,
-    InstanceInfo, Instances, Invocation, Membership, Message, Notifier, OpsWorks, OwInstance,
-    OwLayer, OwStack, Queue, Ssm, SsmCommand,
+    is_retryable_code, Action, ActionCall, AwsError, BatchResult, HookInfo, Hooks, InstanceInfo,
+    Instances, Invocation, Membership, Message, Notifier, OpsWorks, OwInstance, OwLayer, OwStack,
+    Queue, Ssm, SsmCommand,
 };
 use crate::event::InstanceId;
 use crate::metrics::CountCalls;
+use crate::outcome::HookResult;
 
 /// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call.
 pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {

@@ -149,18 +149,36 @@ impl Pipeline {
                 return StepEnd::ActionGone;
             }
         };
-        let (outcome, detail) = match &r {
+        self.record_step(job, run_id, idx, step, description, &r, t0.elapsed(), run)
+            .instrument(span)
+            .await;
+        StepEnd::Done(r)
+    }
+
+    /// A finished step: its history row, its metrics, its progress line, its report.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_step(
+        &self,
+        job: &Job,
+        run_id: i64,
+        idx: usize,
+        step: &Step,
+        description: String,
+        r: &Result<StepOutput, StepError>,
+        elapsed: Duration,
+        run: &mut RunReport,
+    ) {
+        let (outcome, detail) = match r {
             Ok(out) => (StepOutcome::Succeeded, clip(&out.detail, DETAIL_MAX)),
             Err(e) => (StepOutcome::Failed, clip(&e.to_string(), DETAIL_MAX)),
         };
-        span.in_scope(|| match &r {
+        match r {
             Ok(_) => info!(%detail, "step succeeded"),
             Err(e) => warn!(error = %e, "step failed"),
-        });
+        }
         if let Err(e) = self.store.finish_step(run_id, idx, outcome, &detail).await {
             warn!(error = %e, "could not record step result");
         }
-        let elapsed = t0.elapsed();
         self.stats
             .step_finished(step.kind_name(), elapsed.as_secs_f64());
         job.tell(Progress::Finished {
@@ -176,6 +194,5 @@ impl Pipeline {
             detail: clip(&detail, EVENT_DETAIL_MAX),
             duration_ms: elapsed.as_millis() as u64,
         });
-        StepEnd::Done(r)
     }
 }

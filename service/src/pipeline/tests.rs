@@ -2,8 +2,9 @@
 
 use super::*;
 use crate::aws::fake::{FakeHooks, FakeInstances};
-use crate::aws::{ActionCall, AwsError, HookResult, Message};
+use crate::aws::{ActionCall, AwsError, Message};
 use crate::delivery::{Ack, Delivery, RejectPolicy};
+use crate::outcome::HookResult;
 use tokio::time::Instant;
 
 const CONFIG: &str = r#"

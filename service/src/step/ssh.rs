@@ -109,31 +109,7 @@ impl Ssh {
 
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
         // Render first: bad input fails before anything connects.
-        let work: Vec<(String, Option<Vec<u8>>)> = match &self.work {
-            Work::Commands(c) => c
-                .iter()
-                .map(|t| {
-                    t.render(&ctx.template)
-                        .map(|cmd| (cmd, None))
-                        .map_err(|e| StepError::Input(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?,
-            Work::Script(p) => {
-                let path = match (&ctx.shared.ansible, p.is_relative()) {
-                    (Some(r), true) => r
-                        .settings
-                        .playbook_dir
-                        .parent()
-                        .map(|d| d.join(p))
-                        .unwrap_or_else(|| p.clone()),
-                    _ => p.clone(),
-                };
-                let body = tokio::fs::read(&path).await.map_err(|e| {
-                    StepError::Input(format!("cannot read script {}: {e}", path.display()))
-                })?;
-                vec![("sh -s".to_string(), Some(body))]
-            }
-        };
+        let work = self.work(ctx).await?;
         let remote =
             ctx.shared.remote.as_ref().ok_or_else(|| {
                 StepError::NotReady("SSH is not available in this mode".to_string())
@@ -144,37 +120,10 @@ impl Ssh {
         let commands = async {
             for (cmd, stdin) in &work {
                 ctx.note(format!("running {cmd:?} on {}", target.address));
-                let mut c = session.raw_command(cmd);
-                c.stdout(openssh::Stdio::piped())
-                    .stderr(openssh::Stdio::piped());
-                if stdin.is_some() {
-                    c.stdin(openssh::Stdio::piped());
-                } else {
-                    c.stdin(openssh::Stdio::null());
-                }
-                let out = match stdin {
-                    None => c.output().await,
-                    Some(body) => run_with_stdin(&mut c, body).await,
-                };
-                match out {
-                    Ok(out) => {
-                        let code = out.status.code();
-                        let text = format!(
-                            "$ {cmd} -> exit {}\n{}{}",
-                            code.map(|c| c.to_string())
-                                .unwrap_or_else(|| "by signal".into()),
-                            lines("", &out.stdout),
-                            lines("stderr: ", &out.stderr)
-                        );
-                        info!(command = %cmd, exit = ?code, "ssh command finished");
-                        details.push(text.clone());
-                        if !out.status.success() {
-                            failure = Some(text);
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        failure = Some(format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e)));
+                match run_one(&session, cmd, stdin.as_deref()).await {
+                    Ok(text) => details.push(text),
+                    Err(text) => {
+                        failure = Some(text);
                         break;
                     }
                 }
@@ -196,6 +145,74 @@ impl Ssh {
                 detail: details.join("\n"),
             }),
         }
+    }
+
+    /// The commands to run, rendered, each with what goes to its stdin (a script's body).
+    async fn work(
+        &self,
+        ctx: &StepContext<'_>,
+    ) -> Result<Vec<(String, Option<Vec<u8>>)>, StepError> {
+        match &self.work {
+            Work::Commands(c) => c
+                .iter()
+                .map(|t| {
+                    t.render(&ctx.template)
+                        .map(|cmd| (cmd, None))
+                        .map_err(|e| StepError::Input(e.to_string()))
+                })
+                .collect(),
+            Work::Script(p) => {
+                let path = match (&ctx.shared.ansible, p.is_relative()) {
+                    (Some(r), true) => r
+                        .settings
+                        .playbook_dir
+                        .parent()
+                        .map(|d| d.join(p))
+                        .unwrap_or_else(|| p.clone()),
+                    _ => p.clone(),
+                };
+                let body = tokio::fs::read(&path).await.map_err(|e| {
+                    StepError::Input(format!("cannot read script {}: {e}", path.display()))
+                })?;
+                Ok(vec![("sh -s".to_string(), Some(body))])
+            }
+        }
+    }
+}
+
+/// One command over the session: its exit code and output for the history, as Ok when it
+/// succeeded and Err when it failed (or could not run).
+async fn run_one(
+    session: &openssh::Session,
+    cmd: &str,
+    stdin: Option<&[u8]>,
+) -> Result<String, String> {
+    let mut c = session.raw_command(cmd);
+    c.stdout(openssh::Stdio::piped())
+        .stderr(openssh::Stdio::piped());
+    if stdin.is_some() {
+        c.stdin(openssh::Stdio::piped());
+    } else {
+        c.stdin(openssh::Stdio::null());
+    }
+    let out = match stdin {
+        None => c.output().await,
+        Some(body) => run_with_stdin(&mut c, body).await,
+    };
+    let out = out.map_err(|e| format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e)))?;
+    let code = out.status.code();
+    let text = format!(
+        "$ {cmd} -> exit {}\n{}{}",
+        code.map(|c| c.to_string())
+            .unwrap_or_else(|| "by signal".into()),
+        lines("", &out.stdout),
+        lines("stderr: ", &out.stderr)
+    );
+    info!(command = %cmd, exit = ?code, "ssh command finished");
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
     }
 }
 
