@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use crate::aws::sdk::{self, AutoScalingHooks, SnsNotifier, SqsQueue};
 use crate::aws::{Hooks, Notifier, Queue};
-use crate::config::{Config, Layer, OnReject};
+use crate::config::{Config, OnReject};
+use crate::layer::Layer;
 use crate::metrics::{CountCalls, Stats};
 
 #[derive(Debug, Default)]

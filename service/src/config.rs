@@ -10,7 +10,6 @@
 //! Not here: the meaning of a step (`step::parse`), of `[ssh]` (`ssh::settings`) and of
 //! `[ansible]` (`step::ansible`); how a key is read and named in errors (`setting`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,12 +17,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::layer::{Glob, Matcher, Pattern, Vars};
+use crate::layer::Layer;
 use crate::outcome::HookResult;
 use crate::setting::{quoted, ConfigError, Env, Fields};
-use crate::ssh::{LayerSsh, SshSettings};
+use crate::ssh::SshSettings;
+use crate::step;
 use crate::step::ansible::AnsibleSettings;
-use crate::step::{self, Step};
 
 pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
 pub const DEFAULT_STATE_PATH: &str = "/var/lib/provision/state.db";
@@ -111,19 +110,6 @@ pub struct AwsConfig {
     pub retry_for: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct Layer {
-    pub name: String,
-    pub matcher: Matcher,
-    /// Metadata keys the steps may use, with the pattern each value must match.
-    pub vars: Vars,
-    pub on_failure: HookResult,
-    /// Overrides of `[ssh]` for this layer's instances.
-    pub ssh: LayerSsh,
-    pub launch: Vec<Step>,
-    pub terminate: Vec<Step>,
-}
-
 impl Config {
     /// Whether any layer has a step that connects over SSH (ssh, ansible).
     pub fn uses_ssh(&self) -> bool {
@@ -140,15 +126,6 @@ impl Config {
         match self.state.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
-        }
-    }
-}
-
-impl Layer {
-    pub fn steps(&self, transition: crate::event::Transition) -> &[Step] {
-        match transition {
-            crate::event::Transition::Launch => &self.launch,
-            crate::event::Transition::Terminate => &self.terminate,
         }
     }
 }
@@ -439,159 +416,6 @@ fn metrics_listen(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> Optio
     };
     f.finish_section("[metrics]");
     listen
-}
-
-/// The keys a `[layers.NAME]` table may have.
-const LAYER_KEYS: &str = "groups, metadata, vars, on_failure, ssh, launch, terminate";
-
-impl Layer {
-    /// `[layers.*]`, in file order.
-    fn all_from_raw(layers: &toml::Table, errs: &mut Vec<ConfigError>) -> Vec<Layer> {
-        if layers.is_empty() {
-            errs.push(ConfigError::new(
-                "layers",
-                "no layers: add at least one [layers.NAME] table",
-            ));
-        }
-        layers
-            .iter()
-            .filter_map(|(name, value)| Layer::from_raw(name, value, errs))
-            .collect()
-    }
-
-    /// `[layers.NAME]`; None when it is not even a table.
-    fn from_raw(name: &str, value: &toml::Value, errs: &mut Vec<ConfigError>) -> Option<Layer> {
-        let key = format!("layers.{name}");
-        if !valid_layer_name(name) {
-            errs.push(ConfigError::new(
-                &key,
-                "layer names are letters, digits, '-' and '_'",
-            ));
-        }
-        let Some(t) = value.as_table() else {
-            errs.push(ConfigError::new(
-                &key,
-                format!("must be a table with keys {LAYER_KEYS}"),
-            ));
-            return None;
-        };
-        let mut f = Fields::new(Some(t), key.as_str(), errs);
-        let groups = layer_groups(&mut f);
-        let metadata = layer_metadata(&mut f);
-        let vars = layer_vars(&mut f);
-        let on_failure = match f.string("on_failure") {
-            None | Some("abandon") => HookResult::Abandon,
-            Some("continue") => HookResult::Continue,
-            Some(other) => {
-                f.error(
-                    "on_failure",
-                    format!("{other:?} is not a result; expected \"abandon\" or \"continue\""),
-                );
-                HookResult::Abandon
-            }
-        };
-        let ssh = match f.value("ssh") {
-            Some(v) => LayerSsh::parse(v, &f.key("ssh"), f.errors()),
-            None => LayerSsh::default(),
-        };
-        let launch = layer_steps(&mut f, "launch", &vars);
-        let terminate = layer_steps(&mut f, "terminate", &vars);
-        f.finish(&format!(
-            "unknown key in a layer; expected one of: {LAYER_KEYS}"
-        ));
-        Some(Layer {
-            name: name.to_string(),
-            vars,
-            matcher: Matcher { groups, metadata },
-            on_failure,
-            ssh,
-            launch,
-            terminate,
-        })
-    }
-}
-
-fn valid_layer_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn layer_groups(f: &mut Fields<'_>) -> Vec<Glob> {
-    let list = f.value("groups").and_then(|v| v.as_array());
-    match list.filter(|l| !l.is_empty() && l.iter().all(toml::Value::is_str)) {
-        Some(l) => l.iter().filter_map(|g| g.as_str()).map(Glob::new).collect(),
-        None => {
-            f.error(
-                "groups",
-                "missing: a list of Auto Scaling group name globs, e.g. [\"web-*\"]",
-            );
-            Vec::new()
-        }
-    }
-}
-
-fn layer_metadata(f: &mut Fields<'_>) -> BTreeMap<String, Glob> {
-    let mut metadata = BTreeMap::new();
-    let Some(t) = f.with("metadata", |v| {
-        v.as_table()
-            .ok_or_else(|| "must be a table of KEY = \"glob\"".to_string())
-    }) else {
-        return metadata;
-    };
-    for (k, v) in t {
-        match v.as_str() {
-            Some(s) => {
-                metadata.insert(k.clone(), Glob::new(s));
-            }
-            None => f.error(&format!("metadata.{k}"), "must be a string glob"),
-        }
-    }
-    metadata
-}
-
-fn layer_vars(f: &mut Fields<'_>) -> Vars {
-    let mut vars = Vars::default();
-    let Some(t) = f.with("vars", |v| {
-        v.as_table()
-            .ok_or_else(|| "must be a table of KEY = \"pattern\"".to_string())
-    }) else {
-        return vars;
-    };
-    for (k, v) in t {
-        let vk = format!("vars.{k}");
-        match v.as_str().map(Pattern::new) {
-            Some(Ok(p)) => vars.insert(k.clone(), p),
-            Some(Err(e)) => f.error(&vk, format!("not a valid pattern: {e}")),
-            None => f.error(&vk, "must be a pattern string, e.g. \"[a-z0-9-]{1,32}\""),
-        }
-    }
-    vars
-}
-
-/// `launch` or `terminate`: a list of step tables, each parsed by the step it names.
-fn layer_steps(f: &mut Fields<'_>, which: &'static str, vars: &Vars) -> Vec<Step> {
-    let Some(list) = f.with(which, |v| {
-        v.as_array()
-            .ok_or_else(|| "must be a list of steps: [ { KIND = ... }, ... ]".to_string())
-    }) else {
-        return Vec::new();
-    };
-    let mut steps = Vec::new();
-    for (i, v) in list.iter().enumerate() {
-        let key = format!("{}[{i}]", f.key(which));
-        match v.as_table().map(|t| step::parse(t, &key, vars)) {
-            Some(Ok(s)) => steps.push(s),
-            Some(Err(e)) => f.errors().extend(e),
-            None => f.errors().push(ConfigError::new(
-                key,
-                "must be a step table, e.g. { tag = { Name = \"web\" } }",
-            )),
-        }
-    }
-    steps
 }
 
 #[cfg(test)]

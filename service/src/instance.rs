@@ -19,8 +19,9 @@ use crate::app::App;
 use crate::aws::retry::with_backoff;
 use crate::aws::{Action, HookInfo};
 use crate::clock::now_ms;
-use crate::config::{Config, Layer};
+use crate::config::Config;
 use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Transition};
+use crate::layer::Layer;
 use crate::pipeline::{Job, Pipeline, Progress, RunReport};
 
 #[derive(Debug, Clone)]

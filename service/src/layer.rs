@@ -1,308 +1,44 @@
-//! Which layer an event belongs to, and the templates that build names from an event.
+//! Layers: which layer an event belongs to, and what it runs.
 //!
-//! Owns glob matching on group names and metadata, and `{field}` templates: parsed once when
-//! the config is loaded (so a typo is a config error, not a 3 a.m. failure), rendered per
-//! event. Does not own the steps a layer runs (see `step`).
+//! Owns the `[layers.NAME]` tables (a [`Layer`] is its matcher, its declared metadata vars,
+//! its failure result, its ssh overrides and its launch and terminate steps) and routing: an
+//! event belongs to the first layer whose [`Matcher`] accepts it. What a step does is the
+//! step's business ([`crate::step`]); filling `{field}` templates is [`crate::template`]'s.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use crate::event::LifecycleEvent;
-
-/// The fields a template may name. `metadata.KEY` reads the event's JSON NotificationMetadata.
-pub const TEMPLATE_FIELDS: &[&str] = &[
-    "instance_id",
-    "group",
-    "hook",
-    "layer",
-    "transition",
-    "metadata.KEY",
-];
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    Lit(String),
-    InstanceId,
-    Group,
-    Hook,
-    Layer,
-    Transition,
-    Metadata(String),
-    /// A field only one step kind provides (e.g. the opsworks step's `{hostname}`).
-    Extra(String),
-}
-
-/// A layer's declared variables: the NotificationMetadata keys its steps may use, each with
-/// the pattern a value must match in full. Metadata is untrusted; this is its only way into
-/// a command, a playbook or a document parameter.
-#[derive(Debug, Clone, Default)]
-pub struct Vars(BTreeMap<String, Pattern>);
+use crate::event::{LifecycleEvent, Transition};
+use crate::outcome::HookResult;
+use crate::setting::{ConfigError, Fields};
+use crate::ssh::LayerSsh;
+use crate::step::{self, Step};
+use crate::template::{Pattern, Vars};
 
 #[derive(Debug, Clone)]
-pub struct Pattern {
-    source: String,
-    re: regex_lite::Regex,
+pub struct Layer {
+    pub name: String,
+    pub matcher: Matcher,
+    /// Metadata keys the steps may use, with the pattern each value must match.
+    pub vars: Vars,
+    pub on_failure: HookResult,
+    /// Overrides of `[ssh]` for this layer's instances.
+    pub ssh: LayerSsh,
+    pub launch: Vec<Step>,
+    pub terminate: Vec<Step>,
 }
 
-impl Pattern {
-    pub fn new(source: &str) -> Result<Pattern, String> {
-        regex_lite::Regex::new(&format!("^(?:{source})$"))
-            .map(|re| Pattern {
-                source: source.to_string(),
-                re,
-            })
-            .map_err(|e| e.to_string())
-    }
-
-    pub fn matches(&self, value: &str) -> bool {
-        self.re.is_match(value)
-    }
-
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-}
-
-impl Vars {
-    pub fn insert(&mut self, key: String, pattern: Pattern) {
-        self.0.insert(key, pattern);
-    }
-
-    pub fn get(&self, key: &str) -> Option<&Pattern> {
-        self.0.get(key)
-    }
-
-    pub fn is_declared(&self, key: &str) -> bool {
-        self.0.contains_key(key)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Pattern)> {
-        self.0.iter().map(|(k, p)| (k.as_str(), p))
-    }
-}
-
-/// A string with `{field}` placeholders; `{{` and `}}` are literal braces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
-    source: String,
-    pieces: Vec<Piece>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
-    #[error("unclosed '{{' in {0:?} (write '{{{{' for a literal brace)")]
-    Unclosed(String),
-    #[error("stray '}}' in {0:?} (write '}}}}' for a literal brace)")]
-    Stray(String),
-    #[error("unknown field {{{field}}} in {template:?}; known: {known}", known = known_fields())]
-    UnknownField { field: String, template: String },
-}
-
-fn known_fields() -> String {
-    TEMPLATE_FIELDS
-        .iter()
-        .map(|f| format!("{{{f}}}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Rendering failed: the event lacks what the template asks for, or offers a value the
-/// layer does not allow.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RenderError {
-    #[error("template {template:?} needs metadata key {key:?}, but the event has {has}")]
-    MissingMetadata {
-        template: String,
-        key: String,
-        has: String,
-    },
-    #[error("metadata {key} = {value:?} does not match the layer's pattern {pattern:?}: rejected, nothing was run with it")]
-    Disallowed {
-        key: String,
-        value: String,
-        pattern: String,
-    },
-    #[error("template {template:?} needs {{{field}}}, which this step does not provide")]
-    MissingExtra { template: String, field: String },
-}
-
-impl Template {
-    pub fn parse(source: &str) -> Result<Self, TemplateError> {
-        Self::parse_with(source, &[])
-    }
-
-    /// Parses a template that may also name the step-specific fields in `extra`.
-    pub fn parse_with(source: &str, extra: &[&str]) -> Result<Self, TemplateError> {
-        let mut pieces = Vec::new();
-        let mut lit = String::new();
-        let mut chars = source.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' if chars.peek() == Some(&'{') => {
-                    chars.next();
-                    lit.push('{');
-                }
-                '}' if chars.peek() == Some(&'}') => {
-                    chars.next();
-                    lit.push('}');
-                }
-                '}' => return Err(TemplateError::Stray(source.to_string())),
-                '{' => {
-                    let mut name = String::new();
-                    loop {
-                        match chars.next() {
-                            Some('}') => break,
-                            Some(c) => name.push(c),
-                            None => return Err(TemplateError::Unclosed(source.to_string())),
-                        }
-                    }
-                    if !lit.is_empty() {
-                        pieces.push(Piece::Lit(std::mem::take(&mut lit)));
-                    }
-                    let name = name.trim();
-                    if extra.contains(&name) {
-                        pieces.push(Piece::Extra(name.to_string()));
-                    } else {
-                        pieces.push(field(name, source)?);
-                    }
-                }
-                c => lit.push(c),
-            }
-        }
-        if !lit.is_empty() {
-            pieces.push(Piece::Lit(lit));
-        }
-        Ok(Self {
-            source: source.to_string(),
-            pieces,
-        })
-    }
-
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    /// Metadata keys this template reads.
-    pub fn metadata_keys(&self) -> impl Iterator<Item = &str> {
-        self.pieces.iter().filter_map(|p| match p {
-            Piece::Metadata(k) => Some(k.as_str()),
-            _ => None,
-        })
-    }
-
-    /// True when the template reads names the message carries ({group}, {hook}): data that
-    /// is validated only against control characters, never fit for a command line.
-    pub fn reads_message_names(&self) -> bool {
-        self.pieces
-            .iter()
-            .any(|p| matches!(p, Piece::Group | Piece::Hook))
-    }
-
-    /// The longest text the template contributes by itself (placeholders count as empty).
-    pub fn literal_len(&self) -> usize {
-        self.pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Lit(s) => s.chars().count(),
-                _ => 0,
-            })
-            .sum()
-    }
-
-    pub fn render(&self, ctx: &Context<'_>) -> Result<String, RenderError> {
-        let mut out = String::new();
-        for piece in &self.pieces {
-            match piece {
-                Piece::Lit(s) => out.push_str(s),
-                Piece::InstanceId => out.push_str(ctx.event.instance_id.as_str()),
-                Piece::Group => out.push_str(&ctx.event.group),
-                Piece::Hook => out.push_str(&ctx.event.hook),
-                Piece::Layer => out.push_str(ctx.layer),
-                Piece::Transition => out.push_str(ctx.event.transition.as_str()),
-                Piece::Metadata(key) => match ctx.event.metadata.get(key) {
-                    Some(v) => {
-                        if let Some(p) = ctx.vars.get(key) {
-                            if !p.matches(&v) {
-                                return Err(RenderError::Disallowed {
-                                    key: key.clone(),
-                                    value: v.chars().take(80).collect(),
-                                    pattern: p.source.clone(),
-                                });
-                            }
-                        }
-                        out.push_str(&v)
-                    }
-                    None => {
-                        return Err(RenderError::MissingMetadata {
-                            template: self.source.clone(),
-                            key: key.clone(),
-                            has: ctx.event.metadata.describe().to_string(),
-                        })
-                    }
-                },
-                Piece::Extra(name) => match ctx.extra.iter().find(|(k, _)| k == name) {
-                    Some((_, v)) => out.push_str(v),
-                    None => {
-                        return Err(RenderError::MissingExtra {
-                            template: self.source.clone(),
-                            field: name.clone(),
-                        })
-                    }
-                },
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl fmt::Display for Template {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.source)
-    }
-}
-
-fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
-    Ok(match name {
-        "instance_id" => Piece::InstanceId,
-        "group" => Piece::Group,
-        "hook" => Piece::Hook,
-        "layer" => Piece::Layer,
-        "transition" => Piece::Transition,
-        _ => match name.strip_prefix("metadata.") {
-            Some(key) if !key.is_empty() => Piece::Metadata(key.to_string()),
-            _ => {
-                return Err(TemplateError::UnknownField {
-                    field: name.to_string(),
-                    template: source.to_string(),
-                })
-            }
-        },
-    })
-}
-
-/// What a template is rendered against.
-#[derive(Debug, Clone, Copy)]
-pub struct Context<'a> {
-    pub event: &'a LifecycleEvent,
-    pub layer: &'a str,
-    pub vars: &'a Vars,
-    /// Values of step-specific fields (`Template::parse_with`).
-    pub extra: &'a [(&'a str, &'a str)],
-}
-
-impl<'a> Context<'a> {
-    pub fn new(event: &'a LifecycleEvent, layer: &'a str, vars: &'a Vars) -> Self {
-        Context {
-            event,
-            layer,
-            vars,
-            extra: &[],
+impl Layer {
+    pub fn steps(&self, transition: Transition) -> &[Step] {
+        match transition {
+            Transition::Launch => &self.launch,
+            Transition::Terminate => &self.terminate,
         }
     }
+}
 
-    pub fn with_extra(self, extra: &'a [(&'a str, &'a str)]) -> Self {
-        Context { extra, ..self }
-    }
+/// The first layer whose matcher accepts the event.
+pub fn route<'a>(layers: &'a [Layer], event: &LifecycleEvent) -> Option<&'a Layer> {
+    layers.iter().find(|l| l.matcher.matches(event))
 }
 
 /// A shell-style glob: `*` any run of characters, `?` one character, everything else literal.
@@ -363,108 +99,174 @@ impl Matcher {
     }
 }
 
+/// The keys a `[layers.NAME]` table may have.
+const LAYER_KEYS: &str = "groups, metadata, vars, on_failure, ssh, launch, terminate";
+
+impl Layer {
+    /// `[layers.*]`, in file order.
+    pub(crate) fn all_from_raw(layers: &toml::Table, errs: &mut Vec<ConfigError>) -> Vec<Layer> {
+        if layers.is_empty() {
+            errs.push(ConfigError::new(
+                "layers",
+                "no layers: add at least one [layers.NAME] table",
+            ));
+        }
+        layers
+            .iter()
+            .filter_map(|(name, value)| Layer::from_raw(name, value, errs))
+            .collect()
+    }
+
+    /// `[layers.NAME]`; None when it is not even a table.
+    fn from_raw(name: &str, value: &toml::Value, errs: &mut Vec<ConfigError>) -> Option<Layer> {
+        let key = format!("layers.{name}");
+        if !valid_layer_name(name) {
+            errs.push(ConfigError::new(
+                &key,
+                "layer names are letters, digits, '-' and '_'",
+            ));
+        }
+        let Some(t) = value.as_table() else {
+            errs.push(ConfigError::new(
+                &key,
+                format!("must be a table with keys {LAYER_KEYS}"),
+            ));
+            return None;
+        };
+        let mut f = Fields::new(Some(t), key.as_str(), errs);
+        let groups = layer_groups(&mut f);
+        let metadata = layer_metadata(&mut f);
+        let vars = layer_vars(&mut f);
+        let on_failure = match f.string("on_failure") {
+            None | Some("abandon") => HookResult::Abandon,
+            Some("continue") => HookResult::Continue,
+            Some(other) => {
+                f.error(
+                    "on_failure",
+                    format!("{other:?} is not a result; expected \"abandon\" or \"continue\""),
+                );
+                HookResult::Abandon
+            }
+        };
+        let ssh = match f.value("ssh") {
+            Some(v) => LayerSsh::parse(v, &f.key("ssh"), f.errors()),
+            None => LayerSsh::default(),
+        };
+        let launch = layer_steps(&mut f, "launch", &vars);
+        let terminate = layer_steps(&mut f, "terminate", &vars);
+        f.finish(&format!(
+            "unknown key in a layer; expected one of: {LAYER_KEYS}"
+        ));
+        Some(Layer {
+            name: name.to_string(),
+            vars,
+            matcher: Matcher { groups, metadata },
+            on_failure,
+            ssh,
+            launch,
+            terminate,
+        })
+    }
+}
+
+fn valid_layer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn layer_groups(f: &mut Fields<'_>) -> Vec<Glob> {
+    let list = f.value("groups").and_then(|v| v.as_array());
+    match list.filter(|l| !l.is_empty() && l.iter().all(toml::Value::is_str)) {
+        Some(l) => l.iter().filter_map(|g| g.as_str()).map(Glob::new).collect(),
+        None => {
+            f.error(
+                "groups",
+                "missing: a list of Auto Scaling group name globs, e.g. [\"web-*\"]",
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn layer_metadata(f: &mut Fields<'_>) -> BTreeMap<String, Glob> {
+    let mut metadata = BTreeMap::new();
+    let Some(t) = f.with("metadata", |v| {
+        v.as_table()
+            .ok_or_else(|| "must be a table of KEY = \"glob\"".to_string())
+    }) else {
+        return metadata;
+    };
+    for (k, v) in t {
+        match v.as_str() {
+            Some(s) => {
+                metadata.insert(k.clone(), Glob::new(s));
+            }
+            None => f.error(&format!("metadata.{k}"), "must be a string glob"),
+        }
+    }
+    metadata
+}
+
+fn layer_vars(f: &mut Fields<'_>) -> Vars {
+    let mut vars = Vars::default();
+    let Some(t) = f.with("vars", |v| {
+        v.as_table()
+            .ok_or_else(|| "must be a table of KEY = \"pattern\"".to_string())
+    }) else {
+        return vars;
+    };
+    for (k, v) in t {
+        let vk = format!("vars.{k}");
+        match v.as_str().map(Pattern::new) {
+            Some(Ok(p)) => vars.insert(k.clone(), p),
+            Some(Err(e)) => f.error(&vk, format!("not a valid pattern: {e}")),
+            None => f.error(&vk, "must be a pattern string, e.g. \"[a-z0-9-]{1,32}\""),
+        }
+    }
+    vars
+}
+
+/// `launch` or `terminate`: a list of step tables, each parsed by the step it names.
+fn layer_steps(f: &mut Fields<'_>, which: &'static str, vars: &Vars) -> Vec<Step> {
+    let Some(list) = f.with(which, |v| {
+        v.as_array()
+            .ok_or_else(|| "must be a list of steps: [ { KIND = ... }, ... ]".to_string())
+    }) else {
+        return Vec::new();
+    };
+    let mut steps = Vec::new();
+    for (i, v) in list.iter().enumerate() {
+        let key = format!("{}[{i}]", f.key(which));
+        match v.as_table().map(|t| step::parse(t, &key, vars)) {
+            Some(Ok(s)) => steps.push(s),
+            Some(Err(e)) => f.errors().extend(e),
+            None => f.errors().push(ConfigError::new(
+                key,
+                "must be a step table, e.g. { tag = { Name = \"web\" } }",
+            )),
+        }
+    }
+    steps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{parse, Parsed};
 
     fn ev() -> LifecycleEvent {
-        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","AutoScalingGroupName":"web-prod","EC2InstanceId":"i-0123456789abcdef0","LifecycleHookName":"launch","LifecycleActionToken":"t-1","NotificationMetadata":"{\"environment\":\"production\",\"major\":3}"}"#;
-        match parse(body) {
-            Parsed::Event(e) => e,
+        let body = serde_json::json!({
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "AutoScalingGroupName": "web-prod", "LifecycleHookName": "h",
+            "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": "t",
+            "NotificationMetadata": "{\"environment\":\"production\"}",
+        });
+        match crate::event::parse(&body.to_string()) {
+            crate::event::Parsed::Event(e) => e,
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn renders_fields_and_metadata() {
-        let e = ev();
-        let vars = Vars::default();
-        let ctx = Context::new(&e, "web", &vars);
-        let t = Template::parse("v{metadata.major} {metadata.environment} {layer}/{group}/{hook}/{instance_id}/{transition} {{x}}").unwrap();
-        assert_eq!(
-            t.render(&ctx).unwrap(),
-            "v3 production web/web-prod/launch/i-0123456789abcdef0/launch {x}"
-        );
-        assert_eq!(
-            t.metadata_keys().collect::<Vec<_>>(),
-            ["major", "environment"]
-        );
-    }
-
-    #[test]
-    fn missing_metadata_names_the_key() {
-        let e = ev();
-        let vars = Vars::default();
-        let ctx = Context::new(&e, "web", &vars);
-        let err = Template::parse("{metadata.platform}")
-            .unwrap()
-            .render(&ctx)
-            .unwrap_err();
-        assert!(err.to_string().contains("\"platform\""), "{err}");
-    }
-
-    #[test]
-    fn declared_vars_are_validated_in_full() {
-        let e = ev();
-        let mut vars = Vars::default();
-        vars.insert("environment".into(), Pattern::new("prod|staging").unwrap());
-        let ctx = Context::new(&e, "web", &vars);
-        assert!(
-            Template::parse("{metadata.environment}")
-                .unwrap()
-                .render(&ctx)
-                .is_err(),
-            "production is not prod"
-        );
-        vars.insert("environment".into(), Pattern::new("[a-z]+").unwrap());
-        let ctx = Context::new(&e, "web", &vars);
-        assert_eq!(
-            Template::parse("{metadata.environment}")
-                .unwrap()
-                .render(&ctx)
-                .unwrap(),
-            "production"
-        );
-        let p = Pattern::new("[a-z]+").unwrap();
-        assert!(
-            !p.matches("{{ lookup('pipe', 'id') }}") && !p.matches("a; rm -rf /") && !p.matches("")
-        );
-    }
-
-    #[test]
-    fn extra_fields_only_where_allowed() {
-        assert!(Template::parse("{hostname}").is_err());
-        let t = Template::parse_with("{metadata.major} - {hostname}", &["hostname"]).unwrap();
-        let e = ev();
-        let vars = Vars::default();
-        let ctx = Context::new(&e, "web", &vars);
-        assert!(matches!(
-            t.render(&ctx),
-            Err(RenderError::MissingExtra { .. })
-        ));
-        let extra = [("hostname", "app1")];
-        assert_eq!(t.render(&ctx.with_extra(&extra)).unwrap(), "3 - app1");
-    }
-
-    #[test]
-    fn parse_errors() {
-        assert!(matches!(
-            Template::parse("{nope}"),
-            Err(TemplateError::UnknownField { .. })
-        ));
-        assert!(matches!(
-            Template::parse("{metadata.}"),
-            Err(TemplateError::UnknownField { .. })
-        ));
-        assert!(matches!(
-            Template::parse("a{b"),
-            Err(TemplateError::Unclosed(_))
-        ));
-        assert!(matches!(
-            Template::parse("a}b"),
-            Err(TemplateError::Stray(_))
-        ));
     }
 
     #[test]

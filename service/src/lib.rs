@@ -58,3 +58,4 @@ pub mod step;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod template;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{Job, Pipeline, RunReport};
-use crate::config::Layer;
+use crate::layer::Layer;
 use crate::store::{Claim, StoreError};
 
 /// Tokens being worked in this process; a second delivery of one waits on it.

@@ -31,15 +31,16 @@ use crate::aws::retry::with_backoff;
 use crate::aws::{Action, AwsError, HookInfo, Hooks, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
-use crate::config::{Config, Layer, Unmatched};
+use crate::config::{Config, Unmatched};
 use crate::delivery::Delivery;
 use crate::event::{self, LifecycleEvent, Parsed, Transition};
-use crate::layer::Context;
+use crate::layer::Layer;
 use crate::lease::{heartbeat_interval, Lease, Leases};
 use crate::metrics::Stats;
 use crate::outcome::{Completion, HookResult, Outcome};
 use crate::step::Shared;
 use crate::store::{Claim, Store};
+use crate::template::Context;
 
 pub use record::{RunReport, StepReport};
 pub use steps::Progress;
@@ -185,7 +186,7 @@ impl Pipeline {
 
     /// The first layer whose matcher accepts the event.
     pub fn route(&self, event: &LifecycleEvent) -> Option<&Layer> {
-        self.cfg.layers.iter().find(|l| l.matcher.matches(event))
+        crate::layer::route(&self.cfg.layers, event)
     }
 
     /// The layer a job runs: the one it names, else the one its event routes to.

@@ -13,11 +13,11 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::record::clip;
 use super::{Job, Pipeline, RunReport, StepReport};
-use crate::config::Layer;
-use crate::layer::Context;
+use crate::layer::Layer;
 use crate::lease::Lease;
 use crate::outcome::{HookResult, Outcome, StepOutcome};
 use crate::step::{Step, StepContext, StepError, StepOutput};
+use crate::template::Context;
 
 /// How long a step's output may be in the history.
 const DETAIL_MAX: usize = 2000;

@@ -36,10 +36,10 @@ use tokio::io::AsyncReadExt as _;
 use tracing::{info, warn};
 
 use crate::cache::TtlCache;
-use crate::layer::{Context, Template, Vars};
 use crate::secret::{Secret, SecretFile, Source};
 use crate::setting::ConfigError;
 use crate::ssh::{Remote, Target};
+use crate::template::{Context, Template, Vars};
 
 use super::gather::Gather;
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
@@ -808,9 +808,12 @@ mod tests {
     #[test]
     fn vars_render_from_declared_metadata_and_never_carry_jinja() {
         let mut vars = Vars::default();
-        vars.insert("role".into(), crate::layer::Pattern::new("[a-z]+").unwrap());
+        vars.insert(
+            "role".into(),
+            crate::template::Pattern::new("[a-z]+").unwrap(),
+        );
         // A careless pattern: the Jinja guard still holds.
-        vars.insert("free".into(), crate::layer::Pattern::new(".*").unwrap());
+        vars.insert("free".into(), crate::template::Pattern::new(".*").unwrap());
         let a = step(
             "ansible = \"web.yml\"\nvars = { role = \"{metadata.role}\", note = \"{metadata.free}\" }",
             &vars,

@@ -13,9 +13,9 @@ use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
 use crate::event::InstanceId;
-use crate::layer::{Context, Template, Vars};
 use crate::setting::ConfigError;
 use crate::ssh::{Reach, ReachError, Remote, Target};
+use crate::template::{Context, Template, Vars};
 
 pub mod ansible;
 pub mod gather;

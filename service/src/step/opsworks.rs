@@ -21,9 +21,9 @@ use tracing::info;
 use crate::aws::retry::{backoff, with_backoff};
 use crate::aws::{AwsError, InstanceInfo, OwInstance};
 use crate::event::Transition;
-use crate::layer::{Template, Vars};
 use crate::poll::{until, Pace};
 use crate::setting::{ConfigError, Fields};
+use crate::template::{Template, Vars};
 
 use super::{StepContext, StepError, StepOutput};
 
@@ -156,7 +156,7 @@ impl OpsWorks {
         )
     }
 
-    pub fn preview(&self, ctx: &crate::layer::Context<'_>) -> Result<String, StepError> {
+    pub fn preview(&self, ctx: &crate::template::Context<'_>) -> Result<String, StepError> {
         let stack = self
             .stack
             .render(ctx)

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::layer::{Context, Template, Vars};
 use crate::setting::ConfigError;
+use crate::template::{Context, Template, Vars};
 
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 

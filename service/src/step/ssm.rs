@@ -24,9 +24,9 @@ use tracing::{info, warn};
 use crate::aws::retry::with_backoff;
 use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
 use crate::event::InstanceId;
-use crate::layer::{Template, Vars};
 use crate::poll::Pace;
 use crate::setting::{parse_duration, ConfigError, Fields};
+use crate::template::{Template, Vars};
 
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
@@ -164,7 +164,7 @@ impl Ssm {
     }
 
     /// The command for one event (templates filled in and validated).
-    pub fn command(&self, ctx: &crate::layer::Context<'_>) -> Result<SsmCommand, StepError> {
+    pub fn command(&self, ctx: &crate::template::Context<'_>) -> Result<SsmCommand, StepError> {
         let mut parameters = BTreeMap::new();
         for (name, templates) in &self.parameters {
             let values = templates

@@ -4,8 +4,8 @@
 //! Repeating it sets the same tags again, so it is safe under redelivery.
 
 use crate::aws::retry::with_backoff;
-use crate::layer::Template;
 use crate::setting::ConfigError;
+use crate::template::Template;
 
 use super::{StepContext, StepError, StepOutput};
 
@@ -79,7 +79,7 @@ impl Tag {
     /// The tags for one event, or why they cannot be made.
     pub fn render(
         &self,
-        ctx: &crate::layer::Context<'_>,
+        ctx: &crate::template::Context<'_>,
     ) -> Result<Vec<(String, String)>, StepError> {
         self.tags
             .iter()
