@@ -1,7 +1,7 @@
 //! Wiring: the real SDK clients, the store and the batchers assembled into a pipeline.
 //!
 //! Owns startup decisions that need AWS (is there a dead-letter queue?) and nothing else;
-//! tests assemble their own pipelines from fakes through [`pipeline::Parts`].
+//! tests assemble their own pipelines from fakes through [`crate::pipeline::Parts`].
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,32 +3,55 @@
 //!
 //! # Layout
 //!
-//! One concept a file; data flows top to bottom:
+//! One concept a file. Read it in the order a message travels:
 //!
-//! - [`event`]: message body -> lifecycle event, skip or reject. Pure.
-//! - [`setting`]: config errors with their key, the duration parser, the field reader and
-//!   the environment snapshot every section is read with. A leaf.
-//! - [`config`]: TOML -> validated [`config::Config`] (layers, steps, queue, ...).
-//! - [`layer`]: which layer an event belongs to; `{field}` templates.
-//! - [`step`]: the steps a layer runs (`tag`, `ssm`, `opsworks`, `ssh`, `ansible`), one
-//!   file each, and the gathering of instances into shared batched calls.
-//! - [`ssh`]: reaching an instance over SSH: settings, host keys, known_hosts, reach.
-//! - [`poll`]: polling with a growing delay until a deadline.
-//! - [`secret`]: the vault password and other secrets; keeping them out of argv, children's
-//!   environments and logs.
-//! - [`pipeline`]: one event: claim -> steps -> complete hook -> notify.
-//! - [`lease`]: heartbeats and message visibility while steps run.
-//! - [`daemon`]: the SQS receive loop, in-flight limit, acknowledgement, shutdown.
-//! - [`batch`]: micro-batching of delete / release / publish / describe calls.
-//! - [`cache`]: single-flight TTL cache for rarely changing AWS descriptions.
-//! - [`store`]: SQLite history and the idempotency claim on action tokens.
+//! ```text
+//! source ──► parse ──► verify ──► route ──► claim ──► steps ──► complete ──► record ──► ack
+//! daemon     event     pipeline/  layer     pipeline/ pipeline/ pipeline/   pipeline/   delivery
+//! lambda               verify               claim     steps     complete    record
+//! instance              heartbeat + message visibility while the steps run: lease
+//! ```
+//!
+//! **Sources** turn their input into work and own its delivery:
+//! - [`daemon`]: the SQS receive loop (daemon, and the one-shot worker): listener, one task
+//!   per message, drain on shutdown.
+//! - [`lambda`]: the same for the records of an SQS-triggered Lambda invocation.
+//! - [`instance`]: `provision <instance-id>`: one [`pipeline::Job`] built from what Auto
+//!   Scaling says, run by hand.
+//! - [`engine`]: the one in-flight engine both message sources use: slots, cancellation at a
+//!   deadline, giving up.
+//! - [`delivery`]: a received message, holding its lease, and its acknowledgement by outcome
+//!   (delete, release, dead-letter).
+//!
+//! **The message path**, stage by stage:
+//! 1. [`event`]: message body -> lifecycle event, skip or reject. Pure.
+//! 2. [`pipeline`]: one event from start to end; `pipeline/verify.rs` asks Auto Scaling
+//!    whether the action is genuine and takes the hook's own metadata.
+//! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]).
+//! 4. `pipeline/claim.rs`: the token worked once here, and claimed in the [`store`].
+//! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
+//!    `ansible`), each filling its [`template`]s from the event; [`lease`] heartbeats the
+//!    action and keeps the message hidden meanwhile.
+//! 6. `pipeline/complete.rs`: CompleteLifecycleAction, and what its answer means.
+//! 7. `pipeline/record.rs`: the history row and the result event (outbox when SNS fails).
+//! 8. [`delivery`]: the message deleted or released, as the run's [`outcome`] says.
+//!
+//! **Beside the path**:
+//! - [`outcome`]: the decisions as types (hook result, completion, run and step outcomes).
+//! - [`config`] with [`setting`] (config errors with their key, the duration parser, the
+//!   field reader, the environment snapshot): TOML -> validated [`config::Config`].
+//! - [`ssh`]: reaching an instance: settings, host keys, known_hosts, reach.
+//! - [`secret`]: the vault password; keeping secrets out of argv, environments and logs.
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
-//! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
-//! - [`manual`]: `provision <instance-id>`, the pipeline by hand for one instance.
+//! - [`batch`] (micro-batched AWS calls), [`cache`] (single-flight TTL cache), [`poll`]
+//!   (polling until a deadline), [`clock`] (wall-clock time for records).
+//! - [`app`]: the real SDK clients wired into a pipeline for the binary.
 //! - [`check`]: `provision check`, the config and (with `--aws`) its AWS surroundings.
-//! - [`lambda`]: the pipeline as an AWS Lambda function with an SQS trigger.
-//! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
-//!   endpoint, signals, logs, systemd readiness and watchdog.
+//! - [`metrics`] and [`endpoint`] (counters, /metrics and /healthz), [`systemd`] (readiness
+//!   and watchdog), [`shutdown`] (signals), [`telemetry`] (logs).
+//!
+//! No module imports one that imports it back: `scripts/check-modules` (part of
+//! `scripts/test`) fails on any import cycle among these modules.
 
 pub mod app;
 pub mod aws;

@@ -177,7 +177,7 @@ impl<'a> Fields<'a> {
         self.finish(&message)
     }
 
-    /// Reports every key nobody read with the message `unknown` ("unknown key in [ssh]").
+    /// Reports every key nobody read with the message `unknown` ("unknown key in \[ssh\]").
     pub fn finish(self, unknown: &str) {
         let Some(t) = self.table else { return };
         for k in t.keys() {
