@@ -1,0 +1,291 @@
+//! The `ansible` step: a playbook from `ansible.playbook_dir` run against the instance.
+//!
+//! ```toml
+//! { ansible = "web.yml", vars = { role = "{metadata.role}" }, timeout = "30m" }
+//! ```
+//!
+//! Each instance is first reached over SSH ([`crate::remote`]: running, address, verified
+//! host key, server accepting). Instances that then reach the same playbook with the same
+//! rendered `vars` within `ansible.batch_window` share ONE `ansible-playbook` run (up to
+//! `ansible.max_batch`) over a generated inventory; each gets its own result from the
+//! per-host results of the `provision_json` callback, so one failing host fails only its
+//! own instance.
+//!
+//! What reaches Ansible, and how:
+//! - inventory (JSON file): every instance in groups `all` and `<layer>`, with connection
+//!   variables that reproduce the verified connection (known_hosts, strict checking);
+//! - `vars`: an extra-vars JSON file (`-e @file`), never the command line. Values rendered
+//!   from metadata must match the layer's declared patterns, and no value may carry Jinja
+//!   markers (`{{`, `{%`, `{#`), whatever the pattern says;
+//! - the vault password: a 0600 file in a private directory, removed after the run;
+//! - the environment: built from scratch (PATH, HOME, locale, `ANSIBLE_*` settings of the
+//!   service), so nothing else the service holds is inherited.
+//!
+//! The run's full output (stderr and the JSON results) goes to
+//! `<state dir>/ansible-logs/`, each file at most `ansible.log_max_bytes`, the newest
+//! `ansible.log_keep` files kept.
+//!
+//! This module owns the step itself (its syntax, its extra vars, joining a run); the rest
+//! is one concept a file:
+//! - `settings`: the `[ansible]` table;
+//! - `runner`: the `ansible-playbook` child process of one batch, its files and its log;
+//! - `results`: the callback's JSON document -> one result per instance.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::config::ConfigError;
+use crate::layer::{Context, Template, Vars};
+
+use super::{require_declared, StepContext, StepError, StepOutput};
+
+mod results;
+mod runner;
+mod settings;
+
+pub use runner::{command, syntax_check, Runner, CALLBACK_PLUGIN};
+pub use settings::AnsibleSettings;
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+#[derive(Debug, Clone)]
+pub struct Ansible {
+    /// Relative to `ansible.playbook_dir`.
+    pub playbook: String,
+    vars: Vec<(String, Template)>,
+    pub timeout: Duration,
+}
+
+/// Keys of an ansible step table besides `ansible` and `timeout`.
+pub const SIBLING_KEYS: &[&str] = &["vars"];
+
+/// Instances share a run when all of this is equal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    layer: String,
+    transition: &'static str,
+    playbook: String,
+    vars_json: String,
+    timeout: Duration,
+}
+
+impl Ansible {
+    /// Parses the step table (`ansible` and its sibling `vars`).
+    pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Ansible, Vec<ConfigError>> {
+        let mut errs = Vec::new();
+        let playbook = match table.get("ansible").and_then(|v| v.as_str()) {
+            Some(p) if valid_playbook_name(p) => p.to_string(),
+            _ => {
+                errs.push(ConfigError::new(
+                    format!("{key}.ansible"),
+                    "must name a playbook in ansible.playbook_dir, e.g. \"web.yml\" (a relative path without \"..\")",
+                ));
+                String::new()
+            }
+        };
+        let mut rendered = Vec::new();
+        match table.get("vars") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    let vk = format!("{key}.vars.{name}");
+                    if !valid_var_name(name) {
+                        errs.push(ConfigError::new(
+                            &vk,
+                            "an Ansible variable name: letters, digits and '_', not starting with a digit",
+                        ));
+                        continue;
+                    }
+                    match v.as_str().map(Template::parse) {
+                        Some(Ok(t)) => {
+                            errs.extend(require_declared(&t, &vk, vars));
+                            rendered.push((name.clone(), t));
+                        }
+                        Some(Err(e)) => errs.push(ConfigError::new(&vk, e.to_string())),
+                        None => errs.push(ConfigError::new(&vk, "must be a string template")),
+                    }
+                }
+            }
+            Some(_) => errs.push(ConfigError::new(
+                format!("{key}.vars"),
+                "must be a table of variable names to templates",
+            )),
+        }
+        if errs.is_empty() {
+            Ok(Ansible {
+                playbook,
+                vars: rendered,
+                // The step's `timeout`, when given, is set by `step::parse`.
+                timeout: DEFAULT_TIMEOUT,
+            })
+        } else {
+            Err(errs)
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let vars: Vec<String> = self
+            .vars
+            .iter()
+            .map(|(k, t)| format!("{k}={:?}", t.source()))
+            .collect();
+        if vars.is_empty() {
+            format!("ansible {}", self.playbook)
+        } else {
+            format!("ansible {} {}", self.playbook, vars.join(" "))
+        }
+    }
+
+    /// The extra vars for one event: rendered, validated, free of Jinja markers.
+    pub fn extra_vars(&self, ctx: &Context<'_>) -> Result<BTreeMap<String, String>, StepError> {
+        let mut out = BTreeMap::new();
+        for (name, t) in &self.vars {
+            let v = t
+                .render(ctx)
+                .map_err(|e| StepError::Input(format!("vars.{name}: {e}")))?;
+            if ["{{", "{%", "{#"].iter().any(|m| v.contains(m)) {
+                return Err(StepError::Input(format!(
+                    "vars.{name}: the value contains a Jinja template marker ({{{{, {{% or {{#); refused so that Ansible never evaluates message data"
+                )));
+            }
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
+    }
+
+    pub fn preview(&self, ctx: &Context<'_>) -> Result<String, StepError> {
+        let vars = self.extra_vars(ctx)?;
+        Ok(format!(
+            "ansible-playbook {} with extra vars {}",
+            self.playbook,
+            serde_json::to_string(&vars).unwrap_or_default()
+        ))
+    }
+
+    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
+        let vars = self.extra_vars(&ctx.template)?;
+        let runner = ctx.shared.ansible.as_ref().ok_or_else(|| {
+            StepError::NotReady("Ansible is not available in this mode (no [ssh] setup)".into())
+        })?;
+        let remote = runner.remote.clone();
+        let (target, session) = remote.reach(ctx).await?;
+        // Ansible makes its own connections; this one proved the host and its key.
+        if let Err(e) = session.close().await {
+            warn!(error = %e, "closing the probe SSH session");
+        }
+        let key = BatchKey {
+            layer: ctx.template.layer.to_string(),
+            transition: ctx.template.event.transition.as_str(),
+            playbook: self.playbook.clone(),
+            vars_json: serde_json::to_string(&vars).unwrap_or_default(),
+            timeout: self.timeout,
+        };
+        ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
+        let r = runner.clone();
+        let k = key.clone();
+        let result = runner
+            .batches
+            .join(key, target, move |targets| async move {
+                r.run_batch(&k, vars, targets).await
+            })
+            .await
+            .unwrap_or_else(|| Err("the ansible-playbook run stopped unexpectedly".into()));
+        result
+            .map(|detail| StepOutput { detail })
+            .map_err(StepError::Remote)
+    }
+}
+
+fn valid_playbook_name(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.starts_with('-')
+        && (p.ends_with(".yml") || p.ends_with(".yaml"))
+        && p.split('/').all(|c| !c.is_empty() && c != ".." && c != ".")
+}
+
+fn valid_var_name(n: &str) -> bool {
+    n.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(metadata: &str) -> crate::event::LifecycleEvent {
+        let body = json!({
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "AutoScalingGroupName": "web-prod",
+            "EC2InstanceId": "i-0123456789abcdef0",
+            "LifecycleHookName": "launch",
+            "LifecycleActionToken": "t-1",
+            "NotificationMetadata": metadata,
+        });
+        match crate::event::parse(&body.to_string()) {
+            crate::event::Parsed::Event(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn step(text: &str, vars: &Vars) -> Result<Ansible, Vec<ConfigError>> {
+        let t: toml::Table = toml::from_str(text).unwrap();
+        Ansible::parse(&t, "layers.web.launch[0]", vars)
+    }
+
+    #[test]
+    fn vars_render_from_declared_metadata_and_never_carry_jinja() {
+        let mut vars = Vars::default();
+        vars.insert("role".into(), crate::layer::Pattern::new("[a-z]+").unwrap());
+        // A careless pattern: the Jinja guard still holds.
+        vars.insert("free".into(), crate::layer::Pattern::new(".*").unwrap());
+        let a = step(
+            "ansible = \"web.yml\"\nvars = { role = \"{metadata.role}\", note = \"{metadata.free}\" }",
+            &vars,
+        )
+        .unwrap();
+        let ev = event(r#"{"role":"api","free":"plain text"}"#);
+        let got = a.extra_vars(&Context::new(&ev, "web", &vars)).unwrap();
+        assert_eq!(got["role"], "api");
+        let ev = event(r#"{"role":"api","free":"{{ lookup('pipe', 'id') }}"}"#);
+        let e = a.extra_vars(&Context::new(&ev, "web", &vars)).unwrap_err();
+        assert!(e.to_string().contains("Jinja template marker"), "{e}");
+        let ev = event(r#"{"role":"$(id)","free":"x"}"#);
+        let e = a.extra_vars(&Context::new(&ev, "web", &vars)).unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn undeclared_metadata_and_bad_names_are_config_errors() {
+        let e = step(
+            "ansible = \"../x.yml\"\nvars = { role = \"{metadata.role}\", \"bad-name\" = \"x\" }",
+            &Vars::default(),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "layers.web.launch[0].ansible",
+                "layers.web.launch[0].vars.role",
+                "layers.web.launch[0].vars.bad-name"
+            ],
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn playbook_names_stay_inside_the_playbook_dir() {
+        for good in ["web.yml", "roles/app.yaml"] {
+            assert!(valid_playbook_name(good), "{good}");
+        }
+        for bad in ["../etc/x.yml", "/etc/x.yml", "web", "-x.yml", "a//b.yml"] {
+            assert!(!valid_playbook_name(bad), "{bad}");
+        }
+    }
+}
