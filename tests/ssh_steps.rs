@@ -104,7 +104,8 @@ impl World {
         .replace("SIM_ROOT", path_str(&self.sim_root));
         let mut p = Provision::new(&self.emu, &self.q, None, &text);
         p.set_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3");
-        p.set_env("ANSIBLE_PIPELINING", "1");
+        // Decided by provision (ansible.pipelining), whatever its environment says.
+        p.set_env("ANSIBLE_PIPELINING", "0");
         // Stopping the daemon releases a replacement instance's wait at once.
         p.edit_config("[ssh]", "[daemon]\nshutdown_grace = \"1s\"\n\n[ssh]");
         p
@@ -209,6 +210,12 @@ async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker()
     for (id, _) in &hosts {
         assert!(text.contains(id.as_str()), "{id} not in the run's log");
     }
+    // The default runner: Mitogen for Ansible.
+    assert!(text.contains("\nstrategy: mitogen\n"), "{text}");
+    assert!(
+        text.contains("Use of strategy plugins not included in ansible.builtin"),
+        "a third-party strategy was loaded: {text}"
+    );
     // Hosts' keys came from the console: one GetConsoleOutput per instance, no more; the
     // instances were looked up together.
     let calls = w.emu.provision_calls();
@@ -269,6 +276,147 @@ async fn a_host_presenting_another_key_than_its_console_is_refused() {
     assert!(ansible_logs(&p).is_empty(), "ansible never ran against it");
     // And the refused key was never trusted: its known_hosts entry went with the ABANDON.
     assert!(!p.dir.join("known_hosts.d").join(id).exists());
+}
+
+/// The window a man in the middle would use: the host presents its console key while
+/// provision reaches it, then another sshd takes its place before the playbook connects.
+/// Under each runner, Ansible's own connection must use the instance's verified
+/// known_hosts file with strict checking, and refuse. Every ssh client started meanwhile is
+/// looked at too: each names that file and `StrictHostKeyChecking yes`.
+async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &str) {
+    let w = World::new(group, 300, Some(r#"{"role":"api"}"#)).await;
+    let hosts = w.launch(group, 1, |net, ip| net.host(ip)).await;
+    let (id, host) = (&hosts[0].0, &hosts[0].1);
+    // A long quiet period: the run starts well after the swap below.
+    let p = w.provision_with(
+        MARKER_LAYER,
+        &format!("{runner}\nbatch_quiet = \"6s\"\nbatch_window = \"20s\""),
+    );
+    p.edit_config("batch_window = \"2s\"\n", "");
+    let known = p.dir.join("known_hosts.d").join(id);
+
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let clients = Arc::new(Mutex::new(Vec::<(bool, String)>::new()));
+    let swapped = Arc::new(AtomicBool::new(false));
+    let scanner = {
+        let (stop, clients, swapped) = (stop.0.clone(), clients.clone(), swapped.clone());
+        let ip = host.ip().to_string();
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) && rounds < 30_000 {
+                rounds += 1;
+                for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    if !pid.bytes().all(|b| b.is_ascii_digit()) || seen.contains(&pid) {
+                        continue;
+                    }
+                    let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                    let args: Vec<String> = cmdline
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    if args
+                        .first()
+                        .is_some_and(|a| a == "ssh" || a.ends_with("/ssh"))
+                        && args
+                            .iter()
+                            .any(|a| a == &ip || a.ends_with(&format!("@{ip}")))
+                    {
+                        seen.insert(pid);
+                        let after = swapped.load(Ordering::SeqCst);
+                        clients.lock().unwrap().push((after, args.join(" ")));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut d = p.daemon();
+    // Provision verified the console key and connected: now the impostor.
+    common::eventually(
+        "provision's reach to log in",
+        Duration::from_secs(60),
+        || async { host.log().contains("Accepted publickey").then_some(()) },
+    )
+    .await;
+    host.swap_in_impostor();
+    swapped.store(true, Ordering::SeqCst);
+    assert!(host.is_impostor());
+    common::eventually(
+        "the instance's action to finish",
+        Duration::from_secs(120),
+        || async {
+            results_by_instance(&w.emu)
+                .contains_key(id.as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    drop(stop);
+    scanner.join().unwrap();
+
+    let results = results_by_instance(&w.emu);
+    assert_eq!(results[id.as_str()]["result"], "ABANDON");
+    let err = run_error(&p, id);
+    assert!(err.contains("host key refused"), "{err}");
+    assert!(
+        !w.dir(id).join("marker").exists(),
+        "the play ran on the impostor"
+    );
+    let logs = ansible_logs(&p);
+    assert_eq!(
+        logs.len(),
+        1,
+        "the playbook did run, and was refused: {logs:?}"
+    );
+    let clients = clients.lock().unwrap();
+    assert!(
+        clients.iter().any(|(after, _)| *after),
+        "no ssh client of the playbook's run seen: {clients:?}"
+    );
+    for (_, argv) in clients.iter() {
+        assert!(
+            argv.contains(&format!("UserKnownHostsFile={}", path_str(&known))),
+            "not the verified known_hosts file: {argv}"
+        );
+        assert!(
+            argv.contains("StrictHostKeyChecking=yes")
+                || argv.contains("StrictHostKeyChecking yes"),
+            "not strict: {argv}"
+        );
+        assert!(
+            !argv.contains("StrictHostKeyChecking no")
+                && !argv.contains("StrictHostKeyChecking=no")
+                && !argv.contains("UserKnownHostsFile /dev/null"),
+            "checking weakened: {argv}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_mitogen() {
+    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_linear_with_pipelining() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-p",
+        "strategy = \"linear\"\npipelining = true",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_linear_without_pipelining() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-l",
+        "strategy = \"linear\"\npipelining = false",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

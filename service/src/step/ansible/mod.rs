@@ -4,12 +4,17 @@
 //! { ansible = "web.yml", vars = { role = "{metadata.role}" }, timeout = "30m" }
 //! ```
 //!
-//! Each instance is first reached over SSH ([`crate::remote`]: running, address, verified
-//! host key, server accepting). Instances that then reach the same playbook with the same
-//! rendered `vars` within `ansible.batch_window` share ONE `ansible-playbook` run (up to
-//! `ansible.max_batch`) over a generated inventory; each gets its own result from the
-//! per-host results of the `provision_json` callback, so one failing host fails only its
-//! own instance.
+//! Instances that reach the same playbook with the same rendered `vars` at about the same
+//! time share ONE `ansible-playbook` run (up to `ansible.max_batch`) over a generated
+//! inventory (see `batch` for when a run starts). Each instance is reached over SSH
+//! ([`crate::remote`]: running, address, verified host key, server accepting) while its
+//! batch gathers; each gets its own result from the per-host results of the
+//! `provision_json` callback, so one failing host fails only its own instance.
+//!
+//! The runner (`ansible.strategy`, `ansible.pipelining`, or the step's own `strategy` and
+//! `pipelining`): Mitogen for Ansible by default (one Python per host for the whole run),
+//! or Ansible's `linear`, with pipelining unless turned off. Under every runner the
+//! connection uses the instance's verified known_hosts file with `StrictHostKeyChecking=yes`.
 //!
 //! What reaches Ansible, and how:
 //! - inventory (JSON file): every instance in groups `all` and `<layer>`, with connection
@@ -27,11 +32,14 @@
 //!
 //! This module owns the step itself (its syntax, its extra vars, joining a run); the rest
 //! is one concept a file:
-//! - `settings`: the `[ansible]` table;
+//! - `settings`: the `[ansible]` table and the runner choices;
+//! - `batch`: which instances share a run, and when it starts;
 //! - `runner`: the `ansible-playbook` child process of one batch, its files and its log;
+//! - `mitogen`: finding Mitogen for Ansible's strategy plugins;
 //! - `results`: the callback's JSON document -> one result per instance.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
@@ -41,12 +49,15 @@ use crate::layer::{Context, Template, Vars};
 
 use super::{require_declared, StepContext, StepError, StepOutput};
 
+mod batch;
+mod mitogen;
 mod results;
 mod runner;
 mod settings;
 
+pub use mitogen::PINNED as MITOGEN_VERSION;
 pub use runner::{command, syntax_check, Runner, CALLBACK_PLUGIN};
-pub use settings::AnsibleSettings;
+pub use settings::{AnsibleSettings, RunnerChoice, Strategy, DEFAULT_FORKS};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -56,10 +67,13 @@ pub struct Ansible {
     pub playbook: String,
     vars: Vec<(String, Template)>,
     pub timeout: Duration,
+    /// This step's runner, when it differs from `[ansible]`'s (a playbook Mitogen cannot run).
+    strategy: Option<Strategy>,
+    pipelining: Option<bool>,
 }
 
 /// Keys of an ansible step table besides `ansible` and `timeout`.
-pub const SIBLING_KEYS: &[&str] = &["vars"];
+pub const SIBLING_KEYS: &[&str] = &["vars", "strategy", "pipelining"];
 
 /// Instances share a run when all of this is equal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -69,6 +83,7 @@ pub struct BatchKey {
     playbook: String,
     vars_json: String,
     timeout: Duration,
+    runner: RunnerChoice,
 }
 
 impl Ansible {
@@ -113,12 +128,34 @@ impl Ansible {
                 "must be a table of variable names to templates",
             )),
         }
+        let strategy = table.get("strategy").and_then(|v| {
+            match Strategy::parse(v, &format!("{key}.strategy")) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    errs.push(e);
+                    None
+                }
+            }
+        });
+        let pipelining = match table.get("pipelining") {
+            None => None,
+            Some(toml::Value::Boolean(b)) => Some(*b),
+            Some(_) => {
+                errs.push(ConfigError::new(
+                    format!("{key}.pipelining"),
+                    "must be true or false",
+                ));
+                None
+            }
+        };
         if errs.is_empty() {
             Ok(Ansible {
                 playbook,
                 vars: rendered,
                 // The step's `timeout`, when given, is set by `step::parse`.
                 timeout: DEFAULT_TIMEOUT,
+                strategy,
+                pipelining,
             })
         } else {
             Err(errs)
@@ -131,10 +168,24 @@ impl Ansible {
             .iter()
             .map(|(k, t)| format!("{k}={:?}", t.source()))
             .collect();
-        if vars.is_empty() {
-            format!("ansible {}", self.playbook)
-        } else {
-            format!("ansible {} {}", self.playbook, vars.join(" "))
+        let mut text = format!("ansible {}", self.playbook);
+        if !vars.is_empty() {
+            text = format!("{text} {}", vars.join(" "));
+        }
+        if let Some(s) = self.strategy {
+            text.push_str(&format!(" (strategy {})", s.as_str()));
+        }
+        if let Some(p) = self.pipelining {
+            text.push_str(&format!(" (pipelining {p})"));
+        }
+        text
+    }
+
+    /// The runner of this step's runs: `[ansible]`'s, with the step's own choices on top.
+    pub fn runner_choice(&self, settings: &AnsibleSettings) -> RunnerChoice {
+        RunnerChoice {
+            strategy: self.strategy.unwrap_or(settings.runner.strategy),
+            pipelining: self.pipelining.unwrap_or(settings.runner.pipelining),
         }
     }
 
@@ -169,27 +220,36 @@ impl Ansible {
         let runner = ctx.shared.ansible.as_ref().ok_or_else(|| {
             StepError::NotReady("Ansible is not available in this mode (no [ssh] setup)".into())
         })?;
-        let remote = runner.remote.clone();
-        let (target, session) = remote.reach(ctx).await?;
-        // Ansible makes its own connections; this one proved the host and its key.
-        if let Err(e) = session.close().await {
-            warn!(error = %e, "closing the probe SSH session");
-        }
         let key = BatchKey {
             layer: ctx.template.layer.to_string(),
             transition: ctx.template.event.transition.as_str(),
             playbook: self.playbook.clone(),
             vars_json: serde_json::to_string(&vars).unwrap_or_default(),
             timeout: self.timeout,
+            runner: self.runner_choice(&runner.settings),
         };
-        ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
-        let r = runner.clone();
-        let k = key.clone();
-        let result = runner
-            .batches
-            .join(key, target, move |targets| async move {
-                r.run_batch(&k, vars, targets).await
+        let run: batch::Run<_, _> = {
+            let (r, k) = (runner.clone(), key.clone());
+            Arc::new(move |targets| {
+                let (r, k, vars) = (r.clone(), k.clone(), vars.clone());
+                Box::pin(async move { r.run_batch(&k, vars, targets).await })
             })
+        };
+        // In the batch first, then reached: the batch gathers while instances are reached.
+        // A failed reach drops the ticket, which leaves the batch.
+        ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
+        let ticket = runner.batches.enter(key, run);
+        let (target, session) = runner.remote.reach(ctx).await?;
+        // Ansible makes its own connections; this one proved the host and its key.
+        if let Err(e) = session.close().await {
+            warn!(error = %e, "closing the probe SSH session");
+        }
+        ctx.note(format!(
+            "reached; waiting for the ansible-playbook {} run",
+            self.playbook
+        ));
+        let result = ticket
+            .ready(target)
             .await
             .unwrap_or_else(|| Err("the ansible-playbook run stopped unexpectedly".into()));
         result

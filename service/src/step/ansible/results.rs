@@ -70,12 +70,30 @@ pub fn host_result(
             }
         }
     }
-    let detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
+    let mut detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
+    if n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l)) {
+        // In the words of `remote` for the same refusal, first, so the history says it.
+        detail = format!(
+            "host key refused: the SSH server of {host} presented a key that is not its verified one (the instance's known_hosts file, strict checking); not connecting (possible man-in-the-middle).\n{detail}"
+        );
+    }
     if n("failures") > 0 || n("unreachable") > 0 {
         Err(tail(&detail, EXCERPT))
     } else {
         Ok(tail(&detail, EXCERPT))
     }
+}
+
+/// Whether ssh (or Mitogen, which runs ssh) refused the server's host key.
+fn host_key_refused(msg: &str) -> bool {
+    [
+        "Host key verification failed",
+        "REMOTE HOST IDENTIFICATION HAS CHANGED",
+        "mismatching host key",
+        "No matching host key",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
 }
 
 #[cfg(test)]
@@ -105,5 +123,22 @@ mod tests {
         assert!(missing.contains("did not run on this host"), "{missing}");
         let none = host_result("i-1", None, Some(4), "ERROR! syntax", "L").unwrap_err();
         assert!(none.contains("ERROR! syntax"), "{none}");
+    }
+
+    #[test]
+    fn a_refused_host_key_is_named_as_such_whatever_the_runner() {
+        for msg in [
+            "Failed to connect to the host via ssh: Host key verification failed.",
+            "Host key checking is enabled, and SSH reported an unrecognized or mismatching host key.",
+        ] {
+            let doc = json!({
+                "plays": [{"tasks": [{"task": {"name": "t"}, "hosts": {
+                    "i-1": {"status": "unreachable", "msg": msg}}}]}],
+                "stats": {"i-1": {"ok": 0, "failures": 0, "unreachable": 1}}
+            });
+            let e = host_result("i-1", Some(&doc), Some(4), "", "L").unwrap_err();
+            assert!(e.starts_with("host key refused"), "{e}");
+            assert!(e.contains(msg), "{e}");
+        }
     }
 }

@@ -19,11 +19,12 @@ use tracing::{info, warn};
 use crate::cache::TtlCache;
 use crate::remote::{Remote, Target};
 use crate::secret::{Secret, SecretFile, Source};
-use crate::step::gather::Gather;
 use crate::step::tail;
 
+use super::batch::{Batches, Timing};
+use super::mitogen::{self, Mitogen};
 use super::results::{host_result, parse_results};
-use super::settings::AnsibleSettings;
+use super::settings::{AnsibleSettings, Strategy};
 use super::BatchKey;
 
 /// The callback that prints per-host results as one JSON document (ansible-core has none).
@@ -35,7 +36,9 @@ const EXCERPT: usize = 1500;
 pub struct Runner {
     pub settings: AnsibleSettings,
     pub(super) remote: Arc<Remote>,
-    pub(super) batches: Gather<BatchKey, Target, Result<String, String>>,
+    pub(super) batches: Batches<BatchKey, Target, Result<String, String>>,
+    /// Mitogen for Ansible, looked for once (at start when it is `[ansible]`'s strategy).
+    mitogen: std::sync::OnceLock<Result<Mitogen, String>>,
     secrets: TtlCache<Source, Secret>,
     ssm: Arc<dyn crate::aws::Ssm>,
     retry_for: Duration,
@@ -56,8 +59,22 @@ impl Runner {
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
+        let found = std::sync::OnceLock::new();
+        if settings.runner.strategy == Strategy::Mitogen {
+            let m = mitogen::find(&settings.program).map_err(std::io::Error::other)?;
+            info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found");
+            let _ = found.set(Ok(m));
+        }
         Ok(Arc::new(Runner {
-            batches: Gather::new(settings.batch_window, settings.max_batch),
+            batches: Batches::new(Timing {
+                window: settings.batch_window,
+                quiet: settings.batch_quiet,
+                // A member still being reached this long after the first one was: the
+                // others run without it (it joins a later run once reached).
+                straggle: settings.batch_window,
+                max: settings.max_batch,
+            }),
+            mitogen: found,
             settings,
             remote,
             // SSM parameters are read at most every 5 minutes; credentials are files anyway.
@@ -135,6 +152,10 @@ impl Runner {
         for t in targets {
             let mut hv = self.remote.ansible_host_vars(t);
             hv.insert("provision_instance_id".into(), json!(t.id.as_str()));
+            // Host key checking on, above the environment and the playbook's group_vars:
+            // Mitogen puts `UserKnownHostsFile /dev/null` before the verified file when off.
+            hv.insert("ansible_host_key_checking".into(), json!(true));
+            hv.insert("ansible_ssh_host_key_checking".into(), json!(true));
             hosts.insert(t.id.to_string(), Value::Object(hv));
             layer_hosts.insert(t.id.to_string(), json!({}));
         }
@@ -160,10 +181,27 @@ impl Runner {
         };
         let cp = dir.path().join("cp");
         std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
-        let forks = self.settings.forks.unwrap_or(targets.len()).clamp(1, 500);
+        let forks = self.settings.forks(targets.len());
         let mut c = self.command();
         c.env("ANSIBLE_SSH_CONTROL_PATH_DIR", &cp)
-            .env("ANSIBLE_FORKS", forks.to_string());
+            .env("ANSIBLE_FORKS", forks.to_string())
+            .env(
+                "ANSIBLE_PIPELINING",
+                if key.runner.pipelining {
+                    "True"
+                } else {
+                    "False"
+                },
+            )
+            .env("ANSIBLE_STRATEGY", key.runner.strategy.plugin());
+        if key.runner.strategy == Strategy::Mitogen {
+            let found = self
+                .mitogen
+                .get_or_init(|| mitogen::find(&self.settings.program));
+            let m = found.as_ref().map_err(|e| e.clone())?;
+            // The environment wins over any ansible.cfg: nobody edits one for this.
+            c.env("ANSIBLE_STRATEGY_PLUGINS", &m.strategy_dir);
+        }
         if std::env::var_os("ANSIBLE_LOCAL_TEMP").is_none() {
             let tmp = dir.path().join("tmp");
             std::fs::create_dir(&tmp).map_err(|e| e.to_string())?;
@@ -179,7 +217,7 @@ impl Runner {
         c.arg(&playbook);
         c.process_group(0);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, "running ansible-playbook");
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
         let started = std::time::Instant::now();
         let mut child = c
             .spawn()
@@ -245,11 +283,13 @@ impl Runner {
         let path = self.log_dir.join(&name);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
         let mut text = format!(
-            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nexit: {:?}\nelapsed: {:.1}s\n\n--- stderr ---\n{stderr}\n--- results (provision_json) ---\n{stdout}\n",
+            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\nexit: {:?}\nelapsed: {:.1}s\n\n--- stderr ---\n{stderr}\n--- results (provision_json) ---\n{stdout}\n",
             key.playbook,
             key.layer,
             key.transition,
             ids.join(" "),
+            key.runner.strategy.as_str(),
+            key.runner.pipelining,
             status.code(),
             elapsed.as_secs_f64()
         );
@@ -290,7 +330,9 @@ impl Runner {
 
 /// `ansible-playbook`, run in the playbook directory, with an environment built from
 /// scratch: PATH, HOME, the service's `ANSIBLE_*` settings (minus those this service
-/// decides), a UTF-8 locale, host key checking on. Nothing else is inherited.
+/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining), the
+/// service's Mitogen tuning (`MITOGEN_POOL_SIZE`, `MITOGEN_CPU_COUNT`), a UTF-8 locale, host
+/// key checking on. Nothing else is inherited.
 pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(&settings.program);
     c.env_clear()
@@ -303,15 +345,27 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
         let name = k.to_string_lossy();
         let keep = matches!(
             name.as_ref(),
-            "PATH" | "HOME" | "USER" | "LOGNAME" | "TMPDIR" | "SHELL"
+            "PATH"
+                | "HOME"
+                | "USER"
+                | "LOGNAME"
+                | "TMPDIR"
+                | "SHELL"
+                | "MITOGEN_POOL_SIZE"
+                | "MITOGEN_CPU_COUNT"
         ) || (name.starts_with("ANSIBLE_")
             && !matches!(
                 name.as_ref(),
                 "ANSIBLE_STDOUT_CALLBACK"
                     | "ANSIBLE_CALLBACK_PLUGINS"
                     | "ANSIBLE_HOST_KEY_CHECKING"
+                    | "ANSIBLE_SSH_HOST_KEY_CHECKING"
                     | "ANSIBLE_VAULT_PASSWORD_FILE"
                     | "ANSIBLE_SSH_ARGS"
+                    | "ANSIBLE_STRATEGY"
+                    | "ANSIBLE_STRATEGY_PLUGINS"
+                    | "ANSIBLE_PIPELINING"
+                    | "ANSIBLE_SSH_PIPELINING"
             ));
         if keep {
             c.env(k, v);
@@ -339,6 +393,9 @@ pub async fn syntax_check(
     let path = settings.playbook_dir.join(playbook);
     if !path.is_file() {
         return Err(format!("{} does not exist", path.display()));
+    }
+    if settings.runner.strategy == Strategy::Mitogen {
+        mitogen::find(&settings.program)?;
     }
     let dir = tempfile::Builder::new()
         .prefix("provision-check-")
