@@ -490,7 +490,8 @@ impl Drop for Net {
 }
 
 /// A private /24 for one test: a bridge holding `.1` in the host namespace, a client key, and
-/// the [`SimHost`]s on it. Released when it and all its hosts are dropped.
+/// the [`SimHost`]s on it. Released when it (every clone) and all its hosts are dropped.
+#[derive(Clone)]
 pub struct HostNet {
     net: Arc<Net>,
 }
