@@ -12,7 +12,7 @@ use crate::secret::Source;
 
 /// Parallel hosts within one run unless `ansible.forks` says otherwise (see the README:
 /// measured on 2 cores, 20 instances).
-pub const DEFAULT_FORKS: usize = 10;
+pub const DEFAULT_FORKS: usize = 20;
 
 /// How a run executes its tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
