@@ -61,9 +61,18 @@ impl Runner {
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
         let found = std::sync::OnceLock::new();
         if settings.runner.strategy == Strategy::Mitogen {
-            let m = mitogen::find(&settings.program).map_err(std::io::Error::other)?;
-            info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found");
-            let _ = found.set(Ok(m));
+            // Looked for at start so the log says it at once; not fatal, since layers may
+            // have no ansible step (the runs that need it fail with the same words).
+            let m = mitogen::find(&settings.program);
+            match &m {
+                Ok(m) => {
+                    info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found")
+                }
+                Err(e) => {
+                    warn!(error = %e, "Mitogen for Ansible not found; ansible steps will fail")
+                }
+            }
+            let _ = found.set(m);
         }
         Ok(Arc::new(Runner {
             batches: Batches::new(Timing {
