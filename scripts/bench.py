@@ -5,14 +5,17 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
               message to last completed hook, AWS API calls per launch as counted by the
               emulator, peak RSS of the worker, idle RSS of the daemon
   ssm[:N]     N launches (default 200) with one `ssm` step: SSM API calls per launch, wall time
-  ansible[:N] N instances (default 20) launched at once, each a simulated host (its own sshd
-              in a network namespace) configured by a 3-task playbook, once batched (one
-              ansible-playbook run for the burst) and once with max_batch = 1 (one run per
-              instance): runs, wall time, CPU seconds of the whole provision process tree,
-              batched/per-instance CPU ratio (target <= 1/3). Runs the ignored test
-              bench_ansible_batching of tests/ssh_steps.rs (the debug build of provision;
-              its own CPU is a few percent of the tree's). Needs root (network namespaces),
-              takes a few minutes, so it is not in the default set.
+  ansible[:N] N instances (default 20), each a simulated host (its own sshd in a network
+              namespace), configured by a 3-task playbook, in one sitting on the same hosts:
+              plain ansible-playbook (Ansible's defaults, pipelining, Mitogen for Ansible) and
+              provision (a burst of N launches, one worker) under each runner (linear,
+              linear+pipelining, mitogen: the default): wall time (provision: first message to
+              last completed hook), CPU seconds of the whole ops-side process tree, and both
+              as a ratio to plain Mitogen (target for the default runner <= 1.3). Every row
+              uses provision's default forks; BENCH_FORKS=5,20 adds provision rows with those
+              forks. Runs the ignored test bench_ansible_runners of tests/ssh_steps.rs (the
+              debug build of provision; its own CPU is shown apart). Needs root (network
+              namespaces), takes a few minutes, so it is not in the default set.
 """
 
 import json
@@ -108,11 +111,11 @@ def require_root(scenario):
 
 
 def bench_ansible(instances):
-    """Runs the bench_ansible_batching test (it prints the figures) and relays its report."""
+    """Runs the bench_ansible_runners test (it prints the figures) and relays its report."""
     require_root("ansible")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = ["cargo", "test", "--test", "ssh_steps", "--", "--ignored", "--nocapture", "--exact",
-           "--test-threads=1", "bench_ansible_batching"]
+           "--test-threads=1", "bench_ansible_runners"]
     print(f"\n(running: BENCH_INSTANCES={instances} {' '.join(cmd)})", flush=True)
     out = subprocess.run(cmd, cwd=root, env={**os.environ, "BENCH_INSTANCES": str(instances)},
                          stdout=subprocess.PIPE, text=True)

@@ -92,10 +92,11 @@ class Emulator:
         self.sns.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn)
         return arn, url
 
-    def group(self, name, max_size=1000):
-        # A /20 subnet: room for a few thousand instances (a /24 runs out at ~250).
-        vpc = self.ec2.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
-        subnet = self.ec2.create_subnet(VpcId=vpc, CidrBlock="10.200.0.0/20",
+    def group(self, name, max_size=1000, vpc_cidr="10.200.0.0/16", subnet_cidr="10.200.0.0/20"):
+        # A /20 subnet by default: room for a few thousand instances (a /24 runs out at ~250).
+        # Instances get addresses from .4 upwards (simulated hosts are started at those).
+        vpc = self.ec2.create_vpc(CidrBlock=vpc_cidr)["Vpc"]["VpcId"]
+        subnet = self.ec2.create_subnet(VpcId=vpc, CidrBlock=subnet_cidr,
                                         AvailabilityZone=REGION + "a")["Subnet"]["SubnetId"]
         image = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
         self.ec2.create_launch_template(LaunchTemplateName=name + "-lt",

@@ -33,7 +33,12 @@ struct World {
 
 impl World {
     async fn new(group: &str, heartbeat: i32, metadata: Option<&str>) -> World {
-        let net = HostNet::new();
+        World::on(HostNet::new(), group, heartbeat, metadata).await
+    }
+
+    /// A world on an existing network: the emulator numbers the subnet's instances from .4
+    /// again, so hosts started there earlier serve this world's instances too.
+    async fn on(net: HostNet, group: &str, heartbeat: i32, metadata: Option<&str>) -> World {
         let emu = Emulator::start();
         let aws = Aws::new(&emu).await;
         let q = aws.queue("lifecycle").await;
@@ -104,7 +109,8 @@ impl World {
         .replace("SIM_ROOT", path_str(&self.sim_root));
         let mut p = Provision::new(&self.emu, &self.q, None, &text);
         p.set_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3");
-        p.set_env("ANSIBLE_PIPELINING", "1");
+        // Decided by provision (ansible.pipelining), whatever its environment says.
+        p.set_env("ANSIBLE_PIPELINING", "0");
         // Stopping the daemon releases a replacement instance's wait at once.
         p.edit_config("[ssh]", "[daemon]\nshutdown_grace = \"1s\"\n\n[ssh]");
         p
@@ -210,6 +216,12 @@ async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker()
     for (id, _) in &hosts {
         assert!(text.contains(id.as_str()), "{id} not in the run's log");
     }
+    // The default runner: Mitogen for Ansible.
+    assert!(text.contains("\nstrategy: mitogen\n"), "{text}");
+    assert!(
+        text.contains("Use of strategy plugins not included in ansible.builtin"),
+        "a third-party strategy was loaded: {text}"
+    );
     // Hosts' keys came from the console: one GetConsoleOutput per instance, no more; the
     // instances were looked up together.
     let calls = w.emu.provision_calls();
@@ -270,6 +282,147 @@ async fn a_host_presenting_another_key_than_its_console_is_refused() {
     assert!(ansible_logs(&p).is_empty(), "ansible never ran against it");
     // And the refused key was never trusted: its known_hosts entry went with the ABANDON.
     assert!(!p.dir.join("known_hosts.d").join(id).exists());
+}
+
+/// The window a man in the middle would use: the host presents its console key while
+/// provision reaches it, then another sshd takes its place before the playbook connects.
+/// Under each runner, Ansible's own connection must use the instance's verified
+/// known_hosts file with strict checking, and refuse. Every ssh client started meanwhile is
+/// looked at too: each names that file and `StrictHostKeyChecking yes`.
+async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &str) {
+    let w = World::new(group, 300, Some(r#"{"role":"api"}"#)).await;
+    let hosts = w.launch(group, 1, |net, ip| net.host(ip)).await;
+    let (id, host) = (&hosts[0].0, &hosts[0].1);
+    // A long quiet period: the run starts well after the swap below.
+    let p = w.provision_with(
+        MARKER_LAYER,
+        &format!("{runner}\nbatch_quiet = \"6s\"\nbatch_window = \"20s\""),
+    );
+    p.edit_config("batch_window = \"2s\"\n", "");
+    let known = p.dir.join("known_hosts.d").join(id);
+
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let clients = Arc::new(Mutex::new(Vec::<(bool, String)>::new()));
+    let swapped = Arc::new(AtomicBool::new(false));
+    let scanner = {
+        let (stop, clients, swapped) = (stop.0.clone(), clients.clone(), swapped.clone());
+        let ip = host.ip().to_string();
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) && rounds < 30_000 {
+                rounds += 1;
+                for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    if !pid.bytes().all(|b| b.is_ascii_digit()) || seen.contains(&pid) {
+                        continue;
+                    }
+                    let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                    let args: Vec<String> = cmdline
+                        .split(|b| *b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    if args
+                        .first()
+                        .is_some_and(|a| a == "ssh" || a.ends_with("/ssh"))
+                        && args
+                            .iter()
+                            .any(|a| a == &ip || a.ends_with(&format!("@{ip}")))
+                    {
+                        seen.insert(pid);
+                        let after = swapped.load(Ordering::SeqCst);
+                        clients.lock().unwrap().push((after, args.join(" ")));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut d = p.daemon();
+    // Provision verified the console key and connected: now the impostor.
+    common::eventually(
+        "provision's reach to log in",
+        Duration::from_secs(60),
+        || async { host.log().contains("Accepted publickey").then_some(()) },
+    )
+    .await;
+    host.swap_in_impostor();
+    swapped.store(true, Ordering::SeqCst);
+    assert!(host.is_impostor());
+    common::eventually(
+        "the instance's action to finish",
+        Duration::from_secs(120),
+        || async {
+            results_by_instance(&w.emu)
+                .contains_key(id.as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    drop(stop);
+    scanner.join().unwrap();
+
+    let results = results_by_instance(&w.emu);
+    assert_eq!(results[id.as_str()]["result"], "ABANDON");
+    let err = run_error(&p, id);
+    assert!(err.contains("host key refused"), "{err}");
+    assert!(
+        !w.dir(id).join("marker").exists(),
+        "the play ran on the impostor"
+    );
+    let logs = ansible_logs(&p);
+    assert_eq!(
+        logs.len(),
+        1,
+        "the playbook did run, and was refused: {logs:?}"
+    );
+    let clients = clients.lock().unwrap();
+    assert!(
+        clients.iter().any(|(after, _)| *after),
+        "no ssh client of the playbook's run seen: {clients:?}"
+    );
+    for (_, argv) in clients.iter() {
+        assert!(
+            argv.contains(&format!("UserKnownHostsFile={}", path_str(&known))),
+            "not the verified known_hosts file: {argv}"
+        );
+        assert!(
+            argv.contains("StrictHostKeyChecking=yes")
+                || argv.contains("StrictHostKeyChecking yes"),
+            "not strict: {argv}"
+        );
+        assert!(
+            !argv.contains("StrictHostKeyChecking no")
+                && !argv.contains("StrictHostKeyChecking=no")
+                && !argv.contains("UserKnownHostsFile /dev/null"),
+            "checking weakened: {argv}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_mitogen() {
+    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_linear_with_pipelining() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-p",
+        "strategy = \"linear\"\npipelining = true",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_after_the_reach_is_refused_under_linear_without_pipelining() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-l",
+        "strategy = \"linear\"\npipelining = false",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -839,8 +992,8 @@ fn check_syntax_checks_the_playbooks_with_the_vault_password() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Benchmark: Ansible batching (figures printed, never asserted). Run by `scripts/bench
-// ansible[:N]`, or: cargo test --test ssh_steps -- --ignored --nocapture bench_ansible_batching
+// Benchmark: Ansible runners (figures printed, never asserted). Run by `scripts/bench
+// ansible[:N]`, or: cargo test --test ssh_steps -- --ignored --nocapture bench_ansible_runners
 // ------------------------------------------------------------------------------------------
 
 /// What the benchmark needs of a `/proc/<pid>/stat`.
@@ -972,56 +1125,181 @@ fn run_worker_measured(p: &Provision, timeout: Duration) -> MeasuredRun {
     }
 }
 
-/// One mode's figures.
-struct BenchFigures {
+/// One row of the benchmark table.
+struct Row {
+    name: String,
+    forks: usize,
+    /// ansible-playbook runs.
     runs: usize,
-    /// The longest ansible-playbook run, as its log says.
-    longest_run: f64,
-    /// Emulator clock: first launch message created -> last hook completed.
-    first_to_last: f64,
-    /// Worker spawned -> last hook completed.
-    worker_to_last: f64,
-    /// Whole provision process tree: `worker_cpu + waited_cpu + masters_cpu`.
+    /// Plain: ansible-playbook start -> exit. Provision: first launch message -> last
+    /// completed hook (emulator clock).
+    wall: f64,
+    /// Provision only: worker start -> last completed hook.
+    worker_to_last: Option<f64>,
+    /// CPU seconds (user+sys) of the whole tree (see bench_ansible_runners).
     cpu: f64,
-    /// The `provision worker` process itself.
-    worker_cpu: f64,
-    /// What the worker started and waited for: ansible-playbook, its forks, ssh clients.
-    waited_cpu: f64,
-    /// ssh processes that detached from the worker's tree (ControlPersist masters).
-    masters_cpu: f64,
-    /// Of those, still alive (idle) when measured.
-    live_masters: usize,
+    /// Provision only: of that, the worker process itself.
+    worker_cpu: Option<f64>,
 }
 
-/// Launches `n` instances at once into a fresh world and runs one worker over them, with
-/// `ansible_extra` in `[ansible]`; checks every hook CONTINUEd and every marker is written.
-async fn bench_ansible_mode(group: &str, n: i32, ansible_extra: &str) -> BenchFigures {
-    let w = World::new(group, 600, Some(r#"{"role":"api"}"#)).await;
-    let hosts = w.launch(group, n, |net, ip| net.host(ip)).await;
-    assert_eq!(hosts.len(), n as usize);
-    let p = w.provision_with(MARKER_LAYER, ansible_extra);
-
-    // ssh processes adopted before this run (left by an earlier mode) are not this run's.
-    let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
-    let run = run_worker_measured(&p, Duration::from_secs(900));
-    // Detached ssh masters (ansible's, ControlPersist=60s; the openssh crate's) are this
-    // process's children now: those that exited are reaped (RUSAGE_CHILDREN), those still
-    // idling until ControlPersist expires are counted from /proc as they are.
-    let cpu_before_masters = reaped_children_cpu();
-    reap_adopted(&["ssh"], &earlier);
-    let live: Vec<(i32, ProcStat)> = adopted(&["ssh"])
+/// ssh ControlPersist masters that detached from a finished run, and so became this
+/// process's children: their CPU (reaped ones through RUSAGE_CHILDREN, live ones from /proc),
+/// `earlier` (those of an earlier row) left out.
+fn masters_cpu(earlier: &BTreeSet<i32>) -> f64 {
+    let before = reaped_children_cpu();
+    reap_adopted(&["ssh"], earlier);
+    let live: f64 = adopted(&["ssh"])
         .into_iter()
         .filter(|(pid, s)| s.state != 'Z' && !earlier.contains(pid))
-        .collect();
-    let masters_cpu = reaped_children_cpu() - cpu_before_masters
-        + live.iter().map(|(_, s)| s.own + s.reaped).sum::<f64>();
-    // The instances' side (their sshd, its sessions, the modules' python run through them)
-    // is left out on purpose: the harness reaps sshd only when the hosts drop, below.
+        .map(|(_, s)| s.own + s.reaped)
+        .sum();
+    reaped_children_cpu() - before + live
+}
 
+/// Ends what a row left (idle ssh masters: asked to exit, then reaped), bounded, so the
+/// next row starts clean. Not counted.
+fn settle(control_dirs: &[&Path]) {
+    for dir in control_dirs {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let _ = common::output_within(
+                std::process::Command::new("ssh")
+                    .arg("-o")
+                    .arg(format!("ControlPath={}", e.path().display()))
+                    .args(["-O", "exit", "x"]),
+                Duration::from_secs(5),
+            );
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        reap_adopted(&["ssh", "sshd"], &BTreeSet::new());
+        if adopted(&["ssh"]).is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Mitogen for Ansible's strategy plugins in the venv scripts/setup made.
+fn venv_mitogen_strategy_dir() -> PathBuf {
+    let lib = root().join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            e.path()
+                .join("site-packages/ansible_mitogen/plugins/strategy")
+        })
+        .find(|p| p.join("mitogen_linear.py").is_file())
+        .expect("mitogen in .venv (scripts/setup installs it)")
+}
+
+/// Plain `ansible-playbook` over the same hosts (marker.yml, a hand-made inventory with
+/// strict host key checking), measured: wall from spawn to exit, CPU of its tree.
+fn bench_plain(
+    net: &HostNet,
+    hosts: &[SimHost],
+    name: &str,
+    env: &[(&str, String)],
+    forks: usize,
+) -> Row {
+    let names: Vec<String> = (0..hosts.len()).map(|i| format!("h{i}")).collect();
+    let pairs: Vec<(&str, &SimHost)> = names.iter().map(String::as_str).zip(hosts).collect();
+    let refs: Vec<&SimHost> = hosts.iter().collect();
+    let known = net.known_hosts(&refs);
+    let inventory = net.inventory(&pairs, &known, &[("role", "api")]);
+    for h in hosts {
+        let _ = std::fs::remove_file(h.dir().join("marker"));
+    }
+    let mut c = net.ansible_playbook();
+    c.env("ANSIBLE_FORKS", forks.to_string())
+        .arg("-i")
+        .arg(&inventory)
+        .arg(root().join("tests/playbooks/marker.yml"));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
+    let cpu_before = reaped_children_cpu();
+    let t0 = std::time::Instant::now();
+    let out = common::output_within(&mut c, Duration::from_secs(600));
+    let wall = t0.elapsed().as_secs_f64();
+    let tree = reaped_children_cpu() - cpu_before;
+    let cpu = tree + masters_cpu(&earlier);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = common::hosts::ansible_stats(&stdout);
+    assert_eq!(stats.len(), hosts.len(), "{name}: {stats:?}");
+    for h in hosts {
+        assert!(
+            h.dir().join("marker").exists(),
+            "{name}: no marker on {}",
+            h.ip()
+        );
+    }
+    settle(&[&net.dir().join("cp")]);
+    Row {
+        name: name.to_string(),
+        forks,
+        runs: 1,
+        wall,
+        worker_to_last: None,
+        cpu,
+        worker_cpu: None,
+    }
+}
+
+/// A fresh emulator and group on `net`, whose instances get the addresses of `hosts` (the
+/// same sshd serve every row), one `provision worker` over the burst with `ansible_extra`
+/// in `[ansible]`; checks every hook CONTINUEd and every marker is written.
+async fn bench_provision(
+    net: &HostNet,
+    hosts: &[SimHost],
+    group: &str,
+    name: &str,
+    ansible_extra: &str,
+    forks: usize,
+) -> Row {
+    let n = hosts.len();
+    let w = World::on(net.clone(), group, 600, Some(r#"{"role":"api"}"#)).await;
+    w.aws.scale(group, n as i32).await;
+    let mut ids = Vec::new();
+    for (id, _) in w.aws.instances(group).await {
+        let ip = w.aws.private_ip(&id).await;
+        let host = hosts
+            .iter()
+            .find(|h| h.ip().to_string() == ip)
+            .unwrap_or_else(|| panic!("{ip}: no simulated host there"));
+        w.emu.control(
+            "POST",
+            &format!("/_emulator/console/{id}"),
+            Some(json!({ "host_keys": [host.public_key_line()] })),
+        );
+        std::fs::create_dir_all(w.dir(&id)).unwrap();
+        ids.push((id, host));
+    }
+    assert_eq!(ids.len(), n);
+    let p = w.provision_with(MARKER_LAYER, ansible_extra);
+
+    let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
+    let run = run_worker_measured(&p, Duration::from_secs(900));
+    let masters = masters_cpu(&earlier);
+    if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{group}-worker.log")), &run.log).unwrap();
+        for l in ansible_logs(&p) {
+            std::fs::copy(&l, dir.join(format!("{group}-ansible.log"))).unwrap();
+        }
+    }
     assert_eq!(run.code, 0, "{}", run.log);
     let actions = w.emu.actions();
     let results = results_by_instance(&w.emu);
-    for (id, host) in &hosts {
+    for (id, host) in &ids {
         let r = results
             .get(id)
             .unwrap_or_else(|| panic!("{id} unfinished\n{}", run.log));
@@ -1046,64 +1324,45 @@ async fn bench_ansible_mode(group: &str, n: i32, ansible_extra: &str) -> BenchFi
         .values()
         .map(|a| time(a, "finished"))
         .fold(0.0, f64::max);
-    let logs = ansible_logs(&p);
-    let longest_run = logs
-        .iter()
-        .filter_map(|l| {
-            let text = std::fs::read_to_string(l).ok()?;
-            let line = text.lines().find_map(|l| l.strip_prefix("elapsed: "))?;
-            line.trim_end_matches('s').parse::<f64>().ok()
-        })
-        .fold(0.0, f64::max);
-    let figures = BenchFigures {
-        runs: logs.len(),
-        longest_run,
-        first_to_last: last - first,
-        worker_to_last: last - run.started,
-        cpu: run.tree_cpu + masters_cpu,
-        worker_cpu: run.worker_cpu,
-        waited_cpu: run.tree_cpu - run.worker_cpu,
-        masters_cpu,
-        live_masters: live.len(),
+    let row = Row {
+        name: name.to_string(),
+        forks,
+        runs: ansible_logs(&p).len(),
+        wall: last - first,
+        worker_to_last: Some(last - run.started),
+        cpu: run.tree_cpu + masters,
+        worker_cpu: Some(run.worker_cpu),
     };
-
-    // Tear down (sshd and its sessions killed: the client masters see their connections
-    // end), then reap the adopted leftovers, bounded, so the next mode starts clean. What
-    // they spend from here on is not counted.
-    drop(hosts);
     drop(p);
     drop(w);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        reap_adopted(&["ssh", "sshd"], &BTreeSet::new());
-        if adopted(&["ssh"]).is_empty() || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    figures
+    settle(&[]);
+    row
 }
 
-/// N instances (env BENCH_INSTANCES, default 20) launched at once, each configured by
-/// marker.yml (3 tasks): once batched (default settings: one ansible-playbook run for the
-/// burst), once with `max_batch = 1` (one run per instance). Prints wall time and CPU seconds
-/// of the provision process tree; asserts only that every instance was configured.
+/// N instances (env BENCH_INSTANCES, default 20), each a simulated host (its own sshd in a
+/// network namespace), configured by marker.yml (3 tasks: command, assert, copy), in one
+/// sitting on the same hosts: plain `ansible-playbook` with Ansible's defaults (linear, no
+/// pipelining), with pipelining, and with Mitogen for Ansible; then provision (a burst of
+/// launches, one `provision worker`) under each runner: `linear` without and with
+/// pipelining, and the default (`mitogen`). Every row uses provision's default forks
+/// (env BENCH_FORKS="5,20" adds provision-mitogen rows with those forks). Prints wall time,
+/// CPU seconds and their ratio to plain Mitogen; asserts only that every host was
+/// configured.
 ///
-/// CPU is user+sys of: the `provision worker` process, everything it started and waited for
-/// (ansible-playbook, its forks, their ssh clients), and the ssh processes that detached from
-/// that tree (ControlPersist masters), which this process adopts as child subreaper. Not
-/// counted: the simulated instances' sshd and what runs through it (the modules' python: the
-/// instances' cost), and the emulator. Run it alone: RUSAGE_CHILDREN is process-wide, so
-/// tests running beside it in this binary would be counted too.
+/// CPU is user+sys of the whole tree on this (ops) side: ansible-playbook, its forks,
+/// Mitogen's multiplexers, ssh clients, ssh ControlPersist masters that detached (adopted by
+/// this process as child subreaper; live ones read from /proc), and for provision the
+/// worker itself. Not counted: the simulated instances' sshd and what runs through it (the
+/// instances' cost), the emulator. Run it alone: RUSAGE_CHILDREN is process-wide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run by scripts/bench ansible; needs root"]
-async fn bench_ansible_batching() {
+async fn bench_ansible_runners() {
     // SAFETY: prctl with integer arguments only.
     assert_eq!(
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
         0
     );
-    let n: i32 = std::env::var("BENCH_INSTANCES")
+    let n: usize = std::env::var("BENCH_INSTANCES")
         .ok()
         .map(|v| v.parse().expect("BENCH_INSTANCES must be a number"))
         .unwrap_or(20);
@@ -1112,64 +1371,150 @@ async fn bench_ansible_batching() {
         (1..=140).contains(&n),
         "BENCH_INSTANCES must be 1..=140, not {n}"
     );
+    let extra_forks: Vec<usize> = std::env::var("BENCH_FORKS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .expect("BENCH_FORKS: numbers, comma-separated")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let forks = provision::step::ansible::DEFAULT_FORKS.min(n);
 
-    let batched = bench_ansible_mode("web-bench-b", n, "").await;
-    let single = bench_ansible_mode("web-bench-s", n, "max_batch = 1").await;
+    // The hosts, at the addresses the emulator will give the instances (.4 upwards).
+    let net = HostNet::new();
+    let hosts: Vec<SimHost> = {
+        let probe = World::on(net.clone(), "web-bench-ips", 600, None).await;
+        probe.aws.scale("web-bench-ips", n as i32).await;
+        let mut ips = Vec::new();
+        for (id, _) in probe.aws.instances("web-bench-ips").await {
+            ips.push(probe.aws.private_ip(&id).await);
+        }
+        ips.iter().map(|ip| net.host(ip)).collect()
+    };
 
-    let ratio = batched.cpu / single.cpu;
-    println!("\n== ansible: {n} instances launched at once, marker.yml (3 tasks) each");
+    let mitogen_env = vec![
+        ("ANSIBLE_STRATEGY", "mitogen_linear".to_string()),
+        (
+            "ANSIBLE_STRATEGY_PLUGINS",
+            path_str(&venv_mitogen_strategy_dir()).to_string(),
+        ),
+    ];
+    // BENCH_ROWS="mitogen,pipelining": only the rows whose name contains one of those.
+    let wanted = |name: &str| {
+        std::env::var("BENCH_ROWS")
+            .map(|v| v.split(',').any(|w| name.contains(w.trim())))
+            .unwrap_or(true)
+    };
+    let mut rows = Vec::new();
+    let plain: [(&str, Vec<(&str, String)>); 3] = [
+        ("plain, defaults", vec![("ANSIBLE_PIPELINING", "0".into())]),
+        (
+            "plain, pipelining",
+            vec![("ANSIBLE_PIPELINING", "1".into())],
+        ),
+        ("plain, mitogen", mitogen_env),
+    ];
+    for (name, env) in &plain {
+        if wanted(name) {
+            rows.push(bench_plain(&net, &hosts, name, env, forks));
+        }
+    }
+    let mut runners = vec![
+        (
+            "provision, linear".to_string(),
+            "strategy = \"linear\"\npipelining = false".to_string(),
+            forks,
+        ),
+        (
+            "provision, linear+pipelining".to_string(),
+            "strategy = \"linear\"\npipelining = true".to_string(),
+            forks,
+        ),
+        (
+            "provision, mitogen (default)".to_string(),
+            String::new(),
+            forks,
+        ),
+    ];
+    for f in &extra_forks {
+        runners.push((
+            format!("provision, mitogen, forks {f}"),
+            format!("forks = {f}"),
+            *f,
+        ));
+    }
+    for (i, (name, extra, f)) in runners.iter().enumerate() {
+        if wanted(name) {
+            let group = format!("web-bench-{i}");
+            rows.push(bench_provision(&net, &hosts, &group, name, extra, *f).await);
+        }
+    }
+
+    let base = rows
+        .iter()
+        .find(|r| r.name == "plain, mitogen")
+        .map(|r| (r.wall, r.cpu))
+        .unwrap_or((f64::NAN, f64::NAN));
     println!(
-        "{:<13}{:>5}{:>6}{:>10}{:>10}{:>10}{:>9}{:>10}{:>9}{:>9}{:>7}",
-        "mode",
-        "inst",
-        "runs",
-        "msg->done",
-        "wrk->done",
-        "long.run",
-        "CPU",
-        "provision",
-        "ansible",
-        "masters",
-        "(live)"
+        "\n== ansible: {n} simulated instances, marker.yml (3 tasks), the same hosts for every row"
     );
-    for (mode, f) in [("batched", &batched), ("per-instance", &single)] {
+    println!(
+        "{:<32}{:>6}{:>6}{:>9}{:>10}{:>8}{:>8}{:>11}{:>10}",
+        "runner", "forks", "runs", "wall", "(wrk->)", "CPU", "(prov)", "wall/mtg", "CPU/mtg"
+    );
+    for r in &rows {
         println!(
-            "{mode:<13}{n:>5}{:>6}{:>9.2}s{:>9.2}s{:>9.2}s{:>8.2}s{:>9.2}s{:>8.2}s{:>8.2}s{:>7}",
-            f.runs,
-            f.first_to_last,
-            f.worker_to_last,
-            f.longest_run,
-            f.cpu,
-            f.worker_cpu,
-            f.waited_cpu,
-            f.masters_cpu,
-            f.live_masters
+            "{:<32}{:>6}{:>6}{:>8.2}s{:>10}{:>7.2}s{:>8}{:>10.2}x{:>9.2}x",
+            r.name,
+            r.forks,
+            r.runs,
+            r.wall,
+            r.worker_to_last
+                .map(|w| format!("{w:.2}s"))
+                .unwrap_or_else(|| "-".into()),
+            r.cpu,
+            r.worker_cpu
+                .map(|w| format!("{w:.2}s"))
+                .unwrap_or_else(|| "-".into()),
+            r.wall / base.0,
+            r.cpu / base.1,
         );
     }
+    let (wr, cr) = rows
+        .iter()
+        .find(|r| r.name == "provision, mitogen (default)")
+        .map(|d| (d.wall / base.0, d.cpu / base.1))
+        .unwrap_or((f64::NAN, f64::NAN));
     println!(
-        "batched / per-instance CPU  {ratio:.3}  (target <= 0.333: {})",
-        if ratio <= 1.0 / 3.0 { "met" } else { "NOT met" }
+        "provision's default runner / plain Mitogen: wall {wr:.2}x, CPU {cr:.2}x (target <= 1.3x: {})",
+        if wr <= 1.3 && cr <= 1.3 { "met" } else { "NOT met" }
     );
     println!(
-        "msg->done: first launch message to last completed hook (emulator clock; includes the \
-         harness starting {n} sshd before the worker); wrk->done: worker start to last \
-         completed hook; long.run: longest ansible-playbook run. CPU (user+sys) of the \
-         provision process tree = provision (the worker itself) + ansible (what it waited \
-         for: ansible-playbook, its forks, ssh clients) + masters (ssh ControlPersist masters \
-         that detached; live ones read from /proc). Not counted: the instances' sshd and the \
-         modules run through it, the emulator."
+        "wall: plain = ansible-playbook start to exit; provision = first launch message to last \
+         completed hook (emulator clock; the hosts run before the burst), wrk-> = worker start to \
+         last completed hook. CPU (user+sys) of the ops side's whole tree: ansible-playbook, its \
+         forks, Mitogen's multiplexers, ssh clients and detached ControlPersist masters, and the \
+         provision worker ((prov): the worker alone, a debug build). Not counted: the instances' sshd and the modules run through it, the \
+         emulator. The machine is shared: run it twice to see the noise."
     );
     let json = json!({
         "ansible_instances": n,
-        "ansible_batched_runs": batched.runs,
-        "ansible_batched_seconds_to_last_completion": round2(batched.worker_to_last),
-        "ansible_batched_cpu_seconds": round2(batched.cpu),
-        "ansible_per_instance_runs": single.runs,
-        "ansible_per_instance_seconds_to_last_completion": round2(single.worker_to_last),
-        "ansible_per_instance_cpu_seconds": round2(single.cpu),
-        "ansible_cpu_ratio": (ratio * 1000.0).round() / 1000.0,
+        "ansible_rows": rows.iter().map(|r| json!({
+            "runner": r.name, "forks": r.forks, "runs": r.runs,
+            "wall_seconds": round2(r.wall), "cpu_seconds": round2(r.cpu),
+        })).collect::<Vec<_>>(),
+        "ansible_default_wall_ratio_to_plain_mitogen": round2(wr),
+        "ansible_default_cpu_ratio_to_plain_mitogen": round2(cr),
     });
     println!("BENCH_JSON {json}");
+    drop(hosts);
+    drop(net);
 }
 
 fn round2(x: f64) -> f64 {

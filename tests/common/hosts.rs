@@ -51,6 +51,7 @@
 //! let out = host.ssh(&known_hosts).arg("echo ok").output().unwrap();
 //! host.stop_sshd();                                // "SSH goes away"; start_sshd() again later
 //! let mitm = net.impostor(net.next_ip());          // sshd key != public_key_line()
+//! host.swap_in_impostor();                         // from now on, this host's sshd is one too
 //! ```
 
 #![allow(dead_code)]
@@ -63,7 +64,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -489,7 +490,8 @@ impl Drop for Net {
 }
 
 /// A private /24 for one test: a bridge holding `.1` in the host namespace, a client key, and
-/// the [`SimHost`]s on it. Released when it and all its hosts are dropped.
+/// the [`SimHost`]s on it. Released when it (every clone) and all its hosts are dropped.
+#[derive(Clone)]
 pub struct HostNet {
     net: Arc<Net>,
 }
@@ -689,7 +691,7 @@ impl HostNet {
             authorized_keys,
             scratch,
             public_key_line: advertised,
-            impostor,
+            impostor: AtomicBool::new(impostor),
             sshd: Mutex::new(None),
             dir,
         };
@@ -820,7 +822,7 @@ pub struct SimHost {
     authorized_keys: PathBuf,
     scratch: PathBuf,
     public_key_line: String,
-    impostor: bool,
+    impostor: AtomicBool,
     sshd: Mutex<Option<Child>>,
     dir: tempfile::TempDir,
 }
@@ -849,7 +851,32 @@ impl SimHost {
     }
 
     pub fn is_impostor(&self) -> bool {
-        self.impostor
+        self.impostor.load(Ordering::SeqCst)
+    }
+
+    /// A man in the middle takes the host's place: sshd is restarted with a fresh key that
+    /// is not [`public_key_line`](Self::public_key_line) (open sessions carry on). For the
+    /// window between a client verifying the host and its next connection.
+    pub fn swap_in_impostor(&self) {
+        let key = self.dir.path().join("swapped_impostor_ed25519_key");
+        if !key.exists() {
+            keygen(&key, &format!("root@{}", self.hostname));
+        }
+        let config = fs::read_to_string(&self.config).unwrap();
+        let swapped: String = config
+            .lines()
+            .map(|l| {
+                if l.starts_with("HostKey ") {
+                    format!("HostKey {}\n", key.display())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        fs::write(&self.config, swapped).unwrap();
+        self.stop_sshd();
+        self.start_sshd();
+        self.impostor.store(true, Ordering::SeqCst);
     }
 
     /// Per-host scratch directory (empty at start) for playbooks to write into.

@@ -1,0 +1,144 @@
+//! The per-host results of a run: the `provision_json` callback's JSON document turned into
+//! one result per instance (task outcomes for the history, failed or unreachable hosts as
+//! errors).
+//!
+//! Owns reading the document; not running Ansible nor writing logs (see `runner`).
+
+use serde_json::Value;
+
+use crate::step::tail;
+
+const EXCERPT: usize = 1500;
+
+pub fn parse_results(stdout: &str) -> Option<Value> {
+    let start = stdout.find('{')?;
+    serde_json::from_str(&stdout[start..]).ok()
+}
+
+/// One host's result from the run's JSON document.
+pub fn host_result(
+    host: &str,
+    doc: Option<&Value>,
+    exit: Option<i32>,
+    stderr: &str,
+    log: &str,
+) -> Result<String, String> {
+    let Some(doc) = doc else {
+        return Err(format!(
+            "ansible-playbook exited with {} and printed no results: {} (log: {log})",
+            exit.map(|c| c.to_string())
+                .unwrap_or_else(|| "a signal".into()),
+            tail(stderr, EXCERPT)
+        ));
+    };
+    let Some(stats) = doc.pointer(&format!(
+        "/stats/{}",
+        host.replace('~', "~0").replace('/', "~1")
+    )) else {
+        return Err(format!(
+            "the playbook did not run on this host: no play's `hosts:` matched it (it is in groups `all` and its layer's); exit {}: {} (log: {log})",
+            exit.map(|c| c.to_string()).unwrap_or_default(),
+            tail(stderr, EXCERPT)
+        ));
+    };
+    let n = |k: &str| stats.get(k).and_then(Value::as_i64).unwrap_or(0);
+    let summary = format!(
+        "ok={} changed={} failed={} unreachable={} skipped={}",
+        n("ok"),
+        n("changed"),
+        n("failures"),
+        n("unreachable"),
+        n("skipped")
+    );
+    // The tasks of this host, in order, as `status task: message`.
+    let mut lines = Vec::new();
+    for play in doc["plays"].as_array().into_iter().flatten() {
+        for task in play["tasks"].as_array().into_iter().flatten() {
+            if let Some(r) = task["hosts"].get(host) {
+                let status = r["status"].as_str().unwrap_or("?");
+                let name = task["task"]["name"].as_str().unwrap_or("");
+                let mut line = format!("{status}: {name}");
+                if matches!(status, "failed" | "unreachable") {
+                    for k in ["msg", "stderr", "stdout"] {
+                        if let Some(s) = r.get(k).and_then(Value::as_str).filter(|s| !s.is_empty())
+                        {
+                            line.push_str(&format!(" | {k}: {}", s.trim()));
+                        }
+                    }
+                }
+                lines.push(line);
+            }
+        }
+    }
+    let mut detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
+    if n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l)) {
+        // In the words of `remote` for the same refusal, first, so the history says it.
+        detail = format!(
+            "host key refused: the SSH server of {host} presented a key that is not its verified one (the instance's known_hosts file, strict checking); not connecting (possible man-in-the-middle).\n{detail}"
+        );
+    }
+    if n("failures") > 0 || n("unreachable") > 0 {
+        Err(tail(&detail, EXCERPT))
+    } else {
+        Ok(tail(&detail, EXCERPT))
+    }
+}
+
+/// Whether ssh (or Mitogen, which runs ssh) refused the server's host key.
+fn host_key_refused(msg: &str) -> bool {
+    [
+        "Host key verification failed",
+        "REMOTE HOST IDENTIFICATION HAS CHANGED",
+        "mismatching host key",
+        "No matching host key",
+    ]
+    .iter()
+    .any(|m| msg.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn per_host_results_come_from_the_callback_document() {
+        let doc = json!({
+            "plays": [{"play": {"name": "p"}, "tasks": [
+                {"task": {"name": "write marker"}, "hosts": {
+                    "i-1": {"status": "changed"},
+                    "i-2": {"status": "failed", "msg": "disk full"}}}]}],
+            "stats": {
+                "i-1": {"ok": 1, "changed": 1, "failures": 0, "unreachable": 0},
+                "i-2": {"ok": 0, "changed": 0, "failures": 1, "unreachable": 0}}
+        });
+        let ok = host_result("i-1", Some(&doc), Some(2), "", "L").unwrap();
+        assert!(ok.starts_with("ok=1 changed=1 failed=0"), "{ok}");
+        let bad = host_result("i-2", Some(&doc), Some(2), "", "L").unwrap_err();
+        assert!(
+            bad.contains("failed: write marker | msg: disk full"),
+            "{bad}"
+        );
+        let missing = host_result("i-3", Some(&doc), Some(0), "", "L").unwrap_err();
+        assert!(missing.contains("did not run on this host"), "{missing}");
+        let none = host_result("i-1", None, Some(4), "ERROR! syntax", "L").unwrap_err();
+        assert!(none.contains("ERROR! syntax"), "{none}");
+    }
+
+    #[test]
+    fn a_refused_host_key_is_named_as_such_whatever_the_runner() {
+        for msg in [
+            "Failed to connect to the host via ssh: Host key verification failed.",
+            "Host key checking is enabled, and SSH reported an unrecognized or mismatching host key.",
+        ] {
+            let doc = json!({
+                "plays": [{"tasks": [{"task": {"name": "t"}, "hosts": {
+                    "i-1": {"status": "unreachable", "msg": msg}}}]}],
+                "stats": {"i-1": {"ok": 0, "failures": 0, "unreachable": 1}}
+            });
+            let e = host_result("i-1", Some(&doc), Some(4), "", "L").unwrap_err();
+            assert!(e.starts_with("host key refused"), "{e}");
+            assert!(e.contains(msg), "{e}");
+        }
+    }
+}

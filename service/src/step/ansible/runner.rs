@@ -1,0 +1,483 @@
+//! The `ansible-playbook` child process of one batch: its private run directory (inventory,
+//! extra vars, vault password file), its environment built from scratch, its process group
+//! (killed past the step's timeout), its ssh control masters (closed after the run) and its
+//! bounded log in `<state dir>/ansible-logs/`.
+//!
+//! Owns how a run is started and cleaned up; not which instances share a run (the step's
+//! batching) nor how the callback's document becomes per-host results (see `results`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt as _;
+use tracing::{info, warn};
+
+use crate::cache::TtlCache;
+use crate::secret::{Secret, SecretFile, Source};
+use crate::ssh::{Remote, Target};
+use crate::step::tail;
+
+use super::batch::{Batches, Timing};
+use super::mitogen::{self, Mitogen};
+use super::results::{host_result, parse_results};
+use super::settings::{AnsibleSettings, Strategy};
+use super::BatchKey;
+
+/// The callback that prints per-host results as one JSON document (ansible-core has none).
+pub const CALLBACK_PLUGIN: &str =
+    include_str!("../../../../playbooks/callback_plugins/provision_json.py");
+const EXCERPT: usize = 1500;
+
+/// Runs ansible-playbook for batches of instances; shared by every event in flight.
+pub struct Runner {
+    pub settings: AnsibleSettings,
+    pub(super) remote: Arc<Remote>,
+    pub(super) batches: Batches<BatchKey, Target, Result<String, String>>,
+    /// Mitogen for Ansible, looked for once (at start when it is `[ansible]`'s strategy).
+    mitogen: std::sync::OnceLock<Result<Mitogen, String>>,
+    secrets: TtlCache<Source, Secret>,
+    ssm: Arc<dyn crate::aws::Ssm>,
+    retry_for: Duration,
+    log_dir: PathBuf,
+    callback_dir: PathBuf,
+}
+
+impl Runner {
+    pub fn new(
+        settings: AnsibleSettings,
+        remote: Arc<Remote>,
+        ssm: Arc<dyn crate::aws::Ssm>,
+        retry_for: Duration,
+        state_dir: &Path,
+    ) -> std::io::Result<Arc<Runner>> {
+        let log_dir = state_dir.join("ansible-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let callback_dir = remote.runtime_dir().join("callback_plugins");
+        std::fs::create_dir_all(&callback_dir)?;
+        std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
+        let found = std::sync::OnceLock::new();
+        if settings.runner.strategy == Strategy::Mitogen {
+            // Looked for at start so the log says it at once; not fatal, since layers may
+            // have no ansible step (the runs that need it fail with the same words).
+            let m = mitogen::find(&settings.program);
+            match &m {
+                Ok(m) => {
+                    info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found")
+                }
+                Err(e) => {
+                    warn!(error = %e, "Mitogen for Ansible not found; ansible steps will fail")
+                }
+            }
+            let _ = found.set(m);
+        }
+        Ok(Arc::new(Runner {
+            batches: Batches::new(Timing {
+                window: settings.batch_window,
+                quiet: settings.batch_quiet,
+                // A member still being reached this long after the first one was: the
+                // others run without it (it joins a later run once reached).
+                straggle: settings.batch_window,
+                max: settings.max_batch,
+            }),
+            mitogen: found,
+            settings,
+            remote,
+            // SSM parameters are read at most every 5 minutes; credentials are files anyway.
+            secrets: TtlCache::new(Duration::from_secs(300)),
+            ssm,
+            retry_for,
+            log_dir,
+            callback_dir,
+        }))
+    }
+
+    async fn vault_password(&self) -> Result<Option<Secret>, String> {
+        let Some(src) = &self.settings.vault_password else {
+            return Ok(None);
+        };
+        let (ssm, retry_for) = (self.ssm.clone(), self.retry_for);
+        self.secrets
+            .get_or_load(src, || async move {
+                match src {
+                    Source::Credential(n) => crate::secret::read_credential(n),
+                    Source::SsmParameter(n) => {
+                        crate::aws::retry::with_backoff(retry_for, || ssm.parameter(n))
+                            .await
+                            .map_err(|e| format!("vault password from SSM parameter {n}: {e}"))
+                    }
+                }
+            })
+            .await
+            .map(Some)
+    }
+
+    /// `ansible-playbook` with a clean environment and this service's callback.
+    pub fn command(&self) -> tokio::process::Command {
+        let mut c = command(&self.settings);
+        c.env("ANSIBLE_STDOUT_CALLBACK", "provision_json")
+            .env("ANSIBLE_CALLBACK_PLUGINS", &self.callback_dir);
+        c
+    }
+
+    pub(super) async fn run_batch(
+        &self,
+        key: &BatchKey,
+        vars: BTreeMap<String, String>,
+        targets: Vec<Target>,
+    ) -> Vec<Result<String, String>> {
+        let n = targets.len();
+        match self.run_batch_inner(key, vars, &targets).await {
+            Ok(results) => results,
+            Err(e) => {
+                warn!(error = %e, playbook = %key.playbook, "ansible-playbook run failed");
+                vec![Err(e); n]
+            }
+        }
+    }
+
+    async fn run_batch_inner(
+        &self,
+        key: &BatchKey,
+        mut vars: BTreeMap<String, String>,
+        targets: &[Target],
+    ) -> Result<Vec<Result<String, String>>, String> {
+        let playbook = self.settings.playbook_dir.join(&key.playbook);
+        if !playbook.is_file() {
+            return Err(format!(
+                "playbook {} does not exist (ansible.playbook_dir)",
+                playbook.display()
+            ));
+        }
+        let dir = self
+            .remote
+            .scratch_dir("ansible-")
+            .map_err(|e| format!("cannot create a private run directory: {e}"))?;
+        let mut hosts = serde_json::Map::new();
+        let mut layer_hosts = serde_json::Map::new();
+        for t in targets {
+            let mut hv = self.remote.ansible_host_vars(t);
+            hv.insert("provision_instance_id".into(), json!(t.id.as_str()));
+            // Host key checking on, above the environment and the playbook's group_vars:
+            // Mitogen puts `UserKnownHostsFile /dev/null` before the verified file when off.
+            hv.insert("ansible_host_key_checking".into(), json!(true));
+            hv.insert("ansible_ssh_host_key_checking".into(), json!(true));
+            hosts.insert(t.id.to_string(), Value::Object(hv));
+            layer_hosts.insert(t.id.to_string(), json!({}));
+        }
+        let inventory = json!({
+            "all": {
+                "hosts": hosts,
+                "children": { group_name(&key.layer): { "hosts": layer_hosts } },
+            }
+        });
+        let inv_path = dir.path().join("inventory.json");
+        std::fs::write(&inv_path, inventory.to_string()).map_err(|e| e.to_string())?;
+        vars.insert("provision_layer".into(), key.layer.clone());
+        vars.insert("provision_transition".into(), key.transition.to_string());
+        let vars_path = dir.path().join("extra-vars.json");
+        std::fs::write(&vars_path, serde_json::to_string(&vars).unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        let vault = match self.vault_password().await? {
+            Some(s) => Some(
+                SecretFile::write(dir.path(), "vault-password", &s)
+                    .map_err(|e| format!("cannot write the vault password file: {e}"))?,
+            ),
+            None => None,
+        };
+        let cp = dir.path().join("cp");
+        std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
+        let forks = self.settings.forks(targets.len());
+        let mut c = self.command();
+        c.env("ANSIBLE_SSH_CONTROL_PATH_DIR", &cp)
+            .env("ANSIBLE_FORKS", forks.to_string())
+            .env(
+                "ANSIBLE_PIPELINING",
+                if key.runner.pipelining {
+                    "True"
+                } else {
+                    "False"
+                },
+            )
+            .env("ANSIBLE_STRATEGY", key.runner.strategy.plugin());
+        if key.runner.strategy == Strategy::Mitogen {
+            let found = self
+                .mitogen
+                .get_or_init(|| mitogen::find(&self.settings.program));
+            let m = found.as_ref().map_err(|e| e.clone())?;
+            // The environment wins over any ansible.cfg: nobody edits one for this.
+            c.env("ANSIBLE_STRATEGY_PLUGINS", &m.strategy_dir);
+        }
+        if std::env::var_os("ANSIBLE_LOCAL_TEMP").is_none() {
+            let tmp = dir.path().join("tmp");
+            std::fs::create_dir(&tmp).map_err(|e| e.to_string())?;
+            c.env("ANSIBLE_LOCAL_TEMP", tmp);
+        }
+        c.arg("-i")
+            .arg(&inv_path)
+            .arg("-e")
+            .arg(format!("@{}", vars_path.display()));
+        if let Some(v) = &vault {
+            c.arg("--vault-password-file").arg(v.path());
+        }
+        c.arg(&playbook);
+        c.process_group(0);
+        let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
+        let started = std::time::Instant::now();
+        let mut child = c
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.settings.program.display()))?;
+        let group = ProcessGroup(child.id());
+        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let io = async {
+            let (mut o, mut e) = (Vec::new(), Vec::new());
+            let _ = tokio::join!(out.read_to_end(&mut o), err.read_to_end(&mut e));
+            let status = child.wait().await;
+            (o, e, status)
+        };
+        let finished = tokio::time::timeout(key.timeout, io).await;
+        match finished {
+            Ok(_) => group.disarm(),
+            // Past the timeout: the whole group goes (ansible-playbook, its forks, their ssh).
+            Err(_) => drop(group),
+        }
+        drop(vault);
+        // Ansible's ssh masters (ControlPersist) detach from the run's process group and
+        // would outlive it by a minute, holding a session on every instance, with their
+        // socket directory about to be removed: closed after every run, timed out or not.
+        close_masters(&cp).await;
+        let (stdout, stderr, status) = finished.map_err(|_| {
+            format!(
+                "ansible-playbook {} did not finish within {}; stopped",
+                key.playbook,
+                humantime::format_duration(key.timeout)
+            )
+        })?;
+        let status = status.map_err(|e| e.to_string())?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr),
+        );
+        let log = self.write_log(key, targets, &status, &stdout, &stderr, started.elapsed());
+        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?status.code(), elapsed_ms = started.elapsed().as_millis() as u64, log = %log, "ansible-playbook finished");
+        let doc = parse_results(&stdout);
+        Ok(targets
+            .iter()
+            .map(|t| host_result(t.id.as_str(), doc.as_ref(), status.code(), &stderr, &log))
+            .collect())
+    }
+
+    fn write_log(
+        &self,
+        key: &BatchKey,
+        targets: &[Target],
+        status: &std::process::ExitStatus,
+        stdout: &str,
+        stderr: &str,
+        elapsed: Duration,
+    ) -> String {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let name = format!(
+            "{stamp}-{}-{}.log",
+            key.layer,
+            key.playbook.replace('/', "_")
+        );
+        let path = self.log_dir.join(&name);
+        let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        let mut text = format!(
+            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\nexit: {:?}\nelapsed: {:.1}s\n\n--- stderr ---\n{stderr}\n--- results (provision_json) ---\n{stdout}\n",
+            key.playbook,
+            key.layer,
+            key.transition,
+            ids.join(" "),
+            key.runner.strategy.as_str(),
+            key.runner.pipelining,
+            status.code(),
+            elapsed.as_secs_f64()
+        );
+        let max = self.settings.log_max_bytes as usize;
+        if text.len() > max {
+            let mut cut = max.saturating_sub(64);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str("\n[log truncated at ansible.log_max_bytes]\n");
+        }
+        if let Err(e) = std::fs::write(&path, text) {
+            warn!(error = %e, path = %path.display(), "cannot write the ansible log");
+        }
+        self.prune_logs();
+        path.display().to_string()
+    }
+
+    fn prune_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.log_dir) else {
+            return;
+        };
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        if names.len() <= self.settings.log_keep {
+            return;
+        }
+        // Names start with a millisecond timestamp: sorting them sorts by age.
+        names.sort();
+        for p in &names[..names.len() - self.settings.log_keep] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `ansible-playbook`, run in the playbook directory, with an environment built from
+/// scratch: PATH, HOME, the service's `ANSIBLE_*` settings (minus those this service
+/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining), the
+/// service's Mitogen tuning (`MITOGEN_POOL_SIZE`, `MITOGEN_CPU_COUNT`), a UTF-8 locale, host
+/// key checking on. Nothing else is inherited.
+pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(&settings.program);
+    c.env_clear()
+        .current_dir(&settings.playbook_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        let keep = matches!(
+            name.as_ref(),
+            "PATH"
+                | "HOME"
+                | "USER"
+                | "LOGNAME"
+                | "TMPDIR"
+                | "SHELL"
+                | "MITOGEN_POOL_SIZE"
+                | "MITOGEN_CPU_COUNT"
+        ) || (name.starts_with("ANSIBLE_")
+            && !matches!(
+                name.as_ref(),
+                "ANSIBLE_STDOUT_CALLBACK"
+                    | "ANSIBLE_CALLBACK_PLUGINS"
+                    | "ANSIBLE_HOST_KEY_CHECKING"
+                    | "ANSIBLE_SSH_HOST_KEY_CHECKING"
+                    | "ANSIBLE_VAULT_PASSWORD_FILE"
+                    | "ANSIBLE_SSH_ARGS"
+                    | "ANSIBLE_STRATEGY"
+                    | "ANSIBLE_STRATEGY_PLUGINS"
+                    | "ANSIBLE_PIPELINING"
+                    | "ANSIBLE_SSH_PIPELINING"
+            ));
+        if keep {
+            c.env(k, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    c.env("LANG", "C.UTF-8")
+        .env("LC_ALL", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1")
+        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
+        .env("ANSIBLE_NOCOLOR", "1");
+    c
+}
+
+/// `ansible-playbook --syntax-check` of one playbook (for `provision check`), with the
+/// vault password when there is one.
+pub async fn syntax_check(
+    settings: &AnsibleSettings,
+    playbook: &str,
+    vault: Option<&Secret>,
+) -> Result<(), String> {
+    let path = settings.playbook_dir.join(playbook);
+    if !path.is_file() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    if settings.runner.strategy == Strategy::Mitogen {
+        mitogen::find(&settings.program)?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("provision-check-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let vault = match vault {
+        Some(s) => Some(SecretFile::write(dir.path(), "vault", s).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut c = command(settings);
+    c.env("ANSIBLE_LOCAL_TEMP", dir.path())
+        .args(["--syntax-check", "-i", "localhost,"]);
+    if let Some(v) = &vault {
+        c.arg("--vault-password-file").arg(v.path());
+    }
+    c.arg(&path);
+    let out = tokio::time::timeout(Duration::from_secs(120), c.output())
+        .await
+        .map_err(|_| "ansible-playbook --syntax-check did not finish in 2m".to_string())?
+        .map_err(|e| format!("cannot run {}: {e}", settings.program.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(tail(&text, EXCERPT))
+    }
+}
+
+/// Asks every ssh ControlMaster with a socket in `dir` to exit (`ssh -O exit`), at once.
+async fn close_masters(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut exits = tokio::task::JoinSet::new();
+    for e in entries.flatten() {
+        let mut c = tokio::process::Command::new("ssh");
+        c.arg("-o")
+            .arg(format!("ControlPath={}", e.path().display()))
+            .args(["-O", "exit", "provision-master"])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        exits.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.status()).await;
+        });
+    }
+    while exits.join_next().await.is_some() {}
+}
+
+/// The inventory group named after the layer (Ansible group names: letters, digits, '_').
+fn group_name(layer: &str) -> String {
+    layer.replace('-', "_")
+}
+
+/// Kills the whole process group of a run (ansible-playbook, its workers, their ssh)
+/// unless disarmed: on timeout, and when the run is dropped at shutdown.
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) with a negative pid signals the group this run created.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+}
