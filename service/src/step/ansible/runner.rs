@@ -38,7 +38,7 @@ pub struct Runner {
     pub(super) remote: Arc<Remote>,
     pub(super) batches: Batches<BatchKey, Target, Result<String, String>>,
     /// Mitogen for Ansible, looked for once (at start when it is `[ansible]`'s strategy).
-    mitogen: std::sync::OnceLock<Result<Mitogen, String>>,
+    mitogen: Arc<std::sync::OnceLock<Result<Mitogen, String>>>,
     secrets: TtlCache<Source, Secret>,
     ssm: Arc<dyn crate::aws::Ssm>,
     retry_for: Duration,
@@ -59,20 +59,22 @@ impl Runner {
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
-        let found = std::sync::OnceLock::new();
+        let found = Arc::new(std::sync::OnceLock::new());
         if settings.runner.strategy == Strategy::Mitogen {
-            // Looked for at start so the log says it at once; not fatal, since layers may
-            // have no ansible step (the runs that need it fail with the same words).
-            let m = mitogen::find(&settings.program);
-            match &m {
-                Ok(m) => {
-                    info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found")
-                }
-                Err(e) => {
-                    warn!(error = %e, "Mitogen for Ansible not found; ansible steps will fail")
-                }
-            }
-            let _ = found.set(m);
+            // Looked for at start, beside it (a Python start is slow on a busy host and the
+            // first receive must not wait for it), so the log says it at once; not fatal:
+            // layers may have no ansible step, and runs that need it fail with the same words.
+            let (found, program) = (found.clone(), settings.program.clone());
+            std::thread::spawn(
+                move || match found.get_or_init(|| mitogen::find(&program)) {
+                    Ok(m) => {
+                        info!(version = %m.version, strategy_plugins = %m.strategy_dir.display(), "Mitogen for Ansible found")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "Mitogen for Ansible not found; ansible steps will fail")
+                    }
+                },
+            );
         }
         Ok(Arc::new(Runner {
             batches: Batches::new(Timing {
@@ -204,10 +206,12 @@ impl Runner {
             )
             .env("ANSIBLE_STRATEGY", key.runner.strategy.plugin());
         if key.runner.strategy == Strategy::Mitogen {
-            let found = self
-                .mitogen
-                .get_or_init(|| mitogen::find(&self.settings.program));
-            let m = found.as_ref().map_err(|e| e.clone())?;
+            let (found, program) = (self.mitogen.clone(), self.settings.program.clone());
+            let m = tokio::task::spawn_blocking(move || {
+                found.get_or_init(|| mitogen::find(&program)).clone()
+            })
+            .await
+            .map_err(|e| format!("looking for Mitogen for Ansible: {e}"))??;
             // The environment wins over any ansible.cfg: nobody edits one for this.
             c.env("ANSIBLE_STRATEGY_PLUGINS", &m.strategy_dir);
         }
