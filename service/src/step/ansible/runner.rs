@@ -144,7 +144,7 @@ impl Runner {
     async fn run_batch_inner(
         &self,
         key: &BatchKey,
-        mut vars: BTreeMap<String, String>,
+        vars: BTreeMap<String, String>,
         targets: &[Target],
     ) -> Result<Vec<Result<String, String>>, String> {
         let playbook = self.settings.playbook_dir.join(&key.playbook);
@@ -158,6 +158,54 @@ impl Runner {
             .remote
             .scratch_dir("ansible-")
             .map_err(|e| format!("cannot create a private run directory: {e}"))?;
+        let inv_path = self.write_inventory(dir.path(), key, targets)?;
+        let vars_path = write_vars(dir.path(), key, vars)?;
+        let vault = match self.vault_password().await? {
+            Some(s) => Some(
+                SecretFile::write(dir.path(), "vault-password", &s)
+                    .map_err(|e| format!("cannot write the vault password file: {e}"))?,
+            ),
+            None => None,
+        };
+        let cp = dir.path().join("cp");
+        std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
+        let forks = self.settings.forks(targets.len());
+        let mut c = self.command_for(key, forks, &cp, dir.path()).await?;
+        c.arg("-i")
+            .arg(&inv_path)
+            .arg("-e")
+            .arg(format!("@{}", vars_path.display()));
+        if let Some(v) = &vault {
+            c.arg("--vault-password-file").arg(v.path());
+        }
+        c.arg(&playbook);
+        c.process_group(0);
+        let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
+        let started = std::time::Instant::now();
+        let finished = self.run_to_end(c, key, &cp).await;
+        drop(vault);
+        let (stdout, stderr, status) = finished?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr),
+        );
+        let log = self.write_log(key, targets, &status, &stdout, &stderr, started.elapsed());
+        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?status.code(), elapsed_ms = started.elapsed().as_millis() as u64, log = %log, "ansible-playbook finished");
+        let doc = parse_results(&stdout);
+        Ok(targets
+            .iter()
+            .map(|t| host_result(t.id.as_str(), doc.as_ref(), status.code(), &stderr, &log))
+            .collect())
+    }
+
+    /// The run's inventory: each target with its connection vars, in the layer's group.
+    fn write_inventory(
+        &self,
+        dir: &Path,
+        key: &BatchKey,
+        targets: &[Target],
+    ) -> Result<PathBuf, String> {
         let mut hosts = serde_json::Map::new();
         let mut layer_hosts = serde_json::Map::new();
         for t in targets {
@@ -176,34 +224,29 @@ impl Runner {
                 "children": { group_name(&key.layer): { "hosts": layer_hosts } },
             }
         });
-        let inv_path = dir.path().join("inventory.json");
+        let inv_path = dir.join("inventory.json");
         std::fs::write(&inv_path, inventory.to_string()).map_err(|e| e.to_string())?;
-        vars.insert("provision_layer".into(), key.layer.clone());
-        vars.insert("provision_transition".into(), key.transition.to_string());
-        let vars_path = dir.path().join("extra-vars.json");
-        std::fs::write(&vars_path, serde_json::to_string(&vars).unwrap_or_default())
-            .map_err(|e| e.to_string())?;
-        let vault = match self.vault_password().await? {
-            Some(s) => Some(
-                SecretFile::write(dir.path(), "vault-password", &s)
-                    .map_err(|e| format!("cannot write the vault password file: {e}"))?,
-            ),
-            None => None,
-        };
-        let cp = dir.path().join("cp");
-        std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
-        let forks = self.settings.forks(targets.len());
+        Ok(inv_path)
+    }
+
+    /// `ansible-playbook` set up for this batch's runner: forks, pipelining, strategy (with
+    /// Mitogen's plugin directory), its own ssh control path and local temp directory.
+    async fn command_for(
+        &self,
+        key: &BatchKey,
+        forks: usize,
+        cp: &Path,
+        dir: &Path,
+    ) -> Result<tokio::process::Command, String> {
         let mut c = self.command();
-        c.env("ANSIBLE_SSH_CONTROL_PATH_DIR", &cp)
+        let pipelining = if key.runner.pipelining {
+            "True"
+        } else {
+            "False"
+        };
+        c.env("ANSIBLE_SSH_CONTROL_PATH_DIR", cp)
             .env("ANSIBLE_FORKS", forks.to_string())
-            .env(
-                "ANSIBLE_PIPELINING",
-                if key.runner.pipelining {
-                    "True"
-                } else {
-                    "False"
-                },
-            )
+            .env("ANSIBLE_PIPELINING", pipelining)
             .env("ANSIBLE_STRATEGY", key.runner.strategy.plugin());
         if key.runner.strategy == Strategy::Mitogen {
             let (found, program) = (self.mitogen.clone(), self.settings.program.clone());
@@ -216,22 +259,21 @@ impl Runner {
             c.env("ANSIBLE_STRATEGY_PLUGINS", &m.strategy_dir);
         }
         if std::env::var_os("ANSIBLE_LOCAL_TEMP").is_none() {
-            let tmp = dir.path().join("tmp");
+            let tmp = dir.join("tmp");
             std::fs::create_dir(&tmp).map_err(|e| e.to_string())?;
             c.env("ANSIBLE_LOCAL_TEMP", tmp);
         }
-        c.arg("-i")
-            .arg(&inv_path)
-            .arg("-e")
-            .arg(format!("@{}", vars_path.display()));
-        if let Some(v) = &vault {
-            c.arg("--vault-password-file").arg(v.path());
-        }
-        c.arg(&playbook);
-        c.process_group(0);
-        let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
-        let started = std::time::Instant::now();
+        Ok(c)
+    }
+
+    /// Runs the command to its end or the step's timeout (then its whole process group
+    /// goes), and closes the ssh masters it left: its stdout, stderr and exit status.
+    async fn run_to_end(
+        &self,
+        mut c: tokio::process::Command,
+        key: &BatchKey,
+        cp: &Path,
+    ) -> Result<(Vec<u8>, Vec<u8>, std::process::ExitStatus), String> {
         let mut child = c
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.settings.program.display()))?;
@@ -249,11 +291,10 @@ impl Runner {
             // Past the timeout: the whole group goes (ansible-playbook, its forks, their ssh).
             Err(_) => drop(group),
         }
-        drop(vault);
         // Ansible's ssh masters (ControlPersist) detach from the run's process group and
         // would outlive it by a minute, holding a session on every instance, with their
         // socket directory about to be removed: closed after every run, timed out or not.
-        close_masters(&cp).await;
+        close_masters(cp).await;
         let (stdout, stderr, status) = finished.map_err(|_| {
             format!(
                 "ansible-playbook {} did not finish within {}; stopped",
@@ -261,18 +302,7 @@ impl Runner {
                 humantime::format_duration(key.timeout)
             )
         })?;
-        let status = status.map_err(|e| e.to_string())?;
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&stdout),
-            String::from_utf8_lossy(&stderr),
-        );
-        let log = self.write_log(key, targets, &status, &stdout, &stderr, started.elapsed());
-        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?status.code(), elapsed_ms = started.elapsed().as_millis() as u64, log = %log, "ansible-playbook finished");
-        let doc = parse_results(&stdout);
-        Ok(targets
-            .iter()
-            .map(|t| host_result(t.id.as_str(), doc.as_ref(), status.code(), &stderr, &log))
-            .collect())
+        Ok((stdout, stderr, status.map_err(|e| e.to_string())?))
     }
 
     fn write_log(
@@ -484,4 +514,18 @@ impl Drop for ProcessGroup {
             }
         }
     }
+}
+
+/// The run's extra vars: the step's rendered vars plus the layer and transition.
+fn write_vars(
+    dir: &Path,
+    key: &BatchKey,
+    mut vars: BTreeMap<String, String>,
+) -> Result<PathBuf, String> {
+    vars.insert("provision_layer".into(), key.layer.clone());
+    vars.insert("provision_transition".into(), key.transition.to_string());
+    let vars_path = dir.join("extra-vars.json");
+    std::fs::write(&vars_path, serde_json::to_string(&vars).unwrap_or_default())
+        .map_err(|e| e.to_string())?;
+    Ok(vars_path)
 }
