@@ -18,7 +18,8 @@
 //! - [`daemon`]: the SQS receive loop, in-flight limit, acknowledgement, shutdown.
 //! - [`batch`]: micro-batching of delete / release / publish / describe calls.
 //! - [`cache`]: single-flight TTL cache for rarely changing AWS descriptions.
-//! - [`store`]: SQLite history and the idempotency claim on action tokens.
+//! - [`store`]: SQLite history and the idempotency claim on action tokens;
+//!   [`store_schema`]: its tables and their numbered migrations (`PRAGMA user_version`).
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`app`]: wiring the real SDK clients into a pipeline for the binary.
 //! - [`manual`]: `provision <instance-id>`, the pipeline by hand for one instance.
@@ -48,4 +49,5 @@ pub mod secret;
 pub mod shutdown;
 pub mod step;
 pub mod store;
+pub mod store_schema;
 pub mod telemetry;
