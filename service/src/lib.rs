@@ -27,14 +27,18 @@
 //! - [`lambda`]: the pipeline as an AWS Lambda function with an SQS trigger.
 //! - [`metrics`], [`shutdown`], [`telemetry`], [`notify`]: counters and the metrics
 //!   endpoint, signals, logs, systemd readiness and watchdog.
+//! - [`cli`]: the command line's definitions (clap); [`docs`]: the man page and shell
+//!   completions generated from them.
 
 pub mod app;
 pub mod aws;
 pub mod batch;
 pub mod cache;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod docs;
 pub mod endpoint;
 pub mod event;
 pub mod lambda;
