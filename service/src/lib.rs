@@ -28,7 +28,8 @@
 //! 2. [`pipeline`]: one event from start to end; `pipeline/verify.rs` asks Auto Scaling
 //!    whether the action is genuine and takes the hook's own metadata.
 //! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]).
-//! 4. `pipeline/claim.rs`: the token worked once here, and claimed in the [`store`].
+//! 4. `pipeline/claim.rs`: the token worked once here, and claimed in the [`store`] (its
+//!    tables and numbered migrations: [`store_schema`]).
 //! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
 //!    `ansible`), each filling its [`template`]s from the event; [`lease`] heartbeats the
 //!    action and keeps the message hidden meanwhile.
@@ -47,6 +48,8 @@
 //!   (polling until a deadline), [`clock`] (wall-clock time for records).
 //! - [`app`]: the real SDK clients wired into a pipeline for the binary.
 //! - [`check`]: `provision check`, the config and (with `--aws`) its AWS surroundings.
+//! - [`cli`]: the command line's definitions (clap); [`docs`]: the man page and shell
+//!   completions generated from them.
 //! - [`metrics`] and [`endpoint`] (counters, /metrics and /healthz), [`systemd`] (readiness
 //!   and watchdog), [`shutdown`] (signals), [`telemetry`] (logs).
 //!
@@ -58,10 +61,12 @@ pub mod aws;
 pub mod batch;
 pub mod cache;
 pub mod check;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod docs;
 pub mod endpoint;
 pub mod engine;
 pub mod event;
@@ -79,6 +84,7 @@ pub mod shutdown;
 pub mod ssh;
 pub mod step;
 pub mod store;
+pub mod store_schema;
 pub mod systemd;
 pub mod telemetry;
 pub mod template;

@@ -1,104 +1,24 @@
-//! The `provision` command line: daemon | worker | event parse | history.
+//! The `provision` command line: daemon | worker | event parse | history. What the
+//! commands and options are is `cli.rs` (in the library, so the man page and the shell
+//! completions are generated from the same definitions).
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use provision::app::App;
+use provision::cli::{Cli, Command, EventCommand};
 use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
 use provision::event::{self, Parsed, Transition};
 use provision::metrics::Stats;
 use provision::store::Store;
 use provision::systemd::SystemdNotify;
-use provision::telemetry::{self, LogFormat};
-
-#[derive(Parser)]
-#[command(
-    name = "provision",
-    version,
-    about = "Configures EC2 instances held by Auto Scaling lifecycle hooks, then completes the hooks."
-)]
-struct Cli {
-    /// Config file [default: $PROVISION_CONFIG, else /etc/provision/provision.toml]
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Log format on stderr
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// More detail in logs (RUST_LOG overrides)
-    #[arg(short, long, global = true)]
-    verbose: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run an instance's layer by hand (also: `provision i-0123456789abcdef0`), then complete
-    /// its pending lifecycle action
-    Instance {
-        /// The EC2 instance id
-        id: String,
-        /// Print the plan (layer, steps with templates filled in) and change nothing
-        #[arg(long)]
-        dry_run: bool,
-        /// Run the steps but leave the pending lifecycle action as it is
-        #[arg(long)]
-        no_complete: bool,
-        /// Use this layer instead of the one the instance's group matches
-        #[arg(long)]
-        layer: Option<String>,
-        /// launch or terminate [default: from the instance's lifecycle state]
-        #[arg(long, value_parser = ["launch", "terminate"])]
-        transition: Option<String>,
-        /// The hook to complete, when the group has several for the transition
-        #[arg(long)]
-        hook: Option<String>,
-    },
-    /// Long-poll the queue and handle lifecycle events until SIGTERM/SIGINT
-    Daemon,
-    /// Drain the queue once, then exit (status 0 only if every message was handled)
-    Worker,
-    /// Inspect messages
-    #[command(subcommand)]
-    Event(EventCommand),
-    /// Validate the config (and with --aws, the queue, topic and hooks it names); exit 1 on
-    /// any problem, 2 when the config itself is broken
-    Check {
-        /// Also ask AWS: the queue is readable, the topic exists, groups have hooks
-        #[arg(long)]
-        aws: bool,
-    },
-    /// Show what was done (latest first)
-    History {
-        /// Only runs for this instance
-        #[arg(long)]
-        instance: Option<String>,
-        /// How many runs
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// One JSON document instead of a table
-        #[arg(long)]
-        json: bool,
-    },
-    // BEGIN lambda wiring (added by the lambda helper; the lead may keep or rewrite it)
-    /// Serve as an AWS Lambda function with an SQS trigger (inside Lambda only)
-    Lambda,
-    // END lambda wiring
-}
-
-#[derive(Subcommand)]
-enum EventCommand {
-    /// Parse a message body (FILE, or - for stdin) and print the normalized event as JSON,
-    /// or why it would be skipped or rejected
-    Parse { file: String },
-}
+use provision::telemetry;
 
 /// `provision i-0123…` is short for `provision instance i-0123…`.
 fn args() -> Vec<std::ffi::OsString> {
@@ -124,7 +44,14 @@ fn args() -> Vec<std::ffi::OsString> {
 fn main() -> ExitCode {
     // First, while single-threaded: no child may inherit AWS credentials from us.
     provision::secret::scrub_environment();
-    let cli = Cli::parse_from(args());
+    let args = args();
+    // `provision generate-docs DIR` (scripts/package) is not in cli.rs: the man page and the
+    // completions generated from cli.rs would list it (clap_complete offers even hidden
+    // subcommands).
+    if args.get(1).is_some_and(|a| a == "generate-docs") {
+        return provision::docs::run(&args[2..]);
+    }
+    let cli = Cli::parse_from(args);
     telemetry::init(cli.log_format, cli.verbose);
     match run(cli) {
         Ok(code) => code,
@@ -191,9 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
-        // BEGIN lambda wiring
         Command::Lambda => lambda(cli.config.as_deref()),
-        // END lambda wiring
     }
 }
 
@@ -300,7 +225,6 @@ fn history(
     Ok(ExitCode::SUCCESS)
 }
 
-// BEGIN lambda wiring
 /// Serves Lambda invocations until the process is stopped; startup problems (the config
 /// included) are posted to the Runtime API's /runtime/init/error and exit 2.
 fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
@@ -317,7 +241,6 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
-// END lambda wiring
 
 fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;

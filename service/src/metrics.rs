@@ -248,17 +248,24 @@ impl Stats {
     }
 
     fn write_poll_age(&self, out: &mut String) {
-        let age = match Self::get(&self.last_poll_ms) {
-            0 => -1.0,
-            t => (now_ms().max(0) as u64).saturating_sub(t) as f64 / 1000.0,
-        };
-        let _ = writeln!(out, "# HELP provision_last_poll_age_seconds Seconds since a receive last completed (-1 before the first).\n# TYPE provision_last_poll_age_seconds gauge\nprovision_last_poll_age_seconds {age}");
+        let _ = writeln!(out, "# HELP provision_last_poll_age_seconds Seconds since a receive last completed (-1 before the first).\n# TYPE provision_last_poll_age_seconds gauge\nprovision_last_poll_age_seconds {}", age_seconds(&self.last_poll_ms));
+        // What /healthz and the systemd watchdog judge by: unlike the poll age it stays low
+        // while every in-flight slot is busy, so an alert on it means a stuck loop.
+        let _ = writeln!(out, "# HELP provision_receive_loop_age_seconds Seconds since the receive loop last showed life: a poll completed, or it waited for a free slot (-1 before the first).\n# TYPE provision_receive_loop_age_seconds gauge\nprovision_receive_loop_age_seconds {}", age_seconds(&self.loop_alive_ms));
     }
 
     /// True when the receive loop has shown it is alive within `within`.
     pub fn loop_is_alive(&self, within: std::time::Duration) -> bool {
         let last = Self::get(&self.loop_alive_ms);
         last > 0 && (now_ms().max(0) as u64).saturating_sub(last) <= within.as_millis() as u64
+    }
+}
+
+/// Seconds since the instant in `at` (ms since the epoch), or -1 when it is still 0.
+fn age_seconds(at: &AtomicU64) -> f64 {
+    match Stats::get(at) {
+        0 => -1.0,
+        t => (now_ms().max(0) as u64).saturating_sub(t) as f64 / 1000.0,
     }
 }
 
@@ -332,6 +339,19 @@ mod tests {
             text.contains("provision_last_poll_age_seconds -1"),
             "{text}"
         );
+        assert!(
+            text.contains("provision_receive_loop_age_seconds -1"),
+            "{text}"
+        );
+        Stats::mark(&s.loop_alive_ms);
+        let text = s.prometheus();
+        let age: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("provision_receive_loop_age_seconds "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((0.0..60.0).contains(&age), "{age}");
         assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
     }
 }

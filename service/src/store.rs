@@ -4,7 +4,8 @@
 //! per lifecycle action token (`actions`) that says whether the action is being worked,
 //! decided (steps finished, hook not yet completed) or done. The claim on a token is what
 //! makes redelivery harmless. Calls are small and synchronous; async callers go through
-//! `spawn_blocking` so a slow disk never stalls the runtime.
+//! `spawn_blocking` so a slow disk never stalls the runtime. The tables' definitions and
+//! their versions are `store_schema.rs`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -27,50 +28,12 @@ pub enum StoreError {
     },
     #[error("state store: background task failed: {0}")]
     Join(String),
+    #[error("state store {path}: {source}")]
+    Schema {
+        path: String,
+        source: crate::store_schema::SchemaError,
+    },
 }
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS runs (
-    id          INTEGER PRIMARY KEY,
-    message_id  TEXT,
-    received_at INTEGER NOT NULL,
-    finished_at INTEGER,
-    instance_id TEXT,
-    group_name  TEXT,
-    hook        TEXT,
-    transition  TEXT,
-    token       TEXT,
-    layer       TEXT,
-    outcome     TEXT NOT NULL,
-    hook_result TEXT,
-    heartbeats  INTEGER NOT NULL DEFAULT 0,
-    error       TEXT,
-    event       TEXT,
-    notified    INTEGER NOT NULL DEFAULT 1,
-    result_json TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_instance ON runs(instance_id, id);
-CREATE INDEX IF NOT EXISTS runs_by_time ON runs(received_at);
-CREATE TABLE IF NOT EXISTS steps (
-    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    idx         INTEGER NOT NULL,
-    kind        TEXT NOT NULL,
-    description TEXT NOT NULL,
-    started_at  INTEGER NOT NULL,
-    finished_at INTEGER,
-    outcome     TEXT NOT NULL,
-    detail      TEXT,
-    PRIMARY KEY (run_id, idx)
-);
-CREATE TABLE IF NOT EXISTS actions (
-    token      TEXT PRIMARY KEY,
-    state      TEXT NOT NULL,
-    owner      TEXT NOT NULL,
-    run_id     INTEGER,
-    result     TEXT,
-    updated_at INTEGER NOT NULL
-);
-"#;
 
 /// What claiming a lifecycle action token found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,21 +117,25 @@ impl Store {
             })?;
         }
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        Self::init(conn, &path.display().to_string())
     }
 
     pub fn in_memory() -> Result<Store, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, ":memory:")
     }
 
-    fn init(conn: Connection) -> Result<Store, StoreError> {
+    fn init(mut conn: Connection, path: &str) -> Result<Store, StoreError> {
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL lets `provision history` read while the daemon writes; NORMAL skips an fsync per
         // commit (a power cut may lose the last runs, never corrupt the file).
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        // The tables, and any migration an older release's file needs (store_schema.rs).
+        crate::store_schema::migrate(&mut conn).map_err(|source| StoreError::Schema {
+            path: path.to_string(),
+            source,
+        })?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
