@@ -274,23 +274,34 @@ async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
     assert!(aws.instances("web-t").await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_messages_are_worked_once() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
+/// A group whose launch hook notifies a queue of its own ("hook-target"), from which a test
+/// relays (or tampers with) messages to provision's queue ("lifecycle").
+async fn relayed_group(
+    emu: &Emulator,
+    group: &str,
+    heartbeat: i32,
+) -> (Aws, common::Queue, common::Queue) {
+    let aws = Aws::new(emu).await;
     let source = aws.queue("hook-target").await;
     let q = aws.queue("lifecycle").await;
-    aws.group("web-dup").await;
+    aws.group(group).await;
     aws.hook(
-        "web-dup",
+        group,
         "provision-launch",
         LAUNCH,
         Some(&source.arn),
-        300,
+        heartbeat,
         "ABANDON",
         Some(METADATA),
     )
     .await;
+    (aws, source, q)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_messages_are_worked_once() {
+    let emu = Emulator::start();
+    let (aws, source, q) = relayed_group(&emu, "web-dup", 300).await;
     aws.scale("web-dup", 1).await;
     let launch = aws
         .drain(&source)
@@ -893,25 +904,17 @@ fn forged(transition: &str, group: &str, hook: &str, instance: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let source = aws.queue("hook-target").await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-f").await;
-    for (name, transition) in [
-        ("provision-launch", LAUNCH),
-        ("provision-terminate", TERMINATE),
-    ] {
-        aws.hook(
-            "web-f",
-            name,
-            transition,
-            Some(&source.arn),
-            300,
-            "ABANDON",
-            Some(METADATA),
-        )
-        .await;
-    }
+    let (aws, source, q) = relayed_group(&emu, "web-f", 300).await;
+    aws.hook(
+        "web-f",
+        "provision-terminate",
+        TERMINATE,
+        Some(&source.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
     // Another group, without hooks: its instance goes straight into service.
     aws.group("web-other").await;
     aws.scale("web-other", 1).await;
@@ -997,20 +1000,7 @@ async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_waited_in_a_backlog_is_heartbeated_at_pickup() {
     let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let source = aws.queue("hook-target").await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-late").await;
-    aws.hook(
-        "web-late",
-        "provision-launch",
-        LAUNCH,
-        Some(&source.arn),
-        30,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    let (aws, source, q) = relayed_group(&emu, "web-late", 30).await;
     aws.scale("web-late", 1).await;
     // The message waits 24 s of the hook's 30 s before anyone reads it; the step then takes
     // 8 s. The first scheduled heartbeat (a third of 30 s after pickup) would come after
