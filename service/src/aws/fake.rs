@@ -26,6 +26,8 @@ pub struct FakeHooks {
     pub completions: Mutex<Vec<(String, HookResult)>>,
     pub heartbeats: Mutex<Vec<String>>,
     pub describes: Mutex<u32>,
+    /// DescribeAutoScalingGroups calls.
+    pub group_describes: Mutex<u32>,
     /// Heartbeats answer "No active Lifecycle Action" (it timed out).
     pub gone: std::sync::atomic::AtomicBool,
 }
@@ -76,6 +78,16 @@ impl Hooks for FakeHooks {
         Ok(ids
             .iter()
             .filter_map(|i| members.get(i.as_str()).cloned())
+            .collect())
+    }
+
+    async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {
+        *self.group_describes.lock().unwrap() += 1;
+        let members = self.members.lock().unwrap();
+        Ok(members
+            .values()
+            .filter(|m| m.group == group)
+            .cloned()
             .collect())
     }
 

@@ -142,6 +142,9 @@ pub trait Hooks: Send + Sync {
     /// The group each of these instances belongs to and its lifecycle state, one
     /// DescribeAutoScalingInstances call per 50 ids. Instances in no group are absent.
     async fn memberships(&self, instances: &[InstanceId]) -> Result<Vec<Membership>, AwsError>;
+    /// Every member of a group with its lifecycle state, from one DescribeAutoScalingGroups
+    /// call (empty when the group does not exist).
+    async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError>;
     /// The group one instance belongs to and its lifecycle state.
     async fn instance_group(
         &self,

@@ -359,6 +359,30 @@ impl Hooks for AutoScalingHooks {
         Ok(out)
     }
 
+    async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {
+        let out = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeAutoScalingGroups", e))?;
+        Ok(out
+            .auto_scaling_groups()
+            .iter()
+            .flat_map(|g| g.instances())
+            .map(|i| Membership {
+                instance_id: i.instance_id().unwrap_or_default().to_string(),
+                group: group.to_string(),
+                state: i
+                    .lifecycle_state()
+                    .map(|s| s.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .collect())
+    }
+
     async fn groups(&self) -> Result<Vec<String>, AwsError> {
         let mut pages = self
             .client

@@ -47,7 +47,7 @@ pub use steps::Progress;
 
 use claim::Working;
 use complete::Completed;
-use verify::{MembershipLookup, Verdict};
+use verify::{Snapshots, Verdict};
 
 /// How long a group's hook descriptions are trusted before being fetched again.
 const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
@@ -109,7 +109,7 @@ pub struct Pipeline {
     leases: Leases,
     publisher: Option<Batcher<String>>,
     hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
-    memberships: MembershipLookup,
+    snapshots: Snapshots,
     working: Working,
     owner: String,
     host: String,
@@ -142,7 +142,7 @@ impl Pipeline {
             p.ansible,
         );
         Pipeline {
-            memberships: verify::membership_lookup(p.hooks.clone(), p.cfg.aws.retry_for),
+            snapshots: TtlCache::new(verify::SNAPSHOT_TTL),
             cfg: p.cfg,
             hooks: p.hooks,
             shared,
@@ -266,12 +266,14 @@ impl Pipeline {
                 result
             }
             Claim::Fresh => {
+                // Heartbeats first: a backlogged action may be close to its timeout. (A forged
+                // token's heartbeat only earns a "no active action".)
+                self.heartbeat(job, lease).await;
                 let verified = match self.genuine(job, &mut run).await {
                     Ok(job) => job,
                     Err(outcome) => return self.unclaim(job, lease, run.ended(outcome)).await,
                 };
                 let job = verified.as_ref().unwrap_or(job);
-                self.heartbeat(job, lease).await;
                 match self
                     .run_steps(job, layer, run_id, &mut run, lease, cancel)
                     .await

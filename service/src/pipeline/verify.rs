@@ -4,48 +4,29 @@
 //! fact. Before a step runs, Auto Scaling must confirm it: the group has the hook, the hook's
 //! transition is the message's, and the instance is a member of that group waiting in the
 //! transition's wait state. The metadata the steps see is the hook's own, never the
-//! message's copy. Instances arriving together are looked up together (one
-//! DescribeAutoScalingInstances per 50), and hook descriptions come from the pipeline's cache.
+//! message's copy. A group's member list (one DescribeAutoScalingGroups) answers for every
+//! instance of a burst for a couple of seconds, and hook descriptions come from the
+//! pipeline's cache, so verifying costs a call or two per group and burst, and adds no wait.
 //! Owns no decision about what a forged message becomes: the pipeline rejects it.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use super::Pipeline;
+use crate::aws::retry::with_backoff;
 use crate::aws::{AwsError, HookInfo, Membership};
-use crate::batch::Batcher;
-use crate::event::{InstanceId, LifecycleEvent, Metadata, Transition};
+use crate::cache::TtlCache;
+use crate::event::{LifecycleEvent, Metadata, Transition};
 
-/// How long a membership lookup waits for others to share its call.
-const LOOKUP_LINGER: Duration = Duration::from_millis(50);
-/// DescribeAutoScalingInstances takes at most 50 instance ids.
-const LOOKUP_MAX: usize = 50;
+/// How long a group's member list answers for it. A burst of launches into one group is
+/// verified with a call or two; a message the list does not confirm looks again, once.
+pub(super) const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
 
-/// DescribeAutoScalingInstances for every instance verified within [`LOOKUP_LINGER`].
-pub(super) type MembershipLookup = Batcher<InstanceId, Option<Membership>>;
-
-pub(super) fn membership_lookup(
-    hooks: std::sync::Arc<dyn crate::aws::Hooks>,
-    retry_for: Duration,
-) -> MembershipLookup {
-    let (lookup, _task) = Batcher::retried(
-        LOOKUP_MAX,
-        LOOKUP_LINGER,
-        retry_for,
-        move |ids: Vec<InstanceId>| {
-            let hooks = hooks.clone();
-            async move {
-                let found = hooks.memberships(&ids).await?;
-                Ok(ids
-                    .iter()
-                    .map(|id| Ok(found.iter().find(|m| m.instance_id == id.as_str()).cloned()))
-                    .collect())
-            }
-        },
-    );
-    lookup
-}
+/// Each group's members and their lifecycle states, by instance id (DescribeAutoScalingGroups).
+pub(super) type Snapshots = TtlCache<String, Arc<HashMap<String, Membership>>>;
 
 /// What Auto Scaling says of a message's action.
 #[derive(Debug)]
@@ -90,20 +71,51 @@ impl Pipeline {
                 ev.transition.aws_name()
             )));
         }
-        let member = self
-            .memberships
-            .submit(ev.instance_id.clone())
-            .await
-            .map_err(|e| AwsError {
-                operation: "autoscaling:DescribeAutoScalingInstances",
-                code: None,
-                message: e,
-                retryable: true,
-            })?;
+        let member = self.member(ev).await?;
         if let Some(why) = not_waiting(ev, member.as_ref()) {
             return Ok(Verdict::Forged(why));
         }
         Ok(self.hook_metadata(ev, hook).await)
+    }
+
+    /// The instance's membership: from the group's recent member list when it confirms the
+    /// event; else from a fresh list (the cached one may predate the action); else, to say
+    /// where the instance is, from DescribeAutoScalingInstances.
+    async fn member(&self, ev: &LifecycleEvent) -> Result<Option<Membership>, AwsError> {
+        let id = ev.instance_id.as_str();
+        let cached = self.members_of(&ev.group).await?;
+        if let Some(m) = cached
+            .get(id)
+            .filter(|m| not_waiting(ev, Some(m)).is_none())
+        {
+            return Ok(Some(m.clone()));
+        }
+        self.snapshots.invalidate(&ev.group);
+        if let Some(m) = self.members_of(&ev.group).await?.get(id) {
+            return Ok(Some(m.clone()));
+        }
+        let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
+        let found = with_backoff(retry_for, || {
+            self.hooks
+                .memberships(std::slice::from_ref(&ev.instance_id))
+        })
+        .await?;
+        Ok(found.into_iter().next())
+    }
+
+    async fn members_of(&self, group: &str) -> Result<Arc<HashMap<String, Membership>>, AwsError> {
+        let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
+        self.snapshots
+            .get_or_load(&group.to_string(), || async {
+                let members = with_backoff(retry_for, || self.hooks.group_members(group)).await?;
+                Ok(Arc::new(
+                    members
+                        .into_iter()
+                        .map(|m| (m.instance_id.clone(), m))
+                        .collect(),
+                ))
+            })
+            .await
     }
 
     /// The event's hook, described again once when the cached group has no such hook (it
@@ -117,10 +129,7 @@ impl Pipeline {
     }
 
     /// The group's hooks; none when the group does not exist (AWS answers ValidationError).
-    async fn group_hooks(
-        &self,
-        group: &str,
-    ) -> Result<std::sync::Arc<std::collections::HashMap<String, HookInfo>>, AwsError> {
+    async fn group_hooks(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
         match self.hooks_of(group).await {
             Err(e) if !e.retryable && e.code.as_deref() == Some("ValidationError") => {
                 Ok(Default::default())
