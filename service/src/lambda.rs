@@ -650,17 +650,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
     #[tokio::test(start_paused = true)]
     async fn a_completion_that_keeps_failing_is_released_with_a_delay_and_reported() {
         let hooks = FakeHooks::default();
-        let throttled = AwsError {
-            operation: "autoscaling:CompleteLifecycleAction",
-            code: Some("Throttling".into()),
-            message: "Rate exceeded".into(),
-            retryable: true,
-        };
-        hooks
-            .complete_script
-            .lock()
-            .unwrap()
-            .extend(std::iter::repeat_n(Err(throttled), 100));
+        hooks.throttle_completions(100);
         let w = world(hooks, FakeInstances::default(), RejectPolicy::Delete, 4);
         let r = w
             .handler
@@ -716,17 +706,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
     #[tokio::test(start_paused = true)]
     async fn a_completion_still_retrying_at_the_deadline_is_given_up_and_reported() {
         let hooks = FakeHooks::default();
-        let throttled = AwsError {
-            operation: "autoscaling:CompleteLifecycleAction",
-            code: Some("Throttling".into()),
-            message: "Rate exceeded".into(),
-            retryable: true,
-        };
-        hooks
-            .complete_script
-            .lock()
-            .unwrap()
-            .extend(std::iter::repeat_n(Err(throttled), 1000));
+        hooks.throttle_completions(1000);
         // Completion keeps retrying for an hour and is not cancellable: only giving up
         // answers before the deadline.
         let config = CONFIG.replace("retry_for = \"1s\"", "retry_for = \"1h\"");

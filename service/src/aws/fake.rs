@@ -97,6 +97,20 @@ impl Hooks for FakeHooks {
 }
 
 impl FakeHooks {
+    /// CompleteLifecycleAction answers throttling `n` times, then succeeds.
+    pub fn throttle_completions(&self, n: usize) {
+        let throttled = AwsError {
+            operation: "autoscaling:CompleteLifecycleAction",
+            code: Some("Throttling".into()),
+            message: "Rate exceeded".into(),
+            retryable: true,
+        };
+        self.complete_script
+            .lock()
+            .unwrap()
+            .extend(std::iter::repeat_n(Err(throttled), n));
+    }
+
     /// A launch of `instance` waiting in `group`, whose hook carries `metadata`.
     pub fn waiting(&self, instance: &str, group: &str, metadata: &str) {
         self.members.lock().unwrap().insert(

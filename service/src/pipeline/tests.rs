@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::aws::fake::{FakeHooks, FakeInstances};
-use crate::aws::{ActionCall, AwsError, Message};
+use crate::aws::{ActionCall, Message};
 use crate::delivery::{Ack, Delivery, RejectPolicy};
 use crate::outcome::HookResult;
 use tokio::time::Instant;
@@ -174,17 +174,7 @@ async fn an_action_finished_elsewhere_counts_as_done() {
 #[tokio::test(start_paused = true)]
 async fn a_transient_completion_failure_leaves_the_message_and_skips_steps_next_time() {
     let hooks = FakeHooks::default();
-    let throttled = AwsError {
-        operation: "autoscaling:CompleteLifecycleAction",
-        code: Some("Throttling".into()),
-        message: "Rate exceeded".into(),
-        retryable: true,
-    };
-    hooks
-        .complete_script
-        .lock()
-        .unwrap()
-        .extend(std::iter::repeat_n(Err(throttled), 50));
+    hooks.throttle_completions(50);
     let w = world(hooks, FakeInstances::default());
     let m = message("web-1", "t1", r#"{"environment":"p"}"#);
     assert!(matches!(handle(&w, &m).await, Ack::Release(d) if d > Duration::ZERO));
