@@ -73,12 +73,8 @@ impl Hooks for FakeHooks {
             .unwrap_or(Ok(ActionCall::Done))
     }
 
-    async fn memberships(&self, ids: &[InstanceId]) -> Result<Vec<Membership>, AwsError> {
-        let members = self.members.lock().unwrap();
-        Ok(ids
-            .iter()
-            .filter_map(|i| members.get(i.as_str()).cloned())
-            .collect())
+    async fn membership(&self, id: &InstanceId) -> Result<Option<Membership>, AwsError> {
+        Ok(self.members.lock().unwrap().get(id.as_str()).cloned())
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {

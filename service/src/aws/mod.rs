@@ -139,9 +139,9 @@ pub trait Hooks: Send + Sync {
     async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError>;
     async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError>;
     async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
-    /// The group each of these instances belongs to and its lifecycle state, one
-    /// DescribeAutoScalingInstances call per 50 ids. Instances in no group are absent.
-    async fn memberships(&self, instances: &[InstanceId]) -> Result<Vec<Membership>, AwsError>;
+    /// The group an instance belongs to and its lifecycle state (DescribeAutoScalingInstances);
+    /// None when it is in no group.
+    async fn membership(&self, instance: &InstanceId) -> Result<Option<Membership>, AwsError>;
     /// Every member of a group with its lifecycle state, from one DescribeAutoScalingGroups
     /// call (empty when the group does not exist).
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError>;
@@ -150,8 +150,7 @@ pub trait Hooks: Send + Sync {
         &self,
         instance: &InstanceId,
     ) -> Result<Option<(String, String)>, AwsError> {
-        let found = self.memberships(std::slice::from_ref(instance)).await?;
-        Ok(found.into_iter().next().map(|m| (m.group, m.state)))
+        Ok(self.membership(instance).await?.map(|m| (m.group, m.state)))
     }
     /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
     async fn groups(&self) -> Result<Vec<String>, AwsError>;

@@ -339,24 +339,19 @@ impl Hooks for AutoScalingHooks {
         }
     }
 
-    async fn memberships(&self, instances: &[InstanceId]) -> Result<Vec<Membership>, AwsError> {
-        let mut out = Vec::new();
-        for chunk in instances.chunks(50) {
-            let page = self
-                .client
-                .describe_auto_scaling_instances()
-                .set_instance_ids(Some(chunk.iter().map(|i| i.to_string()).collect()))
-                .max_records(50)
-                .send()
-                .await
-                .map_err(|e| classify("autoscaling:DescribeAutoScalingInstances", e))?;
-            out.extend(page.auto_scaling_instances().iter().map(|i| Membership {
-                instance_id: i.instance_id().unwrap_or_default().to_string(),
-                group: i.auto_scaling_group_name().unwrap_or_default().to_string(),
-                state: i.lifecycle_state().unwrap_or_default().to_string(),
-            }));
-        }
-        Ok(out)
+    async fn membership(&self, instance: &InstanceId) -> Result<Option<Membership>, AwsError> {
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(instance.as_str())
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeAutoScalingInstances", e))?;
+        Ok(out.auto_scaling_instances().first().map(|i| Membership {
+            instance_id: i.instance_id().unwrap_or_default().to_string(),
+            group: i.auto_scaling_group_name().unwrap_or_default().to_string(),
+            state: i.lifecycle_state().unwrap_or_default().to_string(),
+        }))
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {

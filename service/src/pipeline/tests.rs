@@ -364,3 +364,28 @@ async fn a_step_stops_when_a_heartbeat_finds_the_action_gone() {
     );
     assert_eq!(h[0].steps[0].outcome, "cancelled");
 }
+
+#[tokio::test]
+async fn a_burst_into_one_group_is_verified_with_one_group_description() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    let metadata = r#"{"environment":"p"}"#;
+    let messages: Vec<Message> = (0..20)
+        .map(|i| message("web-1", &format!("t{i}"), metadata))
+        .collect();
+    // The whole burst is waiting in the group before the first message is worked.
+    for i in 0..20 {
+        w.hooks
+            .waiting(&instance_for(&format!("t{i}")), "web-1", metadata);
+    }
+    for m in &messages {
+        assert_eq!(handle_as_is(&w, m).await, Ack::Delete);
+    }
+    assert_eq!(completions(&w).len(), 20);
+    assert_eq!(*w.hooks.group_describes.lock().unwrap(), 1);
+    // An instance the cached list does not know makes it look again, once.
+    let late = message("web-1", "late", metadata);
+    w.hooks.waiting(&instance_for("late"), "web-1", metadata);
+    assert_eq!(handle_as_is(&w, &late).await, Ack::Delete);
+    assert_eq!(*w.hooks.group_describes.lock().unwrap(), 2);
+    assert_eq!(completions(&w).len(), 21);
+}

@@ -95,12 +95,7 @@ impl Pipeline {
             return Ok(Some(m.clone()));
         }
         let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
-        let found = with_backoff(retry_for, || {
-            self.hooks
-                .memberships(std::slice::from_ref(&ev.instance_id))
-        })
-        .await?;
-        Ok(found.into_iter().next())
+        with_backoff(retry_for, || self.hooks.membership(&ev.instance_id)).await
     }
 
     async fn members_of(&self, group: &str) -> Result<Arc<HashMap<String, Membership>>, AwsError> {
