@@ -23,7 +23,7 @@ pub struct Report {
 pub fn offline(cfg: &Config) -> Report {
     let mut r = Report::default();
     for l in &cfg.layers {
-        if l.launch.is_empty() && l.terminate.is_empty() {
+        if l.all_steps().next().is_none() {
             r.notes.push(format!(
                 "layers.{}: no steps; its hooks are completed with CONTINUE at once",
                 l.name
@@ -69,7 +69,7 @@ pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
     use crate::step::{ansible, StepKind};
     let mut books: Vec<(String, String)> = Vec::new();
     for l in &cfg.layers {
-        for (which, steps) in [("launch", &l.launch), ("terminate", &l.terminate)] {
+        for (which, steps) in l.step_lists() {
             for (i, s) in steps.iter().enumerate() {
                 if let StepKind::Ansible(a) = &s.kind {
                     if !books.iter().any(|(_, b)| *b == a.playbook) {

@@ -114,9 +114,7 @@ impl Config {
     /// Whether any layer has a step that connects over SSH (ssh, ansible).
     pub fn uses_ssh(&self) -> bool {
         self.layers.iter().any(|l| {
-            l.launch
-                .iter()
-                .chain(&l.terminate)
+            l.all_steps()
                 .any(|s| matches!(s.kind, step::StepKind::Ssh(_) | step::StepKind::Ansible(_)))
         })
     }

@@ -140,6 +140,109 @@ impl fmt::Display for Transition {
     }
 }
 
+/// Where an instance comes from or goes to in a lifecycle action (`Origin`, `Destination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Place {
+    /// Launched or terminated: outside Auto Scaling.
+    #[serde(rename = "EC2")]
+    Ec2,
+    AutoScalingGroup,
+    /// The group's warm pool: prepared, then stopped (or hibernated, or running) until needed.
+    WarmPool,
+}
+
+impl Place {
+    pub fn parse(s: &str) -> Option<Place> {
+        match s {
+            "EC2" => Some(Place::Ec2),
+            "AutoScalingGroup" => Some(Place::AutoScalingGroup),
+            "WarmPool" => Some(Place::WarmPool),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Place::Ec2 => "EC2",
+            Place::AutoScalingGroup => "AutoScalingGroup",
+            Place::WarmPool => "WarmPool",
+        }
+    }
+}
+
+/// What a lifecycle action means for the instance: its transition read together with its
+/// Origin and Destination (the Auto Scaling user guide's warm-pool event reference). A
+/// layer runs one step list per phase ([`crate::layer::Layer::steps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// LAUNCHING, EC2 -> AutoScalingGroup (or no Origin/Destination): a plain launch.
+    Launch,
+    /// LAUNCHING, EC2 -> WarmPool: a new instance entering the warm pool
+    /// (`Warmed:Pending:Wait`); it stops once the action completes.
+    PoolEnter,
+    /// LAUNCHING, WarmPool -> AutoScalingGroup: a pool instance started for a scale-out
+    /// (`Pending:Wait`).
+    PoolLeave,
+    /// TERMINATING, AutoScalingGroup -> WarmPool: scale-in with instance reuse; the instance
+    /// goes back to the pool (`Warmed:Pending:Wait`) and comes back later.
+    PoolReturn,
+    /// TERMINATING, to EC2 (from the group, or from the pool: `Warmed:Terminating:Wait`).
+    Terminate,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Launch => "launch",
+            Phase::PoolEnter => "pool-enter",
+            Phase::PoolLeave => "pool-leave",
+            Phase::PoolReturn => "pool-return",
+            Phase::Terminate => "terminate",
+        }
+    }
+
+    pub fn transition(self) -> Transition {
+        match self {
+            Phase::Launch | Phase::PoolEnter | Phase::PoolLeave => Transition::Launch,
+            Phase::PoolReturn | Phase::Terminate => Transition::Terminate,
+        }
+    }
+
+    /// The phase of a transition between two places. Absent places (messages from before
+    /// warm pools) read as the plain transition.
+    pub fn of(transition: Transition, origin: Option<Place>, destination: Option<Place>) -> Phase {
+        match (transition, origin, destination) {
+            (Transition::Launch, _, Some(Place::WarmPool)) => Phase::PoolEnter,
+            (Transition::Launch, Some(Place::WarmPool), _) => Phase::PoolLeave,
+            (Transition::Launch, _, _) => Phase::Launch,
+            (Transition::Terminate, _, Some(Place::WarmPool)) => Phase::PoolReturn,
+            (Transition::Terminate, _, _) => Phase::Terminate,
+        }
+    }
+
+    /// The lifecycle states in which an instance waits for an action of this phase.
+    pub fn wait_states(self) -> &'static [&'static str] {
+        match self {
+            Phase::Launch | Phase::PoolLeave => &["Pending:Wait"],
+            Phase::PoolEnter | Phase::PoolReturn => &["Warmed:Pending:Wait"],
+            Phase::Terminate => &["Terminating:Wait", "Warmed:Terminating:Wait"],
+        }
+    }
+
+    /// Whether the instance stays with the group (in service or in its pool) afterwards, so
+    /// that what provision knows of it (its host keys) must be kept.
+    pub fn instance_stays(self) -> bool {
+        self != Phase::Terminate
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How the message reached the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,13 +306,27 @@ pub struct LifecycleEvent {
     pub hook: String,
     pub transition: Transition,
     pub token: String,
-    /// `EC2`, `AutoScalingGroup` or `WarmPool`; absent in messages from before 2021.
+    /// `EC2`, `AutoScalingGroup` or `WarmPool` ([`Place`]; checked when parsed); absent in
+    /// messages from before warm pools (2021).
     pub origin: Option<String>,
     pub destination: Option<String>,
     pub metadata: Metadata,
     pub account_id: Option<String>,
     pub time: Option<String>,
     pub envelope: Envelope,
+}
+
+impl LifecycleEvent {
+    /// What the action means for the instance (launch, entering or leaving the warm pool,
+    /// returning to it, terminate).
+    pub fn phase(&self) -> Phase {
+        let place = |p: &Option<String>| p.as_deref().and_then(Place::parse);
+        Phase::of(
+            self.transition,
+            place(&self.origin),
+            place(&self.destination),
+        )
+    }
 }
 
 /// Parse a message body. Never panics, never does I/O.
@@ -309,19 +426,38 @@ fn from_lifecycle_fields(obj: &Map<String, Value>, envelope: Envelope) -> Result
             reason: format!("longer than {MAX_METADATA_LEN} characters"),
         });
     }
+    let origin = place_field(obj, "Origin")?;
+    let destination = place_field(obj, "Destination")?;
     Ok(Parsed::Event(LifecycleEvent {
         instance_id,
         group: group.to_string(),
         hook: hook.to_string(),
         transition,
         token: token.to_string(),
-        origin: opt_str(obj, "Origin")?.map(str::to_string),
-        destination: opt_str(obj, "Destination")?.map(str::to_string),
+        origin,
+        destination,
         metadata: Metadata::parse(raw_metadata),
         account_id: opt_str(obj, "AccountId")?.map(str::to_string),
         time: opt_str(obj, "Time")?.map(str::to_string),
         envelope,
     }))
+}
+
+/// `Origin` / `Destination`: absent, or one of the places AWS documents.
+fn place_field(obj: &Map<String, Value>, field: &'static str) -> Result<Option<String>, Reject> {
+    match opt_str(obj, field)? {
+        None => Ok(None),
+        Some(s) => match Place::parse(s) {
+            Some(p) => Ok(Some(p.as_str().to_string())),
+            None => Err(Reject::Invalid {
+                field,
+                reason: format!(
+                    "{:?} is not a place; expected EC2, AutoScalingGroup or WarmPool",
+                    truncate(s, 40)
+                ),
+            }),
+        },
+    }
 }
 
 fn as_object(value: Value) -> Result<Map<String, Value>, Reject> {
@@ -471,6 +607,63 @@ mod tests {
         );
         assert_eq!(e.transition, Transition::Terminate);
         assert_eq!(e.envelope, Envelope::EventBridge);
+    }
+
+    fn with_places(transition: &str, origin: &str, destination: &str) -> Parsed {
+        let body = serde_json::json!({
+            "LifecycleTransition": transition, "AutoScalingGroupName": "g",
+            "EC2InstanceId": "i-12345678", "LifecycleHookName": "h", "LifecycleActionToken": "t",
+            "Origin": origin, "Destination": destination,
+        });
+        parse(&body.to_string())
+    }
+
+    #[test]
+    fn origin_and_destination_give_the_phase() {
+        const L: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+        const T: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+        let cases = [
+            (L, "EC2", "AutoScalingGroup", Phase::Launch),
+            (L, "EC2", "WarmPool", Phase::PoolEnter),
+            (L, "WarmPool", "AutoScalingGroup", Phase::PoolLeave),
+            (T, "AutoScalingGroup", "WarmPool", Phase::PoolReturn),
+            (T, "AutoScalingGroup", "EC2", Phase::Terminate),
+            (T, "WarmPool", "EC2", Phase::Terminate),
+        ];
+        for (t, o, d, phase) in cases {
+            match with_places(t, o, d) {
+                Parsed::Event(e) => {
+                    assert_eq!(e.phase(), phase, "{o} -> {d}");
+                    assert_eq!(phase.transition(), e.transition);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let legacy = event(
+            r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_TERMINATING","AutoScalingGroupName":"g","EC2InstanceId":"i-12345678","LifecycleHookName":"h","LifecycleActionToken":"t"}"#,
+        );
+        assert_eq!(legacy.phase(), Phase::Terminate);
+        assert!(Phase::PoolReturn.instance_stays() && !Phase::Terminate.instance_stays());
+    }
+
+    #[test]
+    fn unknown_places_are_rejected_with_the_field() {
+        let r = with_places(
+            "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "EC2",
+            "Pool; rm -rf /",
+        );
+        match r {
+            Parsed::Reject(
+                e @ Reject::Invalid {
+                    field: "Destination",
+                    ..
+                },
+            ) => {
+                assert!(e.to_string().contains("WarmPool"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

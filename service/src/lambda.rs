@@ -75,7 +75,7 @@ pub fn allowed_in_lambda(kind: &StepKind) -> bool {
 pub fn refused_steps(cfg: &Config, allowed: impl Fn(&StepKind) -> bool) -> Vec<String> {
     let mut out = Vec::new();
     for layer in &cfg.layers {
-        for (which, steps) in [("launch", &layer.launch), ("terminate", &layer.terminate)] {
+        for (which, steps) in layer.step_lists() {
             for (i, step) in steps.iter().enumerate() {
                 if !allowed(&step.kind) {
                     out.push(format!(

@@ -1,13 +1,15 @@
 //! Layers: which layer an event belongs to, and what it runs.
 //!
 //! Owns the `[layers.NAME]` tables (a [`Layer`] is its matcher, its declared metadata vars,
-//! its failure result, its ssh overrides and its launch and terminate steps) and routing: an
-//! event belongs to the first layer whose [`Matcher`] accepts it. What a step does is the
+//! its failure result, its ssh overrides and its step lists: launch and terminate, and for
+//! warm pools entering, leaving and returning to the pool) and routing: an event belongs to
+//! the first layer whose [`Matcher`] accepts it. Which list an event runs is its
+//! [`Phase`]'s. What a step does is the
 //! step's business ([`crate::step`]); filling `{field}` templates is [`crate::template`]'s.
 
 use std::collections::BTreeMap;
 
-use crate::event::{LifecycleEvent, Transition};
+use crate::event::{LifecycleEvent, Phase};
 use crate::outcome::HookResult;
 use crate::setting::{ConfigError, Fields};
 use crate::ssh::LayerSsh;
@@ -25,14 +27,43 @@ pub struct Layer {
     pub ssh: LayerSsh,
     pub launch: Vec<Step>,
     pub terminate: Vec<Step>,
+    /// Entering the warm pool (the one-time setup; the instance stops afterwards). None:
+    /// the launch steps.
+    pub pool_enter: Option<Vec<Step>>,
+    /// Leaving the pool for service (the light resume). Default: nothing.
+    pub pool_leave: Vec<Step>,
+    /// Returning to the pool on scale-in (instance reuse). Default: nothing; the instance
+    /// keeps its setup and its host keys.
+    pub pool_return: Vec<Step>,
 }
 
 impl Layer {
-    pub fn steps(&self, transition: Transition) -> &[Step] {
-        match transition {
-            Transition::Launch => &self.launch,
-            Transition::Terminate => &self.terminate,
+    /// The steps an event of this phase runs.
+    pub fn steps(&self, phase: Phase) -> &[Step] {
+        match phase {
+            Phase::Launch => &self.launch,
+            Phase::Terminate => &self.terminate,
+            Phase::PoolEnter => self.pool_enter.as_deref().unwrap_or(&self.launch),
+            Phase::PoolLeave => &self.pool_leave,
+            Phase::PoolReturn => &self.pool_return,
         }
+    }
+
+    /// Every step list the config gives, by its key, in the order the docs list them.
+    pub fn step_lists(&self) -> Vec<(&'static str, &[Step])> {
+        let mut lists: Vec<(&'static str, &[Step])> =
+            vec![("launch", &self.launch), ("terminate", &self.terminate)];
+        if let Some(enter) = &self.pool_enter {
+            lists.push(("pool_enter", enter));
+        }
+        lists.push(("pool_leave", &self.pool_leave));
+        lists.push(("pool_return", &self.pool_return));
+        lists
+    }
+
+    /// Every step of every list.
+    pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
+        self.step_lists().into_iter().flat_map(|(_, l)| l.iter())
     }
 }
 
@@ -100,7 +131,8 @@ impl Matcher {
 }
 
 /// The keys a `[layers.NAME]` table may have.
-const LAYER_KEYS: &str = "groups, metadata, vars, on_failure, ssh, launch, terminate";
+const LAYER_KEYS: &str =
+    "groups, metadata, vars, on_failure, ssh, launch, terminate, pool_enter, pool_leave, pool_return";
 
 impl Layer {
     /// `[layers.*]`, in file order.
@@ -154,6 +186,12 @@ impl Layer {
         };
         let launch = layer_steps(&mut f, "launch", &vars);
         let terminate = layer_steps(&mut f, "terminate", &vars);
+        let pool_enter = f
+            .value("pool_enter")
+            .is_some()
+            .then(|| layer_steps(&mut f, "pool_enter", &vars));
+        let pool_leave = layer_steps(&mut f, "pool_leave", &vars);
+        let pool_return = layer_steps(&mut f, "pool_return", &vars);
         f.finish(&format!(
             "unknown key in a layer; expected one of: {LAYER_KEYS}"
         ));
@@ -165,6 +203,9 @@ impl Layer {
             ssh,
             launch,
             terminate,
+            pool_enter,
+            pool_leave,
+            pool_return,
         })
     }
 }
@@ -229,7 +270,7 @@ fn layer_vars(f: &mut Fields<'_>) -> Vars {
     vars
 }
 
-/// `launch` or `terminate`: a list of step tables, each parsed by the step it names.
+/// `launch`, `terminate` or a `pool_*` list: step tables, each parsed by the step it names.
 fn layer_steps(f: &mut Fields<'_>, which: &'static str, vars: &Vars) -> Vec<Step> {
     let Some(list) = f.with(which, |v| {
         v.as_array()
@@ -278,6 +319,44 @@ mod tests {
         assert!(Glob::new("exact").matches("exact") && !Glob::new("exact").matches("exact2"));
         let long = "a".repeat(200);
         assert!(!Glob::new("*a*a*a*a*a*a*b").matches(&long));
+    }
+
+    fn layer(text: &str) -> Layer {
+        let v: toml::Value = toml::from_str(text).unwrap();
+        let mut errs = Vec::new();
+        let l = Layer::from_raw("web", &v, &mut errs).unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        l
+    }
+
+    #[test]
+    fn warm_pool_phases_run_their_own_lists() {
+        let l = layer(
+            r#"groups = ["web-*"]
+            launch = [{ tag = { Role = "launch" } }]
+            terminate = [{ tag = { Role = "terminate" } }]
+            pool_leave = [{ tag = { Role = "leave" } }, { tag = { Role = "leave2" } }]"#,
+        );
+        assert_eq!(l.steps(Phase::Launch).len(), 1);
+        assert_eq!(l.steps(Phase::PoolEnter).len(), 1, "defaults to launch");
+        assert_eq!(l.steps(Phase::PoolLeave).len(), 2);
+        assert!(
+            l.steps(Phase::PoolReturn).is_empty(),
+            "keeps the instance as it is"
+        );
+        assert_eq!(l.steps(Phase::Terminate).len(), 1);
+        let l = layer(
+            r#"groups = ["web-*"]
+            launch = [{ tag = { Role = "launch" } }]
+            pool_enter = []
+            pool_return = [{ tag = { Role = "back" } }]"#,
+        );
+        assert!(
+            l.steps(Phase::PoolEnter).is_empty(),
+            "an empty list is a list"
+        );
+        assert_eq!(l.steps(Phase::PoolReturn).len(), 1);
+        assert_eq!(l.all_steps().count(), 2);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::event::LifecycleEvent;
+use crate::event::{LifecycleEvent, Transition};
 
 /// The fields a template may name. `metadata.KEY` reads the event's JSON NotificationMetadata.
 pub const TEMPLATE_FIELDS: &[&str] = &[
@@ -18,6 +18,9 @@ pub const TEMPLATE_FIELDS: &[&str] = &[
     "hook",
     "layer",
     "transition",
+    "phase",
+    "origin",
+    "destination",
     "metadata.KEY",
 ];
 
@@ -29,6 +32,11 @@ enum Piece {
     Hook,
     Layer,
     Transition,
+    /// `launch`, `pool-enter`, `pool-leave`, `pool-return`, `terminate`.
+    Phase,
+    /// `EC2`, `AutoScalingGroup` or `WarmPool`.
+    Origin,
+    Destination,
     Metadata(String),
     /// A field only one step kind provides (e.g. the opsworks step's `{hostname}`).
     Extra(String),
@@ -221,6 +229,9 @@ impl Template {
                 Piece::Hook => out.push_str(&ctx.event.hook),
                 Piece::Layer => out.push_str(ctx.layer),
                 Piece::Transition => out.push_str(ctx.event.transition.as_str()),
+                Piece::Phase => out.push_str(ctx.event.phase().as_str()),
+                Piece::Origin => out.push_str(origin(ctx.event)),
+                Piece::Destination => out.push_str(destination(ctx.event)),
                 Piece::Metadata(key) => match ctx.event.metadata.get(key) {
                     Some(v) => {
                         if let Some(p) = ctx.vars.get(key) {
@@ -270,6 +281,9 @@ fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
         "hook" => Piece::Hook,
         "layer" => Piece::Layer,
         "transition" => Piece::Transition,
+        "phase" => Piece::Phase,
+        "origin" => Piece::Origin,
+        "destination" => Piece::Destination,
         _ => match name.strip_prefix("metadata.") {
             Some(key) if !key.is_empty() => Piece::Metadata(key.to_string()),
             _ => {
@@ -279,6 +293,23 @@ fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
                 })
             }
         },
+    })
+}
+
+/// The event's Origin; a message from before warm pools had none, and meant the plain
+/// transition's (EC2 for a launch, the group for a termination).
+fn origin(ev: &LifecycleEvent) -> &str {
+    ev.origin.as_deref().unwrap_or(match ev.transition {
+        Transition::Launch => "EC2",
+        Transition::Terminate => "AutoScalingGroup",
+    })
+}
+
+/// The event's Destination, the plain transition's when the message had none.
+fn destination(ev: &LifecycleEvent) -> &str {
+    ev.destination.as_deref().unwrap_or(match ev.transition {
+        Transition::Launch => "AutoScalingGroup",
+        Transition::Terminate => "EC2",
     })
 }
 
@@ -334,6 +365,21 @@ mod tests {
             t.metadata_keys().collect::<Vec<_>>(),
             ["major", "environment"]
         );
+    }
+
+    #[test]
+    fn origin_destination_and_phase() {
+        let t = Template::parse("{origin}->{destination} ({phase})").unwrap();
+        let vars = Vars::default();
+        let legacy = ev();
+        let ctx = Context::new(&legacy, "web", &vars);
+        assert_eq!(t.render(&ctx).unwrap(), "EC2->AutoScalingGroup (launch)");
+        let body = r#"{"LifecycleTransition":"autoscaling:EC2_INSTANCE_LAUNCHING","Origin":"EC2","Destination":"WarmPool","AutoScalingGroupName":"web-prod","EC2InstanceId":"i-0123456789abcdef0","LifecycleHookName":"launch","LifecycleActionToken":"t-1"}"#;
+        let Parsed::Event(warm) = parse(body) else {
+            panic!()
+        };
+        let ctx = Context::new(&warm, "web", &vars);
+        assert_eq!(t.render(&ctx).unwrap(), "EC2->WarmPool (pool-enter)");
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl Pipeline {
     pub fn preview(&self, ev: &LifecycleEvent, layer: &Layer) -> Vec<String> {
         let ctx = Context::new(ev, &layer.name, &layer.vars);
         layer
-            .steps(ev.transition)
+            .steps(ev.phase())
             .iter()
             .map(|s| s.preview(&ctx))
             .collect()
@@ -348,10 +348,12 @@ impl Pipeline {
     /// only leaves the completion to do.
     async fn decided(&self, job: &Job, result: HookResult) {
         // The instance is going away (its terminate action, or an ABANDONed launch, is about
-        // to be completed): forget its host keys. A run that completes nothing leaves the
-        // instance as it is, and its keys with it.
-        let leaving =
-            job.event.transition == Transition::Terminate || result == HookResult::Abandon;
+        // to be completed): forget its host keys. One returning to the warm pool comes back
+        // with the same keys: they stay. A run that completes nothing leaves the instance as
+        // it is, and its keys with it.
+        let phase = job.event.phase();
+        let leaving = !phase.instance_stays()
+            || (result == HookResult::Abandon && phase.transition() == Transition::Launch);
         if leaving && job.completing().is_some() {
             if let Some(r) = &self.shared.remote {
                 r.forget(&job.event.instance_id);

@@ -73,7 +73,7 @@ impl Pipeline {
         lease: &Lease,
         cancel: &CancellationToken,
     ) -> Option<HookResult> {
-        let steps = layer.steps(job.event.transition);
+        let steps = layer.steps(job.event.phase());
         for (idx, step) in steps.iter().enumerate() {
             let at = (idx, steps.len());
             let failure = match self

@@ -19,7 +19,7 @@ use super::Pipeline;
 use crate::aws::retry::with_backoff;
 use crate::aws::{AwsError, HookInfo, Membership};
 use crate::cache::TtlCache;
-use crate::event::{LifecycleEvent, Metadata, Transition};
+use crate::event::{LifecycleEvent, Metadata};
 
 /// How long a group's member list answers for it. A burst of launches into one group is
 /// verified with a call or two; a message the list does not confirm looks again, once.
@@ -38,19 +38,6 @@ pub(super) enum Verdict {
     },
     /// Not a waiting action of this group and hook: nothing may run for it.
     Forged(String),
-}
-
-/// The lifecycle states in which an instance waits for an action of `transition`.
-fn wait_states(transition: Transition) -> &'static [&'static str] {
-    match transition {
-        Transition::Launch => &["Pending:Wait", "Warmed:Pending:Wait"],
-        // Scale-in into a warm pool waits in Warmed:Pending:Wait (instance reuse).
-        Transition::Terminate => &[
-            "Terminating:Wait",
-            "Warmed:Terminating:Wait",
-            "Warmed:Pending:Wait",
-        ],
-    }
 }
 
 impl Pipeline {
@@ -182,12 +169,14 @@ fn not_waiting(ev: &LifecycleEvent, member: Option<&Membership>) -> Option<Strin
             m.group, ev.group
         ));
     }
-    let states = wait_states(ev.transition);
+    // The phase, not only the transition: a message saying the instance enters the warm
+    // pool is confirmed only by an instance waiting to enter it.
+    let states = ev.phase().wait_states();
     (!states.contains(&m.state.as_str())).then(|| {
         format!(
             "instance {id} is {}, not waiting for a {} action ({})",
             m.state,
-            ev.transition,
+            ev.phase(),
             states.join(" or ")
         )
     })
@@ -203,6 +192,10 @@ mod tests {
             "AutoScalingGroupName": "web", "LifecycleHookName": "h",
             "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": "t",
         });
+        parsed(body)
+    }
+
+    fn parsed(body: serde_json::Value) -> LifecycleEvent {
         match crate::event::parse(&body.to_string()) {
             crate::event::Parsed::Event(e) => e,
             other => panic!("{other:?}"),
@@ -218,15 +211,57 @@ mod tests {
     }
 
     #[test]
+    fn warm_pool_actions_are_confirmed_by_their_own_wait_states() {
+        let place = |t: &str, o: &str, d: &str| {
+            parsed(serde_json::json!({
+                "LifecycleTransition": t, "Origin": o, "Destination": d,
+                "AutoScalingGroupName": "web", "LifecycleHookName": "h",
+                "EC2InstanceId": "i-0123456789abcdef0", "LifecycleActionToken": "t",
+            }))
+        };
+        let enter = place("autoscaling:EC2_INSTANCE_LAUNCHING", "EC2", "WarmPool");
+        let leave = place(
+            "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "WarmPool",
+            "AutoScalingGroup",
+        );
+        let back = place(
+            "autoscaling:EC2_INSTANCE_TERMINATING",
+            "AutoScalingGroup",
+            "WarmPool",
+        );
+        let out = place("autoscaling:EC2_INSTANCE_TERMINATING", "WarmPool", "EC2");
+        let genuine = [
+            (&enter, "Warmed:Pending:Wait"),
+            (&leave, "Pending:Wait"),
+            (&back, "Warmed:Pending:Wait"),
+            (&out, "Warmed:Terminating:Wait"),
+        ];
+        for (ev, state) in genuine {
+            assert_eq!(
+                not_waiting(ev, Some(&member("web", state))),
+                None,
+                "{state}"
+            );
+        }
+        let forged = [
+            (&enter, "Pending:Wait"),
+            (&leave, "Warmed:Pending:Wait"),
+            (&back, "Terminating:Wait"),
+            (&enter, "Warmed:Stopped"),
+        ];
+        for (ev, state) in forged {
+            let why = not_waiting(ev, Some(&member("web", state)));
+            assert!(why.is_some(), "{} in {state}", ev.phase());
+        }
+    }
+
+    #[test]
     fn only_an_instance_waiting_in_the_messages_group_is_genuine() {
         let launch = event("autoscaling:EC2_INSTANCE_LAUNCHING");
         let terminate = event("autoscaling:EC2_INSTANCE_TERMINATING");
         assert_eq!(
             not_waiting(&launch, Some(&member("web", "Pending:Wait"))),
-            None
-        );
-        assert_eq!(
-            not_waiting(&launch, Some(&member("web", "Warmed:Pending:Wait"))),
             None
         );
         assert_eq!(
@@ -250,5 +285,7 @@ mod tests {
             why.contains("InService") && why.contains("Pending:Wait"),
             "{why}"
         );
+        let why = not_waiting(&launch, Some(&member("web", "Warmed:Pending:Wait"))).unwrap();
+        assert!(why.contains("not waiting for a launch action"), "{why}");
     }
 }
