@@ -230,6 +230,51 @@ async fn check_layer_groups(
                 notifying.join(", ")
             ));
         }
+        check_warm_pool(layer, g, hooks, r).await;
+    }
+}
+
+/// A group's warm pool, and which of the layer's step lists its instances will run.
+async fn check_warm_pool(layer: &Layer, group: &str, hooks: &AutoScalingHooks, r: &mut Report) {
+    use crate::event::Phase;
+    let pool = match hooks.warm_pool(group).await {
+        Ok(Some(pool)) => pool,
+        Ok(None) => return,
+        Err(e) => {
+            r.problems
+                .push(format!("group {group}: cannot describe its warm pool: {e}"));
+            return;
+        }
+    };
+    let count = |phase| layer.steps(phase).len();
+    let enter_from = if layer.pool_enter.is_some() {
+        "pool_enter"
+    } else {
+        "launch, as layers.*.pool_enter is not set"
+    };
+    r.notes.push(format!(
+        "group {group} (layer {}): warm pool, {} instance(s) kept {}, min size {}, {}; entering it runs {} step(s) ({enter_from}), leaving it {} (pool_leave), returning to it {} (pool_return)",
+        layer.name,
+        pool.instances.len(),
+        pool.pool_state.to_lowercase(),
+        pool.min_size,
+        if pool.reuse_on_scale_in { "scale-in returns instances to it" } else { "scale-in terminates" },
+        count(Phase::PoolEnter),
+        count(Phase::PoolLeave),
+        count(Phase::PoolReturn),
+    ));
+    let needs_running = |phase| {
+        layer
+            .steps(phase)
+            .iter()
+            .any(|s| s.needs_running_instance())
+    };
+    if pool.pool_state != "Running" && needs_running(Phase::Terminate) {
+        r.notes.push(format!(
+            "layers.{}.terminate: ssm/ssh/ansible steps fail at once for instances terminated from the {} warm pool of {group} (they are not running)",
+            layer.name,
+            pool.pool_state.to_lowercase()
+        ));
     }
 }
 

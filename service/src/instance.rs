@@ -1,7 +1,9 @@
 //! `provision instance <id>` (or `provision <id>`): the pipeline by hand, for one instance.
 //!
-//! Finds the instance's group (DescribeAutoScalingInstances), its layer, and whether a
-//! lifecycle action is pending for it (`Pending:Wait` / `Terminating:Wait`); prints the plan;
+//! Finds the instance's group (DescribeAutoScalingInstances, which lists warm pool instances
+//! too), its layer, and whether a lifecycle action is pending for it (`Pending:Wait`,
+//! `Terminating:Wait`, and in a warm pool `Warmed:Pending:Wait` entering or returning to it,
+//! `Warmed:Terminating:Wait`); prints the plan;
 //! then (unless `--dry-run`) runs the layer's steps through the same pipeline as the daemon
 //! (same history, heartbeats, result event), showing progress, and completes the pending
 //! action by instance id (unless `--no-complete`). There is no message, hence no token and
@@ -20,7 +22,7 @@ use crate::aws::retry::with_backoff;
 use crate::aws::{Action, HookInfo};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Transition};
+use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Phase, Place, Transition};
 use crate::layer::Layer;
 use crate::pipeline::{Job, Pipeline, Progress, RunReport};
 
@@ -40,7 +42,9 @@ struct Found {
     group: String,
     state: String,
     transition: Transition,
-    /// A lifecycle action of `transition` waits for this instance.
+    /// The transition read with the instance's state (warm pool or not).
+    phase: Phase,
+    /// A lifecycle action of `phase` waits for this instance.
     pending: bool,
     hook: Option<(String, HookInfo)>,
 }
@@ -88,18 +92,13 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
         None if args.layer.is_some() => ("-".to_string(), "not in an Auto Scaling group".to_string()),
         None => bail!("{id} is not in an Auto Scaling group (or does not exist); pass --layer NAME to run a layer's steps on it anyway"),
     };
-    let transition = args
-        .transition
-        .unwrap_or(if state.starts_with("Terminating") {
-            Transition::Terminate
-        } else {
-            Transition::Launch
-        });
-    let waiting_state = match transition {
-        Transition::Launch => "Pending:Wait",
-        Transition::Terminate => "Terminating:Wait",
-    };
-    let pending = state == waiting_state;
+    let transition = args.transition.unwrap_or(if state.contains("Terminating") {
+        Transition::Terminate
+    } else {
+        Transition::Launch
+    });
+    let phase = phase_of(&state, transition);
+    let pending = phase.wait_states().contains(&state.as_str());
     let group_hooks = match membership {
         Some(_) => with_backoff(retry, || hooks.describe_hooks(&group))
             .await
@@ -130,23 +129,50 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
         group,
         state,
         transition,
+        phase,
         pending,
         hook,
     })
+}
+
+/// What running `transition` means for an instance in lifecycle state `state`: in the warm
+/// pool, `Warmed:Pending:Wait` is entering it (launch) or returning to it (terminate).
+/// (`Pending:Wait` reads as a plain launch: Auto Scaling does not say whether the instance
+/// comes from the pool.)
+fn phase_of(state: &str, transition: Transition) -> Phase {
+    match (transition, state) {
+        (Transition::Launch, "Warmed:Pending:Wait") => Phase::PoolEnter,
+        (Transition::Launch, _) => Phase::Launch,
+        (Transition::Terminate, "Warmed:Pending:Wait") => Phase::PoolReturn,
+        (Transition::Terminate, _) => Phase::Terminate,
+    }
+}
+
+/// The Origin and Destination a hook's message would carry for this phase and state.
+fn places(phase: Phase, state: &str) -> (Place, Place) {
+    match phase {
+        Phase::Launch => (Place::Ec2, Place::AutoScalingGroup),
+        Phase::PoolEnter => (Place::Ec2, Place::WarmPool),
+        Phase::PoolLeave => (Place::WarmPool, Place::AutoScalingGroup),
+        Phase::PoolReturn => (Place::AutoScalingGroup, Place::WarmPool),
+        Phase::Terminate if state.starts_with("Warmed:") => (Place::WarmPool, Place::Ec2),
+        Phase::Terminate => (Place::AutoScalingGroup, Place::Ec2),
+    }
 }
 
 /// The pipeline's job: the instance's event as the hook would describe it, its pending
 /// action addressed by instance id (there is no token), completed unless told otherwise.
 fn job(found: &Found, args: &Args) -> Job {
     let hook_name = found.hook.as_ref().map(|(n, _)| n.clone());
+    let (origin, destination) = places(found.phase, &found.state);
     let event = LifecycleEvent {
         instance_id: found.id.clone(),
         group: found.group.clone(),
         hook: hook_name.clone().unwrap_or_else(|| "-".into()),
         transition: found.transition,
         token: format!("manual-{}-{}", found.id, now_ms()),
-        origin: None,
-        destination: None,
+        origin: Some(origin.as_str().to_string()),
+        destination: Some(destination.as_str().to_string()),
         metadata: Metadata::parse(
             found
                 .hook
@@ -189,7 +215,11 @@ fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args
         found.id, found.group, found.state
     );
     println!("layer      {}{chosen}", layer.name);
-    println!("transition {}", found.transition);
+    if found.phase.as_str() == found.transition.as_str() {
+        println!("transition {}", found.transition);
+    } else {
+        println!("transition {} ({})", found.transition, found.phase);
+    }
     for (i, line) in pipeline.preview(&job.event, layer).iter().enumerate() {
         println!("step {i}     {line}");
     }

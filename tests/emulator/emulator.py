@@ -252,7 +252,10 @@ def _cancel_for_instance(instance_id: str, transition: str | None = None) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def _start_action(group: Any, state: Any, hook: Any) -> dict[str, Any]:
+def _start_action(group: Any, state: Any, hook: Any,
+                  places: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One lifecycle action; `places` is (Origin, Destination), the plain transition's when
+    None (warm pools give others)."""
     be = group.autoscaling_backend
     now = time.time()
     hb = int(getattr(hook, "heartbeat_timeout", 3600) or 3600)
@@ -281,7 +284,9 @@ def _start_action(group: Any, state: Any, hook: Any) -> dict[str, Any]:
     ACTIONS[token] = action
 
     launching = transition == LAUNCH
-    origin, destination = ("EC2", "AutoScalingGroup") if launching else ("AutoScalingGroup", "EC2")
+    origin, destination = places or (
+        ("EC2", "AutoScalingGroup") if launching else ("AutoScalingGroup", "EC2")
+    )
     metadata = getattr(hook, "notification_metadata", None)
     msg: dict[str, Any] = {
         "Origin": origin,
@@ -361,6 +366,7 @@ def _finish_action(action: dict[str, Any], result: str, by: str) -> None:
         return
     state = _state_of(group, action["instance_id"])
     if state is None:
+        _finish_warm_action(group, action, result)
         return
     iid = action["instance_id"]
     if action["transition"] == LAUNCH:
@@ -405,6 +411,10 @@ _orig_replace = M.FakeAutoScalingGroup.replace_autoscaling_group_instances
 
 def replace_autoscaling_group_instances(self: Any, count_needed: int, propagated_tags: dict[str, str]) -> None:
     with LOCK:
+        count_needed -= _take_from_pool(self, count_needed)
+        if count_needed <= 0:
+            _fill_pool(self)
+            return
         before = {id(s) for s in self.instance_states}
         _orig_replace(self, count_needed, propagated_tags)
         new_states = [s for s in self.instance_states if id(s) not in before]
@@ -418,6 +428,7 @@ def replace_autoscaling_group_instances(self: Any, count_needed: int, propagated
             st.lifecycle_state = "Pending:Wait"
             for h in hooks:
                 _start_action(self, st, h)
+        _fill_pool(self)
 
 
 ACTIVE_STATES = ("InService", "Pending", "Pending:Wait", "Pending:Proceed")
@@ -463,8 +474,12 @@ def set_desired_capacity(self: Any, new_capacity: int | None) -> None:
             self.replace_autoscaling_group_instances(delta, self.get_propagated_tags())
         elif delta < 0:
             candidates = [s for s in current if not s.protected_from_scale_in][: -delta]
-            if candidates:
+            if candidates and _reuses_on_scale_in(self):
+                _return_to_pool(self, candidates)
+            elif candidates:
                 _begin_terminations(self, candidates)
+        if delta != 0:
+            _fill_pool(self)
         if self.name in self.autoscaling_backend.autoscaling_groups:
             self.autoscaling_backend.update_attached_elbs(self.name)
             self.autoscaling_backend.update_attached_target_groups(self.name)
@@ -486,6 +501,9 @@ def terminate_instance(self: Any, instance_id: str, should_decrement: bool) -> A
             if state is not None:
                 break
         if state is None:
+            warm = _warm_state_of(self, instance_id)
+            if warm is not None:
+                return _terminate_from_pool(*warm)
             raise ValidationError(
                 f"Instance Id not found - No managed instance found for instance ID: {instance_id}"
             )
@@ -559,6 +577,194 @@ M.AutoScalingBackend.terminate_instance = terminate_instance
 M.AutoScalingBackend.detach_instances = detach_instances
 M.AutoScalingBackend.notify_terminate_instances = notify_terminate_instances
 M.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
+
+
+# --------------------------------------------------------------------------------------------
+# warm pools
+# --------------------------------------------------------------------------------------------
+# A group's warm pool (PutWarmPool) holds instances prepared ahead of a scale-out. They are in
+# `group._emu_warm`, not in `instance_states`: DescribeAutoScalingGroups does not list them,
+# DescribeWarmPool and DescribeAutoScalingInstances do (as in AWS). Lifecycle, after the Auto
+# Scaling user guide's warm-pool pages:
+#   entering:  Warmed:Pending:Wait (launch hooks, EC2 -> WarmPool) -> Warmed:Stopped (EC2 stop),
+#              or Warmed:Running / Warmed:Hibernated per PoolState; ABANDON terminates it.
+#   leaving:   a scale-out takes ready pool instances first: started, Pending:Wait (launch
+#              hooks, WarmPool -> AutoScalingGroup) -> InService; the pool is refilled.
+#   returning: scale-in with InstanceReusePolicy.ReuseOnScaleIn: Warmed:Pending:Wait
+#              (terminate hooks, AutoScalingGroup -> WarmPool) -> Warmed:Stopped; ABANDON
+#              terminates it instead (the emulator's reading).
+#   leaving for good: TerminateInstanceInAutoScalingGroup on a pool instance:
+#              Warmed:Terminating:Wait (terminate hooks, WarmPool -> EC2), still stopped.
+# Pool size: max(MinSize, MaxGroupPreparedCapacity (default MaxSize) - DesiredCapacity).
+
+WARM_READY = ("Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated")
+
+
+def _warm(group: Any) -> list[Any]:
+    if not hasattr(group, "_emu_warm"):
+        group._emu_warm = []
+    return group._emu_warm
+
+
+def _warm_state_of(backend: Any, instance_id: str) -> tuple[Any, Any] | None:
+    for group in backend.autoscaling_groups.values():
+        for st in _warm(group):
+            if st.instance.id == instance_id:
+                return group, st
+    return None
+
+
+def _true(v: Any) -> bool:
+    return v is True or str(v).lower() == "true"
+
+
+def _reuses_on_scale_in(group: Any) -> bool:
+    pool = getattr(group, "warm_pool", None)
+    return pool is not None and _true((pool.instance_reuse_policy or {}).get("ReuseOnScaleIn"))
+
+
+def _pool_target(group: Any) -> int:
+    pool = group.warm_pool
+    prepared = pool.max_group_prepared_capacity
+    prepared = group.max_size if prepared in (None, -1, "-1") else int(prepared)
+    return max(int(pool.min_size or 0), prepared - (group.desired_capacity or 0))
+
+
+def _stopped_state(group: Any) -> str:
+    return {"Running": "Warmed:Running", "Hibernated": "Warmed:Hibernated"}.get(
+        group.warm_pool.pool_state if group.warm_pool else "Stopped", "Warmed:Stopped")
+
+
+def _park(group: Any, st: Any) -> None:
+    """The instance waits in the pool: stopped unless the pool keeps them running."""
+    st.lifecycle_state = _stopped_state(group)
+    if st.lifecycle_state != "Warmed:Running":
+        group.autoscaling_backend.ec2_backend.stop_instances([st.instance.id])
+
+
+def _warm_hooks(group: Any, transition: str, st: Any, places: tuple[str, str]) -> bool:
+    """Starts the actions of `transition`'s hooks for a pool instance; False when none."""
+    hooks = [] if getattr(group, "_emu_bypass", False) else _hooks(group.autoscaling_backend, group.name, transition)
+    for h in hooks:
+        _start_action(group, st, h, places)
+    return bool(hooks)
+
+
+def _fill_pool(group: Any) -> None:
+    """New instances into the pool until it has its size (none while it has no config)."""
+    if getattr(group, "warm_pool", None) is None or not _group_alive(group):
+        return
+    missing = _pool_target(group) - len(_warm(group))
+    if missing <= 0:
+        return
+    before = {id(s) for s in group.instance_states}
+    _orig_replace(group, missing, group.get_propagated_tags())
+    new = [s for s in group.instance_states if id(s) not in before]
+    for st in new:
+        group.instance_states.remove(st)
+        _warm(group).append(st)
+        st.lifecycle_state = "Warmed:Pending:Wait"
+        if not _warm_hooks(group, LAUNCH, st, ("EC2", "WarmPool")):
+            _park(group, st)
+
+
+def _take_from_pool(group: Any, count: int) -> int:
+    """A scale-out takes ready pool instances first. Returns how many it took."""
+    ready = [s for s in _warm(group) if s.lifecycle_state in WARM_READY][:max(count, 0)]
+    for st in ready:
+        _warm(group).remove(st)
+        group.instance_states.append(st)
+        group.autoscaling_backend.ec2_backend.start_instances([st.instance.id])
+        st.lifecycle_state = "Pending:Wait"
+        if not _warm_hooks(group, LAUNCH, st, ("WarmPool", "AutoScalingGroup")):
+            st.lifecycle_state = "InService"
+    return len(ready)
+
+
+def _return_to_pool(group: Any, states: list[Any]) -> None:
+    for st in states:
+        _cancel_for_instance(st.instance.id, LAUNCH)
+        group.instance_states.remove(st)
+        _warm(group).append(st)
+        st.lifecycle_state = "Warmed:Pending:Wait"
+        if not _warm_hooks(group, TERMINATE, st, ("AutoScalingGroup", "WarmPool")):
+            _park(group, st)
+
+
+def _terminate_from_pool(group: Any, st: Any) -> Any:
+    if not st.lifecycle_state.startswith("Warmed:Terminating"):
+        _cancel_for_instance(st.instance.id)
+        st.lifecycle_state = "Warmed:Terminating:Wait"
+        if not _warm_hooks(group, TERMINATE, st, ("WarmPool", "EC2")):
+            _drop_from_pool(group, st)
+    return M.TerminateInstanceActivity(st.instance, group.desired_capacity)
+
+
+def _drop_from_pool(group: Any, st: Any) -> None:
+    if st in _warm(group):
+        _warm(group).remove(st)
+    try:
+        group.autoscaling_backend.ec2_backend.terminate_instances([st.instance.id])
+    except Exception:
+        pass
+    _fill_pool(group)
+
+
+def _finish_warm_action(group: Any, action: dict[str, Any], result: str) -> None:
+    """A lifecycle action of a pool instance ended (completed, timed out, cancelled)."""
+    st = next((s for s in _warm(group) if s.instance.id == action["instance_id"]), None)
+    if st is None:
+        return
+    if result == "ABANDON":
+        _cancel_for_instance(st.instance.id, action["transition"])
+    if _pending_for(st.instance.id, action["transition"]):
+        return
+    if st.lifecycle_state == "Warmed:Terminating:Wait" or result == "ABANDON":
+        _drop_from_pool(group, st)
+    elif st.lifecycle_state == "Warmed:Pending:Wait":
+        _park(group, st)
+
+
+def _warm_instances_of(backend: Any, instance_ids: list[str]) -> list[Any]:
+    return [
+        st for group in backend.autoscaling_groups.values() for st in _warm(group)
+        if not instance_ids or st.instance.id in instance_ids
+    ]
+
+
+_orig_put_warm_pool = M.AutoScalingBackend.put_warm_pool
+_orig_describe_as_instances = M.AutoScalingBackend.describe_auto_scaling_instances
+
+
+def put_warm_pool_model(self: Any, group_name: str, max_group_prepared_capacity: Any, min_size: Any,
+                        pool_state: Any, instance_reuse_policy: Any) -> None:
+    with LOCK:
+        _group_or_error(self, group_name)
+        if pool_state not in (None, "Stopped", "Running", "Hibernated"):
+            raise ValidationError(f"Invalid PoolState {pool_state}: Stopped, Running or Hibernated")
+        _orig_put_warm_pool(self, group_name, max_group_prepared_capacity, min_size, pool_state,
+                            instance_reuse_policy)
+        _fill_pool(self.autoscaling_groups[group_name])
+
+
+def describe_auto_scaling_instances_model(self: Any, instance_ids: list[str]) -> list[Any]:
+    """Group members and warm pool instances, as AWS lists both."""
+    with LOCK:
+        return _orig_describe_as_instances(self, instance_ids) + _warm_instances_of(self, instance_ids)
+
+
+def describe_warm_pool(self: Any) -> Any:
+    from moto.core.responses import ActionResult
+
+    with LOCK:
+        be = self.autoscaling_backend
+        group = _group_or_error(be, self._get_param("AutoScalingGroupName"))
+        result = {"WarmPoolConfiguration": group.warm_pool, "Instances": list(_warm(group))}
+        return ActionResult(result)
+
+
+M.AutoScalingBackend.put_warm_pool = put_warm_pool_model
+M.AutoScalingBackend.describe_auto_scaling_instances = describe_auto_scaling_instances_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,6 +982,7 @@ R.AutoScalingResponse.delete_lifecycle_hook = delete_lifecycle_hook
 R.AutoScalingResponse.create_auto_scaling_group = create_auto_scaling_group
 R.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
 R.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+R.AutoScalingResponse.describe_warm_pool = describe_warm_pool
 
 
 # --------------------------------------------------------------------------------------------

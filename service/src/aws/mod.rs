@@ -125,6 +125,20 @@ pub struct Membership {
     pub state: String,
 }
 
+/// A group's warm pool (DescribeWarmPool): its configuration and the instances in it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WarmPool {
+    pub min_size: i32,
+    /// None: the group's MaxSize.
+    pub max_group_prepared_capacity: Option<i32>,
+    /// Stopped | Running | Hibernated
+    pub pool_state: String,
+    /// Scale-in returns instances to the pool (InstanceReusePolicy.ReuseOnScaleIn).
+    pub reuse_on_scale_in: bool,
+    /// The pool's instances with their lifecycle states (Warmed:Pending:Wait, Warmed:Stopped...).
+    pub instances: Vec<Membership>,
+}
+
 /// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActionCall {
@@ -154,6 +168,10 @@ pub trait Hooks: Send + Sync {
     }
     /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
     async fn groups(&self) -> Result<Vec<String>, AwsError>;
+    /// The group's warm pool (DescribeWarmPool), None when it has none.
+    async fn warm_pool(&self, _group: &str) -> Result<Option<WarmPool>, AwsError> {
+        Ok(None)
+    }
 }
 
 /// What DescribeInstances says about one instance.

@@ -354,6 +354,43 @@ impl Hooks for AutoScalingHooks {
         }))
     }
 
+    async fn warm_pool(&self, group: &str) -> Result<Option<super::WarmPool>, AwsError> {
+        let out = self
+            .client
+            .describe_warm_pool()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeWarmPool", e))?;
+        let Some(c) = out.warm_pool_configuration() else {
+            return Ok(None);
+        };
+        Ok(Some(super::WarmPool {
+            min_size: c.min_size().unwrap_or(0),
+            max_group_prepared_capacity: c.max_group_prepared_capacity().filter(|&m| m >= 0),
+            pool_state: c
+                .pool_state()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|| "Stopped".into()),
+            reuse_on_scale_in: c
+                .instance_reuse_policy()
+                .and_then(|p| p.reuse_on_scale_in())
+                .unwrap_or(false),
+            instances: out
+                .instances()
+                .iter()
+                .map(|i| Membership {
+                    instance_id: i.instance_id().unwrap_or_default().to_string(),
+                    group: group.to_string(),
+                    state: i
+                        .lifecycle_state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {
         let out = self
             .client

@@ -54,13 +54,24 @@ impl KnownHosts {
         matches!(self.check, HostKeyCheck::Console | HostKeyCheck::AcceptNew)
     }
 
-    /// Writes the target's verified keys (from its console) as its known_hosts file.
+    /// Whether entries are keyed by instance id (`HostKeyAlias`): in the files provision
+    /// keeps. An operator's known_hosts file keeps its own names.
+    pub fn aliased(&self) -> bool {
+        self.kept()
+    }
+
+    /// Whether the instance's file holds keys under its instance id. A file written before
+    /// entries were keyed by instance (by address) does not count: it is written again.
+    pub fn has_keys(&self, id: &InstanceId) -> bool {
+        let prefix = format!("{id} ");
+        std::fs::read_to_string(self.file(id))
+            .is_ok_and(|text| text.lines().any(|l| l.starts_with(&prefix)))
+    }
+
+    /// Writes the target's verified keys (from its console) as its known_hosts file, under
+    /// its instance id (ssh looks them up by `HostKeyAlias`, whatever the address and port).
     pub fn write(&self, target: &Target, keys: &[String]) -> std::io::Result<()> {
-        let host = if target.port == 22 {
-            target.address.clone()
-        } else {
-            format!("[{}]:{}", target.address, target.port)
-        };
+        let host = target.id.as_str();
         let body: String = keys.iter().map(|k| format!("{host} {k}\n")).collect();
         let path = self.file(&target.id);
         let tmp = path.with_extension("tmp");

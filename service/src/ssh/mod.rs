@@ -15,6 +15,8 @@
 //!   the instance can print a later one. The keys go to a known_hosts file of that instance
 //!   only (`<state dir>/known_hosts.d/<instance-id>`), and ssh (and Ansible) connect with
 //!   `StrictHostKeyChecking=yes` against it, so a server presenting any other key is refused.
+//!   Entries are keyed by instance id (`HostKeyAlias`), not by address: an instance that
+//!   comes back from the warm pool with another public IP is still the same host.
 //! - `accept-new`: the same per-instance file, filled by ssh on first connection.
 //! - `known-hosts`: a file the operator maintains.
 //! - `off`: no check (warned about at start).
@@ -163,7 +165,8 @@ impl Remote {
 
     /// Forgets an instance's host keys (its terminate run ended, or its launch failed).
     pub fn forget(&self, id: &InstanceId) {
-        self.known_hosts.forget(id)
+        self.known_hosts.forget(id);
+        let _ = std::fs::remove_file(self.runtime_dir.join("hosts.d").join(id.as_str()));
     }
 
     /// Removes the known_hosts files of instances EC2 no longer lists as alive (see
@@ -172,11 +175,40 @@ impl Remote {
         self.known_hosts.prune(instances).await
     }
 
-    fn builder(&self, target: &Target, timeout: Duration) -> openssh::SessionBuilder {
+    /// The ssh configuration one instance is reached with: the common one, plus (when
+    /// provision keeps the instance's known_hosts file) `HostKeyAlias` = the instance id, so
+    /// that its key is known by the instance and not by an address that may change (a new
+    /// public IP after a stop and start in the warm pool, an Elastic IP attached at boot).
+    fn instance_config(&self, target: &Target) -> std::io::Result<PathBuf> {
+        if !self.known_hosts.aliased() {
+            return Ok(self.ssh_config.clone());
+        }
+        let dir = self.runtime_dir.join("hosts.d");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(target.id.as_str());
+        // `Host` matches the address as given to ssh, so a jump host (its own ssh, reading
+        // this file too) keeps its own name and its own known_hosts entry.
+        let text = format!(
+            "# Written by provision for {id}: its host key is known by its instance id.\n\
+             Host {address}\n  HostKeyAlias {id}\nMatch all\nInclude \"{common}\"\n",
+            id = target.id,
+            address = target.address,
+            common = self.ssh_config.display()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    fn builder(
+        &self,
+        target: &Target,
+        config: &Path,
+        timeout: Duration,
+    ) -> openssh::SessionBuilder {
         let mut b = openssh::SessionBuilder::default();
         b.user(target.user.clone())
             .port(target.port)
-            .config_file(&self.ssh_config)
+            .config_file(config)
             .control_directory(&self.runtime_dir)
             .connect_timeout(timeout.max(Duration::from_secs(1)))
             .server_alive_interval(Duration::from_secs(15))
@@ -213,6 +245,10 @@ impl Remote {
                 _ => "StrictHostKeyChecking=yes".to_string(),
             },
         ];
+        if self.known_hosts.aliased() {
+            args.push("-o".into());
+            args.push(format!("HostKeyAlias={}", t.id));
+        }
         if let Some(j) = &self.settings.jump_host {
             args.push("-o".into());
             args.push(format!("ProxyJump={j}"));

@@ -145,7 +145,7 @@ impl Remote {
         target: &Target,
         deadline: Instant,
     ) -> Result<Result<(), String>, ReachError> {
-        if self.known_hosts.file(&target.id).exists() {
+        if self.known_hosts.has_keys(&target.id) {
             return Ok(Ok(()));
         }
         let pace = Pace::doubling(deadline, CONSOLE_WAIT_FIRST, CONSOLE_WAIT_MAX);
@@ -185,6 +185,13 @@ impl Remote {
         target: &Target,
         deadline: Instant,
     ) -> Result<Result<openssh::Session, String>, ReachError> {
+        let config = self.instance_config(target).map_err(|e| {
+            ReachError::NotReady(format!(
+                "cannot write the ssh configuration for {}: {e}",
+                target.id
+            ))
+        })?;
+        let config = config.as_path();
         let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
         let connected = until(pace, move || async move {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -195,7 +202,8 @@ impl Remote {
             ));
             let attempt = tokio::time::timeout(
                 timeout + Duration::from_secs(5),
-                self.builder(target, timeout).connect(&target.address),
+                self.builder(target, config, timeout)
+                    .connect(&target.address),
             )
             .await;
             let last = match attempt {

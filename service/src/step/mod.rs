@@ -255,7 +255,19 @@ impl Step {
         r.unwrap_or_else(|e| format!("{} (would fail: {e})", self.describe()))
     }
 
+    /// Whether the step runs things on the instance (ssm, ssh, ansible), which must then be
+    /// running: a warm-pool instance is stopped outside its launch and return actions.
+    pub fn needs_running_instance(&self) -> bool {
+        matches!(
+            self.kind,
+            StepKind::Ssm(_) | StepKind::Ssh(_) | StepKind::Ansible(_)
+        )
+    }
+
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
+        if self.needs_running_instance() {
+            stopped_instance(self.kind_name(), ctx).await?;
+        }
         let work = async {
             match &self.kind {
                 StepKind::Tag(t) => t.run(ctx).await,
@@ -269,6 +281,32 @@ impl Step {
             .await
             .unwrap_or(Err(StepError::Timeout(self.timeout)))
     }
+}
+
+/// Fails at once, with the reason, when the event's instance is stopped or going away: a
+/// step that needs it running would otherwise wait out its readiness timeout (SSM agent,
+/// ssh.ready_timeout) for nothing. An instance EC2 does not list yet is left to the step's
+/// own waits.
+async fn stopped_instance(kind: &str, ctx: &StepContext<'_>) -> Result<(), StepError> {
+    let ev = ctx.template.event;
+    let Ok(info) = ctx.shared.lookup.submit(ev.instance_id.clone()).await else {
+        return Ok(());
+    };
+    let state = info.state.as_str();
+    if !matches!(
+        state,
+        "stopped" | "stopping" | "shutting-down" | "terminated"
+    ) {
+        return Ok(());
+    }
+    let pool = match ev.origin.as_deref() {
+        Some("WarmPool") => " (it comes from the warm pool, where instances wait stopped)",
+        _ => "",
+    };
+    Err(StepError::NotReady(format!(
+        "{} is {state}{pool}; a {kind} step needs a running instance, so it was not started",
+        ev.instance_id
+    )))
 }
 
 /// Parses one step table, e.g. `{ tag = { Name = "web-{instance_id}" }, timeout = "2m" }`.

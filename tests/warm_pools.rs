@@ -1,0 +1,308 @@
+//! Warm pools against the emulator: instances entering the pool, leaving it on scale-out,
+//! returning to it on scale-in, and terminated from it while stopped; the manual command
+//! and `check --aws` on a pool. Real SDK, real `provision` binary, the emulator's warm pool
+//! (tests/emulator/emulator.py, "warm pools").
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, Aws, Emulator, Provision, Queue};
+
+const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+const METADATA: &str = r#"{"environment":"production"}"#;
+
+/// Each phase tags what it saw. The terminate steps need a running instance: an ssm step
+/// (whose SSM agent wait is 10 minutes) and an ssh step, so a stopped instance shows
+/// whether they fail at once.
+const POOL_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Setup = "full" } } ]
+pool_enter = [ { tag = { Setup = "{origin}->{destination}", Phase = "{phase}" } } ]
+pool_leave = [ { tag = { Resumed = "{origin}->{destination}" } } ]
+pool_return = [ { tag = { Returned = "{phase}" } } ]
+terminate = [
+  { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["true"] } } },
+  { ssh = ["true"] },
+]
+"#;
+
+/// A group with launch and terminate hooks notifying the queue, and a warm pool of one.
+async fn pool_group(emu: &Emulator, group: &str, reuse_on_scale_in: bool) -> (Aws, Queue) {
+    let (aws, q) = common::launch_group(emu, group, 300, Some(METADATA)).await;
+    aws.hook(
+        group,
+        "provision-terminate",
+        TERMINATE,
+        Some(&q.arn),
+        300,
+        "CONTINUE",
+        None,
+    )
+    .await;
+    use aws_sdk_autoscaling::types::InstanceReusePolicy;
+    aws.asg
+        .put_warm_pool()
+        .auto_scaling_group_name(group)
+        .min_size(1)
+        .max_group_prepared_capacity(1)
+        .instance_reuse_policy(
+            InstanceReusePolicy::builder()
+                .reuse_on_scale_in(reuse_on_scale_in)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    (aws, q)
+}
+
+/// (instance id, lifecycle state) of every instance in the group's warm pool.
+async fn pool(aws: &Aws, group: &str) -> Vec<(String, String)> {
+    let r = aws
+        .asg
+        .describe_warm_pool()
+        .auto_scaling_group_name(group)
+        .send()
+        .await
+        .unwrap();
+    r.instances()
+        .iter()
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_string(),
+                i.lifecycle_state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The one instance in the pool, in `state`.
+async fn the_pool_instance(aws: &Aws, group: &str, state: &str) -> String {
+    let p = pool(aws, group).await;
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].1, state, "{p:?}");
+    p[0].0.clone()
+}
+
+fn worker(p: &Provision) {
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "worker failed:\n{log}");
+}
+
+/// A known_hosts file as provision keeps it (keyed by instance id).
+fn known_hosts(p: &Provision, id: &str) -> std::path::PathBuf {
+    let dir = p.dir.join("known_hosts.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(id);
+    std::fs::write(
+        &f,
+        format!("{id} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGj0vNj1c0yJb2m4Ee0hOPHVdqvRyYR3Y0nCk0QpX9aM\n"),
+    )
+    .unwrap();
+    f
+}
+
+fn tag(tags: &std::collections::BTreeMap<String, String>, k: &str) -> Option<String> {
+    tags.get(k).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_instance_is_prepared_on_entering_and_resumed_on_leaving() {
+    let emu = Emulator::start();
+    let (aws, q) = pool_group(&emu, "web-wp", false).await;
+    let warm = the_pool_instance(&aws, "web-wp", "Warmed:Pending:Wait").await;
+    assert!(
+        aws.instances("web-wp").await.is_empty(),
+        "pool instances are not group members"
+    );
+
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+    worker(&p);
+    let tags = aws.tags(&warm).await;
+    assert_eq!(tag(&tags, "Setup").as_deref(), Some("EC2->WarmPool"));
+    assert_eq!(tag(&tags, "Phase").as_deref(), Some("pool-enter"));
+    assert_eq!(
+        the_pool_instance(&aws, "web-wp", "Warmed:Stopped").await,
+        warm
+    );
+    assert_eq!(aws.instance_state(&warm).await, "stopped");
+
+    // Scale-out: the pool instance leaves for the group, a new one enters the pool.
+    aws.scale("web-wp", 1).await;
+    assert_eq!(
+        aws.instances("web-wp").await,
+        vec![(warm.clone(), "Pending:Wait".to_string())]
+    );
+    let refill = the_pool_instance(&aws, "web-wp", "Warmed:Pending:Wait").await;
+    worker(&p);
+    assert_eq!(
+        aws.instances("web-wp").await,
+        vec![(warm.clone(), "InService".to_string())]
+    );
+    let tags = aws.tags(&warm).await;
+    assert_eq!(
+        tag(&tags, "Resumed").as_deref(),
+        Some("WarmPool->AutoScalingGroup")
+    );
+    assert_eq!(
+        tag(&tags, "Setup").as_deref(),
+        Some("EC2->WarmPool"),
+        "the full launch steps did not run again"
+    );
+    assert_eq!(
+        tag(&aws.tags(&refill).await, "Setup").as_deref(),
+        Some("EC2->WarmPool")
+    );
+    the_pool_instance(&aws, "web-wp", "Warmed:Stopped").await;
+
+    let runs = p.history();
+    let worked: Vec<_> = runs.iter().filter(|r| r.instance_id.is_some()).collect();
+    assert_eq!(worked.len(), 3, "{runs:?}");
+    for r in worked {
+        assert_eq!(
+            (r.outcome.as_str(), r.hook_result.as_deref()),
+            ("succeeded", Some("CONTINUE")),
+            "verified as genuine and worked: {r:?}"
+        );
+        assert_eq!(r.steps.len(), 1, "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
+    let emu = Emulator::start();
+    let (aws, q) = pool_group(&emu, "web-back", true).await;
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+    worker(&p);
+    aws.scale("web-back", 1).await;
+    worker(&p);
+    let id = aws.instances("web-back").await.remove(0).0;
+    let keys = known_hosts(&p, &id);
+
+    aws.scale("web-back", 0).await;
+    assert!(aws.instances("web-back").await.is_empty());
+    assert!(
+        pool(&aws, "web-back")
+            .await
+            .contains(&(id.clone(), "Warmed:Pending:Wait".to_string())),
+        "{:?}",
+        pool(&aws, "web-back").await
+    );
+    worker(&p);
+
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate"))
+        .expect("a run for the return to the pool");
+    assert_eq!(run.outcome, "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(
+        run.steps.len(),
+        1,
+        "pool_return ran, not the terminate steps: {run:?}"
+    );
+    assert_eq!(
+        tag(&aws.tags(&id).await, "Returned").as_deref(),
+        Some("pool-return")
+    );
+    assert!(
+        pool(&aws, "web-back")
+            .await
+            .contains(&(id.clone(), "Warmed:Stopped".to_string())),
+        "{:?}",
+        pool(&aws, "web-back").await
+    );
+    assert!(keys.exists(), "the instance comes back: its host keys stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
+    let emu = Emulator::start();
+    let (aws, q) = pool_group(&emu, "web-gone", false).await;
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+    worker(&p);
+    let id = the_pool_instance(&aws, "web-gone", "Warmed:Stopped").await;
+    let keys = known_hosts(&p, &id);
+    aws.asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(&id)
+        .should_decrement_desired_capacity(false)
+        .send()
+        .await
+        .unwrap();
+    assert!(pool(&aws, "web-gone")
+        .await
+        .contains(&(id.clone(), "Warmed:Terminating:Wait".to_string())));
+
+    // The ssm step would wait 10 minutes for an agent; the worker is bounded at 2.
+    worker(&p);
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate"))
+        .expect("a terminate run");
+    assert_eq!(run.outcome, "failed", "{run:?}");
+    assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
+    let error = run.error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{id} is stopped"))
+            && error.contains("warm pool")
+            && error.contains("needs a running instance"),
+        "{error}"
+    );
+    assert_eq!(run.steps.len(), 1, "the first failure stops the list");
+    eventually(
+        "the instance to be terminated",
+        Duration::from_secs(10),
+        || async { (aws.instance_state(&id).await == "terminated").then_some(()) },
+    )
+    .await;
+    assert!(!keys.exists(), "a terminated instance's host keys go");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manual_command_and_check_know_the_warm_pool() {
+    let emu = Emulator::start();
+    let (aws, q) = pool_group(&emu, "web-man", true).await;
+    let warm = the_pool_instance(&aws, "web-man", "Warmed:Pending:Wait").await;
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+
+    let out = p.output(&["check", "--aws"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("group web-man (layer web): warm pool, 1 instance(s) kept stopped")
+            && text.contains("scale-in returns instances to it")
+            && text.contains("entering it runs 1 step(s) (pool_enter)"),
+        "{text}"
+    );
+
+    let out = p.output(&[&warm, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Warmed:Pending:Wait")
+            && text.contains("transition launch (pool-enter)")
+            && text.contains("Setup=\"EC2->WarmPool\"")
+            && text.contains("complete hook provision-launch by instance id"),
+        "{text}"
+    );
+
+    let out = p.output(&[&warm]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("result     succeeded (CONTINUE)"), "{text}");
+    assert_eq!(
+        the_pool_instance(&aws, "web-man", "Warmed:Stopped").await,
+        warm
+    );
+    assert_eq!(
+        tag(&aws.tags(&warm).await, "Phase").as_deref(),
+        Some("pool-enter")
+    );
+}
