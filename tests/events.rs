@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use provision::event::{self, Envelope, Parsed, Reject, Skip, Transition};
+use provision::event::{self, Envelope, Parsed, Phase, Reject, Skip, Transition};
 
 fn fixture(name: &str) -> String {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -61,6 +61,44 @@ fn warm_pool_launch() {
     let e = event("warm-pool-launch.json");
     assert_eq!(e.transition, Transition::Launch);
     assert_eq!(e.origin.as_deref(), Some("WarmPool"));
+}
+
+/// The warm pool's lifecycle actions, each in the three shapes: the phase their Origin and
+/// Destination give, and the same event whatever the envelope.
+#[test]
+fn warm_pool_actions_in_every_shape() {
+    let cases = [
+        ("enter", Phase::PoolEnter, "EC2", "WarmPool"),
+        ("leave", Phase::PoolLeave, "WarmPool", "AutoScalingGroup"),
+        ("return", Phase::PoolReturn, "AutoScalingGroup", "WarmPool"),
+        ("terminate", Phase::Terminate, "WarmPool", "EC2"),
+    ];
+    for (case, phase, origin, destination) in cases {
+        let direct = event(&format!("warm-pool/direct-{case}.json"));
+        assert_eq!(direct.phase(), phase, "{case}");
+        assert_eq!(direct.transition, phase.transition(), "{case}");
+        assert_eq!(direct.origin.as_deref(), Some(origin), "{case}");
+        assert_eq!(direct.destination.as_deref(), Some(destination), "{case}");
+        assert_eq!(direct.instance_id.as_str(), "i-0b1c2d3e4f5a60001");
+        for (shape, envelope) in [
+            ("sns", Envelope::Sns),
+            ("eventbridge", Envelope::EventBridge),
+        ] {
+            let e = event(&format!("warm-pool/{shape}-{case}.json"));
+            assert_eq!(e.envelope, envelope);
+            let same = event::LifecycleEvent {
+                envelope: Envelope::Direct,
+                account_id: direct.account_id.clone(),
+                time: direct.time.clone(),
+                ..e
+            };
+            assert_eq!(same, direct, "{shape}-{case}");
+        }
+    }
+    // The older fixture: an instance leaving the pool.
+    assert_eq!(event("warm-pool-launch.json").phase(), Phase::PoolLeave);
+    assert_eq!(event("direct-launch.json").phase(), Phase::Launch);
+    assert_eq!(event("legacy-launch-no-origin.json").phase(), Phase::Launch);
 }
 
 #[test]
@@ -121,6 +159,15 @@ fn bad_messages_are_rejected_or_skipped_with_a_reason() {
         ("bad/eventbridge-other-event.json", |p| {
             matches!(p, Parsed::Skip(Skip::OtherEventBridgeEvent { .. }))
         }),
+        ("bad/unknown-destination.json", |p| {
+            matches!(
+                p,
+                Parsed::Reject(Reject::Invalid {
+                    field: "Destination",
+                    ..
+                })
+            )
+        }),
     ];
     for (name, ok) in cases {
         let parsed = event::parse(&fixture(name));
@@ -149,6 +196,15 @@ fn cli_prints_the_normalized_event_or_the_reason() {
     assert_eq!(v["event"]["instance_id"], "i-0a1b2c3d4e5f60718");
     assert_eq!(v["event"]["envelope"], "sns");
     assert_eq!(v["event"]["metadata"]["environment"], "production");
+    assert_eq!(v["phase"], "launch");
+
+    let out = Command::new(bin)
+        .args(["event", "parse"])
+        .arg(dir.join("warm-pool/eventbridge-return.json"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["phase"], "pool-return", "{v}");
 
     let out = Command::new(bin)
         .args(["event", "parse"])

@@ -197,7 +197,9 @@ async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate"))
+        .find(|r| {
+            r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate")
+        })
         .expect("a run for the return to the pool");
     assert_eq!(run.outcome, "succeeded", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
@@ -244,7 +246,9 @@ async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate"))
+        .find(|r| {
+            r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate")
+        })
         .expect("a terminate run");
     assert_eq!(run.outcome, "failed", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));

@@ -155,7 +155,10 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
         body = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
     }
     let (out, code) = match event::parse(&body) {
-        Parsed::Event(e) => (serde_json::json!({ "outcome": "event", "event": e }), 0),
+        Parsed::Event(e) => (
+            serde_json::json!({ "outcome": "event", "phase": e.phase(), "event": e }),
+            0,
+        ),
         Parsed::Skip(s) => (
             serde_json::json!({ "outcome": "skip", "reason": s.to_string() }),
             0,
