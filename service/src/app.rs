@@ -130,6 +130,7 @@ impl App {
             instances: Arc::new(Ec2Instances::new(&sdk_cfg, &calls)),
             ssm: Arc::new(SsmClient::new(&sdk_cfg, &calls)),
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
+            ecs: Arc::new(sdk::EcsClient::new(&sdk_cfg, &calls)),
         };
         let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;
         let (publisher, publisher_task) = match &cfg.notify {

@@ -64,7 +64,7 @@ const RUNTIME_ENV: [&str; 4] = [
 /// cannot. Every kind must be classified here (the match is exhaustive on purpose).
 pub fn allowed_in_lambda(kind: &StepKind) -> bool {
     match kind {
-        StepKind::Tag(_) | StepKind::Ssm(_) | StepKind::OpsWorks(_) => true,
+        StepKind::Tag(_) | StepKind::Ssm(_) | StepKind::OpsWorks(_) | StepKind::EcsDrain(_) => true,
         // A Lambda has no ssh client, no ansible-playbook, and usually no route to
         // instances' private addresses.
         StepKind::Ansible(_) | StepKind::Ssh(_) => false,
@@ -538,6 +538,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
                 instances: Arc::new(instances),
                 ssm: Arc::new(Unused),
                 opsworks: Arc::new(Unused),
+                ecs: Arc::new(Unused),
             },
             store: Store::in_memory().unwrap(),
             leases,

@@ -35,13 +35,20 @@ What it adds on top of moto:
     /_emulator/opsworks).
   - console.py: EC2 GetConsoleOutput with cloud-init's SSH host key blocks for instances whose
     host keys a test registered (/_emulator/console).
+  - ecs.py: ECS container instance draining (service tasks move to ACTIVE instances, one a
+    second) and ListContainerInstances' `ec2InstanceId == ...` filter (/_emulator/ecs).
+* Warm pools (PutWarmPool / DescribeWarmPool): instances entering the pool wait in
+  Warmed:Pending:Wait for the launch hooks, then stop (Warmed:Stopped); a scale-out takes them
+  first (Pending:Wait, Origin WarmPool); scale-in with ReuseOnScaleIn returns instances to it;
+  TerminateInstanceInAutoScalingGroup on a pool instance: Warmed:Terminating:Wait. Pool
+  instances are listed by DescribeAutoScalingInstances, not by DescribeAutoScalingGroups.
 * GET /_emulator/calls also answers "by_app": {"<name>": {"service:Action": n}}, counting the
   requests whose User-Agent or X-Amz-User-Agent names the SDK app `app/<name>`.
 
 Output is moto_server's (werkzeug banner + one access-log line per request on stderr); set
 EMULATOR_QUIET=1 to drop the access log (handy when stderr is piped and not drained).
 
-Apart from its two extension modules it only needs the moto[server] package.
+Apart from its extension modules it only needs the moto[server] package.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the extension 
 sys.dont_write_bytecode = True  # no __pycache__ in the work tree
 
 import console  # noqa: E402
+import ecs  # noqa: E402
 import opsworks  # noqa: E402
 import ssm_agent  # noqa: E402
 from moto.autoscaling import models as M
@@ -92,8 +100,9 @@ CALLS_BY_APP: dict[str, Counter] = {}
 FAULTS: list[dict[str, Any]] = []
 # Modules that answer some AWS requests themselves: dispatch(environ, body), control(method,
 # path, body) and reset().
-EXTENSIONS = (ssm_agent, opsworks, console)
+EXTENSIONS = (ssm_agent, opsworks, console, ecs)
 ssm_agent.BACKEND_LOCK = LOCK
+ecs.BACKEND_LOCK = LOCK
 PUBLIC_ACTION_KEYS = (
     "token", "group", "hook", "instance_id", "transition", "state", "result",
     "finished_by", "heartbeats", "completions", "created", "finished",

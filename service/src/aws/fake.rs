@@ -219,3 +219,24 @@ impl OpsWorks for Unused {
         panic!("unexpected OpsWorks call")
     }
 }
+
+#[async_trait]
+impl crate::aws::Ecs for Unused {
+    async fn container_instance(
+        &self,
+        _: &str,
+        _: &InstanceId,
+    ) -> Result<Option<crate::aws::ContainerInstance>, AwsError> {
+        panic!("unexpected ECS call")
+    }
+    async fn describe_container_instance(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<crate::aws::ContainerInstance>, AwsError> {
+        panic!("unexpected ECS call")
+    }
+    async fn drain(&self, _: &str, _: &str) -> Result<(), AwsError> {
+        panic!("unexpected ECS call")
+    }
+}

@@ -301,10 +301,42 @@ pub trait Notifier: Send + Sync {
     async fn check_topic(&self, topic_arn: &str) -> Result<(), AwsError>;
 }
 
+/// An EC2 instance's place in an ECS cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInstance {
+    pub arn: String,
+    /// ACTIVE | DRAINING | REGISTERING | DEREGISTERING | ...
+    pub status: String,
+    pub running_tasks: i32,
+}
+
+/// The ECS calls the ecs_drain step makes.
+#[async_trait]
+pub trait Ecs: Send + Sync {
+    /// The cluster's container instance on an EC2 instance (ListContainerInstances with the
+    /// filter `ec2InstanceId == ID`, then DescribeContainerInstances); None when the
+    /// instance is not registered in the cluster.
+    async fn container_instance(
+        &self,
+        cluster: &str,
+        ec2: &InstanceId,
+    ) -> Result<Option<ContainerInstance>, AwsError>;
+    /// DescribeContainerInstances for one container instance; None when it is gone
+    /// (deregistered).
+    async fn describe_container_instance(
+        &self,
+        cluster: &str,
+        arn: &str,
+    ) -> Result<Option<ContainerInstance>, AwsError>;
+    /// UpdateContainerInstancesState to DRAINING: services move their tasks elsewhere.
+    async fn drain(&self, cluster: &str, arn: &str) -> Result<(), AwsError>;
+}
+
 /// The AWS services a step may call.
 #[derive(Clone)]
 pub struct Services {
     pub instances: std::sync::Arc<dyn Instances>,
     pub ssm: std::sync::Arc<dyn Ssm>,
     pub opsworks: std::sync::Arc<dyn OpsWorks>,
+    pub ecs: std::sync::Arc<dyn Ecs>,
 }

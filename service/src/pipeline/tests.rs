@@ -42,6 +42,7 @@ fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
             instances: instances.clone(),
             ssm: Arc::new(crate::aws::fake::Unused),
             opsworks: Arc::new(crate::aws::fake::Unused),
+            ecs: Arc::new(crate::aws::fake::Unused),
         },
         store: Store::in_memory().unwrap(),
         leases,

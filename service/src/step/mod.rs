@@ -18,6 +18,7 @@ use crate::ssh::{Reach, ReachError, Remote, Target};
 use crate::template::{Context, Template, Vars};
 
 pub mod ansible;
+pub mod ecs_drain;
 pub mod gather;
 pub mod opsworks;
 pub mod ssh;
@@ -25,7 +26,7 @@ pub mod ssm;
 pub mod tag;
 
 /// Step kinds this build knows, in the order the docs list them.
-pub const KINDS: &[&str] = &["tag", "ssm", "opsworks", "ssh", "ansible"];
+pub const KINDS: &[&str] = &["tag", "ssm", "opsworks", "ssh", "ansible", "ecs_drain"];
 
 /// Room above an SSH step's own timeout for reaching the instance (ssh.ready_timeout).
 const SSH_REACH_ALLOWANCE: Duration = Duration::from_secs(3600);
@@ -46,6 +47,7 @@ pub enum StepKind {
     OpsWorks(opsworks::OpsWorks),
     Ssh(ssh::Ssh),
     Ansible(ansible::Ansible),
+    EcsDrain(ecs_drain::EcsDrain),
 }
 
 /// Why a step failed; decides nothing about the hook (the layer's `on_failure` does).
@@ -219,6 +221,7 @@ impl Step {
             StepKind::OpsWorks(_) => "opsworks",
             StepKind::Ssh(_) => "ssh",
             StepKind::Ansible(_) => "ansible",
+            StepKind::EcsDrain(_) => "ecs_drain",
         }
     }
 
@@ -230,6 +233,7 @@ impl Step {
             StepKind::OpsWorks(o) => o.describe(),
             StepKind::Ssh(s) => s.describe(),
             StepKind::Ansible(a) => a.describe(),
+            StepKind::EcsDrain(d) => d.describe(),
         }
     }
 
@@ -251,6 +255,7 @@ impl Step {
             StepKind::OpsWorks(o) => o.preview(ctx),
             StepKind::Ssh(s) => s.preview(ctx),
             StepKind::Ansible(a) => a.preview(ctx),
+            StepKind::EcsDrain(d) => d.preview(ctx),
         };
         r.unwrap_or_else(|e| format!("{} (would fail: {e})", self.describe()))
     }
@@ -275,6 +280,7 @@ impl Step {
                 StepKind::OpsWorks(o) => o.run(ctx).await,
                 StepKind::Ssh(s) => s.run(ctx).await,
                 StepKind::Ansible(a) => a.run(ctx).await,
+                StepKind::EcsDrain(d) => d.run(ctx).await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -341,6 +347,7 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
         }
         "ssh" => ssh::Ssh::parse(&table[kind], &kind_key, vars).map(StepKind::Ssh),
         "ansible" => ansible::Ansible::parse(table, key, vars).map(StepKind::Ansible),
+        "ecs_drain" => ecs_drain::EcsDrain::parse(&table[kind], &kind_key).map(StepKind::EcsDrain),
         _ => unreachable!("kind comes from KINDS"),
     };
     match parsed {
@@ -400,6 +407,11 @@ fn outer_timeout(kind: &mut StepKind, timeout: Option<Duration>) -> Duration {
             timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
         }
         StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
+        // The drain's own deadline says how many tasks were left; the outer bound is above.
+        StepKind::EcsDrain(d) => {
+            d.timeout = timeout.unwrap_or(d.timeout);
+            d.timeout + Duration::from_secs(60)
+        }
         StepKind::Tag(_) => timeout.unwrap_or(DEFAULT_TIMEOUT),
     }
 }

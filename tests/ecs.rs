@@ -1,0 +1,232 @@
+//! The `ecs_drain` step against the emulator: a scale-in whose hook completes only after the
+//! instance's service tasks moved to another container instance, and a drain that cannot
+//! finish. Real SDK, real `provision` binary, the emulator's ECS draining
+//! (tests/emulator/ecs.py).
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_ecs::types::ContainerDefinition;
+use common::{eventually, Aws, Emulator, Provision, Queue};
+use serde_json::Value;
+
+const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+
+fn layer(timeout: &str) -> String {
+    format!(
+        r#"
+[layers.ecs]
+groups = ["ecs-*"]
+terminate = [ {{ ecs_drain = {{ cluster = "{{metadata.cluster}}", poll = "1s" }}, timeout = "{timeout}" }} ]
+"#
+    )
+}
+
+/// A group of `n` instances in service, its terminate hook (metadata names the cluster,
+/// heartbeat timeout in seconds) notifying the queue, and an ECS cluster of the same name with each instance registered.
+/// Returns the instances and their container instance ARNs, in the same order.
+async fn cluster_group(
+    emu: &Emulator,
+    name: &str,
+    n: i32,
+    heartbeat: i32,
+) -> (Aws, Queue, aws_sdk_ecs::Client, Vec<(String, String)>) {
+    let aws = Aws::new(emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group(name).await;
+    aws.scale(name, n).await;
+    let metadata = format!(r#"{{"cluster":"{name}"}}"#);
+    aws.hook(
+        name,
+        "provision-terminate",
+        TERMINATE,
+        Some(&q.arn),
+        heartbeat,
+        "CONTINUE",
+        Some(&metadata),
+    )
+    .await;
+    let ecs = aws_sdk_ecs::Client::new(&aws.sdk);
+    ecs.create_cluster()
+        .cluster_name(name)
+        .send()
+        .await
+        .unwrap();
+    ecs.register_task_definition()
+        .family("web")
+        .container_definitions(
+            ContainerDefinition::builder()
+                .name("web")
+                .image("nginx")
+                .memory(128)
+                .cpu(64)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut members = Vec::new();
+    for (id, _) in aws.instances(name).await {
+        let doc = serde_json::json!({ "instanceId": id, "region": "us-east-1" }).to_string();
+        let ci = ecs
+            .register_container_instance()
+            .cluster(name)
+            .instance_identity_document(doc)
+            .send()
+            .await
+            .unwrap();
+        let arn = ci
+            .container_instance
+            .unwrap()
+            .container_instance_arn
+            .unwrap();
+        members.push((id, arn));
+    }
+    (aws, q, ecs, members)
+}
+
+/// Starts `n` tasks of a service ("ecs-svc/..." as ECS marks them) on a container instance.
+async fn service_tasks(ecs: &aws_sdk_ecs::Client, cluster: &str, on: &str, n: usize) {
+    for _ in 0..n {
+        ecs.start_task()
+            .cluster(cluster)
+            .task_definition("web")
+            .container_instances(on)
+            .started_by("ecs-svc/7261635412340001")
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+async fn running(ecs: &aws_sdk_ecs::Client, cluster: &str, arn: &str) -> (String, i32) {
+    let out = ecs
+        .describe_container_instances()
+        .cluster(cluster)
+        .container_instances(arn)
+        .send()
+        .await
+        .unwrap();
+    let c = &out.container_instances()[0];
+    (
+        c.status().unwrap_or_default().to_string(),
+        c.running_tasks_count(),
+    )
+}
+
+async fn terminate(aws: &Aws, id: &str) {
+    aws.asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(id)
+        .should_decrement_desired_capacity(true)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
+    let emu = Emulator::start();
+    // A 2 s heartbeat timeout: the three moves take longer, so the hook lives only if it
+    // is heartbeated while the step waits.
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-prod", 2, 2).await;
+    let (leaving, from) = &members[0];
+    let (_, to) = &members[1];
+    service_tasks(&ecs, "ecs-prod", from, 3).await;
+    assert_eq!(running(&ecs, "ecs-prod", from).await.1, 3);
+    terminate(&aws, leaving).await;
+
+    let p = Provision::new(&emu, &q, None, &layer("2m"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(leaving.as_str()))
+        .expect("a terminate run");
+    assert_eq!(run.outcome, "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("3 task(s) were running, none is now"),
+        "{detail}"
+    );
+    assert_eq!(
+        running(&ecs, "ecs-prod", from).await,
+        ("DRAINING".to_string(), 0)
+    );
+    assert_eq!(
+        running(&ecs, "ecs-prod", to).await,
+        ("ACTIVE".to_string(), 3)
+    );
+
+    // The order, as the emulator saw it: every task moved off, then the hook completed.
+    let moves = emu.control("GET", "/_emulator/ecs", None)["moves"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(moves.len(), 3, "{moves:?}");
+    assert!(moves
+        .iter()
+        .all(|m| m["from"] == *from.as_str() && m["to"] == *to.as_str()));
+    let last_move = moves
+        .iter()
+        .filter_map(|m| m["at"].as_f64())
+        .fold(0.0, f64::max);
+    let action = emu
+        .finished_actions()
+        .into_iter()
+        .find(|a| a["instance_id"] == *leaving.as_str())
+        .expect("the terminate action finished");
+    assert_eq!(action["finished_by"], "complete");
+    assert!(
+        action["finished"].as_f64().unwrap() >= last_move,
+        "completed before the last task moved: {action} {moves:?}"
+    );
+    assert!(
+        action["heartbeats"].as_u64().unwrap_or(0) >= 1,
+        "heartbeated: {action}"
+    );
+    eventually(
+        "the drained instance to be terminated",
+        Duration::from_secs(10),
+        || async { (aws.instance_state(leaving).await == "terminated").then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_finish_fails_with_the_tasks_left() {
+    let emu = Emulator::start();
+    // One container instance: its service tasks have nowhere to go.
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-solo", 1, 300).await;
+    let (leaving, arn) = &members[0];
+    service_tasks(&ecs, "ecs-solo", arn, 2).await;
+    terminate(&aws, leaving).await;
+
+    let p = Provision::new(&emu, &q, None, &layer("3s"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(leaving.as_str()))
+        .expect("a terminate run");
+    assert_eq!(run.outcome, "failed", "{run:?}");
+    assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
+    let error = run.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "2 task(s) still running on container instance {arn}"
+        )) && error.contains("ecs-solo"),
+        "{error}"
+    );
+    assert_eq!(
+        running(&ecs, "ecs-solo", arn).await,
+        ("DRAINING".to_string(), 2)
+    );
+    let calls: Value = emu.provision_calls().into();
+    assert_eq!(calls["ecs:UpdateContainerInstancesState"], 1, "{calls}");
+}
