@@ -699,7 +699,8 @@ async fn a_terminate_playbook_drains_and_the_known_hosts_entry_goes() {
     let entry = std::fs::read_to_string(&known).unwrap();
     assert_eq!(
         entry.trim(),
-        format!("{} {}", hosts[0].1.ip(), key_of(&hosts[0].1))
+        format!("{id} {}", key_of(&hosts[0].1)),
+        "keyed by instance id (HostKeyAlias), not by address"
     );
 
     w.aws.scale("web-term", 0).await;
@@ -1519,4 +1520,87 @@ async fn bench_ansible_runners() {
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// SSH steps wait for cloud-init to finish on the instance: a host whose (stand-in)
+/// cloud-init is still configuring it when SSH comes up gets its commands only once that
+/// is done, and its known_hosts entry is keyed by instance id (HostKeyAlias).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_steps_wait_for_cloud_init_to_finish() {
+    let w = World::new("app-boot", 300, None).await;
+    let hosts = w.launch("app-boot", 1, |net, ip| net.host(ip)).await;
+    let (id, host) = &hosts[0];
+    let done = host.install_cloud_init();
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["cloud-init status > SIM_ROOT/{instance_id}/seen"] } ]
+"#,
+    );
+    let mut d = p.daemon();
+    let waited = done.with_file_name("waited");
+    common::eventually(
+        "provision to wait for cloud-init",
+        Duration::from_secs(60),
+        || async { waited.exists().then_some(()) },
+    )
+    .await;
+    assert!(
+        !w.dir(id).join("seen").exists(),
+        "no command ran while cloud-init was configuring the instance"
+    );
+    std::fs::write(&done, "").unwrap();
+    common::eventually(
+        "the launch to complete",
+        Duration::from_secs(60),
+        || async { results_by_instance(&w.emu).contains_key(id).then_some(()) },
+    )
+    .await;
+    d.signal("TERM");
+    d.wait(Duration::from_secs(30));
+    assert_eq!(results_by_instance(&w.emu)[id]["result"], "CONTINUE");
+    let seen = std::fs::read_to_string(w.dir(id).join("seen")).unwrap();
+    assert_eq!(seen.trim(), "status: done");
+    let known = std::fs::read_to_string(p.dir.join("known_hosts.d").join(id)).unwrap();
+    assert!(
+        known.lines().all(|l| l.starts_with(&format!("{id} "))),
+        "keyed by instance id, not address: {known}"
+    );
+}
+
+/// A cloud-init that failed, or that is still running at ssh.ready_timeout: the step fails
+/// with the reason and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_endless_cloud_init_fails_the_step_with_the_reason() {
+    let w = World::new("app-noboot", 300, None).await;
+    let hosts = w.launch("app-noboot", 2, |net, ip| net.host(ip)).await;
+    let (failed, endless) = (&hosts[0], &hosts[1]);
+    std::fs::write(failed.1.install_cloud_init(), "error").unwrap();
+    endless.1.install_cloud_init();
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
+"#,
+    );
+    p.edit_config("ready_timeout = \"60s\"", "ready_timeout = \"8s\"");
+    daemon_until_finished(&w, &p, &[&failed.0, &endless.0]).await;
+    let results = results_by_instance(&w.emu);
+    for (id, _) in [failed, endless] {
+        assert_eq!(results[id]["result"], "ABANDON");
+        assert!(!w.dir(id).join("ran").exists(), "nothing ran on {id}");
+    }
+    let err = run_error(&p, &failed.0);
+    assert!(
+        err.contains("cloud-init ended in error (status: error; exit 1)"),
+        "{err}"
+    );
+    let err = run_error(&p, &endless.0);
+    assert!(
+        err.contains("cloud-init had not finished within 8s (ssh.ready_timeout")
+            && err.contains("still waiting"),
+        "{err}"
+    );
 }

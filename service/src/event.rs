@@ -1,8 +1,10 @@
 //! Message body -> [`Parsed`]: a lifecycle event, a skip, or a reject.
 //!
 //! Owns the three shapes a lifecycle notification takes on its way to the queue (straight
-//! from the hook, inside an SNS envelope, as an EventBridge event) and the validation of
-//! everything in it, which is untrusted. Pure: no I/O, no clock, no config. What to *do*
+//! from the hook, inside an SNS envelope, as an EventBridge event), the validation of
+//! everything in it, which is untrusted, and what its Origin and Destination mean
+//! ([`Phase`]: a plain launch or termination, or an instance entering, leaving or returning
+//! to a warm pool). Pure: no I/O, no clock, no config. What to *do*
 //! with an event (routing, claiming, completing) lives elsewhere.
 //!
 //! A direct lifecycle message, as Auto Scaling posts it to an SQS target

@@ -27,11 +27,13 @@
 //! 1. [`event`]: message body -> lifecycle event, skip or reject. Pure.
 //! 2. [`pipeline`]: one event from start to end; `pipeline/verify.rs` asks Auto Scaling
 //!    whether the action is genuine and takes the hook's own metadata.
-//! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]).
+//! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
+//!    the event's phase ([`event::Phase`]: launch, terminate, and a warm pool's enter,
+//!    leave and return).
 //! 4. `pipeline/claim.rs`: the token worked once here, and claimed in the [`store`] (its
 //!    tables and numbered migrations: [`store_schema`]).
 //! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
-//!    `ansible`), each filling its [`template`]s from the event; [`lease`] heartbeats the
+//!    `ansible`, `ecs_drain`), each filling its [`template`]s from the event; [`lease`] heartbeats the
 //!    action and keeps the message hidden meanwhile.
 //! 6. `pipeline/complete.rs`: CompleteLifecycleAction, and what its answer means.
 //! 7. `pipeline/record.rs`: the history row and the result event (outbox when SNS fails).

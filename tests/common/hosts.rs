@@ -672,7 +672,9 @@ impl HostNet {
                  PrintLastLog no\n\
                  MaxStartups 100:30:200\n\
                  MaxSessions 50\n\
-                 Subsystem sftp internal-sftp\n",
+                 Subsystem sftp internal-sftp\n\
+                 SetEnv PATH={bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+                bin = dir.path().join("bin").display(),
                 key = sshd_key.display(),
                 pid = dir.path().join("sshd.pid").display(),
                 ak = authorized_keys.display(),
@@ -882,6 +884,40 @@ impl SimHost {
     /// Per-host scratch directory (empty at start) for playbooks to write into.
     pub fn dir(&self) -> &Path {
         &self.scratch
+    }
+
+    /// Installs a stand-in `cloud-init` first on the PATH of the host's SSH sessions: its
+    /// boot configuration runs until the test writes the file it returns (`done`, or
+    /// `error` in it for a failed boot). `cloud-init status --wait` waits for that (and
+    /// leaves a `waited` file next to it when called); `cloud-init status` answers at once.
+    pub fn install_cloud_init(&self) -> PathBuf {
+        let bin = self.dir.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let script = bin.join("cloud-init");
+        fs::write(
+            &script,
+            r#"#!/bin/sh
+# A stand-in for cloud-init on a simulated host (tests/common/hosts.rs).
+here=$(dirname "$0")
+state() {
+  if grep -q error "$here/done" 2>/dev/null; then echo error
+  elif [ -e "$here/done" ]; then echo done
+  else echo running; fi
+}
+case "$*" in
+  "status --wait")
+    touch "$here/waited"
+    while [ "$(state)" = running ]; do printf .; sleep 0.2; done
+    echo; echo "status: $(state)"
+    [ "$(state)" = done ] ;;
+  "status") echo "status: $(state)" ;;
+  *) echo "stand-in cloud-init: '$*' is not simulated" >&2; exit 64 ;;
+esac
+"#,
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        bin.join("done")
     }
 
     /// The network namespace's name (`ip netns exec <it> ...`).

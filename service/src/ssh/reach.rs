@@ -1,6 +1,7 @@
 //! Reaching an instance: waiting until it is running, has the address `ssh.address` names,
-//! has published its host keys (console mode) and accepts an SSH connection with a verified
-//! key; all with backoff until `ssh.ready_timeout`.
+//! has published its host keys (console mode), accepts an SSH connection with a verified
+//! key and (`ssh.wait_for_cloud_init`) has finished cloud-init; all with backoff until
+//! `ssh.ready_timeout`.
 //!
 //! Owns the waits and their words (`i-0… was not reachable over SSH within 5m
 //! (ssh.ready_timeout): …`). Its inputs are narrow ([`Reach`]): the instance, the layer's
@@ -27,6 +28,8 @@ const WAIT_FIRST: Duration = Duration::from_secs(1);
 const WAIT_MAX: Duration = Duration::from_secs(10);
 const CONSOLE_WAIT_FIRST: Duration = Duration::from_secs(2);
 const CONSOLE_WAIT_MAX: Duration = Duration::from_secs(15);
+/// Run by the remote shell; fixed text, nothing from an event. No cloud-init: ready.
+const CLOUD_INIT_WAIT: &str = "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait; else echo 'status: cloud-init not installed'; fi";
 
 /// An instance ready for SSH: where to connect and as whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +106,62 @@ impl Remote {
             .ssh_accepts(to, &target, deadline)
             .await?
             .map_err(|w| late(&w))?;
+        if self.settings.wait_for_cloud_init {
+            self.cloud_init_done(to, &session, deadline)
+                .await
+                .map_err(|w| {
+                    ReachError::NotReady(format!(
+                        "{}: cloud-init had not finished within {} (ssh.ready_timeout; ssh.wait_for_cloud_init = false skips the wait): {w}",
+                        to.id,
+                        humantime::format_duration(ready)
+                    ))
+                })?;
+        }
         Ok((target, session))
+    }
+
+    /// Waits until cloud-init has finished on the instance (`cloud-init status --wait`), so
+    /// that steps never race its boot configuration. An instance without cloud-init is
+    /// ready; one whose cloud-init ended in error is not, and never will be. `Err`: why not
+    /// ready by the deadline.
+    async fn cloud_init_done(
+        &self,
+        to: &Reach<'_>,
+        session: &openssh::Session,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        (to.note)("waiting for cloud-init to finish (cloud-init status --wait)".to_string());
+        let mut cmd = session.raw_command(CLOUD_INIT_WAIT);
+        let wait = cmd.output();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let out = match tokio::time::timeout(left, wait).await {
+            Err(_) => return Err("cloud-init status --wait was still waiting".into()),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot run cloud-init status: {}",
+                    ssh_error_text(&e)
+                ))
+            }
+            Ok(Ok(out)) => out,
+        };
+        let said = String::from_utf8_lossy(&out.stdout);
+        let last = said
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        match out.status.code() {
+            // 2: finished with recoverable errors ("degraded done").
+            Some(0 | 2) => {
+                info!(cloud_init = %last, "cloud-init has finished");
+                Ok(())
+            }
+            _ => Err(format!(
+                "cloud-init ended in error ({last}; exit {}): the instance's own boot configuration failed; see /var/log/cloud-init-output.log on it",
+                out.status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into())
+            )),
+        }
     }
 
     /// Running, with an address. Outer error: give up now; inner: the last reason to wait.

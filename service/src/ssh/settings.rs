@@ -27,6 +27,9 @@ pub struct SshSettings {
     pub ready_timeout: Duration,
     pub address: AddressMode,
     pub host_key_check: HostKeyCheck,
+    /// Before an SSH step works, wait for cloud-init to finish on the instance
+    /// (`cloud-init status --wait`, within `ready_timeout`; "not installed" is ready).
+    pub wait_for_cloud_init: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,7 @@ impl Default for SshSettings {
             ready_timeout: Duration::from_secs(300),
             address: AddressMode::PrivateIp,
             host_key_check: HostKeyCheck::Console,
+            wait_for_cloud_init: true,
         }
     }
 }
@@ -209,6 +213,12 @@ impl SshSettings {
             ready_timeout: f.timeout("ready_timeout", "30s").unwrap_or(d.ready_timeout),
             address: f.with("address", address).unwrap_or(d.address),
             host_key_check: host_key_check(&mut f),
+            wait_for_cloud_init: f
+                .with("wait_for_cloud_init", |v| {
+                    v.as_bool()
+                        .ok_or_else(|| "must be true or false".to_string())
+                })
+                .unwrap_or(d.wait_for_cloud_init),
         };
         if s.jump_known_hosts.is_some() && s.jump_host.is_none() {
             f.error("jump_known_hosts", "only used with ssh.jump_host");
@@ -257,5 +267,12 @@ mod tests {
         assert_eq!(s.identity, Some(Identity::Credential("ssh-key".into())));
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["ssh.port", "ssh.known_hosts"], "{errs:?}");
+        assert!(s.wait_for_cloud_init, "on by default");
+        let t: toml::Table = toml::from_str("wait_for_cloud_init = false").unwrap();
+        assert!(!SshSettings::parse(Some(&t), &mut errs).wait_for_cloud_init);
+        let t: toml::Table = toml::from_str("wait_for_cloud_init = \"yes\"").unwrap();
+        let mut errs = Vec::new();
+        SshSettings::parse(Some(&t), &mut errs);
+        assert_eq!(errs[0].key, "ssh.wait_for_cloud_init");
     }
 }

@@ -70,17 +70,22 @@ pub fn host_result(
             }
         }
     }
-    let mut detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
-    if n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l)) {
-        // In the words of `remote` for the same refusal, first, so the history says it.
-        detail = format!(
-            "host key refused: the SSH server of {host} presented a key that is not its verified one (the instance's known_hosts file, strict checking); not connecting (possible man-in-the-middle).\n{detail}"
+    let detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
+    let detail = if n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l)) {
+        // In the words of `remote` for the same refusal, first (and kept whatever the
+        // length of ssh's banner), so the history says it.
+        let lead = format!(
+            "host key refused: the SSH server of {host} presented a key that is not its verified one (the instance's known_hosts file, strict checking); not connecting (possible man-in-the-middle)."
         );
-    }
-    if n("failures") > 0 || n("unreachable") > 0 {
-        Err(tail(&detail, EXCERPT))
+        let room = EXCERPT.saturating_sub(lead.len() + 1);
+        format!("{lead}\n{}", tail(&detail, room))
     } else {
-        Ok(tail(&detail, EXCERPT))
+        tail(&detail, EXCERPT)
+    };
+    if n("failures") > 0 || n("unreachable") > 0 {
+        Err(detail)
+    } else {
+        Ok(detail)
     }
 }
 
