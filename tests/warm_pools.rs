@@ -170,6 +170,13 @@ async fn a_pool_instance_is_prepared_on_entering_and_resumed_on_leaving() {
         );
         assert_eq!(r.steps.len(), 1, "{r:?}");
     }
+    // Pool instances are confirmed from the pool's member list, not one by one.
+    let calls = emu.provision_calls();
+    assert!(
+        calls.contains_key("autoscaling:DescribeWarmPool")
+            && !calls.contains_key("autoscaling:DescribeAutoScalingInstances"),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,8 @@
 //! fact. Before a step runs, Auto Scaling must confirm it: the group has the hook, the hook's
 //! transition is the message's, and the instance is a member of that group waiting in the
 //! transition's wait state. The metadata the steps see is the hook's own, never the
-//! message's copy. A group's member list (one DescribeAutoScalingGroups) answers for every
+//! message's copy. A group's member list (one DescribeAutoScalingGroups; one DescribeWarmPool
+//! for instances in its warm pool, which the group's list leaves out) answers for every
 //! instance of a burst for a couple of seconds, and hook descriptions come from the
 //! pipeline's cache, so verifying costs a call or two per group and burst, and adds no wait.
 //! Owns no decision about what a forged message becomes: the pipeline rejects it.
@@ -19,14 +20,34 @@ use super::Pipeline;
 use crate::aws::retry::with_backoff;
 use crate::aws::{AwsError, HookInfo, Membership};
 use crate::cache::TtlCache;
-use crate::event::{LifecycleEvent, Metadata};
+use crate::event::{LifecycleEvent, Metadata, Phase, Place};
 
 /// How long a group's member list answers for it. A burst of launches into one group is
 /// verified with a call or two; a message the list does not confirm looks again, once.
 pub(super) const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
 
-/// Each group's members and their lifecycle states, by instance id (DescribeAutoScalingGroups).
-pub(super) type Snapshots = TtlCache<String, Arc<HashMap<String, Membership>>>;
+/// Each group's members and their lifecycle states, by instance id: its instances
+/// (DescribeAutoScalingGroups) and its warm pool's (DescribeWarmPool), which AWS lists apart.
+pub(super) type Snapshots = TtlCache<(String, List), Arc<HashMap<String, Membership>>>;
+
+/// Which of a group's member lists holds an event's instance while it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum List {
+    Group,
+    WarmPool,
+}
+
+impl List {
+    fn of(ev: &LifecycleEvent) -> List {
+        match ev.phase() {
+            Phase::PoolEnter | Phase::PoolReturn => List::WarmPool,
+            Phase::Terminate if ev.origin.as_deref() == Some(Place::WarmPool.as_str()) => {
+                List::WarmPool
+            }
+            _ => List::Group,
+        }
+    }
+}
 
 /// What Auto Scaling says of a message's action.
 #[derive(Debug)]
@@ -65,31 +86,42 @@ impl Pipeline {
         Ok(self.hook_metadata(ev, hook).await)
     }
 
-    /// The instance's membership: from the group's recent member list when it confirms the
-    /// event; else from a fresh list (the cached one may predate the action); else, to say
-    /// where the instance is, from DescribeAutoScalingInstances.
+    /// The instance's membership: from the recent member list that should hold it (the
+    /// group's, or its warm pool's for an instance in the pool) when it confirms the event;
+    /// else from a fresh list (the cached one may predate the action); else, to say where
+    /// the instance is, from DescribeAutoScalingInstances.
     async fn member(&self, ev: &LifecycleEvent) -> Result<Option<Membership>, AwsError> {
         let id = ev.instance_id.as_str();
-        let cached = self.members_of(&ev.group).await?;
+        let key = (ev.group.clone(), List::of(ev));
+        let cached = self.members_of(&key).await?;
         if let Some(m) = cached
             .get(id)
             .filter(|m| not_waiting(ev, Some(m)).is_none())
         {
             return Ok(Some(m.clone()));
         }
-        self.snapshots.invalidate(&ev.group);
-        if let Some(m) = self.members_of(&ev.group).await?.get(id) {
+        self.snapshots.invalidate(&key);
+        if let Some(m) = self.members_of(&key).await?.get(id) {
             return Ok(Some(m.clone()));
         }
         let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
         with_backoff(retry_for, || self.hooks.membership(&ev.instance_id)).await
     }
 
-    async fn members_of(&self, group: &str) -> Result<Arc<HashMap<String, Membership>>, AwsError> {
+    async fn members_of(
+        &self,
+        key: &(String, List),
+    ) -> Result<Arc<HashMap<String, Membership>>, AwsError> {
         let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
+        let group = key.0.as_str();
         self.snapshots
-            .get_or_load(&group.to_string(), || async {
-                let members = with_backoff(retry_for, || self.hooks.group_members(group)).await?;
+            .get_or_load(key, || async {
+                let members = match key.1 {
+                    List::Group => {
+                        with_backoff(retry_for, || self.hooks.group_members(group)).await?
+                    }
+                    List::WarmPool => self.warm_pool_members(group, retry_for).await,
+                };
                 Ok(Arc::new(
                     members
                         .into_iter()
@@ -98,6 +130,18 @@ impl Pipeline {
                 ))
             })
             .await
+    }
+
+    /// The group's warm pool instances (DescribeWarmPool); none when it cannot be described
+    /// (DescribeAutoScalingInstances then answers for the instance).
+    async fn warm_pool_members(&self, group: &str, retry_for: Duration) -> Vec<Membership> {
+        match with_backoff(retry_for, || self.hooks.warm_pool(group)).await {
+            Ok(pool) => pool.map(|p| p.instances).unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "cannot describe the group's warm pool; asking for the instance alone");
+                Vec::new()
+            }
+        }
     }
 
     /// The event's hook, described again once when the cached group has no such hook (it
@@ -244,6 +288,14 @@ mod tests {
                 "{state}"
             );
         }
+        let lists: Vec<List> = [&enter, &leave, &back, &out].map(List::of).into();
+        assert_eq!(
+            lists,
+            [List::WarmPool, List::Group, List::WarmPool, List::WarmPool],
+            "where each instance waits"
+        );
+        let plain = event("autoscaling:EC2_INSTANCE_TERMINATING");
+        assert_eq!(List::of(&plain), List::Group);
         let forged = [
             (&enter, "Pending:Wait"),
             (&leave, "Warmed:Pending:Wait"),
