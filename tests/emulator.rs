@@ -360,7 +360,7 @@ async fn bad_messages_get_a_reason_and_do_not_loop() {
         outcomes(&p)
     );
     let rejected: Vec<_> = runs.iter().filter(|r| r.outcome == "rejected").collect();
-    assert_eq!(rejected.len(), 5, "{:?}", outcomes(&p));
+    assert_eq!(rejected.len(), 6, "{:?}", outcomes(&p));
     assert_eq!(
         count(&p, "skipped"),
         1,

@@ -1604,3 +1604,62 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
         "{err}"
     );
 }
+
+/// Host keys are known by instance id (HostKeyAlias): when the instance's address changes
+/// (here `ssh.address = "tag:SshAddress"` names another address; a public IP after a stop
+/// and start in a warm pool is the same), the same machine at the new address is accepted
+/// with the keys verified at launch, and the console is not read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_address_changed_is_still_recognised_by_its_keys() {
+    let w = World::new("app-moved", 300, None).await;
+    let hosts = w.launch("app-moved", 1, |net, ip| net.host(ip)).await;
+    let (id, first) = &hosts[0];
+    let tag = |ip: String| {
+        let ec2 = w.aws.ec2.clone();
+        let id = id.clone();
+        async move {
+            ec2.create_tags()
+                .resources(id)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("SshAddress")
+                        .value(ip)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    tag(first.ip().to_string()).await;
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["echo \"$SSH_CONNECTION\" | cut -d' ' -f3 >> SIM_ROOT/{instance_id}/servers"] } ]
+"#,
+    );
+    p.edit_config("[ssh]\n", "[ssh]\naddress = \"tag:SshAddress\"\n");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(results_by_instance(&w.emu)[id]["result"], "CONTINUE");
+
+    // The same machine, now answering at another address only.
+    let moved = w.net.host(w.net.next_ip());
+    moved.take_host_key_of(first);
+    first.stop_sshd();
+    tag(moved.ip().to_string()).await;
+    let out = p.output(&[id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let servers = std::fs::read_to_string(w.dir(id).join("servers")).unwrap();
+    assert_eq!(
+        servers.lines().collect::<Vec<_>>(),
+        [first.ip().to_string(), moved.ip().to_string()]
+    );
+    assert_eq!(
+        w.emu.provision_calls()["ec2:GetConsoleOutput"],
+        1,
+        "the keys verified at launch were used"
+    );
+}

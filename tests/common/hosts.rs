@@ -886,6 +886,20 @@ impl SimHost {
         &self.scratch
     }
 
+    /// The same machine at another address: this host's sshd restarts with `other`'s host
+    /// key (as an instance keeps its keys when its public IP changes on a stop and start).
+    pub fn take_host_key_of(&self, other: &SimHost) {
+        self.stop_sshd();
+        let key = |h: &SimHost| h.dir.path().join("ssh_host_ed25519_key");
+        fs::copy(key(other), key(self)).unwrap();
+        fs::copy(
+            key(other).with_extension("pub"),
+            key(self).with_extension("pub"),
+        )
+        .unwrap();
+        self.start_sshd();
+    }
+
     /// Installs a stand-in `cloud-init` first on the PATH of the host's SSH sessions: its
     /// boot configuration runs until the test writes the file it returns (`done`, or
     /// `error` in it for a failed boot). `cloud-init status --wait` waits for that (and
