@@ -317,3 +317,43 @@ async fn the_manual_command_and_check_know_the_warm_pool() {
         Some("pool-enter")
     );
 }
+
+/// A warm pool filling at once: every instance is confirmed from the pool's member list,
+/// a call or two for the whole burst (never one DescribeAutoScalingInstances per instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_filling_at_once_is_verified_with_a_call_or_two() {
+    const N: i32 = 12;
+    let emu = Emulator::start();
+    let (aws, q) = common::launch_group(&emu, "web-burst", 300, Some(METADATA)).await;
+    aws.asg
+        .put_warm_pool()
+        .auto_scaling_group_name("web-burst")
+        .min_size(N)
+        .max_group_prepared_capacity(N)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pool(&aws, "web-burst").await.len(), N as usize);
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+    worker(&p);
+    let p_states = pool(&aws, "web-burst").await;
+    assert!(
+        p_states.iter().all(|(_, s)| s == "Warmed:Stopped"),
+        "{p_states:?}"
+    );
+    let calls = emu.provision_calls();
+    let n = |k: &str| calls.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    println!(
+        "figure: {N} pool entries verified with {} DescribeWarmPool call(s)",
+        n("autoscaling:DescribeWarmPool")
+    );
+    assert!(
+        (1..=(N as u64) / 2).contains(&n("autoscaling:DescribeWarmPool")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        n("autoscaling:DescribeAutoScalingInstances"),
+        0,
+        "{calls:?}"
+    );
+}
