@@ -136,12 +136,13 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
 }
 
 /// What running `transition` means for an instance in lifecycle state `state`: in the warm
-/// pool, `Warmed:Pending:Wait` is entering it (launch) or returning to it (terminate).
+/// pool, `Warmed:Pending:Wait` is entering it (launch) or returning to it (terminate), and
+/// a launch run on a pool instance (`Warmed:Stopped`, ...) runs what entering it runs.
 /// (`Pending:Wait` reads as a plain launch: Auto Scaling does not say whether the instance
 /// comes from the pool.)
 fn phase_of(state: &str, transition: Transition) -> Phase {
     match (transition, state) {
-        (Transition::Launch, "Warmed:Pending:Wait") => Phase::PoolEnter,
+        (Transition::Launch, s) if s.starts_with("Warmed:") => Phase::PoolEnter,
         (Transition::Launch, _) => Phase::Launch,
         (Transition::Terminate, "Warmed:Pending:Wait") => Phase::PoolReturn,
         (Transition::Terminate, _) => Phase::Terminate,

@@ -390,3 +390,52 @@ async fn a_burst_into_one_group_is_verified_with_one_group_description() {
     assert_eq!(*w.hooks.group_describes.lock().unwrap(), 2);
     assert_eq!(completions(&w).len(), 21);
 }
+
+/// A launch message with Origin and Destination, for the warm pool's phases.
+fn pool_message(token: &str, origin: &str, destination: &str) -> Message {
+    let mut m = message("web-1", token, r#"{"environment":"prod"}"#);
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Origin"] = origin.into();
+    body["Destination"] = destination.into();
+    m.body = body.to_string();
+    m
+}
+
+#[tokio::test]
+async fn warm_pool_phases_run_their_lists_after_their_own_wait_state_is_confirmed() {
+    let w = world(FakeHooks::default(), FakeInstances::default());
+    // Entering the pool: no pool_enter list, so the launch steps run (the instance waits in
+    // Warmed:Pending:Wait, which the group's member list leaves out: the instance is
+    // confirmed on its own).
+    let enter = pool_message("t-enter", "EC2", "WarmPool");
+    w.hooks.waiting(
+        &instance_for("t-enter"),
+        "web-1",
+        r#"{"environment":"prod"}"#,
+    );
+    w.hooks
+        .members
+        .lock()
+        .unwrap()
+        .get_mut(&instance_for("t-enter"))
+        .unwrap()
+        .state = "Warmed:Pending:Wait".into();
+    assert_eq!(handle_as_is(&w, &enter).await, Ack::Delete);
+    // Leaving it: pool_leave is empty, nothing is tagged again.
+    let leave = pool_message("t-leave", "WarmPool", "AutoScalingGroup");
+    assert_eq!(handle(&w, &leave).await, Ack::Delete);
+    assert_eq!(
+        completions(&w),
+        [HookResult::Continue, HookResult::Continue]
+    );
+    let tagged: Vec<String> = (w.instances.tagged.lock().unwrap())
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(tagged, [instance_for("t-enter")]);
+    // A message claiming the pool for an instance waiting to launch into the group is not
+    // confirmed: nothing runs.
+    let claimed = pool_message("t-claim", "EC2", "WarmPool");
+    assert_eq!(handle(&w, &claimed).await, Ack::Delete);
+    assert_eq!(completions(&w).len(), 2, "the forged one is not completed");
+}
