@@ -572,6 +572,9 @@ def delete_auto_scaling_group(self: Any, group_name: str) -> None:
         for st in list(group.instance_states):
             if st.lifecycle_state.startswith("Terminating"):
                 _remove_and_terminate(group, st)
+        group.warm_pool = None  # its instances go with it, and nothing refills it
+        for st in list(_warm(group)):
+            _drop_from_pool(group, st)
         group._emu_bypass = True
         try:
             _orig_delete_group(self, group_name)
@@ -772,7 +775,25 @@ def describe_warm_pool(self: Any) -> Any:
         return ActionResult(result)
 
 
+_orig_delete_warm_pool = M.AutoScalingBackend.delete_warm_pool
+
+
+def delete_warm_pool_model(self: Any, group_name: str) -> None:
+    """DeleteWarmPool: the pool's instances are terminated with it (no hooks: ForceDelete)."""
+    with LOCK:
+        group = _group_or_error(self, group_name)
+        for st in list(_warm(group)):
+            _cancel_for_instance(st.instance.id)
+            _warm(group).remove(st)
+            try:
+                self.ec2_backend.terminate_instances([st.instance.id])
+            except Exception:
+                pass
+        _orig_delete_warm_pool(self, group_name)
+
+
 M.AutoScalingBackend.put_warm_pool = put_warm_pool_model
+M.AutoScalingBackend.delete_warm_pool = delete_warm_pool_model
 M.AutoScalingBackend.describe_auto_scaling_instances = describe_auto_scaling_instances_model
 
 
