@@ -540,6 +540,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
                 opsworks: Arc::new(Unused),
             },
             store: Store::in_memory().unwrap(),
+            claims: None,
             leases,
             publisher: None,
             stats,

@@ -44,6 +44,7 @@ fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
             opsworks: Arc::new(crate::aws::fake::Unused),
         },
         store: Store::in_memory().unwrap(),
+        claims: None,
         leases,
         publisher: None,
         stats,
