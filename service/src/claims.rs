@@ -9,7 +9,7 @@
 //!
 //! Two stores keep claims: the SQLite state store for a single host (`store.rs`, the default)
 //! and a DynamoDB table shared by a fleet of ops hosts and by Lambda's concurrent execution
-//! environments (`aws/claims.rs`). Both implement [`Claims`]; the pipeline's `claim.rs` uses
+//! environments (`aws/dynamo.rs`). Both implement [`Claims`]; the pipeline's `claim.rs` uses
 //! it and knows neither.
 
 use std::time::Duration;

@@ -317,7 +317,7 @@ impl Pipeline {
         }
         match self.verify(&job.event).await {
             Ok(Verdict::Genuine { metadata, note }) => {
-                run.note = note;
+                run.note = note.or(run.note.take());
                 let mut verified = job.clone();
                 verified.event.metadata = metadata;
                 Ok(Some(verified))
