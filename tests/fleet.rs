@@ -306,3 +306,44 @@ async fn check_looks_at_the_claims_table() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_message_leaves_no_claim_in_the_shared_table() {
+    let emu = Emulator::start();
+    let (aws, q) = common::launch_group(&emu, "web-forge", 300, None).await;
+    let db = claims_table(&aws, TABLE).await;
+    aws.scale("web-forge", 1).await;
+    let p = host(&emu, &q, "60s");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let instances = aws.instances("web-forge").await;
+    assert_eq!(instances[0].1, "InService", "{log}");
+
+    // A launch for the instance already in service, with a made-up token.
+    let forged_token = "0badc0de-0000-4000-8000-000000000000";
+    let body = json!({
+        "Origin": "EC2", "Destination": "AutoScalingGroup",
+        "LifecycleTransition": LAUNCH, "AutoScalingGroupName": "web-forge",
+        "LifecycleHookName": "provision-launch", "EC2InstanceId": instances[0].0,
+        "LifecycleActionToken": forged_token, "Service": "AWS Auto Scaling",
+        "Time": "2026-01-01T00:00:00.000Z", "AccountId": "123456789012",
+    });
+    aws.send(&q, &body.to_string()).await;
+    let tags_before = calls(&emu, "ec2:CreateTags");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(calls(&emu, "ec2:CreateTags"), tags_before, "nothing ran");
+    assert!(
+        p.history().iter().any(|r| r.outcome == "rejected"
+            && r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("forged or stale"))),
+        "{log}"
+    );
+    // Its claim was taken for the verification and released after it: only the genuine
+    // action's claim is left.
+    let table = claims(&db).await;
+    assert!(!table.contains_key(forged_token), "{table:?}");
+    assert_eq!(table.len(), 1, "{table:?}");
+    assert!(calls(&emu, "dynamodb:DeleteItem") >= 1);
+}
