@@ -4,6 +4,8 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
   tag[:N]     a burst of N launches (default 500) with one `tag` step: wall time from first
               message to last completed hook, AWS API calls per launch as counted by the
               emulator, peak RSS of the worker, idle RSS of the daemon
+  tag-claims[:N]  the same burst with claims in a DynamoDB table (state.claims_table, as a
+              fleet of ops hosts runs): what the shared claims cost in calls per launch
   ssm[:N]     N launches (default 200) with one `ssm` step: SSM API calls per launch, wall time
   ansible[:N] N instances (default 20), each a simulated host (its own sshd in a network
               namespace), configured by a 3-task playbook, in one sitting on the same hosts:
@@ -138,8 +140,8 @@ def main():
     binary = sys.argv[1]
     scenarios = sys.argv[2:] or ["tag", "ssm"]
     for sc in scenarios:
-        if sc.partition(":")[0] not in ("tag", "ssm", "ansible"):
-            raise SystemExit(f"unknown scenario {sc!r} (tag[:N], ssm[:N], ansible[:N])")
+        if sc.partition(":")[0] not in ("tag", "tag-claims", "ssm", "ansible"):
+            raise SystemExit(f"unknown scenario {sc!r} (tag[:N], tag-claims[:N], ssm[:N], ansible[:N])")
     if any(sc.partition(":")[0] == "ansible" for sc in scenarios):
         require_root("ansible")
     figures = {}
@@ -147,6 +149,8 @@ def main():
         name, _, n = sc.partition(":")
         if name == "tag":
             figures.update(bench_tag(binary, int(n or 500)))
+        elif name == "tag-claims":
+            figures["claims_table"] = bench_tag(binary, int(n or 500), claims=True)
         elif name == "ssm":
             figures.update(bench_ssm(binary, int(n or 200)))
         elif name == "ansible":
@@ -154,7 +158,7 @@ def main():
     print("\n" + json.dumps(figures))
 
 
-def bench_tag(binary, launches):
+def bench_tag(binary, launches, claims=False):
     work = tempfile.mkdtemp(prefix="provision-bench-")
     aws = emu.Emulator(os.path.join(work, "emulator.log"))
     try:
@@ -164,7 +168,12 @@ def bench_tag(binary, launches):
         aws.hook("web-bench", "provision-launch", emu.LAUNCH, arn, heartbeat=600,
                  metadata={"environment": "bench", "platform": "web", "major": "3"})
         config = os.path.join(work, "provision.toml")
-        emu.write_config(config, url, os.path.join(work, "state.db"), topic_arn=topic, wait_time="1s")
+        table = None
+        if claims:
+            table = "provision-claims"
+            aws.claims_table(table)
+        emu.write_config(config, url, os.path.join(work, "state.db"), topic_arn=topic, wait_time="1s",
+                         claims_table=table)
 
         # Idle daemon: started on an empty queue, measured after a few polls.
         aws.drain(url)
@@ -191,7 +200,8 @@ def bench_tag(binary, launches):
         last_done = max(a["finished"] for a in done) if done else float("nan")
         total = sum(calls.values())
 
-        print(f"\n== tag: a burst of {launches} launches, one tag step")
+        where = "claims in a DynamoDB table" if claims else "claims in state.db"
+        print(f"\n== tag: a burst of {launches} launches, one tag step, {where}")
         print(f"worker exit status               {code}")
         print(f"hooks completed with CONTINUE    {len(continued)}/{launches}")
         print(f"emulator scale-out (not ours)    {scale_out:.1f} s")

@@ -309,6 +309,8 @@ def self_test() -> int:
                 "opsworks:DescribeInstances", "opsworks:GetHostnameSuggestion",
                 "opsworks:RegisterInstance", "opsworks:AssignInstance", "opsworks:DeregisterInstance",
                 "autoscaling:DescribeAutoScalingGroups", "sns:GetTopicAttributes",
+                "dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
+                "dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",

@@ -50,6 +50,7 @@ class Emulator:
         self.sns = session.client("sns", endpoint_url=self.endpoint, config=cfg)
         self.asg = session.client("autoscaling", endpoint_url=self.endpoint, config=cfg)
         self.ec2 = session.client("ec2", endpoint_url=self.endpoint, config=cfg)
+        self.dynamodb = session.client("dynamodb", endpoint_url=self.endpoint, config=cfg)
 
     def env(self):
         """Environment for the provision binary: every AWS call goes to this emulator."""
@@ -113,6 +114,15 @@ class Emulator:
             kw["NotificationMetadata"] = json.dumps(metadata)
         self.asg.put_lifecycle_hook(**kw)
 
+    def claims_table(self, name):
+        """The claims table as config/cloudformation.yaml makes it."""
+        db = self.dynamodb
+        db.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
+                        AttributeDefinitions=[{"AttributeName": "token", "AttributeType": "S"}],
+                        KeySchema=[{"AttributeName": "token", "KeyType": "HASH"}])
+        db.update_time_to_live(TableName=name, TimeToLiveSpecification={"AttributeName": "expires_at",
+                                                                        "Enabled": True})
+
     def instances(self, group):
         g = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
         return {i["InstanceId"]: i["LifecycleState"] for i in (g[0]["Instances"] if g else [])}
@@ -138,8 +148,10 @@ class Emulator:
         return out
 
 
-def write_config(path, queue_url, state_path, topic_arn=None, extra="", max_in_flight=32, wait_time="20s"):
+def write_config(path, queue_url, state_path, topic_arn=None, extra="", max_in_flight=32, wait_time="20s",
+                 claims_table=None):
     notify = f'[notify]\ntopic_arn = "{topic_arn}"\n' if topic_arn else ""
+    claims = f'claims_table = "{claims_table}"\n' if claims_table else ""
     with open(path, "w") as f:
         f.write(f'''[queue]
 url = "{queue_url}"
@@ -149,7 +161,7 @@ wait_time = "{wait_time}"
 {notify}
 [state]
 path = "{state_path}"
-
+{claims}
 [layers.web]
 groups = ["web-*"]
 on_failure = "abandon"

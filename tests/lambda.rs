@@ -459,6 +459,67 @@ async fn a_batch_of_launches_is_completed_published_and_reported_without_failure
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_environments_sharing_a_claims_table_work_a_duplicate_once() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    launch_group(&aws, &q, 3).await;
+    let msgs = receive(&aws, &q, 4).await;
+    common::claims_table(&aws, "provision-claims").await;
+    // Slow steps: both environments hold the batch at the same time.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 2}));
+
+    // Two execution environments, each with its own /tmp, handed the same batch (SQS
+    // delivers a message again while the first delivery is still being worked).
+    let envs: Vec<_> = (0..2)
+        .map(|_| {
+            let p = Provision::new(&emu, &q, None, WEB_LAYER);
+            p.share_claims("provision-claims", "6s");
+            let api = RuntimeApi::start();
+            let lambda = start_lambda(&p, &api);
+            (p, api, lambda)
+        })
+        .collect();
+    let ids: Vec<_> = envs
+        .iter()
+        .map(|(_, api, _)| api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120)))
+        .collect();
+    for ((_, api, lambda), id) in envs.iter().zip(&ids) {
+        let r = response(api, lambda, id, Duration::from_secs(90));
+        assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    }
+
+    assert_eq!(
+        calls(&emu, "ec2:CreateTags"),
+        3,
+        "each action's steps ran once"
+    );
+    let finished = emu.finished_actions();
+    assert_eq!(finished.len(), 3);
+    assert!(finished
+        .iter()
+        .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
+    let mut outcomes: Vec<String> = envs
+        .iter()
+        .flat_map(|(p, _, _)| p.history())
+        .map(|r| r.outcome)
+        .filter(|o| o != "skipped")
+        .collect();
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [
+            "duplicate",
+            "duplicate",
+            "duplicate",
+            "succeeded",
+            "succeeded",
+            "succeeded"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_whose_completion_fails_is_the_only_failure_and_comes_back() {
     let emu = Emulator::start();
     let aws = Aws::new(&emu).await;

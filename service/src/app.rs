@@ -9,11 +9,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
+use crate::aws::dynamo::DynamoClaims;
 use crate::aws::sdk::{
     self, AutoScalingHooks, Ec2Instances, OpsWorksClient, SnsNotifier, SqsQueue, SsmClient,
 };
 use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
 use crate::batch::Batcher;
+use crate::claims::Claims;
 use crate::config::{Config, OnReject};
 use crate::daemon::Settings;
 use crate::delivery::RejectPolicy;
@@ -81,6 +83,25 @@ async fn reject_policy(on_reject: OnReject, queue: &dyn Queue) -> RejectPolicy {
     }
 }
 
+/// The claims table a fleet shares (`state.claims_table`); None: the state store's.
+fn claims_store(
+    cfg: &Config,
+    sdk_cfg: &aws_config::SdkConfig,
+    calls: &CountCalls,
+) -> Option<Arc<dyn Claims>> {
+    let table = cfg.state.claims_table.as_deref()?;
+    tracing::info!(
+        table,
+        "claims are kept in a DynamoDB table shared with other ops hosts"
+    );
+    Some(Arc::new(DynamoClaims::new(
+        sdk_cfg,
+        calls,
+        table,
+        crate::claims::hostname(),
+    )))
+}
+
 /// Result events go out ten to a PublishBatch call.
 fn publisher(
     notifier: Arc<dyn Notifier>,
@@ -132,6 +153,7 @@ impl App {
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
             ecs: Arc::new(sdk::EcsClient::new(&sdk_cfg, &calls)),
         };
+        let claims = claims_store(&cfg, &sdk_cfg, &calls);
         let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;
         let (publisher, publisher_task) = match &cfg.notify {
             Some(n) => {
@@ -169,6 +191,7 @@ impl App {
             hooks,
             services,
             store,
+            claims,
             leases,
             publisher,
             stats,

@@ -1,8 +1,8 @@
 //! `provision check`: is this config ready to run, and (with `--aws`) does AWS agree?
 //!
 //! The config itself is validated by `Config::load` (every problem with its key). This adds
-//! what only the surroundings can tell: the queue can be read, the result topic exists,
-//! and the groups each layer matches have lifecycle hooks that notify the queue. Problems
+//! what only the surroundings can tell: the queue can be read, the result topic exists, the
+//! fleet's claims table is usable, and the groups each layer matches have lifecycle hooks that notify the queue. Problems
 //! fail the check; notes are what an operator should know but may be intended.
 
 use std::sync::Arc;
@@ -150,6 +150,9 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
             Err(e) => r.problems.push(format!("notify.topic_arn: {e}")),
         }
     }
+    if let Some(table) = &cfg.state.claims_table {
+        check_claims_table(&sdk_cfg, &calls, table, r).await;
+    }
     let hooks = AutoScalingHooks::new(&sdk_cfg, &calls);
     let groups = match hooks.groups().await {
         Ok(g) => g,
@@ -162,6 +165,26 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
     let arn = queue_arn(&cfg.queue.url, &region).unwrap_or_default();
     for layer in &cfg.layers {
         check_layer_groups(layer, &groups, &hooks, &arn, r).await;
+    }
+}
+
+/// The fleet's claims table exists, is keyed as claims need, and expires old claims.
+async fn check_claims_table(
+    sdk_cfg: &aws_config::SdkConfig,
+    calls: &CountCalls,
+    table: &str,
+    r: &mut Report,
+) {
+    match crate::aws::dynamo::check_table(sdk_cfg, calls, table).await {
+        Ok(warnings) if warnings.is_empty() => r.notes.push(format!(
+            "state.claims_table: {table} is active, keyed by token, old claims expire (TTL on expires_at)"
+        )),
+        Ok(warnings) => r.notes.extend(
+            warnings
+                .into_iter()
+                .map(|w| format!("state.claims_table: {w}")),
+        ),
+        Err(e) => r.problems.push(format!("state.claims_table: {e}")),
     }
 }
 

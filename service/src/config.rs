@@ -83,6 +83,12 @@ pub struct NotifyConfig {
 #[derive(Debug, Clone)]
 pub struct StateConfig {
     pub path: PathBuf,
+    /// The DynamoDB table shared by a fleet of ops hosts for claims; None: claims live in
+    /// the SQLite store (one host).
+    pub claims_table: Option<String>,
+    /// How long a claim holds without renewal: another host takes a claim over only once
+    /// its lease expired. Renewed every third of it while the steps run.
+    pub claim_lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -342,8 +348,34 @@ impl StateConfig {
                 Some(d) => d.join("state.db"),
                 None => PathBuf::from(DEFAULT_STATE_PATH),
             });
+        let claims_table = f.non_empty("claims_table").and_then(|t| {
+            if crate::claims::valid_table_name(t) {
+                Some(t.to_string())
+            } else {
+                f.error(
+                    "claims_table",
+                    format!("{t:?} is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ - .)"),
+                );
+                None
+            }
+        });
+        let claim_lease = f.duration("claim_lease", crate::claims::DEFAULT_LEASE);
+        if claim_lease < crate::claims::MIN_LEASE {
+            f.error(
+                "claim_lease",
+                format!(
+                    "{} is too short to renew in time; at least {}",
+                    humantime::format_duration(claim_lease),
+                    humantime::format_duration(crate::claims::MIN_LEASE)
+                ),
+            );
+        }
         f.finish_section("[state]");
-        StateConfig { path }
+        StateConfig {
+            path,
+            claims_table,
+            claim_lease,
+        }
     }
 }
 

@@ -15,10 +15,12 @@
 //! posted to the Runtime API's `/runtime/init/error` and the process exits non-zero):
 //! - no layer may use a step kind that needs SSH ([`allowed_in_lambda`]);
 //! - `state.path` must be writable: in Lambda only `/tmp` is, so point it there
-//!   (`state.path = "/tmp/provision-state.db"`). The history and the idempotency claims are
-//!   then per execution environment and lost when it is recycled: duplicates across
-//!   environments are still safe (steps repeat safely, a finished action answers "no active
-//!   action"), and the result topic (`[notify]`) is the lasting record;
+//!   (`state.path = "/tmp/provision-state.db"`). The history is then per execution
+//!   environment and lost when it is recycled; the result topic (`[notify]`) is the lasting
+//!   record. Claims should be in a table the environments share (`state.claims_table`,
+//!   [`crate::claims`]): without one each environment knows only its own, and a duplicate
+//!   handed to two environments at once is worked twice (safe, since steps repeat safely and
+//!   a finished action answers "no active action", but wasteful);
 //! - not checkable here: the event source mapping must have `FunctionResponseTypes =
 //!   ["ReportBatchItemFailures"]`, otherwise Lambda ignores `batchItemFailures` and deletes
 //!   the whole batch; `queue.url` must name the trigger queue (receipt handles are used with
@@ -541,6 +543,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
                 ecs: Arc::new(Unused),
             },
             store: Store::in_memory().unwrap(),
+            claims: None,
             leases,
             publisher: None,
             stats,

@@ -30,8 +30,9 @@
 //! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
 //!    the event's phase ([`event::Phase`]: launch, terminate, and a warm pool's enter,
 //!    leave and return).
-//! 4. `pipeline/claim.rs`: the token worked once here, and claimed in the [`store`] (its
-//!    tables and numbered migrations: [`store_schema`]).
+//! 4. `pipeline/claim.rs`: the token worked once here, and claimed under a renewed lease
+//!    through [`claims`]: in the [`store`] for one host (its tables and numbered
+//!    migrations: [`store_schema`]), in a DynamoDB table (`aws/dynamo.rs`) for a fleet.
 //! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
 //!    `ansible`, `ecs_drain`), each filling its [`template`]s from the event; [`lease`] heartbeats the
 //!    action and keeps the message hidden meanwhile.
@@ -63,6 +64,7 @@ pub mod aws;
 pub mod batch;
 pub mod cache;
 pub mod check;
+pub mod claims;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::claims::{self, Claim, ClaimError, Claims};
 use crate::clock::now_ms;
 use crate::outcome::{HookResult, Outcome, StepOutcome};
 
@@ -32,20 +33,6 @@ pub enum StoreError {
     Schema {
         path: String,
         source: crate::store_schema::SchemaError,
-    },
-}
-
-/// What claiming a lifecycle action token found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// Ours to work: new, or left `running` by a process that is gone.
-    Fresh,
-    /// Steps already ran (here or by a crashed predecessor); only completion is left.
-    Decided(HookResult),
-    /// Completed before: acknowledge the message, do nothing else.
-    Done {
-        run_id: Option<i64>,
-        result: Option<String>,
     },
 }
 
@@ -106,6 +93,8 @@ pub struct StepRow {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// "state store /var/lib/provision/state.db", for messages.
+    label: Arc<str>,
 }
 
 impl Store {
@@ -138,6 +127,7 @@ impl Store {
         })?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            label: format!("state store {path}").into(),
         })
     }
 
@@ -271,83 +261,6 @@ impl Store {
         .await
     }
 
-    /// Claims a token for `owner`. A `running` claim by another owner is taken over: that
-    /// process is gone (the message only comes back once its visibility lapsed).
-    pub async fn claim(&self, token: &str, owner: &str, run_id: i64) -> Result<Claim, StoreError> {
-        let (token, owner) = (token.to_string(), owner.to_string());
-        self.call(move |c| {
-            let tx = c.unchecked_transaction()?;
-            let row: Option<(String, Option<i64>, Option<String>)> = tx
-                .query_row(
-                    "SELECT state, run_id, result FROM actions WHERE token = ?1",
-                    [&token],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let claim = match row {
-                Some((state, run_id, result)) if state == "done" => Claim::Done { run_id, result },
-                Some((state, _, Some(result))) if state == "decided" => {
-                    Claim::Decided(HookResult::parse(&result).unwrap_or(HookResult::Abandon))
-                }
-                _ => Claim::Fresh,
-            };
-            if !matches!(claim, Claim::Done { .. }) {
-                tx.execute(
-                    "INSERT INTO actions (token, state, owner, run_id, updated_at) VALUES (?1, 'running', ?2, ?3, ?4)
-                     ON CONFLICT(token) DO UPDATE SET owner = ?2, run_id = ?3, updated_at = ?4,
-                       state = CASE WHEN state = 'decided' THEN 'decided' ELSE 'running' END",
-                    params![token, owner, run_id, now_ms()],
-                )?;
-            }
-            tx.commit()?;
-            Ok(claim)
-        })
-        .await
-    }
-
-    /// Steps finished with this result; only the hook completion is left.
-    pub async fn decide(&self, token: &str, result: HookResult) -> Result<(), StoreError> {
-        self.set_action(token, "decided", Some(result.as_str().to_string()))
-            .await
-    }
-
-    /// The action is finished for good (completed by us or found already finished).
-    pub async fn done(&self, token: &str, result: &str) -> Result<(), StoreError> {
-        self.set_action(token, "done", Some(result.to_string()))
-            .await
-    }
-
-    /// Forget a claim whose work was abandoned midway (released on shutdown), so the next
-    /// delivery starts over instead of trusting a half-run.
-    pub async fn release(&self, token: &str) -> Result<(), StoreError> {
-        let token = token.to_string();
-        self.call(move |c| {
-            c.execute(
-                "DELETE FROM actions WHERE token = ?1 AND state = 'running'",
-                [token],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    async fn set_action(
-        &self,
-        token: &str,
-        state: &'static str,
-        result: Option<String>,
-    ) -> Result<(), StoreError> {
-        let token = token.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE actions SET state = ?2, result = ?3, updated_at = ?4 WHERE token = ?1",
-                params![token, state, result, now_ms()],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
     /// Deletes runs and finished actions older than `keep`. Lifecycle actions live at most
     /// 48 hours in AWS, so a token older than that can never come back.
     pub async fn prune(&self, keep: Duration) -> Result<usize, StoreError> {
@@ -358,6 +271,46 @@ impl Store {
             Ok(n)
         })
         .await
+    }
+
+    /// A claim row, read inside `c`'s transaction. Only this host uses the file: a row whose
+    /// owner process is gone reads as expired.
+    fn claim_row(c: &Connection, token: &str) -> rusqlite::Result<Option<claims::Row>> {
+        let mut row = Self::stored_claim(c, token)?;
+        if let Some(r) = row
+            .as_mut()
+            .filter(|r| claims::gone_from_this_host(&r.owner))
+        {
+            r.lease_until_ms = 0;
+        }
+        Ok(row)
+    }
+
+    fn stored_claim(c: &Connection, token: &str) -> rusqlite::Result<Option<claims::Row>> {
+        c.query_row(
+            "SELECT state, owner, lease_until, run_id, result FROM actions WHERE token = ?1",
+            [token],
+            |r| {
+                Ok(claims::Row {
+                    state: r.get(0)?,
+                    owner: r.get(1)?,
+                    lease_until_ms: r.get(2)?,
+                    run_id: r.get(3)?,
+                    result: r.get(4)?,
+                })
+            },
+        )
+        .optional()
+    }
+
+    async fn claim_call<R, F>(&self, f: F) -> Result<R, ClaimError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    {
+        self.call(f)
+            .await
+            .map_err(|e| ClaimError::new(&*self.label, e.to_string()))
     }
 
     /// Latest runs first, optionally for one instance, with their steps.
@@ -410,6 +363,112 @@ impl Store {
     }
 }
 
+/// Claims for a single host: the `actions` table, next to the history.
+#[async_trait::async_trait]
+impl Claims for Store {
+    async fn claim(
+        &self,
+        token: &str,
+        owner: &str,
+        run_id: i64,
+        lease: Duration,
+    ) -> Result<Claim, ClaimError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        self.claim_call(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let now = now_ms();
+            let claim = claims::judge(Self::claim_row(&tx, &token)?.as_ref(), &owner, now);
+            if matches!(claim, Claim::Fresh { .. } | Claim::Decided(_)) {
+                tx.execute(
+                    "INSERT INTO actions (token, state, owner, run_id, updated_at, lease_until)
+                     VALUES (?1, 'running', ?2, ?3, ?4, ?5)
+                     ON CONFLICT(token) DO UPDATE SET owner = ?2, run_id = ?3, updated_at = ?4,
+                       lease_until = ?5,
+                       state = CASE WHEN state = 'decided' THEN 'decided' ELSE 'running' END",
+                    params![token, owner, run_id, now, now + lease.as_millis() as i64],
+                )?;
+            }
+            tx.commit()?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    async fn peek(&self, token: &str, owner: &str) -> Result<Claim, ClaimError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        self.claim_call(move |c| {
+            Ok(claims::judge(
+                Self::claim_row(c, &token)?.as_ref(),
+                &owner,
+                now_ms(),
+            ))
+        })
+        .await
+    }
+
+    async fn renew(&self, token: &str, owner: &str, lease: Duration) -> Result<bool, ClaimError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        self.claim_call(move |c| {
+            let now = now_ms();
+            c.execute(
+                "UPDATE actions SET lease_until = ?3, updated_at = ?4
+                 WHERE token = ?1 AND owner = ?2 AND state <> 'done'",
+                params![token, owner, now + lease.as_millis() as i64, now],
+            )
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        let changed = self
+            .claim_call(move |c| {
+                c.execute(
+                    "UPDATE actions SET state = 'decided', result = ?3, updated_at = ?4
+                     WHERE token = ?1 AND owner = ?2 AND state <> 'done'",
+                    params![token, owner, result.as_str(), now_ms()],
+                )
+            })
+            .await?;
+        match changed {
+            1 => Ok(()),
+            _ => Err(ClaimError::new(
+                &*self.label,
+                "the claim is no longer ours (taken over after its lease expired, or done)",
+            )),
+        }
+    }
+
+    async fn done(&self, token: &str, result: &str) -> Result<(), ClaimError> {
+        let (token, result) = (token.to_string(), result.to_string());
+        self.claim_call(move |c| {
+            c.execute(
+                "UPDATE actions SET state = 'done', result = ?2, updated_at = ?3 WHERE token = ?1",
+                params![token, result, now_ms()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn release(&self, token: &str, owner: &str) -> Result<(), ClaimError> {
+        let (token, owner) = (token.to_string(), owner.to_string());
+        self.claim_call(move |c| {
+            c.execute(
+                "DELETE FROM actions WHERE token = ?1 AND owner = ?2 AND state = 'running'",
+                [token, owner],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        self.label.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,21 +482,30 @@ mod tests {
         }
     }
 
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn fresh() -> Claim {
+        Claim::Fresh { from: None }
+    }
+
     #[tokio::test]
     async fn claims_are_idempotent() {
         let s = Store::in_memory().unwrap();
         let r1 = s.insert_run(run("t1")).await.unwrap();
-        assert_eq!(s.claim("t1", "a", r1).await.unwrap(), Claim::Fresh);
-        // A redelivery after a crash: taken over, still fresh.
-        assert_eq!(s.claim("t1", "b", r1).await.unwrap(), Claim::Fresh);
-        s.decide("t1", HookResult::Abandon).await.unwrap();
+        assert_eq!(s.claim("t1", "a", r1, LEASE).await.unwrap(), fresh());
+        // Held by a live owner: nobody else may work it.
+        assert!(matches!(
+            s.claim("t1", "b", r1, LEASE).await.unwrap(),
+            Claim::Held { owner, .. } if owner == "a"
+        ));
+        s.decide("t1", "a", HookResult::Abandon).await.unwrap();
         assert_eq!(
-            s.claim("t1", "c", r1).await.unwrap(),
+            s.claim("t1", "a", r1, LEASE).await.unwrap(),
             Claim::Decided(HookResult::Abandon)
         );
         s.done("t1", "ABANDON").await.unwrap();
         assert_eq!(
-            s.claim("t1", "d", r1).await.unwrap(),
+            s.claim("t1", "d", r1, LEASE).await.unwrap(),
             Claim::Done {
                 run_id: Some(r1),
                 result: Some("ABANDON".into())
@@ -446,12 +514,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_its_owner_cannot_renew_or_decide() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t3")).await.unwrap();
+        assert_eq!(s.claim("t3", "a", r1, LEASE).await.unwrap(), fresh());
+        assert!(s.renew("t3", "a", Duration::ZERO).await.unwrap());
+        assert_eq!(
+            s.claim("t3", "b", r1, LEASE).await.unwrap(),
+            Claim::Fresh {
+                from: Some("a".into())
+            }
+        );
+        assert!(!s.renew("t3", "a", LEASE).await.unwrap());
+        assert!(s.decide("t3", "a", HookResult::Continue).await.is_err());
+        s.decide("t3", "b", HookResult::Continue).await.unwrap();
+        assert_eq!(
+            s.peek("t3", "b").await.unwrap(),
+            Claim::Decided(HookResult::Continue)
+        );
+    }
+
+    #[tokio::test]
     async fn released_claims_start_over() {
         let s = Store::in_memory().unwrap();
         let r1 = s.insert_run(run("t2")).await.unwrap();
-        s.claim("t2", "a", r1).await.unwrap();
-        s.release("t2").await.unwrap();
-        assert_eq!(s.claim("t2", "a", r1).await.unwrap(), Claim::Fresh);
+        s.claim("t2", "a", r1, LEASE).await.unwrap();
+        s.release("t2", "b").await.unwrap();
+        assert!(matches!(
+            s.peek("t2", "c").await.unwrap(),
+            Claim::Held { .. }
+        ));
+        s.release("t2", "a").await.unwrap();
+        assert_eq!(s.claim("t2", "c", r1, LEASE).await.unwrap(), fresh());
     }
 
     #[tokio::test]

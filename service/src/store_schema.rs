@@ -14,7 +14,7 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Schema migrations; `MIGRATIONS[i]` takes a database from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1_TABLES, V2_ACTIONS_BY_TIME];
+pub const MIGRATIONS: &[&str] = &[V1_TABLES, V2_ACTIONS_BY_TIME, V3_CLAIM_LEASES];
 
 /// The schema version this release writes.
 pub const LATEST: u32 = MIGRATIONS.len() as u32;
@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS actions (
 /// whole table without this index.
 const V2_ACTIONS_BY_TIME: &str = r#"
 CREATE INDEX actions_by_time ON actions(updated_at);
+"#;
+
+/// Version 3: claims hold a lease (`claims.rs`); another owner takes a claim over only once
+/// it expired. Claims from before leases read 0: expired.
+const V3_CLAIM_LEASES: &str = r#"
+ALTER TABLE actions ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
 "#;
 
 /// The columns of migration 1's tables, in order: what an unversioned database must have to
@@ -228,7 +234,10 @@ fn adopt_unversioned(conn: &Connection) -> Result<bool, SchemaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Claim, Store};
+    use crate::claims::{Claim, Claims};
+    use crate::store::Store;
+
+    const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
     use std::path::{Path, PathBuf};
 
     fn fixture_copy(dir: &Path) -> PathBuf {
@@ -285,19 +294,21 @@ mod tests {
         // The claims are where they were: done stays done, decided only completes, a claim
         // left running by a dead process is taken over.
         assert_eq!(
-            store.claim("tok-done", "new", 99).await.unwrap(),
+            store.claim("tok-done", "new", 99, LEASE).await.unwrap(),
             Claim::Done {
                 run_id: Some(1),
                 result: Some("CONTINUE".into())
             }
         );
         assert_eq!(
-            store.claim("tok-decided", "new", 99).await.unwrap(),
+            store.claim("tok-decided", "new", 99, LEASE).await.unwrap(),
             Claim::Decided(crate::outcome::HookResult::Continue)
         );
         assert_eq!(
-            store.claim("tok-running", "new", 99).await.unwrap(),
-            Claim::Fresh
+            store.claim("tok-running", "new", 99, LEASE).await.unwrap(),
+            Claim::Fresh {
+                from: Some("host-b".into())
+            }
         );
         // The result event that could not be published is still in the outbox.
         let outbox = store.unpublished(10).await.unwrap();

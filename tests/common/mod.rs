@@ -618,6 +618,44 @@ pub async fn launch_group(
     (aws, q)
 }
 
+/// The claims table as config/cloudformation.yaml makes it.
+pub async fn claims_table(aws: &Aws, table: &str) -> aws_sdk_dynamodb::Client {
+    let db = aws_sdk_dynamodb::Client::new(&aws.sdk);
+    db.create_table()
+        .table_name(table)
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .attribute_definitions(
+            aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                .attribute_name("token")
+                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                .attribute_name("token")
+                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    db.update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
+                .attribute_name("expires_at")
+                .enabled(true)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    db
+}
+
 /// Polls an async condition every 200 ms until it returns Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -683,6 +721,14 @@ impl Provision {
         let text = std::fs::read_to_string(&self.config).unwrap();
         assert!(text.contains(from), "{from:?} not in config");
         std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
+
+    /// Claims in the DynamoDB `table` (as ops hosts of a fleet), leases of `lease`.
+    pub fn share_claims(&self, table: &str, lease: &str) {
+        self.edit_config(
+            "[state]\n",
+            &format!("[state]\nclaims_table = \"{table}\"\nclaim_lease = \"{lease}\"\n"),
+        );
     }
 
     pub fn command(&self, args: &[&str]) -> Command {

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use crate::event::InstanceId;
 use crate::outcome::HookResult;
 
+pub mod dynamo;
 #[cfg(test)]
 pub mod fake;
 pub mod retry;
@@ -54,6 +55,8 @@ pub fn is_retryable_code(code: &str) -> bool {
             | "SlowDown"
             | "PriorRequestNotComplete"
             | "EC2ThrottledException"
+            | "ProvisionedThroughputExceededException"
+            | "InternalServerError"
             | "InternalFailure"
             | "InternalError"
             | "InternalErrorException"

@@ -55,7 +55,7 @@ pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
 }
 
 /// Turns any SDK error into an [`AwsError`], deciding once whether it is worth retrying.
-fn classify<E, R>(operation: &'static str, err: SdkError<E, R>) -> AwsError
+pub(super) fn classify<E, R>(operation: &'static str, err: SdkError<E, R>) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + 'static,

@@ -31,6 +31,7 @@ use crate::aws::retry::with_backoff;
 use crate::aws::{Action, AwsError, HookInfo, Hooks, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
+use crate::claims::{Claim, Claims};
 use crate::config::{Config, Unmatched};
 use crate::delivery::Delivery;
 use crate::event::{self, LifecycleEvent, Parsed, Transition};
@@ -39,7 +40,7 @@ use crate::lease::{heartbeat_interval, Lease, Leases};
 use crate::metrics::Stats;
 use crate::outcome::{Completion, HookResult, Outcome};
 use crate::step::Shared;
-use crate::store::{Claim, Store};
+use crate::store::Store;
 use crate::template::Context;
 
 pub use record::{RunReport, StepReport};
@@ -106,6 +107,7 @@ pub struct Pipeline {
     services: Services,
     shared: Shared,
     store: Store,
+    claims: Arc<dyn Claims>,
     leases: Leases,
     publisher: Option<Batcher<String>>,
     hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
@@ -121,6 +123,8 @@ pub struct Parts {
     pub hooks: Arc<dyn Hooks>,
     pub services: Services,
     pub store: Store,
+    /// Where claims live when not in `store` (a DynamoDB table shared by a fleet).
+    pub claims: Option<Arc<dyn Claims>>,
     pub leases: Leases,
     pub publisher: Option<Batcher<String>>,
     pub stats: Arc<Stats>,
@@ -131,9 +135,7 @@ pub struct Parts {
 
 impl Pipeline {
     pub fn new(p: Parts) -> Pipeline {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+        let host = crate::claims::hostname().to_string();
         let shared = Shared::new(
             &p.services,
             p.cfg.ssm.batch_window,
@@ -147,12 +149,13 @@ impl Pipeline {
             hooks: p.hooks,
             shared,
             services: p.services,
+            claims: p.claims.unwrap_or_else(|| Arc::new(p.store.clone())),
             store: p.store,
             leases: p.leases,
             publisher: p.publisher,
             hook_info: TtlCache::new(HOOK_INFO_TTL),
             working: Working::default(),
-            owner: format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..)),
+            owner: crate::claims::owner_id(&host),
             host,
             stats: p.stats,
         }
@@ -247,14 +250,18 @@ impl Pipeline {
         let Some(_working) = self.working.enter(&job.event.token, cancel).await else {
             return self.finish(run.ended(Outcome::Released)).await;
         };
-        let (run_id, claim) = match self.claim(job, layer, &mut run).await {
-            Ok(claimed) => claimed,
+        let (run_id, claim) = match self.claim(job, layer, &mut run, cancel).await {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => return self.finish(run.ended(Outcome::Released)).await,
             Err(e) => {
                 warn!(error = %e, "cannot record or claim the run; leaving the message for a retry");
                 run.error = Some(e.to_string());
                 return self.finish(run.ended(Outcome::Retry)).await;
             }
         };
+        // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
+        let stop = cancel.child_token();
+        let _keeper = self.keep(job, stop.clone());
         let result = match claim {
             Claim::Done { result, .. } => {
                 info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
@@ -265,21 +272,10 @@ impl Pipeline {
                 info!(%result, "steps already ran for this action; completing it");
                 result
             }
-            Claim::Fresh => {
-                // Heartbeats first: a backlogged action may be close to its timeout. (A forged
-                // token's heartbeat only earns a "no active action".)
-                self.heartbeat(job, lease).await;
-                let verified = match self.genuine(job, &mut run).await {
-                    Ok(job) => job,
+            Claim::Fresh { .. } | Claim::Held { .. } => {
+                match self.fresh(job, layer, run_id, &mut run, lease, &stop).await {
+                    Ok(result) => result,
                     Err(outcome) => return self.unclaim(job, lease, run.ended(outcome)).await,
-                };
-                let job = verified.as_ref().unwrap_or(job);
-                match self
-                    .run_steps(job, layer, run_id, &mut run, lease, cancel)
-                    .await
-                {
-                    Some(result) => result,
-                    None => return self.unclaim(job, lease, run.ended(Outcome::Released)).await,
                 }
             }
         };
@@ -292,6 +288,27 @@ impl Pipeline {
         self.end_action(job, result, lease, run).await
     }
 
+    /// A claim that is new: heartbeat, verify, run the steps. The result to complete with,
+    /// or the outcome to end with (forged, unverifiable, cancelled, claim lost).
+    async fn fresh(
+        &self,
+        job: &Job,
+        layer: &Layer,
+        run_id: i64,
+        run: &mut RunReport,
+        lease: &Lease,
+        stop: &CancellationToken,
+    ) -> Result<HookResult, Outcome> {
+        // Heartbeats first: a backlogged action may be close to its timeout. (A forged
+        // token's heartbeat only earns a "no active action".)
+        self.heartbeat(job, lease).await;
+        let verified = self.genuine(job, run).await?;
+        let job = verified.as_ref().unwrap_or(job);
+        self.run_steps(job, layer, run_id, run, lease, stop)
+            .await
+            .ok_or(Outcome::Released)
+    }
+
     /// For a job from a message: Auto Scaling's confirmation, and the job with the hook's
     /// metadata (None: the job as it is). The outcome to end with when it is not genuine.
     async fn genuine(&self, job: &Job, run: &mut RunReport) -> Result<Option<Job>, Outcome> {
@@ -300,7 +317,7 @@ impl Pipeline {
         }
         match self.verify(&job.event).await {
             Ok(Verdict::Genuine { metadata, note }) => {
-                run.note = note;
+                run.note = note.or(run.note.take());
                 let mut verified = job.clone();
                 verified.event.metadata = metadata;
                 Ok(Some(verified))
@@ -337,7 +354,7 @@ impl Pipeline {
     /// Not worked to its end (cancelled, forged, unverifiable): forget the claim, so the
     /// next delivery starts over instead of trusting a half-run.
     async fn unclaim(&self, job: &Job, lease: &Lease, mut run: RunReport) -> RunReport {
-        if let Err(e) = self.store.release(&job.event.token).await {
+        if let Err(e) = self.claims.release(&job.event.token, &self.owner).await {
             warn!(error = %e, "could not release the claim");
         }
         run.heartbeats = lease.heartbeats();
@@ -359,7 +376,11 @@ impl Pipeline {
                 r.forget(&job.event.instance_id);
             }
         }
-        if let Err(e) = self.store.decide(&job.event.token, result).await {
+        if let Err(e) = self
+            .claims
+            .decide(&job.event.token, &self.owner, result)
+            .await
+        {
             warn!(error = %e, "could not record the decision; completing anyway");
         }
     }

@@ -141,7 +141,7 @@ impl Pipeline {
 
     /// The action is finished for good (completed, found finished, or left as it is).
     pub(super) async fn done(&self, token: &str, completion: Completion) {
-        if let Err(e) = self.store.done(token, completion.as_str()).await {
+        if let Err(e) = self.claims.done(token, completion.as_str()).await {
             warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
         }
     }

@@ -12,6 +12,7 @@ const CONFIG: &str = r#"
 url = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
 [state]
 path = "unused"
+claim_lease = "3s"
 [aws]
 retry_for = "1s"
 [layers.web]
@@ -45,6 +46,7 @@ fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
             ecs: Arc::new(crate::aws::fake::Unused),
         },
         store: Store::in_memory().unwrap(),
+        claims: None,
         leases,
         publisher: None,
         stats,
@@ -389,6 +391,88 @@ async fn a_burst_into_one_group_is_verified_with_one_group_description() {
     assert_eq!(handle_as_is(&w, &late).await, Ack::Delete);
     assert_eq!(*w.hooks.group_describes.lock().unwrap(), 2);
     assert_eq!(completions(&w).len(), 21);
+}
+
+/// Another process's claim on `token`, with a live lease.
+async fn held_elsewhere(w: &World, token: &str) {
+    let claims: &dyn Claims = w.pipeline.store();
+    let got = claims
+        .claim(token, "other-host:1:0000abcd", 0, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(got, Claim::Fresh { from: None });
+}
+
+#[tokio::test]
+async fn a_token_another_owner_holds_waits_hidden_and_is_acknowledged_once_done() {
+    let w = Arc::new(world(FakeHooks::default(), FakeInstances::default()));
+    held_elsewhere(&w, "t-held").await;
+    let m = message("web-1", "t-held", r#"{"environment":"prod"}"#);
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { handle(&w, &m).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !task.is_finished(),
+        "it waits while the other owner's lease runs"
+    );
+    let claims: &dyn Claims = w.pipeline.store();
+    claims.done("t-held", "CONTINUE").await.unwrap();
+    assert_eq!(task.await.unwrap(), Ack::Delete);
+    assert!(w.instances.tagged.lock().unwrap().is_empty(), "no step ran");
+    assert!(completions(&w).is_empty(), "nothing completed");
+}
+
+#[tokio::test]
+async fn a_claim_taken_over_mid_steps_stops_them_and_returns_the_message() {
+    let slow = FakeInstances {
+        delay: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let w = Arc::new(world(FakeHooks::default(), slow));
+    let m = message("web-1", "t-lost", r#"{"environment":"prod"}"#);
+    let task = tokio::spawn({
+        let w = w.clone();
+        async move { handle(&w, &m).await }
+    });
+    let claims: &dyn Claims = w.pipeline.store();
+    for _ in 0..50 {
+        if matches!(
+            claims.peek("t-lost", "x").await.unwrap(),
+            Claim::Held { .. }
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its lease lapses (a stalled host), and another owner takes the claim over.
+    w.pipeline
+        .store()
+        .call(|c| c.execute("UPDATE actions SET lease_until = 0", []))
+        .await
+        .unwrap();
+    assert!(matches!(
+        claims
+            .claim("t-lost", "thief", 0, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        Claim::Fresh { from: Some(_) }
+    ));
+    let ack = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the steps stopped at the next renewal")
+        .unwrap();
+    assert_eq!(ack, Ack::Release(Duration::ZERO));
+    assert!(w.instances.tagged.lock().unwrap().is_empty());
+    assert!(completions(&w).is_empty());
+    assert!(
+        matches!(
+            claims.peek("t-lost", "x").await.unwrap(),
+            Claim::Held { owner, .. } if owner == "thief"
+        ),
+        "the thief's claim is left alone"
+    );
 }
 
 /// A launch message with Origin and Destination, for the warm pool's phases.

@@ -1,0 +1,244 @@
+//! Claims on lifecycle actions: which process works a token, and what became of it.
+//!
+//! Owns the claim protocol that makes at-least-once delivery harmless across processes and
+//! hosts. A token's claim is `running` (an owner works its steps, holding a lease it renews),
+//! `decided` (the steps are over and their result recorded: only the completion is left, for
+//! anyone) or `done` (completed: every later delivery is acknowledged without work). Another
+//! owner takes a `running` or `decided` claim over only once its lease expired: its owner is
+//! then gone (killed, its host lost), since a live one renews every third of the lease.
+//!
+//! Two stores keep claims: the SQLite state store for a single host (`store.rs`, the default)
+//! and a DynamoDB table shared by a fleet of ops hosts and by Lambda's concurrent execution
+//! environments (`aws/dynamo.rs`). Both implement [`Claims`]; the pipeline's `claim.rs` uses
+//! it and knows neither.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::outcome::HookResult;
+
+/// A claim's lease unless `state.claim_lease` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// The shortest lease: renewed every third of it, a renewal must fit in a few seconds.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+/// What claiming (or looking at) a lifecycle action's token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to work: new, or taken over from an owner whose lease expired (`from`).
+    Fresh { from: Option<String> },
+    /// Steps already ran (here, or by an owner that is gone); only completion is left.
+    Decided(HookResult),
+    /// Completed before: acknowledge the message, do nothing else.
+    Done {
+        run_id: Option<i64>,
+        result: Option<String>,
+    },
+    /// Another owner holds it, its lease running until `until_ms` (ms since the epoch).
+    Held { owner: String, until_ms: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("claims ({store}): {message}")]
+pub struct ClaimError {
+    /// Which store: "state store", "DynamoDB table provision-claims".
+    pub store: String,
+    pub message: String,
+}
+
+impl ClaimError {
+    pub fn new(store: impl Into<String>, message: impl Into<String>) -> ClaimError {
+        ClaimError {
+            store: store.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where claims are kept. Every call is one small write or read.
+#[async_trait]
+pub trait Claims: Send + Sync {
+    /// Claims `token` for `owner` until `lease` from now. A claim held by another owner whose
+    /// lease has not expired answers [`Claim::Held`] and changes nothing.
+    async fn claim(
+        &self,
+        token: &str,
+        owner: &str,
+        run_id: i64,
+        lease: Duration,
+    ) -> Result<Claim, ClaimError>;
+
+    /// What a claim would find, without writing: `Fresh` when it would succeed.
+    async fn peek(&self, token: &str, owner: &str) -> Result<Claim, ClaimError>;
+
+    /// Extends `owner`'s lease. False: the claim is no longer ours (taken over, or done).
+    async fn renew(&self, token: &str, owner: &str, lease: Duration) -> Result<bool, ClaimError>;
+
+    /// The steps finished with `result`; only the completion is left. Recorded before
+    /// completing, so that whoever finds the claim next only completes.
+    async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError>;
+
+    /// The action is finished for good (completed, or found already finished).
+    async fn done(&self, token: &str, result: &str) -> Result<(), ClaimError>;
+
+    /// Forgets `owner`'s running claim (work abandoned midway), so the next delivery starts
+    /// over at once instead of waiting out the lease.
+    async fn release(&self, token: &str, owner: &str) -> Result<(), ClaimError>;
+
+    /// The store, for logs and `check`: "state store /var/lib/...", "DynamoDB table ...".
+    fn describe(&self) -> String;
+}
+
+/// This process's owner name in claims: `host:pid:random` (random: a pid is reused).
+pub fn owner_id(host: &str) -> String {
+    format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// This machine's host name, read once.
+pub fn hostname() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Whether `owner` names a process of this host that no longer exists. A store only this
+/// host uses (SQLite) treats such a claim as expired: a daemon restarted after a crash takes
+/// its predecessor's claims over at once instead of waiting out their leases. A shared
+/// store cannot know about other hosts' processes and waits.
+pub fn gone_from_this_host(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (_random, pid, host) = (parts.next(), parts.next(), parts.next());
+    match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
+        (Some(h), Some(pid)) if h == hostname() && pid != 0 => {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        _ => false,
+    }
+}
+
+/// Whether `name` is a valid DynamoDB table name.
+pub fn valid_table_name(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// What a stored claim row means to `owner` at `now_ms`: the one rule both stores apply.
+pub fn judge(row: Option<&Row>, owner: &str, now_ms: i64) -> Claim {
+    let Some(row) = row else {
+        return Claim::Fresh { from: None };
+    };
+    match row.state.as_str() {
+        "done" => Claim::Done {
+            run_id: row.run_id,
+            result: row.result.clone(),
+        },
+        _ if row.owner != owner && row.lease_until_ms > now_ms => Claim::Held {
+            owner: row.owner.clone(),
+            until_ms: row.lease_until_ms,
+        },
+        "decided" => Claim::Decided(
+            row.result
+                .as_deref()
+                .and_then(HookResult::parse)
+                .unwrap_or(HookResult::Abandon),
+        ),
+        _ => Claim::Fresh {
+            from: (row.owner != owner).then(|| row.owner.clone()),
+        },
+    }
+}
+
+/// A claim as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub state: String,
+    pub owner: String,
+    /// 0 for claims written before leases (taken over at once).
+    pub lease_until_ms: i64,
+    pub run_id: Option<i64>,
+    pub result: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: &str, owner: &str, until: i64) -> Row {
+        Row {
+            state: state.into(),
+            owner: owner.into(),
+            lease_until_ms: until,
+            run_id: Some(7),
+            result: (state != "running").then(|| "CONTINUE".into()),
+        }
+    }
+
+    #[test]
+    fn a_live_lease_of_another_owner_holds_and_an_expired_one_is_taken_over() {
+        let now = 1_000;
+        assert_eq!(judge(None, "me", now), Claim::Fresh { from: None });
+        assert_eq!(
+            judge(Some(&row("running", "other", now + 1)), "me", now),
+            Claim::Held {
+                owner: "other".into(),
+                until_ms: now + 1
+            }
+        );
+        assert_eq!(
+            judge(Some(&row("running", "other", now)), "me", now),
+            Claim::Fresh {
+                from: Some("other".into())
+            }
+        );
+        assert_eq!(
+            judge(Some(&row("running", "me", now + 50)), "me", now),
+            Claim::Fresh { from: None }
+        );
+    }
+
+    #[test]
+    fn a_decision_is_completed_by_whoever_finds_it_free_and_done_is_final() {
+        let now = 1_000;
+        assert_eq!(
+            judge(Some(&row("decided", "other", now - 1)), "me", now),
+            Claim::Decided(HookResult::Continue)
+        );
+        assert!(matches!(
+            judge(Some(&row("decided", "other", now + 5)), "me", now),
+            Claim::Held { .. }
+        ));
+        assert_eq!(
+            judge(Some(&row("done", "other", now + 5)), "me", now),
+            Claim::Done {
+                run_id: Some(7),
+                result: Some("CONTINUE".into())
+            }
+        );
+    }
+
+    #[test]
+    fn only_a_process_of_this_host_that_is_gone_counts_as_gone() {
+        let me = owner_id(hostname());
+        assert!(!gone_from_this_host(&me));
+        // pid_max is at most 2^22: this pid cannot exist.
+        let dead = format!("{}:{}:0000abcd", hostname(), 1u32 << 23);
+        assert!(gone_from_this_host(&dead));
+        assert!(!gone_from_this_host("other-host:4194305:0000abcd"));
+        assert!(!gone_from_this_host("garbage"));
+    }
+
+    #[test]
+    fn table_names_follow_dynamodb_rules() {
+        assert!(valid_table_name("provision-claims"));
+        assert!(valid_table_name("a.b_c"));
+        assert!(!valid_table_name("ab"));
+        assert!(!valid_table_name("has space"));
+        assert!(!valid_table_name(&"x".repeat(256)));
+    }
+}

@@ -1,0 +1,349 @@
+//! Several ops hosts on one queue, sharing claims in a DynamoDB table (moto serves it): each
+//! lifecycle action's steps run once whatever delivers it twice, and a host that dies
+//! mid-step has its actions taken over by another once its claims' leases expire.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use common::{claims_table, eventually, Aws, Emulator, Provision, Running};
+use serde_json::{json, Value};
+
+const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+const TABLE: &str = "provision-claims";
+
+const WEB_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Name = "web-{instance_id}", Layer = "{layer}" } } ]
+"#;
+
+/// Every claim in the table: token -> (state, owner, lease_until ms).
+async fn claims(db: &aws_sdk_dynamodb::Client) -> BTreeMap<String, (String, String, i64)> {
+    let items = db
+        .scan()
+        .table_name(TABLE)
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default();
+    let s = |i: &std::collections::HashMap<String, AttributeValue>, k: &str| {
+        i.get(k)
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .unwrap_or_default()
+    };
+    items
+        .iter()
+        .map(|i| {
+            let until = i
+                .get("lease_until")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (s(i, "token"), (s(i, "state"), s(i, "owner"), until))
+        })
+        .collect()
+}
+
+/// An ops host: its own config, state.db and logs; claims in the shared table.
+fn host(emu: &Emulator, q: &common::Queue, lease: &str) -> Provision {
+    let p = Provision::new(emu, q, None, WEB_LAYER);
+    p.share_claims(TABLE, lease);
+    p
+}
+
+fn calls(emu: &Emulator, op: &str) -> u64 {
+    emu.calls().get(op).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// A group whose launch hook notifies `hook-target`, and the lifecycle queue the test
+/// feeds from it, with an SNS topic subscribed to the lifecycle queue.
+async fn relayed(emu: &Emulator, group: &str) -> (Aws, common::Queue, common::Queue, String) {
+    let aws = Aws::new(emu).await;
+    let source = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    let topic = aws
+        .sns
+        .create_topic()
+        .name("asg-lifecycle")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn
+        .unwrap();
+    aws.sns
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&q.arn)
+        .send()
+        .await
+        .unwrap();
+    aws.group(group).await;
+    aws.hook(
+        group,
+        "provision-launch",
+        LAUNCH,
+        Some(&source.arn),
+        300,
+        "ABANDON",
+        None,
+    )
+    .await;
+    (aws, source, q, topic)
+}
+
+/// The launch notifications of `n` instances, read off the hook's own queue.
+async fn launches(aws: &Aws, source: &common::Queue, n: usize) -> Vec<String> {
+    let mut bodies = Vec::new();
+    for _ in 0..120 {
+        bodies.extend(
+            aws.drain(source)
+                .await
+                .into_iter()
+                .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
+        );
+        if bodies.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(bodies.len(), n);
+    bodies
+}
+
+fn stop(mut d: Running) -> String {
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(60)), 0, "{}", d.log());
+    d.log()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_work_each_doubly_delivered_launch_once() {
+    let emu = Emulator::start();
+    let (aws, source, q, topic) = relayed(&emu, "web-fleet").await;
+    let db = claims_table(&aws, TABLE).await;
+    aws.scale("web-fleet", 40).await;
+    // Every launch twice: straight from the hook and through SNS (as when both a hook
+    // target and an EventBridge rule or a second subscription deliver).
+    for body in launches(&aws, &source, 40).await {
+        aws.send(&q, &body).await;
+        aws.sns
+            .publish()
+            .topic_arn(&topic)
+            .message(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    // Slow steps, so the two copies of an action are in two hosts' hands at once.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 1}));
+    let (a, b) = (host(&emu, &q, "6s"), host(&emu, &q, "6s"));
+    let (da, db_) = (a.daemon(), b.daemon());
+    eventually(
+        "all 40 actions to finish",
+        Duration::from_secs(240),
+        || async { (emu.finished_actions().len() == 40).then_some(()) },
+    )
+    .await;
+    // The duplicates still held by a host come back done and are deleted.
+    eventually("the queue to drain", Duration::from_secs(60), || async {
+        (aws.approximate_messages(&q).await == (0, 0)).then_some(())
+    })
+    .await;
+    let logs = [stop(da), stop(db_)];
+
+    for act in emu.finished_actions() {
+        assert_eq!(act["finished_by"], "complete", "{act}");
+        assert_eq!(act["result"], "CONTINUE", "{act}");
+        assert_eq!(act["completions"], 1, "completed once: {act}");
+    }
+    assert_eq!(
+        calls(&emu, "ec2:CreateTags"),
+        40,
+        "each action's steps ran once"
+    );
+    let instances = aws.instances("web-fleet").await;
+    assert_eq!(instances.len(), 40);
+    assert!(
+        instances.iter().all(|(_, s)| s == "InService"),
+        "{instances:?}"
+    );
+
+    // 80 deliveries: 40 worked, 40 acknowledged as duplicates, spread over the two hosts.
+    let runs: Vec<_> = a.history().into_iter().chain(b.history()).collect();
+    let count = |o: &str| runs.iter().filter(|r| r.outcome == o).count();
+    assert_eq!(count("succeeded"), 40, "{runs:?}");
+    assert_eq!(count("duplicate"), 40, "{runs:?}");
+    let worked: BTreeSet<_> = runs
+        .iter()
+        .filter(|r| r.outcome == "succeeded")
+        .filter_map(|r| r.instance_id.clone())
+        .collect();
+    assert_eq!(worked.len(), 40, "no instance was worked twice");
+    let table = claims(&db).await;
+    assert_eq!(table.len(), 40);
+    assert!(
+        table.values().all(|(state, _, _)| state == "done"),
+        "{table:?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("another owner works this lifecycle action")),
+        "a duplicate waited for the other host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
+    let emu = Emulator::start();
+    let (aws, q) = common::launch_group(&emu, "web-kill", 300, None).await;
+    let db = claims_table(&aws, TABLE).await;
+    aws.scale("web-kill", 4).await;
+    // Every CreateTags takes 3 s, so the kill lands while steps are running.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
+    let (a, b) = (host(&emu, &q, "10s"), host(&emu, &q, "10s"));
+    // Short visibility: the dead host's messages come back well before its leases expire.
+    for p in [&a, &b] {
+        p.edit_config(
+            "visibility_timeout = \"30s\"",
+            "visibility_timeout = \"2s\"",
+        );
+    }
+    let mut first = a.daemon();
+    eventually("four running claims", Duration::from_secs(60), || async {
+        let t = claims(&db).await;
+        (t.len() == 4 && calls(&emu, "ec2:CreateTags") >= 1).then_some(())
+    })
+    .await;
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    let held = claims(&db).await;
+    emu.control("DELETE", "/_emulator/faults", None);
+
+    let second = b.daemon();
+    eventually(
+        "all four actions to finish",
+        Duration::from_secs(90),
+        || async { (emu.finished_actions().len() == 4).then_some(()) },
+    )
+    .await;
+    eventually("the queue to drain", Duration::from_secs(30), || async {
+        (aws.approximate_messages(&q).await == (0, 0)).then_some(())
+    })
+    .await;
+    let log = stop(second);
+
+    for act in emu.finished_actions() {
+        assert_eq!(act["result"], "CONTINUE", "{act}");
+        assert_eq!(act["completions"], 1, "{act}");
+    }
+    assert!(
+        log.contains("took over a claim whose lease expired"),
+        "{log}"
+    );
+    assert!(
+        log.contains("another owner works this lifecycle action"),
+        "{log}"
+    );
+    // Taken over only after the dead host's leases: no step of the second host started
+    // before the earliest lease it found had expired.
+    let expired_at = held
+        .values()
+        .filter(|(state, _, _)| state == "running")
+        .map(|(_, _, until)| *until)
+        .min()
+        .expect("the dead host held running claims");
+    for run in b.history().iter().filter(|r| r.outcome == "succeeded") {
+        for step in &run.steps {
+            assert!(
+                step.started_at >= expired_at,
+                "{:?}: a step started at {}, before the dead host's lease ran out at {expired_at}",
+                run.instance_id,
+                step.started_at
+            );
+        }
+    }
+    let table = claims(&db).await;
+    assert!(
+        table.values().all(|(state, _, _)| state == "done"),
+        "{table:?}"
+    );
+    let instances = aws.instances("web-kill").await;
+    assert_eq!(instances.len(), 4);
+    assert!(
+        instances.iter().all(|(_, s)| s == "InService"),
+        "{instances:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_looks_at_the_claims_table() {
+    let emu = Emulator::start();
+    let (aws, q) = common::launch_group(&emu, "web-chk", 300, None).await;
+    let p = host(&emu, &q, "60s");
+
+    let out = p.output(&["check", "--aws"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("problem: state.claims_table: DescribeTable") && text.contains(TABLE),
+        "{text}"
+    );
+
+    claims_table(&aws, TABLE).await;
+    let out = p.output(&["check", "--aws"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "state.claims_table: {TABLE} is active, keyed by token, old claims expire"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_message_leaves_no_claim_in_the_shared_table() {
+    let emu = Emulator::start();
+    let (aws, q) = common::launch_group(&emu, "web-forge", 300, None).await;
+    let db = claims_table(&aws, TABLE).await;
+    aws.scale("web-forge", 1).await;
+    let p = host(&emu, &q, "60s");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let instances = aws.instances("web-forge").await;
+    assert_eq!(instances[0].1, "InService", "{log}");
+
+    // A launch for the instance already in service, with a made-up token.
+    let forged_token = "0badc0de-0000-4000-8000-000000000000";
+    let body = json!({
+        "Origin": "EC2", "Destination": "AutoScalingGroup",
+        "LifecycleTransition": LAUNCH, "AutoScalingGroupName": "web-forge",
+        "LifecycleHookName": "provision-launch", "EC2InstanceId": instances[0].0,
+        "LifecycleActionToken": forged_token, "Service": "AWS Auto Scaling",
+        "Time": "2026-01-01T00:00:00.000Z", "AccountId": "123456789012",
+    });
+    aws.send(&q, &body.to_string()).await;
+    let tags_before = calls(&emu, "ec2:CreateTags");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(calls(&emu, "ec2:CreateTags"), tags_before, "nothing ran");
+    assert!(
+        p.history().iter().any(|r| r.outcome == "rejected"
+            && r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("forged or stale"))),
+        "{log}"
+    );
+    // Its claim was taken for the verification and released after it: only the genuine
+    // action's claim is left.
+    let table = claims(&db).await;
+    assert!(!table.contains_key(forged_token), "{table:?}");
+    assert_eq!(table.len(), 1, "{table:?}");
+    assert!(calls(&emu, "dynamodb:DeleteItem") >= 1);
+}
