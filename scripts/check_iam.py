@@ -311,6 +311,8 @@ def self_test() -> int:
                 "autoscaling:DescribeAutoScalingGroups", "sns:GetTopicAttributes",
                 "dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
                 "dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive",
+                "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
+                "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",
