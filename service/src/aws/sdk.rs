@@ -355,40 +355,51 @@ impl Hooks for AutoScalingHooks {
     }
 
     async fn warm_pool(&self, group: &str) -> Result<Option<super::WarmPool>, AwsError> {
-        let out = self
-            .client
-            .describe_warm_pool()
-            .auto_scaling_group_name(group)
-            .send()
-            .await
-            .map_err(|e| classify("autoscaling:DescribeWarmPool", e))?;
-        let Some(c) = out.warm_pool_configuration() else {
-            return Ok(None);
-        };
-        Ok(Some(super::WarmPool {
-            min_size: c.min_size().unwrap_or(0),
-            max_group_prepared_capacity: c.max_group_prepared_capacity().filter(|&m| m >= 0),
-            pool_state: c
-                .pool_state()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_else(|| "Stopped".into()),
-            reuse_on_scale_in: c
-                .instance_reuse_policy()
-                .and_then(|p| p.reuse_on_scale_in())
-                .unwrap_or(false),
-            instances: out
-                .instances()
-                .iter()
-                .map(|i| Membership {
+        let mut pool: Option<super::WarmPool> = None;
+        let mut token: Option<String> = None;
+        // Every page (MaxRecords is at most 100), bounded.
+        for _ in 0..100 {
+            let out = self
+                .client
+                .describe_warm_pool()
+                .auto_scaling_group_name(group)
+                .max_records(100)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("autoscaling:DescribeWarmPool", e))?;
+            let Some(c) = out.warm_pool_configuration() else {
+                return Ok(None);
+            };
+            let p = pool.get_or_insert_with(|| super::WarmPool {
+                min_size: c.min_size().unwrap_or(0),
+                max_group_prepared_capacity: c.max_group_prepared_capacity().filter(|&m| m >= 0),
+                pool_state: c
+                    .pool_state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|| "Stopped".into()),
+                reuse_on_scale_in: c
+                    .instance_reuse_policy()
+                    .and_then(|p| p.reuse_on_scale_in())
+                    .unwrap_or(false),
+                instances: Vec::new(),
+            });
+            p.instances.extend(out.instances().iter().map(|i| {
+                Membership {
                     instance_id: i.instance_id().unwrap_or_default().to_string(),
                     group: group.to_string(),
                     state: i
                         .lifecycle_state()
                         .map(|s| s.as_str().to_string())
                         .unwrap_or_default(),
-                })
-                .collect(),
-        }))
+                }
+            }));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(pool)
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError> {
