@@ -136,23 +136,7 @@ async fn launches_through_sns_are_handled() {
     let emu = Emulator::start();
     let aws = Aws::new(&emu).await;
     let q = aws.queue("lifecycle").await;
-    let topic = aws
-        .sns
-        .create_topic()
-        .name("asg-lifecycle")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn
-        .unwrap();
-    aws.sns
-        .subscribe()
-        .topic_arn(&topic)
-        .protocol("sqs")
-        .endpoint(&q.arn)
-        .send()
-        .await
-        .unwrap();
+    let topic = aws.topic_into("asg-lifecycle", &q).await;
     aws.group("web-sns").await;
     aws.hook(
         "web-sns",

@@ -66,23 +66,7 @@ async fn relayed(emu: &Emulator, group: &str) -> (Aws, common::Queue, common::Qu
     let aws = Aws::new(emu).await;
     let source = aws.queue("hook-target").await;
     let q = aws.queue("lifecycle").await;
-    let topic = aws
-        .sns
-        .create_topic()
-        .name("asg-lifecycle")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn
-        .unwrap();
-    aws.sns
-        .subscribe()
-        .topic_arn(&topic)
-        .protocol("sqs")
-        .endpoint(&q.arn)
-        .send()
-        .await
-        .unwrap();
+    let topic = aws.topic_into("asg-lifecycle", &q).await;
     aws.group(group).await;
     aws.hook(
         group,

@@ -306,6 +306,12 @@ impl Aws {
 
     /// A topic and a queue subscribed to it (envelope delivery, as AWS does by default).
     pub async fn topic_with_queue(&self, name: &str) -> (String, Queue) {
+        let q = self.queue(&format!("{name}-sub")).await;
+        (self.topic_into(name, &q).await, q)
+    }
+
+    /// A topic delivering into `q` (envelope delivery, as AWS does by default).
+    pub async fn topic_into(&self, name: &str, q: &Queue) -> String {
         let arn = self
             .sns
             .create_topic()
@@ -315,7 +321,6 @@ impl Aws {
             .unwrap()
             .topic_arn
             .unwrap();
-        let q = self.queue(&format!("{name}-sub")).await;
         self.sns
             .subscribe()
             .topic_arn(&arn)
@@ -324,7 +329,7 @@ impl Aws {
             .send()
             .await
             .unwrap();
-        (arn, q)
+        arn
     }
 
     /// Bodies of all messages in a queue, deleting them (bounded number of receives).
