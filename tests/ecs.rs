@@ -141,11 +141,7 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
 
-    let run = p
-        .history()
-        .into_iter()
-        .find(|r| r.instance_id.as_deref() == Some(leaving.as_str()))
-        .expect("a terminate run");
+    let run = p.last_run(leaving, "terminate");
     assert_eq!(run.outcome, "succeeded", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
     let detail = run.steps[0].detail.clone().unwrap_or_default();
@@ -209,11 +205,7 @@ async fn a_drain_that_cannot_finish_fails_with_the_tasks_left() {
     let p = Provision::new(&emu, &q, None, &layer("3s"));
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
-    let run = p
-        .history()
-        .into_iter()
-        .find(|r| r.instance_id.as_deref() == Some(leaving.as_str()))
-        .expect("a terminate run");
+    let run = p.last_run(leaving, "terminate");
     assert_eq!(run.outcome, "failed", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
     let error = run.error.unwrap_or_default();

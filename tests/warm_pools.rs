@@ -201,13 +201,7 @@ async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
     );
     worker(&p);
 
-    let run = p
-        .history()
-        .into_iter()
-        .find(|r| {
-            r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate")
-        })
-        .expect("a run for the return to the pool");
+    let run = p.last_run(&id, "terminate");
     assert_eq!(run.outcome, "succeeded", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
     assert_eq!(
@@ -250,13 +244,7 @@ async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
 
     // The ssm step would wait 10 minutes for an agent; the worker is bounded at 2.
     worker(&p);
-    let run = p
-        .history()
-        .into_iter()
-        .find(|r| {
-            r.instance_id.as_deref() == Some(&id) && r.transition.as_deref() == Some("terminate")
-        })
-        .expect("a terminate run");
+    let run = p.last_run(&id, "terminate");
     assert_eq!(run.outcome, "failed", "{run:?}");
     assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
     let error = run.error.clone().unwrap_or_default();

@@ -778,6 +778,17 @@ impl Provision {
         output_within(&mut self.command(args), Duration::from_secs(180))
     }
 
+    /// The latest run for `instance` with `transition` ("launch", "terminate").
+    pub fn last_run(&self, instance: &str, transition: &str) -> provision::store::RunRow {
+        self.history()
+            .into_iter()
+            .find(|r| {
+                r.instance_id.as_deref() == Some(instance)
+                    && r.transition.as_deref() == Some(transition)
+            })
+            .unwrap_or_else(|| panic!("no {transition} run for {instance}"))
+    }
+
     pub fn history(&self) -> Vec<provision::store::RunRow> {
         provision::store::Store::open(&self.state)
             .unwrap()
