@@ -39,7 +39,7 @@ impl Pipeline {
                 info!(%reason, "lifecycle action was already finished (by another worker or its timeout)");
                 Completed::Final(Completion::AlreadyFinished)
             }
-            Err(e) if e.retryable => Completed::Transient(e),
+            Err(e) if e.retryable() => Completed::Transient(e),
             Err(e) => Completed::Permanent(e),
         }
     }
