@@ -14,7 +14,7 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Schema migrations; `MIGRATIONS[i]` takes a database from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1_TABLES, V2_ACTIONS_BY_TIME];
+pub const MIGRATIONS: &[&str] = &[V1_TABLES, V2_ACTIONS_BY_TIME, V3_RUN_DECISION];
 
 /// The schema version this release writes.
 pub const LATEST: u32 = MIGRATIONS.len() as u32;
@@ -67,6 +67,14 @@ CREATE TABLE IF NOT EXISTS actions (
 /// whole table without this index.
 const V2_ACTIONS_BY_TIME: &str = r#"
 CREATE INDEX actions_by_time ON actions(updated_at);
+"#;
+
+/// Version 3: a run's decision (the result it sent, or tried to: CONTINUE | ABANDON) and
+/// its cause, apart from what completing came to (`hook_result`, which may be
+/// `timed-out`).
+const V3_RUN_DECISION: &str = r#"
+ALTER TABLE runs ADD COLUMN decision TEXT;
+ALTER TABLE runs ADD COLUMN cause TEXT;
 "#;
 
 /// The columns of migration 1's tables, in order: what an unversioned database must have to

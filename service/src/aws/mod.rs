@@ -148,6 +148,8 @@ fn class_of_code(code: &str) -> Option<ErrorClass> {
         | "ServiceUnavailableException"
         | "Unavailable" => ErrorClass::Server,
         "RequestTimeout" | "RequestTimeoutException" => ErrorClass::Timeout,
+        // SQS: a receipt that is stale, or a message no longer in flight.
+        "ReceiptHandleIsInvalid" | "MessageNotInflight" => ErrorClass::Validation,
         "AccessDenied"
         | "AccessDeniedException"
         | "UnauthorizedOperation"
@@ -454,6 +456,10 @@ mod tests {
         assert_eq!(of(400, Some("ValidationError")), Validation);
         assert_eq!(of(400, Some("InvalidParameterValue")), Validation);
         assert_eq!(of(400, Some("MissingParameter")), Validation);
+        assert_eq!(
+            ErrorClass::of(None, Some("ReceiptHandleIsInvalid")),
+            Validation
+        );
         assert!(!Validation.is_transient());
         assert_eq!(Validation.as_str(), "permanent: invalid request");
     }

@@ -237,7 +237,7 @@ impl Pipeline {
     async fn work(&self, job: &Job, lease: &Lease, cancel: &CancellationToken) -> RunReport {
         let mut run = RunReport::new(&job.event, &self.host);
         let Some(layer) = self.layer_for(job) else {
-            return self.unmatched(job, run).await;
+            return self.unmatched(job, lease, cancel, run).await;
         };
         tracing::Span::current().record("layer", layer.name.as_str());
         run.layer = Some(layer.name.clone());
@@ -262,7 +262,9 @@ impl Pipeline {
                 return self.finish(run.ended(Outcome::Duplicate)).await;
             }
             Claim::Decided(result) => {
-                info!(%result, "steps already ran for this action; completing it");
+                info!(%result, "steps already ran for this action; completing their decision");
+                self.heartbeat(job, lease).await;
+                self.earlier_decision(job, result, &mut run).await;
                 result
             }
             Claim::Fresh => {
@@ -283,13 +285,9 @@ impl Pipeline {
                 }
             }
         };
-        self.decided(job, result).await;
-        run.outcome = if run.outcome == Outcome::Failed {
-            Outcome::Failed
-        } else {
-            Outcome::Succeeded
-        };
-        self.end_action(job, result, lease, run).await
+        run.decide(result);
+        self.decided(job, &run).await;
+        self.end_action(job, result, lease, cancel, run).await
     }
 
     /// For a job from a message: Auto Scaling's confirmation, and the job with the hook's
@@ -344,9 +342,10 @@ impl Pipeline {
         self.finish(run).await
     }
 
-    /// The steps are over with `result`: remember it before completing, so a crash now
-    /// only leaves the completion to do.
-    async fn decided(&self, job: &Job, result: HookResult) {
+    /// The steps are over with the run's decision: remember it (and, in the run's row, its
+    /// cause) before completing, so a crash now only leaves the completion to do.
+    async fn decided(&self, job: &Job, run: &RunReport) {
+        let Some(result) = run.decision else { return };
         // The instance is going away (its terminate action, or an ABANDONed launch, is about
         // to be completed): forget its host keys. A run that completes nothing leaves the
         // instance as it is, and its keys with it.
@@ -360,6 +359,37 @@ impl Pipeline {
         if let Err(e) = self.store.decide(&job.event.token, result).await {
             warn!(error = %e, "could not record the decision; completing anyway");
         }
+        if let Some(run_id) = run.run_id {
+            let cause = run.cause.as_deref().unwrap_or_default();
+            if let Err(e) = self.store.note_decision(run_id, result, cause).await {
+                warn!(error = %e, "could not record the decision's cause");
+            }
+        }
+    }
+
+    /// A redelivery of an action whose steps already ran: the run reports the decision
+    /// recorded then, and its cause, not steps of its own.
+    async fn earlier_decision(&self, job: &Job, result: HookResult, run: &mut RunReport) {
+        let earlier = match self.store.decision_of(&job.event.token).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "cannot read the earlier run's decision");
+                None
+            }
+        };
+        let (run_id, cause) = earlier.unwrap_or_default();
+        let from = if run_id > 0 {
+            format!("decided by run {run_id}")
+        } else {
+            "decided by an earlier delivery".to_string()
+        };
+        run.cause = Some(match cause {
+            Some(c) if !c.is_empty() => format!("{from}: {c}"),
+            _ => from,
+        });
+        if result == HookResult::Abandon {
+            run.outcome = Outcome::Failed;
+        }
     }
 
     /// Completes the action with `result` (or deliberately does not), records the end.
@@ -368,6 +398,7 @@ impl Pipeline {
         job: &Job,
         result: HookResult,
         lease: &Lease,
+        cancel: &CancellationToken,
         mut run: RunReport,
     ) -> RunReport {
         let Some(action) = job.completing() else {
@@ -376,21 +407,32 @@ impl Pipeline {
             self.done(&job.event.token, Completion::NotCompleted).await;
             return self.finish(run).await;
         };
-        // Completion runs to its end even during shutdown: it is bounded by aws.retry_for.
-        let completed = self.complete(action, result).await;
+        let completed = self.complete(job, action, result, lease, cancel).await;
         run.heartbeats = lease.heartbeats();
         match completed {
             Completed::Final(c) => run.hook_result = Some(c),
             Completed::Transient(e) => {
-                warn!(error = %e, "could not complete the lifecycle action; the message will come back");
+                // Shutdown: back at once, its decision kept for the next delivery.
+                let outcome = if cancel.is_cancelled() {
+                    Outcome::Released
+                } else {
+                    Outcome::Retry
+                };
+                warn!(error = %e, %outcome, "could not complete the lifecycle action; the message will come back");
                 run.error = Some(e.to_string());
-                return self.finish(run.ended(Outcome::Retry)).await;
+                return self.finish(run.ended(outcome)).await;
             }
             Completed::Permanent(e) => {
                 warn!(error = %e, "completing the lifecycle action failed permanently");
                 run.error = Some(e.to_string());
                 run.outcome = Outcome::HookError;
             }
+        }
+        if run.hook_result == Some(Completion::TimedOut) {
+            run.outcome = Outcome::Failed;
+            run.error.get_or_insert_with(|| {
+                "the lifecycle action timed out before it was completed; Auto Scaling applied the hook's DefaultResult".to_string()
+            });
         }
         self.done(
             &job.event.token,
@@ -401,11 +443,19 @@ impl Pipeline {
     }
 
     /// No layer matches: record it, and complete the action if `daemon.unmatched` says so.
-    async fn unmatched(&self, job: &Job, mut run: RunReport) -> RunReport {
+    async fn unmatched(
+        &self,
+        job: &Job,
+        lease: &Lease,
+        cancel: &CancellationToken,
+        mut run: RunReport,
+    ) -> RunReport {
         run.outcome = Outcome::Unmatched;
         match (self.cfg.daemon.unmatched, job.completing()) {
             (Unmatched::Complete(result), Some(action)) => {
-                match self.complete(action, result).await {
+                run.decision = Some(result);
+                run.cause = Some("no layer matches the group (daemon.unmatched)".to_string());
+                match self.complete(job, action, result, lease, cancel).await {
                     Completed::Final(c) => run.hook_result = Some(c),
                     Completed::Transient(e) => {
                         run.error = Some(e.to_string());

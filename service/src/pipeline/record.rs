@@ -12,7 +12,7 @@ use super::{Job, Pipeline};
 use crate::aws::Message;
 use crate::clock::{now_ms, rfc3339};
 use crate::event::LifecycleEvent;
-use crate::outcome::{Completion, Outcome, StepOutcome};
+use crate::outcome::{Completion, HookResult, Outcome, StepOutcome};
 use crate::store::{NewRun, RunEnd, StoreError};
 
 /// How long a rejected message's body may be in the history.
@@ -30,8 +30,13 @@ pub struct RunReport {
     pub transition: &'static str,
     pub layer: Option<String>,
     pub outcome: Outcome,
-    /// CONTINUE | ABANDON | already-finished | null (hook not completed)
+    /// What completing came to: CONTINUE | ABANDON (accepted) | already-finished |
+    /// timed-out (Auto Scaling applied the DefaultResult) | error | null (not completed).
     pub hook_result: Option<Completion>,
+    /// The result this run decided on and sent (or tried to): CONTINUE | ABANDON.
+    pub decision: Option<HookResult>,
+    /// Why that decision: every step succeeded, which step failed, an earlier run's.
+    pub cause: Option<String>,
     pub error: Option<String>,
     /// Something worth knowing about a run that went well (its metadata differed, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +69,8 @@ impl RunReport {
             layer: None,
             outcome: Outcome::Running,
             hook_result: None,
+            decision: None,
+            cause: None,
             error: None,
             note: None,
             steps: Vec::new(),
@@ -71,6 +78,22 @@ impl RunReport {
             started_at: rfc3339(now_ms()),
             finished_at: String::new(),
             host: host.to_string(),
+        }
+    }
+
+    /// The steps are over with `result`: the run's decision, its cause and its outcome
+    /// (failed when a step failed, whatever the layer's failure result).
+    pub(super) fn decide(&mut self, result: HookResult) {
+        self.decision = Some(result);
+        if self.cause.is_none() {
+            self.cause = Some(match (&self.error, self.steps.len()) {
+                (Some(e), _) => format!("{e} (the layer's on_failure: {result})"),
+                (None, 0) => "the layer has no steps for this transition".to_string(),
+                (None, n) => format!("every step succeeded ({n})"),
+            });
+        }
+        if self.outcome != Outcome::Failed {
+            self.outcome = Outcome::Succeeded;
         }
     }
 
@@ -170,6 +193,8 @@ impl Pipeline {
             let end = RunEnd {
                 outcome: run.outcome,
                 hook_result: run.hook_result.map(Completion::as_str),
+                decision: run.decision,
+                cause: run.cause.as_deref(),
                 heartbeats: run.heartbeats,
                 error: run.error.as_deref().or(run.note.as_deref()),
                 unpublished: unpublished.as_deref(),
