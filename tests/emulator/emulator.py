@@ -921,7 +921,9 @@ def _bare_error_response(kind: str) -> tuple[str, list, bytes] | None:
 
 
 def _reset_connection(environ: dict[str, Any]) -> None:
-    """Drops the client's connection with a TCP RST (SO_LINGER 0), answering nothing."""
+    """Drops the client's connection, answering nothing: shut down at once (the request
+    handler still holds the socket, so a close would wait for it), and with SO_LINGER 0 so
+    that its close ends in a TCP RST."""
     import socket
     import struct
 
@@ -930,7 +932,7 @@ def _reset_connection(environ: dict[str, Any]) -> None:
         return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 

@@ -81,7 +81,7 @@ impl Pipeline {
     }
 
     /// Until when the action can still be completed: its start plus AWS's global timeout.
-    async fn completable_until(&self, job: &Job) -> SystemTime {
+    pub(super) async fn completable_until(&self, job: &Job) -> SystemTime {
         let now = SystemTime::now();
         let limit = match self.hook_info(&job.event.group, &job.event.hook).await {
             Some(info) => (info.heartbeat_timeout * 100).min(GLOBAL_TIMEOUT_MAX),
@@ -119,7 +119,7 @@ impl Pipeline {
 
 /// The pause before round `round` (1, 2, ...): grows from a quarter of `aws.retry_for`
 /// up to [`MAX_ROUND_DELAY`], half of it jittered.
-fn round_delay(round: u32, retry_for: Duration) -> Duration {
+pub(super) fn round_delay(round: u32, retry_for: Duration) -> Duration {
     let base = (retry_for / 4).max(Duration::from_millis(250));
     let ceiling = base
         .saturating_mul(1u32 << round.min(16))

@@ -271,7 +271,7 @@ impl Pipeline {
                 // Heartbeats first: a backlogged action may be close to its timeout. (A forged
                 // token's heartbeat only earns a "no active action".)
                 self.heartbeat(job, lease).await;
-                let verified = match self.genuine(job, &mut run).await {
+                let verified = match self.genuine(job, &mut run, cancel).await {
                     Ok(job) => job,
                     Err(outcome) => return self.unclaim(job, lease, run.ended(outcome)).await,
                 };
@@ -292,11 +292,35 @@ impl Pipeline {
 
     /// For a job from a message: Auto Scaling's confirmation, and the job with the hook's
     /// metadata (None: the job as it is). The outcome to end with when it is not genuine.
-    async fn genuine(&self, job: &Job, run: &mut RunReport) -> Result<Option<Job>, Outcome> {
+    /// A transient failure to ask keeps the message in flight and asks again with growing
+    /// backoff (while the action can be completed); shutdown releases it.
+    async fn genuine(
+        &self,
+        job: &Job,
+        run: &mut RunReport,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Job>, Outcome> {
         if !job.verify {
             return Ok(None);
         }
-        match self.verify(&job.event).await {
+        let until = self.completable_until(job).await;
+        let mut round = 0;
+        let answer = loop {
+            match self.verify(&job.event).await {
+                Err(e) if e.retryable() && std::time::SystemTime::now() < until => {
+                    round += 1;
+                    let delay = complete::round_delay(round, self.cfg.aws.retry_for);
+                    warn!(error = %e, round, next_in = ?delay,
+                        "cannot verify the lifecycle action yet; the message stays in flight");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => break Err(e),
+                    }
+                }
+                other => break other,
+            }
+        };
+        match answer {
             Ok(Verdict::Genuine { metadata, note }) => {
                 run.note = note;
                 let mut verified = job.clone();
@@ -311,7 +335,11 @@ impl Pipeline {
             Err(e) => {
                 warn!(error = %e, "cannot verify the lifecycle action with Auto Scaling; the message will come back");
                 run.error = Some(format!("cannot verify the lifecycle action: {e}"));
-                Err(Outcome::Retry)
+                Err(if cancel.is_cancelled() {
+                    Outcome::Released
+                } else {
+                    Outcome::Retry
+                })
             }
         }
     }
