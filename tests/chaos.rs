@@ -307,17 +307,11 @@ async fn a_permanent_error_is_named_and_ends_the_run() {
         .into_iter()
         .find(|r| r.instance_id.is_some())
         .unwrap();
-    // Either the completion was refused (hook-error) or the action went with its hook.
-    assert!(
-        ["hook-error", "failed"].contains(&run.outcome.as_str()),
-        "{run:?}"
-    );
-    if run.outcome == "hook-error" {
-        assert!(
-            run.error.as_deref().unwrap().contains("permanent"),
-            "{run:?}"
-        );
-    }
+    // Refused for good, and said so: not retried, not taken for success.
+    assert_eq!(run.outcome, "hook-error", "{run:?}");
+    let error = run.error.as_deref().unwrap();
+    assert!(error.contains("(permanent: invalid request)"), "{error}");
+    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 1);
     assert_eq!(w.aws.approximate_messages(&w.dlq).await, (0, 0));
 }
 

@@ -88,7 +88,7 @@ impl InstanceId {
     pub fn parse(s: &str) -> Result<Self, Reject> {
         let hex = s
             .strip_prefix("i-")
-            .ok_or_else(|| Reject::BadInstanceId(s.to_string()))?;
+            .ok_or_else(|| Reject::BadInstanceId(truncate(s, 64)))?;
         let ok = (8..=17).contains(&hex.len())
             && hex
                 .bytes()

@@ -120,10 +120,17 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            crate::secret::create_private_dir(dir).map_err(|source| StoreError::Dir {
                 path: dir.display().to_string(),
                 source,
             })?;
+        }
+        // 0600 from the start (SQLite gives its -wal and -shm files the same mode).
+        if let Err(source) = crate::secret::create_private_file(path) {
+            return Err(StoreError::Dir {
+                path: path.display().to_string(),
+                source,
+            });
         }
         let conn = Connection::open(path)?;
         Self::init(conn, &path.display().to_string())

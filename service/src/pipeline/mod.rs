@@ -42,7 +42,7 @@ use crate::step::Shared;
 use crate::store::{Claim, Store};
 use crate::template::Context;
 
-pub use record::{RunReport, StepReport};
+pub use record::{printable, RunReport, StepReport};
 pub use steps::Progress;
 
 use claim::Working;

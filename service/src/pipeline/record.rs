@@ -115,6 +115,28 @@ pub(crate) fn clip(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+/// Text from an instance (step output, errors quoting it) made safe for a terminal:
+/// control characters (ESC and the rest of C0 and C1, newlines included) and bidi
+/// overrides are shown escaped (`\u{1b}`, `\n`) instead of acting on the screen.
+pub fn printable(s: &str) -> String {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.contains(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Pipeline {
     /// The first row of a worked run (outcome `running` until [`Pipeline::finish`]).
     pub(super) async fn open_run(&self, job: &Job, layer: Option<&str>) -> Result<i64, StoreError> {
@@ -234,5 +256,22 @@ impl Pipeline {
             info!(sent, "published result events from the outbox");
         }
         sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn terminal_escapes_from_instances_are_shown_not_obeyed() {
+        assert_eq!(printable("plain\ttext é"), "plain\ttext é");
+        assert_eq!(
+            printable("\x1b]0;owned\x07\x1b[2Jok"),
+            "\\u{1b}]0;owned\\u{7}\\u{1b}[2Jok"
+        );
+        assert_eq!(printable("a\nb\r"), "a\\nb\\r");
+        assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(printable("abc\u{202E}fed"), "abc\\u{202e}fed");
     }
 }

@@ -7,6 +7,7 @@
 //! batching) nor how the callback's document becomes per-host results (see `results`).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -55,7 +56,7 @@ impl Runner {
         state_dir: &Path,
     ) -> std::io::Result<Arc<Runner>> {
         let log_dir = state_dir.join("ansible-logs");
-        std::fs::create_dir_all(&log_dir)?;
+        crate::secret::create_private_dir(&log_dir)?;
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
@@ -345,7 +346,13 @@ impl Runner {
             text.truncate(cut);
             text.push_str("\n[log truncated at ansible.log_max_bytes]\n");
         }
-        if let Err(e) = std::fs::write(&path, text) {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+        if let Err(e) = written {
             warn!(error = %e, path = %path.display(), "cannot write the ansible log");
         }
         self.prune_logs();
