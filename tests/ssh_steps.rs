@@ -765,6 +765,97 @@ launch = [ { ssh = [
     }
 }
 
+/// `provision worker` to its end, with its peak resident set size (from wait4's rusage).
+// The child is reaped by wait4 (for its rusage), which std's Child cannot see.
+#[allow(clippy::zombie_processes)]
+fn worker_peak_rss(p: &Provision, timeout: Duration) -> (i32, String, u64) {
+    let log = p.dir.join(format!("worker-{}.log", fastrand::u32(..)));
+    let mut child = p
+        .command(&["worker"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: wait4 on our own child, with a zeroed rusage to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                -1
+            };
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // ru_maxrss is in KiB on Linux.
+            return (code, text, usage.ru_maxrss as u64 * 1024);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("provision worker did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output from an instance cannot take the worker's memory: an `ssh` step printing 400 MB
+/// leaves the worker's peak RSS far below that (head and tail are kept, the rest counted),
+/// and a script larger than the pipes sent on stdin to a command that prints while it reads
+/// does not deadlock (stdin is written while the output is read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_output_is_bounded_and_a_large_script_does_not_deadlock() {
+    let w = World::new("app-flood", 300, None).await;
+    let hosts = w.launch("app-flood", 1, |net, ip| net.host(ip)).await;
+    let id = hosts[0].0.as_str();
+    let script = w.sim_root.join("chatty.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "head -c 20000000 /dev/zero | tr '\\0' y\n{}echo done > {}/done\n",
+            "# padding to make the script larger than any pipe buffer\n".repeat(100_000),
+            w.dir(id).display()
+        ),
+    )
+    .unwrap();
+    let p = w.provision(&format!(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [
+  {{ ssh = ["echo first-line; head -c 400000000 /dev/zero | tr '\\0' x; echo; echo the-end"] }},
+  {{ ssh = {{ script = "{}" }}, timeout = "5m" }},
+]
+"#,
+        script.display()
+    ));
+    let (code, log, peak) = worker_peak_rss(&p, Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    eprintln!(
+        "provision worker peak RSS with a 400 MB ssh output: {} MiB",
+        peak >> 20
+    );
+    assert_eq!(
+        results_by_instance(&w.emu)[id]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, id)
+    );
+    assert!(peak < 128 << 20, "peak RSS {} MiB", peak >> 20);
+    assert!(w.dir(id).join("done").exists(), "the whole script ran");
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(id))
+        .unwrap();
+    let flood = run.steps[0].detail.as_deref().unwrap();
+    assert!(flood.contains("(400000020 bytes of output)"), "{flood}");
+    assert!(flood.contains("the-end"), "the tail is kept: {flood}");
+}
+
 /// The step's `timeout` bounds the commands once the instance is reached, not the wait for
 /// it: a command still running at the deadline fails its instance with that reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

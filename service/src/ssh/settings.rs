@@ -27,6 +27,9 @@ pub struct SshSettings {
     pub ready_timeout: Duration,
     pub address: AddressMode,
     pub host_key_check: HostKeyCheck,
+    /// How much of an `ssh` step's stdout (and as much of its stderr) is kept in memory:
+    /// its head and its tail; the rest is counted and left out.
+    pub output_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +75,7 @@ impl Default for SshSettings {
             ready_timeout: Duration::from_secs(300),
             address: AddressMode::PrivateIp,
             host_key_check: HostKeyCheck::Console,
+            output_max_bytes: 4 << 20,
         }
     }
 }
@@ -209,6 +213,11 @@ impl SshSettings {
             ready_timeout: f.timeout("ready_timeout", "30s").unwrap_or(d.ready_timeout),
             address: f.with("address", address).unwrap_or(d.address),
             host_key_check: host_key_check(&mut f),
+            output_max_bytes: f.int(
+                "output_max_bytes",
+                4096..=1 << 30,
+                d.output_max_bytes as i64,
+            ) as usize,
         };
         if s.jump_known_hosts.is_some() && s.jump_host.is_none() {
             f.error("jump_known_hosts", "only used with ssh.jump_host");

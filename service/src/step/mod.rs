@@ -18,8 +18,10 @@ use crate::ssh::{Reach, ReachError, Remote, Target};
 use crate::template::{Context, Template, Vars};
 
 pub mod ansible;
+pub mod child;
 pub mod gather;
 pub mod opsworks;
+pub mod output;
 pub mod ssh;
 pub mod ssm;
 pub mod tag;
