@@ -289,7 +289,11 @@ async fn a_host_presenting_another_key_than_its_console_is_refused() {
 /// Under each runner, Ansible's own connection must use the instance's verified
 /// known_hosts file with strict checking, and refuse. Every ssh client started meanwhile is
 /// looked at too: each names that file and `StrictHostKeyChecking yes`.
-async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &str) {
+async fn impostor_swapped_in_after_the_reach_is_refused(
+    group: &str,
+    runner: &str,
+    hostile_cfg: bool,
+) {
     let w = World::new(group, 300, Some(r#"{"role":"api"}"#)).await;
     let hosts = w.launch(group, 1, |net, ip| net.host(ip)).await;
     let (id, host) = (&hosts[0].0, &hosts[0].1);
@@ -299,6 +303,26 @@ async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &st
         &format!("{runner}\nbatch_quiet = \"6s\"\nbatch_window = \"20s\""),
     );
     p.edit_config("batch_window = \"2s\"\n", "");
+    if hostile_cfg {
+        // The playbooks beside an ansible.cfg that turns every host key check off.
+        let books = w.emu.dir.path().join("playbooks");
+        std::fs::create_dir_all(&books).unwrap();
+        for e in std::fs::read_dir(root().join("tests/playbooks"))
+            .unwrap()
+            .flatten()
+        {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), books.join(e.file_name())).unwrap();
+            }
+        }
+        std::fs::write(
+            books.join("ansible.cfg"),
+            "[defaults]\nhost_key_checking = False\n\n[ssh_connection]\n\
+             ssh_args = -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\n",
+        )
+        .unwrap();
+        p.edit_config(path_str(&root().join("tests/playbooks")), path_str(&books));
+    }
     let known = p.dir.join("known_hosts.d").join(id);
 
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
@@ -404,7 +428,8 @@ async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_after_the_reach_is_refused_under_mitogen() {
-    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"").await;
+    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"", false)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,6 +437,7 @@ async fn an_impostor_after_the_reach_is_refused_under_linear_with_pipelining() {
     impostor_swapped_in_after_the_reach_is_refused(
         "web-swap-p",
         "strategy = \"linear\"\npipelining = true",
+        false,
     )
     .await;
 }
@@ -421,6 +447,20 @@ async fn an_impostor_after_the_reach_is_refused_under_linear_without_pipelining(
     impostor_swapped_in_after_the_reach_is_refused(
         "web-swap-l",
         "strategy = \"linear\"\npipelining = false",
+        false,
+    )
+    .await;
+}
+
+/// An `ansible.cfg` in the playbook directory (or `~`) that turns host key checking off
+/// (`host_key_checking = False`, `ssh_args` with `StrictHostKeyChecking=no`) does not: the
+/// service passes its settings in the environment, which wins over any ansible.cfg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ansible_cfg_turning_host_key_checking_off_is_overridden() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-cfg",
+        "strategy = \"linear\"\npipelining = false",
+        true,
     )
     .await;
 }

@@ -425,7 +425,8 @@ impl Runner {
 
 /// `ansible-playbook`, run in the playbook directory, with an environment built from
 /// scratch: PATH, HOME, the service's `ANSIBLE_*` settings (minus those this service
-/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining), the
+/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining; the
+/// environment wins over any ansible.cfg, so those stay decided here), the
 /// service's Mitogen tuning (`MITOGEN_POOL_SIZE`, `MITOGEN_CPU_COUNT`), a UTF-8 locale, host
 /// key checking on. Nothing else is inherited.
 pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
@@ -475,6 +476,13 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
         .env("LC_ALL", "C.UTF-8")
         .env("PYTHONUNBUFFERED", "1")
         .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        // ansible-core's own default, set so that an ansible.cfg (in the playbook directory
+        // or ~) cannot: its `ssh_args` come first on ssh's command line, where the first
+        // `-o StrictHostKeyChecking` / `UserKnownHostsFile` wins over the inventory's.
+        .env(
+            "ANSIBLE_SSH_ARGS",
+            "-C -o ControlMaster=auto -o ControlPersist=60s",
+        )
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
         .env("ANSIBLE_NOCOLOR", "1");
     c
