@@ -278,6 +278,56 @@ async fn deleting_rides_out_every_transient_fault() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_verifying_and_extending_ride_out_every_transient_fault() {
+    let w = world("web-v", 1, 300, 2).await;
+    // Two faults on receiving (the daemon backs off up to a minute between failed
+    // receives), every kind on the others.
+    for kind in ["html", "reset"] {
+        w.emu.fault(
+            json!({"service": "sqs", "action": "ReceiveMessage", "count": 1, "error": kind}),
+        );
+    }
+    for (service, action) in [
+        ("autoscaling", "DescribeAutoScalingGroups"),
+        ("autoscaling", "DescribeLifecycleHooks"),
+        ("sqs", "ChangeMessageVisibilityBatch"),
+    ] {
+        w.each_transient_fault(service, action);
+    }
+    // A slow step and a short visibility timeout: the message's visibility is extended
+    // (through the faults, which take a few of the 5 s left when extending starts) while
+    // the step runs.
+    w.emu
+        .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 12}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
+    p.edit_config(
+        "visibility_timeout = \"30s\"",
+        "visibility_timeout = \"10s\"",
+    );
+    let mut daemon = p.daemon();
+    w.wait_finished(1).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    for op in [
+        "ReceiveMessage",
+        "DescribeAutoScalingGroups",
+        "ChangeMessageVisibilityBatch",
+    ] {
+        assert!(log.contains(op), "no fault on {op} seen:\n{log}");
+    }
+    assert!(w.calls("sqs:ChangeMessageVisibilityBatch") >= 7, "{log}");
+    w.assert_all_continued(1).await;
+    // Verified and worked in one delivery: the message never came back.
+    let runs = assert_history(&p, 1, &[]);
+    assert_eq!(
+        runs.iter().filter(|r| r.instance_id.is_some()).count(),
+        1,
+        "{runs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_named_and_ends_the_run() {
     let w = world("web-x", 1, 300, 2).await;
     // The hook disappears under the worker: completing is refused for good.

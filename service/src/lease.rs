@@ -267,10 +267,10 @@ fn entry_class(entry: &str) -> ErrorClass {
 }
 
 /// The pause before extending again after `failures` failures in a row: from one tick,
-/// doubling, at most a tenth of the visibility timeout (so several tries fit before the
-/// message shows again).
+/// doubling, at most a twentieth of the visibility timeout (extending starts with half of
+/// it left, so ten tries fit before the message would show again).
 fn extend_backoff(failures: u32, visibility: Duration) -> Duration {
-    let cap = (visibility / 10).max(TICK);
+    let cap = (visibility / 20).max(TICK);
     crate::aws::retry::backoff(failures, TICK, cap).max(TICK)
 }
 
@@ -324,7 +324,7 @@ mod tests {
         let visibility = Duration::from_secs(300);
         for failures in 1..50 {
             let d = extend_backoff(failures, visibility);
-            assert!(d >= TICK && d <= Duration::from_secs(30), "{d:?}");
+            assert!(d >= TICK && d <= Duration::from_secs(15), "{d:?}");
         }
         // Spaced out: on average far above the old fixed 250 ms tick.
         let mean: Duration = (0..200)
