@@ -440,15 +440,12 @@ impl Pipeline {
         match completed {
             Completed::Final(c) => run.hook_result = Some(c),
             Completed::Transient(e) => {
-                // Shutdown: back at once, its decision kept for the next delivery.
-                let outcome = if cancel.is_cancelled() {
-                    Outcome::Released
-                } else {
-                    Outcome::Retry
-                };
-                warn!(error = %e, %outcome, "could not complete the lifecycle action; the message will come back");
+                // Stopped by shutdown (or the action's global timeout) while completing
+                // still failed: back after the retry delay, its decision kept for the next
+                // delivery to complete.
+                warn!(error = %e, "could not complete the lifecycle action; the message will come back");
                 run.error = Some(e.to_string());
-                return self.finish(run.ended(outcome)).await;
+                return self.finish(run.ended(Outcome::Retry)).await;
             }
             Completed::Permanent(e) => {
                 warn!(error = %e, "completing the lifecycle action failed permanently");

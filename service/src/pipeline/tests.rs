@@ -198,7 +198,7 @@ async fn a_transient_completion_failure_keeps_the_message_in_flight_until_it_com
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_releases_a_throttled_completion_and_the_redelivery_reports_the_decision() {
+async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_decision() {
     let hooks = hooks_with_timeout(60);
     hooks.throttle_completions(1000);
     let w = world(hooks, FakeInstances::default());
@@ -214,7 +214,7 @@ async fn shutdown_releases_a_throttled_completion_and_the_redelivery_reports_the
     });
     let outcome = w.pipeline.handle(&d, &cancel).await;
     drop(d);
-    assert_eq!(outcome, Outcome::Released);
+    assert_eq!(outcome, Outcome::Retry, "released after the retry delay");
     assert!(completions(&w).len() > 5);
 
     w.hooks.complete_script.lock().unwrap().clear();
@@ -222,7 +222,7 @@ async fn shutdown_releases_a_throttled_completion_and_the_redelivery_reports_the
     assert_eq!(completions(&w).last(), Some(&HookResult::Abandon));
     let h = w.pipeline.store().history(None, 10).unwrap();
     let (redelivery, first) = (&h[0], &h[1]);
-    assert_eq!(first.outcome, "released");
+    assert_eq!(first.outcome, "retry");
     assert_eq!(first.decision.as_deref(), Some("ABANDON"));
     // Not "succeeded" with no steps: the decision it completed, and why.
     assert_eq!(redelivery.outcome, "failed", "{h:?}");
