@@ -520,15 +520,16 @@ async fn execution_environments_sharing_a_claims_table_work_a_duplicate_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_whose_completion_fails_is_the_only_failure_and_comes_back() {
+async fn a_record_whose_completion_fails_transiently_is_completed_within_the_invocation() {
     let emu = Emulator::start();
     let aws = Aws::new(&emu).await;
     let q = aws.queue("lifecycle").await;
     launch_group(&aws, &q, 3).await;
     let msgs = receive(&aws, &q, 4).await;
 
-    // One attempt per completion (no SDK retries, no backoff): exactly one of the three
-    // concurrent completions meets the server error, and it gives up.
+    // One attempt per call (no SDK retries) and no backoff round: one of the three
+    // concurrent completions meets a server error. It is tried again while its record is
+    // in flight, not reported as a failure to come back and spend a receive.
     let p = Provision::new(
         &emu,
         &q,
@@ -540,21 +541,62 @@ async fn a_record_whose_completion_fails_is_the_only_failure_and_comes_back() {
     let lambda = start_lambda(&p, &api);
     let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120));
     let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    assert_eq!(calls(&emu, "autoscaling:CompleteLifecycleAction"), 4);
+    let finished = emu.finished_actions();
+    assert_eq!(finished.len(), 3);
+    assert!(finished
+        .iter()
+        .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
+    assert_eq!(
+        calls(&emu, "sqs:ChangeMessageVisibilityBatch"),
+        0,
+        "nothing released"
+    );
+    assert!(
+        lambda.log().contains("the message stays in flight"),
+        "{}",
+        lambda.log()
+    );
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_failing_until_the_deadline_is_reported_released_and_completed_later() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    launch_group(&aws, &q, 1).await;
+    let msgs = receive(&aws, &q, 2).await;
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!("[aws]\nmax_attempts = 1\nretry_for = \"1s\"\n{WEB_LAYER}"),
+    );
+    emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": -1, "error": "throttle"}));
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    // Throttled for the whole invocation: at its deadline the record is reported.
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(10));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
     let pending = pending_instances(&emu);
     assert_eq!(pending.len(), 1, "{pending:?}\n{}", lambda.log());
     let failed = message_for(&msgs, &pending[0]);
     assert_eq!(failures(&r), [failed.as_str()], "{}", lambda.log());
-    let finished = emu.finished_actions();
-    assert_eq!(finished.len(), 2);
-    assert!(finished.iter().all(|a| a["result"] == "CONTINUE"));
-    // The failed record was released with the pipeline's retry delay (seconds, not zero):
-    // it is still hidden, and nothing was deleted.
+    // Released with the pipeline's retry delay (seconds, not zero): still hidden.
     assert!(calls(&emu, "sqs:ChangeMessageVisibilityBatch") >= 1);
     assert_eq!(calls(&emu, "sqs:DeleteMessageBatch"), 0);
-    assert_eq!(aws.approximate_messages(&q).await, (0, 4));
+    assert_eq!(aws.approximate_messages(&q).await, (0, 2));
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(pending[0].as_str()))
+        .unwrap();
+    assert_eq!(run.outcome, "retry", "{run:?}");
+    assert_eq!(run.decision.as_deref(), Some("CONTINUE"), "{run:?}");
 
     // It comes back in a later batch: only the completion is left to do.
+    emu.control("DELETE", "/_emulator/faults", None);
     let again: Vec<_> = msgs
         .iter()
         .filter(|m| m.message_id() == Some(failed.as_str()))
@@ -567,11 +609,13 @@ async fn a_record_whose_completion_fails_is_the_only_failure_and_comes_back() {
     assert!(emu
         .finished_actions()
         .iter()
-        .all(|a| a["result"] == "CONTINUE"));
-    assert_eq!(
-        calls(&emu, "ec2:CreateTags"),
-        3,
-        "steps ran once per instance"
+        .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
+    assert_eq!(calls(&emu, "ec2:CreateTags"), 1, "steps ran once");
+    let last = p.history().into_iter().next().unwrap();
+    assert_eq!(last.outcome, "succeeded", "{last:?}");
+    assert!(
+        last.cause.as_deref().unwrap().starts_with("decided by run"),
+        "{last:?}"
     );
 }
 

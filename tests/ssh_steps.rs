@@ -289,7 +289,11 @@ async fn a_host_presenting_another_key_than_its_console_is_refused() {
 /// Under each runner, Ansible's own connection must use the instance's verified
 /// known_hosts file with strict checking, and refuse. Every ssh client started meanwhile is
 /// looked at too: each names that file and `StrictHostKeyChecking yes`.
-async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &str) {
+async fn impostor_swapped_in_after_the_reach_is_refused(
+    group: &str,
+    runner: &str,
+    hostile_cfg: bool,
+) {
     let w = World::new(group, 300, Some(r#"{"role":"api"}"#)).await;
     let hosts = w.launch(group, 1, |net, ip| net.host(ip)).await;
     let (id, host) = (&hosts[0].0, &hosts[0].1);
@@ -299,6 +303,26 @@ async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &st
         &format!("{runner}\nbatch_quiet = \"6s\"\nbatch_window = \"20s\""),
     );
     p.edit_config("batch_window = \"2s\"\n", "");
+    if hostile_cfg {
+        // The playbooks beside an ansible.cfg that turns every host key check off.
+        let books = w.emu.dir.path().join("playbooks");
+        std::fs::create_dir_all(&books).unwrap();
+        for e in std::fs::read_dir(root().join("tests/playbooks"))
+            .unwrap()
+            .flatten()
+        {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), books.join(e.file_name())).unwrap();
+            }
+        }
+        std::fs::write(
+            books.join("ansible.cfg"),
+            "[defaults]\nhost_key_checking = False\n\n[ssh_connection]\n\
+             ssh_args = -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\n",
+        )
+        .unwrap();
+        p.edit_config(path_str(&root().join("tests/playbooks")), path_str(&books));
+    }
     let known = p.dir.join("known_hosts.d").join(id);
 
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
@@ -404,7 +428,8 @@ async fn impostor_swapped_in_after_the_reach_is_refused(group: &str, runner: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_after_the_reach_is_refused_under_mitogen() {
-    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"").await;
+    impostor_swapped_in_after_the_reach_is_refused("web-swap-m", "strategy = \"mitogen\"", false)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,6 +437,7 @@ async fn an_impostor_after_the_reach_is_refused_under_linear_with_pipelining() {
     impostor_swapped_in_after_the_reach_is_refused(
         "web-swap-p",
         "strategy = \"linear\"\npipelining = true",
+        false,
     )
     .await;
 }
@@ -421,6 +447,20 @@ async fn an_impostor_after_the_reach_is_refused_under_linear_without_pipelining(
     impostor_swapped_in_after_the_reach_is_refused(
         "web-swap-l",
         "strategy = \"linear\"\npipelining = false",
+        false,
+    )
+    .await;
+}
+
+/// An `ansible.cfg` in the playbook directory (or `~`) that turns host key checking off
+/// (`host_key_checking = False`, `ssh_args` with `StrictHostKeyChecking=no`) does not: the
+/// service passes its settings in the environment, which wins over any ansible.cfg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ansible_cfg_turning_host_key_checking_off_is_overridden() {
+    impostor_swapped_in_after_the_reach_is_refused(
+        "web-swap-cfg",
+        "strategy = \"linear\"\npipelining = false",
+        true,
     )
     .await;
 }
@@ -764,6 +804,165 @@ launch = [ { ssh = [
             assert_eq!(order(id), "first\nlast\n", "every command, in order");
         }
     }
+}
+
+/// The worker's own peak resident set (VmHWM), from the summary it logs at exit, in bytes.
+fn own_peak_rss(log: &str) -> u64 {
+    let mut plain = String::new();
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    let at = plain.rfind("peak_rss_kib=").expect("the exit summary") + "peak_rss_kib=".len();
+    let digits: String = plain[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse::<u64>().unwrap() * 1024
+}
+
+/// `provision worker` to its end, with the peak resident set size of it and its children
+/// together (wait4's rusage counts the largest of them: ssh, ansible-playbook).
+// The child is reaped by wait4 (for its rusage), which std's Child cannot see.
+#[allow(clippy::zombie_processes)]
+fn worker_peak_rss(p: &Provision, timeout: Duration) -> (i32, String, u64) {
+    let log = p.dir.join(format!("worker-{}.log", fastrand::u32(..)));
+    let mut child = p
+        .command(&["worker"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: wait4 on our own child, with a zeroed rusage to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                -1
+            };
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // ru_maxrss is in KiB on Linux.
+            return (code, text, usage.ru_maxrss as u64 * 1024);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("provision worker did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output from an instance cannot take the worker's memory: an `ssh` step printing 400 MB
+/// leaves the worker's peak RSS far below that (head and tail are kept, the rest counted),
+/// and a script larger than the pipes sent on stdin to a command that prints while it reads
+/// does not deadlock (stdin is written while the output is read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_output_is_bounded_and_a_large_script_does_not_deadlock() {
+    let w = World::new("app-flood", 300, None).await;
+    let hosts = w.launch("app-flood", 1, |net, ip| net.host(ip)).await;
+    let id = hosts[0].0.as_str();
+    let script = w.sim_root.join("chatty.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "head -c 20000000 /dev/zero | tr '\\0' y\n{}echo done > {}/done\n",
+            "# padding to make the script larger than any pipe buffer\n".repeat(100_000),
+            w.dir(id).display()
+        ),
+    )
+    .unwrap();
+    let p = w.provision(&format!(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [
+  {{ ssh = ["echo first-line; head -c 400000000 /dev/zero | tr '\\0' x; echo; echo the-end"] }},
+  {{ ssh = {{ script = "{}" }}, timeout = "5m" }},
+]
+"#,
+        script.display()
+    ));
+    let (code, log, tree) = worker_peak_rss(&p, Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let peak = own_peak_rss(&log);
+    eprintln!(
+        "provision worker peak RSS with a 400 MB ssh output: {} MiB (with its children: {} MiB)",
+        peak >> 20,
+        tree >> 20
+    );
+    assert_eq!(
+        results_by_instance(&w.emu)[id]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, id)
+    );
+    assert!(peak < 96 << 20, "peak RSS {} MiB", peak >> 20);
+    assert!(w.dir(id).join("done").exists(), "the whole script ran");
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.as_deref() == Some(id))
+        .unwrap();
+    let flood = run.steps[0].detail.as_deref().unwrap();
+    assert!(flood.contains("(400000020 bytes of output)"), "{flood}");
+    assert!(flood.contains("the-end"), "the tail is kept: {flood}");
+}
+
+/// A playbook whose task floods its output: the run's results are cut to head and tail
+/// by the callback (strings over 64 KiB), the log stays within `ansible.log_max_bytes`, and
+/// the host's result is still read and right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_playbook_is_read_within_the_budgets() {
+    let w = World::new("web-chatty", 300, None).await;
+    let hosts = w.launch("web-chatty", 1, |net, ip| net.host(ip)).await;
+    let id = hosts[0].0.as_str();
+    let p = w.provision_with(
+        r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { ansible = "chatty.yml", vars = { sim_root = "SIM_ROOT" } } ]
+"#,
+        "strategy = \"linear\"\nlog_max_bytes = 200000\noutput_max_bytes = 1048576",
+    );
+    let (code, log, tree) = worker_peak_rss(&p, Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let peak = own_peak_rss(&log);
+    eprintln!(
+        "provision worker peak RSS with a 30 MB ansible task output: {} MiB (with its children: {} MiB)",
+        peak >> 20,
+        tree >> 20
+    );
+    assert_eq!(
+        results_by_instance(&w.emu)[id]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, id)
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.dir(id).join("marker")).unwrap(),
+        "flooded\n"
+    );
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 1);
+    let size = std::fs::metadata(&logs[0]).unwrap().len();
+    assert!(size <= 200_000 + 4096, "log of {size} bytes");
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(
+        text.contains("[log truncated at its size limit]"),
+        "{text:.2000}"
+    );
+    assert!(peak < 96 << 20, "peak RSS {} MiB", peak >> 20);
 }
 
 /// The step's `timeout` bounds the commands once the instance is reached, not the wait for

@@ -18,12 +18,36 @@
 #     "custom_stats": {...}, "global_custom_stats": {...}
 #   }
 # Results of tasks with no_log are censored by ansible before they get here.
+# Output from hosts is bounded: a string longer than PROVISION_JSON_MAX_STRING characters
+# (default 65536) keeps its head and tail around a "[… N characters left out …]" line, and a
+# list longer than 2000 items its first and last 1000, so a chatty host cannot make the
+# document unbounded.
 
 from __future__ import annotations
 
 import json
+import os
 
 from ansible.plugins.callback import CallbackBase
+
+MAX_STRING = int(os.environ.get("PROVISION_JSON_MAX_STRING") or 65536)
+MAX_ITEMS = 2000
+
+
+def _bounded(value):
+    """The value with every long string and list cut to its head and tail."""
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        half = MAX_STRING // 2
+        left_out = len(value) - 2 * half
+        return f"{value[:half]}\n[… {left_out} characters left out …]\n{value[-half:]}"
+    if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            half = MAX_ITEMS // 2
+            value = value[:half] + [f"[… {len(value) - 2 * half} items left out …]"] + value[-half:]
+        return [_bounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _bounded(v) for k, v in value.items()}
+    return value
 
 DOCUMENTATION = """
     name: provision_json
@@ -67,6 +91,7 @@ class CallbackModule(CallbackBase):
             data = {"msg": "unserializable result"}
         if not isinstance(data, dict):
             data = {"result": data}
+        data = _bounded(data)
         if status == "ok" and data.get("changed"):
             status = "changed"
         data["status"] = status

@@ -168,7 +168,7 @@ mod tests {
                             operation: "sqs:DeleteMessageBatch",
                             code: Some("Throttling".into()),
                             message: "slow down".into(),
-                            retryable: true,
+                            class: crate::aws::ErrorClass::Throttled,
                         })
                     } else if items[0] == 99 {
                         Err(AwsError::permanent(

@@ -241,7 +241,7 @@ impl Listener {
         self.receive_failures += 1;
         let failures = self.receive_failures;
         error!(error = %e, failures, "cannot receive from the queue");
-        if self.mode == Mode::Drain && (!e.retryable || failures >= DRAIN_MAX_RECEIVE_FAILURES) {
+        if self.mode == Mode::Drain && (!e.retryable() || failures >= DRAIN_MAX_RECEIVE_FAILURES) {
             error!("giving up: the queue cannot be read");
             self.summary.gave_up = true;
             return None;

@@ -90,7 +90,7 @@ impl InstanceId {
     pub fn parse(s: &str) -> Result<Self, Reject> {
         let hex = s
             .strip_prefix("i-")
-            .ok_or_else(|| Reject::BadInstanceId(s.to_string()))?;
+            .ok_or_else(|| Reject::BadInstanceId(truncate(s, 64)))?;
         let ok = (8..=17).contains(&hex.len())
             && hex
                 .bytes()
@@ -681,6 +681,126 @@ mod tests {
             "{\"Event\":[]}",
         ] {
             let _ = parse(body);
+        }
+    }
+}
+
+/// Properties of the parser over generated bodies: it never panics, every reject has a
+/// reason, and what it produces is bounded whatever it is given.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Longest reason a reject may carry, whatever the body's size.
+    const REASON_MAX: usize = 600;
+
+    fn check(body: &str) {
+        match parse(body) {
+            Parsed::Event(e) => {
+                let id = e.instance_id.as_str();
+                assert!(
+                    id.starts_with("i-") && (10..=19).contains(&id.len()),
+                    "{id}"
+                );
+                assert!(!e.token.is_empty());
+            }
+            Parsed::Skip(s) => assert!(!s.to_string().is_empty()),
+            Parsed::Reject(r) => {
+                let reason = r.to_string();
+                assert!(!reason.trim().is_empty(), "a reject without a reason");
+                assert!(
+                    reason.len() <= REASON_MAX,
+                    "{} bytes: {reason:.200}",
+                    reason.len()
+                );
+            }
+        }
+    }
+
+    /// A JSON value of any kind, strings of any size and content.
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "\\PC{0,40}".prop_map(Value::from),
+            "[a-f0-9-]{0,20}".prop_map(|s| Value::from(format!("i-{s}"))),
+            prop::collection::vec(any::<char>(), 0..3000)
+                .prop_map(|c| Value::from(c.into_iter().collect::<String>())),
+            Just(Value::from("autoscaling:EC2_INSTANCE_LAUNCHING")),
+            Just(Value::from("autoscaling:TEST_NOTIFICATION")),
+        ]
+    }
+
+    /// A lifecycle message with each field present or not, of any value.
+    fn lifecycle() -> impl Strategy<Value = Value> {
+        let fields = [
+            "LifecycleTransition",
+            "AutoScalingGroupName",
+            "LifecycleHookName",
+            "EC2InstanceId",
+            "LifecycleActionToken",
+            "NotificationMetadata",
+            "Origin",
+            "Destination",
+            "Time",
+            "Event",
+        ];
+        prop::collection::vec(prop::option::of(value()), fields.len()).prop_map(move |vals| {
+            let mut m = serde_json::Map::new();
+            for (k, v) in fields.iter().zip(vals) {
+                if let Some(v) = v {
+                    m.insert(k.to_string(), v);
+                }
+            }
+            Value::Object(m)
+        })
+    }
+
+    /// The same, as it comes directly, in an SNS envelope, or as an EventBridge event.
+    fn body() -> impl Strategy<Value = String> {
+        (lifecycle(), 0..3u8).prop_map(|(msg, shape)| match shape {
+            0 => msg.to_string(),
+            1 => {
+                serde_json::json!({"Type": "Notification", "Message": msg.to_string()}).to_string()
+            }
+            _ => serde_json::json!({
+                "detail-type": "EC2 Instance-launch Lifecycle Action",
+                "source": "aws.autoscaling", "detail": msg,
+            })
+            .to_string(),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_gets_an_answer(s in "\\PC{0,400}") {
+            check(&s);
+        }
+
+        #[test]
+        fn any_bytes_as_text_get_an_answer(b in prop::collection::vec(any::<u8>(), 0..2000)) {
+            check(&String::from_utf8_lossy(&b));
+        }
+
+        #[test]
+        fn any_lifecycle_shaped_body_gets_an_answer(b in body()) {
+            check(&b);
+        }
+
+        #[test]
+        fn a_good_message_with_one_field_spoiled_is_never_an_event_with_a_bad_id(
+            id in "\\PC{0,40}", token in "\\PC{0,40}"
+        ) {
+            let b = serde_json::json!({
+                "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+                "AutoScalingGroupName": "g", "LifecycleHookName": "h",
+                "EC2InstanceId": id, "LifecycleActionToken": token,
+            });
+            check(&b.to_string());
         }
     }
 }

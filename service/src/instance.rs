@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Phase, Place, Transition};
 use crate::layer::Layer;
-use crate::pipeline::{Job, Pipeline, Progress, RunReport};
+use crate::pipeline::{printable, Job, Pipeline, Progress, RunReport};
 
 #[derive(Debug, Clone)]
 pub struct Args {
@@ -282,11 +282,12 @@ async fn print_progress(mut rx: UnboundedReceiver<Progress>, start: Instant) {
                     waiting.clear();
                 }
                 Some(Progress::Waiting { idx, what }) => {
+                    let what = printable(&what);
                     out.line(format!("{at} step {}: {what}", idx + 1), false);
                     waiting = what;
                 }
                 Some(Progress::Finished { idx, outcome, detail, elapsed }) => {
-                    let first = detail.lines().next().unwrap_or("");
+                    let first = printable(detail.lines().next().unwrap_or(""));
                     out.line(format!("{at} step {} {outcome} in {:.1}s: {first}", idx + 1, elapsed.as_secs_f64()), false);
                     current = None;
                 }
@@ -342,7 +343,7 @@ fn print_result(id: &InstanceId, report: &RunReport) -> ExitCode {
         report
             .error
             .as_deref()
-            .map(|e| format!(": {e}"))
+            .map(|e| format!(": {}", printable(e)))
             .unwrap_or_default()
     );
     if report.outcome.is_success() {

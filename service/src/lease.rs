@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::aws::{Action, ActionCall, Hooks, Queue};
+use crate::aws::{Action, ActionCall, ErrorClass, Hooks, Queue};
 use crate::metrics::Stats;
 
 const TICK: Duration = Duration::from_millis(250);
@@ -29,11 +29,16 @@ struct Entry {
     receipt: Option<String>,
     visible_until: Instant,
     extending: bool,
+    /// Extensions failed in a row, and when the next may be tried.
+    extend_failures: u32,
+    next_extend: Instant,
     action: Option<Action>,
     every: Duration,
     next_beat: Instant,
     beating: bool,
     beats: Arc<AtomicU32>,
+    /// When a heartbeat last succeeded, in ms since the epoch (0: never).
+    beat_at: Arc<AtomicU64>,
     gone: CancellationToken,
 }
 
@@ -56,6 +61,7 @@ pub struct Lease {
     id: u64,
     inner: Arc<Inner>,
     beats: Arc<AtomicU32>,
+    beat_at: Arc<AtomicU64>,
     gone: CancellationToken,
 }
 
@@ -63,6 +69,14 @@ impl Lease {
     /// Heartbeats that succeeded so far.
     pub fn heartbeats(&self) -> u32 {
         self.beats.load(Ordering::Relaxed)
+    }
+
+    /// When a heartbeat last succeeded (the action was alive then).
+    pub fn last_heartbeat(&self) -> Option<std::time::SystemTime> {
+        match self.beat_at.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
     }
 
     /// Starts heartbeating an action (once its hook's timeout is known): the first beat
@@ -122,6 +136,7 @@ impl Leases {
     pub fn hold(&self, receipt: Option<String>, received: Instant) -> Lease {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let beats = Arc::new(AtomicU32::new(0));
+        let beat_at = Arc::new(AtomicU64::new(0));
         let gone = CancellationToken::new();
         self.inner.entries.lock().unwrap().insert(
             id,
@@ -129,11 +144,14 @@ impl Leases {
                 receipt,
                 visible_until: received + self.inner.visibility,
                 extending: false,
+                extend_failures: 0,
+                next_extend: received,
                 action: None,
                 every: Duration::MAX,
                 next_beat: Instant::now() + Duration::from_secs(86_400 * 365),
                 beating: false,
                 beats: beats.clone(),
+                beat_at: beat_at.clone(),
                 gone: gone.clone(),
             },
         );
@@ -141,6 +159,7 @@ impl Leases {
             id,
             inner: self.inner.clone(),
             beats,
+            beat_at,
             gone,
         }
     }
@@ -182,6 +201,7 @@ fn due(inner: &Inner, now: Instant) -> (Vec<(u64, String)>, Vec<(u64, Action)>) 
     for (id, e) in entries.iter_mut() {
         if let Some(r) = &e.receipt {
             if !e.extending
+                && e.next_extend <= now
                 && e.visible_until.saturating_duration_since(now) <= inner.visibility / 2
             {
                 e.extending = true;
@@ -205,22 +225,53 @@ async fn extend_visibility(inner: Arc<Inner>, queue: Arc<dyn Queue>, chunk: Vec<
         .map(|(_, r)| (r.clone(), inner.visibility))
         .collect();
     let at = Instant::now();
-    let results = match queue.change_visibility_batch(&entries).await {
-        Ok(r) => r,
-        Err(e) => vec![Err(e.to_string()); entries.len()],
-    };
+    let results: Vec<Result<(), (ErrorClass, String)>> =
+        match queue.change_visibility_batch(&entries).await {
+            Ok(r) => r
+                .into_iter()
+                .map(|r| r.map_err(|m| (entry_class(&m), m)))
+                .collect(),
+            Err(e) => vec![Err((e.class, e.to_string())); entries.len()],
+        };
     let mut map = inner.entries.lock().unwrap();
     for ((id, _), r) in chunk.iter().zip(results) {
         if let Some(e) = map.get_mut(id) {
             e.extending = false;
             match r {
-                Ok(()) => e.visible_until = at + inner.visibility,
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not extend message visibility; will retry")
+                Ok(()) => {
+                    e.visible_until = at + inner.visibility;
+                    e.extend_failures = 0;
+                }
+                Err((class, err)) if !class.is_transient() => {
+                    // The receipt is no good any more (the message was deleted, or
+                    // received again elsewhere): extending it again cannot help.
+                    tracing::warn!(error = %err, %class, "cannot extend message visibility; no more tries for this receipt");
+                    e.receipt = None;
+                }
+                Err((class, err)) => {
+                    e.extend_failures += 1;
+                    let delay = extend_backoff(e.extend_failures, inner.visibility);
+                    e.next_extend = Instant::now() + delay;
+                    tracing::warn!(error = %err, %class, failures = e.extend_failures, next_in = ?delay,
+                        "could not extend message visibility; will retry");
                 }
             }
         }
     }
+}
+
+/// A failed entry of a batch call ("Code: message"), classified by its code.
+fn entry_class(entry: &str) -> ErrorClass {
+    let code = entry.split(':').next().unwrap_or_default().trim();
+    ErrorClass::of(None, Some(code).filter(|c| !c.is_empty()))
+}
+
+/// The pause before extending again after `failures` failures in a row: from one tick,
+/// doubling, at most a twentieth of the visibility timeout (extending starts with half of
+/// it left, so ten tries fit before the message would show again).
+fn extend_backoff(failures: u32, visibility: Duration) -> Duration {
+    let cap = (visibility / 20).max(TICK);
+    crate::aws::retry::backoff(failures, TICK, cap).max(TICK)
 }
 
 /// One heartbeat; schedules the next, or stops beating an action that is gone.
@@ -232,6 +283,8 @@ async fn heartbeat(inner: Arc<Inner>, id: u64, action: Action) {
     match r {
         Ok(ActionCall::Done) => {
             e.beats.fetch_add(1, Ordering::Relaxed);
+            e.beat_at
+                .store(crate::clock::now_ms().max(1) as u64, Ordering::Relaxed);
             Stats::inc(&inner.stats.heartbeats);
             e.next_beat = Instant::now() + jitter(e.every);
         }
@@ -241,9 +294,43 @@ async fn heartbeat(inner: Arc<Inner>, id: u64, action: Action) {
             e.action = None;
             e.gone.cancel();
         }
+        Err(err) if !err.retryable() => {
+            tracing::warn!(instance_id = %action.instance_id, error = %err,
+                "heartbeat refused for good; heartbeats stop (the action is completed as usual)");
+            e.action = None;
+        }
         Err(err) => {
             tracing::warn!(instance_id = %action.instance_id, error = %err, "heartbeat failed; will retry");
             e.next_beat = Instant::now() + (e.every / 4).max(Duration::from_millis(500));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_entries_are_classified_by_their_code() {
+        assert!(
+            !entry_class("ReceiptHandleIsInvalid: The receipt handle has expired").is_transient()
+        );
+        assert!(entry_class("InternalError: try again").is_transient());
+        assert!(entry_class("").is_transient());
+    }
+
+    #[test]
+    fn extension_retries_back_off_within_the_visibility_timeout() {
+        let visibility = Duration::from_secs(300);
+        for failures in 1..50 {
+            let d = extend_backoff(failures, visibility);
+            assert!(d >= TICK && d <= Duration::from_secs(15), "{d:?}");
+        }
+        // Spaced out: on average far above the old fixed 250 ms tick.
+        let mean: Duration = (0..200)
+            .map(|_| extend_backoff(10, visibility))
+            .sum::<Duration>()
+            / 200;
+        assert!(mean > Duration::from_secs(5), "{mean:?}");
     }
 }

@@ -196,21 +196,32 @@ fn history(
         )
         .to_string()
     };
+    // Everything but the fixed columns may hold text from instances or messages: shown
+    // escaped, never obeyed by the terminal.
+    let text = |s: Option<&str>| provision::pipeline::printable(s.unwrap_or(""));
     println!(
-        "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR",
+        "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
         "RUN", "STARTED", "INSTANCE", "TRANSITION", "LAYER", "OUTCOME", "HOOK"
     );
     for r in &runs {
+        let why = match (&r.error, &r.cause) {
+            (Some(e), _) => text(Some(e)),
+            (None, Some(c)) => format!(
+                "{}: {}",
+                r.decision.as_deref().unwrap_or("-"),
+                text(Some(c))
+            ),
+            (None, None) => String::new(),
+        };
         println!(
-            "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {}",
+            "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
             r.id,
             ts(r.received_at),
-            r.instance_id.as_deref().unwrap_or("-"),
-            r.transition.as_deref().unwrap_or("-"),
-            r.layer.as_deref().unwrap_or("-"),
+            text(r.instance_id.as_deref().or(Some("-"))),
+            text(r.transition.as_deref().or(Some("-"))),
+            text(r.layer.as_deref().or(Some("-"))),
             r.outcome,
             r.hook_result.as_deref().unwrap_or("-"),
-            r.error.as_deref().unwrap_or(""),
         );
         for s in &r.steps {
             let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);
@@ -220,8 +231,8 @@ fn history(
                 s.idx,
                 s.outcome,
                 ms,
-                s.description,
-                s.detail.as_deref().unwrap_or("")
+                text(Some(&s.description)),
+                text(s.detail.as_deref())
             );
         }
     }

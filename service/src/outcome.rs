@@ -50,8 +50,11 @@ impl fmt::Display for HookResult {
 pub enum Completion {
     /// CompleteLifecycleAction accepted this result.
     Completed(HookResult),
-    /// "No active Lifecycle Action": finished by someone else, or by its timeout.
+    /// "No active Lifecycle Action": finished by someone else.
     AlreadyFinished,
+    /// "No active Lifecycle Action" after a heartbeat timeout passed unheartbeated: Auto
+    /// Scaling applied the hook's DefaultResult, not ours.
+    TimedOut,
     /// The steps ran and the action was deliberately left alone (`--no-complete`).
     NotCompleted,
     /// Completing failed permanently.
@@ -63,6 +66,7 @@ impl Completion {
         match self {
             Completion::Completed(r) => r.as_str(),
             Completion::AlreadyFinished => "already-finished",
+            Completion::TimedOut => "timed-out",
             Completion::NotCompleted => "not-completed",
             Completion::Error => "error",
         }
@@ -71,6 +75,7 @@ impl Completion {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "already-finished" => Completion::AlreadyFinished,
+            "timed-out" => Completion::TimedOut,
             "not-completed" => Completion::NotCompleted,
             "error" => Completion::Error,
             other => Completion::Completed(HookResult::parse(other)?),
@@ -243,6 +248,7 @@ mod tests {
             "CONTINUE",
             "ABANDON",
             "already-finished",
+            "timed-out",
             "not-completed",
             "error",
         ] {

@@ -125,6 +125,31 @@ pub struct SecretFile {
     path: PathBuf,
 }
 
+/// Creates `dir` and its missing parents 0700 (the state directory and its logs hold
+/// instance output and metadata): under systemd `StateDirectory=` made it already; by hand,
+/// the process umask would decide. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `path` empty and 0600 unless it exists (an existing file is not touched, so a
+/// reader without write access is not refused).
+pub fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
 impl SecretFile {
     pub fn write(dir: &Path, name: &str, secret: &Secret) -> std::io::Result<SecretFile> {
         let path = dir.join(name);
@@ -184,7 +209,52 @@ pub fn scrub_environment() {
         // Single-threaded here (see above), which is what remove_var requires.
         std::env::remove_var(k);
     }
+    hide_container_token();
     let _ = ENV_CREDENTIALS.set(found);
+}
+
+const CONTAINER_TOKEN: &str = "AWS_CONTAINER_AUTHORIZATION_TOKEN";
+const CONTAINER_TOKEN_FILE: &str = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE";
+
+/// The container credentials endpoint's token (ECS, EKS Pod Identity) leaves the
+/// environment. The SDK reads it again at every refresh, so it moves to a memfd that the SDK
+/// reads as `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=/proc/self/fd/N`: the fd is close-on-exec,
+/// and the path names the reader's own fd table, so no child can read it through that path.
+/// A `..._TOKEN_FILE` set already wins in the SDK: then the token is simply dropped.
+fn hide_container_token() {
+    let token = std::env::var(CONTAINER_TOKEN)
+        .ok()
+        .filter(|t| !t.is_empty());
+    std::env::remove_var(CONTAINER_TOKEN);
+    let Some(token) = token else { return };
+    if std::env::var_os(CONTAINER_TOKEN_FILE).is_some() {
+        return;
+    }
+    match token_fd(&token) {
+        Ok(path) => std::env::set_var(CONTAINER_TOKEN_FILE, path),
+        Err(e) => eprintln!(
+            "provision: cannot keep {CONTAINER_TOKEN} out of the environment ({e}); container credentials will not be fetched"
+        ),
+    }
+}
+
+/// A close-on-exec memfd holding `token`, kept open for the life of the process; its
+/// `/proc/self/fd/N` path.
+fn token_fd(token: &str) -> std::io::Result<String> {
+    use std::io::Write as _;
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a NUL-terminated name and valid flags; the fd returned is ours alone.
+    let fd =
+        unsafe { libc::memfd_create(c"provision-container-token".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(token.as_bytes())?;
+    // Open for the process's lifetime: the SDK reopens the path at every refresh.
+    std::mem::forget(file);
+    Ok(format!("/proc/self/fd/{fd}"))
 }
 
 /// The credentials [`scrub_environment`] took from the environment, if any.
@@ -195,6 +265,39 @@ pub fn env_credentials() -> Option<EnvCredentials> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_container_token_is_readable_here_and_inherited_by_no_child() {
+        let path = token_fd("Bearer sekrit").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "Bearer sekrit");
+        let fd: i32 = path.rsplit('/').next().unwrap().parse().unwrap();
+        // SAFETY: F_GETFD on an fd this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec");
+        // A child resolving the same path reads its own fd table: not the token.
+        let out = std::process::Command::new("cat")
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("sekrit"));
+    }
+
+    #[test]
+    fn state_directories_and_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state/ansible-logs");
+        create_private_dir(&dir).unwrap();
+        for d in [&dir, &tmp.path().join("state")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let f = dir.join("run.log");
+        create_private_file(&f).unwrap();
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn a_secret_never_prints() {

@@ -41,6 +41,9 @@ pub enum StoreError {
 pub struct RunEnd<'a> {
     pub outcome: Outcome,
     pub hook_result: Option<&'a str>,
+    /// Left as it is when None (recorded before completing: [`Store::note_decision`]).
+    pub decision: Option<HookResult>,
+    pub cause: Option<&'a str>,
     pub heartbeats: u32,
     pub error: Option<&'a str>,
     pub unpublished: Option<&'a str>,
@@ -74,6 +77,12 @@ pub struct RunRow {
     pub layer: Option<String>,
     pub outcome: String,
     pub hook_result: Option<String>,
+    /// The result the run decided on and sent (or tried to): CONTINUE | ABANDON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// Why that decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     pub heartbeats: i64,
     pub error: Option<String>,
     pub steps: Vec<StepRow>,
@@ -100,10 +109,17 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            crate::secret::create_private_dir(dir).map_err(|source| StoreError::Dir {
                 path: dir.display().to_string(),
                 source,
             })?;
+        }
+        // 0600 from the start (SQLite gives its -wal and -shm files the same mode).
+        if let Err(source) = crate::secret::create_private_file(path) {
+            return Err(StoreError::Dir {
+                path: path.display().to_string(),
+                source,
+            });
         }
         let conn = Connection::open(path)?;
         Self::init(conn, &path.display().to_string())
@@ -188,16 +204,57 @@ impl Store {
     pub async fn finish_run(&self, run_id: i64, end: RunEnd<'_>) -> Result<(), StoreError> {
         let outcome = end.outcome.as_str();
         let hook_result = end.hook_result.map(str::to_string);
+        let decision = end.decision.map(HookResult::as_str);
+        let cause = end.cause.map(str::to_string);
         let error = end.error.map(str::to_string);
         let unpublished = end.unpublished.map(str::to_string);
         let heartbeats = end.heartbeats;
         self.call(move |c| {
             c.execute(
                 "UPDATE runs SET finished_at = ?2, outcome = ?3, hook_result = ?4, heartbeats = ?5, error = ?6,
-                   notified = ?7, result_json = ?8 WHERE id = ?1",
-                params![run_id, now_ms(), outcome, hook_result, heartbeats, error, unpublished.is_none(), unpublished],
+                   notified = ?7, result_json = ?8, decision = COALESCE(?9, decision),
+                   cause = COALESCE(?10, cause) WHERE id = ?1",
+                params![run_id, now_ms(), outcome, hook_result, heartbeats, error, unpublished.is_none(), unpublished, decision, cause],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// A run's decision and its cause, recorded before completing (a crash after this
+    /// leaves them for the redelivery that completes the decision to report).
+    pub async fn note_decision(
+        &self,
+        run_id: i64,
+        decision: HookResult,
+        cause: &str,
+    ) -> Result<(), StoreError> {
+        let cause = cause.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET decision = ?2, cause = ?3 WHERE id = ?1",
+                params![run_id, decision.as_str(), cause],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The latest run of a token that recorded a decision: its id and cause.
+    pub async fn decision_of(
+        &self,
+        token: &str,
+    ) -> Result<Option<(i64, Option<String>)>, StoreError> {
+        let token = token.to_string();
+        self.call(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT id, cause FROM runs WHERE token = ?1 AND decision IS NOT NULL ORDER BY id DESC LIMIT 1",
+                    [token],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(row)
         })
         .await
     }
@@ -317,7 +374,7 @@ impl Store {
     pub fn history(&self, instance: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
         self.call_blocking(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error
+                "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error, decision, cause
                  FROM runs WHERE (?1 IS NULL OR instance_id = ?1) ORDER BY id DESC LIMIT ?2",
             )?;
             let mut runs: Vec<RunRow> = stmt
@@ -336,6 +393,8 @@ impl Store {
                         hook_result: r.get(10)?,
                         heartbeats: r.get(11)?,
                         error: r.get(12)?,
+                        decision: r.get(13)?,
+                        cause: r.get(14)?,
                         steps: Vec::new(),
                     })
                 })?

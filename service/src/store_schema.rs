@@ -14,7 +14,12 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Schema migrations; `MIGRATIONS[i]` takes a database from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1_TABLES, V2_ACTIONS_BY_TIME, V3_CLAIM_LEASES];
+pub const MIGRATIONS: &[&str] = &[
+    V1_TABLES,
+    V2_ACTIONS_BY_TIME,
+    V3_CLAIM_LEASES,
+    V4_RUN_DECISION,
+];
 
 /// The schema version this release writes.
 pub const LATEST: u32 = MIGRATIONS.len() as u32;
@@ -73,6 +78,14 @@ CREATE INDEX actions_by_time ON actions(updated_at);
 /// it expired. Claims from before leases read 0: expired.
 const V3_CLAIM_LEASES: &str = r#"
 ALTER TABLE actions ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// Version 4: a run's decision (the result it sent, or tried to: CONTINUE | ABANDON) and
+/// its cause, apart from what completing came to (`hook_result`, which may be
+/// `timed-out`).
+const V4_RUN_DECISION: &str = r#"
+ALTER TABLE runs ADD COLUMN decision TEXT;
+ALTER TABLE runs ADD COLUMN cause TEXT;
 "#;
 
 /// The columns of migration 1's tables, in order: what an unversioned database must have to

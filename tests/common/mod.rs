@@ -304,6 +304,34 @@ impl Aws {
         }
     }
 
+    /// A queue whose redrive policy moves a message to `<name>-dlq` after `max_receives`
+    /// receives: (the queue, its dead-letter queue).
+    pub async fn queue_with_dlq(&self, name: &str, max_receives: u32) -> (Queue, Queue) {
+        let dlq = self.queue(&format!("{name}-dlq")).await;
+        let policy = format!(
+            r#"{{"deadLetterTargetArn":"{}","maxReceiveCount":"{max_receives}"}}"#,
+            dlq.arn
+        );
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(name)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+                policy,
+            )
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        let q = Queue {
+            arn: format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"),
+            url,
+        };
+        (q, dlq)
+    }
+
     /// A topic and a queue subscribed to it (envelope delivery, as AWS does by default).
     pub async fn topic_with_queue(&self, name: &str) -> (String, Queue) {
         let q = self.queue(&format!("{name}-sub")).await;

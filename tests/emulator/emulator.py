@@ -23,7 +23,9 @@ What it adds on top of moto:
 * A daemon thread applies DefaultResult on heartbeat timeout and on the global timeout
   (min(100 x HeartbeatTimeout, 172800 s)).
 * Control endpoints (JSON): GET /_emulator/lifecycle, GET /_emulator/calls,
-  POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults, GET /_emulator/health.
+  POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults (FAULT_KINDS: throttling,
+  500 with and without an error code, ResourceContention, 503 HTML, connection reset, delays;
+  per service, operation and count), GET /_emulator/health.
   POST /moto-api/reset also clears the lifecycle actions, the counters and the faults.
 * Extensions, in modules next to this file (requests are routed to them after call counting
   and fault injection; their control endpoints live under /_emulator/<name>; POST
@@ -1134,8 +1136,50 @@ def _take_faults(service: str, action: str) -> tuple[float, str | None]:
     return delay, error
 
 
+# What an injected fault answers:
+#   throttle      the service's throttling error (HTTP 400, or EC2's 503 RequestLimitExceeded)
+#   server        HTTP 500 InternalFailure (EC2: InternalError)
+#   contention    HTTP 500 ResourceContention (documented for Auto Scaling's actions)
+#   server-nocode HTTP 500 with an empty body: no error code at all
+#   html          HTTP 503 with a proxy's HTML page
+#   reset         no answer: the connection is reset (TCP RST)
+FAULT_KINDS = ("throttle", "server", "contention", "server-nocode", "html", "reset")
+
+
+def _bare_error_response(kind: str) -> tuple[str, list, bytes] | None:
+    """The faults that carry no AWS error document."""
+    if kind == "server-nocode":
+        return "500 Internal Server Error", [("Content-Type", "text/plain")], b""
+    if kind == "html":
+        body = (b"<html><head><title>503 Service Temporarily Unavailable</title></head><body>"
+                b"<center><h1>503 Service Temporarily Unavailable</h1></center></body></html>")
+        return "503 Service Temporarily Unavailable", [("Content-Type", "text/html")], body
+    return None
+
+
+def _reset_connection(environ: dict[str, Any]) -> None:
+    """Drops the client's connection, answering nothing: shut down at once (the request
+    handler still holds the socket, so a close would wait for it), and with SO_LINGER 0 so
+    that its close ends in a TCP RST."""
+    import socket
+    import struct
+
+    sock = environ.get("werkzeug.socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _error_response(service: str, protocol: str, kind: str, environ: dict[str, Any]) -> tuple[str, list, bytes]:
     request_id = str(uuid.uuid4())
+    bare = _bare_error_response(kind)
+    if bare is not None:
+        status, headers, body = bare
+        return status, headers + [("x-amzn-RequestId", request_id)], body
     throttle = kind == "throttle"
     if protocol == "ec2":
         code, message, status = (
@@ -1154,6 +1198,11 @@ def _error_response(service: str, protocol: str, kind: str, environ: dict[str, A
         code = "RequestThrottled" if service == "sqs" else ("Throttling" if protocol == "query" else "ThrottlingException")
         message = "Request is throttled." if service == "sqs" else "Rate exceeded"
         fault_type = "Sender"
+    elif kind == "contention":
+        status = "500 Internal Server Error"
+        code = "ResourceContention"
+        message = "You already have a pending update to an Auto Scaling resource."
+        fault_type = "Receiver"
     else:
         status = "500 Internal Server Error"
         code = "InternalFailure"
@@ -1226,15 +1275,15 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
                         "count": int(spec.get("count", 1)),
                     }
                     if spec.get("error") is not None:
-                        if spec["error"] not in ("throttle", "server"):
-                            raise ValueError('error must be "throttle" or "server"')
+                        if spec["error"] not in FAULT_KINDS:
+                            raise ValueError(f"error must be one of {', '.join(FAULT_KINDS)}")
                         fault["error"] = spec["error"]
                     elif spec.get("delay_seconds") is not None:
                         fault["delay_seconds"] = float(spec["delay_seconds"])
                         if fault["delay_seconds"] < 0:
                             raise ValueError("delay_seconds must be >= 0")
                     else:
-                        raise ValueError('give "error" ("throttle"|"server") or "delay_seconds"')
+                        raise ValueError(f'give "error" ({"|".join(FAULT_KINDS)}) or "delay_seconds"')
                     if fault["count"] == 0 or fault["count"] < -1:
                         raise ValueError("count must be a positive integer or -1")
                 except (ValueError, TypeError) as exc:
@@ -1273,6 +1322,9 @@ class EmulatorApp:
         delay, error = _take_faults(service, action)
         if delay > 0:
             time.sleep(delay)
+        if error == "reset":
+            _reset_connection(environ)
+            raise ConnectionResetError("fault injection: connection reset")
         if error is not None:
             status, headers, payload = _error_response(service, protocol, error, environ)
             headers.append(("Content-Length", str(len(payload))))

@@ -99,7 +99,7 @@ impl FakeHooks {
             operation: "autoscaling:CompleteLifecycleAction",
             code: Some("Throttling".into()),
             message: "Rate exceeded".into(),
-            retryable: true,
+            class: crate::aws::ErrorClass::Throttled,
         };
         self.complete_script
             .lock()

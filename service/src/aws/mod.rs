@@ -19,52 +19,164 @@ pub mod fake;
 pub mod retry;
 pub mod sdk;
 
-/// A failed AWS call, classified once.
+/// A failed AWS call, classified once ([`ErrorClass::of`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{operation}: {}{message}{}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), if *retryable { " (retryable)" } else { "" })]
+#[error("{operation}: {}{message} ({class})", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
 pub struct AwsError {
     pub operation: &'static str,
     pub code: Option<String>,
     pub message: String,
-    /// Throttling, 5xx, timeouts and connection failures: worth another try later.
-    pub retryable: bool,
+    pub class: ErrorClass,
 }
 
 impl AwsError {
+    /// An error found on this side (a request that cannot be built, an answer that makes
+    /// no sense): never worth another try.
     pub fn permanent(operation: &'static str, message: impl Into<String>) -> Self {
         Self {
             operation,
             code: None,
             message: message.into(),
-            retryable: false,
+            class: ErrorClass::Local,
+        }
+    }
+
+    /// Throttling, 5xx, timeouts and connection failures: worth another try later.
+    pub fn retryable(&self) -> bool {
+        self.class.is_transient()
+    }
+}
+
+/// What kind of failure an AWS call met: the one place that decides whether trying again
+/// can help. Transient classes are retried (by the SDK, then with backoff, then by keeping
+/// the message in flight); permanent ones end what they were for and say why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Rate limits: a throttling code, or HTTP 429.
+    Throttled,
+    /// The service's own trouble: a 5xx with or without a code (a proxy's HTML page),
+    /// `ResourceContention`, `InternalFailure`, `ServiceUnavailable`.
+    Server,
+    /// No answer in time.
+    Timeout,
+    /// The connection failed or broke (refused, reset, DNS).
+    Connection,
+    /// The request was refused as invalid (4xx `ValidationError`, `InvalidParameter...`).
+    Validation,
+    /// What the request names does not exist (4xx `...NotFound`, `NoSuch...`).
+    NotFound,
+    /// Not allowed, or not authenticated (4xx `AccessDenied`, `UnauthorizedOperation`).
+    Access,
+    /// Any other 4xx.
+    Client,
+    /// Found on this side, not by AWS (a request that cannot be built, an odd answer).
+    Local,
+}
+
+impl ErrorClass {
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::Throttled
+                | ErrorClass::Server
+                | ErrorClass::Timeout
+                | ErrorClass::Connection
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Throttled => "transient: throttled",
+            ErrorClass::Server => "transient: server error",
+            ErrorClass::Timeout => "transient: timeout",
+            ErrorClass::Connection => "transient: connection error",
+            ErrorClass::Validation => "permanent: invalid request",
+            ErrorClass::NotFound => "permanent: not found",
+            ErrorClass::Access => "permanent: access denied",
+            ErrorClass::Client => "permanent: client error",
+            ErrorClass::Local => "permanent",
+        }
+    }
+
+    /// The class of an answer AWS (or something in between) gave: its HTTP status and its
+    /// error code, when it had one. The code wins where it is known; the status decides
+    /// the rest, so any 5xx is transient and any other 4xx permanent.
+    pub fn of(status: Option<u16>, code: Option<&str>) -> ErrorClass {
+        if let Some(class) = code.and_then(class_of_code) {
+            return class;
+        }
+        match status {
+            Some(429) => ErrorClass::Throttled,
+            Some(500..=599) => ErrorClass::Server,
+            Some(408) => ErrorClass::Timeout,
+            Some(401 | 403) => ErrorClass::Access,
+            Some(404) => ErrorClass::NotFound,
+            Some(400..=499) => ErrorClass::Client,
+            // No status (no answer was read), or a 2xx/3xx that failed to parse.
+            _ => ErrorClass::Server,
         }
     }
 }
 
-/// Error codes AWS services use for throttling and transient server trouble.
-pub fn is_retryable_code(code: &str) -> bool {
-    matches!(
-        code,
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The class an error code names, when it names one.
+fn class_of_code(code: &str) -> Option<ErrorClass> {
+    let class = match code {
         "Throttling"
-            | "ThrottlingException"
-            | "ThrottledException"
-            | "RequestThrottled"
-            | "RequestThrottledException"
-            | "RequestLimitExceeded"
-            | "TooManyRequestsException"
-            | "SlowDown"
-            | "PriorRequestNotComplete"
-            | "EC2ThrottledException"
-            | "ProvisionedThroughputExceededException"
-            | "InternalServerError"
-            | "InternalFailure"
-            | "InternalError"
-            | "InternalErrorException"
-            | "ServiceUnavailable"
-            | "ServiceUnavailableException"
-            | "RequestTimeout"
-            | "RequestTimeoutException"
-    )
+        | "ThrottlingException"
+        | "ThrottledException"
+        | "RequestThrottled"
+        | "RequestThrottledException"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException"
+        | "SlowDown"
+        | "EC2ThrottledException"
+        | "BandwidthLimitExceeded"
+        | "ProvisionedThroughputExceededException"
+        | "TransactionInProgressException" => ErrorClass::Throttled,
+        "ResourceContention"
+        | "PriorRequestNotComplete"
+        | "InternalFailure"
+        | "InternalError"
+        | "InternalErrorException"
+        | "InternalServerError"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "Unavailable" => ErrorClass::Server,
+        "RequestTimeout" | "RequestTimeoutException" => ErrorClass::Timeout,
+        // SQS: a receipt that is stale, or a message no longer in flight.
+        "ReceiptHandleIsInvalid" | "MessageNotInflight" => ErrorClass::Validation,
+        "AccessDenied"
+        | "AccessDeniedException"
+        | "UnauthorizedOperation"
+        | "AuthFailure"
+        | "InvalidClientTokenId"
+        | "UnrecognizedClientException"
+        | "SignatureDoesNotMatch"
+        | "IncompleteSignature"
+        | "ExpiredToken"
+        | "ExpiredTokenException"
+        | "MissingAuthenticationToken"
+        | "OptInRequired" => ErrorClass::Access,
+        c if c.contains("NotFound") || c.starts_with("NoSuch") || c.contains("DoesNotExist") => {
+            ErrorClass::NotFound
+        }
+        c if c.starts_with("Validation")
+            || c.starts_with("InvalidParameter")
+            || c.starts_with("MissingParameter")
+            || c.starts_with("Invalid")
+            || c.starts_with("Malformed") =>
+        {
+            ErrorClass::Validation
+        }
+        _ => return None,
+    };
+    Some(class)
 }
 
 /// One message as received from SQS.
@@ -342,4 +454,109 @@ pub struct Services {
     pub ssm: std::sync::Arc<dyn Ssm>,
     pub opsworks: std::sync::Arc<dyn OpsWorks>,
     pub ecs: std::sync::Arc<dyn Ecs>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorClass::{self, *};
+
+    fn of(status: u16, code: Option<&str>) -> ErrorClass {
+        ErrorClass::of(Some(status), code)
+    }
+
+    #[test]
+    fn throttling_is_transient() {
+        for code in [
+            "Throttling",
+            "ThrottlingException",
+            "RequestThrottled",
+            "RequestLimitExceeded",
+            "TooManyRequestsException",
+            "SlowDown",
+        ] {
+            assert_eq!(of(400, Some(code)), Throttled, "{code}");
+        }
+        assert_eq!(of(429, None), Throttled);
+        assert!(Throttled.is_transient());
+    }
+
+    #[test]
+    fn resource_contention_and_every_5xx_are_transient() {
+        // AWS documents ResourceContention (HTTP 500) for CompleteLifecycleAction.
+        assert_eq!(of(500, Some("ResourceContention")), Server);
+        assert_eq!(of(500, Some("InternalFailure")), Server);
+        // A 5xx whose code nobody knows, or without any (a proxy's HTML page).
+        assert_eq!(of(500, Some("SomethingNew")), Server);
+        assert_eq!(of(502, None), Server);
+        assert_eq!(of(503, None), Server);
+        assert_eq!(of(504, None), Server);
+        assert!(Server.is_transient());
+    }
+
+    #[test]
+    fn timeouts_and_connection_errors_are_transient() {
+        assert_eq!(of(408, None), Timeout);
+        assert_eq!(of(400, Some("RequestTimeout")), Timeout);
+        assert!(Timeout.is_transient() && Connection.is_transient());
+        // An answer that could not be read at all.
+        assert_eq!(ErrorClass::of(None, None), Server);
+    }
+
+    #[test]
+    fn validation_errors_are_permanent_and_say_so() {
+        assert_eq!(of(400, Some("ValidationError")), Validation);
+        assert_eq!(of(400, Some("InvalidParameterValue")), Validation);
+        assert_eq!(of(400, Some("MissingParameter")), Validation);
+        assert_eq!(
+            ErrorClass::of(None, Some("ReceiptHandleIsInvalid")),
+            Validation
+        );
+        assert!(!Validation.is_transient());
+        assert_eq!(Validation.as_str(), "permanent: invalid request");
+    }
+
+    #[test]
+    fn not_found_is_permanent_and_says_so() {
+        assert_eq!(of(400, Some("InvalidInstanceID.NotFound")), NotFound);
+        assert_eq!(
+            of(400, Some("AWS.SimpleQueueService.NonExistentQueue")),
+            Client
+        );
+        assert_eq!(of(404, Some("NoSuchEntity")), NotFound);
+        assert_eq!(of(400, Some("ResourceNotFoundException")), NotFound);
+        assert_eq!(of(404, None), NotFound);
+        assert!(!NotFound.is_transient());
+    }
+
+    #[test]
+    fn access_errors_are_permanent_and_say_so() {
+        assert_eq!(of(403, Some("AccessDenied")), Access);
+        assert_eq!(of(400, Some("AccessDeniedException")), Access);
+        assert_eq!(of(403, Some("UnauthorizedOperation")), Access);
+        assert_eq!(of(403, None), Access);
+        assert!(!Access.is_transient());
+        assert_eq!(of(418, None), Client);
+    }
+
+    #[test]
+    fn the_code_wins_over_the_status_where_it_is_known() {
+        // SQS's throttling answer is a 400; a validation code under a 500 is still invalid.
+        assert_eq!(of(400, Some("RequestThrottled")), Throttled);
+        assert_eq!(of(500, Some("ValidationError")), Validation);
+    }
+
+    #[test]
+    fn the_message_names_the_class() {
+        let e = super::AwsError {
+            operation: "autoscaling:CompleteLifecycleAction",
+            code: Some("ResourceContention".into()),
+            message: "busy".into(),
+            class: Server,
+        };
+        assert!(e.retryable());
+        assert_eq!(
+            e.to_string(),
+            "autoscaling:CompleteLifecycleAction: ResourceContention: busy (transient: server error)"
+        );
+    }
 }

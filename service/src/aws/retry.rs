@@ -32,7 +32,7 @@ where
     loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.retryable => {
+            Err(e) if e.retryable() => {
                 // At least a short pause, so a tight deadline still spaces out the calls.
                 let delay = backoff(attempt, FIRST_DELAY, MAX_DELAY).max(Duration::from_millis(50));
                 if Instant::now() + delay > deadline {
@@ -57,7 +57,7 @@ mod tests {
             operation: "Op",
             code: Some("Throttling".into()),
             message: "Rate exceeded".into(),
-            retryable: true,
+            class: crate::aws::ErrorClass::Throttled,
         }
     }
 
@@ -101,7 +101,7 @@ mod tests {
         let start = Instant::now();
         let r: Result<(), _> =
             with_backoff(Duration::from_secs(30), || async { Err(throttled()) }).await;
-        assert!(r.unwrap_err().retryable);
+        assert!(r.unwrap_err().retryable());
         assert!(start.elapsed() <= Duration::from_secs(30));
     }
 }

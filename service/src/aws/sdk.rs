@@ -10,10 +10,11 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{
-    is_retryable_code, Action, ActionCall, AwsError, BatchResult, HookInfo, Hooks, InstanceInfo,
+    Action, ActionCall, AwsError, BatchResult, ErrorClass, HookInfo, Hooks, InstanceInfo,
     Instances, Invocation, Membership, Message, Notifier, OpsWorks, OwInstance, OwLayer, OwStack,
     Queue, Ssm, SsmCommand,
 };
@@ -54,37 +55,38 @@ pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
         .await
 }
 
-/// Turns any SDK error into an [`AwsError`], deciding once whether it is worth retrying.
-pub(super) fn classify<E, R>(operation: &'static str, err: SdkError<E, R>) -> AwsError
+/// Turns any SDK error into an [`AwsError`]; [`ErrorClass::of`] decides from the answer's
+/// HTTP status and error code whether it is worth retrying.
+pub(super) fn classify<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + 'static,
 {
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let class = match &err {
+        SdkError::TimeoutError(_) => ErrorClass::Timeout,
+        SdkError::DispatchFailure(f) if f.is_timeout() => ErrorClass::Timeout,
+        SdkError::DispatchFailure(f) if f.is_user() => ErrorClass::Local,
+        SdkError::DispatchFailure(_) => ErrorClass::Connection,
+        SdkError::ResponseError(_) => ErrorClass::of(status, None),
+        SdkError::ServiceError(_) => ErrorClass::of(status, err.code()),
+        _ => ErrorClass::Local,
+    };
     match &err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            AwsError {
-                operation,
-                code: None,
-                message: aws_smithy_error_chain(&err),
-                retryable: true,
-            }
-        }
-        SdkError::ServiceError(_) => {
-            let code = err.code().map(str::to_string);
-            let message = err.message().unwrap_or("no message").to_string();
-            let retryable = code.as_deref().is_some_and(is_retryable_code);
-            AwsError {
-                operation,
-                code,
-                message,
-                retryable,
-            }
-        }
+        SdkError::ServiceError(_) => AwsError {
+            operation,
+            code: err.code().map(str::to_string),
+            message: match (err.message(), status) {
+                (Some(m), _) => m.to_string(),
+                (None, Some(s)) => format!("HTTP {s} without an error message"),
+                (None, None) => "no message".to_string(),
+            },
+            class,
+        },
         _ => AwsError {
             operation,
             code: None,
             message: aws_smithy_error_chain(&err),
-            retryable: false,
+            class,
         },
     }
 }

@@ -43,7 +43,7 @@ use crate::step::Shared;
 use crate::store::Store;
 use crate::template::Context;
 
-pub use record::{RunReport, StepReport};
+pub use record::{printable, RunReport, StepReport};
 pub use steps::Progress;
 
 use claim::Working;
@@ -240,7 +240,7 @@ impl Pipeline {
     async fn work(&self, job: &Job, lease: &Lease, cancel: &CancellationToken) -> RunReport {
         let mut run = RunReport::new(&job.event, &self.host);
         let Some(layer) = self.layer_for(job) else {
-            return self.unmatched(job, run).await;
+            return self.unmatched(job, lease, cancel, run).await;
         };
         tracing::Span::current().record("layer", layer.name.as_str());
         run.layer = Some(layer.name.clone());
@@ -269,7 +269,9 @@ impl Pipeline {
                 return self.finish(run.ended(Outcome::Duplicate)).await;
             }
             Claim::Decided(result) => {
-                info!(%result, "steps already ran for this action; completing it");
+                info!(%result, "steps already ran for this action; completing their decision");
+                self.heartbeat(job, lease).await;
+                self.earlier_decision(job, result, &mut run).await;
                 result
             }
             Claim::Fresh { .. } | Claim::Held { .. } => {
@@ -279,13 +281,9 @@ impl Pipeline {
                 }
             }
         };
-        self.decided(job, result).await;
-        run.outcome = if run.outcome == Outcome::Failed {
-            Outcome::Failed
-        } else {
-            Outcome::Succeeded
-        };
-        self.end_action(job, result, lease, run).await
+        run.decide(result);
+        self.decided(job, &run).await;
+        self.end_action(job, result, lease, cancel, run).await
     }
 
     /// A claim that is new: heartbeat, verify, run the steps. The result to complete with,
@@ -302,7 +300,7 @@ impl Pipeline {
         // Heartbeats first: a backlogged action may be close to its timeout. (A forged
         // token's heartbeat only earns a "no active action".)
         self.heartbeat(job, lease).await;
-        let verified = self.genuine(job, run).await?;
+        let verified = self.genuine(job, run, stop).await?;
         let job = verified.as_ref().unwrap_or(job);
         self.run_steps(job, layer, run_id, run, lease, stop)
             .await
@@ -311,11 +309,35 @@ impl Pipeline {
 
     /// For a job from a message: Auto Scaling's confirmation, and the job with the hook's
     /// metadata (None: the job as it is). The outcome to end with when it is not genuine.
-    async fn genuine(&self, job: &Job, run: &mut RunReport) -> Result<Option<Job>, Outcome> {
+    /// A transient failure to ask keeps the message in flight and asks again with growing
+    /// backoff (while the action can be completed); shutdown releases it.
+    async fn genuine(
+        &self,
+        job: &Job,
+        run: &mut RunReport,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Job>, Outcome> {
         if !job.verify {
             return Ok(None);
         }
-        match self.verify(&job.event).await {
+        let until = self.completable_until(job).await;
+        let mut round = 0;
+        let answer = loop {
+            match self.verify(&job.event).await {
+                Err(e) if e.retryable() && std::time::SystemTime::now() < until => {
+                    round += 1;
+                    let delay = complete::round_delay(round, self.cfg.aws.retry_for);
+                    warn!(error = %e, round, next_in = ?delay,
+                        "cannot verify the lifecycle action yet; the message stays in flight");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => break Err(e),
+                    }
+                }
+                other => break other,
+            }
+        };
+        match answer {
             Ok(Verdict::Genuine { metadata, note }) => {
                 run.note = note.or(run.note.take());
                 let mut verified = job.clone();
@@ -330,7 +352,11 @@ impl Pipeline {
             Err(e) => {
                 warn!(error = %e, "cannot verify the lifecycle action with Auto Scaling; the message will come back");
                 run.error = Some(format!("cannot verify the lifecycle action: {e}"));
-                Err(Outcome::Retry)
+                Err(if cancel.is_cancelled() {
+                    Outcome::Released
+                } else {
+                    Outcome::Retry
+                })
             }
         }
     }
@@ -361,9 +387,10 @@ impl Pipeline {
         self.finish(run).await
     }
 
-    /// The steps are over with `result`: remember it before completing, so a crash now
-    /// only leaves the completion to do.
-    async fn decided(&self, job: &Job, result: HookResult) {
+    /// The steps are over with the run's decision: remember it (and, in the run's row, its
+    /// cause) before completing, so a crash now only leaves the completion to do.
+    async fn decided(&self, job: &Job, run: &RunReport) {
+        let Some(result) = run.decision else { return };
         // The instance is going away (its terminate action, or an ABANDONed launch, is about
         // to be completed): forget its host keys. One returning to the warm pool comes back
         // with the same keys: they stay. A run that completes nothing leaves the instance as
@@ -383,6 +410,37 @@ impl Pipeline {
         {
             warn!(error = %e, "could not record the decision; completing anyway");
         }
+        if let Some(run_id) = run.run_id {
+            let cause = run.cause.as_deref().unwrap_or_default();
+            if let Err(e) = self.store.note_decision(run_id, result, cause).await {
+                warn!(error = %e, "could not record the decision's cause");
+            }
+        }
+    }
+
+    /// A redelivery of an action whose steps already ran: the run reports the decision
+    /// recorded then, and its cause, not steps of its own.
+    async fn earlier_decision(&self, job: &Job, result: HookResult, run: &mut RunReport) {
+        let earlier = match self.store.decision_of(&job.event.token).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "cannot read the earlier run's decision");
+                None
+            }
+        };
+        let (run_id, cause) = earlier.unwrap_or_default();
+        let from = if run_id > 0 {
+            format!("decided by run {run_id}")
+        } else {
+            "decided by an earlier delivery".to_string()
+        };
+        run.cause = Some(match cause {
+            Some(c) if !c.is_empty() => format!("{from}: {c}"),
+            _ => from,
+        });
+        if result == HookResult::Abandon {
+            run.outcome = Outcome::Failed;
+        }
     }
 
     /// Completes the action with `result` (or deliberately does not), records the end.
@@ -391,6 +449,7 @@ impl Pipeline {
         job: &Job,
         result: HookResult,
         lease: &Lease,
+        cancel: &CancellationToken,
         mut run: RunReport,
     ) -> RunReport {
         let Some(action) = job.completing() else {
@@ -399,12 +458,14 @@ impl Pipeline {
             self.done(&job.event.token, Completion::NotCompleted).await;
             return self.finish(run).await;
         };
-        // Completion runs to its end even during shutdown: it is bounded by aws.retry_for.
-        let completed = self.complete(action, result).await;
+        let completed = self.complete(job, action, result, lease, cancel).await;
         run.heartbeats = lease.heartbeats();
         match completed {
             Completed::Final(c) => run.hook_result = Some(c),
             Completed::Transient(e) => {
+                // Stopped by shutdown (or the action's global timeout) while completing
+                // still failed: back after the retry delay, its decision kept for the next
+                // delivery to complete.
                 warn!(error = %e, "could not complete the lifecycle action; the message will come back");
                 run.error = Some(e.to_string());
                 return self.finish(run.ended(Outcome::Retry)).await;
@@ -415,6 +476,12 @@ impl Pipeline {
                 run.outcome = Outcome::HookError;
             }
         }
+        if run.hook_result == Some(Completion::TimedOut) {
+            run.outcome = Outcome::Failed;
+            run.error.get_or_insert_with(|| {
+                "the lifecycle action timed out before it was completed; Auto Scaling applied the hook's DefaultResult".to_string()
+            });
+        }
         self.done(
             &job.event.token,
             run.hook_result.unwrap_or(Completion::Error),
@@ -424,11 +491,19 @@ impl Pipeline {
     }
 
     /// No layer matches: record it, and complete the action if `daemon.unmatched` says so.
-    async fn unmatched(&self, job: &Job, mut run: RunReport) -> RunReport {
+    async fn unmatched(
+        &self,
+        job: &Job,
+        lease: &Lease,
+        cancel: &CancellationToken,
+        mut run: RunReport,
+    ) -> RunReport {
         run.outcome = Outcome::Unmatched;
         match (self.cfg.daemon.unmatched, job.completing()) {
             (Unmatched::Complete(result), Some(action)) => {
-                match self.complete(action, result).await {
+                run.decision = Some(result);
+                run.cause = Some("no layer matches the group (daemon.unmatched)".to_string());
+                match self.complete(job, action, result, lease, cancel).await {
                     Completed::Final(c) => run.hook_result = Some(c),
                     Completed::Transient(e) => {
                         run.error = Some(e.to_string());

@@ -12,7 +12,7 @@ use super::{Job, Pipeline};
 use crate::aws::Message;
 use crate::clock::{now_ms, rfc3339};
 use crate::event::LifecycleEvent;
-use crate::outcome::{Completion, Outcome, StepOutcome};
+use crate::outcome::{Completion, HookResult, Outcome, StepOutcome};
 use crate::store::{NewRun, RunEnd, StoreError};
 
 /// How long a rejected message's body may be in the history.
@@ -30,8 +30,13 @@ pub struct RunReport {
     pub transition: &'static str,
     pub layer: Option<String>,
     pub outcome: Outcome,
-    /// CONTINUE | ABANDON | already-finished | null (hook not completed)
+    /// What completing came to: CONTINUE | ABANDON (accepted) | already-finished |
+    /// timed-out (Auto Scaling applied the DefaultResult) | error | null (not completed).
     pub hook_result: Option<Completion>,
+    /// The result this run decided on and sent (or tried to): CONTINUE | ABANDON.
+    pub decision: Option<HookResult>,
+    /// Why that decision: every step succeeded, which step failed, an earlier run's.
+    pub cause: Option<String>,
     pub error: Option<String>,
     /// Something worth knowing about a run that went well (its metadata differed, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +69,8 @@ impl RunReport {
             layer: None,
             outcome: Outcome::Running,
             hook_result: None,
+            decision: None,
+            cause: None,
             error: None,
             note: None,
             steps: Vec::new(),
@@ -71,6 +78,22 @@ impl RunReport {
             started_at: rfc3339(now_ms()),
             finished_at: String::new(),
             host: host.to_string(),
+        }
+    }
+
+    /// The steps are over with `result`: the run's decision, its cause and its outcome
+    /// (failed when a step failed, whatever the layer's failure result).
+    pub(super) fn decide(&mut self, result: HookResult) {
+        self.decision = Some(result);
+        if self.cause.is_none() {
+            self.cause = Some(match (&self.error, self.steps.len()) {
+                (Some(e), _) => format!("{e} (the layer's on_failure: {result})"),
+                (None, 0) => "the layer has no steps for this transition".to_string(),
+                (None, n) => format!("every step succeeded ({n})"),
+            });
+        }
+        if self.outcome != Outcome::Failed {
+            self.outcome = Outcome::Succeeded;
         }
     }
 
@@ -90,6 +113,28 @@ pub(crate) fn clip(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// Text from an instance (step output, errors quoting it) made safe for a terminal:
+/// control characters (ESC and the rest of C0 and C1, newlines included) and bidi
+/// overrides are shown escaped (`\u{1b}`, `\n`) instead of acting on the screen.
+pub fn printable(s: &str) -> String {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.contains(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Pipeline {
@@ -170,6 +215,8 @@ impl Pipeline {
             let end = RunEnd {
                 outcome: run.outcome,
                 hook_result: run.hook_result.map(Completion::as_str),
+                decision: run.decision,
+                cause: run.cause.as_deref(),
                 heartbeats: run.heartbeats,
                 error: run.error.as_deref().or(run.note.as_deref()),
                 unpublished: unpublished.as_deref(),
@@ -209,5 +256,22 @@ impl Pipeline {
             info!(sent, "published result events from the outbox");
         }
         sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn terminal_escapes_from_instances_are_shown_not_obeyed() {
+        assert_eq!(printable("plain\ttext é"), "plain\ttext é");
+        assert_eq!(
+            printable("\x1b]0;owned\x07\x1b[2Jok"),
+            "\\u{1b}]0;owned\\u{7}\\u{1b}[2Jok"
+        );
+        assert_eq!(printable("a\nb\r"), "a\\nb\\r");
+        assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(printable("abc\u{202E}fed"), "abc\\u{202e}fed");
     }
 }

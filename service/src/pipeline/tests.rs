@@ -150,7 +150,7 @@ async fn a_failed_step_completes_with_the_layers_failure_result() {
 
 #[tokio::test]
 async fn an_action_finished_elsewhere_counts_as_done() {
-    let hooks = FakeHooks::default();
+    let hooks = hooks_with_timeout(60);
     hooks
         .complete_script
         .lock()
@@ -174,21 +174,99 @@ async fn an_action_finished_elsewhere_counts_as_done() {
     assert_eq!(completions(&w).len(), 1);
 }
 
+fn hooks_with_timeout(secs: u64) -> FakeHooks {
+    FakeHooks {
+        heartbeat_timeout: Duration::from_secs(secs),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_transient_completion_failure_leaves_the_message_and_skips_steps_next_time() {
-    let hooks = FakeHooks::default();
-    hooks.throttle_completions(50);
+async fn a_transient_completion_failure_keeps_the_message_in_flight_until_it_completes() {
+    let hooks = hooks_with_timeout(60);
+    // Far more throttling than aws.retry_for (1 s) covers.
+    hooks.throttle_completions(200);
     let w = world(hooks, FakeInstances::default());
     let m = message("web-1", "t1", r#"{"environment":"p"}"#);
-    assert!(matches!(handle(&w, &m).await, Ack::Release(d) if d > Duration::ZERO));
+    assert_eq!(handle(&w, &m).await, Ack::Delete, "never released");
+    assert_eq!(completions(&w).len(), 201);
+    assert_eq!(completions(&w).last(), Some(&HookResult::Continue));
+    assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert_eq!(h.len(), 1, "one run: {h:?}");
+    assert_eq!(h[0].outcome, "succeeded");
+    assert_eq!(h[0].hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(h[0].decision.as_deref(), Some("CONTINUE"));
+    assert_eq!(h[0].cause.as_deref(), Some("every step succeeded (1)"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_decision() {
+    let hooks = hooks_with_timeout(60);
+    hooks.throttle_completions(1000);
+    let w = world(hooks, FakeInstances::default());
+    // No "environment": the step fails and the layer abandons.
+    let m = message("web-1", "t1", "{}");
+    w.hooks.waiting(&instance_for("t1"), "web-1", "{}");
+    let d = Delivery::new(m.clone(), Instant::now(), w.pipeline.leases());
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        stop.cancel();
+    });
+    let outcome = w.pipeline.handle(&d, &cancel).await;
+    drop(d);
+    assert_eq!(outcome, Outcome::Retry, "released after the retry delay");
+    assert!(completions(&w).len() > 5);
+
     w.hooks.complete_script.lock().unwrap().clear();
     assert_eq!(handle(&w, &m).await, Ack::Delete);
-    assert_eq!(
-        w.instances.tagged.lock().unwrap().len(),
-        1,
-        "steps ran once"
+    assert_eq!(completions(&w).last(), Some(&HookResult::Abandon));
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    let (redelivery, first) = (&h[0], &h[1]);
+    assert_eq!(first.outcome, "retry");
+    assert_eq!(first.decision.as_deref(), Some("ABANDON"));
+    // Not "succeeded" with no steps: the decision it completed, and why.
+    assert_eq!(redelivery.outcome, "failed", "{h:?}");
+    assert_eq!(redelivery.hook_result.as_deref(), Some("ABANDON"));
+    assert_eq!(redelivery.decision.as_deref(), Some("ABANDON"));
+    let cause = redelivery.cause.as_deref().unwrap();
+    assert!(
+        cause.starts_with(&format!("decided by run {}: step 0 (tag)", first.id)),
+        "{cause}"
     );
-    assert_eq!(completions(&w).last(), Some(&HookResult::Continue));
+    assert!(redelivery.steps.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hook_that_expired_is_reported_timed_out_not_success() {
+    let hooks = hooks_with_timeout(30);
+    hooks.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .push_back(Ok(ActionCall::NotActive(
+            "No active Lifecycle Action found".into(),
+        )));
+    let w = world(
+        hooks,
+        FakeInstances {
+            delay: Duration::from_secs(600),
+            ..Default::default()
+        },
+    );
+    let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    // Sent two minutes ago, never heartbeated since: past its 30 s heartbeat timeout.
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Time"] = crate::clock::rfc3339(crate::clock::now_ms() - 120_000).into();
+    m.body = body.to_string();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    assert_eq!(h[0].hook_result.as_deref(), Some("timed-out"), "{h:?}");
+    assert_eq!(h[0].outcome, "failed");
+    assert_eq!(h[0].decision.as_deref(), Some("ABANDON"));
 }
 
 #[tokio::test]

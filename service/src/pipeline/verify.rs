@@ -157,7 +157,7 @@ impl Pipeline {
     /// The group's hooks; none when the group does not exist (AWS answers ValidationError).
     async fn group_hooks(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
         match self.hooks_of(group).await {
-            Err(e) if !e.retryable && e.code.as_deref() == Some("ValidationError") => {
+            Err(e) if !e.retryable() && e.code.as_deref() == Some("ValidationError") => {
                 Ok(Default::default())
             }
             other => other,

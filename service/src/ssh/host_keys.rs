@@ -96,3 +96,40 @@ mod tests {
         assert_eq!(console_host_keys(junk), Some(vec![]));
     }
 }
+
+/// Console output is the instance's to write: whatever it holds, reading it never panics,
+/// and what it yields is only well-formed keys, no more than it holds.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn console() -> impl Strategy<Value = String> {
+        let line = prop_oneof![
+            Just("-----BEGIN SSH HOST KEY KEYS-----".to_string()),
+            Just("-----END SSH HOST KEY KEYS-----".to_string()),
+            "(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256|ssh-dss) [A-Za-z0-9+/=]{0,40}( \\PC{0,10})?",
+            "\\PC{0,80}",
+            prop::collection::vec(any::<char>(), 0..200).prop_map(|c| c.into_iter().collect()),
+        ];
+        prop::collection::vec(line, 0..40).prop_map(|lines| lines.join("\r\n"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_console_yields_only_well_formed_keys(c in console()) {
+            if let Some(keys) = console_host_keys(&c) {
+                prop_assert!(keys.len() <= c.lines().count());
+                prop_assert!(keys.iter().map(String::len).sum::<usize>() <= c.len());
+                for k in keys {
+                    let (kind, data) = k.split_once(' ').unwrap();
+                    prop_assert!(kind.starts_with("ssh-") || kind.starts_with("ecdsa-"), "{}", k);
+                    prop_assert!(kind != "ssh-dss");
+                    prop_assert!(data.len() >= 16 && !data.contains(' '), "{}", k);
+                }
+            }
+        }
+    }
+}

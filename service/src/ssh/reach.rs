@@ -218,7 +218,7 @@ impl Remote {
                     None => "no SSH HOST KEY KEYS block in the console output yet".to_string(),
                 },
                 Ok(None) => "the console output is empty so far".to_string(),
-                Err(e) if e.retryable => e.to_string(),
+                Err(e) if e.retryable() => e.to_string(),
                 Err(e) => return ControlFlow::Break(Err(ReachError::Aws(e))),
             };
             ControlFlow::Continue(why)

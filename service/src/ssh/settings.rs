@@ -30,6 +30,9 @@ pub struct SshSettings {
     /// Before an SSH step works, wait for cloud-init to finish on the instance
     /// (`cloud-init status --wait`, within `ready_timeout`; "not installed" is ready).
     pub wait_for_cloud_init: bool,
+    /// How much of an `ssh` step's stdout (and as much of its stderr) is kept in memory:
+    /// its head and its tail; the rest is counted and left out.
+    pub output_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,7 @@ impl Default for SshSettings {
             address: AddressMode::PrivateIp,
             host_key_check: HostKeyCheck::Console,
             wait_for_cloud_init: true,
+            output_max_bytes: 4 << 20,
         }
     }
 }
@@ -219,6 +223,11 @@ impl SshSettings {
                         .ok_or_else(|| "must be true or false".to_string())
                 })
                 .unwrap_or(d.wait_for_cloud_init),
+            output_max_bytes: f.int(
+                "output_max_bytes",
+                4096..=1 << 30,
+                d.output_max_bytes as i64,
+            ) as usize,
         };
         if s.jump_known_hosts.is_some() && s.jump_host.is_none() {
             f.error("jump_known_hosts", "only used with ssh.jump_host");

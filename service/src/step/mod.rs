@@ -4,6 +4,9 @@
 //! lives in its own file and owns its config syntax (`parse`) and its behaviour (`run`).
 //! Every step is safe to repeat: at-least-once delivery and crash recovery re-run them.
 //! Running steps in order, heartbeating and completing the hook is the pipeline's job.
+//! Beside the step kinds: `output.rs` (a child's output held as head and tail within a
+//! budget, streamed to a log) and `child.rs` (stopping a child's process group: TERM, a
+//! grace, KILL).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,9 +21,11 @@ use crate::ssh::{Reach, ReachError, Remote, Target};
 use crate::template::{Context, Template, Vars};
 
 pub mod ansible;
+pub mod child;
 pub mod ecs_drain;
 pub mod gather;
 pub mod opsworks;
+pub mod output;
 pub mod ssh;
 pub mod ssm;
 pub mod tag;

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::setting::ConfigError;
 use crate::template::{Context, Template, Vars};
 
+use super::output::{drain, HeadTail};
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
 const EXCERPT: usize = 800;
@@ -114,13 +115,14 @@ impl Ssh {
             ctx.shared.remote.as_ref().ok_or_else(|| {
                 StepError::NotReady("SSH is not available in this mode".to_string())
             })?;
+        let budget = remote.settings().output_max_bytes;
         let (target, session) = ctx.reach(remote).await?;
         let mut details = Vec::new();
         let mut failure = None;
         let commands = async {
             for (cmd, stdin) in &work {
                 ctx.note(format!("running {cmd:?} on {}", target.address));
-                match run_one(&session, cmd, stdin.as_deref()).await {
+                match run_one(&session, cmd, stdin.as_deref(), budget).await {
                     Ok(text) => details.push(text),
                     Err(text) => {
                         failure = Some(text);
@@ -181,57 +183,73 @@ impl Ssh {
 }
 
 /// One command over the session: its exit code and output for the history, as Ok when it
-/// succeeded and Err when it failed (or could not run).
+/// succeeded and Err when it failed (or could not run). Its stdin (a script) is written
+/// while its output is read, and of its output only head and tail (`budget` bytes each for
+/// stdout and stderr) are ever held.
 async fn run_one(
     session: &openssh::Session,
     cmd: &str,
     stdin: Option<&[u8]>,
+    budget: usize,
 ) -> Result<String, String> {
+    let failed = |e: openssh::Error| format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e));
     let mut c = session.raw_command(cmd);
     c.stdout(openssh::Stdio::piped())
-        .stderr(openssh::Stdio::piped());
-    if stdin.is_some() {
-        c.stdin(openssh::Stdio::piped());
-    } else {
-        c.stdin(openssh::Stdio::null());
-    }
-    let out = match stdin {
-        None => c.output().await,
-        Some(body) => run_with_stdin(&mut c, body).await,
+        .stderr(openssh::Stdio::piped())
+        .stdin(match stdin {
+            Some(_) => openssh::Stdio::piped(),
+            None => openssh::Stdio::null(),
+        });
+    let mut child = c.spawn().await.map_err(failed)?;
+    let (input, out_pipe, err_pipe) = (
+        child.stdin().take(),
+        child.stdout().take(),
+        child.stderr().take(),
+    );
+    let (mut out, mut err) = (HeadTail::new(budget), HeadTail::new(budget));
+    let feed = async {
+        use tokio::io::AsyncWriteExt as _;
+        if let (Some(mut w), Some(body)) = (input, stdin) {
+            // A command that stops reading early is not an error of ours: its exit says.
+            let _ = w.write_all(body).await;
+            let _ = w.shutdown().await;
+        }
     };
-    let out = out.map_err(|e| format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e)))?;
-    let code = out.status.code();
+    let read_out = async {
+        if let Some(r) = out_pipe {
+            let _ = drain(r, &mut out, None).await;
+        }
+    };
+    let read_err = async {
+        if let Some(r) = err_pipe {
+            let _ = drain(r, &mut err, None).await;
+        }
+    };
+    tokio::join!(feed, read_out, read_err);
+    let status = child.wait().await.map_err(failed)?;
+    let code = status.code();
     let text = format!(
-        "$ {cmd} -> exit {}\n{}{}",
+        "$ {cmd} -> exit {}{}\n{}{}",
         code.map(|c| c.to_string())
             .unwrap_or_else(|| "by signal".into()),
-        lines("", &out.stdout),
-        lines("stderr: ", &out.stderr)
+        match out.total() + err.total() {
+            0 => String::new(),
+            n => format!(" ({n} bytes of output)"),
+        },
+        lines("", &out),
+        lines("stderr: ", &err)
     );
-    info!(command = %cmd, exit = ?code, "ssh command finished");
-    if out.status.success() {
+    info!(command = %cmd, exit = ?code, stdout_bytes = out.total(), stderr_bytes = err.total(), "ssh command finished");
+    if status.success() {
         Ok(text)
     } else {
         Err(text)
     }
 }
 
-async fn run_with_stdin(
-    c: &mut openssh::OwningCommand<&openssh::Session>,
-    body: &[u8],
-) -> Result<std::process::Output, openssh::Error> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = c.spawn().await?;
-    if let Some(mut stdin) = child.stdin().take() {
-        let _ = stdin.write_all(body).await;
-        let _ = stdin.shutdown().await;
-    }
-    child.wait_with_output().await
-}
-
-/// An output excerpt as its own line(s), or nothing.
-fn lines(label: &str, b: &[u8]) -> String {
-    match tail(&String::from_utf8_lossy(b), EXCERPT) {
+/// An output excerpt (its end) as its own line(s), or nothing.
+fn lines(label: &str, kept: &HeadTail) -> String {
+    match tail(&kept.text(), EXCERPT) {
         e if e.is_empty() => e,
         e => format!("{label}{e}\n"),
     }

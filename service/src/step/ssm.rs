@@ -234,7 +234,7 @@ async fn run_batch(
                     latest.insert(inv.instance_id.clone(), inv);
                 }
             }
-            Err(e) if e.retryable => {
+            Err(e) if e.retryable() => {
                 warn!(error = %e, "cannot list command invocations yet; will retry")
             }
             Err(e) => return vec![Err(format!("command {command_id}: {e}")); ids.len()],

@@ -7,18 +7,20 @@
 //! batching) nor how the callback's document becomes per-host results (see `results`).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt as _;
 use tracing::{info, warn};
 
 use crate::cache::TtlCache;
 use crate::secret::{Secret, SecretFile, Source};
 use crate::ssh::{Remote, Target};
+use crate::step::child::{Group, GRACE};
+use crate::step::output::{drain, HeadTail, LogSink};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
@@ -55,7 +57,7 @@ impl Runner {
         state_dir: &Path,
     ) -> std::io::Result<Arc<Runner>> {
         let log_dir = state_dir.join("ansible-logs");
-        std::fs::create_dir_all(&log_dir)?;
+        crate::secret::create_private_dir(&log_dir)?;
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
@@ -179,23 +181,37 @@ impl Runner {
             c.arg("--vault-password-file").arg(v.path());
         }
         c.arg(&playbook);
-        c.process_group(0);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
         info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
         let started = std::time::Instant::now();
-        let finished = self.run_to_end(c, key, &cp).await;
+        let (log, sink) = self.open_log(key, targets);
+        let finished = self.run_to_end(c, key, &cp, dir.path(), &sink).await;
         drop(vault);
-        let (stdout, stderr, status) = finished?;
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&stdout),
-            String::from_utf8_lossy(&stderr),
-        );
-        let log = self.write_log(key, targets, &status, &stdout, &stderr, started.elapsed());
-        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?status.code(), elapsed_ms = started.elapsed().as_millis() as u64, log = %log, "ansible-playbook finished");
-        let doc = parse_results(&stdout);
+        let run = finished?;
+        let elapsed = started.elapsed();
+        self.finish_log(sink, &run, dir.path(), elapsed);
+        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
+            stdout_bytes = run.stdout.total(), stderr_bytes = run.stderr.total(), log = %log, "ansible-playbook finished");
+        let stderr = run.stderr.text();
+        if run.stdout.omitted() > 0 {
+            let e = format!(
+                "ansible-playbook's results ({} bytes) exceed ansible.output_max_bytes: see the log {log}",
+                run.stdout.total()
+            );
+            return Ok(targets.iter().map(|_| Err(e.clone())).collect());
+        }
+        let doc = parse_results(&run.stdout.text());
         Ok(targets
             .iter()
-            .map(|t| host_result(t.id.as_str(), doc.as_ref(), status.code(), &stderr, &log))
+            .map(|t| {
+                host_result(
+                    t.id.as_str(),
+                    doc.as_ref(),
+                    run.status.code(),
+                    &stderr,
+                    &log,
+                )
+            })
             .collect())
     }
 
@@ -266,54 +282,70 @@ impl Runner {
         Ok(c)
     }
 
-    /// Runs the command to its end or the step's timeout (then its whole process group
-    /// goes), and closes the ssh masters it left: its stdout, stderr and exit status.
+    /// Runs the command to its end or the step's timeout (then its whole process group is
+    /// stopped: SIGTERM, a grace, SIGKILL), and closes the ssh masters it left. Its output
+    /// is read as it comes: stderr streamed to the log, stdout to a file in the run's
+    /// directory (for the log's results section), each kept in memory as head and tail
+    /// within `ansible.output_max_bytes`.
     async fn run_to_end(
         &self,
         mut c: tokio::process::Command,
         key: &BatchKey,
         cp: &Path,
-    ) -> Result<(Vec<u8>, Vec<u8>, std::process::ExitStatus), String> {
+        dir: &Path,
+        log: &Mutex<LogSink>,
+    ) -> Result<Finished, String> {
         let mut child = c
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.settings.program.display()))?;
-        let group = ProcessGroup(child.id());
-        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let group = Group::of(&child, GRACE);
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let budget = self.settings.output_max_bytes;
+        let (mut stdout, mut stderr) = (HeadTail::new(budget), HeadTail::new(budget));
+        let results = crate::secret::create_private_file(&dir.join("stdout"))
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(dir.join("stdout"))
+            })
+            .map(|f| Mutex::new(LogSink::new(f, self.settings.log_max_bytes)))
+            .ok();
         let io = async {
-            let (mut o, mut e) = (Vec::new(), Vec::new());
-            let _ = tokio::join!(out.read_to_end(&mut o), err.read_to_end(&mut e));
-            let status = child.wait().await;
-            (o, e, status)
+            let _ = tokio::join!(
+                drain(out, &mut stdout, results.as_ref()),
+                drain(err, &mut stderr, Some(log))
+            );
+            child.wait().await
         };
         let finished = tokio::time::timeout(key.timeout, io).await;
-        match finished {
-            Ok(_) => group.disarm(),
-            // Past the timeout: the whole group goes (ansible-playbook, its forks, their ssh).
-            Err(_) => drop(group),
-        }
+        let status = match finished {
+            Ok(status) => {
+                group.disarm();
+                status.map_err(|e| e.to_string())
+            }
+            Err(_) => {
+                group.stop(&mut child).await;
+                Err(format!(
+                    "ansible-playbook {} did not finish within {}; stopped",
+                    key.playbook,
+                    humantime::format_duration(key.timeout)
+                ))
+            }
+        };
         // Ansible's ssh masters (ControlPersist) detach from the run's process group and
         // would outlive it by a minute, holding a session on every instance, with their
         // socket directory about to be removed: closed after every run, timed out or not.
         close_masters(cp).await;
-        let (stdout, stderr, status) = finished.map_err(|_| {
-            format!(
-                "ansible-playbook {} did not finish within {}; stopped",
-                key.playbook,
-                humantime::format_duration(key.timeout)
-            )
-        })?;
-        Ok((stdout, stderr, status.map_err(|e| e.to_string())?))
+        Ok(Finished {
+            status: status?,
+            stdout,
+            stderr,
+        })
     }
 
-    fn write_log(
-        &self,
-        key: &BatchKey,
-        targets: &[Target],
-        status: &std::process::ExitStatus,
-        stdout: &str,
-        stderr: &str,
-        elapsed: Duration,
-    ) -> String {
+    /// The run's log, opened before it starts (0600), with what the run is; stderr is
+    /// streamed into it as it comes. Returns its name (for the history) and the sink.
+    fn open_log(&self, key: &BatchKey, targets: &[Target]) -> (String, Mutex<LogSink>) {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -324,32 +356,52 @@ impl Runner {
             key.playbook.replace('/', "_")
         );
         let path = self.log_dir.join(&name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .or_else(|e| {
+                warn!(error = %e, path = %path.display(), "cannot write the ansible log");
+                std::fs::OpenOptions::new().write(true).open("/dev/null")
+            })
+            .expect("/dev/null opens");
+        let mut sink = LogSink::new(file, self.settings.log_max_bytes);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        let mut text = format!(
-            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\nexit: {:?}\nelapsed: {:.1}s\n\n--- stderr ---\n{stderr}\n--- results (provision_json) ---\n{stdout}\n",
+        sink.note(&format!(
+            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\n\n--- stderr ---\n",
             key.playbook,
             key.layer,
             key.transition,
             ids.join(" "),
             key.runner.strategy.as_str(),
             key.runner.pipelining,
-            status.code(),
-            elapsed.as_secs_f64()
-        );
-        let max = self.settings.log_max_bytes as usize;
-        if text.len() > max {
-            let mut cut = max.saturating_sub(64);
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push_str("\n[log truncated at ansible.log_max_bytes]\n");
-        }
-        if let Err(e) = std::fs::write(&path, text) {
-            warn!(error = %e, path = %path.display(), "cannot write the ansible log");
-        }
+        ));
         self.prune_logs();
-        path.display().to_string()
+        (path.display().to_string(), Mutex::new(sink))
+    }
+
+    /// The end of the log: the results document (from the run's directory), the exit status
+    /// and the time taken.
+    fn finish_log(&self, sink: Mutex<LogSink>, run: &Finished, dir: &Path, elapsed: Duration) {
+        let mut sink = sink.into_inner().unwrap();
+        sink.note("\n--- results (provision_json) ---\n");
+        if let Ok(mut f) = std::fs::File::open(dir.join("stdout")) {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = std::io::Read::read(&mut f, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.write(&buf[..n]);
+            }
+        }
+        sink.note(&format!(
+            "\n--- end ---\nexit: {:?}\nelapsed: {:.1}s\nstdout: {} bytes\nstderr: {} bytes\n",
+            run.status.code(),
+            elapsed.as_secs_f64(),
+            run.stdout.total(),
+            run.stderr.total()
+        ));
     }
 
     fn prune_logs(&self) {
@@ -373,7 +425,8 @@ impl Runner {
 
 /// `ansible-playbook`, run in the playbook directory, with an environment built from
 /// scratch: PATH, HOME, the service's `ANSIBLE_*` settings (minus those this service
-/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining), the
+/// decides: callback, host key checking, vault, ssh arguments, strategy, pipelining; the
+/// environment wins over any ansible.cfg, so those stay decided here), the
 /// service's Mitogen tuning (`MITOGEN_POOL_SIZE`, `MITOGEN_CPU_COUNT`), a UTF-8 locale, host
 /// key checking on. Nothing else is inherited.
 pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
@@ -383,7 +436,9 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        // Stopped as a group (TERM, a grace, KILL: step::child), never the leader alone.
+        .kill_on_drop(false)
+        .process_group(0);
     for (k, v) in std::env::vars_os() {
         let name = k.to_string_lossy();
         let keep = matches!(
@@ -421,6 +476,13 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
         .env("LC_ALL", "C.UTF-8")
         .env("PYTHONUNBUFFERED", "1")
         .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        // ansible-core's own default, set so that an ansible.cfg (in the playbook directory
+        // or ~) cannot: its `ssh_args` come first on ssh's command line, where the first
+        // `-o StrictHostKeyChecking` / `UserKnownHostsFile` wins over the inventory's.
+        .env(
+            "ANSIBLE_SSH_ARGS",
+            "-C -o ControlMaster=auto -o ControlPersist=60s",
+        )
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
         .env("ANSIBLE_NOCOLOR", "1");
     c
@@ -455,15 +517,30 @@ pub async fn syntax_check(
         c.arg("--vault-password-file").arg(v.path());
     }
     c.arg(&path);
-    let out = tokio::time::timeout(Duration::from_secs(120), c.output())
-        .await
-        .map_err(|_| "ansible-playbook --syntax-check did not finish in 2m".to_string())?
+    let mut child = c
+        .spawn()
         .map_err(|e| format!("cannot run {}: {e}", settings.program.display()))?;
-    if out.status.success() {
+    let group = Group::of(&child, GRACE);
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (mut stdout, mut stderr) = (HeadTail::new(EXCERPT * 4), HeadTail::new(EXCERPT * 4));
+    let io = async {
+        let _ = tokio::join!(drain(out, &mut stdout, None), drain(err, &mut stderr, None));
+        child.wait().await
+    };
+    let status = match tokio::time::timeout(Duration::from_secs(120), io).await {
+        Ok(status) => {
+            group.disarm();
+            status.map_err(|e| format!("waiting for {}: {e}", settings.program.display()))?
+        }
+        Err(_) => {
+            group.stop(&mut child).await;
+            return Err("ansible-playbook --syntax-check did not finish in 2m".to_string());
+        }
+    };
+    if status.success() {
         Ok(())
     } else {
-        let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(tail(&text, EXCERPT))
+        Err(tail(stderr.text().trim(), EXCERPT))
     }
 }
 
@@ -495,25 +572,11 @@ fn group_name(layer: &str) -> String {
     layer.replace('-', "_")
 }
 
-/// Kills the whole process group of a run (ansible-playbook, its workers, their ssh)
-/// unless disarmed: on timeout, and when the run is dropped at shutdown.
-struct ProcessGroup(Option<u32>);
-
-impl ProcessGroup {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: kill(2) with a negative pid signals the group this run created.
-            unsafe {
-                libc::kill(-(pid as i32), libc::SIGKILL);
-            }
-        }
-    }
+/// What a finished run left: its exit status and its output, bounded.
+struct Finished {
+    status: std::process::ExitStatus,
+    stdout: HeadTail,
+    stderr: HeadTail,
 }
 
 /// The run's extra vars: the step's rendered vars plus the layer and transition.

@@ -75,6 +75,9 @@ pub struct AnsibleSettings {
     pub runner: RunnerChoice,
     pub vault_password: Option<Source>,
     pub log_max_bytes: u64,
+    /// How much of a run's stdout (the results document) and of its stderr is held in
+    /// memory: head and tail, each within this; everything streams to the log.
+    pub output_max_bytes: usize,
     pub log_keep: usize,
 }
 
@@ -93,7 +96,28 @@ impl Default for AnsibleSettings {
             },
             vault_password: None,
             log_max_bytes: 1 << 20,
+            output_max_bytes: 4 << 20,
             log_keep: 200,
+        }
+    }
+}
+
+/// An integer setting within `lo..=hi`; None (and the error noted) otherwise.
+fn int_in(
+    v: &toml::Value,
+    key: &str,
+    lo: i64,
+    hi: i64,
+    errs: &mut Vec<ConfigError>,
+) -> Option<i64> {
+    match v.as_integer() {
+        Some(n) if (lo..=hi).contains(&n) => Some(n),
+        _ => {
+            errs.push(ConfigError::new(
+                key,
+                format!("must be a number {lo}..={hi}"),
+            ));
+            None
         }
     }
 }
@@ -109,16 +133,7 @@ impl AnsibleSettings {
         if let Some(t) = t {
             for (k, v) in t {
                 let key = format!("ansible.{k}");
-                let int = |lo: i64, hi: i64, errs: &mut Vec<ConfigError>| match v.as_integer() {
-                    Some(n) if (lo..=hi).contains(&n) => Some(n),
-                    _ => {
-                        errs.push(ConfigError::new(
-                            &key,
-                            format!("must be a number {lo}..={hi}"),
-                        ));
-                        None
-                    }
-                };
+                let int = |lo, hi, errs: &mut Vec<ConfigError>| int_in(v, &key, lo, hi, errs);
                 match k.as_str() {
                     "playbook_dir" | "ansible_playbook" => match v.as_str() {
                         Some(p) if !p.is_empty() => {
@@ -151,8 +166,12 @@ impl AnsibleSettings {
                     },
                     "max_batch" => s.max_batch = int(1, 500, errs).unwrap_or(50) as usize,
                     "forks" => s.forks = int(1, 500, errs).map(|n| n as usize),
-                    "log_max_bytes" => {
-                        s.log_max_bytes = int(4096, 1 << 30, errs).unwrap_or(1 << 20) as u64
+                    "log_max_bytes" | "output_max_bytes" => {
+                        let n = int(4096, 1 << 30, errs);
+                        match k.as_str() {
+                            "log_max_bytes" => s.log_max_bytes = n.unwrap_or(1 << 20) as u64,
+                            _ => s.output_max_bytes = n.unwrap_or(4 << 20) as usize,
+                        }
                     }
                     "log_keep" => s.log_keep = int(1, 100_000, errs).unwrap_or(200) as usize,
                     "vault_password" => match Source::parse(v, &key) {

@@ -1,0 +1,552 @@
+//! Faults, crashes and outages against the real binary and the emulator: whatever happens,
+//! every lifecycle action ends with the right result, no message loops, nothing reaches the
+//! dead-letter queue, and the history says what happened.
+//!
+//! Faults come from the emulator (`/_emulator/faults`: throttling, HTTP 500 with and without
+//! an error code, ResourceContention, a 503 HTML page, connection resets, delays; per
+//! operation and count). The SDK makes one attempt a call (`aws.max_attempts = 1`) so every
+//! fault reaches provision's own classification. Every queue here has a redrive policy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, Aws, Emulator, Provision, Queue};
+use serde_json::{json, Value};
+
+const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
+
+/// Every transient fault the emulator can answer with.
+const TRANSIENT: [&str; 6] = [
+    "contention",
+    "server",
+    "server-nocode",
+    "html",
+    "reset",
+    "throttle",
+];
+
+const WEB_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+on_failure = "abandon"
+launch = [ { tag = { Name = "web-{instance_id}", Layer = "{layer}" } } ]
+"#;
+
+/// A group `group` of `n` instances waiting in Pending:Wait, its launch hook notifying a
+/// queue whose redrive policy dead-letters after `max_receives` receives.
+struct World {
+    emu: Emulator,
+    aws: Aws,
+    q: Queue,
+    dlq: Queue,
+    group: String,
+}
+
+async fn world(group: &str, n: i32, heartbeat: i32, max_receives: u32) -> World {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let (q, dlq) = aws.queue_with_dlq("lifecycle", max_receives).await;
+    aws.group(group).await;
+    aws.hook(
+        group,
+        "provision-launch",
+        "autoscaling:EC2_INSTANCE_LAUNCHING",
+        Some(&q.arn),
+        heartbeat,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale(group, n).await;
+    World {
+        emu,
+        aws,
+        q,
+        dlq,
+        group: group.to_string(),
+    }
+}
+
+impl World {
+    /// Each transient fault once, in order, on one operation.
+    fn each_transient_fault(&self, service: &str, action: &str) {
+        for kind in TRANSIENT {
+            self.emu
+                .fault(json!({"service": service, "action": action, "count": 1, "error": kind}));
+        }
+    }
+
+    fn calls(&self, op: &str) -> u64 {
+        self.emu
+            .calls()
+            .get(op)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    async fn wait_calls(&self, op: &str, n: u64) {
+        eventually(
+            &format!("{n} calls of {op}"),
+            Duration::from_secs(60),
+            || async { (self.calls(op) >= n).then_some(()) },
+        )
+        .await;
+    }
+
+    async fn wait_finished(&self, n: usize) {
+        eventually(
+            &format!("{n} actions to finish"),
+            Duration::from_secs(120),
+            || async { (self.emu.finished_actions().len() >= n).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Every action completed once, by provision, with CONTINUE; its instance tagged and in
+    /// service; the queue empty and nothing dead-lettered.
+    async fn assert_all_continued(&self, n: usize) {
+        let actions = self.emu.finished_actions();
+        assert_eq!(actions.len(), n, "{actions:?}");
+        for a in &actions {
+            assert_eq!(a["finished_by"], "complete", "{a}");
+            assert_eq!(a["result"], "CONTINUE", "{a}");
+            assert_eq!(a["completions"], 1, "{a}");
+        }
+        let instances = self.aws.instances(&self.group).await;
+        assert_eq!(instances.len(), n);
+        for (id, state) in &instances {
+            assert_eq!(state, "InService", "{id}");
+            let tags = self.aws.tags(id).await;
+            assert_eq!(tags.get("Name"), Some(&format!("web-{id}")), "{id}");
+        }
+        eventually("the queue to be empty", Duration::from_secs(30), || async {
+            (self.aws.approximate_messages(&self.q).await == (0, 0)).then_some(())
+        })
+        .await;
+        assert_eq!(
+            self.aws.approximate_messages(&self.dlq).await,
+            (0, 0),
+            "nothing is dead-lettered"
+        );
+    }
+}
+
+/// The history tells the truth: one succeeded run per instance, CONTINUE sent because every
+/// step succeeded, and no run that ended otherwise except those `allowed`.
+fn assert_history(p: &Provision, n: usize, allowed: &[&str]) -> Vec<provision::store::RunRow> {
+    let runs = p.history();
+    let succeeded: Vec<_> = runs.iter().filter(|r| r.outcome == "succeeded").collect();
+    let mut ids: Vec<_> = succeeded.iter().map(|r| r.instance_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "one succeeded run per instance: {runs:#?}");
+    assert_eq!(succeeded.len(), n, "{runs:#?}");
+    for r in &succeeded {
+        assert_eq!(r.hook_result.as_deref(), Some("CONTINUE"), "{r:?}");
+        assert_eq!(r.decision.as_deref(), Some("CONTINUE"), "{r:?}");
+        assert!(r.cause.is_some(), "{r:?}");
+    }
+    for r in &runs {
+        let ok = ["succeeded", "skipped"].contains(&r.outcome.as_str())
+            || allowed.contains(&r.outcome.as_str());
+        assert!(ok, "unexpected run: {r:?}");
+    }
+    runs
+}
+
+fn fast(extra: &str) -> String {
+    format!("[aws]\nmax_attempts = 1\n{extra}\n{WEB_LAYER}")
+}
+
+// ---- one path at a time: every transient fault is retried, never taken as permanent ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_rides_out_every_transient_fault() {
+    let w = world("web-c", 1, 300, 2).await;
+    w.each_transient_fault("autoscaling", "CompleteLifecycleAction");
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 7, "{log}");
+    for class in [
+        "transient: server error",
+        "transient: throttled",
+        "transient: connection error",
+    ] {
+        assert!(log.contains(class), "{class} not in:\n{log}");
+    }
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_ride_out_transient_faults() {
+    // A 6 s heartbeat timeout (beats every 2 s) and a step of 8 s: without heartbeats
+    // getting through, the action would time out and be abandoned.
+    let w = world("web-h", 1, 6, 2).await;
+    w.emu
+        .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
+    for kind in ["contention", "server-nocode", "html", "reset"] {
+        w.emu.fault(json!({"service": "autoscaling", "action": "RecordLifecycleActionHeartbeat", "count": 1, "error": kind}));
+    }
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"10s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        w.calls("autoscaling:RecordLifecycleActionHeartbeat") >= 5,
+        "{log}"
+    );
+    assert!(log.contains("heartbeat failed; will retry"), "{log}");
+    w.assert_all_continued(1).await;
+    let runs = assert_history(&p, 1, &[]);
+    assert!(runs.iter().any(|r| r.heartbeats >= 1), "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagging_rides_out_every_transient_fault() {
+    let w = world("web-t", 1, 300, 2).await;
+    w.each_transient_fault("ec2", "CreateTags");
+    // Room for six backoffs (at most 0.5 + 1 + 2 + 4 + 8 + 16 s).
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"40s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(w.calls("ec2:CreateTags"), 7, "{log}");
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_command_rides_out_every_transient_fault() {
+    let w = world("web-s", 1, 300, 2).await;
+    w.each_transient_fault("ssm", "SendCommand");
+    let layer = r#"
+[ssm]
+batch_window = "1s"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  { tag = { Name = "web-{instance_id}" } },
+  { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["echo configured"] } } },
+]
+"#;
+    let p = Provision::new(
+        &w.emu,
+        &w.q,
+        None,
+        &format!("[aws]\nmax_attempts = 1\nretry_for = \"40s\"\n{layer}"),
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(w.calls("ssm:SendCommand"), 7, "{log}");
+    let ssm = w.emu.control("GET", "/_emulator/ssm", None);
+    assert_eq!(ssm["commands"].as_array().unwrap().len(), 1, "{ssm}");
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_rides_out_every_transient_fault() {
+    let w = world("web-p", 1, 300, 2).await;
+    let (topic, results) = w.aws.topic_with_queue("results").await;
+    w.each_transient_fault("sns", "PublishBatch");
+    let p = Provision::new(&w.emu, &w.q, Some(&topic), &fast("retry_for = \"40s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(w.calls("sns:PublishBatch"), 7, "{log}");
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+    let events = w.aws.results(&results).await;
+    assert_eq!(events.len(), 1, "published once: {events:?}");
+    assert_eq!(events[0]["outcome"], "succeeded");
+    assert_eq!(events[0]["hook_result"], "CONTINUE");
+    assert_eq!(events[0]["decision"], "CONTINUE");
+    assert_eq!(events[0]["cause"], "every step succeeded (1)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_rides_out_every_transient_fault() {
+    let w = world("web-d", 1, 300, 2).await;
+    w.each_transient_fault("sqs", "DeleteMessageBatch");
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"40s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert!(w.calls("sqs:DeleteMessageBatch") >= 7, "{log}");
+    w.assert_all_continued(1).await;
+    // Deleted, not come back: no duplicate run.
+    assert_history(&p, 1, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_verifying_and_extending_ride_out_every_transient_fault() {
+    let w = world("web-v", 1, 300, 2).await;
+    // Two faults on receiving (the daemon backs off up to a minute between failed
+    // receives), every kind on the others.
+    for kind in ["html", "reset"] {
+        w.emu.fault(
+            json!({"service": "sqs", "action": "ReceiveMessage", "count": 1, "error": kind}),
+        );
+    }
+    for (service, action) in [
+        ("autoscaling", "DescribeAutoScalingGroups"),
+        ("autoscaling", "DescribeLifecycleHooks"),
+        ("sqs", "ChangeMessageVisibilityBatch"),
+    ] {
+        w.each_transient_fault(service, action);
+    }
+    // A slow step and a short visibility timeout: the message's visibility is extended
+    // (through the faults, which take a few of the 5 s left when extending starts) while
+    // the step runs.
+    w.emu
+        .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 12}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
+    p.edit_config(
+        "visibility_timeout = \"30s\"",
+        "visibility_timeout = \"10s\"",
+    );
+    let mut daemon = p.daemon();
+    w.wait_finished(1).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    for op in [
+        "ReceiveMessage",
+        "DescribeAutoScalingGroups",
+        "ChangeMessageVisibilityBatch",
+    ] {
+        assert!(log.contains(op), "no fault on {op} seen:\n{log}");
+    }
+    assert!(w.calls("sqs:ChangeMessageVisibilityBatch") >= 7, "{log}");
+    w.assert_all_continued(1).await;
+    // Verified and worked in one delivery: the message never came back.
+    let runs = assert_history(&p, 1, &[]);
+    assert_eq!(
+        runs.iter().filter(|r| r.instance_id.is_some()).count(),
+        1,
+        "{runs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_is_named_and_ends_the_run() {
+    let w = world("web-x", 1, 300, 2).await;
+    // The hook disappears under the worker: completing is refused for good.
+    w.emu
+        .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 3}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
+    let mut daemon = p.daemon();
+    w.wait_calls("ec2:CreateTags", 1).await;
+    w.aws
+        .asg
+        .delete_lifecycle_hook()
+        .auto_scaling_group_name(&w.group)
+        .lifecycle_hook_name("provision-launch")
+        .send()
+        .await
+        .unwrap();
+    eventually("the run to end", Duration::from_secs(60), || async {
+        p.history()
+            .into_iter()
+            .find(|r| r.instance_id.is_some() && r.outcome != "running")
+    })
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    let run = p
+        .history()
+        .into_iter()
+        .find(|r| r.instance_id.is_some())
+        .unwrap();
+    // Refused for good, and said so: not retried, not taken for success.
+    assert_eq!(run.outcome, "hook-error", "{run:?}");
+    let error = run.error.as_deref().unwrap();
+    assert!(error.contains("(permanent: invalid request)"), "{error}");
+    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 1);
+    assert_eq!(w.aws.approximate_messages(&w.dlq).await, (0, 0));
+}
+
+// ---- transient faults never spend the dead-letter budget ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_far_past_retry_for_keeps_the_message_in_flight_not_dead_lettered() {
+    let w = world("web-dl", 1, 300, 2).await;
+    w.emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": -1, "error": "throttle"}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
+    // A 3 s visibility timeout: a message released after retry_for would be received
+    // again (and dead-lettered on its third receive) many times over.
+    p.edit_config(
+        "visibility_timeout = \"30s\"",
+        "visibility_timeout = \"3s\"",
+    );
+    let mut daemon = p.daemon();
+    // Throttled for far longer than aws.retry_for and the visibility timeout.
+    w.wait_calls("autoscaling:CompleteLifecycleAction", 8).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(w.emu.finished_actions().is_empty());
+    w.emu.control("DELETE", "/_emulator/faults", None);
+    w.wait_finished(1).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("the message stays in flight"), "{log}");
+    assert!(
+        log.contains("ChangeMessageVisibility") || w.calls("sqs:ChangeMessageVisibilityBatch") > 0
+    );
+    w.assert_all_continued(1).await;
+    // One delivery, one run: the message never came back.
+    let runs = assert_history(&p, 1, &[]);
+    assert_eq!(
+        runs.iter().filter(|r| r.instance_id.is_some()).count(),
+        1,
+        "{runs:#?}"
+    );
+}
+
+// ---- SIGKILL of the worker at each stage, then a fresh worker ----
+
+/// Kills the daemon once `op` was called `calls` times (held there by `faults`), then
+/// runs a fresh daemon to the end. Returns its history.
+async fn kill_at(
+    stage: &str,
+    faults: &[Value],
+    op: &str,
+    calls: u64,
+    topic: bool,
+) -> (World, Provision) {
+    let w = world(&format!("web-{stage}"), 1, 300, 3).await;
+    let topic = match topic {
+        true => Some(w.aws.topic_with_queue("results").await.0),
+        false => None,
+    };
+    let p = Provision::new(&w.emu, &w.q, topic.as_deref(), &fast("retry_for = \"1s\""));
+    p.edit_config(
+        "visibility_timeout = \"30s\"",
+        "visibility_timeout = \"3s\"",
+    );
+    for f in faults {
+        w.emu.fault(f.clone());
+    }
+    let mut first = p.daemon();
+    w.wait_calls(op, calls).await;
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    w.emu.control("DELETE", "/_emulator/faults", None);
+
+    let mut second = p.daemon();
+    w.wait_finished(1).await;
+    eventually("the queue to be empty", Duration::from_secs(60), || async {
+        (w.aws.approximate_messages(&w.q).await == (0, 0)).then_some(())
+    })
+    .await;
+    second.signal("TERM");
+    assert_eq!(second.wait(Duration::from_secs(30)), 0, "{}", second.log());
+    w.assert_all_continued(1).await;
+    (w, p)
+}
+
+fn delay(service: &str, action: &str) -> Value {
+    json!({"service": service, "action": action, "count": 1, "delay_seconds": 30})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_receive() {
+    let faults = [delay("autoscaling", "DescribeLifecycleHooks")];
+    let (_w, p) = kill_at(
+        "rcv",
+        &faults,
+        "autoscaling:DescribeLifecycleHooks",
+        1,
+        false,
+    )
+    .await;
+    // The killed run stays "running" (its process died); the fresh one did the work.
+    assert_history(&p, 1, &["running"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_step() {
+    let faults = [delay("ec2", "CreateTags")];
+    let (_w, p) = kill_at("mid", &faults, "ec2:CreateTags", 1, false).await;
+    assert_history(&p, 1, &["running"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_the_steps() {
+    let faults = [
+        json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": -1, "error": "throttle"}),
+    ];
+    let (w, p) = kill_at(
+        "dec",
+        &faults,
+        "autoscaling:CompleteLifecycleAction",
+        2,
+        false,
+    )
+    .await;
+    assert_eq!(w.calls("ec2:CreateTags"), 1, "the steps ran once");
+    let runs = assert_history(&p, 1, &["running"]);
+    let redelivery = runs.iter().find(|r| r.outcome == "succeeded").unwrap();
+    assert!(redelivery.steps.is_empty(), "{redelivery:?}");
+    let cause = redelivery.cause.as_deref().unwrap();
+    assert!(cause.contains("every step succeeded"), "{cause}");
+    assert!(cause.starts_with("decided by run"), "{cause}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_completing() {
+    let faults = [delay("sns", "PublishBatch")];
+    let (_w, p) = kill_at("cmp", &faults, "sns:PublishBatch", 1, true).await;
+    // The action was completed and recorded as done: the redelivery is a duplicate.
+    let runs = assert_history_after_completion(&p);
+    assert!(runs.iter().any(|r| r.outcome == "duplicate"), "{runs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_before_delete() {
+    let faults = [delay("sqs", "DeleteMessageBatch")];
+    let (_w, p) = kill_at("del", &faults, "sqs:DeleteMessageBatch", 1, false).await;
+    let runs = assert_history(&p, 1, &["duplicate"]);
+    assert!(runs.iter().any(|r| r.outcome == "duplicate"), "{runs:#?}");
+}
+
+/// After a kill between completing and recording the run's end: the action's end is in
+/// the store (the redelivery is a duplicate) while the killed run's row stays `running`.
+fn assert_history_after_completion(p: &Provision) -> Vec<provision::store::RunRow> {
+    let runs = p.history();
+    let worked: Vec<_> = runs.iter().filter(|r| r.instance_id.is_some()).collect();
+    for r in &worked {
+        assert!(
+            ["running", "succeeded", "duplicate"].contains(&r.outcome.as_str()),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        worked.iter().filter(|r| r.outcome == "duplicate").count(),
+        1,
+        "{runs:#?}"
+    );
+    runs
+}
+
+// ---- an emulator outage mid-burst under the daemon ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_mid_burst_loses_nothing() {
+    let w = world("web-o", 6, 300, 3).await;
+    // Slow steps, so the outage lands with work in flight.
+    w.emu
+        .fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 1}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"20s\""));
+    let mut daemon = p.daemon();
+    w.wait_finished(1).await;
+    // Every AWS call's connection reset for a few seconds.
+    w.emu
+        .fault(json!({"service": "*", "action": "*", "count": -1, "error": "reset"}));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.emu.control("DELETE", "/_emulator/faults", None);
+    w.wait_finished(6).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
+    w.assert_all_continued(6).await;
+    assert_history(&p, 6, &[]);
+}
