@@ -113,21 +113,32 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
     let db = claims_table(&aws, TABLE).await;
     aws.scale("web-fleet", 40).await;
     // Every launch twice: straight from the hook and through SNS (as when both a hook
-    // target and an EventBridge rule or a second subscription deliver).
-    for body in launches(&aws, &source, 40).await {
-        aws.send(&q, &body).await;
+    // target and an EventBridge rule or a second subscription deliver). Slow steps, and
+    // the second copies sent once the first host is working the first ones, so that the
+    // two copies of an action are in two hosts' hands at once.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
+    let bodies = launches(&aws, &source, 40).await;
+    for body in &bodies {
+        aws.send(&q, body).await;
+    }
+    let (a, b) = (host(&emu, &q, "6s"), host(&emu, &q, "6s"));
+    let da = a.daemon();
+    eventually(
+        "the first host to work",
+        Duration::from_secs(60),
+        || async { (calls(&emu, "ec2:CreateTags") >= 1).then_some(()) },
+    )
+    .await;
+    for body in &bodies {
         aws.sns
             .publish()
             .topic_arn(&topic)
-            .message(&body)
+            .message(body)
             .send()
             .await
             .unwrap();
     }
-    // Slow steps, so the two copies of an action are in two hosts' hands at once.
-    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 1}));
-    let (a, b) = (host(&emu, &q, "6s"), host(&emu, &q, "6s"));
-    let (da, db_) = (a.daemon(), b.daemon());
+    let db_ = b.daemon();
     eventually(
         "all 40 actions to finish",
         Duration::from_secs(240),
@@ -176,8 +187,7 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
         "{table:?}"
     );
     assert!(
-        logs.iter()
-            .any(|l| l.contains("another owner works this lifecycle action")),
+        logs[1].contains("another owner works this lifecycle action"),
         "a duplicate waited for the other host"
     );
 }
@@ -230,6 +240,16 @@ async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
         log.contains("took over a claim whose lease expired"),
         "{log}"
     );
+    let noted = b
+        .history()
+        .iter()
+        .filter(|r| {
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("took over the claim of"))
+        })
+        .count();
+    assert!(noted >= 1, "the history says which runs took a claim over");
     assert!(
         log.contains("another owner works this lifecycle action"),
         "{log}"

@@ -45,13 +45,27 @@ pub struct ClaimError {
     /// Which store: "state store", "DynamoDB table provision-claims".
     pub store: String,
     pub message: String,
+    /// Worth trying again (throttled, a 5xx, the connection, a busy database): the message
+    /// waits in flight meanwhile. Else the store refuses for good (no such table, access
+    /// denied) and the message goes back with the reason.
+    pub transient: bool,
 }
 
 impl ClaimError {
+    /// A refusal that trying again will not change.
     pub fn new(store: impl Into<String>, message: impl Into<String>) -> ClaimError {
         ClaimError {
             store: store.into(),
             message: message.into(),
+            transient: false,
+        }
+    }
+
+    /// A failure that may pass.
+    pub fn transient(store: impl Into<String>, message: impl Into<String>) -> ClaimError {
+        ClaimError {
+            transient: true,
+            ..ClaimError::new(store, message)
         }
     }
 }

@@ -367,7 +367,8 @@ impl Store {
     {
         self.call(f)
             .await
-            .map_err(|e| ClaimError::new(&*self.label, e.to_string()))
+            // A busy or locked database, a full disk: worth another try.
+            .map_err(|e| ClaimError::transient(&*self.label, e.to_string()))
     }
 
     /// Latest runs first, optionally for one instance, with their steps.

@@ -90,7 +90,10 @@ impl DynamoClaims {
     }
 
     fn error(&self, e: AwsError) -> ClaimError {
-        ClaimError::new(self.describe(), e.to_string())
+        match e.retryable() {
+            true => ClaimError::transient(self.describe(), e.to_string()),
+            false => ClaimError::new(self.describe(), e.to_string()),
+        }
     }
 
     /// An UpdateItem on `token` with the expression names it uses.

@@ -136,7 +136,10 @@ impl Pipeline {
         run.run_id = Some(run_id);
         let token = &job.event.token;
         let lease = self.cfg.state.claim_lease;
-        let mut claim = self.claims.claim(token, &self.owner, run_id, lease).await?;
+        let claim_it = || self.claims.claim(token, &self.owner, run_id, lease);
+        let Some(mut claim) = self.in_flight(cancel, claim_it).await? else {
+            return Ok(None);
+        };
         while let Claim::Held { owner, until_ms } = &claim {
             info!(holder = %owner, lease_left_ms = until_ms - now_ms(),
                 "another owner works this lifecycle action; waiting for it to finish or its lease to expire");
@@ -146,11 +149,18 @@ impl Pipeline {
                     _ = tokio::time::sleep(poll_every(lease)) => {}
                     _ = cancel.cancelled() => return Ok(None),
                 }
-                peeked = self.claims.peek(token, &self.owner).await?;
+                let peek = || self.claims.peek(token, &self.owner);
+                let Some(p) = self.in_flight(cancel, peek).await? else {
+                    return Ok(None);
+                };
+                peeked = p;
             }
             claim = match peeked {
                 done @ Claim::Done { .. } => done,
-                _ => self.claims.claim(token, &self.owner, run_id, lease).await?,
+                _ => match self.in_flight(cancel, claim_it).await? {
+                    Some(c) => c,
+                    None => return Ok(None),
+                },
             };
         }
         if let Claim::Fresh {
@@ -158,8 +168,41 @@ impl Pipeline {
         } = &claim
         {
             warn!(%previous, "took over a claim whose lease expired (its owner stopped renewing it)");
+            run.note = Some(format!(
+                "took over the claim of {previous}, whose lease had expired"
+            ));
         }
         Ok(Some((run_id, claim)))
+    }
+
+    /// A claim-store call, tried again with growing pauses while it fails for a transient
+    /// reason: the message waits in flight meanwhile rather than going back to spend a
+    /// receive. None when `cancel` fires first; a permanent error as it is.
+    async fn in_flight<T, F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        mut call: F,
+    ) -> Result<Option<T>, ClaimError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClaimError>>,
+    {
+        let mut round = 0;
+        loop {
+            let e = match call().await {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) if !e.transient => return Err(e),
+                Err(e) => e,
+            };
+            round += 1;
+            let delay = super::complete::round_delay(round, self.cfg.aws.retry_for);
+            warn!(error = %e, round, next_in = ?delay,
+                "the claim store fails for a transient reason; the message stays in flight");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return Ok(None),
+            }
+        }
     }
 
     /// Holds a won claim until the returned keeper is dropped; `lost` fires if another

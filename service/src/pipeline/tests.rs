@@ -31,6 +31,14 @@ struct World {
 }
 
 fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
+    world_with_claims(hooks, instances, None)
+}
+
+fn world_with_claims(
+    hooks: FakeHooks,
+    instances: FakeInstances,
+    claims: Option<Arc<dyn Claims>>,
+) -> World {
     let cfg = Arc::new(Config::parse(CONFIG, "test").unwrap());
     let hooks = Arc::new(hooks);
     let instances = Arc::new(instances);
@@ -46,7 +54,7 @@ fn world(hooks: FakeHooks, instances: FakeInstances) -> World {
             ecs: Arc::new(crate::aws::fake::Unused),
         },
         store: Store::in_memory().unwrap(),
-        claims: None,
+        claims,
         leases,
         publisher: None,
         stats,
@@ -600,4 +608,111 @@ async fn warm_pool_phases_run_their_lists_after_their_own_wait_state_is_confirme
     let claimed = pool_message("t-claim", "EC2", "WarmPool");
     assert_eq!(handle(&w, &claimed).await, Ack::Delete);
     assert_eq!(completions(&w).len(), 2, "the forged one is not completed");
+}
+
+/// A claim store whose first `failures` claims fail, transiently or for good.
+struct FlakyClaims {
+    inner: Store,
+    failures: std::sync::atomic::AtomicU32,
+    transient: bool,
+}
+
+#[async_trait::async_trait]
+impl Claims for FlakyClaims {
+    async fn claim(
+        &self,
+        token: &str,
+        owner: &str,
+        run_id: i64,
+        lease: Duration,
+    ) -> Result<Claim, crate::claims::ClaimError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.failures.load(SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, SeqCst);
+            let message = "ProvisionedThroughputExceededException";
+            return Err(match self.transient {
+                true => crate::claims::ClaimError::transient("flaky", message),
+                false => crate::claims::ClaimError::new("flaky", "AccessDeniedException"),
+            });
+        }
+        self.inner.claim(token, owner, run_id, lease).await
+    }
+    async fn peek(&self, token: &str, owner: &str) -> Result<Claim, crate::claims::ClaimError> {
+        self.inner.peek(token, owner).await
+    }
+    async fn renew(
+        &self,
+        token: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, crate::claims::ClaimError> {
+        self.inner.renew(token, owner, lease).await
+    }
+    async fn decide(
+        &self,
+        token: &str,
+        owner: &str,
+        result: HookResult,
+    ) -> Result<(), crate::claims::ClaimError> {
+        self.inner.decide(token, owner, result).await
+    }
+    async fn done(&self, token: &str, result: &str) -> Result<(), crate::claims::ClaimError> {
+        self.inner.done(token, result).await
+    }
+    async fn release(&self, token: &str, owner: &str) -> Result<(), crate::claims::ClaimError> {
+        self.inner.release(token, owner).await
+    }
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+}
+
+fn flaky(failures: u32, transient: bool) -> Option<Arc<dyn Claims>> {
+    Some(Arc::new(FlakyClaims {
+        inner: Store::in_memory().unwrap(),
+        failures: failures.into(),
+        transient,
+    }))
+}
+
+#[tokio::test]
+async fn a_claim_store_failing_for_a_while_keeps_the_message_in_flight() {
+    let w = world_with_claims(
+        FakeHooks::default(),
+        FakeInstances::default(),
+        flaky(3, true),
+    );
+    let d = handle(
+        &w,
+        &message("web-1", "t-flaky", r#"{"environment":"prod"}"#),
+    )
+    .await;
+    assert_eq!(d, Ack::Delete, "worked in the same delivery");
+    assert_eq!(completions(&w), [HookResult::Continue]);
+    assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_claim_store_refusing_for_good_returns_the_message_with_the_reason() {
+    let w = world_with_claims(
+        FakeHooks::default(),
+        FakeInstances::default(),
+        flaky(1, false),
+    );
+    let d = handle(
+        &w,
+        &message("web-1", "t-denied", r#"{"environment":"prod"}"#),
+    )
+    .await;
+    assert!(matches!(d, Ack::Release(_)), "{d:?}");
+    assert!(completions(&w).is_empty());
+    let runs = w.pipeline.store().history(None, 10).unwrap();
+    assert!(
+        runs[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("AccessDeniedException")),
+        "{runs:?}"
+    );
 }
