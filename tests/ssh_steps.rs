@@ -829,6 +829,26 @@ fn own_peak_rss(log: &str) -> u64 {
 /// together (wait4's rusage counts the largest of them: ssh, ansible-playbook).
 // The child is reaped by wait4 (for its rusage), which std's Child cannot see.
 #[allow(clippy::zombie_processes)]
+/// Runs the worker on `id`, checks its action continued, and answers the worker's own peak
+/// RSS (printed for the record, with `what` caused it).
+fn continued_within(w: &World, p: &Provision, id: &str, what: &str) -> u64 {
+    let (code, log, tree) = worker_peak_rss(p, Duration::from_secs(300));
+    assert_eq!(code, 0, "{log}");
+    let peak = own_peak_rss(&log);
+    eprintln!(
+        "provision worker peak RSS with {what}: {} MiB (with its children: {} MiB)",
+        peak >> 20,
+        tree >> 20
+    );
+    assert_eq!(
+        results_by_instance(&w.emu)[id]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(p, id)
+    );
+    peak
+}
+
 fn worker_peak_rss(p: &Provision, timeout: Duration) -> (i32, String, u64) {
     let log = p.dir.join(format!("worker-{}.log", fastrand::u32(..)));
     let mut child = p
@@ -893,20 +913,7 @@ launch = [
 "#,
         script.display()
     ));
-    let (code, log, tree) = worker_peak_rss(&p, Duration::from_secs(300));
-    assert_eq!(code, 0, "{log}");
-    let peak = own_peak_rss(&log);
-    eprintln!(
-        "provision worker peak RSS with a 400 MB ssh output: {} MiB (with its children: {} MiB)",
-        peak >> 20,
-        tree >> 20
-    );
-    assert_eq!(
-        results_by_instance(&w.emu)[id]["result"],
-        "CONTINUE",
-        "{}",
-        run_error(&p, id)
-    );
+    let peak = continued_within(&w, &p, id, "a 400 MB ssh output");
     assert!(peak < 96 << 20, "peak RSS {} MiB", peak >> 20);
     assert!(w.dir(id).join("done").exists(), "the whole script ran");
     let run = p
@@ -935,20 +942,7 @@ launch = [ { ansible = "chatty.yml", vars = { sim_root = "SIM_ROOT" } } ]
 "#,
         "strategy = \"linear\"\nlog_max_bytes = 200000\noutput_max_bytes = 1048576",
     );
-    let (code, log, tree) = worker_peak_rss(&p, Duration::from_secs(300));
-    assert_eq!(code, 0, "{log}");
-    let peak = own_peak_rss(&log);
-    eprintln!(
-        "provision worker peak RSS with a 30 MB ansible task output: {} MiB (with its children: {} MiB)",
-        peak >> 20,
-        tree >> 20
-    );
-    assert_eq!(
-        results_by_instance(&w.emu)[id]["result"],
-        "CONTINUE",
-        "{}",
-        run_error(&p, id)
-    );
+    let peak = continued_within(&w, &p, id, "a 30 MB ansible task output");
     assert_eq!(
         std::fs::read_to_string(w.dir(id).join("marker")).unwrap(),
         "flooded\n"

@@ -676,18 +676,21 @@ fn flaky(failures: u32, transient: bool) -> Option<Arc<dyn Claims>> {
     }))
 }
 
-#[tokio::test]
-async fn a_claim_store_failing_for_a_while_keeps_the_message_in_flight() {
-    let w = world_with_claims(
-        FakeHooks::default(),
-        FakeInstances::default(),
-        flaky(3, true),
-    );
+/// A launch handled with a claim store whose first `failures` claims fail.
+async fn with_flaky_claims(failures: u32, transient: bool) -> (World, Ack) {
+    let claims = flaky(failures, transient);
+    let w = world_with_claims(FakeHooks::default(), FakeInstances::default(), claims);
     let d = handle(
         &w,
         &message("web-1", "t-flaky", r#"{"environment":"prod"}"#),
     )
     .await;
+    (w, d)
+}
+
+#[tokio::test]
+async fn a_claim_store_failing_for_a_while_keeps_the_message_in_flight() {
+    let (w, d) = with_flaky_claims(3, true).await;
     assert_eq!(d, Ack::Delete, "worked in the same delivery");
     assert_eq!(completions(&w), [HookResult::Continue]);
     assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
@@ -695,16 +698,7 @@ async fn a_claim_store_failing_for_a_while_keeps_the_message_in_flight() {
 
 #[tokio::test]
 async fn a_claim_store_refusing_for_good_returns_the_message_with_the_reason() {
-    let w = world_with_claims(
-        FakeHooks::default(),
-        FakeInstances::default(),
-        flaky(1, false),
-    );
-    let d = handle(
-        &w,
-        &message("web-1", "t-denied", r#"{"environment":"prod"}"#),
-    )
-    .await;
+    let (w, d) = with_flaky_claims(1, false).await;
     assert!(matches!(d, Ack::Release(_)), "{d:?}");
     assert!(completions(&w).is_empty());
     let runs = w.pipeline.store().history(None, 10).unwrap();
