@@ -849,6 +849,9 @@ fn continued_within(w: &World, p: &Provision, id: &str, what: &str) -> u64 {
     peak
 }
 
+/// The worker's exit code, log, and the peak RSS of it and its children (wait4's rusage).
+// The child is reaped by wait4 (its rusage is the point), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn worker_peak_rss(p: &Provision, timeout: Duration) -> (i32, String, u64) {
     let log = p.dir.join(format!("worker-{}.log", fastrand::u32(..)));
     let mut child = p
