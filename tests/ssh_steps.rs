@@ -925,8 +925,28 @@ launch = [
         .find(|r| r.instance_id.as_deref() == Some(id))
         .unwrap();
     let flood = run.steps[0].detail.as_deref().unwrap();
-    assert!(flood.contains("(400000020 bytes of output)"), "{flood}");
+    assert!(
+        flood.contains("(400000020 bytes of output; all of it"),
+        "{flood}"
+    );
     assert!(flood.contains("the-end"), "the tail is kept: {flood}");
+    // The rest went to the step's log, bounded by ssh.log_max_bytes (1 MiB by default).
+    let log_path = flood
+        .split(" in ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("the log's path");
+    let size = std::fs::metadata(log_path).unwrap().len();
+    assert!(size <= (1 << 20) + 4096, "log of {size} bytes");
+    let text = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        text.starts_with(&format!("instance: {id}\n")),
+        "{text:.300}"
+    );
+    assert!(
+        text.contains("first-line") && text.contains("[log truncated"),
+        "{text:.300}"
+    );
 }
 
 /// A playbook whose task floods its output: the run's results are cut to head and tail

@@ -46,6 +46,8 @@
 //!   field reader, the environment snapshot): TOML -> validated [`config::Config`].
 //! - [`ssh`]: reaching an instance: settings, host keys, known_hosts, reach.
 //! - [`secret`]: the vault password; keeping secrets out of argv, environments and logs.
+//! - [`output`]: a child's output held as head and tail within a budget, the whole of it
+//!   streamed to a bounded log ([`output::LogDir`]: `ansible-logs/`, `ssh-logs/`).
 //! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
 //! - [`batch`] (micro-batched AWS calls), [`cache`] (single-flight TTL cache), [`poll`]
 //!   (polling until a deadline), [`clock`] (wall-clock time for records).
@@ -80,6 +82,7 @@ pub mod layer;
 pub mod lease;
 pub mod metrics;
 pub mod outcome;
+pub mod output;
 pub mod pipeline;
 pub mod poll;
 pub mod secret;

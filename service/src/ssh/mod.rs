@@ -53,6 +53,8 @@ pub struct Remote {
     runtime_dir: PathBuf,
     ssh_config: PathBuf,
     _owned_runtime: Option<tempfile::TempDir>,
+    /// The `ssh` steps' output logs.
+    logs: crate::output::LogDir,
 }
 
 /// `$RUNTIME_DIRECTORY` (systemd) or a fresh private directory under $TMPDIR.
@@ -138,7 +140,13 @@ impl Remote {
         if matches!(settings.host_key_check, HostKeyCheck::Off) {
             warn!("ssh.host_key_check = \"off\": instances' host keys are NOT checked; anyone on the path can impersonate them");
         }
+        let logs = crate::output::LogDir::create(
+            state_dir.join("ssh-logs"),
+            settings.log_max_bytes,
+            settings.log_keep,
+        )?;
         Ok(Remote {
+            logs,
             settings,
             identity,
             known_hosts,
@@ -146,6 +154,11 @@ impl Remote {
             ssh_config,
             _owned_runtime: owned,
         })
+    }
+
+    /// Where `ssh` steps log their whole output.
+    pub fn logs(&self) -> &crate::output::LogDir {
+        &self.logs
     }
 
     pub fn settings(&self) -> &SshSettings {

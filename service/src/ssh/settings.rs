@@ -33,6 +33,10 @@ pub struct SshSettings {
     /// How much of an `ssh` step's stdout (and as much of its stderr) is kept in memory:
     /// its head and its tail; the rest is counted and left out.
     pub output_max_bytes: usize,
+    /// Each `ssh` step's whole output goes to a log in `<state dir>/ssh-logs/`, at most
+    /// this long; the newest `log_keep` logs are kept.
+    pub log_max_bytes: u64,
+    pub log_keep: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,8 @@ impl Default for SshSettings {
             host_key_check: HostKeyCheck::Console,
             wait_for_cloud_init: true,
             output_max_bytes: 4 << 20,
+            log_max_bytes: 1 << 20,
+            log_keep: 200,
         }
     }
 }
@@ -228,6 +234,8 @@ impl SshSettings {
                 4096..=1 << 30,
                 d.output_max_bytes as i64,
             ) as usize,
+            log_max_bytes: f.int("log_max_bytes", 0..=1 << 40, d.log_max_bytes as i64) as u64,
+            log_keep: f.int("log_keep", 1..=100_000, d.log_keep as i64) as usize,
         };
         if s.jump_known_hosts.is_some() && s.jump_host.is_none() {
             f.error("jump_known_hosts", "only used with ssh.jump_host");

@@ -25,7 +25,7 @@ pub mod child;
 pub mod ecs_drain;
 pub mod gather;
 pub mod opsworks;
-pub mod output;
+
 pub mod ssh;
 pub mod ssm;
 pub mod tag;

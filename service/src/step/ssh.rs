@@ -12,6 +12,7 @@
 //! metadata only reaches them through the layer's declared vars.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -19,8 +20,8 @@ use tracing::{info, warn};
 use crate::setting::ConfigError;
 use crate::template::{Context, Template, Vars};
 
-use super::output::{drain, HeadTail};
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
+use crate::output::{drain, HeadTail, LogSink};
 
 const EXCERPT: usize = 800;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -117,12 +118,22 @@ impl Ssh {
             })?;
         let budget = remote.settings().output_max_bytes;
         let (target, session) = ctx.reach(remote).await?;
+        // The whole output, bounded, goes to the step's log; the history keeps head and tail.
+        let log = remote.logs().open(
+            &format!("{}-ssh", target.id),
+            &format!(
+                "instance: {}\naddress: {}\ncommands: {}\n",
+                target.id,
+                target.address,
+                work.len()
+            ),
+        );
         let mut details = Vec::new();
         let mut failure = None;
         let commands = async {
             for (cmd, stdin) in &work {
                 ctx.note(format!("running {cmd:?} on {}", target.address));
-                match run_one(&session, cmd, stdin.as_deref(), budget).await {
+                match run_one(&session, cmd, stdin.as_deref(), budget, &log).await {
                     Ok(text) => details.push(text),
                     Err(text) => {
                         failure = Some(text);
@@ -191,7 +202,9 @@ async fn run_one(
     cmd: &str,
     stdin: Option<&[u8]>,
     budget: usize,
+    (log_path, log): &(String, Mutex<LogSink>),
 ) -> Result<String, String> {
+    log.lock().unwrap().note(&format!("\n--- $ {cmd}\n"));
     let failed = |e: openssh::Error| format!("$ {cmd}: {}", crate::ssh::ssh_error_text(&e));
     let mut c = session.raw_command(cmd);
     c.stdout(openssh::Stdio::piped())
@@ -217,24 +230,28 @@ async fn run_one(
     };
     let read_out = async {
         if let Some(r) = out_pipe {
-            let _ = drain(r, &mut out, None).await;
+            let _ = drain(r, &mut out, Some(log)).await;
         }
     };
     let read_err = async {
         if let Some(r) = err_pipe {
-            let _ = drain(r, &mut err, None).await;
+            let _ = drain(r, &mut err, Some(log)).await;
         }
     };
     tokio::join!(feed, read_out, read_err);
     let status = child.wait().await.map_err(failed)?;
     let code = status.code();
+    let exit = code
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "by signal".into());
+    log.lock().unwrap().note(&format!("\n--- exit {exit}\n"));
     let text = format!(
-        "$ {cmd} -> exit {}{}\n{}{}",
-        code.map(|c| c.to_string())
-            .unwrap_or_else(|| "by signal".into()),
-        match out.total() + err.total() {
-            0 => String::new(),
-            n => format!(" ({n} bytes of output)"),
+        "$ {cmd} -> exit {exit}{}\n{}{}",
+        match (out.total() + err.total(), out.omitted() + err.omitted()) {
+            (0, _) => String::new(),
+            (n, 0) => format!(" ({n} bytes of output)"),
+            (n, _) =>
+                format!(" ({n} bytes of output; all of it, up to ssh.log_max_bytes, in {log_path})"),
         },
         lines("", &out),
         lines("stderr: ", &err)

@@ -7,7 +7,6 @@
 //! batching) nor how the callback's document becomes per-host results (see `results`).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,10 +16,10 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::cache::TtlCache;
+use crate::output::{drain, HeadTail, LogDir, LogSink};
 use crate::secret::{Secret, SecretFile, Source};
 use crate::ssh::{Remote, Target};
 use crate::step::child::{Group, GRACE};
-use crate::step::output::{drain, HeadTail, LogSink};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
@@ -44,7 +43,7 @@ pub struct Runner {
     secrets: TtlCache<Source, Secret>,
     ssm: Arc<dyn crate::aws::Ssm>,
     retry_for: Duration,
-    log_dir: PathBuf,
+    logs: LogDir,
     callback_dir: PathBuf,
 }
 
@@ -56,8 +55,11 @@ impl Runner {
         retry_for: Duration,
         state_dir: &Path,
     ) -> std::io::Result<Arc<Runner>> {
-        let log_dir = state_dir.join("ansible-logs");
-        crate::secret::create_private_dir(&log_dir)?;
+        let logs = LogDir::create(
+            state_dir.join("ansible-logs"),
+            settings.log_max_bytes,
+            settings.log_keep,
+        )?;
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
@@ -94,7 +96,7 @@ impl Runner {
             secrets: TtlCache::new(Duration::from_secs(300)),
             ssm,
             retry_for,
-            log_dir,
+            logs,
             callback_dir,
         }))
     }
@@ -343,32 +345,11 @@ impl Runner {
         })
     }
 
-    /// The run's log, opened before it starts (0600), with what the run is; stderr is
-    /// streamed into it as it comes. Returns its name (for the history) and the sink.
+    /// The run's log, opened before it starts, with what the run is; stderr is streamed
+    /// into it as it comes. Returns its path (for the history) and the sink.
     fn open_log(&self, key: &BatchKey, targets: &[Target]) -> (String, Mutex<LogSink>) {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let name = format!(
-            "{stamp}-{}-{}.log",
-            key.layer,
-            key.playbook.replace('/', "_")
-        );
-        let path = self.log_dir.join(&name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .or_else(|e| {
-                warn!(error = %e, path = %path.display(), "cannot write the ansible log");
-                std::fs::OpenOptions::new().write(true).open("/dev/null")
-            })
-            .expect("/dev/null opens");
-        let mut sink = LogSink::new(file, self.settings.log_max_bytes);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        sink.note(&format!(
+        let header = format!(
             "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\n\n--- stderr ---\n",
             key.playbook,
             key.layer,
@@ -376,9 +357,9 @@ impl Runner {
             ids.join(" "),
             key.runner.strategy.as_str(),
             key.runner.pipelining,
-        ));
-        self.prune_logs();
-        (path.display().to_string(), Mutex::new(sink))
+        );
+        self.logs
+            .open(&format!("{}-{}", key.layer, key.playbook), &header)
     }
 
     /// The end of the log: the results document (from the run's directory), the exit status
@@ -402,24 +383,6 @@ impl Runner {
             run.stdout.total(),
             run.stderr.total()
         ));
-    }
-
-    fn prune_logs(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.log_dir) else {
-            return;
-        };
-        let mut names: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect();
-        if names.len() <= self.settings.log_keep {
-            return;
-        }
-        // Names start with a millisecond timestamp: sorting them sorts by age.
-        names.sort();
-        for p in &names[..names.len() - self.settings.log_keep] {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 

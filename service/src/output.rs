@@ -3,10 +3,14 @@
 //!
 //! Output comes from instances, and an instance may print without end: nothing here ever
 //! holds more than the budget, whatever arrives. Owns no process: the steps read their
-//! children's pipes into it.
+//! children's pipes into it. Owns the log directories' rules too: private files, each
+//! bounded, the oldest removed beyond a count.
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
@@ -110,11 +114,70 @@ impl LogSink {
     }
 }
 
+/// A directory of run logs (0700, files 0600): each at most `max` bytes, the newest `keep`
+/// kept. File names start with a millisecond timestamp, so sorting them sorts by age.
+pub struct LogDir {
+    dir: PathBuf,
+    max: u64,
+    keep: usize,
+}
+
+impl LogDir {
+    pub fn create(dir: PathBuf, max: u64, keep: usize) -> std::io::Result<LogDir> {
+        crate::secret::create_private_dir(&dir)?;
+        Ok(LogDir { dir, max, keep })
+    }
+
+    /// A new log named `<now>-<name>.log`, starting with `header`, and the oldest logs
+    /// beyond `keep` removed. Returns its path (for the history) and the sink. A log that
+    /// cannot be written is said once and the output goes nowhere.
+    pub fn open(&self, name: &str, header: &str) -> (String, Mutex<LogSink>) {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let path = self
+            .dir
+            .join(format!("{stamp}-{}.log", name.replace('/', "_")));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .or_else(|e| {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the run's log");
+                std::fs::OpenOptions::new().write(true).open("/dev/null")
+            })
+            .expect("/dev/null opens");
+        let mut sink = LogSink::new(file, self.max);
+        sink.note(header);
+        self.prune();
+        (path.display().to_string(), Mutex::new(sink))
+    }
+
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        if names.len() <= self.keep {
+            return;
+        }
+        names.sort();
+        for p in &names[..names.len() - self.keep] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Reads `r` to its end into `keep`, copying every chunk to `sink` as it arrives.
 pub async fn drain<R>(
     mut r: R,
     keep: &mut HeadTail,
-    mut sink: Option<&std::sync::Mutex<LogSink>>,
+    mut sink: Option<&Mutex<LogSink>>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -163,6 +226,36 @@ mod tests {
         k.push(b"0123456789");
         assert_eq!(k.omitted(), 1000);
         assert!(k.text().ends_with("56789"), "{}", k.text());
+    }
+
+    #[test]
+    fn a_log_dir_keeps_the_newest_logs_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogDir::create(dir.path().join("logs"), 100, 2).unwrap();
+        let mut paths = Vec::new();
+        for i in 0..4 {
+            let (path, sink) = logs.open(&format!("run/{i}"), "header\n");
+            sink.lock().unwrap().write(&[b'x'; 500]);
+            paths.push(path);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().path().display().to_string())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.contains(&paths[3]) && left.contains(&paths[2]),
+            "{left:?}"
+        );
+        let meta = std::fs::metadata(&paths[3]).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&paths[3]).unwrap();
+        assert!(
+            text.starts_with("header\nxxx") && text.contains("[log truncated"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
