@@ -47,17 +47,8 @@ async fn world(group: &str, n: i32, heartbeat: i32, max_receives: u32) -> World 
     let emu = Emulator::start();
     let aws = Aws::new(&emu).await;
     let (q, dlq) = aws.queue_with_dlq("lifecycle", max_receives).await;
-    aws.group(group).await;
-    aws.hook(
-        group,
-        "provision-launch",
-        "autoscaling:EC2_INSTANCE_LAUNCHING",
-        Some(&q.arn),
-        heartbeat,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
+    aws.launch_hooked(group, &q, heartbeat, Some(METADATA))
+        .await;
     aws.scale(group, n).await;
     World {
         emu,

@@ -69,14 +69,7 @@ async fn pool(aws: &Aws, group: &str) -> Vec<(String, String)> {
         .unwrap();
     r.instances()
         .iter()
-        .map(|i| {
-            (
-                i.instance_id().unwrap_or_default().to_string(),
-                i.lifecycle_state()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-            )
-        })
+        .map(|i| common::id_and_state(i.instance_id(), i.lifecycle_state()))
         .collect()
 }
 

@@ -535,6 +535,27 @@ impl Aws {
             .unwrap();
     }
 
+    /// A group and its launch hook "provision-launch" (DefaultResult ABANDON) notifying `q`.
+    pub async fn launch_hooked(
+        &self,
+        group: &str,
+        q: &Queue,
+        heartbeat: i32,
+        metadata: Option<&str>,
+    ) {
+        self.group(group).await;
+        self.hook(
+            group,
+            "provision-launch",
+            "autoscaling:EC2_INSTANCE_LAUNCHING",
+            Some(&q.arn),
+            heartbeat,
+            "ABANDON",
+            metadata,
+        )
+        .await;
+    }
+
     /// (instance id, lifecycle state) of every instance in the group.
     pub async fn instances(&self, group: &str) -> Vec<(String, String)> {
         let r = self
@@ -549,14 +570,7 @@ impl Aws {
             .map(|g| {
                 g.instances()
                     .iter()
-                    .map(|i| {
-                        (
-                            i.instance_id().unwrap_or_default().to_string(),
-                            i.lifecycle_state()
-                                .map(|s| s.as_str().to_string())
-                                .unwrap_or_default(),
-                        )
-                    })
+                    .map(|i| id_and_state(i.instance_id(), i.lifecycle_state()))
                     .collect()
             })
             .unwrap_or_default()
@@ -627,6 +641,17 @@ impl Aws {
     }
 }
 
+/// An Auto Scaling instance (group member or warm pool entry) as (id, lifecycle state).
+pub fn id_and_state(
+    id: Option<&str>,
+    state: Option<&aws_sdk_autoscaling::types::LifecycleState>,
+) -> (String, String) {
+    (
+        id.unwrap_or_default().to_string(),
+        state.map(|s| s.as_str().to_string()).unwrap_or_default(),
+    )
+}
+
 /// The usual start of a test: a queue "lifecycle", a group, and its launch hook
 /// "provision-launch" (DefaultResult ABANDON) notifying the queue.
 pub async fn launch_group(
@@ -637,17 +662,7 @@ pub async fn launch_group(
 ) -> (Aws, Queue) {
     let aws = Aws::new(emu).await;
     let q = aws.queue("lifecycle").await;
-    aws.group(group).await;
-    aws.hook(
-        group,
-        "provision-launch",
-        "autoscaling:EC2_INSTANCE_LAUNCHING",
-        Some(&q.arn),
-        heartbeat,
-        "ABANDON",
-        metadata,
-    )
-    .await;
+    aws.launch_hooked(group, &q, heartbeat, metadata).await;
     (aws, q)
 }
 

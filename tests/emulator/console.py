@@ -62,8 +62,8 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
-DEFAULT_ACCOUNT = "123456789012"
-DEFAULT_REGION = "us-east-1"
+from aws_scope import DEFAULT_ACCOUNT, DEFAULT_REGION  # noqa: E402,F401
+from aws_scope import scope as _scope  # noqa: E402
 EC2_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15/"
 INSTANCE_ID_PATTERN = re.compile(r"^i-[0-9a-f]{8,17}$")
 CLOUD_INIT_VERSION = "22.4.2"
@@ -262,21 +262,6 @@ def _iso(t: float) -> str:
 # --------------------------------------------------------------------------------------------
 # entry points used by emulator.py
 # --------------------------------------------------------------------------------------------
-
-_CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/\d{8}/([^/,\s]+)/([^/,\s]+)/aws4_request")
-
-
-def _scope(environ: dict[str, Any]) -> tuple[str, str]:
-    """(account, region) of a request, as moto derives them."""
-    m = _CREDENTIAL_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
-    if not m:
-        return DEFAULT_ACCOUNT, DEFAULT_REGION
-    try:
-        from moto.iam.models import get_account_id_from
-
-        return get_account_id_from(m.group(1)), m.group(2)
-    except Exception:
-        return DEFAULT_ACCOUNT, m.group(2)
 
 
 def _params(environ: dict[str, Any], body: bytes) -> dict[str, str]:

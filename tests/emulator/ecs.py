@@ -31,10 +31,9 @@ from typing import Any
 DRAIN_STEP_SECONDS = 1.0
 TICK_SECONDS = 0.2
 TARGET_PREFIX = "AmazonEC2ContainerServiceV20141113."
-DEFAULT_ACCOUNT = "123456789012"
-DEFAULT_REGION = "us-east-1"
+from aws_scope import DEFAULT_ACCOUNT, DEFAULT_REGION  # noqa: E402,F401
+from aws_scope import scope as _scope  # noqa: E402
 _FILTER_RE = re.compile(r"^\s*ec2InstanceId\s*==\s*(i-[0-9a-f]{8,17})\s*$")
-_CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/\d{8}/([^/,\s]+)/")
 
 # emulator.py's lock around moto's backends (taken before _LOCK, never after).
 BACKEND_LOCK: Any = None
@@ -43,19 +42,6 @@ MOVES: list[dict[str, Any]] = []
 # container instance ARN -> when its last task moved (or when it was first seen draining)
 _LAST_MOVE: dict[str, float] = {}
 _TICKER: threading.Thread | None = None
-
-
-def _scope(environ: dict[str, Any]) -> tuple[str, str]:
-    """(account, region) of a request, as moto derives them."""
-    m = _CREDENTIAL_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
-    if not m:
-        return DEFAULT_ACCOUNT, DEFAULT_REGION
-    try:
-        from moto.iam.models import get_account_id_from
-
-        return get_account_id_from(m.group(1)), m.group(2)
-    except Exception:
-        return DEFAULT_ACCOUNT, m.group(2)
 
 
 def _error(code: str, message: str) -> tuple[str, list[tuple[str, str]], bytes]:

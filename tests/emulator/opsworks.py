@@ -39,8 +39,8 @@ from collections import Counter
 from typing import Any
 
 TARGET_PREFIX = "OpsWorks_20130218."
-DEFAULT_ACCOUNT = "123456789012"
-DEFAULT_REGION = "us-east-1"
+from aws_scope import DEFAULT_ACCOUNT, DEFAULT_REGION  # noqa: E402,F401
+from aws_scope import scope as _scope  # noqa: E402
 LAYER_TYPES = ("aws-flow-ruby", "ecs-cluster", "java-app", "lb", "web", "php-app", "rails-app",
                "nodejs-app", "memcached", "db-master", "monitoring-master", "custom")
 SHORTNAME_RE = re.compile(r"^[a-zA-Z0-9_.\-]{1,32}$")
@@ -486,21 +486,6 @@ _HANDLERS = {
 # --------------------------------------------------------------------------------------------
 # entry points used by emulator.py
 # --------------------------------------------------------------------------------------------
-
-_CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/\d{8}/([^/,\s]+)/([^/,\s]+)/aws4_request")
-
-
-def _scope(environ: dict[str, Any]) -> tuple[str, str]:
-    """(account, region) of a request, as moto derives them."""
-    m = _CREDENTIAL_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
-    if not m:
-        return DEFAULT_ACCOUNT, DEFAULT_REGION
-    try:
-        from moto.iam.models import get_account_id_from
-
-        return get_account_id_from(m.group(1)), m.group(2)
-    except Exception:
-        return DEFAULT_ACCOUNT, m.group(2)
 
 
 def _reply(status: int, payload: Any) -> tuple[str, list[tuple[str, str]], bytes]:
