@@ -259,22 +259,23 @@ impl Pipeline {
                 return self.finish(run.ended(Outcome::Retry)).await;
             }
         };
+        if let Claim::Done { result, .. } = claim {
+            info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
+            run.hook_result = result.as_deref().and_then(Completion::parse);
+            return self.finish(run.ended(Outcome::Duplicate)).await;
+        }
         // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
         let stop = cancel.child_token();
         let _keeper = self.keep(job, stop.clone());
         let result = match claim {
-            Claim::Done { result, .. } => {
-                info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
-                run.hook_result = result.as_deref().and_then(Completion::parse);
-                return self.finish(run.ended(Outcome::Duplicate)).await;
-            }
             Claim::Decided(result) => {
                 info!(%result, "steps already ran for this action; completing their decision");
                 self.heartbeat(job, lease).await;
                 self.earlier_decision(job, result, &mut run).await;
                 result
             }
-            Claim::Fresh { .. } | Claim::Held { .. } => {
+            // (Done returned above; Held is never answered once the claim is won.)
+            Claim::Fresh { .. } | Claim::Held { .. } | Claim::Done { .. } => {
                 match self.fresh(job, layer, run_id, &mut run, lease, &stop).await {
                     Ok(result) => result,
                     Err(outcome) => return self.unclaim(job, lease, run.ended(outcome)).await,
