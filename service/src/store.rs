@@ -99,6 +99,25 @@ pub struct StepRow {
     pub detail: Option<String>,
 }
 
+/// Puts the connection in WAL mode. Setting the journal mode answers SQLITE_BUSY at once,
+/// without the busy handler, while another process closes its last connection (it then
+/// checkpoints and removes the WAL): `provision history` opened as the daemon stops, say.
+/// That passes in milliseconds, so it is tried again for up to 5 seconds.
+fn set_wal(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let mut tries = 0;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 100 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
@@ -133,7 +152,7 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL lets `provision history` read while the daemon writes; NORMAL skips an fsync per
         // commit (a power cut may lose the last runs, never corrupt the file).
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // The tables, and any migration an older release's file needs (store_schema.rs).
