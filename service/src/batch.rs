@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::aws::retry::with_backoff;
 use crate::aws::AwsError;
+use crate::retry::with_backoff;
 
 type Item<T, R> = (T, oneshot::Sender<Result<R, String>>);
 

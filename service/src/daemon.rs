@@ -16,12 +16,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::aws::retry::backoff;
 use crate::aws::{AwsError, Message, Queue};
 use crate::delivery::{Acks, Delivery, RejectPolicy, Settled};
 use crate::engine::{Done, Engine, Slot};
 use crate::metrics::Stats;
 use crate::pipeline::Pipeline;
+use crate::retry::Backoff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -48,7 +48,7 @@ pub struct Summary {
     /// Deleted after being handled (completed, skipped, rejected, duplicate).
     pub deleted: u64,
     /// Left or released to come back.
-    pub returned: u64,
+    pub released: u64,
     /// Acknowledgements that failed (the message will come back and be found done).
     pub ack_errors: u64,
     pub receive_errors: u64,
@@ -59,17 +59,17 @@ pub struct Summary {
 impl Summary {
     /// True when every message received was handled and acknowledged.
     pub fn all_handled(&self) -> bool {
-        self.returned == 0 && self.ack_errors == 0 && !self.gave_up
+        self.released == 0 && self.ack_errors == 0 && !self.gave_up
     }
 
     fn tally(&mut self, done: Done<Settled>) {
         match done {
             Ok(Settled::Handled) => self.deleted += 1,
-            Ok(Settled::Returned) => self.returned += 1,
+            Ok(Settled::Released) => self.released += 1,
             Ok(Settled::AckFailed) => self.ack_errors += 1,
             Err(e) => {
                 error!(error = %e, "message task panicked; its message will come back");
-                self.returned += 1;
+                self.released += 1;
             }
         }
     }
@@ -82,6 +82,9 @@ const ALIVE_EVERY: Duration = Duration::from_secs(5);
 const BATCH_FILL: Duration = Duration::from_millis(100);
 /// Stops after this many consecutive failed receives in drain mode (the daemon keeps trying).
 const DRAIN_MAX_RECEIVE_FAILURES: u32 = 5;
+/// The pause after failed receives in a row.
+const RECEIVE_PAUSES: Backoff =
+    Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60)).full_jitter();
 
 type Shutdown<'a> = Pin<&'a mut dyn Future<Output = ()>>;
 
@@ -246,11 +249,7 @@ impl Listener {
             self.summary.gave_up = true;
             return None;
         }
-        Some(backoff(
-            failures,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        ))
+        Some(RECEIVE_PAUSES.delay(failures))
     }
 
     /// Starts one task per message, each in its own slot.

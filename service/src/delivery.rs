@@ -21,6 +21,7 @@ use crate::aws::{Message, Queue};
 use crate::batch::Batcher;
 use crate::lease::{Lease, Leases};
 use crate::outcome::Outcome;
+use crate::retry::Backoff;
 
 /// How long a delete or release waits for others to share its batch call.
 const ACK_LINGER: Duration = Duration::from_millis(250);
@@ -90,9 +91,9 @@ impl Ack {
 /// Delay before a message that failed for a transient reason comes back: grows with the
 /// number of receives, capped at 5 minutes, jittered.
 fn retry_delay(receive_count: u32) -> Duration {
-    let base = Duration::from_secs(5).saturating_mul(1 << receive_count.min(6));
-    base.min(Duration::from_secs(300))
-        .mul_f64(0.5 + fastrand::f64() * 0.5)
+    Backoff::doubling(Duration::from_secs(5), Duration::from_secs(300))
+        .half_jitter()
+        .delay(receive_count)
 }
 
 /// What settling a delivery came to.
@@ -101,7 +102,7 @@ pub enum Settled {
     /// Handled: deleted (or left for Lambda's event source mapping to delete).
     Handled,
     /// Released (or left) to come back.
-    Returned,
+    Released,
     /// Handled, but the delete failed: it comes back and is found done.
     AckFailed,
 }
@@ -171,7 +172,7 @@ impl Acks {
                 if let Err(e) = self.releaser.submit((message.receipt, delay)).await {
                     warn!(message_id = %message.id, error = %e, "could not release the message; it comes back when its visibility lapses");
                 }
-                Settled::Returned
+                Settled::Released
             }
         }
     }

@@ -18,13 +18,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::aws::retry::with_backoff;
 use crate::aws::{Action, HookInfo};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Phase, Place, Transition};
 use crate::layer::Layer;
-use crate::pipeline::{printable, Job, Pipeline, Progress, RunReport};
+use crate::pipeline::{printable, Finish, Job, Pipeline, Progress, RunReport, Trust};
+use crate::retry::with_backoff;
 
 #[derive(Debug, Clone)]
 pub struct Args {
@@ -198,10 +198,13 @@ fn job(found: &Found, args: &Args) -> Job {
         message_id: None,
         layer: args.layer.clone(),
         action,
-        complete: !args.no_complete,
+        finish: if args.no_complete {
+            Finish::Leave
+        } else {
+            Finish::Complete
+        },
         progress: None,
-        // Read from Auto Scaling just now, not from a message: nothing to verify.
-        verify: false,
+        trust: Trust::FromAutoScaling,
     }
 }
 
@@ -224,12 +227,12 @@ fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args
     for (i, line) in pipeline.preview(&job.event, layer).iter().enumerate() {
         println!("step {i}     {line}");
     }
-    match (&job.action, job.complete) {
-        (Some(a), true) => println!(
+    match (&job.action, job.finish) {
+        (Some(a), Finish::Complete) => println!(
             "then       complete hook {} by instance id: CONTINUE, or {} if a step fails",
             a.hook, layer.on_failure
         ),
-        (Some(a), false) => println!(
+        (Some(a), Finish::Leave) => println!(
             "then       leave the pending action of hook {} as it is (--no-complete)",
             a.hook
         ),
@@ -253,8 +256,8 @@ async fn execute(pipeline: &Pipeline, mut job: Job) -> RunReport {
     let printer = tokio::spawn(print_progress(rx, Instant::now()));
     // No message to keep hidden: the lease only heartbeats the action.
     let lease = pipeline.leases().hold(None, Instant::now());
-    let report = pipeline.run(&job, &lease, &cancel).await;
-    drop((lease, job));
+    let report = pipeline.run(job, &lease, &cancel).await;
+    drop(lease);
     let _ = printer.await;
     report
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws::{Action, ActionCall, ErrorClass, Hooks, Queue};
 use crate::metrics::Stats;
+use crate::retry::Backoff;
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -56,6 +57,15 @@ pub struct Leases {
     inner: Arc<Inner>,
 }
 
+/// When an action's first heartbeat goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Now: the action may be close to timing out (its message waited long).
+    AtOnce,
+    /// One interval from now, jittered.
+    AfterInterval,
+}
+
 /// Held while one event is worked on.
 pub struct Lease {
     id: u64,
@@ -79,17 +89,16 @@ impl Lease {
         }
     }
 
-    /// Starts heartbeating an action (once its hook's timeout is known): the first beat
-    /// `at_once` (the action may be close to timing out), else one interval from now.
-    pub fn beat(&self, action: Action, every: Duration, at_once: bool) {
+    /// Starts heartbeating an action (once its hook's timeout is known) every `every`,
+    /// the first beat as `first` says.
+    pub fn beat(&self, action: Action, every: Duration, first: Beat) {
         if let Some(e) = self.inner.entries.lock().unwrap().get_mut(&self.id) {
             e.action = Some(action);
             e.every = every;
             e.next_beat = Instant::now()
-                + if at_once {
-                    Duration::ZERO
-                } else {
-                    jitter(every)
+                + match first {
+                    Beat::AtOnce => Duration::ZERO,
+                    Beat::AfterInterval => jitter(every),
                 };
         }
     }
@@ -109,7 +118,7 @@ impl Drop for Lease {
 
 /// 90..110 % of `d`, so hundreds of actions started together do not beat in lockstep.
 fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+    Backoff::every(d).jitter(0.9, 1.1).delay(0)
 }
 
 impl Leases {
@@ -271,7 +280,10 @@ fn entry_class(entry: &str) -> ErrorClass {
 /// it left, so ten tries fit before the message would show again).
 fn extend_backoff(failures: u32, visibility: Duration) -> Duration {
     let cap = (visibility / 20).max(TICK);
-    crate::aws::retry::backoff(failures, TICK, cap).max(TICK)
+    Backoff::doubling(TICK, cap)
+        .full_jitter()
+        .at_least(TICK)
+        .delay(failures)
 }
 
 /// One heartbeat; schedules the next, or stops beating an action that is gone.

@@ -6,10 +6,10 @@
 //! One concept a file. Read it in the order a message travels:
 //!
 //! ```text
-//! source ──► parse ──► verify ──► route ──► claim ──► steps ──► complete ──► record ──► ack
-//! daemon     event     pipeline/  layer     pipeline/ pipeline/ pipeline/   pipeline/   delivery
-//! lambda               verify               claim     steps     complete    record
-//! instance              heartbeat + message visibility while the steps run: lease
+//! source ──► parse ──► route ──► claim ──► verify ──► steps ──► decide ──► complete ──► record ──► ack
+//! daemon     event     layer     pipeline/ pipeline/  pipeline/ pipeline/ pipeline/    pipeline/  delivery
+//! lambda                         claim     verify     steps     run       complete     record
+//! instance             heartbeat + message visibility from the claim to the end: lease
 //! ```
 //!
 //! **Sources** turn their input into work and own its delivery:
@@ -23,22 +23,27 @@
 //! - [`delivery`]: a received message, holding its lease, and its acknowledgement by outcome
 //!   (delete, release, dead-letter).
 //!
-//! **The message path**, stage by stage:
+//! **The message path**, stage by stage. [`pipeline::Pipeline::handle`] parses a message;
+//! [`pipeline::Pipeline::run`] works one job as a `Run` whose story (`pipeline/run.rs`)
+//! calls the stages in this order, each of which may end it early with an `End`:
 //! 1. [`event`]: message body -> lifecycle event, skip or reject. Pure.
-//! 2. [`pipeline`]: one event from start to end; `pipeline/verify.rs` asks Auto Scaling
-//!    whether the action is genuine and takes the hook's own metadata.
-//! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
+//! 2. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
 //!    the event's phase ([`event::Phase`]: launch, terminate, and a warm pool's enter,
 //!    leave and return).
-//! 4. `pipeline/claim.rs`: the token worked once here, and claimed under a renewed lease
-//!    through [`claims`]: in the [`store`] for one host (its tables and numbered
-//!    migrations: [`store_schema`]), in a DynamoDB table (`aws/dynamo.rs`) for a fleet.
+//! 3. `pipeline/claim.rs`: the token worked once in this process, its history row opened,
+//!    and the token claimed under a renewed lease through [`claims`]: in the [`store`] for
+//!    one host (its tables and numbered migrations: [`store_schema`]), in a DynamoDB table
+//!    (`aws/dynamo.rs`) for a fleet. From here [`lease`] heartbeats the action and keeps
+//!    the message hidden.
+//! 4. `pipeline/verify.rs`: Auto Scaling confirms the action is genuine, and the hook's own
+//!    metadata replaces the message's.
 //! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
-//!    `ansible`, `ecs_drain`), each filling its [`template`]s from the event; [`lease`] heartbeats the
-//!    action and keeps the message hidden meanwhile.
-//! 6. `pipeline/complete.rs`: CompleteLifecycleAction, and what its answer means.
-//! 7. `pipeline/record.rs`: the history row and the result event (outbox when SNS fails).
-//! 8. [`delivery`]: the message deleted or released, as the run's [`outcome`] says.
+//!    `ansible`, `ecs_drain`), each filling its [`template`]s from the event.
+//! 6. `pipeline/run.rs`: the decision (CONTINUE, or the layer's failure result) recorded
+//!    before completing.
+//! 7. `pipeline/complete.rs`: CompleteLifecycleAction, and what its answer means.
+//! 8. `pipeline/record.rs`: the history row and the result event (outbox when SNS fails).
+//! 9. [`delivery`]: the message deleted or released, as the run's [`outcome`] says.
 //!
 //! **Beside the path**:
 //! - [`outcome`]: the decisions as types (hook result, completion, run and step outcomes).
@@ -48,9 +53,10 @@
 //! - [`secret`]: the vault password; keeping secrets out of argv, environments and logs.
 //! - [`output`]: a child's output held as head and tail within a budget, the whole of it
 //!   streamed to a bounded log ([`output::LogDir`]: `ansible-logs/`, `ssh-logs/`).
-//! - [`aws`]: narrow traits at the AWS boundary, their SDK impls, retry with backoff.
-//! - [`batch`] (micro-batched AWS calls), [`cache`] (single-flight TTL cache), [`poll`]
-//!   (polling until a deadline), [`clock`] (wall-clock time for records).
+//! - [`aws`]: narrow traits at the AWS boundary and their SDK impls.
+//! - [`retry`] (the one backoff policy and retry loop), [`batch`] (micro-batched AWS
+//!   calls), [`cache`] (single-flight TTL cache), [`poll`] (polling until a deadline),
+//!   [`clock`] (wall-clock time for records).
 //! - [`app`]: the real SDK clients wired into a pipeline for the binary.
 //! - [`check`]: `provision check`, the config and (with `--aws`) its AWS surroundings.
 //! - [`cli`]: the command line's definitions (clap); [`docs`]: the man page and shell
@@ -85,6 +91,7 @@ pub mod outcome;
 pub mod output;
 pub mod pipeline;
 pub mod poll;
+pub mod retry;
 pub mod secret;
 pub mod setting;
 pub mod shutdown;

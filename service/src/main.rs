@@ -1,6 +1,7 @@
-//! The `provision` command line: daemon | worker | event parse | history. What the
-//! commands and options are is `cli.rs` (in the library, so the man page and the shell
-//! completions are generated from the same definitions).
+//! The `provision` command line: `<instance-id>` (instance) | daemon | worker | lambda |
+//! event parse | check | history. What the commands and options are is `cli.rs` (in the
+//! library, so the man page and the shell completions are generated from the same
+//! definitions).
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -335,7 +336,7 @@ fn log_summary(s: &Summary, stats: &Stats) {
     tracing::info!(
         received = s.received,
         deleted = s.deleted,
-        returned = s.returned,
+        released = s.released,
         ack_errors = s.ack_errors,
         receive_errors = s.receive_errors,
         succeeded = Stats::get(&stats.succeeded),

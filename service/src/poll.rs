@@ -1,10 +1,11 @@
 //! Polling until a deadline: try, and while the answer is "not yet", pause a growing delay
 //! (never past the deadline) and try again; at the deadline, give up with the last "not yet".
 //!
-//! Owns only the pacing ([`Pace`]) and the loop around an attempt ([`until`]). What an
-//! attempt asks, what counts as done or as a failure that should not wait, and the words of
-//! the timeout belong to the caller (reaching an instance over SSH, SSM command results,
-//! OpsWorks registration). Retrying one failed AWS call is `aws::retry`, not this.
+//! Owns only the pacing ([`Pace`]: a [`Backoff`] bounded by a deadline) and the loop around
+//! an attempt ([`until`]). What an attempt asks, what counts as done or as a failure that
+//! should not wait, and the words of the timeout belong to the caller (reaching an instance
+//! over SSH, SSM command results, OpsWorks registration). Retrying a failed call is
+//! [`crate::retry`], not this.
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -12,31 +13,27 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::retry::Backoff;
+
 /// The pauses between attempts, bounded by a deadline.
 pub struct Pace {
     deadline: Instant,
     attempt: u32,
-    delay: Box<dyn FnMut(u32) -> Duration + Send + Sync>,
+    backoff: Backoff,
 }
 
 impl Pace {
     /// Pauses of `first`, twice that, and so on, up to `max`.
     pub fn doubling(deadline: Instant, first: Duration, max: Duration) -> Pace {
-        Pace::with(deadline, move |attempt| {
-            let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
-            first.checked_mul(factor).unwrap_or(max).min(max)
-        })
+        Pace::new(deadline, Backoff::doubling(first, max))
     }
 
-    /// Pauses of `delay(n)` after the n-th attempt (0, 1, ...), e.g. a jittered backoff.
-    pub fn with(
-        deadline: Instant,
-        delay: impl FnMut(u32) -> Duration + Send + Sync + 'static,
-    ) -> Pace {
+    /// Pauses as `backoff` says after the n-th attempt (0, 1, ...).
+    pub fn new(deadline: Instant, backoff: Backoff) -> Pace {
         Pace {
             deadline,
             attempt: 0,
-            delay: Box::new(delay),
+            backoff,
         }
     }
 
@@ -47,7 +44,7 @@ impl Pace {
 
     /// Sleeps the next pause, cut short at the deadline.
     pub async fn pause(&mut self) {
-        let delay = (self.delay)(self.attempt);
+        let delay = self.backoff.delay(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         tokio::time::sleep(delay.min(self.deadline.saturating_duration_since(Instant::now())))
             .await;
@@ -136,7 +133,7 @@ mod tests {
     async fn a_past_deadline_still_gets_one_attempt_and_no_pause() {
         tokio::time::pause();
         let start = Instant::now();
-        let pace = Pace::with(start, |_| Duration::from_secs(5));
+        let pace = Pace::new(start, Backoff::every(Duration::from_secs(5)));
         let mut calls = 0;
         let r: Result<(), &str> = until(pace, || {
             calls += 1;
@@ -151,9 +148,11 @@ mod tests {
     async fn a_pause_never_sleeps_past_the_deadline() {
         tokio::time::pause();
         let start = Instant::now();
-        let mut pace = Pace::with(start + Duration::from_secs(3), |n| {
-            Duration::from_secs(2 * (n as u64 + 1))
-        });
+        let mut pace = Pace::doubling(
+            start + Duration::from_secs(3),
+            Duration::from_secs(2),
+            Duration::from_secs(4),
+        );
         // (The paused clock rounds each sleep up to the next millisecond.)
         pace.pause().await;
         assert_eq!((Instant::now() - start).as_secs(), 2);

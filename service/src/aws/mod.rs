@@ -16,7 +16,6 @@ use crate::outcome::HookResult;
 pub mod dynamo;
 #[cfg(test)]
 pub mod fake;
-pub mod retry;
 pub mod sdk;
 
 /// A failed AWS call, classified once ([`ErrorClass::of`]).

@@ -8,7 +8,7 @@
 //! kept hidden: it is not released to come back (that would spend the queue's receive count),
 //! and not deleted (the holder may die, and its copy may be this very message). The holder
 //! renews its lease every third of `state.claim_lease` ([`Keeper`]); a claim that was taken
-//! over cancels the steps. Owns neither the steps nor the completion.
+//! over stops the steps. Owns neither the steps nor the completion.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,10 +19,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Job, Pipeline, RunReport};
+use super::run::{End, Run};
 use crate::claims::{Claim, ClaimError, Claims};
 use crate::clock::now_ms;
 use crate::layer::Layer;
+use crate::outcome::Completion;
+use crate::retry::{in_flight_rounds, Retry};
 
 /// Tokens being worked in this process; a second delivery of one waits on it.
 #[derive(Default)]
@@ -31,11 +33,11 @@ pub(super) struct Working(Mutex<HashMap<String, watch::Receiver<bool>>>);
 impl Working {
     /// Waits until no other task of this process works `token`, then marks it worked until
     /// the guard is dropped. None when cancelled while waiting.
-    pub(super) async fn enter<'a>(
-        &'a self,
-        token: &'a str,
+    pub(super) async fn enter(
+        &self,
+        token: &str,
         cancel: &CancellationToken,
-    ) -> Option<WorkingGuard<'a>> {
+    ) -> Option<WorkingGuard<'_>> {
         loop {
             let mut busy = {
                 let mut working = self.0.lock().unwrap();
@@ -46,7 +48,7 @@ impl Working {
                         working.insert(token.to_string(), rx);
                         return Some(WorkingGuard {
                             working: self,
-                            token,
+                            token: token.to_string(),
                             tx,
                         });
                     }
@@ -64,13 +66,13 @@ impl Working {
 /// Removes a token from the in-process map and wakes anyone waiting for it.
 pub(super) struct WorkingGuard<'a> {
     working: &'a Working,
-    token: &'a str,
+    token: String,
     tx: watch::Sender<bool>,
 }
 
 impl Drop for WorkingGuard<'_> {
     fn drop(&mut self) {
-        self.working.0.lock().unwrap().remove(self.token);
+        self.working.0.lock().unwrap().remove(&self.token);
         let _ = self.tx.send(true);
     }
 }
@@ -119,27 +121,30 @@ fn poll_every(lease: Duration) -> Duration {
     (lease / 6).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
-impl Pipeline {
-    /// Records the run's first row, then claims its token: Fresh, Decided or Done, after
-    /// waiting while another live owner holds it. None when cancelled while waiting.
-    pub(super) async fn claim(
-        &self,
-        job: &Job,
-        layer: &Layer,
-        run: &mut RunReport,
-        cancel: &CancellationToken,
-    ) -> Result<Option<(i64, Claim)>, ClaimError> {
-        let run_id = self
-            .open_run(job, Some(&layer.name))
+impl<'a> Run<'a> {
+    /// Waits until no other task of this process works the run's token.
+    pub(super) async fn wait_turn(&self) -> Result<WorkingGuard<'a>, End> {
+        let token = &self.job.event.token;
+        self.p
+            .working
+            .enter(token, self.cancel)
             .await
-            .map_err(|e| ClaimError::new("state store", e.to_string()))?;
-        run.run_id = Some(run_id);
-        let token = &job.event.token;
-        let lease = self.cfg.state.claim_lease;
-        let claim_it = || self.claims.claim(token, &self.owner, run_id, lease);
-        let Some(mut claim) = self.in_flight(cancel, claim_it).await? else {
-            return Ok(None);
-        };
+            .ok_or(End::Cancelled)
+    }
+
+    /// Records the run's first row, then claims its token, waiting while another live
+    /// owner holds it: `Fresh` or `Decided` (a `Done` token ends the run as a duplicate).
+    pub(super) async fn claim(&mut self, layer: &Layer) -> Result<Claim, End> {
+        let p = self.p;
+        let run_id = p
+            .open_run(&self.job, Some(&layer.name))
+            .await
+            .map_err(|e| End::ClaimStore(ClaimError::new("state store", e.to_string())))?;
+        self.report.run_id = Some(run_id);
+        let token = &self.job.event.token;
+        let lease = p.cfg.state.claim_lease;
+        let claim_it = || p.claims.claim(token, &p.owner, run_id, lease);
+        let mut claim = self.in_flight(claim_it).await?;
         while let Claim::Held { owner, until_ms } = &claim {
             info!(holder = %owner, lease_left_ms = until_ms - now_ms(),
                 "another owner works this lifecycle action; waiting for it to finish or its lease to expire");
@@ -147,73 +152,62 @@ impl Pipeline {
             while matches!(peeked, Claim::Held { .. }) {
                 tokio::select! {
                     _ = tokio::time::sleep(poll_every(lease)) => {}
-                    _ = cancel.cancelled() => return Ok(None),
+                    _ = self.cancel.cancelled() => return Err(End::Cancelled),
                 }
-                let peek = || self.claims.peek(token, &self.owner);
-                let Some(p) = self.in_flight(cancel, peek).await? else {
-                    return Ok(None);
-                };
-                peeked = p;
+                peeked = self.in_flight(|| p.claims.peek(token, &p.owner)).await?;
             }
             claim = match peeked {
                 done @ Claim::Done { .. } => done,
-                _ => match self.in_flight(cancel, claim_it).await? {
-                    Some(c) => c,
-                    None => return Ok(None),
-                },
+                _ => self.in_flight(claim_it).await?,
             };
         }
-        if let Claim::Fresh {
-            from: Some(previous),
-        } = &claim
-        {
-            warn!(%previous, "took over a claim whose lease expired (its owner stopped renewing it)");
-            run.note = Some(format!(
-                "took over the claim of {previous}, whose lease had expired"
-            ));
+        match claim {
+            Claim::Done { result, .. } => {
+                self.report.hook_result = result.as_deref().and_then(Completion::parse);
+                return Err(End::Duplicate);
+            }
+            Claim::Fresh {
+                from: Some(ref previous),
+            } => {
+                warn!(%previous, "took over a claim whose lease expired (its owner stopped renewing it)");
+                self.report.note = Some(format!(
+                    "took over the claim of {previous}, whose lease had expired"
+                ));
+            }
+            _ => {}
         }
-        Ok(Some((run_id, claim)))
+        self.claimed = true;
+        Ok(claim)
     }
 
     /// A claim-store call, tried again with growing pauses while it fails for a transient
     /// reason: the message waits in flight meanwhile rather than going back to spend a
-    /// receive. None when `cancel` fires first; a permanent error as it is.
-    async fn in_flight<T, F, Fut>(
-        &self,
-        cancel: &CancellationToken,
-        mut call: F,
-    ) -> Result<Option<T>, ClaimError>
+    /// receive.
+    async fn in_flight<T, F, Fut>(&self, call: F) -> Result<T, End>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ClaimError>>,
     {
-        let mut round = 0;
-        loop {
-            let e = match call().await {
-                Ok(v) => return Ok(Some(v)),
-                Err(e) if !e.transient => return Err(e),
-                Err(e) => e,
-            };
-            round += 1;
-            let delay = super::complete::round_delay(round, self.cfg.aws.retry_for);
-            warn!(error = %e, round, next_in = ?delay,
-                "the claim store fails for a transient reason; the message stays in flight");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return Ok(None),
-            }
+        let rounds = in_flight_rounds(self.p.cfg.aws.retry_for);
+        let says = "the claim store fails for a transient reason; the message stays in flight";
+        match Retry::new(rounds, says).unless(self.cancel).run(call).await {
+            Ok(v) => Ok(v),
+            Err(_) if self.cancel.is_cancelled() => Err(End::Cancelled),
+            Err(e) => Err(End::ClaimStore(e)),
         }
     }
 
-    /// Holds a won claim until the returned keeper is dropped; `lost` fires if another
-    /// owner takes it over meanwhile.
-    pub(super) fn keep(&self, job: &Job, lost: CancellationToken) -> Keeper {
-        Keeper::spawn(
-            self.claims.clone(),
-            job.event.token.clone(),
-            self.owner.clone(),
-            self.cfg.state.claim_lease,
-            lost,
-        )
+    /// Holds the won claim until the returned keeper is dropped. The token fires when the
+    /// run must stop: the source's cancellation, or another owner taking the claim over.
+    pub(super) fn hold_claim(&self) -> (Keeper, CancellationToken) {
+        let stop = self.cancel.child_token();
+        let keeper = Keeper::spawn(
+            self.p.claims.clone(),
+            self.job.event.token.clone(),
+            self.p.owner.clone(),
+            self.p.cfg.state.claim_lease,
+            stop.clone(),
+        );
+        (keeper, stop)
     }
 }

@@ -96,11 +96,6 @@ impl RunReport {
             self.outcome = Outcome::Succeeded;
         }
     }
-
-    pub(super) fn ended(mut self, outcome: Outcome) -> RunReport {
-        self.outcome = outcome;
-        self
-    }
 }
 
 /// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
@@ -182,13 +177,6 @@ impl Pipeline {
             warn!(error = %e, %outcome, "could not record the message");
         }
         outcome
-    }
-
-    /// The action is finished for good (completed, found finished, or left as it is).
-    pub(super) async fn done(&self, token: &str, completion: Completion) {
-        if let Err(e) = self.claims.done(token, completion.as_str()).await {
-            warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
-        }
     }
 
     /// Records the end of a run and publishes its result when it is final. A result that

@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::record::clip;
-use super::{Job, Pipeline, RunReport, StepReport};
+use super::run::{End, Run};
+use super::{Job, StepReport};
 use crate::layer::Layer;
-use crate::lease::Lease;
 use crate::outcome::{HookResult, Outcome, StepOutcome};
 use crate::step::{Step, StepContext, StepError, StepOutput};
 use crate::template::Context;
@@ -29,8 +29,8 @@ const ACTION_GONE: &str = "the lifecycle action ended while this step ran (heart
 /// How a step ended.
 enum StepEnd {
     Done(Result<StepOutput, StepError>),
-    /// Shutdown or a deadline: the run is released.
-    Cancelled,
+    /// Shutdown, a deadline, or the claim taken over: the run is released.
+    Stopped,
     /// A heartbeat found the action gone: nothing the steps do can count any more.
     ActionGone,
 }
@@ -61,113 +61,99 @@ impl Job {
     }
 }
 
-impl Pipeline {
-    /// Runs the layer's steps in order, stopping at the first failure. Returns the hook
-    /// result, or None when cancelled.
+impl Run<'_> {
+    /// Runs the layer's steps in order, stopping at the first failure: the hook result to
+    /// complete with. `stop` fires when the run must stop (shutdown, or the claim lost).
     pub(super) async fn run_steps(
-        &self,
-        job: &Job,
+        &mut self,
         layer: &Layer,
-        run_id: i64,
-        run: &mut RunReport,
-        lease: &Lease,
-        cancel: &CancellationToken,
-    ) -> Option<HookResult> {
-        let steps = layer.steps(job.event.phase());
+        stop: &CancellationToken,
+    ) -> Result<HookResult, End> {
+        let steps = layer.steps(self.job.event.phase());
         for (idx, step) in steps.iter().enumerate() {
-            let at = (idx, steps.len());
-            let failure = match self
-                .run_step(job, layer, run_id, at, step, run, lease, cancel)
-                .await
-            {
+            let at = At {
+                idx,
+                total: steps.len(),
+            };
+            let failure = match self.run_step(layer, at, step, stop).await {
                 StepEnd::Done(Ok(_)) => continue,
                 StepEnd::Done(Err(e)) => e.to_string(),
                 StepEnd::ActionGone => ACTION_GONE.to_string(),
-                StepEnd::Cancelled => return None,
+                StepEnd::Stopped => return Err(self.stopped()),
             };
-            run.outcome = Outcome::Failed;
-            run.error = Some(format!("step {idx} ({}): {failure}", step.kind_name()));
-            return Some(layer.on_failure);
+            self.report.outcome = Outcome::Failed;
+            self.report.error = Some(format!("step {idx} ({}): {failure}", step.kind_name()));
+            return Ok(layer.on_failure);
         }
-        Some(HookResult::Continue)
+        Ok(HookResult::Continue)
     }
 
     /// One step: recorded, timed, reported.
-    #[allow(clippy::too_many_arguments)]
     async fn run_step(
-        &self,
-        job: &Job,
+        &mut self,
         layer: &Layer,
-        run_id: i64,
-        (idx, total): (usize, usize),
+        at: At,
         step: &Step,
-        run: &mut RunReport,
-        lease: &Lease,
-        cancel: &CancellationToken,
+        stop: &CancellationToken,
     ) -> StepEnd {
+        let (p, job, run_id) = (self.p, &self.job, self.report.run_id.unwrap_or_default());
         let last_note = Mutex::new(String::new());
         let note = |what: String| {
             let mut last = last_note.lock().unwrap();
             if *last != what {
                 debug!(%what, "waiting");
                 *last = what.clone();
-                job.tell(Progress::Waiting { idx, what });
+                job.tell(Progress::Waiting { idx: at.idx, what });
             }
         };
         let ctx = StepContext {
             template: Context::new(&job.event, &layer.name, &layer.vars),
-            services: &self.services,
-            shared: &self.shared,
-            retry_for: self.cfg.aws.retry_for,
+            services: &p.services,
+            shared: &p.shared,
+            retry_for: p.cfg.aws.retry_for,
             ssh: &layer.ssh,
             note: &note,
         };
         let description = step.describe();
-        let span = info_span!("step", idx, kind = step.kind_name());
-        if let Err(e) = self
-            .store
-            .start_step(run_id, idx, step.kind_name(), &description)
+        let span = info_span!("step", idx = at.idx, kind = step.kind_name());
+        let store = &p.store;
+        if let Err(e) = store
+            .start_step(run_id, at.idx, step.kind_name(), &description)
             .await
         {
             warn!(error = %e, "could not record step start");
         }
         job.tell(Progress::Started {
-            idx,
-            total,
+            idx: at.idx,
+            total: at.total,
             description: description.clone(),
         });
         let t0 = Instant::now();
         let r = tokio::select! {
             r = step.run(&ctx).instrument(span.clone()) => r,
-            _ = cancel.cancelled() => {
-                let _ = self.store.finish_step(run_id, idx, StepOutcome::Cancelled, "shutdown").await;
-                return StepEnd::Cancelled;
+            _ = stop.cancelled() => {
+                let why = if self.cancel.is_cancelled() { "shutdown" } else { "the claim was taken over" };
+                let _ = store.finish_step(run_id, at.idx, StepOutcome::Cancelled, why).await;
+                return StepEnd::Stopped;
             }
-            _ = lease.gone().cancelled() => {
+            _ = self.lease.gone().cancelled() => {
                 warn!("{ACTION_GONE}");
-                let _ = self.store.finish_step(run_id, idx, StepOutcome::Cancelled, ACTION_GONE).await;
+                let _ = store.finish_step(run_id, at.idx, StepOutcome::Cancelled, ACTION_GONE).await;
                 return StepEnd::ActionGone;
             }
         };
-        self.record_step(job, run_id, idx, step, description, &r, t0.elapsed(), run)
-            .instrument(span)
-            .await;
+        let finished = Finished {
+            at,
+            kind: step.kind_name(),
+            description,
+            elapsed: t0.elapsed(),
+        };
+        self.record_step(finished, &r).instrument(span).await;
         StepEnd::Done(r)
     }
 
     /// A finished step: its history row, its metrics, its progress line, its report.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_step(
-        &self,
-        job: &Job,
-        run_id: i64,
-        idx: usize,
-        step: &Step,
-        description: String,
-        r: &Result<StepOutput, StepError>,
-        elapsed: Duration,
-        run: &mut RunReport,
-    ) {
+    async fn record_step(&mut self, step: Finished, r: &Result<StepOutput, StepError>) {
         let (outcome, detail) = match r {
             Ok(out) => (StepOutcome::Succeeded, clip(&out.detail, DETAIL_MAX)),
             Err(e) => (StepOutcome::Failed, clip(&e.to_string(), DETAIL_MAX)),
@@ -176,23 +162,43 @@ impl Pipeline {
             Ok(_) => info!(%detail, "step succeeded"),
             Err(e) => warn!(error = %e, "step failed"),
         }
-        if let Err(e) = self.store.finish_step(run_id, idx, outcome, &detail).await {
+        let run_id = self.report.run_id.unwrap_or_default();
+        let p = self.p;
+        if let Err(e) = p
+            .store
+            .finish_step(run_id, step.at.idx, outcome, &detail)
+            .await
+        {
             warn!(error = %e, "could not record step result");
         }
-        self.stats
-            .step_finished(step.kind_name(), elapsed.as_secs_f64());
-        job.tell(Progress::Finished {
-            idx,
+        p.stats.step_finished(step.kind, step.elapsed.as_secs_f64());
+        self.job.tell(Progress::Finished {
+            idx: step.at.idx,
             outcome,
             detail: detail.clone(),
-            elapsed,
+            elapsed: step.elapsed,
         });
-        run.steps.push(StepReport {
-            kind: step.kind_name(),
-            description,
+        self.report.steps.push(StepReport {
+            kind: step.kind,
+            description: step.description,
             outcome,
             detail: clip(&detail, EVENT_DETAIL_MAX),
-            duration_ms: elapsed.as_millis() as u64,
+            duration_ms: step.elapsed.as_millis() as u64,
         });
     }
+}
+
+/// Which step of how many.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    idx: usize,
+    total: usize,
+}
+
+/// A step that ran to its end, for the record.
+struct Finished {
+    at: At,
+    kind: &'static str,
+    description: String,
+    elapsed: Duration,
 }

@@ -1,8 +1,12 @@
 //! The pipeline against in-memory fakes of the AWS traits.
 
 use super::*;
+use std::time::Duration;
+
 use crate::aws::fake::{FakeHooks, FakeInstances};
+use crate::aws::Services;
 use crate::aws::{ActionCall, Message};
+use crate::claims::Claim;
 use crate::delivery::{Ack, Delivery, RejectPolicy};
 use crate::outcome::HookResult;
 use tokio::time::Instant;
@@ -191,7 +195,9 @@ fn hooks_with_timeout(secs: u64) -> FakeHooks {
 
 #[tokio::test(start_paused = true)]
 async fn a_transient_completion_failure_keeps_the_message_in_flight_until_it_completes() {
-    let hooks = hooks_with_timeout(60);
+    // The action can be completed for 48 hours (100 heartbeat timeouts, at most 48 h): the
+    // paused clock runs through hours of growing pauses.
+    let hooks = hooks_with_timeout(3600);
     // Far more throttling than aws.retry_for (1 s) covers.
     hooks.throttle_completions(200);
     let w = world(hooks, FakeInstances::default());

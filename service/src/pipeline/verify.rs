@@ -7,32 +7,58 @@
 //! message's copy. A group's member list (one DescribeAutoScalingGroups; one DescribeWarmPool
 //! for instances in its warm pool, which the group's list leaves out) answers for every
 //! instance of a burst for a couple of seconds, and hook descriptions come from the
-//! pipeline's cache, so verifying costs a call or two per group and burst, and adds no wait.
-//! Owns no decision about what a forged message becomes: the pipeline rejects it.
+//! verifier's cache (which also answers each hook's heartbeat timeout), so verifying costs
+//! a call or two per group and burst, and adds no wait. A transient failure to ask keeps the
+//! message in flight and asks again with growing pauses, while the action can be completed.
+//! Owns no decision about what a forged message becomes: the run ends as [`End::Forged`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Pipeline;
-use crate::aws::retry::with_backoff;
-use crate::aws::{AwsError, HookInfo, Membership};
+use super::run::End;
+use crate::aws::{Action, AwsError, HookInfo, Hooks, Membership};
 use crate::cache::TtlCache;
 use crate::event::{LifecycleEvent, Metadata, Phase, Place};
+use crate::lease::heartbeat_interval;
+use crate::retry::{in_flight_rounds, with_backoff, Backoff, Retry};
 
 /// How long a group's member list answers for it. A burst of launches into one group is
 /// verified with a call or two; a message the list does not confirm looks again, once.
-pub(super) const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
+const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
+/// How long a group's hook descriptions are trusted before being fetched again.
+const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
+/// Heartbeat interval when the hook cannot be described: short enough for the 30 s minimum.
+const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Each group's members and their lifecycle states, by instance id: its instances
 /// (DescribeAutoScalingGroups) and its warm pool's (DescribeWarmPool), which AWS lists apart.
-pub(super) type Snapshots = TtlCache<(String, List), Arc<HashMap<String, Membership>>>;
+type Snapshots = TtlCache<(String, List), Arc<HashMap<String, Membership>>>;
+
+/// What Auto Scaling says of lifecycle actions, asked as seldom as a burst allows.
+pub(super) struct Verifier {
+    hooks: Arc<dyn Hooks>,
+    /// How long one Describe call is retried.
+    retry_for: Duration,
+    /// The pauses between rounds of asking while a message waits in flight.
+    rounds: Backoff,
+    hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
+    snapshots: Snapshots,
+}
+
+/// A confirmed action: the hook's metadata, and how the message differed.
+pub(super) struct Verified {
+    pub(super) metadata: Metadata,
+    pub(super) note: Option<String>,
+}
 
 /// Which of a group's member lists holds an event's instance while it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum List {
+enum List {
     Group,
     WarmPool,
 }
@@ -51,7 +77,7 @@ impl List {
 
 /// What Auto Scaling says of a message's action.
 #[derive(Debug)]
-pub(super) enum Verdict {
+enum Verdict {
     /// The action is real. `metadata` is the hook's; `note` says how the message differed.
     Genuine {
         metadata: Metadata,
@@ -61,10 +87,78 @@ pub(super) enum Verdict {
     Forged(String),
 }
 
-impl Pipeline {
+impl Verifier {
+    pub(super) fn new(hooks: Arc<dyn Hooks>, retry_for: Duration) -> Verifier {
+        Verifier {
+            hooks,
+            retry_for: retry_for.min(Duration::from_secs(10)),
+            rounds: in_flight_rounds(retry_for),
+            hook_info: TtlCache::new(HOOK_INFO_TTL),
+            snapshots: TtlCache::new(SNAPSHOT_TTL),
+        }
+    }
+
+    /// Auto Scaling's confirmation of `ev`, asked again with growing pauses while asking
+    /// fails for a transient reason, until `until` (when the action can no longer be
+    /// completed) or `stop`.
+    pub(super) async fn confirm(
+        &self,
+        ev: &LifecycleEvent,
+        until: Instant,
+        stop: &CancellationToken,
+    ) -> Result<Verified, End> {
+        let says = "cannot verify the lifecycle action yet; the message stays in flight";
+        let asking = Retry::new(self.rounds, says).until(until).unless(stop);
+        match asking.run(|| self.verify(ev)).await {
+            Ok(Verdict::Genuine { metadata, note }) => Ok(Verified { metadata, note }),
+            Ok(Verdict::Forged(why)) => Err(End::Forged(why)),
+            Err(e) => Err(End::Unverified(e)),
+        }
+    }
+
+    /// How often to heartbeat `action`: a third of its hook's heartbeat timeout.
+    pub(super) async fn heartbeat_every(&self, action: &Action) -> Duration {
+        match self.hook(&action.group, &action.hook).await {
+            Some(info) => heartbeat_interval(info.heartbeat_timeout),
+            None => FALLBACK_HEARTBEAT,
+        }
+    }
+
+    /// One hook's description (for its heartbeat timeout), from the cache.
+    pub(super) async fn hook(&self, group: &str, hook: &str) -> Option<HookInfo> {
+        match self.hooks_of(group).await {
+            Ok(map) => {
+                let info = map.get(hook).cloned();
+                if info.is_none() {
+                    warn!(
+                        "hook is not among the group's lifecycle hooks; heartbeating every {:?}",
+                        FALLBACK_HEARTBEAT
+                    );
+                }
+                info
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot describe the group's lifecycle hooks; heartbeating every {:?}", FALLBACK_HEARTBEAT);
+                None
+            }
+        }
+    }
+
+    /// A group's lifecycle hooks, from one DescribeLifecycleHooks per group (cached, and
+    /// shared by concurrent callers so a burst of launches makes one call).
+    async fn hooks_of(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
+        self.hook_info
+            .get_or_load(&group.to_string(), || async {
+                with_backoff(self.retry_for, || self.hooks.describe_hooks(group))
+                    .await
+                    .map(|v| Arc::new(v.into_iter().collect::<HashMap<_, _>>()))
+            })
+            .await
+    }
+
     /// Asks Auto Scaling whether `ev` describes an action that is waiting now. A transient
-    /// AWS error is returned as such (the message comes back); everything else is a verdict.
-    pub(super) async fn verify(&self, ev: &LifecycleEvent) -> Result<Verdict, AwsError> {
+    /// AWS error is returned as such; everything else is a verdict.
+    async fn verify(&self, ev: &LifecycleEvent) -> Result<Verdict, AwsError> {
         let Some(hook) = self.hook_of(ev).await? else {
             return Ok(Verdict::Forged(format!(
                 "group {:?} has no lifecycle hook {:?}",
@@ -104,15 +198,14 @@ impl Pipeline {
         if let Some(m) = self.members_of(&key).await?.get(id) {
             return Ok(Some(m.clone()));
         }
-        let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
-        with_backoff(retry_for, || self.hooks.membership(&ev.instance_id)).await
+        with_backoff(self.retry_for, || self.hooks.membership(&ev.instance_id)).await
     }
 
     async fn members_of(
         &self,
         key: &(String, List),
     ) -> Result<Arc<HashMap<String, Membership>>, AwsError> {
-        let retry_for = self.cfg.aws.retry_for.min(Duration::from_secs(10));
+        let retry_for = self.retry_for;
         let group = key.0.as_str();
         self.snapshots
             .get_or_load(key, || async {

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::aws::retry::with_backoff;
 use crate::aws::ContainerInstance;
 use crate::poll::{until, Pace};
+use crate::retry::with_backoff;
 use crate::setting::ConfigError;
 use crate::template::{Context, Template};
 

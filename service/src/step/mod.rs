@@ -4,9 +4,9 @@
 //! lives in its own file and owns its config syntax (`parse`) and its behaviour (`run`).
 //! Every step is safe to repeat: at-least-once delivery and crash recovery re-run them.
 //! Running steps in order, heartbeating and completing the hook is the pipeline's job.
-//! Beside the step kinds: `output.rs` (a child's output held as head and tail within a
-//! budget, streamed to a log) and `child.rs` (stopping a child's process group: TERM, a
-//! grace, KILL).
+//! Beside the step kinds: `child.rs` (stopping a child's process group: TERM, a grace,
+//! KILL) and `gather.rs` (instances of one burst gathered into one call). A child's output
+//! held within a budget is [`crate::output`]'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -18,10 +18,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::aws::retry::{backoff, with_backoff};
 use crate::aws::{AwsError, InstanceInfo, OwInstance};
 use crate::event::Transition;
 use crate::poll::{until, Pace};
+use crate::retry::{with_backoff, Backoff};
 use crate::setting::{ConfigError, Fields};
 use crate::template::{Template, Vars};
 
@@ -300,10 +300,11 @@ impl OpsWorks {
         done: impl Fn(&str) -> bool,
     ) -> Result<OwInstance, StepError> {
         // Jittered, so registrations started together do not poll in step.
-        let pace = Pace::with(deadline, |attempt| {
-            backoff(attempt, Duration::from_secs(2), Duration::from_secs(15))
-                .max(Duration::from_millis(500))
-        });
+        let backoff = Backoff::doubling(Duration::from_secs(2), Duration::from_secs(15));
+        let pace = Pace::new(
+            deadline,
+            backoff.full_jitter().at_least(Duration::from_millis(500)),
+        );
         let done = &done;
         let found = until(pace, move || async move {
             let r: Result<Option<OwInstance>, AwsError> =

@@ -21,10 +21,10 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::aws::retry::with_backoff;
 use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
 use crate::event::InstanceId;
 use crate::poll::Pace;
+use crate::retry::with_backoff;
 use crate::setting::{parse_duration, ConfigError, Fields};
 use crate::template::{Template, Vars};
 

@@ -3,7 +3,7 @@
 //! `{ tag = { Name = "web-{instance_id}", Environment = "{metadata.environment}" } }`.
 //! Repeating it sets the same tags again, so it is safe under redelivery.
 
-use crate::aws::retry::with_backoff;
+use crate::retry::with_backoff;
 use crate::setting::ConfigError;
 use crate::template::Template;
 

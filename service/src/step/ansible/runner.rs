@@ -111,7 +111,7 @@ impl Runner {
                 match src {
                     Source::Credential(n) => crate::secret::read_credential(n),
                     Source::SsmParameter(n) => {
-                        crate::aws::retry::with_backoff(retry_for, || ssm.parameter(n))
+                        crate::retry::with_backoff(retry_for, || ssm.parameter(n))
                             .await
                             .map_err(|e| format!("vault password from SSM parameter {n}: {e}"))
                     }

@@ -1,0 +1,329 @@
+//! The story of one run, and every way it ends.
+//!
+//! A [`Run`] owns one lifecycle action's state: its job, the lease that keeps its message
+//! hidden and heartbeats its action, the source's cancellation, and its report. [`Run::go`]
+//! reads top to bottom in the order things happen; each stage returns `Result<_, End>`,
+//! where an [`End`] names a way the run stops early, and [`Run::end`] is the one place that
+//! turns how the run ended into its record. The stages themselves live in the files named
+//! beside each call.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::complete::Completed;
+use super::{Job, Pipeline, RunReport, Trust};
+use crate::aws::AwsError;
+use crate::claims::{Claim, ClaimError};
+use crate::config::Unmatched;
+use crate::event::Transition;
+use crate::lease::{Beat, Lease};
+use crate::outcome::{Completion, HookResult, Outcome};
+
+/// A way a run stops before its action is completed for good.
+#[derive(Debug)]
+pub(super) enum End {
+    /// No layer matches the event (`daemon.unmatched` said what became of the hook).
+    Unmatched,
+    /// The source stopped waiting (shutdown, the Lambda deadline): the message goes back.
+    Cancelled,
+    /// Another owner took the claim over (this run's lease had expired): the steps stopped.
+    ClaimLost,
+    /// The action was completed before: nothing runs.
+    Duplicate,
+    /// The claim store cannot claim or record the run.
+    ClaimStore(ClaimError),
+    /// Auto Scaling does not confirm the action: nothing may run for the message.
+    Forged(String),
+    /// Auto Scaling could not be asked.
+    Unverified(AwsError),
+    /// Completing still failed for a transient reason when the run had to stop; its
+    /// decision is kept for the next delivery.
+    CompletionPending(AwsError),
+}
+
+impl End {
+    /// What the run's outcome is.
+    fn outcome(&self) -> Outcome {
+        match self {
+            End::Unmatched => Outcome::Unmatched,
+            End::Cancelled | End::ClaimLost => Outcome::Released,
+            End::Duplicate => Outcome::Duplicate,
+            End::Forged(_) => Outcome::Rejected,
+            End::ClaimStore(_) | End::Unverified(_) | End::CompletionPending(_) => Outcome::Retry,
+        }
+    }
+
+    /// The error the history keeps.
+    fn error(&self) -> Option<String> {
+        match self {
+            End::Unmatched | End::Cancelled | End::Duplicate => None,
+            End::ClaimLost => Some(
+                "another owner took the claim over (this run's lease had expired): the steps were stopped"
+                    .into(),
+            ),
+            End::ClaimStore(e) => Some(e.to_string()),
+            End::Forged(why) => Some(format!("forged or stale: {why}")),
+            End::Unverified(e) => Some(format!("cannot verify the lifecycle action: {e}")),
+            End::CompletionPending(e) => Some(e.to_string()),
+        }
+    }
+
+    /// Whether the claim is forgotten, so the next delivery starts over instead of
+    /// trusting a half-run (a decision, once made, is kept).
+    fn forgets_claim(&self) -> bool {
+        matches!(
+            self,
+            End::Cancelled | End::ClaimLost | End::Forged(_) | End::Unverified(_)
+        )
+    }
+
+    fn log(&self) {
+        match self {
+            End::Unmatched | End::Cancelled | End::ClaimLost => {}
+            End::Duplicate => {
+                info!("lifecycle action already completed; acknowledging duplicate")
+            }
+            End::ClaimStore(e) => {
+                warn!(error = %e, "cannot record or claim the run; leaving the message for a retry")
+            }
+            End::Forged(why) => warn!(%why,
+                "rejected message: Auto Scaling does not confirm this lifecycle action; nothing runs"),
+            End::Unverified(e) => warn!(error = %e,
+                "cannot verify the lifecycle action with Auto Scaling; the message will come back"),
+            End::CompletionPending(e) => warn!(error = %e,
+                "could not complete the lifecycle action; the message will come back"),
+        }
+    }
+}
+
+/// One lifecycle action being worked.
+pub(super) struct Run<'a> {
+    pub(super) p: &'a Pipeline,
+    pub(super) job: Job,
+    pub(super) lease: &'a Lease,
+    /// The source's: shutdown, the Lambda deadline.
+    pub(super) cancel: &'a CancellationToken,
+    pub(super) report: RunReport,
+    /// Whether the claim store holds a claim of this run's.
+    pub(super) claimed: bool,
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn new(
+        p: &'a Pipeline,
+        job: Job,
+        lease: &'a Lease,
+        cancel: &'a CancellationToken,
+    ) -> Run<'a> {
+        let report = RunReport::new(&job.event, &p.host);
+        Run {
+            p,
+            job,
+            lease,
+            cancel,
+            report,
+            claimed: false,
+        }
+    }
+
+    /// The whole run, recorded.
+    pub(super) async fn go(mut self) -> RunReport {
+        let ended = self.story().await;
+        self.end(ended).await
+    }
+
+    /// The story of one run, in the order it happens.
+    async fn story(&mut self) -> Result<(), End> {
+        let Some(layer) = self.p.layer_for(&self.job) else {
+            return Err(self.unmatched().await);
+        };
+        tracing::Span::current().record("layer", layer.name.as_str());
+        self.report.layer = Some(layer.name.clone());
+        // The same token twice in this process waits for the first (claim.rs).
+        let _working = self.wait_turn().await?;
+        // The history row, then the claim in the claim store (claim.rs).
+        let claim = self.claim(layer).await?;
+        // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
+        let (_keeper, stop) = self.hold_claim();
+        let result = match claim {
+            Claim::Decided(result) => {
+                info!(%result, "steps already ran for this action; completing their decision");
+                self.start_heartbeat().await;
+                self.adopt_decision(result).await;
+                result
+            }
+            _ => {
+                // Heartbeats first: a backlogged action may be close to its timeout.
+                self.start_heartbeat().await;
+                self.confirm(&stop).await?; // verify.rs
+                self.run_steps(layer, &stop).await? // steps.rs
+            }
+        };
+        self.decide(result).await;
+        self.complete(result).await // complete.rs
+    }
+
+    /// How the run ended, into its report, its claim and its history row; the result
+    /// event published when the run is final.
+    async fn end(mut self, ended: Result<(), End>) -> RunReport {
+        if let Err(end) = ended {
+            end.log();
+            if end.forgets_claim() && self.claimed {
+                if let Err(e) = self
+                    .p
+                    .claims
+                    .release(&self.job.event.token, &self.p.owner)
+                    .await
+                {
+                    warn!(error = %e, "could not release the claim");
+                }
+            }
+            self.report.outcome = end.outcome();
+            if let Some(error) = end.error() {
+                self.report.error = Some(error);
+            }
+        }
+        self.report.heartbeats = self.lease.heartbeats();
+        self.p.finish(self.report).await
+    }
+
+    /// No layer matches: the event recorded, and the action completed if
+    /// `daemon.unmatched` says so.
+    async fn unmatched(&mut self) -> End {
+        let mut end = End::Unmatched;
+        match (self.p.cfg.daemon.unmatched, self.job.completing().cloned()) {
+            (Unmatched::Complete(result), Some(action)) => {
+                self.report.decision = Some(result);
+                self.report.cause = Some("no layer matches the group (daemon.unmatched)".into());
+                match self.complete_action(&action, result).await {
+                    Completed::Final(c) => self.report.hook_result = Some(c),
+                    Completed::Transient(e) => end = End::CompletionPending(e),
+                    Completed::Permanent(e) => self.report.error = Some(e.to_string()),
+                }
+                warn!(%result, "no layer matches this group; completed the hook per daemon.unmatched");
+            }
+            _ => warn!(
+                "no layer matches this group; leaving the hook alone (daemon.unmatched = \"ignore\")"
+            ),
+        }
+        match self.p.open_run(&self.job, None).await {
+            Ok(id) => self.report.run_id = Some(id),
+            Err(e) => warn!(error = %e, "could not record the unmatched event"),
+        }
+        end
+    }
+
+    /// Joins the action's heartbeat to the lease, at a third of the hook's timeout. A
+    /// message that waited longer than that since it was sent is heartbeated at once.
+    async fn start_heartbeat(&self) {
+        let Some(action) = &self.job.action else {
+            return;
+        };
+        let every = self.p.verifier.heartbeat_every(action).await;
+        let waited = self.waited();
+        let beat = match waited {
+            Some(w) if w >= every => {
+                info!(waited = ?w, "the message waited long: heartbeating at once");
+                Beat::AtOnce
+            }
+            _ => Beat::AfterInterval,
+        };
+        self.lease.beat(action.clone(), every, beat);
+    }
+
+    /// Auto Scaling's confirmation of a job from a message; its metadata replaces the
+    /// message's. `stop` ends the asking early (shutdown, or the claim lost).
+    async fn confirm(&mut self, stop: &CancellationToken) -> Result<(), End> {
+        if self.job.trust == Trust::FromAutoScaling {
+            return Ok(());
+        }
+        let until = self.completable_until().await;
+        let verified = match self.p.verifier.confirm(&self.job.event, until, stop).await {
+            Err(End::Unverified(_)) if stop.is_cancelled() => return Err(self.stopped()),
+            other => other?,
+        };
+        if verified.note.is_some() {
+            self.report.note = verified.note;
+        }
+        self.job.event.metadata = verified.metadata;
+        Ok(())
+    }
+
+    /// The steps are over with `result`: the run's decision, remembered (and, in the run's
+    /// row, its cause) before completing, so that a crash now only leaves the completion.
+    async fn decide(&mut self, result: HookResult) {
+        self.report.decide(result);
+        // The instance is going away (its terminate action, or an ABANDONed launch, is about
+        // to be completed): forget its host keys. One returning to the warm pool comes back
+        // with the same keys: they stay. A run that completes nothing leaves the instance as
+        // it is, and its keys with it.
+        let phase = self.job.event.phase();
+        let leaving = !phase.instance_stays()
+            || (result == HookResult::Abandon && phase.transition() == Transition::Launch);
+        if leaving && self.job.completing().is_some() {
+            if let Some(r) = &self.p.shared.remote {
+                r.forget(&self.job.event.instance_id);
+            }
+        }
+        let token = &self.job.event.token;
+        if let Err(e) = self.p.claims.decide(token, &self.p.owner, result).await {
+            warn!(error = %e, "could not record the decision; completing anyway");
+        }
+        if let Some(run_id) = self.report.run_id {
+            let cause = self.report.cause.as_deref().unwrap_or_default();
+            if let Err(e) = self.p.store.note_decision(run_id, result, cause).await {
+                warn!(error = %e, "could not record the decision's cause");
+            }
+        }
+    }
+
+    /// A redelivery of an action whose steps already ran: the run reports the decision
+    /// recorded then, and its cause, not steps of its own.
+    async fn adopt_decision(&mut self, result: HookResult) {
+        let earlier = match self.p.store.decision_of(&self.job.event.token).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "cannot read the earlier run's decision");
+                None
+            }
+        };
+        let (run_id, cause) = earlier.unwrap_or_default();
+        let from = if run_id > 0 {
+            format!("decided by run {run_id}")
+        } else {
+            "decided by an earlier delivery".to_string()
+        };
+        self.report.cause = Some(match cause {
+            Some(c) if !c.is_empty() => format!("{from}: {c}"),
+            _ => from,
+        });
+        if result == HookResult::Abandon {
+            self.report.outcome = Outcome::Failed;
+        }
+    }
+
+    /// Why `stop` fired: the source stopped waiting, or another owner took the claim.
+    pub(super) fn stopped(&self) -> End {
+        if self.cancel.is_cancelled() {
+            End::Cancelled
+        } else {
+            End::ClaimLost
+        }
+    }
+
+    /// How long ago the event's message was sent (None: it does not say).
+    pub(super) fn waited(&self) -> Option<Duration> {
+        let sent = humantime::parse_rfc3339_weak(self.job.event.time.as_deref()?).ok()?;
+        Some(SystemTime::now().duration_since(sent).unwrap_or_default())
+    }
+
+    /// The action is finished for good (completed, found finished, or left as it is).
+    pub(super) async fn mark_done(&self, completion: Completion) {
+        let token = &self.job.event.token;
+        if let Err(e) = self.p.claims.done(token, completion.as_str()).await {
+            warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
+        }
+    }
+}
