@@ -9,7 +9,7 @@
 //! source ──► parse ──► route ──► claim ──► verify ──► steps ──► decide ──► complete ──► record ──► ack
 //! daemon     event     layer     pipeline/ pipeline/  pipeline/ pipeline/ pipeline/    pipeline/  delivery
 //! lambda                         claim     verify     steps     run       complete     record
-//! instance             heartbeat + message visibility from the claim to the end: lease
+//! instance             lease: message kept hidden from receive, action heartbeated from the claim
 //! ```
 //!
 //! **Sources** turn their input into work and own its delivery:

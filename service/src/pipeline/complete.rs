@@ -25,7 +25,7 @@ use crate::retry::{in_flight_rounds, with_backoff, Retry};
 const GLOBAL_TIMEOUT_MAX: Duration = Duration::from_secs(48 * 3600);
 
 /// What completing an action came to.
-pub(super) enum Completed {
+enum Completed {
     /// The action is finished: by us with a result, or without us.
     Final(Completion),
     /// Still failing for a transient reason when it had to stop (shutdown, or the action is
@@ -66,10 +66,25 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Completes an action no steps ran for (no layer matched): its answer, or its error,
+    /// in the report; a transient failure at the end ends the run for a retry.
+    pub(super) async fn complete_unworked(
+        &mut self,
+        action: &Action,
+        result: HookResult,
+    ) -> Result<(), End> {
+        match self.complete_action(action, result).await {
+            Completed::Final(c) => self.report.hook_result = Some(c),
+            Completed::Transient(e) => return Err(End::CompletionPending(e)),
+            Completed::Permanent(e) => self.report.error = Some(e.to_string()),
+        }
+        Ok(())
+    }
+
     /// Completes `action` with `result`. The first round (`aws.retry_for`) runs to its end
     /// even during shutdown; later rounds run while the action can be completed and the
     /// source has not stopped waiting.
-    pub(super) async fn complete_action(&self, action: &Action, result: HookResult) -> Completed {
+    async fn complete_action(&self, action: &Action, result: HookResult) -> Completed {
         let p = self.p;
         let until = self.completable_until().await;
         let says = "completing still fails for a transient reason; the message stays in flight and the action heartbeated";

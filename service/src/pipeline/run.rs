@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::complete::Completed;
 use super::{Job, Pipeline, RunReport, Trust};
 use crate::aws::AwsError;
 use crate::claims::{Claim, ClaimError};
@@ -197,10 +196,8 @@ impl<'a> Run<'a> {
             (Unmatched::Complete(result), Some(action)) => {
                 self.report.decision = Some(result);
                 self.report.cause = Some("no layer matches the group (daemon.unmatched)".into());
-                match self.complete_action(&action, result).await {
-                    Completed::Final(c) => self.report.hook_result = Some(c),
-                    Completed::Transient(e) => end = End::CompletionPending(e),
-                    Completed::Permanent(e) => self.report.error = Some(e.to_string()),
+                if let Err(pending) = self.complete_unworked(&action, result).await {
+                    end = pending;
                 }
                 warn!(%result, "no layer matches this group; completed the hook per daemon.unmatched");
             }
@@ -325,5 +322,41 @@ impl<'a> Run<'a> {
         if let Err(e) = self.p.claims.done(token, completion.as_str()).await {
             warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_has_its_outcome_and_only_unfinished_work_forgets_its_claim() {
+        let aws = || AwsError::permanent("Op", "no");
+        let table = [
+            (End::Unmatched, Outcome::Unmatched, false),
+            (End::Cancelled, Outcome::Released, true),
+            (End::ClaimLost, Outcome::Released, true),
+            (End::Duplicate, Outcome::Duplicate, false),
+            (
+                End::ClaimStore(ClaimError::new("state store", "gone")),
+                Outcome::Retry,
+                false,
+            ),
+            (End::Forged("no".into()), Outcome::Rejected, true),
+            (End::Unverified(aws()), Outcome::Retry, true),
+            // The decision is kept: the next delivery only completes it.
+            (End::CompletionPending(aws()), Outcome::Retry, false),
+        ];
+        for (end, outcome, forgets) in table {
+            assert_eq!(end.outcome(), outcome, "{end:?}");
+            assert_eq!(end.forgets_claim(), forgets, "{end:?}");
+            // Whatever goes back to the queue says why, except a plain cancellation.
+            let returns = matches!(outcome, Outcome::Retry | Outcome::Rejected);
+            assert!(!returns || end.error().is_some(), "{end:?}");
+        }
+        assert!(End::Forged("gone".into())
+            .error()
+            .unwrap()
+            .starts_with("forged or stale"));
     }
 }
