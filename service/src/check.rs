@@ -7,7 +7,11 @@
 
 use std::sync::Arc;
 
-use crate::aws::sdk::{self, AutoScalingHooks, SnsNotifier, SqsQueue};
+use crate::aws::autoscaling::AutoScalingHooks;
+use crate::aws::sdk;
+use crate::aws::sns::SnsNotifier;
+use crate::aws::sqs::SqsQueue;
+use crate::aws::ssm::SsmClient;
 use crate::aws::{Hooks, Notifier, Queue};
 use crate::config::{Config, OnReject};
 use crate::layer::Layer;
@@ -97,7 +101,7 @@ pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
         Some(crate::secret::Source::SsmParameter(n)) if aws => {
             let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
             let calls = CountCalls(Arc::new(Stats::default()));
-            let ssm = sdk::SsmClient::new(&sdk_cfg, &calls);
+            let ssm = SsmClient::new(&sdk_cfg, &calls);
             match crate::aws::Ssm::parameter(&ssm, n).await {
                 Ok(s) => Some(s),
                 Err(e) => {
