@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::sdk::classify;
 use super::AwsError;
-use crate::event::InstanceId;
+use crate::event::{InstanceId, Phase, Transition};
 use crate::metrics::CountCalls;
 use crate::outcome::HookResult;
 
@@ -26,8 +26,7 @@ pub struct Action {
 pub struct HookInfo {
     pub heartbeat_timeout: Duration,
     pub default_result: HookResult,
-    /// autoscaling:EC2_INSTANCE_LAUNCHING | autoscaling:EC2_INSTANCE_TERMINATING
-    pub transition: String,
+    pub transition: HookTransition,
     pub notification_target: Option<String>,
     pub notification_metadata: Option<String>,
 }
@@ -37,8 +36,106 @@ pub struct HookInfo {
 pub struct Membership {
     pub instance_id: String,
     pub group: String,
-    /// Pending:Wait, InService, Terminating:Wait, Warmed:Pending:Wait, ...
-    pub state: String,
+    pub state: LifecycleState,
+}
+
+vocabulary! {
+    /// The transition a lifecycle hook is for (`LifecycleTransition`).
+    pub enum HookTransition {
+        Launching = "autoscaling:EC2_INSTANCE_LAUNCHING",
+        Terminating = "autoscaling:EC2_INSTANCE_TERMINATING",
+    }
+}
+
+impl PartialEq<Transition> for HookTransition {
+    fn eq(&self, t: &Transition) -> bool {
+        matches!(
+            (self, t),
+            (HookTransition::Launching, Transition::Launch)
+                | (HookTransition::Terminating, Transition::Terminate)
+        )
+    }
+}
+
+vocabulary! {
+    /// An instance's lifecycle state in its group or its warm pool.
+    pub enum LifecycleState {
+        Pending = "Pending",
+        PendingWait = "Pending:Wait",
+        PendingProceed = "Pending:Proceed",
+        Quarantined = "Quarantined",
+        InService = "InService",
+        Terminating = "Terminating",
+        TerminatingWait = "Terminating:Wait",
+        TerminatingProceed = "Terminating:Proceed",
+        Terminated = "Terminated",
+        Detaching = "Detaching",
+        Detached = "Detached",
+        EnteringStandby = "EnteringStandby",
+        Standby = "Standby",
+        WarmedPending = "Warmed:Pending",
+        WarmedPendingWait = "Warmed:Pending:Wait",
+        WarmedPendingProceed = "Warmed:Pending:Proceed",
+        WarmedTerminating = "Warmed:Terminating",
+        WarmedTerminatingWait = "Warmed:Terminating:Wait",
+        WarmedTerminatingProceed = "Warmed:Terminating:Proceed",
+        WarmedTerminated = "Warmed:Terminated",
+        WarmedStopped = "Warmed:Stopped",
+        WarmedRunning = "Warmed:Running",
+        WarmedHibernated = "Warmed:Hibernated",
+    }
+}
+
+impl LifecycleState {
+    /// The states in which an instance waits for a lifecycle action of `phase`.
+    pub fn waiting_for(phase: Phase) -> &'static [LifecycleState] {
+        use LifecycleState::*;
+        match phase {
+            Phase::Launch | Phase::PoolLeave => &[PendingWait],
+            Phase::PoolEnter | Phase::PoolReturn => &[WarmedPendingWait],
+            Phase::Terminate => &[TerminatingWait, WarmedTerminatingWait],
+        }
+    }
+
+    /// Whether the instance waits for a lifecycle action of `phase`.
+    pub fn waits_for(&self, phase: Phase) -> bool {
+        Self::waiting_for(phase).contains(self)
+    }
+
+    /// In the warm pool (`Warmed:...`), a word this version does not know included.
+    pub fn is_warmed(&self) -> bool {
+        use LifecycleState::*;
+        match self {
+            WarmedPending
+            | WarmedPendingWait
+            | WarmedPendingProceed
+            | WarmedTerminating
+            | WarmedTerminatingWait
+            | WarmedTerminatingProceed
+            | WarmedTerminated
+            | WarmedStopped
+            | WarmedRunning
+            | WarmedHibernated => true,
+            Other(word) => word.starts_with("Warmed:"),
+            _ => false,
+        }
+    }
+
+    /// On the way out (`Terminating...`, in the group or the pool), a word this version does
+    /// not know included.
+    pub fn is_terminating(&self) -> bool {
+        use LifecycleState::*;
+        match self {
+            Terminating
+            | TerminatingWait
+            | TerminatingProceed
+            | WarmedTerminating
+            | WarmedTerminatingWait
+            | WarmedTerminatingProceed => true,
+            Other(word) => word.contains("Terminating"),
+            _ => false,
+        }
+    }
 }
 
 /// A group's warm pool (DescribeWarmPool): its configuration and the instances in it.
@@ -47,12 +144,20 @@ pub struct WarmPool {
     pub min_size: i32,
     /// None: the group's MaxSize.
     pub max_group_prepared_capacity: Option<i32>,
-    /// Stopped | Running | Hibernated
-    pub pool_state: String,
+    pub pool_state: WarmPoolState,
     /// Scale-in returns instances to the pool (InstanceReusePolicy.ReuseOnScaleIn).
     pub reuse_on_scale_in: bool,
     /// The pool's instances with their lifecycle states (Warmed:Pending:Wait, Warmed:Stopped...).
     pub instances: Vec<Membership>,
+}
+
+vocabulary! {
+    /// The state a warm pool keeps its instances in (`PoolState`).
+    pub enum WarmPoolState {
+        Stopped = "Stopped",
+        Running = "Running",
+        Hibernated = "Hibernated",
+    }
 }
 
 /// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
@@ -75,13 +180,6 @@ pub trait Hooks: Send + Sync {
     /// Every member of a group with its lifecycle state, from one DescribeAutoScalingGroups
     /// call (empty when the group does not exist).
     async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError>;
-    /// The group one instance belongs to and its lifecycle state.
-    async fn instance_group(
-        &self,
-        instance: &InstanceId,
-    ) -> Result<Option<(String, String)>, AwsError> {
-        Ok(self.membership(instance).await?.map(|m| (m.group, m.state)))
-    }
     /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
     async fn groups(&self) -> Result<Vec<String>, AwsError>;
     /// The group's warm pool (DescribeWarmPool), None when it has none.
@@ -135,7 +233,7 @@ impl Hooks for AutoScalingHooks {
                             .default_result()
                             .and_then(HookResult::parse)
                             .unwrap_or(HookResult::Abandon),
-                        transition: h.lifecycle_transition().unwrap_or_default().to_string(),
+                        transition: h.lifecycle_transition().unwrap_or_default().into(),
                         notification_target: h.notification_target_arn().map(str::to_string),
                         notification_metadata: h.notification_metadata().map(str::to_string),
                     },
@@ -192,7 +290,7 @@ impl Hooks for AutoScalingHooks {
         Ok(out.auto_scaling_instances().first().map(|i| Membership {
             instance_id: i.instance_id().unwrap_or_default().to_string(),
             group: i.auto_scaling_group_name().unwrap_or_default().to_string(),
-            state: i.lifecycle_state().unwrap_or_default().to_string(),
+            state: i.lifecycle_state().unwrap_or_default().into(),
         }))
     }
 
@@ -218,8 +316,7 @@ impl Hooks for AutoScalingHooks {
                 max_group_prepared_capacity: c.max_group_prepared_capacity().filter(|&m| m >= 0),
                 pool_state: c
                     .pool_state()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|| "Stopped".into()),
+                    .map_or(WarmPoolState::Stopped, |s| s.as_str().into()),
                 reuse_on_scale_in: c
                     .instance_reuse_policy()
                     .and_then(|p| p.reuse_on_scale_in())
@@ -232,7 +329,7 @@ impl Hooks for AutoScalingHooks {
                     group: group.to_string(),
                     state: i
                         .lifecycle_state()
-                        .map(|s| s.as_str().to_string())
+                        .map(|s| s.as_str().into())
                         .unwrap_or_default(),
                 }
             }));
@@ -261,9 +358,8 @@ impl Hooks for AutoScalingHooks {
                 group: group.to_string(),
                 state: i
                     .lifecycle_state()
-                    .map(|s| s.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
+                    .map(|s| s.as_str().into())
+                    .unwrap_or_default(),
             })
             .collect())
     }

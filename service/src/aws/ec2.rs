@@ -11,13 +11,24 @@ use crate::metrics::CountCalls;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstanceInfo {
     pub id: String,
-    /// pending | running | shutting-down | terminated | stopping | stopped
-    pub state: String,
+    pub state: InstanceState,
     pub private_ip: Option<String>,
     pub public_ip: Option<String>,
     pub private_dns: Option<String>,
     pub public_dns: Option<String>,
     pub tags: std::collections::BTreeMap<String, String>,
+}
+
+vocabulary! {
+    /// An EC2 instance's state (`InstanceState.Name`).
+    pub enum InstanceState {
+        Pending = "pending",
+        Running = "running",
+        ShuttingDown = "shutting-down",
+        Terminated = "terminated",
+        Stopping = "stopping",
+        Stopped = "stopped",
+    }
 }
 
 #[async_trait]
@@ -70,7 +81,7 @@ impl Ec2Instances {
                     state: i
                         .state()
                         .and_then(|s| s.name())
-                        .map(|n| n.as_str().to_string())
+                        .map(|n| n.as_str().into())
                         .unwrap_or_default(),
                     private_ip: i.private_ip_address().map(str::to_string),
                     public_ip: i.public_ip_address().map(str::to_string),

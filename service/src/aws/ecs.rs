@@ -11,9 +11,20 @@ use crate::metrics::CountCalls;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInstance {
     pub arn: String,
-    /// ACTIVE | DRAINING | REGISTERING | DEREGISTERING | ...
-    pub status: String,
+    pub status: ContainerInstanceStatus,
     pub running_tasks: i32,
+}
+
+vocabulary! {
+    /// A container instance's status in its cluster.
+    pub enum ContainerInstanceStatus {
+        Active = "ACTIVE",
+        Draining = "DRAINING",
+        Inactive = "INACTIVE",
+        Registering = "REGISTERING",
+        RegistrationFailed = "REGISTRATION_FAILED",
+        Deregistering = "DEREGISTERING",
+    }
 }
 
 /// The ECS calls the ecs_drain step makes.
@@ -93,7 +104,7 @@ impl Ecs for EcsClient {
             .first()
             .map(|c| ContainerInstance {
                 arn: c.container_instance_arn().unwrap_or(arn).to_string(),
-                status: c.status().unwrap_or_default().to_string(),
+                status: c.status().unwrap_or_default().into(),
                 running_tasks: c.running_tasks_count(),
             }))
     }

@@ -9,6 +9,53 @@
 //! (retryable or not) happens here, once; retrying beyond the SDK's own attempts is
 //! `retry.rs`.
 
+/// An enum for a closed vocabulary AWS answers with (a lifecycle state, a status), parsed
+/// once where the SDK's answer is read, as the SDK's own enums are (`from(&str)`): a variant
+/// per word, and `Other` keeping a word this version does not know (AWS adds states).
+/// `as_str` gives the word back, for logs and messages. No word at all (a field AWS left
+/// out) is `Other("")`, the default.
+macro_rules! vocabulary {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+            /// A word this version does not know, kept as AWS sent it.
+            Other(String),
+        }
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $word,)*
+                    Self::Other(word) => word,
+                }
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(word: &str) -> Self {
+                match word {
+                    $($word => Self::$variant,)*
+                    other => Self::Other(other.to_string()),
+                }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::Other(String::new())
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 pub mod autoscaling;
 pub mod dynamo;
 pub mod ec2;
@@ -22,13 +69,16 @@ pub mod sns;
 pub mod sqs;
 pub mod ssm;
 
-pub use autoscaling::{Action, ActionCall, HookInfo, Hooks, Membership, WarmPool};
-pub use ec2::{InstanceInfo, Instances};
-pub use ecs::{ContainerInstance, Ecs};
+pub use autoscaling::{
+    Action, ActionCall, HookInfo, HookTransition, Hooks, LifecycleState, Membership, WarmPool,
+    WarmPoolState,
+};
+pub use ec2::{InstanceInfo, InstanceState, Instances};
+pub use ecs::{ContainerInstance, ContainerInstanceStatus, Ecs};
 pub use opsworks::{OpsWorks, OwInstance, OwLayer, OwStack};
 pub use sns::Notifier;
 pub use sqs::{Message, Queue};
-pub use ssm::{Invocation, Ssm, SsmCommand};
+pub use ssm::{Invocation, InvocationStatus, Ssm, SsmCommand};
 
 /// A failed AWS call, classified once ([`ErrorClass::of`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -289,6 +339,18 @@ mod tests {
         // SQS's throttling answer is a 400; a validation code under a 500 is still invalid.
         assert_eq!(of(400, Some("RequestThrottled")), Throttled);
         assert_eq!(of(500, Some("ValidationError")), Validation);
+    }
+
+    #[test]
+    fn a_vocabulary_keeps_a_word_it_does_not_know() {
+        use crate::aws::LifecycleState;
+        let waiting = LifecycleState::from("Warmed:Pending:Wait");
+        assert_eq!(waiting, LifecycleState::WarmedPendingWait);
+        assert_eq!(waiting.to_string(), "Warmed:Pending:Wait");
+        let new = LifecycleState::from("Warmed:Pending:Later");
+        assert_eq!(new, LifecycleState::Other("Warmed:Pending:Later".into()));
+        assert!(new.is_warmed() && !new.is_terminating());
+        assert_eq!(LifecycleState::default().as_str(), "");
     }
 
     #[test]

@@ -25,19 +25,37 @@ pub struct SsmCommand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     pub instance_id: String,
-    /// Pending | InProgress | Delayed | Success | Cancelled | Cancelling | TimedOut | Failed
-    pub status: String,
+    pub status: InvocationStatus,
     pub status_details: String,
     pub response_code: Option<i32>,
     pub output: String,
 }
 
+vocabulary! {
+    /// Where one instance's part of a command is (`CommandInvocationStatus`).
+    pub enum InvocationStatus {
+        Pending = "Pending",
+        InProgress = "InProgress",
+        Delayed = "Delayed",
+        Success = "Success",
+        Cancelled = "Cancelled",
+        Cancelling = "Cancelling",
+        TimedOut = "TimedOut",
+        Failed = "Failed",
+    }
+}
+
+impl InvocationStatus {
+    /// Finished: it will not change any more.
+    pub fn is_terminal(&self) -> bool {
+        use InvocationStatus::*;
+        matches!(self, Success | Cancelled | TimedOut | Failed)
+    }
+}
+
 impl Invocation {
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "Success" | "Cancelled" | "TimedOut" | "Failed"
-        )
+        self.status.is_terminal()
     }
 }
 
@@ -151,10 +169,7 @@ impl Ssm for SsmClient {
                 let plugins = inv.command_plugins();
                 out.push(Invocation {
                     instance_id: inv.instance_id().unwrap_or_default().to_string(),
-                    status: inv
-                        .status()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default(),
+                    status: inv.status().map(|s| s.as_str().into()).unwrap_or_default(),
                     status_details: inv.status_details().unwrap_or_default().to_string(),
                     response_code: plugins.last().map(|p| p.response_code()),
                     output: plugins

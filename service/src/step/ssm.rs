@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::aws::retry::with_backoff;
-use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
+use crate::aws::{Invocation, InvocationStatus, Ssm as SsmApi, SsmCommand};
 use crate::event::InstanceId;
 use crate::poll::Pace;
 use crate::setting::{parse_duration, ConfigError, Fields};
@@ -270,7 +270,7 @@ async fn run_batch(
                 .map(|c| format!(", exit {c}"))
                 .unwrap_or_default();
             let out = tail(&inv.output, EXCERPT);
-            if inv.status == "Success" {
+            if inv.status == InvocationStatus::Success {
                 Ok(format!("command {command_id}: Success{code}\n{out}"))
             } else {
                 Err(format!(
