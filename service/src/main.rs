@@ -208,7 +208,7 @@ fn history(
             (Some(e), _) => text(Some(e)),
             (None, Some(c)) => format!(
                 "{}: {}",
-                r.decision.as_deref().unwrap_or("-"),
+                r.decision.map_or("-", |d| d.as_str()),
                 text(Some(c))
             ),
             (None, None) => String::new(),
@@ -220,8 +220,8 @@ fn history(
             text(r.instance_id.as_deref().or(Some("-"))),
             text(r.transition.as_deref().or(Some("-"))),
             text(r.layer.as_deref().or(Some("-"))),
-            r.outcome,
-            r.hook_result.as_deref().unwrap_or("-"),
+            r.outcome.as_str(),
+            r.hook_result.map_or("-", |c| c.as_str()),
         );
         for s in &r.steps {
             let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);

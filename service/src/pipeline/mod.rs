@@ -261,7 +261,7 @@ impl Pipeline {
         };
         if let Claim::Done { result, .. } = claim {
             info!(previous = ?result, "lifecycle action already completed; acknowledging duplicate");
-            run.hook_result = result.as_deref().and_then(Completion::parse);
+            run.hook_result = result;
             return self.finish(run.ended(Outcome::Duplicate)).await;
         }
         // Ours until the run ends: renewed meanwhile; a takeover stops the steps.

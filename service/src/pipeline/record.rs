@@ -186,7 +186,7 @@ impl Pipeline {
 
     /// The action is finished for good (completed, found finished, or left as it is).
     pub(super) async fn done(&self, token: &str, completion: Completion) {
-        if let Err(e) = self.claims.done(token, completion.as_str()).await {
+        if let Err(e) = self.claims.done(token, completion).await {
             warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
         }
     }
@@ -214,7 +214,7 @@ impl Pipeline {
         if let Some(run_id) = run.run_id {
             let end = RunEnd {
                 outcome: run.outcome,
-                hook_result: run.hook_result.map(Completion::as_str),
+                hook_result: run.hook_result,
                 decision: run.decision,
                 cause: run.cause.as_deref(),
                 heartbeats: run.heartbeats,
