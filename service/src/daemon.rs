@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use crate::aws::retry::backoff;
 use crate::aws::{AwsError, Message, Queue};
-use crate::delivery::{Acks, Delivery, RejectPolicy, Settled};
+use crate::delivery::{Acks, Deleter, Delivery, RejectPolicy, Settled};
 use crate::engine::{Done, Engine, Slot};
 use crate::metrics::Stats;
 use crate::pipeline::Pipeline;
@@ -97,7 +97,7 @@ pub async fn run(
     let acks = Arc::new(Acks::spawn(
         queue.clone(),
         settings.retry_for,
-        true,
+        Deleter::Us,
         settings.reject,
     ));
     let outbox = spawn_outbox(pipeline.clone());

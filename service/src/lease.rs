@@ -79,17 +79,16 @@ impl Lease {
         }
     }
 
-    /// Starts heartbeating an action (once its hook's timeout is known): the first beat
-    /// `at_once` (the action may be close to timing out), else one interval from now.
-    pub fn beat(&self, action: Action, every: Duration, at_once: bool) {
+    /// Starts heartbeating an action (once its hook's timeout is known), every `every`
+    /// from the `first` beat.
+    pub fn beat(&self, action: Action, every: Duration, first: FirstBeat) {
         if let Some(e) = self.inner.entries.lock().unwrap().get_mut(&self.id) {
             e.action = Some(action);
             e.every = every;
             e.next_beat = Instant::now()
-                + if at_once {
-                    Duration::ZERO
-                } else {
-                    jitter(every)
+                + match first {
+                    FirstBeat::Now => Duration::ZERO,
+                    FirstBeat::AfterInterval => jitter(every),
                 };
         }
     }
@@ -99,6 +98,15 @@ impl Lease {
     pub fn gone(&self) -> &CancellationToken {
         &self.gone
     }
+}
+
+/// When an action's first heartbeat goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBeat {
+    /// At once: the action may be close to timing out (its message waited long).
+    Now,
+    /// One interval from now (jittered).
+    AfterInterval,
 }
 
 impl Drop for Lease {

@@ -14,7 +14,7 @@ use provision::app::App;
 use provision::cli::{Cli, Command, EventCommand};
 use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
-use provision::event::{self, Parsed, Transition};
+use provision::event::{self, Parsed};
 use provision::metrics::Stats;
 use provision::store::Store;
 use provision::systemd::SystemdNotify;
@@ -104,13 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dry_run,
                 no_complete,
                 layer,
-                transition: transition.map(|t| {
-                    if t == "terminate" {
-                        Transition::Terminate
-                    } else {
-                        Transition::Launch
-                    }
-                }),
+                transition,
                 hook,
             };
             let rt = runtime()?;

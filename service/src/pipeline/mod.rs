@@ -36,7 +36,7 @@ use crate::config::{Config, Unmatched};
 use crate::delivery::Delivery;
 use crate::event::{self, LifecycleEvent, Parsed, Transition};
 use crate::layer::Layer;
-use crate::lease::{heartbeat_interval, Lease, Leases};
+use crate::lease::{heartbeat_interval, FirstBeat, Lease, Leases};
 use crate::metrics::Stats;
 use crate::outcome::{Completion, HookResult, Outcome};
 use crate::step::Shared;
@@ -375,7 +375,12 @@ impl Pipeline {
         if at_once {
             info!(waited = ?waited.unwrap_or_default(), "the message waited long: heartbeating at once");
         }
-        lease.beat(action.clone(), every, at_once);
+        let first = if at_once {
+            FirstBeat::Now
+        } else {
+            FirstBeat::AfterInterval
+        };
+        lease.beat(action.clone(), every, first);
     }
 
     /// Not worked to its end (cancelled, forged, unverifiable): forget the claim, so the
