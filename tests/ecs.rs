@@ -142,8 +142,8 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
     assert_eq!(code, 0, "{log}");
 
     let run = p.last_run(leaving, "terminate");
-    assert_eq!(run.outcome, "succeeded", "{run:?}");
-    assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
     let detail = run.steps[0].detail.clone().unwrap_or_default();
     assert!(
         detail.contains("3 task(s) were running, none is now"),
@@ -206,8 +206,8 @@ async fn a_drain_that_cannot_finish_fails_with_the_tasks_left() {
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
     let run = p.last_run(leaving, "terminate");
-    assert_eq!(run.outcome, "failed", "{run:?}");
-    assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
+    assert_eq!(run.outcome.as_str(), "failed", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("ABANDON"));
     let error = run.error.unwrap_or_default();
     assert!(
         error.contains(&format!(

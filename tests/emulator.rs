@@ -25,12 +25,20 @@ terminate = [ { tag = { Draining = "true" } } ]
 fn outcomes(p: &Provision) -> Vec<(String, Option<String>)> {
     p.history()
         .into_iter()
-        .map(|r| (r.outcome, r.hook_result))
+        .map(|r| {
+            (
+                r.outcome.as_str().to_string(),
+                r.hook_result.map(|c| c.as_str().to_string()),
+            )
+        })
         .collect()
 }
 
 fn count(p: &Provision, outcome: &str) -> usize {
-    p.history().iter().filter(|r| r.outcome == outcome).count()
+    p.history()
+        .iter()
+        .filter(|r| r.outcome.as_str() == outcome)
+        .count()
 }
 
 async fn assert_in_service_and_tagged(aws: &Aws, group: &str, n: usize) -> Vec<String> {
@@ -93,10 +101,13 @@ async fn scale_out_of_three_is_tagged_completed_recorded_and_published() {
         .into_iter()
         .collect();
     let runs = p.history();
-    let done: Vec<_> = runs.iter().filter(|r| r.outcome == "succeeded").collect();
+    let done: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome.as_str() == "succeeded")
+        .collect();
     assert_eq!(done.len(), 3, "{:?}", outcomes(&p));
     for r in &done {
-        assert_eq!(r.hook_result.as_deref(), Some("CONTINUE"));
+        assert_eq!(r.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
         assert_eq!(r.layer.as_deref(), Some("web"));
         assert_eq!(r.steps.len(), 1);
         assert_eq!(r.steps[0].outcome, "succeeded");
@@ -242,8 +253,8 @@ async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
         .into_iter()
         .find(|r| r.transition.as_deref() == Some("terminate"))
         .expect("a terminate run");
-    assert_eq!(term.outcome, "succeeded");
-    assert_eq!(term.hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(term.outcome.as_str(), "succeeded");
+    assert_eq!(term.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
     assert_eq!(term.steps[0].description, "tag Draining=true");
     assert_eq!(
         aws.tags(&id).await.get("Draining").map(String::as_str),
@@ -343,7 +354,10 @@ async fn bad_messages_get_a_reason_and_do_not_loop() {
         "one record per message: {:?}",
         outcomes(&p)
     );
-    let rejected: Vec<_> = runs.iter().filter(|r| r.outcome == "rejected").collect();
+    let rejected: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome.as_str() == "rejected")
+        .collect();
     assert_eq!(rejected.len(), 6, "{:?}", outcomes(&p));
     assert_eq!(
         count(&p, "skipped"),
@@ -396,10 +410,10 @@ async fn a_failed_step_abandons_and_the_replacement_is_handled() {
     let runs = p.history();
     let failed = runs
         .iter()
-        .find(|r| r.outcome == "failed")
+        .find(|r| r.outcome.as_str() == "failed")
         .expect("a failed run");
     assert_eq!(failed.instance_id.as_deref(), Some(first.as_str()));
-    assert_eq!(failed.hook_result.as_deref(), Some("ABANDON"));
+    assert_eq!(failed.hook_result.map(|c| c.as_str()), Some("ABANDON"));
     assert!(
         failed.error.as_deref().unwrap().contains("CreateTags"),
         "{:?}",
@@ -444,7 +458,7 @@ async fn heartbeats_keep_a_long_run_alive() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "succeeded")
+        .find(|r| r.outcome.as_str() == "succeeded")
         .unwrap();
     assert!(
         run.heartbeats >= 2 && run.heartbeats as u64 <= beats,
@@ -777,7 +791,7 @@ async fn an_operator_provisions_one_instance_by_hand() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "succeeded")
+        .find(|r| r.outcome.as_str() == "succeeded")
         .expect("recorded in the history");
     assert_eq!(run.layer.as_deref(), Some("web"));
     let action = &emu.finished_actions()[0];
@@ -953,7 +967,7 @@ async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
     let history = p.history();
     let rejected: Vec<&str> = history
         .iter()
-        .filter(|r| r.outcome == "rejected")
+        .filter(|r| r.outcome.as_str() == "rejected")
         .filter_map(|r| r.error.as_deref())
         .collect();
     assert_eq!(rejected.len(), 2, "{history:?}");
@@ -971,7 +985,7 @@ async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
     );
     let noted = history
         .iter()
-        .find(|r| r.outcome == "succeeded" && r.error.is_some());
+        .find(|r| r.outcome.as_str() == "succeeded" && r.error.is_some());
     assert!(
         noted
             .and_then(|r| r.error.as_deref())

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use provision::event::{self, Envelope, Parsed, Phase, Reject, Skip, Transition};
+use provision::event::{self, Envelope, Parsed, Phase, Place, Reject, Skip, Transition};
 
 fn fixture(name: &str) -> String {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,7 +29,7 @@ fn direct_launch() {
     assert_eq!(e.transition, Transition::Launch);
     assert_eq!(e.token, "71514b9d-6a40-4b26-8523-05e7ee35fa40");
     assert_eq!(e.envelope, Envelope::Direct);
-    assert_eq!(e.origin.as_deref(), Some("EC2"));
+    assert_eq!(e.origin.map(Place::as_str), Some("EC2"));
     for (k, v) in [
         ("environment", "production"),
         ("platform", "web"),
@@ -60,7 +60,7 @@ fn legacy_launch_without_origin() {
 fn warm_pool_launch() {
     let e = event("warm-pool-launch.json");
     assert_eq!(e.transition, Transition::Launch);
-    assert_eq!(e.origin.as_deref(), Some("WarmPool"));
+    assert_eq!(e.origin.map(Place::as_str), Some("WarmPool"));
 }
 
 /// The warm pool's lifecycle actions, each in the three shapes: the phase their Origin and
@@ -77,8 +77,12 @@ fn warm_pool_actions_in_every_shape() {
         let direct = event(&format!("warm-pool/direct-{case}.json"));
         assert_eq!(direct.phase(), phase, "{case}");
         assert_eq!(direct.transition, phase.transition(), "{case}");
-        assert_eq!(direct.origin.as_deref(), Some(origin), "{case}");
-        assert_eq!(direct.destination.as_deref(), Some(destination), "{case}");
+        assert_eq!(direct.origin.map(Place::as_str), Some(origin), "{case}");
+        assert_eq!(
+            direct.destination.map(Place::as_str),
+            Some(destination),
+            "{case}"
+        );
         assert_eq!(direct.instance_id.as_str(), "i-0b1c2d3e4f5a60001");
         for (shape, envelope) in [
             ("sns", Envelope::Sns),

@@ -171,12 +171,12 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
 
     // 80 deliveries: 40 worked, 40 acknowledged as duplicates, spread over the two hosts.
     let runs: Vec<_> = a.history().into_iter().chain(b.history()).collect();
-    let count = |o: &str| runs.iter().filter(|r| r.outcome == o).count();
+    let count = |o: &str| runs.iter().filter(|r| r.outcome.as_str() == o).count();
     assert_eq!(count("succeeded"), 40, "{runs:?}");
     assert_eq!(count("duplicate"), 40, "{runs:?}");
     let worked: BTreeSet<_> = runs
         .iter()
-        .filter(|r| r.outcome == "succeeded")
+        .filter(|r| r.outcome.as_str() == "succeeded")
         .filter_map(|r| r.instance_id.clone())
         .collect();
     assert_eq!(worked.len(), 40, "no instance was worked twice");
@@ -262,7 +262,11 @@ async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
         .map(|(_, _, until)| *until)
         .min()
         .expect("the dead host held running claims");
-    for run in b.history().iter().filter(|r| r.outcome == "succeeded") {
+    for run in b
+        .history()
+        .iter()
+        .filter(|r| r.outcome.as_str() == "succeeded")
+    {
         for step in &run.steps {
             assert!(
                 step.started_at >= expired_at,
@@ -338,7 +342,7 @@ async fn a_forged_message_leaves_no_claim_in_the_shared_table() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(calls(&emu, "ec2:CreateTags"), tags_before, "nothing ran");
     assert!(
-        p.history().iter().any(|r| r.outcome == "rejected"
+        p.history().iter().any(|r| r.outcome.as_str() == "rejected"
             && r.error
                 .as_deref()
                 .is_some_and(|e| e.contains("forged or stale"))),

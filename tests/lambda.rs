@@ -443,7 +443,11 @@ async fn a_batch_of_launches_is_completed_published_and_reported_without_failure
     assert!(finished
         .iter()
         .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
-    let mut outcomes: Vec<String> = p.history().into_iter().map(|r| r.outcome).collect();
+    let mut outcomes: Vec<String> = p
+        .history()
+        .into_iter()
+        .map(|r| r.outcome.as_str().to_string())
+        .collect();
     outcomes.sort();
     assert_eq!(
         outcomes,
@@ -502,7 +506,7 @@ async fn execution_environments_sharing_a_claims_table_work_a_duplicate_once() {
     let mut outcomes: Vec<String> = envs
         .iter()
         .flat_map(|(p, _, _)| p.history())
-        .map(|r| r.outcome)
+        .map(|r| r.outcome.as_str().to_string())
         .filter(|o| o != "skipped")
         .collect();
     outcomes.sort();
@@ -592,8 +596,12 @@ async fn a_completion_failing_until_the_deadline_is_reported_released_and_comple
         .into_iter()
         .find(|r| r.instance_id.as_deref() == Some(pending[0].as_str()))
         .unwrap();
-    assert_eq!(run.outcome, "retry", "{run:?}");
-    assert_eq!(run.decision.as_deref(), Some("CONTINUE"), "{run:?}");
+    assert_eq!(run.outcome.as_str(), "retry", "{run:?}");
+    assert_eq!(
+        run.decision.map(|d| d.as_str()),
+        Some("CONTINUE"),
+        "{run:?}"
+    );
 
     // It comes back in a later batch: only the completion is left to do.
     emu.control("DELETE", "/_emulator/faults", None);
@@ -612,7 +620,7 @@ async fn a_completion_failing_until_the_deadline_is_reported_released_and_comple
         .all(|a| a["result"] == "CONTINUE" && a["completions"] == 1));
     assert_eq!(calls(&emu, "ec2:CreateTags"), 1, "steps ran once");
     let last = p.history().into_iter().next().unwrap();
-    assert_eq!(last.outcome, "succeeded", "{last:?}");
+    assert_eq!(last.outcome.as_str(), "succeeded", "{last:?}");
     assert!(
         last.cause.as_deref().unwrap().starts_with("decided by run"),
         "{last:?}"
@@ -648,7 +656,10 @@ async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_release
         lambda.log()
     );
     let history = p.history();
-    let released: Vec<_> = history.iter().filter(|r| r.outcome == "released").collect();
+    let released: Vec<_> = history
+        .iter()
+        .filter(|r| r.outcome.as_str() == "released")
+        .collect();
     assert_eq!(released.len(), 1, "{history:?}");
     assert_eq!(
         released[0].instance_id.as_deref(),
@@ -728,7 +739,7 @@ async fn with_a_dead_letter_queue_a_bad_record_fails_until_the_queue_moves_it() 
     let rejected = p
         .history()
         .iter()
-        .filter(|r| r.outcome == "rejected")
+        .filter(|r| r.outcome.as_str() == "rejected")
         .count();
     assert_eq!(rejected, 2, "each receive is recorded");
 }

@@ -134,8 +134,8 @@ async fn daemon_until_finished(w: &World, p: &Provision, ids: &[&str]) -> String
                 done.contains_key(id)
                     || history.iter().any(|r| {
                         r.instance_id.as_deref() == Some(id)
-                            && (r.hook_result.as_deref() == Some("already-finished")
-                                || r.outcome == "rejected")
+                            && (r.hook_result.map(|c| c.as_str()) == Some("already-finished")
+                                || r.outcome.as_str() == "rejected")
                     })
             };
             ids.iter().all(|id| finished(id)).then_some(())
@@ -1056,7 +1056,7 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/done"] } ]
         .into_iter()
         .find(|r| r.instance_id.as_deref() == Some(gone))
         .unwrap();
-    assert_eq!(run.outcome, "rejected");
+    assert_eq!(run.outcome.as_str(), "rejected");
     assert!(run.steps.is_empty(), "{run:?}");
 }
 

@@ -27,7 +27,10 @@ launch = [ {{ ssm = {{ document = "AWS-RunShellScript", parameters = {{ commands
 }
 
 fn count(p: &Provision, outcome: &str) -> usize {
-    p.history().iter().filter(|r| r.outcome == outcome).count()
+    p.history()
+        .iter()
+        .filter(|r| r.outcome.as_str() == outcome)
+        .count()
 }
 
 async fn setup(emu: &Emulator, group: &str, n: i32, heartbeat: i32) -> (Aws, common::Queue) {
@@ -79,7 +82,7 @@ async fn a_burst_of_twelve_shares_one_send_command() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "succeeded")
+        .find(|r| r.outcome.as_str() == "succeeded")
         .unwrap();
     assert!(
         run.steps[0].detail.as_deref().unwrap().contains("Success"),
@@ -129,7 +132,7 @@ async fn one_failing_command_abandons_only_that_instance() {
     let failed: Vec<_> = p
         .history()
         .into_iter()
-        .filter(|r| r.outcome == "failed")
+        .filter(|r| r.outcome.as_str() == "failed")
         .collect();
     assert_eq!(failed.len(), 1);
     let err = failed[0].error.as_deref().unwrap();
@@ -167,9 +170,9 @@ async fn an_instance_that_never_comes_online_fails_after_the_deadline() {
         "the offline instance's run to fail",
         Duration::from_secs(60),
         || async {
-            p.history()
-                .into_iter()
-                .find(|r| r.instance_id.as_deref() == Some(id.as_str()) && r.outcome == "failed")
+            p.history().into_iter().find(|r| {
+                r.instance_id.as_deref() == Some(id.as_str()) && r.outcome.as_str() == "failed"
+            })
         },
     )
     .await;
@@ -234,14 +237,14 @@ async fn a_command_past_its_timeout_is_cancelled() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "failed")
+        .find(|r| r.outcome.as_str() == "failed")
         .unwrap();
     assert!(
         run.error.as_deref().unwrap().contains("cancelled"),
         "{:?}",
         run.error
     );
-    assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("ABANDON"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +276,7 @@ async fn undeclared_or_unsafe_metadata_never_reaches_a_command() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "failed")
+        .find(|r| r.outcome.as_str() == "failed")
         .expect("a failed run");
     assert!(
         run.error.as_deref().unwrap().contains("does not match"),
@@ -465,7 +468,7 @@ async fn opsworks_register_assign_repeat_and_deregister() {
         .into_iter()
         .find(|r| r.transition.as_deref() == Some("terminate"))
         .unwrap();
-    assert_eq!(term.outcome, "succeeded");
+    assert_eq!(term.outcome.as_str(), "succeeded");
     assert!(
         term.steps[0]
             .detail
@@ -487,7 +490,7 @@ async fn opsworks_stack_not_found_fails_with_its_name() {
     let run = p
         .history()
         .into_iter()
-        .find(|r| r.outcome == "failed")
+        .find(|r| r.outcome.as_str() == "failed")
         .unwrap();
     assert!(
         run.error

@@ -157,7 +157,7 @@ async fn a_pool_instance_is_prepared_on_entering_and_resumed_on_leaving() {
     assert_eq!(worked.len(), 3, "{runs:?}");
     for r in worked {
         assert_eq!(
-            (r.outcome.as_str(), r.hook_result.as_deref()),
+            (r.outcome.as_str(), r.hook_result.map(|c| c.as_str())),
             ("succeeded", Some("CONTINUE")),
             "verified as genuine and worked: {r:?}"
         );
@@ -195,8 +195,8 @@ async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
     worker(&p);
 
     let run = p.last_run(&id, "terminate");
-    assert_eq!(run.outcome, "succeeded", "{run:?}");
-    assert_eq!(run.hook_result.as_deref(), Some("CONTINUE"));
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
     assert_eq!(
         run.steps.len(),
         1,
@@ -238,8 +238,8 @@ async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
     // The ssm step would wait 10 minutes for an agent; the worker is bounded at 2.
     worker(&p);
     let run = p.last_run(&id, "terminate");
-    assert_eq!(run.outcome, "failed", "{run:?}");
-    assert_eq!(run.hook_result.as_deref(), Some("ABANDON"));
+    assert_eq!(run.outcome.as_str(), "failed", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("ABANDON"));
     let error = run.error.clone().unwrap_or_default();
     assert!(
         error.contains(&format!("{id} is stopped"))

@@ -9,10 +9,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
+use crate::aws::autoscaling::AutoScalingHooks;
 use crate::aws::dynamo::DynamoClaims;
-use crate::aws::sdk::{
-    self, AutoScalingHooks, Ec2Instances, OpsWorksClient, SnsNotifier, SqsQueue, SsmClient,
-};
+use crate::aws::ec2::Ec2Instances;
+use crate::aws::ecs::EcsClient;
+use crate::aws::opsworks::OpsWorksClient;
+use crate::aws::sdk;
+use crate::aws::sns::SnsNotifier;
+use crate::aws::sqs::SqsQueue;
+use crate::aws::ssm::SsmClient;
 use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::claims::Claims;
@@ -151,7 +156,7 @@ impl App {
             instances: Arc::new(Ec2Instances::new(&sdk_cfg, &calls)),
             ssm: Arc::new(SsmClient::new(&sdk_cfg, &calls)),
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
-            ecs: Arc::new(sdk::EcsClient::new(&sdk_cfg, &calls)),
+            ecs: Arc::new(EcsClient::new(&sdk_cfg, &calls)),
         };
         let claims = claims_store(&cfg, &sdk_cfg, &calls);
         let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;

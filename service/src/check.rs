@@ -7,7 +7,11 @@
 
 use std::sync::Arc;
 
-use crate::aws::sdk::{self, AutoScalingHooks, SnsNotifier, SqsQueue};
+use crate::aws::autoscaling::AutoScalingHooks;
+use crate::aws::sdk;
+use crate::aws::sns::SnsNotifier;
+use crate::aws::sqs::SqsQueue;
+use crate::aws::ssm::SsmClient;
 use crate::aws::{Hooks, Notifier, Queue};
 use crate::config::{Config, OnReject};
 use crate::layer::Layer;
@@ -97,7 +101,7 @@ pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
         Some(crate::secret::Source::SsmParameter(n)) if aws => {
             let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
             let calls = CountCalls(Arc::new(Stats::default()));
-            let ssm = sdk::SsmClient::new(&sdk_cfg, &calls);
+            let ssm = SsmClient::new(&sdk_cfg, &calls);
             match crate::aws::Ssm::parameter(&ssm, n).await {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -237,7 +241,7 @@ async fn check_layer_groups(
             .map(|(name, h)| {
                 format!(
                     "{name} ({})",
-                    h.transition.trim_start_matches("autoscaling:")
+                    h.transition.as_str().trim_start_matches("autoscaling:")
                 )
             })
             .collect();
@@ -259,6 +263,7 @@ async fn check_layer_groups(
 
 /// A group's warm pool, and which of the layer's step lists its instances will run.
 async fn check_warm_pool(layer: &Layer, group: &str, hooks: &AutoScalingHooks, r: &mut Report) {
+    use crate::aws::WarmPoolState;
     use crate::event::Phase;
     let pool = match hooks.warm_pool(group).await {
         Ok(Some(pool)) => pool,
@@ -279,7 +284,7 @@ async fn check_warm_pool(layer: &Layer, group: &str, hooks: &AutoScalingHooks, r
         "group {group} (layer {}): warm pool, {} instance(s) kept {}, min size {}, {}; entering it runs {} step(s) ({enter_from}), leaving it {} (pool_leave), returning to it {} (pool_return)",
         layer.name,
         pool.instances.len(),
-        pool.pool_state.to_lowercase(),
+        pool.pool_state.as_str().to_lowercase(),
         pool.min_size,
         if pool.reuse_on_scale_in { "scale-in returns instances to it" } else { "scale-in terminates" },
         count(Phase::PoolEnter),
@@ -292,11 +297,11 @@ async fn check_warm_pool(layer: &Layer, group: &str, hooks: &AutoScalingHooks, r
             .iter()
             .any(|s| s.needs_running_instance())
     };
-    if pool.pool_state != "Running" && needs_running(Phase::Terminate) {
+    if pool.pool_state != WarmPoolState::Running && needs_running(Phase::Terminate) {
         r.notes.push(format!(
             "layers.{}.terminate: ssm/ssh/ansible steps fail at once for instances terminated from the {} warm pool of {group} (they are not running)",
             layer.name,
-            pool.pool_state.to_lowercase()
+            pool.pool_state.as_str().to_lowercase()
         ));
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::outcome::HookResult;
+use crate::outcome::{Completion, HookResult};
 
 /// A claim's lease unless `state.claim_lease` says otherwise.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
@@ -33,7 +33,7 @@ pub enum Claim {
     /// Completed before: acknowledge the message, do nothing else.
     Done {
         run_id: Option<i64>,
-        result: Option<String>,
+        result: Option<Completion>,
     },
     /// Another owner holds it, its lease running until `until_ms` (ms since the epoch).
     Held { owner: String, until_ms: i64 },
@@ -94,7 +94,7 @@ pub trait Claims: Send + Sync {
     async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError>;
 
     /// The action is finished for good (completed, or found already finished).
-    async fn done(&self, token: &str, result: &str) -> Result<(), ClaimError>;
+    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError>;
 
     /// Forgets `owner`'s running claim (work abandoned midway), so the next delivery starts
     /// over at once instead of waiting out the lease.
@@ -147,36 +147,70 @@ pub fn judge(row: Option<&Row>, owner: &str, now_ms: i64) -> Claim {
     let Some(row) = row else {
         return Claim::Fresh { from: None };
     };
-    match row.state.as_str() {
-        "done" => Claim::Done {
+    match row.state {
+        ClaimState::Done => Claim::Done {
             run_id: row.run_id,
-            result: row.result.clone(),
+            result: row.result,
         },
         _ if row.owner != owner && row.lease_until_ms > now_ms => Claim::Held {
             owner: row.owner.clone(),
             until_ms: row.lease_until_ms,
         },
-        "decided" => Claim::Decided(
-            row.result
-                .as_deref()
-                .and_then(HookResult::parse)
-                .unwrap_or(HookResult::Abandon),
-        ),
-        _ => Claim::Fresh {
+        ClaimState::Decided => Claim::Decided(row.decision()),
+        ClaimState::Running => Claim::Fresh {
             from: (row.owner != owner).then(|| row.owner.clone()),
         },
     }
 }
 
-/// A claim as stored.
+/// Where a claim stands: its stored `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimState {
+    Running,
+    Decided,
+    Done,
+}
+
+impl ClaimState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimState::Running => "running",
+            ClaimState::Decided => "decided",
+            ClaimState::Done => "done",
+        }
+    }
+
+    /// A stored word; one this version does not know reads as running (an owner works it,
+    /// and it is taken over once its lease lapses).
+    pub fn parse(s: &str) -> ClaimState {
+        match s {
+            "decided" => ClaimState::Decided,
+            "done" => ClaimState::Done,
+            _ => ClaimState::Running,
+        }
+    }
+}
+
+/// A claim as stored, its words read by the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    pub state: String,
+    pub state: ClaimState,
     pub owner: String,
     /// 0 for claims written before leases (taken over at once).
     pub lease_until_ms: i64,
     pub run_id: Option<i64>,
-    pub result: Option<String>,
+    /// Decided: the result the steps came to; done: what completing came to.
+    pub result: Option<Completion>,
+}
+
+impl Row {
+    /// The result a decided claim is to be completed with (ABANDON when none was kept).
+    pub fn decision(&self) -> HookResult {
+        match self.result {
+            Some(Completion::Completed(r)) => r,
+            _ => HookResult::Abandon,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -184,12 +218,14 @@ mod tests {
     use super::*;
 
     fn row(state: &str, owner: &str, until: i64) -> Row {
+        let state = ClaimState::parse(state);
         Row {
-            state: state.into(),
+            state,
             owner: owner.into(),
             lease_until_ms: until,
             run_id: Some(7),
-            result: (state != "running").then(|| "CONTINUE".into()),
+            result: (state != ClaimState::Running)
+                .then_some(Completion::Completed(HookResult::Continue)),
         }
     }
 
@@ -231,7 +267,7 @@ mod tests {
             judge(Some(&row("done", "other", now + 5)), "me", now),
             Claim::Done {
                 run_id: Some(7),
-                result: Some("CONTINUE".into())
+                result: Some(Completion::Completed(HookResult::Continue))
             }
         );
     }

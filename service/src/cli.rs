@@ -6,8 +6,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::builder::PossibleValue;
+use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::event::Transition;
 use crate::telemetry::LogFormat;
 
 #[derive(Parser)]
@@ -47,8 +49,8 @@ pub enum Command {
         #[arg(long)]
         layer: Option<String>,
         /// launch or terminate [default: from the instance's lifecycle state]
-        #[arg(long, value_parser = ["launch", "terminate"])]
-        transition: Option<String>,
+        #[arg(long, value_enum)]
+        transition: Option<Transition>,
         /// The hook to complete, when the group has several for the transition
         #[arg(long)]
         hook: Option<String>,
@@ -88,4 +90,15 @@ pub enum EventCommand {
     /// Parse a message body (FILE, or - for stdin) and print the normalized event as JSON,
     /// or why it would be skipped or rejected
     Parse { file: String },
+}
+
+/// `--transition launch|terminate`: the event's own names.
+impl ValueEnum for Transition {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Transition::Launch, Transition::Terminate]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
 }

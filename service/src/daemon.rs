@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::aws::{AwsError, Message, Queue};
-use crate::delivery::{Acks, Delivery, RejectPolicy, Settled};
+use crate::delivery::{Acks, Deleter, Delivery, RejectPolicy, Settled};
 use crate::engine::{Done, Engine, Slot};
 use crate::metrics::Stats;
 use crate::pipeline::Pipeline;
@@ -100,7 +100,7 @@ pub async fn run(
     let acks = Arc::new(Acks::spawn(
         queue.clone(),
         settings.retry_for,
-        true,
+        Deleter::Us,
         settings.reject,
     ));
     let outbox = spawn_outbox(pipeline.clone());

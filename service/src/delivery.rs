@@ -107,6 +107,15 @@ pub enum Settled {
     AckFailed,
 }
 
+/// Who deletes a handled message from the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleter {
+    /// This process (daemon, worker).
+    Us,
+    /// Lambda's event source mapping, for the records the function does not report failed.
+    EventSource,
+}
+
 /// Settles deliveries with batched, retried SQS calls (ten messages a call).
 pub struct Acks {
     /// None where the consumer deletes nothing itself (Lambda).
@@ -117,16 +126,15 @@ pub struct Acks {
 }
 
 impl Acks {
-    /// `deletes`: whether handled messages are deleted here (daemon, worker) or by someone
-    /// else (Lambda's event source mapping).
+    /// `deletes`: who deletes handled messages.
     pub fn spawn(
         queue: Arc<dyn Queue>,
         retry_for: Duration,
-        deletes: bool,
+        deletes: Deleter,
         reject: RejectPolicy,
     ) -> Acks {
         let mut tasks = Vec::new();
-        let deleter = deletes.then(|| {
+        let deleter = (deletes == Deleter::Us).then(|| {
             let q = queue.clone();
             let (b, task) = Batcher::retried(10, ACK_LINGER, retry_for, move |r: Vec<String>| {
                 let q = q.clone();

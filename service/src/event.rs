@@ -223,15 +223,6 @@ impl Phase {
         }
     }
 
-    /// The lifecycle states in which an instance waits for an action of this phase.
-    pub fn wait_states(self) -> &'static [&'static str] {
-        match self {
-            Phase::Launch | Phase::PoolLeave => &["Pending:Wait"],
-            Phase::PoolEnter | Phase::PoolReturn => &["Warmed:Pending:Wait"],
-            Phase::Terminate => &["Terminating:Wait", "Warmed:Terminating:Wait"],
-        }
-    }
-
     /// Whether the instance stays with the group (in service or in its pool) afterwards, so
     /// that what provision knows of it (its host keys) must be kept.
     pub fn instance_stays(self) -> bool {
@@ -310,8 +301,8 @@ pub struct LifecycleEvent {
     pub token: String,
     /// `EC2`, `AutoScalingGroup` or `WarmPool` ([`Place`]; checked when parsed); absent in
     /// messages from before warm pools (2021).
-    pub origin: Option<String>,
-    pub destination: Option<String>,
+    pub origin: Option<Place>,
+    pub destination: Option<Place>,
     pub metadata: Metadata,
     pub account_id: Option<String>,
     pub time: Option<String>,
@@ -322,12 +313,7 @@ impl LifecycleEvent {
     /// What the action means for the instance (launch, entering or leaving the warm pool,
     /// returning to it, terminate).
     pub fn phase(&self) -> Phase {
-        let place = |p: &Option<String>| p.as_deref().and_then(Place::parse);
-        Phase::of(
-            self.transition,
-            place(&self.origin),
-            place(&self.destination),
-        )
+        Phase::of(self.transition, self.origin, self.destination)
     }
 }
 
@@ -446,11 +432,11 @@ fn from_lifecycle_fields(obj: &Map<String, Value>, envelope: Envelope) -> Result
 }
 
 /// `Origin` / `Destination`: absent, or one of the places AWS documents.
-fn place_field(obj: &Map<String, Value>, field: &'static str) -> Result<Option<String>, Reject> {
+fn place_field(obj: &Map<String, Value>, field: &'static str) -> Result<Option<Place>, Reject> {
     match opt_str(obj, field)? {
         None => Ok(None),
         Some(s) => match Place::parse(s) {
-            Some(p) => Ok(Some(p.as_str().to_string())),
+            Some(p) => Ok(Some(p)),
             None => Err(Reject::Invalid {
                 field,
                 reason: format!(

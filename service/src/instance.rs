@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::aws::{Action, HookInfo};
+use crate::aws::{Action, HookInfo, LifecycleState};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Phase, Place, Transition};
@@ -40,7 +40,8 @@ pub struct Args {
 struct Found {
     id: InstanceId,
     group: String,
-    state: String,
+    /// None: in no group (run with --layer).
+    state: Option<LifecycleState>,
     transition: Transition,
     /// The transition read with the instance's state (warm pool or not).
     phase: Phase,
@@ -84,21 +85,23 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
 async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Result<Found> {
     let retry = pipeline.config().aws.retry_for;
     let hooks = pipeline.hooks().clone();
-    let membership = with_backoff(retry, || hooks.instance_group(&id))
+    let membership = with_backoff(retry, || hooks.membership(&id))
         .await
         .context("looking up the instance's Auto Scaling group")?;
     let (group, state) = match &membership {
-        Some((g, s)) => (g.clone(), s.clone()),
-        None if args.layer.is_some() => ("-".to_string(), "not in an Auto Scaling group".to_string()),
+        Some(m) => (m.group.clone(), Some(m.state.clone())),
+        None if args.layer.is_some() => ("-".to_string(), None),
         None => bail!("{id} is not in an Auto Scaling group (or does not exist); pass --layer NAME to run a layer's steps on it anyway"),
     };
-    let transition = args.transition.unwrap_or(if state.contains("Terminating") {
-        Transition::Terminate
-    } else {
-        Transition::Launch
-    });
-    let phase = phase_of(&state, transition);
-    let pending = phase.wait_states().contains(&state.as_str());
+    let transition = args.transition.unwrap_or(
+        if state.as_ref().is_some_and(LifecycleState::is_terminating) {
+            Transition::Terminate
+        } else {
+            Transition::Launch
+        },
+    );
+    let phase = phase_of(state.as_ref(), transition);
+    let pending = state.as_ref().is_some_and(|s| s.waits_for(phase));
     let group_hooks = match membership {
         Some(_) => with_backoff(retry, || hooks.describe_hooks(&group))
             .await
@@ -107,7 +110,7 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
     };
     let mut candidates: Vec<(String, HookInfo)> = group_hooks
         .into_iter()
-        .filter(|(_, h)| h.transition == transition.aws_name())
+        .filter(|(_, h)| h.transition == transition)
         .collect();
     let hook = match &args.hook {
         Some(name) => Some(
@@ -140,23 +143,25 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
 /// a launch run on a pool instance (`Warmed:Stopped`, ...) runs what entering it runs.
 /// (`Pending:Wait` reads as a plain launch: Auto Scaling does not say whether the instance
 /// comes from the pool.)
-fn phase_of(state: &str, transition: Transition) -> Phase {
+fn phase_of(state: Option<&LifecycleState>, transition: Transition) -> Phase {
     match (transition, state) {
-        (Transition::Launch, s) if s.starts_with("Warmed:") => Phase::PoolEnter,
+        (Transition::Launch, Some(s)) if s.is_warmed() => Phase::PoolEnter,
         (Transition::Launch, _) => Phase::Launch,
-        (Transition::Terminate, "Warmed:Pending:Wait") => Phase::PoolReturn,
+        (Transition::Terminate, Some(LifecycleState::WarmedPendingWait)) => Phase::PoolReturn,
         (Transition::Terminate, _) => Phase::Terminate,
     }
 }
 
 /// The Origin and Destination a hook's message would carry for this phase and state.
-fn places(phase: Phase, state: &str) -> (Place, Place) {
+fn places(phase: Phase, state: Option<&LifecycleState>) -> (Place, Place) {
     match phase {
         Phase::Launch => (Place::Ec2, Place::AutoScalingGroup),
         Phase::PoolEnter => (Place::Ec2, Place::WarmPool),
         Phase::PoolLeave => (Place::WarmPool, Place::AutoScalingGroup),
         Phase::PoolReturn => (Place::AutoScalingGroup, Place::WarmPool),
-        Phase::Terminate if state.starts_with("Warmed:") => (Place::WarmPool, Place::Ec2),
+        Phase::Terminate if state.is_some_and(LifecycleState::is_warmed) => {
+            (Place::WarmPool, Place::Ec2)
+        }
         Phase::Terminate => (Place::AutoScalingGroup, Place::Ec2),
     }
 }
@@ -165,15 +170,15 @@ fn places(phase: Phase, state: &str) -> (Place, Place) {
 /// action addressed by instance id (there is no token), completed unless told otherwise.
 fn job(found: &Found, args: &Args) -> Job {
     let hook_name = found.hook.as_ref().map(|(n, _)| n.clone());
-    let (origin, destination) = places(found.phase, &found.state);
+    let (origin, destination) = places(found.phase, found.state.as_ref());
     let event = LifecycleEvent {
         instance_id: found.id.clone(),
         group: found.group.clone(),
         hook: hook_name.clone().unwrap_or_else(|| "-".into()),
         transition: found.transition,
         token: format!("manual-{}-{}", found.id, now_ms()),
-        origin: Some(origin.as_str().to_string()),
-        destination: Some(destination.as_str().to_string()),
+        origin: Some(origin),
+        destination: Some(destination),
         metadata: Metadata::parse(
             found
                 .hook
@@ -216,7 +221,12 @@ fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args
     };
     println!(
         "instance   {} in group {} ({})",
-        found.id, found.group, found.state
+        found.id,
+        found.group,
+        found
+            .state
+            .as_ref()
+            .map_or("not in an Auto Scaling group", LifecycleState::as_str)
     );
     println!("layer      {}{chosen}", layer.name);
     if found.phase.as_str() == found.transition.as_str() {

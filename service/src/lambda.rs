@@ -39,7 +39,7 @@ use crate::app::App;
 use crate::aws::{Message, Queue};
 use crate::config::Config;
 use crate::daemon::Settings;
-use crate::delivery::{Acks, Delivery, Settled};
+use crate::delivery::{Acks, Deleter, Delivery, Settled};
 use crate::engine::Engine;
 use crate::outcome::Outcome;
 use crate::pipeline::Pipeline;
@@ -254,7 +254,12 @@ impl Handler {
         settings: &Settings,
         queue_url: &str,
     ) -> Handler {
-        let acks = Acks::spawn(queue, RELEASE_RETRY_FOR, false, settings.reject);
+        let acks = Acks::spawn(
+            queue,
+            RELEASE_RETRY_FOR,
+            Deleter::EventSource,
+            settings.reject,
+        );
         Handler {
             pipeline,
             acks: Arc::new(acks),

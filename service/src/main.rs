@@ -15,7 +15,7 @@ use provision::app::App;
 use provision::cli::{Cli, Command, EventCommand};
 use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
-use provision::event::{self, Parsed, Transition};
+use provision::event::{self, Parsed};
 use provision::metrics::Stats;
 use provision::store::Store;
 use provision::systemd::SystemdNotify;
@@ -105,13 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dry_run,
                 no_complete,
                 layer,
-                transition: transition.map(|t| {
-                    if t == "terminate" {
-                        Transition::Terminate
-                    } else {
-                        Transition::Launch
-                    }
-                }),
+                transition,
                 hook,
             };
             let rt = runtime()?;
@@ -209,7 +203,7 @@ fn history(
             (Some(e), _) => text(Some(e)),
             (None, Some(c)) => format!(
                 "{}: {}",
-                r.decision.as_deref().unwrap_or("-"),
+                r.decision.map_or("-", |d| d.as_str()),
                 text(Some(c))
             ),
             (None, None) => String::new(),
@@ -221,8 +215,8 @@ fn history(
             text(r.instance_id.as_deref().or(Some("-"))),
             text(r.transition.as_deref().or(Some("-"))),
             text(r.layer.as_deref().or(Some("-"))),
-            r.outcome,
-            r.hook_result.as_deref().unwrap_or("-"),
+            r.outcome.as_str(),
+            r.hook_result.map_or("-", |c| c.as_str()),
         );
         for s in &r.steps {
             let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);

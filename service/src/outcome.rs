@@ -164,11 +164,6 @@ impl Outcome {
         )
     }
 
-    /// Whether the action was worked and is finished for good: the message can go.
-    pub fn is_final(self) -> bool {
-        !matches!(self, Outcome::Running | Outcome::Released | Outcome::Retry)
-    }
-
     pub fn is_success(self) -> bool {
         self == Outcome::Succeeded
     }
@@ -264,7 +259,5 @@ mod tests {
             published,
             [Outcome::Succeeded, Outcome::Failed, Outcome::HookError]
         );
-        assert!(!Outcome::Retry.is_final() && !Outcome::Released.is_final());
-        assert!(Outcome::Duplicate.is_final() && Outcome::Rejected.is_final());
     }
 }

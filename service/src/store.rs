@@ -14,9 +14,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::claims::{self, Claim, ClaimError, Claims};
+use crate::claims::{self, Claim, ClaimError, ClaimState, Claims};
 use crate::clock::now_ms;
-use crate::outcome::{HookResult, Outcome, StepOutcome};
+use crate::outcome::{Completion, HookResult, Outcome, StepOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,7 +40,7 @@ pub enum StoreError {
 #[derive(Debug, Clone, Default)]
 pub struct RunEnd<'a> {
     pub outcome: Outcome,
-    pub hook_result: Option<&'a str>,
+    pub hook_result: Option<Completion>,
     /// Left as it is when None (recorded before completing: [`Store::note_decision`]).
     pub decision: Option<HookResult>,
     pub cause: Option<&'a str>,
@@ -75,11 +75,11 @@ pub struct RunRow {
     pub hook: Option<String>,
     pub transition: Option<String>,
     pub layer: Option<String>,
-    pub outcome: String,
-    pub hook_result: Option<String>,
-    /// The result the run decided on and sent (or tried to): CONTINUE | ABANDON.
+    pub outcome: Outcome,
+    pub hook_result: Option<Completion>,
+    /// The result the run decided on and sent (or tried to).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub decision: Option<String>,
+    pub decision: Option<HookResult>,
     /// Why that decision.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
@@ -222,7 +222,7 @@ impl Store {
     /// published yet (kept for [`Store::unpublished`]).
     pub async fn finish_run(&self, run_id: i64, end: RunEnd<'_>) -> Result<(), StoreError> {
         let outcome = end.outcome.as_str();
-        let hook_result = end.hook_result.map(str::to_string);
+        let hook_result = end.hook_result.map(Completion::as_str);
         let decision = end.decision.map(HookResult::as_str);
         let cause = end.cause.map(str::to_string);
         let error = end.error.map(str::to_string);
@@ -368,11 +368,11 @@ impl Store {
             [token],
             |r| {
                 Ok(claims::Row {
-                    state: r.get(0)?,
+                    state: ClaimState::parse(&r.get::<_, String>(0)?),
                     owner: r.get(1)?,
                     lease_until_ms: r.get(2)?,
                     run_id: r.get(3)?,
-                    result: r.get(4)?,
+                    result: word(r.get(4)?, Completion::parse),
                 })
             },
         )
@@ -409,11 +409,13 @@ impl Store {
                         hook: r.get(6)?,
                         transition: r.get(7)?,
                         layer: r.get(8)?,
-                        outcome: r.get(9)?,
-                        hook_result: r.get(10)?,
+                        // A word this version does not know (a newer release wrote
+                        // it) reads as a run that has not ended.
+                        outcome: word(r.get(9)?, Outcome::parse).unwrap_or_default(),
+                        hook_result: word(r.get(10)?, Completion::parse),
                         heartbeats: r.get(11)?,
                         error: r.get(12)?,
-                        decision: r.get(13)?,
+                        decision: word(r.get(13)?, HookResult::parse),
                         cause: r.get(14)?,
                         steps: Vec::new(),
                     })
@@ -440,6 +442,11 @@ impl Store {
             Ok(runs)
         })
     }
+}
+
+/// A stored word read back as its type; None when absent or unknown.
+fn word<T>(stored: Option<String>, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    stored.as_deref().and_then(parse)
 }
 
 /// Claims for a single host: the `actions` table, next to the history.
@@ -519,8 +526,8 @@ impl Claims for Store {
         }
     }
 
-    async fn done(&self, token: &str, result: &str) -> Result<(), ClaimError> {
-        let (token, result) = (token.to_string(), result.to_string());
+    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError> {
+        let (token, result) = (token.to_string(), result.as_str());
         self.claim_call(move |c| {
             c.execute(
                 "UPDATE actions SET state = 'done', result = ?2, updated_at = ?3 WHERE token = ?1",
@@ -582,12 +589,14 @@ mod tests {
             s.claim("t1", "a", r1, LEASE).await.unwrap(),
             Claim::Decided(HookResult::Abandon)
         );
-        s.done("t1", "ABANDON").await.unwrap();
+        s.done("t1", Completion::Completed(HookResult::Abandon))
+            .await
+            .unwrap();
         assert_eq!(
             s.claim("t1", "d", r1, LEASE).await.unwrap(),
             Claim::Done {
                 run_id: Some(r1),
-                result: Some("ABANDON".into())
+                result: Some(Completion::Completed(HookResult::Abandon))
             }
         );
     }
@@ -672,7 +681,7 @@ mod tests {
             r1,
             RunEnd {
                 outcome: Outcome::Succeeded,
-                hook_result: Some("CONTINUE"),
+                hook_result: Some(Completion::Completed(HookResult::Continue)),
                 heartbeats: 2,
                 ..Default::default()
             },
@@ -681,7 +690,10 @@ mod tests {
         .unwrap();
         let h = s.history(Some("i-12345678"), 10).unwrap();
         assert_eq!(h.len(), 1);
-        assert_eq!(h[0].hook_result.as_deref(), Some("CONTINUE"));
+        assert_eq!(
+            h[0].hook_result,
+            Some(Completion::Completed(HookResult::Continue))
+        );
         assert_eq!(h[0].heartbeats, 2);
         assert_eq!(h[0].steps[0].outcome, "succeeded");
         assert!(s.history(Some("i-99999999"), 10).unwrap().is_empty());

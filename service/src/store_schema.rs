@@ -310,7 +310,9 @@ mod tests {
             store.claim("tok-done", "new", 99, LEASE).await.unwrap(),
             Claim::Done {
                 run_id: Some(1),
-                result: Some("CONTINUE".into())
+                result: Some(crate::outcome::Completion::Completed(
+                    crate::outcome::HookResult::Continue
+                ))
             }
         );
         assert_eq!(

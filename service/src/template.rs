@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::event::{LifecycleEvent, Transition};
+use crate::event::{LifecycleEvent, Place, Transition};
 
 /// The fields a template may name. `metadata.KEY` reads the event's JSON NotificationMetadata.
 pub const TEMPLATE_FIELDS: &[&str] = &[
@@ -298,19 +298,21 @@ fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
 
 /// The event's Origin; a message from before warm pools had none, and meant the plain
 /// transition's (EC2 for a launch, the group for a termination).
-fn origin(ev: &LifecycleEvent) -> &str {
-    ev.origin.as_deref().unwrap_or(match ev.transition {
-        Transition::Launch => "EC2",
-        Transition::Terminate => "AutoScalingGroup",
-    })
+fn origin(ev: &LifecycleEvent) -> &'static str {
+    let place = ev.origin.unwrap_or(match ev.transition {
+        Transition::Launch => Place::Ec2,
+        Transition::Terminate => Place::AutoScalingGroup,
+    });
+    place.as_str()
 }
 
 /// The event's Destination, the plain transition's when the message had none.
-fn destination(ev: &LifecycleEvent) -> &str {
-    ev.destination.as_deref().unwrap_or(match ev.transition {
-        Transition::Launch => "AutoScalingGroup",
-        Transition::Terminate => "EC2",
-    })
+fn destination(ev: &LifecycleEvent) -> &'static str {
+    let place = ev.destination.unwrap_or(match ev.transition {
+        Transition::Launch => Place::AutoScalingGroup,
+        Transition::Terminate => Place::Ec2,
+    });
+    place.as_str()
 }
 
 /// What a template is rendered against.

@@ -21,10 +21,10 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use super::sdk::classify;
 use super::AwsError;
-use crate::claims::{self, Claim, ClaimError, Claims};
+use crate::claims::{self, Claim, ClaimError, ClaimState, Claims};
 use crate::clock::now_ms;
 use crate::metrics::CountCalls;
-use crate::outcome::HookResult;
+use crate::outcome::{Completion, HookResult};
 
 /// How long an item stays after its last write before the table's TTL removes it: longer
 /// than the 48 hours AWS keeps a lifecycle action, so a late duplicate still finds `done`.
@@ -69,11 +69,11 @@ fn row(item: &HashMap<String, AttributeValue>) -> Option<claims::Row> {
             .and_then(|v| v.parse::<i64>().ok())
     };
     Some(claims::Row {
-        state: text("state")?,
+        state: ClaimState::parse(&text("state")?),
         owner: text("owner").unwrap_or_default(),
         lease_until_ms: num("lease_until").unwrap_or(0),
         run_id: num("run_id"),
-        result: text("result"),
+        result: text("result").as_deref().and_then(Completion::parse),
     })
 }
 
@@ -183,12 +183,7 @@ impl Claims for DynamoClaims {
             Some(old) => {
                 let before = old.as_ref().and_then(row);
                 Ok(match before {
-                    Some(r) if r.state == "decided" => Claim::Decided(
-                        r.result
-                            .as_deref()
-                            .and_then(HookResult::parse)
-                            .unwrap_or(HookResult::Abandon),
-                    ),
+                    Some(r) if r.state == ClaimState::Decided => Claim::Decided(r.decision()),
                     Some(r) => Claim::Fresh {
                         from: (r.owner != owner).then_some(r.owner),
                     },
@@ -252,14 +247,14 @@ impl Claims for DynamoClaims {
         }
     }
 
-    async fn done(&self, token: &str, result: &str) -> Result<(), ClaimError> {
+    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError> {
         let b = self
             .update(
                 token,
                 "SET #state = :done, #result = :result, #expires = :expires",
             )
             .expression_attribute_values(":done", s("done"))
-            .expression_attribute_values(":result", s(result))
+            .expression_attribute_values(":result", s(result.as_str()))
             .expression_attribute_values(":expires", expires_at());
         self.conditional("UpdateItem", b).await.map(|_| ())
     }

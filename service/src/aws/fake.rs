@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Action, ActionCall, AwsError, HookInfo, Hooks, InstanceInfo, Instances, Invocation, Membership,
-    OpsWorks, OwInstance, OwLayer, OwStack, Ssm, SsmCommand,
+    Action, ActionCall, AwsError, HookInfo, HookTransition, Hooks, InstanceInfo, InstanceState,
+    Instances, Invocation, LifecycleState, Membership, OpsWorks, OwInstance, OwLayer, OwStack, Ssm,
+    SsmCommand,
 };
 use crate::event::InstanceId;
 use crate::outcome::HookResult;
@@ -41,7 +42,7 @@ impl Hooks for FakeHooks {
             HookInfo {
                 heartbeat_timeout: self.heartbeat_timeout,
                 default_result: HookResult::Abandon,
-                transition: "autoscaling:EC2_INSTANCE_LAUNCHING".into(),
+                transition: HookTransition::Launching,
                 notification_metadata: self.metadata.lock().unwrap().get(group).cloned(),
                 ..Default::default()
             },
@@ -114,7 +115,7 @@ impl FakeHooks {
             Membership {
                 instance_id: instance.to_string(),
                 group: group.to_string(),
-                state: "Pending:Wait".into(),
+                state: LifecycleState::PendingWait,
             },
         );
         self.metadata
@@ -153,7 +154,7 @@ impl Instances for FakeInstances {
             .iter()
             .map(|i| InstanceInfo {
                 id: i.to_string(),
-                state: "running".into(),
+                state: InstanceState::Running,
                 ..Default::default()
             })
             .collect())

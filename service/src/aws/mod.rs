@@ -2,21 +2,82 @@
 //!
 //! The pipeline never sees an SDK type. Each trait is the handful of calls one concern needs
 //! (the queue, the hooks, the instances, the result topic), so unit tests can hand in small
-//! fakes and the integration tests drive the real SDK (`sdk.rs`) against the emulator.
-//! Classifying errors (retryable or not) happens here, once; retrying beyond the SDK's own
-//! attempts is `retry.rs`.
+//! fakes and the integration tests drive the real SDK against the emulator. One file per
+//! service holds its trait, the types it speaks and its SDK impl (`sqs.rs`, `autoscaling.rs`,
+//! `ec2.rs`, `ssm.rs`, `opsworks.rs`, `sns.rs`, `ecs.rs`; claims in `dynamo.rs`); `sdk.rs`
+//! holds what they share: the SDK config and the mapping of SDK errors. Classifying errors
+//! (retryable or not) happens here, once; retrying beyond the SDK's own attempts is
+//! [`crate::retry`].
 
-use std::time::Duration;
+/// An enum for a closed vocabulary AWS answers with (a lifecycle state, a status), parsed
+/// once where the SDK's answer is read, as the SDK's own enums are (`from(&str)`): a variant
+/// per word, and `Other` keeping a word this version does not know (AWS adds states).
+/// `as_str` gives the word back, for logs and messages. No word at all (a field AWS left
+/// out) is `Other("")`, the default.
+macro_rules! vocabulary {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+            /// A word this version does not know, kept as AWS sent it.
+            Other(String),
+        }
 
-use async_trait::async_trait;
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $word,)*
+                    Self::Other(word) => word,
+                }
+            }
+        }
 
-use crate::event::InstanceId;
-use crate::outcome::HookResult;
+        impl From<&str> for $name {
+            fn from(word: &str) -> Self {
+                match word {
+                    $($word => Self::$variant,)*
+                    other => Self::Other(other.to_string()),
+                }
+            }
+        }
 
+        impl Default for $name {
+            fn default() -> Self {
+                Self::Other(String::new())
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+pub mod autoscaling;
 pub mod dynamo;
+pub mod ec2;
+pub mod ecs;
 #[cfg(test)]
 pub mod fake;
+pub mod opsworks;
 pub mod sdk;
+pub mod sns;
+pub mod sqs;
+pub mod ssm;
+
+pub use autoscaling::{
+    Action, ActionCall, HookInfo, HookTransition, Hooks, LifecycleState, Membership, WarmPool,
+    WarmPoolState,
+};
+pub use ec2::{InstanceInfo, InstanceState, Instances};
+pub use ecs::{ContainerInstance, ContainerInstanceStatus, Ecs};
+pub use opsworks::{OpsWorks, OwInstance, OwLayer, OwStack};
+pub use sns::Notifier;
+pub use sqs::{Message, Queue};
+pub use ssm::{Invocation, InvocationStatus, Ssm, SsmCommand};
 
 /// A failed AWS call, classified once ([`ErrorClass::of`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,273 +239,8 @@ fn class_of_code(code: &str) -> Option<ErrorClass> {
     Some(class)
 }
 
-/// One message as received from SQS.
-#[derive(Debug, Clone)]
-pub struct Message {
-    pub id: String,
-    pub receipt: String,
-    pub body: String,
-    pub receive_count: u32,
-}
-
 /// Per-entry outcome of a batch call: `Err` carries that entry's error text.
 pub type BatchResult = Vec<Result<(), String>>;
-
-#[async_trait]
-pub trait Queue: Send + Sync {
-    async fn receive(
-        &self,
-        max: u32,
-        wait: Duration,
-        visibility: Duration,
-    ) -> Result<Vec<Message>, AwsError>;
-    /// DeleteMessageBatch; at most 10 receipts.
-    async fn delete_batch(&self, receipts: &[String]) -> Result<BatchResult, AwsError>;
-    /// ChangeMessageVisibilityBatch; at most 10 entries. Zero releases a message at once.
-    async fn change_visibility_batch(
-        &self,
-        entries: &[(String, Duration)],
-    ) -> Result<BatchResult, AwsError>;
-    /// The queue's RedrivePolicy attribute, when it has one (a dead-letter queue is set up).
-    async fn redrive_policy(&self) -> Result<Option<String>, AwsError>;
-}
-
-/// Identifies one lifecycle action for the Auto Scaling API.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Action {
-    pub group: String,
-    pub hook: String,
-    pub instance_id: InstanceId,
-    /// The action's token; None completes or heartbeats by instance id (manual runs,
-    /// where no message carried a token).
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HookInfo {
-    pub heartbeat_timeout: Duration,
-    pub default_result: HookResult,
-    /// autoscaling:EC2_INSTANCE_LAUNCHING | autoscaling:EC2_INSTANCE_TERMINATING
-    pub transition: String,
-    pub notification_target: Option<String>,
-    pub notification_metadata: Option<String>,
-}
-
-/// An instance's place in Auto Scaling (DescribeAutoScalingInstances).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Membership {
-    pub instance_id: String,
-    pub group: String,
-    /// Pending:Wait, InService, Terminating:Wait, Warmed:Pending:Wait, ...
-    pub state: String,
-}
-
-/// A group's warm pool (DescribeWarmPool): its configuration and the instances in it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct WarmPool {
-    pub min_size: i32,
-    /// None: the group's MaxSize.
-    pub max_group_prepared_capacity: Option<i32>,
-    /// Stopped | Running | Hibernated
-    pub pool_state: String,
-    /// Scale-in returns instances to the pool (InstanceReusePolicy.ReuseOnScaleIn).
-    pub reuse_on_scale_in: bool,
-    /// The pool's instances with their lifecycle states (Warmed:Pending:Wait, Warmed:Stopped...).
-    pub instances: Vec<Membership>,
-}
-
-/// What CompleteLifecycleAction / RecordLifecycleActionHeartbeat said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ActionCall {
-    Done,
-    /// "No active Lifecycle Action found": completed by someone else, or timed out.
-    NotActive(String),
-}
-
-#[async_trait]
-pub trait Hooks: Send + Sync {
-    /// Every lifecycle hook of a group, by hook name (one DescribeLifecycleHooks call).
-    async fn describe_hooks(&self, group: &str) -> Result<Vec<(String, HookInfo)>, AwsError>;
-    async fn heartbeat(&self, action: &Action) -> Result<ActionCall, AwsError>;
-    async fn complete(&self, action: &Action, result: HookResult) -> Result<ActionCall, AwsError>;
-    /// The group an instance belongs to and its lifecycle state (DescribeAutoScalingInstances);
-    /// None when it is in no group.
-    async fn membership(&self, instance: &InstanceId) -> Result<Option<Membership>, AwsError>;
-    /// Every member of a group with its lifecycle state, from one DescribeAutoScalingGroups
-    /// call (empty when the group does not exist).
-    async fn group_members(&self, group: &str) -> Result<Vec<Membership>, AwsError>;
-    /// The group one instance belongs to and its lifecycle state.
-    async fn instance_group(
-        &self,
-        instance: &InstanceId,
-    ) -> Result<Option<(String, String)>, AwsError> {
-        Ok(self.membership(instance).await?.map(|m| (m.group, m.state)))
-    }
-    /// Every Auto Scaling group name (DescribeAutoScalingGroups, all pages).
-    async fn groups(&self) -> Result<Vec<String>, AwsError>;
-    /// The group's warm pool (DescribeWarmPool), None when it has none.
-    async fn warm_pool(&self, _group: &str) -> Result<Option<WarmPool>, AwsError> {
-        Ok(None)
-    }
-}
-
-/// What DescribeInstances says about one instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InstanceInfo {
-    pub id: String,
-    /// pending | running | shutting-down | terminated | stopping | stopped
-    pub state: String,
-    pub private_ip: Option<String>,
-    pub public_ip: Option<String>,
-    pub private_dns: Option<String>,
-    pub public_dns: Option<String>,
-    pub tags: std::collections::BTreeMap<String, String>,
-}
-
-#[async_trait]
-pub trait Instances: Send + Sync {
-    /// CreateTags on one instance (tags differ per instance, so this cannot be batched).
-    async fn create_tags(
-        &self,
-        instance: &InstanceId,
-        tags: &[(String, String)],
-    ) -> Result<(), AwsError>;
-    /// DescribeInstances for many instances (one call per 200 ids). Unknown ids are simply
-    /// absent from the answer, never an error.
-    async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError>;
-    /// GetConsoleOutput, decoded from base64; None while the instance has no output yet.
-    /// (EC2 has no batch form of this call.)
-    async fn console_output(&self, instance: &InstanceId) -> Result<Option<String>, AwsError>;
-}
-
-/// One Run Command request, the same for every instance it targets.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SsmCommand {
-    pub document: String,
-    pub parameters: std::collections::BTreeMap<String, Vec<String>>,
-    /// Delivery timeout (SendCommand's TimeoutSeconds); the run time is the document's.
-    pub timeout_seconds: Option<i32>,
-    pub comment: Option<String>,
-    pub output_s3_bucket: Option<String>,
-    pub output_s3_prefix: Option<String>,
-    pub cloudwatch_log_group: Option<String>,
-}
-
-/// One instance's part of a command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invocation {
-    pub instance_id: String,
-    /// Pending | InProgress | Delayed | Success | Cancelled | Cancelling | TimedOut | Failed
-    pub status: String,
-    pub status_details: String,
-    pub response_code: Option<i32>,
-    pub output: String,
-}
-
-impl Invocation {
-    pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "Success" | "Cancelled" | "TimedOut" | "Failed"
-        )
-    }
-}
-
-#[async_trait]
-pub trait Ssm: Send + Sync {
-    /// Which of these instances (at most 50) have an SSM agent that is Online.
-    async fn online(&self, ids: &[InstanceId]) -> Result<Vec<String>, AwsError>;
-    /// SendCommand to at most 50 instances; returns the command id.
-    async fn send_command(&self, cmd: &SsmCommand, ids: &[InstanceId]) -> Result<String, AwsError>;
-    /// Every invocation of a command (ListCommandInvocations with details, all pages).
-    async fn invocations(&self, command_id: &str) -> Result<Vec<Invocation>, AwsError>;
-    async fn cancel(&self, command_id: &str, ids: &[InstanceId]) -> Result<(), AwsError>;
-    /// GetParameter WithDecryption (a SecureString's plain text).
-    async fn parameter(&self, name: &str) -> Result<crate::secret::Secret, AwsError>;
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwStack {
-    pub id: String,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwLayer {
-    pub id: String,
-    pub shortname: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwInstance {
-    pub id: String,
-    pub ec2_instance_id: Option<String>,
-    pub hostname: Option<String>,
-    pub status: String,
-    pub layer_ids: Vec<String>,
-}
-
-/// The OpsWorks Stacks calls the opsworks step makes, in a given region.
-#[async_trait]
-pub trait OpsWorks: Send + Sync {
-    async fn stacks(&self, region: &str) -> Result<Vec<OwStack>, AwsError>;
-    async fn layers(&self, region: &str, stack_id: &str) -> Result<Vec<OwLayer>, AwsError>;
-    async fn instances(&self, region: &str, stack_id: &str) -> Result<Vec<OwInstance>, AwsError>;
-    async fn instance(&self, region: &str, id: &str) -> Result<Option<OwInstance>, AwsError>;
-    async fn hostname_suggestion(&self, region: &str, layer_id: &str) -> Result<String, AwsError>;
-    async fn register(
-        &self,
-        region: &str,
-        stack_id: &str,
-        hostname: &str,
-        ec2: &InstanceInfo,
-    ) -> Result<String, AwsError>;
-    async fn assign(&self, region: &str, id: &str, layer_id: &str) -> Result<(), AwsError>;
-    async fn deregister(&self, region: &str, id: &str) -> Result<(), AwsError>;
-}
-
-#[async_trait]
-pub trait Notifier: Send + Sync {
-    /// PublishBatch; at most 10 messages.
-    async fn publish_batch(
-        &self,
-        topic_arn: &str,
-        messages: &[String],
-    ) -> Result<BatchResult, AwsError>;
-    /// GetTopicAttributes: the topic exists and may be read (`provision check --aws`).
-    async fn check_topic(&self, topic_arn: &str) -> Result<(), AwsError>;
-}
-
-/// An EC2 instance's place in an ECS cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerInstance {
-    pub arn: String,
-    /// ACTIVE | DRAINING | REGISTERING | DEREGISTERING | ...
-    pub status: String,
-    pub running_tasks: i32,
-}
-
-/// The ECS calls the ecs_drain step makes.
-#[async_trait]
-pub trait Ecs: Send + Sync {
-    /// The cluster's container instance on an EC2 instance (ListContainerInstances with the
-    /// filter `ec2InstanceId == ID`, then DescribeContainerInstances); None when the
-    /// instance is not registered in the cluster.
-    async fn container_instance(
-        &self,
-        cluster: &str,
-        ec2: &InstanceId,
-    ) -> Result<Option<ContainerInstance>, AwsError>;
-    /// DescribeContainerInstances for one container instance; None when it is gone
-    /// (deregistered).
-    async fn describe_container_instance(
-        &self,
-        cluster: &str,
-        arn: &str,
-    ) -> Result<Option<ContainerInstance>, AwsError>;
-    /// UpdateContainerInstancesState to DRAINING: services move their tasks elsewhere.
-    async fn drain(&self, cluster: &str, arn: &str) -> Result<(), AwsError>;
-}
 
 /// The AWS services a step may call.
 #[derive(Clone)]
@@ -542,6 +338,18 @@ mod tests {
         // SQS's throttling answer is a 400; a validation code under a 500 is still invalid.
         assert_eq!(of(400, Some("RequestThrottled")), Throttled);
         assert_eq!(of(500, Some("ValidationError")), Validation);
+    }
+
+    #[test]
+    fn a_vocabulary_keeps_a_word_it_does_not_know() {
+        use crate::aws::LifecycleState;
+        let waiting = LifecycleState::from("Warmed:Pending:Wait");
+        assert_eq!(waiting, LifecycleState::WarmedPendingWait);
+        assert_eq!(waiting.to_string(), "Warmed:Pending:Wait");
+        let new = LifecycleState::from("Warmed:Pending:Later");
+        assert_eq!(new, LifecycleState::Other("Warmed:Pending:Later".into()));
+        assert!(new.is_warmed() && !new.is_terminating());
+        assert_eq!(LifecycleState::default().as_str(), "");
     }
 
     #[test]

@@ -23,7 +23,6 @@ use super::run::{End, Run};
 use crate::claims::{Claim, ClaimError, Claims};
 use crate::clock::now_ms;
 use crate::layer::Layer;
-use crate::outcome::Completion;
 use crate::retry::{in_flight_rounds, Retry};
 
 /// Tokens being worked in this process; a second delivery of one waits on it.
@@ -163,7 +162,7 @@ impl<'a> Run<'a> {
         }
         match claim {
             Claim::Done { result, .. } => {
-                self.report.hook_result = result.as_deref().and_then(Completion::parse);
+                self.report.hook_result = result;
                 return Err(End::Duplicate);
             }
             Claim::Fresh {

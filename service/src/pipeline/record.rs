@@ -202,7 +202,7 @@ impl Pipeline {
         if let Some(run_id) = run.run_id {
             let end = RunEnd {
                 outcome: run.outcome,
-                hook_result: run.hook_result.map(Completion::as_str),
+                hook_result: run.hook_result,
                 decision: run.decision,
                 cause: run.cause.as_deref(),
                 heartbeats: run.heartbeats,

@@ -319,7 +319,7 @@ impl<'a> Run<'a> {
     /// The action is finished for good (completed, found finished, or left as it is).
     pub(super) async fn mark_done(&self, completion: Completion) {
         let token = &self.job.event.token;
-        if let Err(e) = self.p.claims.done(token, completion.as_str()).await {
+        if let Err(e) = self.p.claims.done(token, completion).await {
             warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
         }
     }

@@ -8,7 +8,7 @@ use crate::aws::Services;
 use crate::aws::{ActionCall, Message};
 use crate::claims::Claim;
 use crate::delivery::{Ack, Delivery, RejectPolicy};
-use crate::outcome::HookResult;
+use crate::outcome::{Completion, HookResult, Outcome};
 use tokio::time::Instant;
 
 const CONFIG: &str = r#"
@@ -152,7 +152,7 @@ async fn a_failed_step_completes_with_the_layers_failure_result() {
     assert_eq!(completions(&w), [HookResult::Abandon, HookResult::Continue]);
     assert!(w.instances.tagged.lock().unwrap().is_empty());
     let h = w.pipeline.store().history(None, 10).unwrap();
-    assert!(h.iter().all(|r| r.outcome == "failed"), "{h:?}");
+    assert!(h.iter().all(|r| r.outcome.as_str() == "failed"), "{h:?}");
     assert!(
         h[1].error.as_deref().unwrap().contains("\"environment\""),
         "{:?}",
@@ -176,7 +176,10 @@ async fn an_action_finished_elsewhere_counts_as_done() {
         Ack::Delete
     );
     let h = w.pipeline.store().history(None, 10).unwrap();
-    assert_eq!(h[0].hook_result.as_deref(), Some("already-finished"));
+    assert_eq!(
+        h[0].hook_result.map(|c| c.as_str()),
+        Some("already-finished")
+    );
     // A redelivery is acknowledged without running steps or completing again.
     assert_eq!(
         handle(&w, &message("web-1", "t1", r#"{"environment":"p"}"#)).await,
@@ -208,9 +211,9 @@ async fn a_transient_completion_failure_keeps_the_message_in_flight_until_it_com
     assert_eq!(w.instances.tagged.lock().unwrap().len(), 1);
     let h = w.pipeline.store().history(None, 10).unwrap();
     assert_eq!(h.len(), 1, "one run: {h:?}");
-    assert_eq!(h[0].outcome, "succeeded");
-    assert_eq!(h[0].hook_result.as_deref(), Some("CONTINUE"));
-    assert_eq!(h[0].decision.as_deref(), Some("CONTINUE"));
+    assert_eq!(h[0].outcome.as_str(), "succeeded");
+    assert_eq!(h[0].hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    assert_eq!(h[0].decision.map(|d| d.as_str()), Some("CONTINUE"));
     assert_eq!(h[0].cause.as_deref(), Some("every step succeeded (1)"));
 }
 
@@ -239,12 +242,12 @@ async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_
     assert_eq!(completions(&w).last(), Some(&HookResult::Abandon));
     let h = w.pipeline.store().history(None, 10).unwrap();
     let (redelivery, first) = (&h[0], &h[1]);
-    assert_eq!(first.outcome, "retry");
-    assert_eq!(first.decision.as_deref(), Some("ABANDON"));
+    assert_eq!(first.outcome.as_str(), "retry");
+    assert_eq!(first.decision.map(|d| d.as_str()), Some("ABANDON"));
     // Not "succeeded" with no steps: the decision it completed, and why.
-    assert_eq!(redelivery.outcome, "failed", "{h:?}");
-    assert_eq!(redelivery.hook_result.as_deref(), Some("ABANDON"));
-    assert_eq!(redelivery.decision.as_deref(), Some("ABANDON"));
+    assert_eq!(redelivery.outcome.as_str(), "failed", "{h:?}");
+    assert_eq!(redelivery.hook_result.map(|c| c.as_str()), Some("ABANDON"));
+    assert_eq!(redelivery.decision.map(|d| d.as_str()), Some("ABANDON"));
     let cause = redelivery.cause.as_deref().unwrap();
     assert!(
         cause.starts_with(&format!("decided by run {}: step 0 (tag)", first.id)),
@@ -278,9 +281,13 @@ async fn a_hook_that_expired_is_reported_timed_out_not_success() {
     m.body = body.to_string();
     assert_eq!(handle(&w, &m).await, Ack::Delete);
     let h = w.pipeline.store().history(None, 1).unwrap();
-    assert_eq!(h[0].hook_result.as_deref(), Some("timed-out"), "{h:?}");
-    assert_eq!(h[0].outcome, "failed");
-    assert_eq!(h[0].decision.as_deref(), Some("ABANDON"));
+    assert_eq!(
+        h[0].hook_result.map(|c| c.as_str()),
+        Some("timed-out"),
+        "{h:?}"
+    );
+    assert_eq!(h[0].outcome.as_str(), "failed");
+    assert_eq!(h[0].decision.map(|d| d.as_str()), Some("ABANDON"));
 }
 
 #[tokio::test]
@@ -342,7 +349,7 @@ async fn rejects_and_skips_are_recorded_and_deleted() {
         .history(None, 10)
         .unwrap()
         .into_iter()
-        .map(|r| r.outcome)
+        .map(|r| r.outcome.as_str().to_string())
         .collect();
     assert_eq!(outcomes, ["skipped", "rejected"]);
     assert!(completions(&w).is_empty());
@@ -364,7 +371,7 @@ async fn a_message_auto_scaling_does_not_confirm_runs_nothing() {
     assert!(w.instances.tagged.lock().unwrap().is_empty(), "no step ran");
     assert!(completions(&w).is_empty(), "no hook was completed");
     let h = w.pipeline.store().history(None, 10).unwrap();
-    assert!(h.iter().all(|r| r.outcome == "rejected"), "{h:?}");
+    assert!(h.iter().all(|r| r.outcome.as_str() == "rejected"), "{h:?}");
     let errors: Vec<&str> = h.iter().filter_map(|r| r.error.as_deref()).collect();
     assert!(
         errors[1].starts_with("forged or stale: ") && errors[1].contains("other-group"),
@@ -390,7 +397,7 @@ async fn steps_see_the_hooks_metadata_not_the_messages() {
     let tagged = w.instances.tagged.lock().unwrap();
     assert_eq!(tagged[0].1[1], ("Env".into(), "prod".into()));
     let h = w.pipeline.store().history(None, 1).unwrap();
-    assert_eq!(h[0].outcome, "succeeded");
+    assert_eq!(h[0].outcome.as_str(), "succeeded");
     assert!(
         h[0].error
             .as_deref()
@@ -449,7 +456,7 @@ async fn a_step_stops_when_a_heartbeat_finds_the_action_gone() {
         "the step was stopped"
     );
     let h = w.pipeline.store().history(None, 1).unwrap();
-    assert_eq!(h[0].outcome, "failed");
+    assert_eq!(h[0].outcome.as_str(), "failed");
     assert!(
         h[0].error
             .as_deref()
@@ -510,7 +517,10 @@ async fn a_token_another_owner_holds_waits_hidden_and_is_acknowledged_once_done(
         "it waits while the other owner's lease runs"
     );
     let claims: &dyn Claims = w.pipeline.store();
-    claims.done("t-held", "CONTINUE").await.unwrap();
+    claims
+        .done("t-held", Completion::Completed(HookResult::Continue))
+        .await
+        .unwrap();
     assert_eq!(task.await.unwrap(), Ack::Delete);
     assert!(w.instances.tagged.lock().unwrap().is_empty(), "no step ran");
     assert!(completions(&w).is_empty(), "nothing completed");
@@ -663,7 +673,7 @@ impl Claims for FlakyClaims {
     ) -> Result<(), crate::claims::ClaimError> {
         self.inner.decide(token, owner, result).await
     }
-    async fn done(&self, token: &str, result: &str) -> Result<(), crate::claims::ClaimError> {
+    async fn done(&self, token: &str, result: Completion) -> Result<(), crate::claims::ClaimError> {
         self.inner.done(token, result).await
     }
     async fn release(&self, token: &str, owner: &str) -> Result<(), crate::claims::ClaimError> {

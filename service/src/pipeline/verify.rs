@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::run::End;
-use crate::aws::{Action, AwsError, HookInfo, Hooks, Membership};
+use crate::aws::{Action, AwsError, HookInfo, Hooks, LifecycleState, Membership};
 use crate::cache::TtlCache;
 use crate::event::{LifecycleEvent, Metadata, Phase, Place};
 use crate::lease::heartbeat_interval;
@@ -67,9 +67,7 @@ impl List {
     fn of(ev: &LifecycleEvent) -> List {
         match ev.phase() {
             Phase::PoolEnter | Phase::PoolReturn => List::WarmPool,
-            Phase::Terminate if ev.origin.as_deref() == Some(Place::WarmPool.as_str()) => {
-                List::WarmPool
-            }
+            Phase::Terminate if ev.origin == Some(Place::WarmPool) => List::WarmPool,
             _ => List::Group,
         }
     }
@@ -165,7 +163,7 @@ impl Verifier {
                 ev.group, ev.hook
             )));
         };
-        if hook.transition != ev.transition.aws_name() {
+        if hook.transition != ev.transition {
             return Ok(Verdict::Forged(format!(
                 "hook {:?} is a {} hook, the message says {}",
                 ev.hook,
@@ -308,8 +306,9 @@ fn not_waiting(ev: &LifecycleEvent, member: Option<&Membership>) -> Option<Strin
     }
     // The phase, not only the transition: a message saying the instance enters the warm
     // pool is confirmed only by an instance waiting to enter it.
-    let states = ev.phase().wait_states();
-    (!states.contains(&m.state.as_str())).then(|| {
+    let states = LifecycleState::waiting_for(ev.phase());
+    (!states.contains(&m.state)).then(|| {
+        let states: Vec<&str> = states.iter().map(LifecycleState::as_str).collect();
         format!(
             "instance {id} is {}, not waiting for a {} action ({})",
             m.state,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::aws::{AwsError, Instances};
+use crate::aws::{AwsError, InstanceState, Instances};
 use crate::event::InstanceId;
 
 use super::reach::Target;
@@ -107,7 +107,7 @@ impl KnownHosts {
             .describe(&old)
             .await?
             .into_iter()
-            .filter(|i| i.state != "terminated")
+            .filter(|i| i.state != InstanceState::Terminated)
             .map(|i| i.id)
             .collect();
         let mut removed = 0;

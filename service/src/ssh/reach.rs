@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::aws::{AwsError, InstanceInfo, Instances};
+use crate::aws::{AwsError, InstanceInfo, InstanceState, Instances};
 use crate::batch::Batcher;
 use crate::event::InstanceId;
 use crate::poll::{until, Pace};
@@ -173,12 +173,15 @@ impl Remote {
         let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
         let found = until(pace, move || async move {
             let last = match to.lookup.submit(to.id.clone()).await {
-                Ok(info) => match info.state.as_str() {
-                    "running" => match self.address_of(&info) {
+                Ok(info) => match &info.state {
+                    InstanceState::Running => match self.address_of(&info) {
                         Some(a) => return ControlFlow::Break(Ok(a)),
                         None => format!("running, but it has no {}", self.address_name()),
                     },
-                    s @ ("shutting-down" | "terminated" | "stopping" | "stopped") => {
+                    s @ (InstanceState::ShuttingDown
+                    | InstanceState::Terminated
+                    | InstanceState::Stopping
+                    | InstanceState::Stopped) => {
                         return ControlFlow::Break(Err(ReachError::NotReady(format!(
                             "{} is {s}; nothing to connect to",
                             to.id

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::aws::ContainerInstance;
+use crate::aws::{ContainerInstance, ContainerInstanceStatus};
 use crate::poll::{until, Pace};
 use crate::retry::with_backoff;
 use crate::setting::ConfigError;
@@ -136,7 +136,7 @@ impl EcsDrain {
                 ),
             });
         };
-        if ci.status != "DRAINING" {
+        if ci.status != ContainerInstanceStatus::Draining {
             with_backoff(ctx.retry_for, || ecs.drain(&cluster, &ci.arn)).await?;
         }
         let started = Instant::now();

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aws::{AwsError, InstanceInfo, OwLayer, OwStack, Services};
+use crate::aws::{AwsError, InstanceInfo, InstanceState, OwLayer, OwStack, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
-use crate::event::InstanceId;
+use crate::event::{InstanceId, Place};
 use crate::setting::ConfigError;
 use crate::ssh::{Reach, ReachError, Remote, Target};
 use crate::template::{Context, Template, Vars};
@@ -303,15 +303,18 @@ async fn stopped_instance(kind: &str, ctx: &StepContext<'_>) -> Result<(), StepE
     let Ok(info) = ctx.shared.lookup.submit(ev.instance_id.clone()).await else {
         return Ok(());
     };
-    let state = info.state.as_str();
+    let state = &info.state;
     if !matches!(
         state,
-        "stopped" | "stopping" | "shutting-down" | "terminated"
+        InstanceState::Stopped
+            | InstanceState::Stopping
+            | InstanceState::ShuttingDown
+            | InstanceState::Terminated
     ) {
         return Ok(());
     }
-    let pool = match ev.origin.as_deref() {
-        Some("WarmPool") => " (it comes from the warm pool, where instances wait stopped)",
+    let pool = match ev.origin {
+        Some(Place::WarmPool) => " (it comes from the warm pool, where instances wait stopped)",
         _ => "",
     };
     Err(StepError::NotReady(format!(

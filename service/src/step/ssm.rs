@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::aws::{Invocation, Ssm as SsmApi, SsmCommand};
+use crate::aws::{Invocation, InvocationStatus, Ssm as SsmApi, SsmCommand};
 use crate::event::InstanceId;
 use crate::poll::Pace;
 use crate::retry::with_backoff;
@@ -270,7 +270,7 @@ async fn run_batch(
                 .map(|c| format!(", exit {c}"))
                 .unwrap_or_default();
             let out = tail(&inv.output, EXCERPT);
-            if inv.status == "Success" {
+            if inv.status == InvocationStatus::Success {
                 Ok(format!("command {command_id}: Success{code}\n{out}"))
             } else {
                 Err(format!(
