@@ -2,7 +2,7 @@
 //! lifecycle action's steps run once whatever delivers it twice, and a host that dies
 //! mid-step has its actions taken over by another once its claims' leases expire.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

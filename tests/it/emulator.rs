@@ -2,7 +2,7 @@
 //! server extended with lifecycle hooks (tests/emulator/emulator.py). Each test has its own
 //! emulator process on its own port.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The `ssm` and `opsworks` steps against the emulator's SSM agent simulation and OpsWorks
 //! Stacks API (tests/emulator/ssm_agent.py, opsworks.py), through the real binary.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! and `check --aws` on a pool. Real SDK, real `provision` binary, the emulator's warm pool
 //! (tests/emulator/emulator.py, "warm pools").
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

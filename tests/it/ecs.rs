@@ -3,7 +3,7 @@
 //! finish. Real SDK, real `provision` binary, the emulator's ECS draining
 //! (tests/emulator/ecs.py).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

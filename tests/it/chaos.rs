@@ -7,7 +7,7 @@
 //! operation and count). The SDK makes one attempt a call (`aws.max_attempts = 1`) so every
 //! fault reaches provision's own classification. Every queue here has a redrive policy.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

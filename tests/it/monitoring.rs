@@ -4,7 +4,7 @@
 //! against the emulator. promtool checks the files' syntax and the alerts' logic
 //! (scripts/lint-config); this checks that they watch something that exists.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

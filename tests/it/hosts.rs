@@ -3,7 +3,7 @@
 //! host keys. Needs root (namespaces, veths, bridges). Timings are printed (run with
 //! `--nocapture` to see them), never asserted.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -3,7 +3,7 @@
 //! emulator's GetConsoleOutput, real ansible-playbook, the real `provision` binary.
 //! Needs root (network namespaces); the suite runs as root in CI.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

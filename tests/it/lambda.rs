@@ -7,7 +7,7 @@
 //! when none is queued, and records what the function posts to .../response, .../error and
 //! /runtime/init/error. Each test stops the binary (its guard kills it) and the server.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};

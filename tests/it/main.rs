@@ -1,0 +1,16 @@
+//! The integration tests: one binary, one module per suite (see tests/README.md), so the AWS
+//! SDK and the rest of the dependency tree are linked once.
+
+mod common;
+
+mod chaos;
+mod ecs;
+mod emulator;
+mod events;
+mod fleet;
+mod hosts;
+mod lambda;
+mod monitoring;
+mod ssh_steps;
+mod ssm_opsworks;
+mod warm_pools;
