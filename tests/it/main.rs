@@ -1,6 +1,9 @@
 //! The integration tests: one binary, one module per suite (see tests/README.md), so the AWS
 //! SDK and the rest of the dependency tree are linked once.
 
+// A test reads as one story, setup to assertions: long is allowed here (not in service/src).
+#![allow(clippy::too_many_lines)]
+
 mod common;
 
 mod chaos;
