@@ -7,6 +7,7 @@
 mod common;
 
 mod chaos;
+mod demo;
 mod ecs;
 mod emulator;
 mod events;
