@@ -380,17 +380,17 @@ async fn a_failed_step_abandons_and_the_replacement_is_handled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_a_long_run_alive() {
-    // AWS's shortest heartbeat timeout, 30 s (provision beats every 10 s); the step takes
-    // 25 s. After each heartbeat Auto Scaling's clock jumps 10 s ahead, so the action is
-    // 45 s old by the end: without heartbeats it would have timed out (ABANDON) by the
-    // second jump.
+    // AWS's shortest heartbeat timeout, 30 s (provision beats every 10 s, jittered); the
+    // step takes 32 s, room for two beats. After each heartbeat Auto Scaling's clock jumps
+    // 10 s ahead, so the action is over 50 s old by the end: without heartbeats it would
+    // have timed out (ABANDON) long before.
     let World { emu, aws, q, .. } = World::builder("web-hb")
         .heartbeat(30)
         .metadata(METADATA)
         .instances(1)
         .start()
         .await;
-    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 25}));
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 32}));
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     let mut daemon = p.daemon();
     emu.age_between_heartbeats(2, 10).await;
