@@ -15,7 +15,7 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
               last completed hook), CPU seconds of the whole ops-side process tree, and both
               as a ratio to plain Mitogen (target for the default runner <= 1.3). Every row
               uses provision's default forks; BENCH_FORKS=5,20 adds provision rows with those
-              forks. Runs the ignored test bench_ansible_runners of tests/ssh_steps.rs (the
+              forks. Runs benches/ansible.rs (`cargo test --bench ansible`: the
               debug build of provision; its own CPU is shown apart). Needs root (network
               namespaces), takes a few minutes, so it is not in the default set.
 """
@@ -113,11 +113,10 @@ def require_root(scenario):
 
 
 def bench_ansible(instances):
-    """Runs the bench_ansible_runners test (it prints the figures) and relays its report."""
+    """Runs benches/ansible.rs (it prints the figures) and relays its report."""
     require_root("ansible")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = ["cargo", "test", "--test", "ssh_steps", "--", "--ignored", "--nocapture", "--exact",
-           "--test-threads=1", "bench_ansible_runners"]
+    cmd = ["cargo", "test", "--bench", "ansible"]
     print(f"\n(running: BENCH_INSTANCES={instances} {' '.join(cmd)})", flush=True)
     out = subprocess.run(cmd, cwd=root, env={**os.environ, "BENCH_INSTANCES": str(instances)},
                          stdout=subprocess.PIPE, text=True)
@@ -132,7 +131,7 @@ def bench_ansible(instances):
             print(line)
     if out.returncode != 0 or figures is None:
         print(out.stdout)
-        raise SystemExit(f"bench ansible: the test failed (exit {out.returncode})")
+        raise SystemExit(f"bench ansible: the benchmark failed (exit {out.returncode})")
     return figures
 
 

@@ -1,9 +1,10 @@
-"""Shared by scripts/demo.py and scripts/bench.py: start the project's emulator
-(tests/emulator/emulator.py) on 127.0.0.1 and create the AWS resources a run needs."""
+"""For scripts/bench.py (the demo and the tests use tests/it/common): start the project's
+emulator (tests/emulator/emulator.py) on 127.0.0.1 the way the tests do (a port the kernel
+picks, written to a file; the health check answered by our own child) and create the AWS
+resources a benchmark needs."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,32 +19,36 @@ LAUNCH = "autoscaling:EC2_INSTANCE_LAUNCHING"
 TERMINATE = "autoscaling:EC2_INSTANCE_TERMINATING"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Emulator:
     def __init__(self, log_path):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
+        port_file = log_path + ".port"
+        if os.path.exists(port_file):
+            os.remove(port_file)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests/emulator/emulator.py"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=env)
+            [sys.executable, os.path.join(ROOT, "tests/emulator/emulator.py"), "-H", "127.0.0.1", "-p", "0",
+             "--port-file", port_file],
+            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=dict(os.environ))
         deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.control("GET", "/_emulator/health")
-                break
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"emulator exited; see {log_path}")
-                time.sleep(0.1)
-        else:
-            raise SystemExit(f"emulator did not start; see {log_path}")
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"emulator exited; see {log_path}")
+            if time.time() > deadline:
+                self.stop()
+                raise SystemExit(f"emulator did not start; see {log_path}")
+            if os.path.exists(port_file):
+                self.port = int(open(port_file).read())
+                self.endpoint = f"http://127.0.0.1:{self.port}"
+                try:
+                    health = self.control("GET", "/_emulator/health")
+                except OSError:
+                    health = None
+                if health is not None:
+                    if health.get("pid") != self.proc.pid:
+                        self.stop()
+                        raise SystemExit(f"port {self.port} answered from another process: {health}")
+                    break
+            time.sleep(0.1)
         session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
         cfg = boto3.session.Config(retries={"total_max_attempts": 3})
         self.sqs = session.client("sqs", endpoint_url=self.endpoint, config=cfg)

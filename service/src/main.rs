@@ -268,6 +268,7 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         let endpoint = match (mode, metrics_listen) {
             (Mode::Daemon, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
+                    let addr = l.local_addr().unwrap_or(addr); // the port picked for port 0
                     tracing::info!(%addr, "serving /metrics and /healthz");
                     Some(tokio::spawn(provision::endpoint::serve(l, stats.clone(), alive_within)))
                 }

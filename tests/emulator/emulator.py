@@ -3,6 +3,10 @@
 Usage (same CLI as moto_server):
 
     .venv/bin/python tests/emulator/emulator.py -H 127.0.0.1 -p PORT
+    .venv/bin/python tests/emulator/emulator.py -H 127.0.0.1 -p 0 --port-file FILE
+
+With `-p 0` the kernel picks a free port, written to FILE once the server listens: nothing
+can take the port between choosing and binding it.
 
 What it adds on top of moto:
 
@@ -21,11 +25,15 @@ What it adds on top of moto:
   was not decremented).
 * CompleteLifecycleAction / RecordLifecycleActionHeartbeat with AWS-style validation.
 * A daemon thread applies DefaultResult on heartbeat timeout and on the global timeout
-  (min(100 x HeartbeatTimeout, 172800 s)).
+  (min(100 x HeartbeatTimeout, 172800 s)), both read from Auto Scaling's clock: the wall
+  clock plus whatever POST /_emulator/clock {"advance_seconds": N} added (it never goes
+  back; the timeouts that passed are applied before it answers). Lifecycle messages carry
+  that clock's time, as AWS's carry the time the action started.
 * Control endpoints (JSON): GET /_emulator/lifecycle, GET /_emulator/calls,
   POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults (FAULT_KINDS: throttling,
   500 with and without an error code, ResourceContention, 503 HTML, connection reset, delays;
-  per service, operation and count), GET /_emulator/health.
+  per service, operation and count), GET|POST /_emulator/clock, GET /_emulator/health
+  (answers the serving process's pid, so a client can tell its own child answered).
   POST /moto-api/reset also clears the lifecycle actions, the counters and the faults.
 * Extensions, in modules next to this file (requests are routed to them after call counting
   and fault injection; their control endpoints live under /_emulator/<name>; POST
@@ -116,8 +124,18 @@ PUBLIC_ACTION_KEYS = (
 # --------------------------------------------------------------------------------------------
 
 
+# Auto Scaling's clock: the wall clock plus what the tests advanced it by (POST
+# /_emulator/clock). Hook heartbeat timeouts, global timeouts and the times in lifecycle
+# messages are read from it, so a test can let an action age without sleeping.
+CLOCK_OFFSET = 0.0
+
+
+def _now() -> float:
+    return time.time() + CLOCK_OFFSET
+
+
 def _aws_time() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.fromtimestamp(_now(), datetime.timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
@@ -177,7 +195,7 @@ def _put_eventbridge(account: str, region: str, detail_type: str, resources: lis
             "source": "aws.autoscaling",
             "account": account,
             # moto's targets turn this epoch into "YYYY-MM-DDTHH:MM:SSZ" like AWS
-            "time": time.time(),
+            "time": _now(),
             "region": region,
             "resources": resources,
             "detail": detail,
@@ -249,7 +267,7 @@ def _mark_finished(action: dict[str, Any], result: str, by: str) -> None:
     action["state"] = "finished"
     action["result"] = result
     action["finished_by"] = by
-    action["finished"] = time.time()
+    action["finished"] = _now()
 
 
 def _cancel_for_instance(instance_id: str, transition: str | None = None) -> None:
@@ -268,7 +286,7 @@ def _start_action(group: Any, state: Any, hook: Any,
     """One lifecycle action; `places` is (Origin, Destination), the plain transition's when
     None (warm pools give others)."""
     be = group.autoscaling_backend
-    now = time.time()
+    now = _now()
     hb = int(getattr(hook, "heartbeat_timeout", 3600) or 3600)
     token = str(uuid.uuid4())
     transition = hook.lifecycle_transition
@@ -395,20 +413,25 @@ def _finish_action(action: dict[str, Any], result: str, by: str) -> None:
             _reconcile(group)  # replacement when the desired capacity was not decremented
 
 
+def _apply_timeouts() -> None:
+    """DefaultResult for every pending action past its heartbeat or global timeout (LOCK held)."""
+    now = _now()
+    for a in list(ACTIONS.values()):
+        if a["state"] != "pending":
+            continue
+        if now >= min(a["_deadline"], a["_global_deadline"]):
+            try:
+                _finish_action(a, a["_default_result"], "timeout")
+            except Exception:
+                pass
+
+
 def _timeout_loop() -> None:
     while True:
         time.sleep(TICK_SECONDS)
         try:
             with LOCK:
-                now = time.time()
-                for a in list(ACTIONS.values()):
-                    if a["state"] != "pending":
-                        continue
-                    if now >= min(a["_deadline"], a["_global_deadline"]):
-                        try:
-                            _finish_action(a, a["_default_result"], "timeout")
-                        except Exception:
-                            pass
+                _apply_timeouts()
         except Exception:
             pass
 
@@ -1002,7 +1025,7 @@ def record_lifecycle_action_heartbeat(self: Any) -> Any:
     with LOCK:
         action = _find_action(self)
         action["heartbeats"] += 1
-        action["_deadline"] = time.time() + action["_heartbeat_timeout"]
+        action["_deadline"] = _now() + action["_heartbeat_timeout"]
         return EmptyResult()
 
 
@@ -1236,6 +1259,22 @@ def _clear_emulator_state() -> None:
         extension.reset()
 
 
+def _clock(method: str, body: bytes, start_response: Any) -> list[bytes]:
+    """GET: Auto Scaling's clock. POST {"advance_seconds": N}: moves it N seconds on (never
+    back) and applies the timeouts that passed meanwhile before answering (LOCK held)."""
+    global CLOCK_OFFSET
+    if method == "POST":
+        try:
+            advance = float(json.loads(body or b"{}").get("advance_seconds", 0))
+            if advance < 0:
+                raise ValueError("advance_seconds must be >= 0")
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _json_reply(start_response, "400 Bad Request", {"error": str(exc)})
+        CLOCK_OFFSET += advance
+        _apply_timeouts()
+    return _json_reply(start_response, "200 OK", {"now": _now(), "advanced_seconds": CLOCK_OFFSET})
+
+
 def _json_reply(start_response: Any, status: str, payload: Any) -> list[bytes]:
     body = json.dumps(payload).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -1247,7 +1286,9 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
     body = _read_body(environ)
     with LOCK:
         if path == "/_emulator/health":
-            return _json_reply(start_response, "200 OK", {"status": "ok"})
+            return _json_reply(start_response, "200 OK", {"status": "ok", "pid": os.getpid()})
+        if path == "/_emulator/clock":
+            return _clock(method, body, start_response)
         if path == "/_emulator/lifecycle" and method == "GET":
             actions = sorted(ACTIONS.values(), key=lambda a: a["created"])
             return _json_reply(start_response, "200 OK", {"actions": [_public_action(a) for a in actions]})
@@ -1359,7 +1400,7 @@ def _signal_handler(signum: Any, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import make_server, run_simple
 
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -1378,6 +1419,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=False)
     parser.add_argument("-c", "--ssl-cert", type=str, help="Path to SSL certificate", default=None)
     parser.add_argument("-k", "--ssl-key", type=str, help="Path to SSL private key", default=None)
+    parser.add_argument("--port-file", type=str, default=None,
+                        help="Write the port listened on to this file once listening (use with -p 0)")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
 
     if "MOTO_PORT" not in os.environ:
@@ -1404,6 +1447,17 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     threading.Thread(target=_timeout_loop, name="lifecycle-timeouts", daemon=True).start()
+    if args.port_file:
+        server = make_server(args.host, args.port, EmulatorApp(main_app), threaded=True,
+                             request_handler=MotoRequestHandler, ssl_context=ssl_context)
+        if args.port == 0:  # moto builds URLs (queue URLs) from it
+            os.environ["MOTO_PORT"] = str(server.port)
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{server.port}\n")
+        os.replace(tmp, args.port_file)
+        server.serve_forever()
+        return
     run_simple(
         args.host,
         args.port,

@@ -3,7 +3,7 @@
 //! emulator's GetConsoleOutput, real ansible-playbook, the real `provision` binary.
 //! Needs root (network namespaces); the suite runs as root in CI.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,108 +14,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use common::hosts::{ansible_playbook_path, HostNet, SimHost};
-use common::{path_str, root, Aws, Emulator, Provision, Queue};
+use common::sim::{ansible_logs, results_by_instance, run_error, SimWorld as World, MARKER_LAYER};
+use common::{path_str, root, Provision};
 
 const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
 const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 const VAULT_PASSWORD: &str = "correct horse battery staple";
-
-/// One test's world: an emulator, a simulated network, a queue and a group in that network.
-struct World {
-    group: String,
-    net: HostNet,
-    emu: Emulator,
-    aws: Aws,
-    q: Queue,
-    /// Simulated hosts write under sim_root/<instance id>.
-    sim_root: PathBuf,
-}
-
-impl World {
-    async fn new(group: &str, heartbeat: i32, metadata: Option<&str>) -> World {
-        World::on(HostNet::new(), group, heartbeat, metadata).await
-    }
-
-    /// A world on an existing network: the emulator numbers the subnet's instances from .4
-    /// again, so hosts started there earlier serve this world's instances too.
-    async fn on(net: HostNet, group: &str, heartbeat: i32, metadata: Option<&str>) -> World {
-        let emu = Emulator::start();
-        let aws = Aws::new(&emu).await;
-        let q = aws.queue("lifecycle").await;
-        aws.group_in(group, &net.vpc_cidr(), &net.cidr()).await;
-        aws.hook(
-            group,
-            "provision-launch",
-            LAUNCH,
-            Some(&q.arn),
-            heartbeat,
-            "ABANDON",
-            metadata,
-        )
-        .await;
-        let sim_root = emu.dir.path().join("sim");
-        std::fs::create_dir_all(&sim_root).unwrap();
-        World {
-            group: group.to_string(),
-            net,
-            emu,
-            aws,
-            q,
-            sim_root,
-        }
-    }
-
-    /// Scales the group to `n` and gives each new instance a simulated host (made by
-    /// `make`, from the net and the instance's IP), with its keys in the console output.
-    async fn launch(
-        &self,
-        group: &str,
-        n: i32,
-        make: impl Fn(&HostNet, &str) -> SimHost,
-    ) -> Vec<(String, SimHost)> {
-        self.aws.scale(group, n).await;
-        let mut out = Vec::new();
-        for (id, _) in self.aws.instances(group).await {
-            let ip = self.aws.private_ip(&id).await;
-            let host = make(&self.net, &ip);
-            self.emu.control(
-                "POST",
-                &format!("/_emulator/console/{id}"),
-                Some(json!({ "host_keys": [host.public_key_line()] })),
-            );
-            std::fs::create_dir_all(self.sim_root.join(&id)).unwrap();
-            out.push((id, host));
-        }
-        out
-    }
-
-    fn dir(&self, id: &str) -> PathBuf {
-        self.sim_root.join(id)
-    }
-
-    /// `provision` set up for the simulated hosts: root over SSH with the net's key.
-    fn provision(&self, layers: &str) -> Provision {
-        self.provision_with(layers, "")
-    }
-
-    fn provision_with(&self, layers: &str, ansible_extra: &str) -> Provision {
-        let text = format!(
-            "[ssh]\nuser = \"root\"\nidentity_file = \"{key}\"\nconnect_timeout = \"3s\"\nready_timeout = \"60s\"\n\n\
-             [ansible]\nplaybook_dir = \"{books}\"\nansible_playbook = \"{bin}\"\nbatch_window = \"2s\"\n{ansible_extra}\n\n{layers}",
-            key = path_str(self.net.client_key()),
-            books = path_str(&root().join("tests/playbooks")),
-            bin = path_str(&ansible_playbook_path()),
-        )
-        .replace("SIM_ROOT", path_str(&self.sim_root));
-        let mut p = Provision::new(&self.emu, &self.q, None, &text);
-        p.set_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3");
-        // Decided by provision (ansible.pipelining), whatever its environment says.
-        p.set_env("ANSIBLE_PIPELINING", "0");
-        // Stopping the daemon releases a replacement instance's wait at once.
-        p.edit_config("[ssh]", "[daemon]\nshutdown_grace = \"1s\"\n\n[ssh]");
-        p
-    }
-}
 
 /// Runs the daemon until every one of `ids` has its lifecycle action finished (or, for an
 /// action the emulator does not know, found already finished), then stops it. (An
@@ -146,36 +50,6 @@ async fn daemon_until_finished(w: &World, p: &Provision, ids: &[&str]) -> String
     assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
     d.log()
 }
-
-fn ansible_logs(p: &Provision) -> Vec<PathBuf> {
-    match std::fs::read_dir(p.dir.join("ansible-logs")) {
-        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-fn results_by_instance(emu: &Emulator) -> std::collections::BTreeMap<String, Value> {
-    emu.finished_actions()
-        .into_iter()
-        .map(|a| (a["instance_id"].as_str().unwrap().to_string(), a))
-        .collect()
-}
-
-fn run_error(p: &Provision, id: &str) -> String {
-    let run = p
-        .history()
-        .into_iter()
-        .find(|r| r.instance_id.as_deref() == Some(id))
-        .unwrap_or_else(|| panic!("no run for {id}"));
-    format!("{:?} {:?}", run.error, run.steps)
-}
-
-const MARKER_LAYER: &str = r#"
-[layers.web]
-groups = ["web-*"]
-vars = { role = "[a-z]{1,16}" }
-launch = [ { ansible = "marker.yml", vars = { role = "{metadata.role}", sim_root = "SIM_ROOT" } } ]
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker() {
@@ -302,7 +176,6 @@ async fn impostor_swapped_in_after_the_reach_is_refused(
         MARKER_LAYER,
         &format!("{runner}\nbatch_quiet = \"6s\"\nbatch_window = \"20s\""),
     );
-    p.edit_config("batch_window = \"2s\"\n", "");
     if hostile_cfg {
         // The playbooks beside an ansible.cfg that turns every host key check off.
         let books = w.emu.dir.path().join("playbooks");
@@ -321,7 +194,7 @@ async fn impostor_swapped_in_after_the_reach_is_refused(
              ssh_args = -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\n",
         )
         .unwrap();
-        p.edit_config(path_str(&root().join("tests/playbooks")), path_str(&books));
+        p.set("ansible.playbook_dir", path_str(&books));
     }
     let known = p.dir.join("known_hosts.d").join(id);
 
@@ -467,15 +340,15 @@ async fn an_ansible_cfg_turning_host_key_checking_off_is_overridden() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_that_never_comes_up_fails_after_ready_timeout_with_heartbeats_meanwhile() {
-    // Heartbeat timeout 3 s: without heartbeats the hook would time out long before the 8 s
-    // ready_timeout ends.
-    let w = World::new("web-down", 3, Some(r#"{"role":"api"}"#)).await;
+    // Heartbeat timeout 6 s (beats every 2 s): without heartbeats the hook would time out
+    // long before the 10 s ready_timeout ends.
+    let w = World::new("web-down", 6, Some(r#"{"role":"api"}"#)).await;
     let hosts = w
         .launch("web-down", 1, |net, ip| net.host_without_sshd(ip))
         .await;
     let id = &hosts[0].0;
     let p = w.provision(MARKER_LAYER);
-    p.edit_config("ready_timeout = \"60s\"", "ready_timeout = \"8s\"");
+    p.set("ssh.ready_timeout", "10s");
     daemon_until_finished(&w, &p, &[id]).await;
     let results = results_by_instance(&w.emu);
     let a = &results[id];
@@ -487,7 +360,7 @@ async fn ssh_that_never_comes_up_fails_after_ready_timeout_with_heartbeats_meanw
     assert!(a["heartbeats"].as_u64().unwrap() >= 2, "{a}");
     let err = run_error(&p, id);
     assert!(
-        err.contains("not reachable over SSH within 8s") && err.contains("Connection refused"),
+        err.contains("not reachable over SSH within 10s") && err.contains("Connection refused"),
         "{err}"
     );
 }
@@ -1030,7 +903,7 @@ groups = ["app-*"]
 launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/done"] } ]
 "#,
     );
-    p.edit_config("ready_timeout = \"60s\"", "ready_timeout = \"8s\"");
+    p.set("ssh.ready_timeout", "8s");
     let mut ids: Vec<&str> = hosts.iter().map(|(id, _)| id.as_str()).collect();
     ids.push(gone);
     let log = daemon_until_finished(&w, &p, &ids).await;
@@ -1119,14 +992,8 @@ launch = [
 "#,
         script = path_str(&script)
     ));
-    p.edit_config(
-        "connect_timeout = \"3s\"",
-        &format!(
-            "connect_timeout = \"3s\"\njump_host = \"root@{}\"\njump_known_hosts = \"{}\"",
-            bastion.ip(),
-            path_str(&bastion_keys)
-        ),
-    );
+    p.set("ssh.jump_host", format!("root@{}", bastion.ip()));
+    p.set("ssh.jump_known_hosts", path_str(&bastion_keys));
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
     let results = results_by_instance(&w.emu);
@@ -1208,536 +1075,6 @@ fn check_syntax_checks_the_playbooks_with_the_vault_password() {
     );
 }
 
-// ------------------------------------------------------------------------------------------
-// Benchmark: Ansible runners (figures printed, never asserted). Run by `scripts/bench
-// ansible[:N]`, or: cargo test --test ssh_steps -- --ignored --nocapture bench_ansible_runners
-// ------------------------------------------------------------------------------------------
-
-/// What the benchmark needs of a `/proc/<pid>/stat`.
-struct ProcStat {
-    comm: String,
-    state: char,
-    ppid: i32,
-    /// CPU seconds (user+sys) of the process itself.
-    own: f64,
-    /// CPU seconds (user+sys) of the children it has reaped (and theirs).
-    reaped: f64,
-}
-
-fn proc_stat(pid: i32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (open, close) = (text.find('(')?, text.rfind(')')?);
-    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // f[0] is field 3 (state), f[1] ppid; utime, stime, cutime, cstime are fields 14..=17.
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-    // SAFETY: sysconf reads a constant of the system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ProcStat {
-        comm: text[open + 1..close].to_string(),
-        state: f.first()?.chars().next()?,
-        ppid: f.get(1)?.parse().ok()?,
-        own: (ticks(11)? + ticks(12)?) / hz,
-        reaped: (ticks(13)? + ticks(14)?) / hz,
-    })
-}
-
-/// CPU seconds (user+sys) of every child this process has reaped so far, and of theirs.
-fn reaped_children_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let r = unsafe {
-        let mut r: libc::rusage = std::mem::zeroed();
-        assert_eq!(libc::getrusage(libc::RUSAGE_CHILDREN, &mut r), 0);
-        r
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(r.ru_utime) + secs(r.ru_stime)
-}
-
-/// Processes named one of `names` whose parent is this process although it never started
-/// them: orphans handed to it as the child subreaper (ssh ControlPersist masters detach with
-/// daemon(3) from whatever started them).
-fn adopted(names: &[&str]) -> Vec<(i32, ProcStat)> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
-        .filter(|(_, s)| s.ppid == me && names.contains(&s.comm.as_str()))
-        .collect()
-}
-
-/// Reaps the adopted zombies named one of `names`, except those in `keep`.
-fn reap_adopted(names: &[&str], keep: &BTreeSet<i32>) {
-    for (pid, s) in adopted(names) {
-        if s.state == 'Z' && !keep.contains(&pid) {
-            let mut status = 0;
-            // SAFETY: waitpid on one exited process that this process adopted.
-            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        }
-    }
-}
-
-/// A `provision worker` run, measured.
-struct MeasuredRun {
-    code: i32,
-    log: String,
-    /// Epoch seconds at the spawn.
-    started: f64,
-    /// CPU seconds of the worker process itself.
-    worker_cpu: f64,
-    /// CPU seconds of the worker and everything it waited for (RUSAGE_CHILDREN delta).
-    tree_cpu: f64,
-}
-
-/// Runs `provision worker` (bounded by `timeout`). Its exit is awaited without reaping
-/// (waitid WNOWAIT), so that the zombie's /proc stat still tells the worker's own CPU; then
-/// it is reaped, which adds it and its descendants to RUSAGE_CHILDREN.
-fn run_worker_measured(p: &Provision, timeout: Duration) -> MeasuredRun {
-    let log = p
-        .dir
-        .join(format!("bench-worker-{}.log", fastrand::u32(..)));
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let t0 = std::time::Instant::now();
-    let cpu_before = reaped_children_cpu();
-    let mut child = p
-        .command(&["worker"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    loop {
-        // SAFETY: waitid fills the siginfo it is given; WNOWAIT leaves the child unreaped.
-        let exited = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-            assert_eq!(
-                libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags),
-                0
-            );
-            info.si_pid() == pid
-        };
-        if exited {
-            break;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("provision worker did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let worker_cpu = proc_stat(pid).expect("the exited worker's /proc stat").own;
-    let code = child.wait().unwrap().code().unwrap_or(-1);
-    MeasuredRun {
-        code,
-        log: std::fs::read_to_string(&log).unwrap_or_default(),
-        started,
-        worker_cpu,
-        tree_cpu: reaped_children_cpu() - cpu_before,
-    }
-}
-
-/// One row of the benchmark table.
-struct Row {
-    name: String,
-    forks: usize,
-    /// ansible-playbook runs.
-    runs: usize,
-    /// Plain: ansible-playbook start -> exit. Provision: first launch message -> last
-    /// completed hook (emulator clock).
-    wall: f64,
-    /// Provision only: worker start -> last completed hook.
-    worker_to_last: Option<f64>,
-    /// CPU seconds (user+sys) of the whole tree (see bench_ansible_runners).
-    cpu: f64,
-    /// Provision only: of that, the worker process itself.
-    worker_cpu: Option<f64>,
-}
-
-/// ssh ControlPersist masters that detached from a finished run, and so became this
-/// process's children: their CPU (reaped ones through RUSAGE_CHILDREN, live ones from /proc),
-/// `earlier` (those of an earlier row) left out.
-fn masters_cpu(earlier: &BTreeSet<i32>) -> f64 {
-    let before = reaped_children_cpu();
-    reap_adopted(&["ssh"], earlier);
-    let live: f64 = adopted(&["ssh"])
-        .into_iter()
-        .filter(|(pid, s)| s.state != 'Z' && !earlier.contains(pid))
-        .map(|(_, s)| s.own + s.reaped)
-        .sum();
-    reaped_children_cpu() - before + live
-}
-
-/// Ends what a row left (idle ssh masters: asked to exit, then reaped), bounded, so the
-/// next row starts clean. Not counted.
-fn settle(control_dirs: &[&Path]) {
-    for dir in control_dirs {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let _ = common::output_within(
-                std::process::Command::new("ssh")
-                    .arg("-o")
-                    .arg(format!("ControlPath={}", e.path().display()))
-                    .args(["-O", "exit", "x"]),
-                Duration::from_secs(5),
-            );
-        }
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        reap_adopted(&["ssh", "sshd"], &BTreeSet::new());
-        if adopted(&["ssh"]).is_empty() || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Mitogen for Ansible's strategy plugins in the venv scripts/setup made.
-fn venv_mitogen_strategy_dir() -> PathBuf {
-    let lib = root().join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            e.path()
-                .join("site-packages/ansible_mitogen/plugins/strategy")
-        })
-        .find(|p| p.join("mitogen_linear.py").is_file())
-        .expect("mitogen in .venv (scripts/setup installs it)")
-}
-
-/// Plain `ansible-playbook` over the same hosts (marker.yml, a hand-made inventory with
-/// strict host key checking), measured: wall from spawn to exit, CPU of its tree.
-fn bench_plain(
-    net: &HostNet,
-    hosts: &[SimHost],
-    name: &str,
-    env: &[(&str, String)],
-    forks: usize,
-) -> Row {
-    let names: Vec<String> = (0..hosts.len()).map(|i| format!("h{i}")).collect();
-    let pairs: Vec<(&str, &SimHost)> = names.iter().map(String::as_str).zip(hosts).collect();
-    let refs: Vec<&SimHost> = hosts.iter().collect();
-    let known = net.known_hosts(&refs);
-    let inventory = net.inventory(&pairs, &known, &[("role", "api")]);
-    for h in hosts {
-        let _ = std::fs::remove_file(h.dir().join("marker"));
-    }
-    let mut c = net.ansible_playbook();
-    c.env("ANSIBLE_FORKS", forks.to_string())
-        .arg("-i")
-        .arg(&inventory)
-        .arg(root().join("tests/playbooks/marker.yml"));
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
-    let cpu_before = reaped_children_cpu();
-    let t0 = std::time::Instant::now();
-    let out = common::output_within(&mut c, Duration::from_secs(600));
-    let wall = t0.elapsed().as_secs_f64();
-    let tree = reaped_children_cpu() - cpu_before;
-    let cpu = tree + masters_cpu(&earlier);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{name}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats = common::hosts::ansible_stats(&stdout);
-    assert_eq!(stats.len(), hosts.len(), "{name}: {stats:?}");
-    for h in hosts {
-        assert!(
-            h.dir().join("marker").exists(),
-            "{name}: no marker on {}",
-            h.ip()
-        );
-    }
-    settle(&[&net.dir().join("cp")]);
-    Row {
-        name: name.to_string(),
-        forks,
-        runs: 1,
-        wall,
-        worker_to_last: None,
-        cpu,
-        worker_cpu: None,
-    }
-}
-
-/// A fresh emulator and group on `net`, whose instances get the addresses of `hosts` (the
-/// same sshd serve every row), one `provision worker` over the burst with `ansible_extra`
-/// in `[ansible]`; checks every hook CONTINUEd and every marker is written.
-async fn bench_provision(
-    net: &HostNet,
-    hosts: &[SimHost],
-    group: &str,
-    name: &str,
-    ansible_extra: &str,
-    forks: usize,
-) -> Row {
-    let n = hosts.len();
-    let w = World::on(net.clone(), group, 600, Some(r#"{"role":"api"}"#)).await;
-    w.aws.scale(group, n as i32).await;
-    let mut ids = Vec::new();
-    for (id, _) in w.aws.instances(group).await {
-        let ip = w.aws.private_ip(&id).await;
-        let host = hosts
-            .iter()
-            .find(|h| h.ip().to_string() == ip)
-            .unwrap_or_else(|| panic!("{ip}: no simulated host there"));
-        w.emu.control(
-            "POST",
-            &format!("/_emulator/console/{id}"),
-            Some(json!({ "host_keys": [host.public_key_line()] })),
-        );
-        std::fs::create_dir_all(w.dir(&id)).unwrap();
-        ids.push((id, host));
-    }
-    assert_eq!(ids.len(), n);
-    let p = w.provision_with(MARKER_LAYER, ansible_extra);
-
-    let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
-    let run = run_worker_measured(&p, Duration::from_secs(900));
-    let masters = masters_cpu(&earlier);
-    if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
-        let dir = PathBuf::from(dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("{group}-worker.log")), &run.log).unwrap();
-        for l in ansible_logs(&p) {
-            std::fs::copy(&l, dir.join(format!("{group}-ansible.log"))).unwrap();
-        }
-    }
-    assert_eq!(run.code, 0, "{}", run.log);
-    let actions = w.emu.actions();
-    let results = results_by_instance(&w.emu);
-    for (id, host) in &ids {
-        let r = results
-            .get(id)
-            .unwrap_or_else(|| panic!("{id} unfinished\n{}", run.log));
-        assert_eq!(r["result"], "CONTINUE", "{id}: {}", run_error(&p, id));
-        let marker = std::fs::read_to_string(w.dir(id).join("marker")).unwrap();
-        assert_eq!(
-            marker,
-            format!(
-                "host={id}\nrole=api\nserver={}\nclient={}\n",
-                host.ip(),
-                w.net.gateway()
-            ),
-            "{id}"
-        );
-    }
-    let time = |a: &Value, k: &str| a[k].as_f64().unwrap_or_else(|| panic!("{k} of {a}"));
-    let first = actions
-        .iter()
-        .map(|a| time(a, "created"))
-        .fold(f64::INFINITY, f64::min);
-    let last = results
-        .values()
-        .map(|a| time(a, "finished"))
-        .fold(0.0, f64::max);
-    let row = Row {
-        name: name.to_string(),
-        forks,
-        runs: ansible_logs(&p).len(),
-        wall: last - first,
-        worker_to_last: Some(last - run.started),
-        cpu: run.tree_cpu + masters,
-        worker_cpu: Some(run.worker_cpu),
-    };
-    drop(p);
-    drop(w);
-    settle(&[]);
-    row
-}
-
-/// N instances (env BENCH_INSTANCES, default 20), each a simulated host (its own sshd in a
-/// network namespace), configured by marker.yml (3 tasks: command, assert, copy), in one
-/// sitting on the same hosts: plain `ansible-playbook` with Ansible's defaults (linear, no
-/// pipelining), with pipelining, and with Mitogen for Ansible; then provision (a burst of
-/// launches, one `provision worker`) under each runner: `linear` without and with
-/// pipelining, and the default (`mitogen`). Every row uses provision's default forks
-/// (env BENCH_FORKS="5,20" adds provision-mitogen rows with those forks). Prints wall time,
-/// CPU seconds and their ratio to plain Mitogen; asserts only that every host was
-/// configured.
-///
-/// CPU is user+sys of the whole tree on this (ops) side: ansible-playbook, its forks,
-/// Mitogen's multiplexers, ssh clients, ssh ControlPersist masters that detached (adopted by
-/// this process as child subreaper; live ones read from /proc), and for provision the
-/// worker itself. Not counted: the simulated instances' sshd and what runs through it (the
-/// instances' cost), the emulator. Run it alone: RUSAGE_CHILDREN is process-wide.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run by scripts/bench ansible; needs root"]
-async fn bench_ansible_runners() {
-    // SAFETY: prctl with integer arguments only.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
-    let n: usize = std::env::var("BENCH_INSTANCES")
-        .ok()
-        .map(|v| v.parse().expect("BENCH_INSTANCES must be a number"))
-        .unwrap_or(20);
-    // The emulator numbers a subnet's instances from .4; the harness keeps .150 and up.
-    assert!(
-        (1..=140).contains(&n),
-        "BENCH_INSTANCES must be 1..=140, not {n}"
-    );
-    let extra_forks: Vec<usize> = std::env::var("BENCH_FORKS")
-        .ok()
-        .map(|v| {
-            v.split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| {
-                    s.trim()
-                        .parse()
-                        .expect("BENCH_FORKS: numbers, comma-separated")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let forks = provision::step::ansible::DEFAULT_FORKS.min(n);
-
-    // The hosts, at the addresses the emulator will give the instances (.4 upwards).
-    let net = HostNet::new();
-    let hosts: Vec<SimHost> = {
-        let probe = World::on(net.clone(), "web-bench-ips", 600, None).await;
-        probe.aws.scale("web-bench-ips", n as i32).await;
-        let mut ips = Vec::new();
-        for (id, _) in probe.aws.instances("web-bench-ips").await {
-            ips.push(probe.aws.private_ip(&id).await);
-        }
-        ips.iter().map(|ip| net.host(ip)).collect()
-    };
-
-    let mitogen_env = vec![
-        ("ANSIBLE_STRATEGY", "mitogen_linear".to_string()),
-        (
-            "ANSIBLE_STRATEGY_PLUGINS",
-            path_str(&venv_mitogen_strategy_dir()).to_string(),
-        ),
-    ];
-    // BENCH_ROWS="mitogen,pipelining": only the rows whose name contains one of those.
-    let wanted = |name: &str| {
-        std::env::var("BENCH_ROWS")
-            .map(|v| v.split(',').any(|w| name.contains(w.trim())))
-            .unwrap_or(true)
-    };
-    let mut rows = Vec::new();
-    let plain: [(&str, Vec<(&str, String)>); 3] = [
-        ("plain, defaults", vec![("ANSIBLE_PIPELINING", "0".into())]),
-        (
-            "plain, pipelining",
-            vec![("ANSIBLE_PIPELINING", "1".into())],
-        ),
-        ("plain, mitogen", mitogen_env),
-    ];
-    for (name, env) in &plain {
-        if wanted(name) {
-            rows.push(bench_plain(&net, &hosts, name, env, forks));
-        }
-    }
-    let mut runners = vec![
-        (
-            "provision, linear".to_string(),
-            "strategy = \"linear\"\npipelining = false".to_string(),
-            forks,
-        ),
-        (
-            "provision, linear+pipelining".to_string(),
-            "strategy = \"linear\"\npipelining = true".to_string(),
-            forks,
-        ),
-        (
-            "provision, mitogen (default)".to_string(),
-            String::new(),
-            forks,
-        ),
-    ];
-    for f in &extra_forks {
-        runners.push((
-            format!("provision, mitogen, forks {f}"),
-            format!("forks = {f}"),
-            *f,
-        ));
-    }
-    for (i, (name, extra, f)) in runners.iter().enumerate() {
-        if wanted(name) {
-            let group = format!("web-bench-{i}");
-            rows.push(bench_provision(&net, &hosts, &group, name, extra, *f).await);
-        }
-    }
-
-    let base = rows
-        .iter()
-        .find(|r| r.name == "plain, mitogen")
-        .map(|r| (r.wall, r.cpu))
-        .unwrap_or((f64::NAN, f64::NAN));
-    println!(
-        "\n== ansible: {n} simulated instances, marker.yml (3 tasks), the same hosts for every row"
-    );
-    println!(
-        "{:<32}{:>6}{:>6}{:>9}{:>10}{:>8}{:>8}{:>11}{:>10}",
-        "runner", "forks", "runs", "wall", "(wrk->)", "CPU", "(prov)", "wall/mtg", "CPU/mtg"
-    );
-    for r in &rows {
-        println!(
-            "{:<32}{:>6}{:>6}{:>8.2}s{:>10}{:>7.2}s{:>8}{:>10.2}x{:>9.2}x",
-            r.name,
-            r.forks,
-            r.runs,
-            r.wall,
-            r.worker_to_last
-                .map(|w| format!("{w:.2}s"))
-                .unwrap_or_else(|| "-".into()),
-            r.cpu,
-            r.worker_cpu
-                .map(|w| format!("{w:.2}s"))
-                .unwrap_or_else(|| "-".into()),
-            r.wall / base.0,
-            r.cpu / base.1,
-        );
-    }
-    let (wr, cr) = rows
-        .iter()
-        .find(|r| r.name == "provision, mitogen (default)")
-        .map(|d| (d.wall / base.0, d.cpu / base.1))
-        .unwrap_or((f64::NAN, f64::NAN));
-    println!(
-        "provision's default runner / plain Mitogen: wall {wr:.2}x, CPU {cr:.2}x (target <= 1.3x: {})",
-        if wr <= 1.3 && cr <= 1.3 { "met" } else { "NOT met" }
-    );
-    println!(
-        "wall: plain = ansible-playbook start to exit; provision = first launch message to last \
-         completed hook (emulator clock; the hosts run before the burst), wrk-> = worker start to \
-         last completed hook. CPU (user+sys) of the ops side's whole tree: ansible-playbook, its \
-         forks, Mitogen's multiplexers, ssh clients and detached ControlPersist masters, and the \
-         provision worker ((prov): the worker alone, a debug build). Not counted: the instances' sshd and the modules run through it, the \
-         emulator. The machine is shared: run it twice to see the noise."
-    );
-    let json = json!({
-        "ansible_instances": n,
-        "ansible_rows": rows.iter().map(|r| json!({
-            "runner": r.name, "forks": r.forks, "runs": r.runs,
-            "wall_seconds": round2(r.wall), "cpu_seconds": round2(r.cpu),
-        })).collect::<Vec<_>>(),
-        "ansible_default_wall_ratio_to_plain_mitogen": round2(wr),
-        "ansible_default_cpu_ratio_to_plain_mitogen": round2(cr),
-    });
-    println!("BENCH_JSON {json}");
-    drop(hosts);
-    drop(net);
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 /// SSH steps wait for cloud-init to finish on the instance: a host whose (stand-in)
 /// cloud-init is still configuring it when SSH comes up gets its commands only once that
 /// is done, and its known_hosts entry is keyed by instance id (HostKeyAlias).
@@ -1801,7 +1138,7 @@ groups = ["app-*"]
 launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
 "#,
     );
-    p.edit_config("ready_timeout = \"60s\"", "ready_timeout = \"8s\"");
+    p.set("ssh.ready_timeout", "8s");
     daemon_until_finished(&w, &p, &[&failed.0, &endless.0]).await;
     let results = results_by_instance(&w.emu);
     for (id, _) in [failed, endless] {
@@ -1855,7 +1192,7 @@ groups = ["app-*"]
 launch = [ { ssh = ["echo \"$SSH_CONNECTION\" | cut -d' ' -f3 >> SIM_ROOT/{instance_id}/servers"] } ]
 "#,
     );
-    p.edit_config("[ssh]\n", "[ssh]\naddress = \"tag:SshAddress\"\n");
+    p.set("ssh.address", "tag:SshAddress");
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
     assert_eq!(results_by_instance(&w.emu)[id]["result"], "CONTINUE");

@@ -2,12 +2,14 @@
 //! binary run against it. Everything listens on 127.0.0.1; every process started here is
 //! killed when its guard drops.
 
-#![allow(dead_code)]
-
 pub mod hosts;
+pub mod sim;
+mod world;
+
+pub use world::{World, LAUNCH, TERMINATE};
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,14 +38,6 @@ fn python() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -67,42 +61,73 @@ pub struct Emulator {
 }
 
 impl Emulator {
+    /// Starts the emulator on a port the kernel picks (`-p 0`): the child writes the port to a
+    /// file once it listens, and the health check must answer with the child's own pid, so a
+    /// port taken by another process can never be mistaken for this test's emulator.
     pub fn start() -> Emulator {
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().unwrap();
-            let last_log = dir.path().join("emulator.log");
-            let log = std::fs::File::create(&last_log).unwrap();
-            let port = free_port();
-            let child = Command::new(python())
-                .arg(root().join("tests/emulator/emulator.py"))
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start the emulator");
-            let mut emu = Emulator { port, child, dir };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = emu.child.try_wait() {
-                    break; // lost a port race: try another port
-                }
-                if emu.try_request("GET", "/_emulator/health", None).is_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("emulator.log");
+        let port_file = dir.path().join("port");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(python())
+            .arg(root().join("tests/emulator/emulator.py"))
+            .args(["-H", "127.0.0.1", "-p", "0", "--port-file"])
+            .arg(&port_file)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the emulator");
+        let mut emu = Emulator {
+            port: 0,
+            child,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let failed = |why: &str| -> ! {
+            let kept =
+                std::env::temp_dir().join(format!("provision-emulator-{}.log", fastrand::u32(..)));
+            let _ = std::fs::copy(&log_path, &kept);
+            panic!("emulator {why}; its log is copied to {}", kept.display());
+        };
+        loop {
+            if let Ok(Some(status)) = emu.child.try_wait() {
+                failed(&format!("exited at start ({status})"));
+            }
+            if Instant::now() > deadline {
+                failed("did not start within 60 s");
+            }
+            if emu.port == 0 {
+                emu.port = std::fs::read_to_string(&port_file)
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or(0);
+            }
+            if emu.port != 0 {
+                if let Ok((200, body)) = emu.try_request("GET", "/_emulator/health", None) {
+                    let pid =
+                        serde_json::from_str::<Value>(&body).unwrap_or(Value::Null)["pid"].as_u64();
+                    if pid != Some(u64::from(emu.child.id())) {
+                        failed(&format!(
+                            "port {} answered from another process (pid {pid:?})",
+                            emu.port
+                        ));
+                    }
                     return emu;
                 }
-                std::thread::sleep(Duration::from_millis(100));
             }
-            // Dropping `emu` kills the process; keep its log for the panic message.
-            let _ = std::fs::copy(
-                &last_log,
-                std::env::temp_dir().join("provision-emulator-failed.log"),
-            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "emulator did not start; last log copied to {}",
-            std::env::temp_dir()
-                .join("provision-emulator-failed.log")
-                .display()
+    }
+
+    /// Moves Auto Scaling's clock `seconds` on: hook heartbeat and global timeouts, and the
+    /// times in lifecycle messages, are read from it. The timeouts that passed are applied
+    /// before this returns.
+    pub fn advance_clock(&self, seconds: u64) {
+        self.control(
+            "POST",
+            "/_emulator/clock",
+            Some(serde_json::json!({ "advance_seconds": seconds })),
         );
     }
 
@@ -168,6 +193,33 @@ impl Emulator {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
+    /// While one action is pending: after each of its next `beats` heartbeats, moves Auto
+    /// Scaling's clock `seconds` on. The action ages by `beats * seconds` more than the real
+    /// time that passes, so a run that stopped heartbeating times out (as AWS would) long
+    /// before the test could have slept through the hook's timeout.
+    pub async fn age_between_heartbeats(&self, beats: u64, seconds: u64) {
+        let pending = || self.actions().into_iter().find(|a| a["state"] == "pending");
+        let first = eventually("a pending action", Duration::from_secs(60), || async {
+            pending()
+        })
+        .await;
+        let token = first["token"].clone();
+        let mut seen = first["heartbeats"].as_u64().unwrap_or(0);
+        for _ in 0..beats {
+            seen = eventually("the next heartbeat", Duration::from_secs(60), || async {
+                let a = self.actions().into_iter().find(|a| a["token"] == token)?;
+                assert_eq!(
+                    a["state"], "pending",
+                    "the action ended before its next heartbeat: {a}"
+                );
+                let n = a["heartbeats"].as_u64().unwrap_or(0);
+                (n > seen).then_some(n)
+            })
+            .await;
+            self.advance_clock(seconds);
+        }
+    }
+
     /// Every lifecycle action the emulator knows, pending and finished.
     pub fn actions(&self) -> Vec<Value> {
         self.control("GET", "/_emulator/lifecycle", None)["actions"]
@@ -228,6 +280,14 @@ impl Emulator {
     pub fn fault(&self, spec: Value) {
         self.control("POST", "/_emulator/faults", Some(spec));
     }
+
+    /// The injected faults not yet answered (a fault leaves the list when its count is spent).
+    pub fn faults_left(&self) -> Vec<Value> {
+        self.control("GET", "/_emulator/faults", None)["faults"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Emulator {
@@ -266,7 +326,6 @@ pub struct Aws {
     pub sns: aws_sdk_sns::Client,
     pub asg: aws_sdk_autoscaling::Client,
     pub ec2: aws_sdk_ec2::Client,
-    pub events: Option<()>,
     pub sdk: aws_config::SdkConfig,
 }
 
@@ -283,7 +342,6 @@ impl Aws {
             sns: aws_sdk_sns::Client::new(&sdk),
             asg: aws_sdk_autoscaling::Client::new(&sdk),
             ec2: aws_sdk_ec2::Client::new(&sdk),
-            events: None,
             sdk,
         }
     }
@@ -535,27 +593,6 @@ impl Aws {
             .unwrap();
     }
 
-    /// A group and its launch hook "provision-launch" (DefaultResult ABANDON) notifying `q`.
-    pub async fn launch_hooked(
-        &self,
-        group: &str,
-        q: &Queue,
-        heartbeat: i32,
-        metadata: Option<&str>,
-    ) {
-        self.group(group).await;
-        self.hook(
-            group,
-            "provision-launch",
-            "autoscaling:EC2_INSTANCE_LAUNCHING",
-            Some(&q.arn),
-            heartbeat,
-            "ABANDON",
-            metadata,
-        )
-        .await;
-    }
-
     /// (instance id, lifecycle state) of every instance in the group.
     pub async fn instances(&self, group: &str) -> Vec<(String, String)> {
         let r = self
@@ -652,20 +689,6 @@ pub fn id_and_state(
     )
 }
 
-/// The usual start of a test: a queue "lifecycle", a group, and its launch hook
-/// "provision-launch" (DefaultResult ABANDON) notifying the queue.
-pub async fn launch_group(
-    emu: &Emulator,
-    group: &str,
-    heartbeat: i32,
-    metadata: Option<&str>,
-) -> (Aws, Queue) {
-    let aws = Aws::new(emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.launch_hooked(group, &q, heartbeat, metadata).await;
-    (aws, q)
-}
-
 /// The claims table as config/cloudformation.yaml makes it.
 pub async fn claims_table(aws: &Aws, table: &str) -> aws_sdk_dynamodb::Client {
     let db = aws_sdk_dynamodb::Client::new(&aws.sdk);
@@ -732,8 +755,9 @@ pub struct Provision {
 }
 
 impl Provision {
-    /// `layers` is TOML for the [layers.*] tables (and any other tables); the queue,
-    /// state and notify settings are filled in.
+    /// `extra` is TOML for the [layers.*] tables (and any other tables), merged into a
+    /// config whose queue, state and notify settings are filled in. The metrics endpoint is
+    /// off unless a test asks for it (`serve_metrics`): no two daemons share a port.
     pub fn new(emu: &Emulator, queue: &Queue, topic: Option<&str>, extra: &str) -> Provision {
         let dir = emu
             .dir
@@ -741,22 +765,27 @@ impl Provision {
             .join(format!("provision-{}", fastrand::u32(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let state = dir.join("state.db");
-        let notify = topic
-            .map(|t| format!("[notify]\ntopic_arn = \"{t}\"\n"))
-            .unwrap_or_default();
-        let text = format!(
-            "[queue]\nurl = \"{}\"\nwait_time = \"1s\"\nvisibility_timeout = \"30s\"\n\n{notify}\n[state]\npath = \"{}\"\n\n{extra}\n",
-            queue.url,
-            state.display()
-        );
-        let config = dir.join("provision.toml");
-        std::fs::write(&config, text).unwrap();
-        Provision {
+        let mut table = toml::Table::new();
+        set_key(&mut table, "queue.url", queue.url.as_str());
+        set_key(&mut table, "queue.wait_time", "1s");
+        set_key(&mut table, "queue.visibility_timeout", "30s");
+        if let Some(t) = topic {
+            set_key(&mut table, "notify.topic_arn", t);
+        }
+        set_key(&mut table, "state.path", path_str(&state));
+        set_key(&mut table, "metrics.listen", "off");
+        let extra: toml::Table = extra
+            .parse()
+            .unwrap_or_else(|e| panic!("the test's TOML: {e}\n{extra}"));
+        merge(&mut table, extra);
+        let p = Provision {
+            config: dir.join("provision.toml"),
             dir,
-            config,
             state,
             env: emu.env(),
-        }
+        };
+        p.write_config(&table);
+        p
     }
 
     /// An environment variable for every command this runs.
@@ -764,19 +793,45 @@ impl Provision {
         self.env.push((key, value.into()));
     }
 
-    /// Replaces text in the generated config (for keys of the generated tables).
-    pub fn edit_config(&self, from: &str, to: &str) {
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        assert!(text.contains(from), "{from:?} not in config");
-        std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    /// The config as written.
+    pub fn config(&self) -> toml::Table {
+        std::fs::read_to_string(&self.config)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn write_config(&self, table: &toml::Table) {
+        std::fs::write(&self.config, toml::to_string(table).unwrap()).unwrap();
+    }
+
+    /// Sets one key of the config, by its dotted path (`"queue.visibility_timeout"`).
+    pub fn set(&self, key: &str, value: impl Into<toml::Value>) {
+        let mut table = self.config();
+        set_key(&mut table, key, value);
+        self.write_config(&table);
+    }
+
+    /// Merges TOML text into the config, table by table; its keys win.
+    pub fn merge(&self, text: &str) {
+        let mut table = self.config();
+        let more: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("the test's TOML: {e}\n{text}"));
+        merge(&mut table, more);
+        self.write_config(&table);
     }
 
     /// Claims in the DynamoDB `table` (as ops hosts of a fleet), leases of `lease`.
     pub fn share_claims(&self, table: &str, lease: &str) {
-        self.edit_config(
-            "[state]\n",
-            &format!("[state]\nclaims_table = \"{table}\"\nclaim_lease = \"{lease}\"\n"),
-        );
+        self.set("state.claims_table", table);
+        self.set("state.claim_lease", lease);
+    }
+
+    /// The daemon serves /metrics and /healthz on a port the kernel picks; `metrics_port`
+    /// reads it from the daemon's log.
+    pub fn serve_metrics(&self) {
+        self.set("metrics.listen", "127.0.0.1:0");
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -921,6 +976,21 @@ impl Running {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The port the daemon serves /metrics on (after `Provision::serve_metrics`), from its
+    /// log line `serving /metrics and /healthz addr=127.0.0.1:PORT` (the port it bound).
+    pub fn metrics_port(&self) -> u16 {
+        wait_for("the metrics endpoint", Duration::from_secs(30), || {
+            let log = self.log();
+            let line = log
+                .lines()
+                .find(|l| l.contains("serving /metrics and /healthz"))?;
+            // (The log may be coloured: read the digits after the address.)
+            let after = line.split("127.0.0.1:").nth(1)?;
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    }
 }
 
 impl Drop for Running {
@@ -931,4 +1001,31 @@ impl Drop for Running {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// The table at a dotted path, made if missing.
+fn section<'a>(table: &'a mut toml::Table, path: &str) -> &'a mut toml::Table {
+    path.split('.').fold(table, |t, k| {
+        t.entry(k)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("{k} is not a table"))
+    })
+}
+
+fn set_key(table: &mut toml::Table, key: &str, value: impl Into<toml::Value>) {
+    let (parent, last) = key.rsplit_once('.').expect("a dotted key");
+    section(table, parent).insert(last.to_string(), value.into());
+}
+
+/// `from` merged into `into`, table by table (a test's tables extend the generated ones).
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! host keys. Needs root (namespaces, veths, bridges). Timings are printed (run with
 //! `--nocapture` to see them), never asserted.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -163,7 +163,7 @@ fn ssh_that_never_comes_up_or_comes_up_late() {
         text(&out.stderr)
     );
 
-    let t = Instant::now();
+    // sshd comes up late (refused until then, as above); ssh gets through once it listens.
     std::thread::scope(|s| {
         s.spawn(|| {
             std::thread::sleep(Duration::from_millis(1500));
@@ -173,7 +173,6 @@ fn ssh_that_never_comes_up_or_comes_up_late() {
             ssh_echo(&host, &known_hosts).status.success().then_some(())
         });
     });
-    assert!(t.elapsed() >= Duration::from_millis(1500));
 
     host.stop_sshd();
     assert!(!ssh_echo(&host, &known_hosts).status.success());
@@ -552,8 +551,7 @@ async fn console_output_carries_the_simulated_hosts_key() {
     let early = console(id.clone()).await;
     assert!(early.contains("Cloud-init v."), "{early}");
     assert!(console_keys(&early).is_none(), "{early}");
-    let t = Instant::now();
-    let log = common::eventually("the host key block", Duration::from_secs(10), || {
+    let log = common::eventually("the host key block", Duration::from_secs(30), || {
         let console = &console;
         let id = id.clone();
         async move {
@@ -562,7 +560,6 @@ async fn console_output_carries_the_simulated_hosts_key() {
         }
     })
     .await;
-    assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(
         console_keys(&log).unwrap(),
         vec![host.public_key_line().to_string()]

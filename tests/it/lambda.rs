@@ -7,7 +7,7 @@
 //! when none is queued, and records what the function posts to .../response, .../error and
 //! /runtime/init/error. Each test stops the binary (its guard kills it) and the server.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,10 +17,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{eventually, wait_child, Aws, Emulator, Provision, Queue, Running, ACCOUNT, REGION};
+use common::{
+    eventually, wait_child, Aws, Emulator, Provision, Queue, Running, World, ACCOUNT, REGION,
+};
 use serde_json::{json, Value};
 
-const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
 const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
 
 const WEB_LAYER: &str = r#"
@@ -386,19 +387,13 @@ fn response(api: &RuntimeApi, lambda: &Running, id: &str, timeout: Duration) -> 
     body
 }
 
-async fn launch_group(aws: &Aws, q: &Queue, instances: i32) {
-    aws.group("web-prod").await;
-    aws.hook(
-        "web-prod",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
-    aws.scale("web-prod", instances).await;
+/// The group "web-prod" of `instances` instances, its launch hook notifying "lifecycle".
+async fn launch_group(instances: i32) -> World {
+    World::builder("web-prod")
+        .metadata(METADATA)
+        .instances(instances)
+        .start()
+        .await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -407,11 +402,8 @@ async fn launch_group(aws: &Aws, q: &Queue, instances: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_launches_is_completed_published_and_reported_without_failures() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
+    let World { emu, aws, q, .. } = launch_group(3).await;
     let (topic, results) = aws.topic_with_queue("results").await;
-    launch_group(&aws, &q, 3).await;
     aws.send(&q, "not json").await;
     // The hook's test notification, three launches, the bad message.
     let msgs = receive(&aws, &q, 5).await;
@@ -464,10 +456,7 @@ async fn a_batch_of_launches_is_completed_published_and_reported_without_failure
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_environments_sharing_a_claims_table_work_a_duplicate_once() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    launch_group(&aws, &q, 3).await;
+    let World { emu, aws, q, .. } = launch_group(3).await;
     let msgs = receive(&aws, &q, 4).await;
     common::claims_table(&aws, "provision-claims").await;
     // Slow steps: both environments hold the batch at the same time.
@@ -525,10 +514,7 @@ async fn execution_environments_sharing_a_claims_table_work_a_duplicate_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_whose_completion_fails_transiently_is_completed_within_the_invocation() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    launch_group(&aws, &q, 3).await;
+    let World { emu, aws, q, .. } = launch_group(3).await;
     let msgs = receive(&aws, &q, 4).await;
 
     // One attempt per call (no SDK retries) and no backoff round: one of the three
@@ -566,10 +552,7 @@ async fn a_record_whose_completion_fails_transiently_is_completed_within_the_inv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_failing_until_the_deadline_is_reported_released_and_completed_later() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    launch_group(&aws, &q, 1).await;
+    let World { emu, aws, q, .. } = launch_group(1).await;
     let msgs = receive(&aws, &q, 2).await;
     let p = Provision::new(
         &emu,
@@ -629,10 +612,7 @@ async fn a_completion_failing_until_the_deadline_is_reported_released_and_comple
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_released() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    launch_group(&aws, &q, 2).await;
+    let World { emu, aws, q, .. } = launch_group(2).await;
     let msgs = receive(&aws, &q, 3).await;
     // One of the two tag steps hangs far beyond the invocation's deadline.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 60}));

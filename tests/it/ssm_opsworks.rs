@@ -1,15 +1,13 @@
 //! The `ssm` and `opsworks` steps against the emulator's SSM agent simulation and OpsWorks
 //! Stacks API (tests/emulator/ssm_agent.py, opsworks.py), through the real binary.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{eventually, Aws, Emulator, Provision};
+use common::{eventually, Aws, Emulator, Provision, World, LAUNCH, TERMINATE};
 use serde_json::{json, Value};
 
-const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
-const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3","role":"api"}"#;
 
 fn ssm_layer(commands: &str, extra: &str) -> String {
@@ -33,12 +31,13 @@ fn count(p: &Provision, outcome: &str) -> usize {
         .count()
 }
 
-async fn setup(emu: &Emulator, group: &str, n: i32, heartbeat: i32) -> (Aws, common::Queue) {
-    let (aws, q) = common::launch_group(emu, group, heartbeat, Some(METADATA)).await;
-    if n > 0 {
-        aws.scale(group, n).await;
-    }
-    (aws, q)
+async fn setup(group: &str, n: i32, heartbeat: i32) -> World {
+    World::builder(group)
+        .heartbeat(heartbeat)
+        .metadata(METADATA)
+        .instances(n)
+        .start()
+        .await
 }
 
 fn ssm_state(emu: &Emulator) -> Value {
@@ -47,8 +46,7 @@ fn ssm_state(emu: &Emulator) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_twelve_shares_one_send_command() {
-    let emu = Emulator::start();
-    let (aws, q) = setup(&emu, "app-burst", 12, 300).await;
+    let World { emu, aws, q, .. } = setup("app-burst", 12, 300).await;
     let p = Provision::new(
         &emu,
         &q,
@@ -97,8 +95,7 @@ async fn a_burst_of_twelve_shares_one_send_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failing_command_abandons_only_that_instance() {
-    let emu = Emulator::start();
-    let (aws, q) = setup(&emu, "app-fail", 3, 300).await;
+    let World { emu, aws, q, .. } = setup("app-fail", 3, 300).await;
     let instances = aws.instances("app-fail").await;
     let sandbox = ssm_state(&emu)["sandbox"].as_str().map(str::to_string);
     // The sandbox may only be created on first use: make the failing instance's directory.
@@ -144,8 +141,9 @@ async fn one_failing_command_abandons_only_that_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_never_comes_online_fails_after_the_deadline() {
-    let emu = Emulator::start();
-    let (aws, q) = setup(&emu, "app-offline", 0, 2).await;
+    // A 6 s heartbeat timeout (beats every 2 s) and a 10 s wait for the agent: the hook
+    // lives only if it is heartbeated while the step waits.
+    let World { emu, aws, q, .. } = setup("app-offline", 0, 6).await;
     // Nobody is online until told; the first instance never will be.
     emu.control(
         "POST",
@@ -163,7 +161,7 @@ async fn an_instance_that_never_comes_online_fails_after_the_deadline() {
         &emu,
         &q,
         None,
-        &ssm_layer(r#"["true"]"#, r#", online_timeout = "5s""#),
+        &ssm_layer(r#"["true"]"#, r#", online_timeout = "10s""#),
     );
     let mut daemon = p.daemon();
     let run = eventually(
@@ -213,8 +211,9 @@ async fn an_instance_that_never_comes_online_fails_after_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_past_its_timeout_is_cancelled() {
-    let emu = Emulator::start();
-    let (_aws, q) = setup(&emu, "app-slow", 1, 300).await;
+    let World {
+        emu, aws: _aws, q, ..
+    } = setup("app-slow", 1, 300).await;
     let p = Provision::new(
         &emu,
         &q,
@@ -482,8 +481,9 @@ async fn opsworks_register_assign_repeat_and_deregister() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opsworks_stack_not_found_fails_with_its_name() {
-    let emu = Emulator::start();
-    let (_aws, q) = setup(&emu, "legacy-none", 1, 300).await;
+    let World {
+        emu, aws: _aws, q, ..
+    } = setup("legacy-none", 1, 300).await;
     let p = Provision::new(&emu, &q, None, OPSWORKS_LAYER);
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");

@@ -54,8 +54,6 @@
 //! host.swap_in_impostor();                         // from now on, this host's sshd is one too
 //! ```
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -261,7 +259,8 @@ fn slot_of_name(name: &str) -> Option<Slot> {
 /// An exclusive flock on a slot's lock file; dropping it removes the file, then unlocks.
 struct SlotLock {
     path: PathBuf,
-    file: File,
+    // Held for the flock; closed (unlocking) when the lock drops.
+    _file: File,
 }
 
 impl SlotLock {
@@ -292,14 +291,14 @@ impl SlotLock {
             let _ = file.set_len(0);
             let _ = file.seek(SeekFrom::Start(0));
             let _ = writeln!(file, "{}", std::process::id());
-            return Some(SlotLock { path, file });
+            return Some(SlotLock { path, _file: file });
         }
     }
 }
 
 impl Drop for SlotLock {
     fn drop(&mut self) {
-        // Remove while still locked; `file` is closed (and the lock released) right after.
+        // Remove while still locked; `_file` is closed (and the lock released) right after.
         let _ = fs::remove_file(&self.path);
     }
 }
@@ -560,19 +559,9 @@ impl HostNet {
         self.net.slot.addr(1)
     }
 
-    /// Name of the bridge in the host namespace.
-    pub fn bridge(&self) -> &str {
-        &self.net.bridge
-    }
-
     /// Private key (0600) every host of this net authorizes for root.
     pub fn client_key(&self) -> &Path {
         &self.net.client_key
-    }
-
-    /// The `ssh-ed25519 AAAA... provision-tests` line of the client key.
-    pub fn client_public_key(&self) -> &str {
-        &self.net.client_public_key
     }
 
     /// A scratch directory for the test (inventories, known_hosts files, ...).
@@ -690,7 +679,6 @@ impl HostNet {
             veth,
             log: dir.path().join("sshd.log"),
             config,
-            authorized_keys,
             scratch,
             public_key_line: advertised,
             impostor: AtomicBool::new(impostor),
@@ -821,7 +809,6 @@ pub struct SimHost {
     veth: String,
     log: PathBuf,
     config: PathBuf,
-    authorized_keys: PathBuf,
     scratch: PathBuf,
     public_key_line: String,
     impostor: AtomicBool,
@@ -934,23 +921,9 @@ esac
         bin.join("done")
     }
 
-    /// The network namespace's name (`ip netns exec <it> ...`).
-    pub fn netns(&self) -> &str {
-        &self.netns
-    }
-
     /// sshd's log (it runs with -e), for assertion messages.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Adds a public key line to root's authorized_keys (e.g. the key `provision` uses).
-    pub fn authorize_key(&self, line: &str) {
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(&self.authorized_keys)
-            .unwrap();
-        writeln!(f, "{}", line.trim()).unwrap();
     }
 
     pub fn sshd_running(&self) -> bool {

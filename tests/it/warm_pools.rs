@@ -3,13 +3,12 @@
 //! and `check --aws` on a pool. Real SDK, real `provision` binary, the emulator's warm pool
 //! (tests/emulator/emulator.py, "warm pools").
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{eventually, Aws, Emulator, Provision, Queue};
+use common::{eventually, Aws, Provision, World};
 
-const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 const METADATA: &str = r#"{"environment":"production"}"#;
 
 /// Each phase tags what it saw. The terminate steps need a running instance: an ssm step
@@ -29,18 +28,13 @@ terminate = [
 "#;
 
 /// A group with launch and terminate hooks notifying the queue, and a warm pool of one.
-async fn pool_group(emu: &Emulator, group: &str, reuse_on_scale_in: bool) -> (Aws, Queue) {
-    let (aws, q) = common::launch_group(emu, group, 300, Some(METADATA)).await;
-    aws.hook(
-        group,
-        "provision-terminate",
-        TERMINATE,
-        Some(&q.arn),
-        300,
-        "CONTINUE",
-        None,
-    )
-    .await;
+async fn pool_group(group: &str, reuse_on_scale_in: bool) -> World {
+    let w = World::builder(group)
+        .metadata(METADATA)
+        .terminate_hook("CONTINUE")
+        .start()
+        .await;
+    let aws = &w.aws;
     use aws_sdk_autoscaling::types::InstanceReusePolicy;
     aws.asg
         .put_warm_pool()
@@ -55,7 +49,7 @@ async fn pool_group(emu: &Emulator, group: &str, reuse_on_scale_in: bool) -> (Aw
         .send()
         .await
         .unwrap();
-    (aws, q)
+    w
 }
 
 /// (instance id, lifecycle state) of every instance in the group's warm pool.
@@ -105,8 +99,7 @@ fn tag(tags: &std::collections::BTreeMap<String, String>, k: &str) -> Option<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_instance_is_prepared_on_entering_and_resumed_on_leaving() {
-    let emu = Emulator::start();
-    let (aws, q) = pool_group(&emu, "web-wp", false).await;
+    let World { emu, aws, q, .. } = pool_group("web-wp", false).await;
     let warm = the_pool_instance(&aws, "web-wp", "Warmed:Pending:Wait").await;
     assert!(
         aws.instances("web-wp").await.is_empty(),
@@ -174,8 +167,7 @@ async fn a_pool_instance_is_prepared_on_entering_and_resumed_on_leaving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
-    let emu = Emulator::start();
-    let (aws, q) = pool_group(&emu, "web-back", true).await;
+    let World { emu, aws, q, .. } = pool_group("web-back", true).await;
     let p = Provision::new(&emu, &q, None, POOL_LAYER);
     worker(&p);
     aws.scale("web-back", 1).await;
@@ -214,12 +206,27 @@ async fn scale_in_returns_an_instance_to_the_pool_with_its_host_keys() {
         pool(&aws, "web-back").await
     );
     assert!(keys.exists(), "the instance comes back: its host keys stay");
+
+    // The same instance leaving for good (terminated from the pool) loses that file: what
+    // stayed above is the file provision forgets, not one it never looks at.
+    aws.asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(&id)
+        .should_decrement_desired_capacity(false)
+        .send()
+        .await
+        .unwrap();
+    worker(&p);
+    assert_eq!(
+        p.last_run(&id, "terminate").hook_result.map(|c| c.as_str()),
+        Some("ABANDON")
+    );
+    assert!(!keys.exists(), "a terminated instance's host keys go");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
-    let emu = Emulator::start();
-    let (aws, q) = pool_group(&emu, "web-gone", false).await;
+    let World { emu, aws, q, .. } = pool_group("web-gone", false).await;
     let p = Provision::new(&emu, &q, None, POOL_LAYER);
     worker(&p);
     let id = the_pool_instance(&aws, "web-gone", "Warmed:Stopped").await;
@@ -259,8 +266,7 @@ async fn terminating_a_stopped_pool_instance_fails_fast_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manual_command_and_check_know_the_warm_pool() {
-    let emu = Emulator::start();
-    let (aws, q) = pool_group(&emu, "web-man", true).await;
+    let World { emu, aws, q, .. } = pool_group("web-man", true).await;
     let warm = the_pool_instance(&aws, "web-man", "Warmed:Pending:Wait").await;
     let p = Provision::new(&emu, &q, None, POOL_LAYER);
 
@@ -304,8 +310,7 @@ async fn the_manual_command_and_check_know_the_warm_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_filling_at_once_is_verified_with_a_call_or_two() {
     const N: i32 = 12;
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-burst", 300, Some(METADATA)).await;
+    let World { emu, aws, q, .. } = World::builder("web-burst").metadata(METADATA).start().await;
     aws.asg
         .put_warm_pool()
         .auto_scaling_group_name("web-burst")

@@ -3,7 +3,7 @@
 //! finish. Real SDK, real `provision` binary, the emulator's ECS draining
 //! (tests/emulator/ecs.py).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -128,13 +128,13 @@ async fn terminate(aws: &Aws, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
     let emu = Emulator::start();
-    // A 2 s heartbeat timeout: the three moves take longer, so the hook lives only if it
-    // is heartbeated while the step waits.
-    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-prod", 2, 2).await;
+    // A 6 s heartbeat timeout (beats every 2 s): the eight moves (one a second) take
+    // longer, so the hook lives only if it is heartbeated while the step waits.
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-prod", 2, 6).await;
     let (leaving, from) = &members[0];
     let (_, to) = &members[1];
-    service_tasks(&ecs, "ecs-prod", from, 3).await;
-    assert_eq!(running(&ecs, "ecs-prod", from).await.1, 3);
+    service_tasks(&ecs, "ecs-prod", from, 8).await;
+    assert_eq!(running(&ecs, "ecs-prod", from).await.1, 8);
     terminate(&aws, leaving).await;
 
     let p = Provision::new(&emu, &q, None, &layer("2m"));
@@ -146,7 +146,7 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
     assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
     let detail = run.steps[0].detail.clone().unwrap_or_default();
     assert!(
-        detail.contains("3 task(s) were running, none is now"),
+        detail.contains("8 task(s) were running, none is now"),
         "{detail}"
     );
     assert_eq!(
@@ -155,7 +155,7 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
     );
     assert_eq!(
         running(&ecs, "ecs-prod", to).await,
-        ("ACTIVE".to_string(), 3)
+        ("ACTIVE".to_string(), 8)
     );
 
     // The order, as the emulator saw it: every task moved off, then the hook completed.
@@ -163,7 +163,7 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    assert_eq!(moves.len(), 3, "{moves:?}");
+    assert_eq!(moves.len(), 8, "{moves:?}");
     assert!(moves
         .iter()
         .all(|m| m["from"] == *from.as_str() && m["to"] == *to.as_str()));
@@ -182,7 +182,7 @@ async fn a_scale_in_completes_only_after_its_tasks_moved_off() {
         "completed before the last task moved: {action} {moves:?}"
     );
     assert!(
-        action["heartbeats"].as_u64().unwrap_or(0) >= 1,
+        action["heartbeats"].as_u64().unwrap_or(0) >= 2,
         "heartbeated: {action}"
     );
     eventually(

@@ -4,14 +4,14 @@
 //! against the emulator. promtool checks the files' syntax and the alerts' logic
 //! (scripts/lint-config); this checks that they watch something that exists.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{eventually, Emulator, Provision};
+use common::{eventually, Provision, World};
 
 const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
 
@@ -251,21 +251,15 @@ fn the_expression_scanner_finds_metrics_selector_labels_and_grouping_labels() {
 async fn every_metric_the_rules_and_the_dashboard_use_is_one_the_daemon_exports() {
     // A daemon that has handled a launch with a tag step, so that the labelled series
     // (runs by layer and outcome, step durations by kind, AWS calls) exist.
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-mon", 300, Some(METADATA)).await;
-    aws.scale("web-mon", 1).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let p = Provision::new(
-        &emu,
-        &q,
-        None,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{WEB_LAYER}"),
-    );
+    let World { emu, q, .. } = World::builder("web-mon")
+        .metadata(METADATA)
+        .instances(1)
+        .start()
+        .await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    p.serve_metrics();
     let mut daemon = p.daemon();
+    let port = daemon.metrics_port();
     eventually("the launch handled", Duration::from_secs(60), || async {
         (emu.finished_actions().len() == 1).then_some(())
     })

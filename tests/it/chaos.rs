@@ -7,11 +7,11 @@
 //! operation and count). The SDK makes one attempt a call (`aws.max_attempts = 1`) so every
 //! fault reaches provision's own classification. Every queue here has a redrive policy.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{eventually, Aws, Emulator, Provision, Queue};
+use common::{eventually, Provision, Queue, World};
 use serde_json::{json, Value};
 
 const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
@@ -35,30 +35,17 @@ launch = [ { tag = { Name = "web-{instance_id}", Layer = "{layer}" } } ]
 
 /// A group `group` of `n` instances waiting in Pending:Wait, its launch hook notifying a
 /// queue whose redrive policy dead-letters after `max_receives` receives.
-struct World {
-    emu: Emulator,
-    aws: Aws,
-    q: Queue,
-    dlq: Queue,
-    group: String,
-}
-
 async fn world(group: &str, n: i32, heartbeat: i32, max_receives: u32) -> World {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let (q, dlq) = aws.queue_with_dlq("lifecycle", max_receives).await;
-    aws.launch_hooked(group, &q, heartbeat, Some(METADATA))
-        .await;
-    aws.scale(group, n).await;
-    World {
-        emu,
-        aws,
-        q,
-        dlq,
-        group: group.to_string(),
-    }
+    World::builder(group)
+        .heartbeat(heartbeat)
+        .metadata(METADATA)
+        .dead_letter_after(max_receives)
+        .instances(n)
+        .start()
+        .await
 }
 
+/// What the chaos suite asserts of a world.
 impl World {
     /// Each transient fault once, in order, on one operation.
     fn each_transient_fault(&self, service: &str, action: &str) {
@@ -66,32 +53,6 @@ impl World {
             self.emu
                 .fault(json!({"service": service, "action": action, "count": 1, "error": kind}));
         }
-    }
-
-    fn calls(&self, op: &str) -> u64 {
-        self.emu
-            .calls()
-            .get(op)
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    }
-
-    async fn wait_calls(&self, op: &str, n: u64) {
-        eventually(
-            &format!("{n} calls of {op}"),
-            Duration::from_secs(60),
-            || async { (self.calls(op) >= n).then_some(()) },
-        )
-        .await;
-    }
-
-    async fn wait_finished(&self, n: usize) {
-        eventually(
-            &format!("{n} actions to finish"),
-            Duration::from_secs(120),
-            || async { (self.emu.finished_actions().len() >= n).then_some(()) },
-        )
-        .await;
     }
 
     /// Every action completed once, by provision, with CONTINUE; its instance tagged and in
@@ -111,12 +72,11 @@ impl World {
             let tags = self.aws.tags(id).await;
             assert_eq!(tags.get("Name"), Some(&format!("web-{id}")), "{id}");
         }
-        eventually("the queue to be empty", Duration::from_secs(30), || async {
-            (self.aws.approximate_messages(&self.q).await == (0, 0)).then_some(())
-        })
-        .await;
+        self.queue_is_empty().await;
         assert_eq!(
-            self.aws.approximate_messages(&self.dlq).await,
+            self.aws
+                .approximate_messages(self.dlq.as_ref().unwrap())
+                .await,
             (0, 0),
             "nothing is dead-lettered"
         );
@@ -294,10 +254,7 @@ async fn receiving_verifying_and_extending_ride_out_every_transient_fault() {
     w.emu
         .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 12}));
     let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
-    p.edit_config(
-        "visibility_timeout = \"30s\"",
-        "visibility_timeout = \"10s\"",
-    );
+    p.set("queue.visibility_timeout", "10s");
     let mut daemon = p.daemon();
     w.wait_finished(1).await;
     daemon.signal("TERM");
@@ -310,6 +267,9 @@ async fn receiving_verifying_and_extending_ride_out_every_transient_fault() {
     ] {
         assert!(log.contains(op), "no fault on {op} seen:\n{log}");
     }
+    // Every injected fault was answered: each path really met every kind.
+    let left = w.emu.faults_left();
+    assert!(left.is_empty(), "faults never met: {left:?}\n{log}");
     assert!(w.calls("sqs:ChangeMessageVisibilityBatch") >= 7, "{log}");
     w.assert_all_continued(1).await;
     // Verified and worked in one delivery: the message never came back.
@@ -356,7 +316,10 @@ async fn a_permanent_error_is_named_and_ends_the_run() {
     let error = run.error.as_deref().unwrap();
     assert!(error.contains("(permanent: invalid request)"), "{error}");
     assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 1);
-    assert_eq!(w.aws.approximate_messages(&w.dlq).await, (0, 0));
+    assert_eq!(
+        w.aws.approximate_messages(w.dlq.as_ref().unwrap()).await,
+        (0, 0)
+    );
 }
 
 // ---- transient faults never spend the dead-letter budget ----
@@ -368,14 +331,22 @@ async fn throttling_far_past_retry_for_keeps_the_message_in_flight_not_dead_lett
     let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
     // A 3 s visibility timeout: a message released after retry_for would be received
     // again (and dead-lettered on its third receive) many times over.
-    p.edit_config(
-        "visibility_timeout = \"30s\"",
-        "visibility_timeout = \"3s\"",
-    );
+    p.set("queue.visibility_timeout", "3s");
     let mut daemon = p.daemon();
-    // Throttled for far longer than aws.retry_for and the visibility timeout.
+    // Throttled for far longer than aws.retry_for and the visibility timeout: the message's
+    // visibility had to be extended three times over (each extension is for less than the
+    // 3 s a receive gave it).
     w.wait_calls("autoscaling:CompleteLifecycleAction", 8).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually(
+        "three visibility extensions",
+        Duration::from_secs(60),
+        || async {
+            let extended = w.calls("sqs:ChangeMessageVisibilityBatch")
+                + w.calls("sqs:ChangeMessageVisibility");
+            (extended >= 3).then_some(())
+        },
+    )
+    .await;
     assert!(w.emu.finished_actions().is_empty());
     w.emu.control("DELETE", "/_emulator/faults", None);
     w.wait_finished(1).await;
@@ -399,24 +370,25 @@ async fn throttling_far_past_retry_for_keeps_the_message_in_flight_not_dead_lett
 // ---- SIGKILL of the worker at each stage, then a fresh worker ----
 
 /// Kills the daemon once `op` was called `calls` times (held there by `faults`), then
-/// runs a fresh daemon to the end. Returns its history.
+/// runs a fresh daemon to the end. Returns the world, provision, and with `topic` the
+/// queue subscribed to the result topic.
 async fn kill_at(
     stage: &str,
     faults: &[Value],
     op: &str,
     calls: u64,
     topic: bool,
-) -> (World, Provision) {
+) -> (World, Provision, Option<Queue>) {
     let w = world(&format!("web-{stage}"), 1, 300, 3).await;
-    let topic = match topic {
-        true => Some(w.aws.topic_with_queue("results").await.0),
-        false => None,
+    let (topic, results) = match topic {
+        true => {
+            let (arn, q) = w.aws.topic_with_queue("results").await;
+            (Some(arn), Some(q))
+        }
+        false => (None, None),
     };
     let p = Provision::new(&w.emu, &w.q, topic.as_deref(), &fast("retry_for = \"1s\""));
-    p.edit_config(
-        "visibility_timeout = \"30s\"",
-        "visibility_timeout = \"3s\"",
-    );
+    p.set("queue.visibility_timeout", "3s");
     for f in faults {
         w.emu.fault(f.clone());
     }
@@ -426,8 +398,11 @@ async fn kill_at(
     first.wait(Duration::from_secs(10));
     w.emu.control("DELETE", "/_emulator/faults", None);
 
+    // One host: the fresh daemon takes the killed one's claim at once (its store sees the
+    // process is gone), well before the 60 s lease could expire; the message is back after
+    // its 3 s visibility timeout.
     let mut second = p.daemon();
-    w.wait_finished(1).await;
+    w.wait_finished_within(1, Duration::from_secs(30)).await;
     eventually("the queue to be empty", Duration::from_secs(60), || async {
         (w.aws.approximate_messages(&w.q).await == (0, 0)).then_some(())
     })
@@ -435,7 +410,7 @@ async fn kill_at(
     second.signal("TERM");
     assert_eq!(second.wait(Duration::from_secs(30)), 0, "{}", second.log());
     w.assert_all_continued(1).await;
-    (w, p)
+    (w, p, results)
 }
 
 fn delay(service: &str, action: &str) -> Value {
@@ -445,7 +420,7 @@ fn delay(service: &str, action: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_receive() {
     let faults = [delay("autoscaling", "DescribeLifecycleHooks")];
-    let (_w, p) = kill_at(
+    let (_w, p, _) = kill_at(
         "rcv",
         &faults,
         "autoscaling:DescribeLifecycleHooks",
@@ -460,7 +435,7 @@ async fn sigkill_after_receive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_step() {
     let faults = [delay("ec2", "CreateTags")];
-    let (_w, p) = kill_at("mid", &faults, "ec2:CreateTags", 1, false).await;
+    let (_w, p, _) = kill_at("mid", &faults, "ec2:CreateTags", 1, false).await;
     assert_history(&p, 1, &["running"]);
 }
 
@@ -469,7 +444,7 @@ async fn sigkill_after_the_steps() {
     let faults = [
         json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": -1, "error": "throttle"}),
     ];
-    let (w, p) = kill_at(
+    let (w, p, _) = kill_at(
         "dec",
         &faults,
         "autoscaling:CompleteLifecycleAction",
@@ -491,20 +466,33 @@ async fn sigkill_after_the_steps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_completing() {
-    let faults = [delay("sns", "PublishBatch")];
-    let (_w, p) = kill_at("cmp", &faults, "sns:PublishBatch", 1, true).await;
+    // Killed while its publish is held for 10 s: SNS has the request, and answers it after
+    // the kill.
+    let faults =
+        [json!({"service": "sns", "action": "PublishBatch", "count": 1, "delay_seconds": 10})];
+    let (w, p, results) = kill_at("cmp", &faults, "sns:PublishBatch", 1, true).await;
     // The action was completed and recorded as done: the redelivery is a duplicate.
     let runs = assert_history_after_completion(&p);
     assert!(
         runs.iter().any(|r| r.outcome.as_str() == "duplicate"),
         "{runs:#?}"
     );
+    // The result event went out once: the killed run's (the duplicate publishes nothing).
+    let results = results.unwrap();
+    let events = eventually("the result event", Duration::from_secs(30), || async {
+        let events = w.aws.results(&results).await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["outcome"], "succeeded", "{events:?}");
+    assert_eq!(events[0]["hook_result"], "CONTINUE", "{events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_before_delete() {
     let faults = [delay("sqs", "DeleteMessageBatch")];
-    let (_w, p) = kill_at("del", &faults, "sqs:DeleteMessageBatch", 1, false).await;
+    let (_w, p, _) = kill_at("del", &faults, "sqs:DeleteMessageBatch", 1, false).await;
     let runs = assert_history(&p, 1, &["duplicate"]);
     assert!(
         runs.iter().any(|r| r.outcome.as_str() == "duplicate"),
@@ -545,10 +533,18 @@ async fn an_outage_mid_burst_loses_nothing() {
     let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"20s\""));
     let mut daemon = p.daemon();
     w.wait_finished(1).await;
-    // Every AWS call's connection reset for a few seconds.
+    // An outage: the next 6 AWS calls, whatever they are, have their connection reset.
     w.emu
-        .fault(json!({"service": "*", "action": "*", "count": -1, "error": "reset"}));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+        .fault(json!({"service": "*", "action": "*", "count": 6, "error": "reset"}));
+    eventually("the outage to be over", Duration::from_secs(90), || async {
+        let outage = w
+            .emu
+            .faults_left()
+            .into_iter()
+            .any(|f| f["error"] == "reset");
+        (!outage).then_some(())
+    })
+    .await;
     w.emu.control("DELETE", "/_emulator/faults", None);
     w.wait_finished(6).await;
     daemon.signal("TERM");

@@ -2,13 +2,13 @@
 //! lifecycle action's steps run once whatever delivers it twice, and a host that dies
 //! mid-step has its actions taken over by another once its claims' leases expire.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use common::{claims_table, eventually, Aws, Emulator, Provision, Running};
+use common::{claims_table, eventually, Aws, Emulator, Provision, Running, World};
 use serde_json::{json, Value};
 
 const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
@@ -60,27 +60,6 @@ fn calls(emu: &Emulator, op: &str) -> u64 {
     emu.calls().get(op).and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// A group whose launch hook notifies `hook-target`, and the lifecycle queue the test
-/// feeds from it, with an SNS topic subscribed to the lifecycle queue.
-async fn relayed(emu: &Emulator, group: &str) -> (Aws, common::Queue, common::Queue, String) {
-    let aws = Aws::new(emu).await;
-    let source = aws.queue("hook-target").await;
-    let q = aws.queue("lifecycle").await;
-    let topic = aws.topic_into("asg-lifecycle", &q).await;
-    aws.group(group).await;
-    aws.hook(
-        group,
-        "provision-launch",
-        LAUNCH,
-        Some(&source.arn),
-        300,
-        "ABANDON",
-        None,
-    )
-    .await;
-    (aws, source, q, topic)
-}
-
 /// The launch notifications of `n` instances, read off the hook's own queue.
 async fn launches(aws: &Aws, source: &common::Queue, n: usize) -> Vec<String> {
     let mut bodies = Vec::new();
@@ -108,25 +87,34 @@ fn stop(mut d: Running) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_work_each_doubly_delivered_launch_once() {
-    let emu = Emulator::start();
-    let (aws, source, q, topic) = relayed(&emu, "web-fleet").await;
-    let db = claims_table(&aws, TABLE).await;
+    let w = World::builder("web-fleet")
+        .relayed()
+        .claims("6s")
+        .layer(WEB_LAYER)
+        .start()
+        .await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    let (source, db) = (w.source.as_ref().unwrap(), w.claims.as_ref().unwrap());
+    // The lifecycle queue is subscribed to a topic as well: a second way in.
+    let topic = aws.topic_into("asg-lifecycle", q).await;
     aws.scale("web-fleet", 40).await;
     // Every launch twice: straight from the hook and through SNS (as when both a hook
     // target and an EventBridge rule or a second subscription deliver). Slow steps, and
     // the second copies sent once the first host is working the first ones, so that the
-    // two copies of an action are in two hosts' hands at once.
-    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
-    let bodies = launches(&aws, &source, 40).await;
+    // two copies of an action are in two hosts' hands at once. A step (9 s) outlasts the
+    // 6 s lease: without its renewals the other host would take the claim over and run
+    // the steps again.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 9}));
+    let bodies = launches(aws, source, 40).await;
     for body in &bodies {
-        aws.send(&q, body).await;
+        aws.send(q, body).await;
     }
-    let (a, b) = (host(&emu, &q, "6s"), host(&emu, &q, "6s"));
+    let (a, b) = (w.provision(), w.provision());
     let da = a.daemon();
     eventually(
         "the first host to work",
         Duration::from_secs(60),
-        || async { (calls(&emu, "ec2:CreateTags") >= 1).then_some(()) },
+        || async { (calls(emu, "ec2:CreateTags") >= 1).then_some(()) },
     )
     .await;
     for body in &bodies {
@@ -147,7 +135,7 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
     .await;
     // The duplicates still held by a host come back done and are deleted.
     eventually("the queue to drain", Duration::from_secs(60), || async {
-        (aws.approximate_messages(&q).await == (0, 0)).then_some(())
+        (aws.approximate_messages(q).await == (0, 0)).then_some(())
     })
     .await;
     let logs = [stop(da), stop(db_)];
@@ -158,7 +146,7 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
         assert_eq!(act["completions"], 1, "completed once: {act}");
     }
     assert_eq!(
-        calls(&emu, "ec2:CreateTags"),
+        calls(emu, "ec2:CreateTags"),
         40,
         "each action's steps ran once"
     );
@@ -180,7 +168,7 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
         .filter_map(|r| r.instance_id.clone())
         .collect();
     assert_eq!(worked.len(), 40, "no instance was worked twice");
-    let table = claims(&db).await;
+    let table = claims(db).await;
     assert_eq!(table.len(), 40);
     assert!(
         table.values().all(|(state, _, _)| state == "done"),
@@ -194,29 +182,30 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-kill", 300, None).await;
-    let db = claims_table(&aws, TABLE).await;
+    let w = World::builder("web-kill")
+        .claims("10s")
+        .layer(WEB_LAYER)
+        .start()
+        .await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    let db = w.claims.as_ref().unwrap();
     aws.scale("web-kill", 4).await;
     // Every CreateTags takes 3 s, so the kill lands while steps are running.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
-    let (a, b) = (host(&emu, &q, "10s"), host(&emu, &q, "10s"));
+    let (a, b) = (w.provision(), w.provision());
     // Short visibility: the dead host's messages come back well before its leases expire.
     for p in [&a, &b] {
-        p.edit_config(
-            "visibility_timeout = \"30s\"",
-            "visibility_timeout = \"2s\"",
-        );
+        p.set("queue.visibility_timeout", "2s");
     }
     let mut first = a.daemon();
     eventually("four running claims", Duration::from_secs(60), || async {
-        let t = claims(&db).await;
-        (t.len() == 4 && calls(&emu, "ec2:CreateTags") >= 1).then_some(())
+        let t = claims(db).await;
+        (t.len() == 4 && calls(emu, "ec2:CreateTags") >= 1).then_some(())
     })
     .await;
     first.signal("KILL");
     first.wait(Duration::from_secs(10));
-    let held = claims(&db).await;
+    let held = claims(db).await;
     emu.control("DELETE", "/_emulator/faults", None);
 
     let second = b.daemon();
@@ -227,7 +216,7 @@ async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
     )
     .await;
     eventually("the queue to drain", Duration::from_secs(30), || async {
-        (aws.approximate_messages(&q).await == (0, 0)).then_some(())
+        (aws.approximate_messages(q).await == (0, 0)).then_some(())
     })
     .await;
     let log = stop(second);
@@ -276,7 +265,7 @@ async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
             );
         }
     }
-    let table = claims(&db).await;
+    let table = claims(db).await;
     assert!(
         table.values().all(|(state, _, _)| state == "done"),
         "{table:?}"
@@ -291,8 +280,7 @@ async fn a_killed_hosts_actions_are_taken_over_once_their_leases_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_looks_at_the_claims_table() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-chk", 300, None).await;
+    let World { emu, aws, q, .. } = World::builder("web-chk").start().await;
     let p = host(&emu, &q, "60s");
 
     let out = p.output(&["check", "--aws"]);
@@ -317,8 +305,7 @@ async fn check_looks_at_the_claims_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_message_leaves_no_claim_in_the_shared_table() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-forge", 300, None).await;
+    let World { emu, aws, q, .. } = World::builder("web-forge").start().await;
     let db = claims_table(&aws, TABLE).await;
     aws.scale("web-forge", 1).await;
     let p = host(&emu, &q, "60s");

@@ -2,16 +2,14 @@
 //! server extended with lifecycle hooks (tests/emulator/emulator.py). Each test has its own
 //! emulator process on its own port.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{eventually, Aws, Emulator, Provision};
+use common::{eventually, Aws, Emulator, Provision, Queue, World, LAUNCH, TERMINATE};
 use serde_json::{json, Value};
 
-const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
-const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 const METADATA: &str = r#"{"environment":"production","platform":"web","major":"3"}"#;
 
 const WEB_LAYER: &str = r#"
@@ -61,7 +59,24 @@ async fn assert_in_service_and_tagged(aws: &Aws, group: &str, n: usize) -> Vec<S
     instances.into_iter().map(|(id, _)| id).collect()
 }
 
-async fn queue_is_empty(aws: &Aws, q: &common::Queue) {
+/// A web group of `instances` instances, its hook carrying METADATA.
+async fn web(group: &str, instances: i32) -> World {
+    let w = World::builder(group).metadata(METADATA);
+    w.instances(instances).start().await
+}
+
+/// A web group whose hook notifies a queue of the test's own (returned), from which the test
+/// relays (or tampers with) messages to provision's queue.
+async fn relayed(group: &str, heartbeat: i32) -> (World, Queue) {
+    let w = World::builder(group)
+        .heartbeat(heartbeat)
+        .metadata(METADATA);
+    let mut w = w.relayed().start().await;
+    let source = w.source.take().unwrap();
+    (w, source)
+}
+
+async fn queue_is_empty(aws: &Aws, q: &Queue) {
     eventually("queue to be empty", Duration::from_secs(10), || async {
         (aws.approximate_messages(q).await == (0, 0)).then_some(())
     })
@@ -70,22 +85,8 @@ async fn queue_is_empty(aws: &Aws, q: &common::Queue) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_of_three_is_tagged_completed_recorded_and_published() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
+    let World { emu, aws, q, .. } = web("web-prod", 3).await;
     let (topic, results) = aws.topic_with_queue("results").await;
-    aws.group("web-prod").await;
-    aws.hook(
-        "web-prod",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        300,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
-    aws.scale("web-prod", 3).await;
     let pending = aws.instances("web-prod").await;
     assert!(
         pending.iter().all(|(_, s)| s == "Pending:Wait"),
@@ -215,19 +216,12 @@ async fn launches_through_eventbridge_are_handled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-t", 300, Some(METADATA)).await;
-    aws.hook(
-        "web-t",
-        "provision-terminate",
-        TERMINATE,
-        Some(&q.arn),
-        300,
-        "CONTINUE",
-        None,
-    )
-    .await;
-    aws.scale("web-t", 1).await;
+    let World { emu, aws, q, .. } = World::builder("web-t")
+        .metadata(METADATA)
+        .terminate_hook("CONTINUE")
+        .instances(1)
+        .start()
+        .await;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     assert_eq!(p.worker().0, 0);
     let id = assert_in_service_and_tagged(&aws, "web-t", 1)
@@ -269,34 +263,9 @@ async fn terminate_runs_decommission_steps_then_lets_the_instance_go() {
     assert!(aws.instances("web-t").await.is_empty());
 }
 
-/// A group whose launch hook notifies a queue of its own ("hook-target"), from which a test
-/// relays (or tampers with) messages to provision's queue ("lifecycle").
-async fn relayed_group(
-    emu: &Emulator,
-    group: &str,
-    heartbeat: i32,
-) -> (Aws, common::Queue, common::Queue) {
-    let aws = Aws::new(emu).await;
-    let source = aws.queue("hook-target").await;
-    let q = aws.queue("lifecycle").await;
-    aws.group(group).await;
-    aws.hook(
-        group,
-        "provision-launch",
-        LAUNCH,
-        Some(&source.arn),
-        heartbeat,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
-    (aws, source, q)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_messages_are_worked_once() {
-    let emu = Emulator::start();
-    let (aws, source, q) = relayed_group(&emu, "web-dup", 300).await;
+    let (World { emu, aws, q, .. }, source) = relayed("web-dup", 300).await;
     aws.scale("web-dup", 1).await;
     let launch = aws
         .drain(&source)
@@ -382,9 +351,7 @@ async fn bad_messages_get_a_reason_and_do_not_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_abandons_and_the_replacement_is_handled() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-f", 300, Some(METADATA)).await;
-    aws.scale("web-f", 1).await;
+    let World { emu, aws, q, .. } = web("web-f", 1).await;
     let first = aws.instances("web-f").await.remove(0).0;
     // The first CreateTags fails with a server error, and this config gives up at once.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "error": "server"}));
@@ -427,27 +394,26 @@ async fn a_failed_step_abandons_and_the_replacement_is_handled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_a_long_run_alive() {
-    let emu = Emulator::start();
-    let aws = Aws::new(&emu).await;
-    let q = aws.queue("lifecycle").await;
-    aws.group("web-hb").await;
-    // Heartbeat timeout of 3 s; the step takes 8 s. Without heartbeats the emulator would
-    // apply the default result (ABANDON) after 3 s.
-    aws.hook(
-        "web-hb",
-        "provision-launch",
-        LAUNCH,
-        Some(&q.arn),
-        3,
-        "ABANDON",
-        Some(METADATA),
-    )
-    .await;
-    aws.scale("web-hb", 1).await;
-    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
+    // AWS's shortest heartbeat timeout, 30 s (provision beats every 10 s, jittered); the
+    // step takes 32 s, room for two beats. After each heartbeat Auto Scaling's clock jumps
+    // 10 s ahead, so the action is over 50 s old by the end: without heartbeats it would
+    // have timed out (ABANDON) long before.
+    let World { emu, aws, q, .. } = World::builder("web-hb")
+        .heartbeat(30)
+        .metadata(METADATA)
+        .instances(1)
+        .start()
+        .await;
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 32}));
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
-    let (code, log) = p.worker();
-    assert_eq!(code, 0, "{log}");
+    let mut daemon = p.daemon();
+    emu.age_between_heartbeats(2, 10).await;
+    eventually("the action to finish", Duration::from_secs(60), || async {
+        (emu.finished_actions().len() == 1).then_some(())
+    })
+    .await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(30)), 0, "{}", daemon.log());
 
     let actions = emu.finished_actions();
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -470,17 +436,12 @@ async fn heartbeats_keep_a_long_run_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_completes_every_action_once() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-k", 300, Some(METADATA)).await;
-    aws.scale("web-k", 4).await;
+    let World { emu, aws, q, .. } = web("web-k", 4).await;
     // Every CreateTags takes 3 s, so the kill lands while steps are running.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 3}));
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     // A short visibility timeout, so the killed worker's messages come back soon.
-    p.edit_config(
-        "visibility_timeout = \"30s\"",
-        "visibility_timeout = \"4s\"",
-    );
+    p.set("queue.visibility_timeout", "4s");
     let mut first = p.daemon();
     eventually("steps to be running", Duration::from_secs(30), || async {
         (emu.calls()
@@ -516,9 +477,7 @@ async fn sigkill_mid_run_then_restart_completes_every_action_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_work_in_flight_and_exits_zero() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-s", 300, Some(METADATA)).await;
-    aws.scale("web-s", 2).await;
+    let World { emu, aws, q, .. } = web("web-s", 2).await;
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 20}));
     let p = Provision::new(
         &emu,
@@ -558,9 +517,7 @@ async fn sigterm_releases_work_in_flight_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_is_retried_with_backoff() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-th", 300, Some(METADATA)).await;
-    aws.scale("web-th", 1).await;
+    let World { emu, aws, q, .. } = web("web-th", 1).await;
     // More throttles than the SDK's 5 attempts: our own backoff carries on.
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 7, "error": "throttle"}));
     emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": 2, "error": "throttle"}));
@@ -576,9 +533,7 @@ async fn throttling_is_retried_with_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_without_a_layer_are_left_alone() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "batch-1", 300, None).await;
-    aws.scale("batch-1", 1).await;
+    let World { emu, aws, q, .. } = World::builder("batch-1").instances(1).start().await;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
@@ -621,20 +576,9 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-m", 300, Some(METADATA)).await;
-    aws.scale("web-m", 2).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let p = Provision::new(
-        &emu,
-        &q,
-        None,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n{WEB_LAYER}"),
-    );
+    let World { emu, q, .. } = web("web-m", 2).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    p.serve_metrics();
     // A notify socket, as systemd would hand it to a Type=notify service.
     let sock_path = p.dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
@@ -649,6 +593,7 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
         .spawn()
         .unwrap();
     let mut daemon = common::Running { child, log };
+    let port = daemon.metrics_port();
 
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
@@ -697,8 +642,7 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_what_is_wrong_precisely() {
-    let emu = Emulator::start();
-    let (aws, q) = common::launch_group(&emu, "web-c", 300, None).await;
+    let World { emu, aws, q, .. } = World::builder("web-c").start().await;
     let (topic, _results) = aws.topic_with_queue("results").await;
 
     let good = Provision::new(&emu, &q, Some(&topic), WEB_LAYER);
@@ -747,10 +691,8 @@ async fn check_lists_what_is_wrong_precisely() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_provisions_one_instance_by_hand() {
-    let emu = Emulator::start();
     // The manual command reads no queue: the hook's messages stay where they are.
-    let (aws, q) = common::launch_group(&emu, "web-h", 300, Some(METADATA)).await;
-    aws.scale("web-h", 1).await;
+    let World { emu, aws, q, .. } = web("web-h", 1).await;
     let id = aws.instances("web-h").await.remove(0).0;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
 
@@ -901,8 +843,7 @@ fn forged(transition: &str, group: &str, hook: &str, instance: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
-    let emu = Emulator::start();
-    let (aws, source, q) = relayed_group(&emu, "web-f", 300).await;
+    let (World { emu, aws, q, .. }, source) = relayed("web-f", 300).await;
     aws.hook(
         "web-f",
         "provision-terminate",
@@ -995,17 +936,28 @@ async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
     queue_is_empty(&aws, &q).await;
 }
 
+/// A lifecycle message whose `Time` is `by` earlier (other bodies unchanged).
+fn backdated(body: &str, by: Duration) -> String {
+    let mut v: Value = serde_json::from_str(body).unwrap();
+    if let Some(t) = v["Time"].as_str() {
+        let t = humantime::parse_rfc3339(t).unwrap() - by;
+        v["Time"] = humantime::format_rfc3339_millis(t).to_string().into();
+    }
+    v.to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_waited_in_a_backlog_is_heartbeated_at_pickup() {
-    let emu = Emulator::start();
-    let (aws, source, q) = relayed_group(&emu, "web-late", 30).await;
+    let (World { emu, aws, q, .. }, source) = relayed("web-late", 30).await;
     aws.scale("web-late", 1).await;
     // The message waits 24 s of the hook's 30 s before anyone reads it; the step then takes
     // 8 s. The first scheduled heartbeat (a third of 30 s after pickup) would come after
-    // the action timed out: only a beat at pickup keeps it alive.
-    tokio::time::sleep(Duration::from_secs(24)).await;
+    // the action timed out: only a beat at pickup keeps it alive. The wait is not slept:
+    // Auto Scaling's clock moves 24 s on, and the message carries the time it would have
+    // (its action began 24 s before provision reads it).
+    emu.advance_clock(24);
     for b in aws.drain(&source).await {
-        aws.send(&q, &b).await;
+        aws.send(&q, &backdated(&b, Duration::from_secs(24))).await;
     }
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
