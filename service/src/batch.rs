@@ -15,9 +15,10 @@ use tokio::task::JoinHandle;
 use crate::aws::AwsError;
 use crate::retry::with_backoff;
 
-type Item<T, R> = (T, oneshot::Sender<Result<R, String>>);
+type Item<T, R> = (T, oneshot::Sender<Result<R, AwsError>>);
 
-/// Batches items of type `T`; each caller gets its own `Result<R, String>`.
+/// Batches items of type `T`; each caller gets its own `Result<R, AwsError>`: its entry's
+/// error, or the whole call's, with its class (transient or not).
 pub struct Batcher<T, R = ()> {
     tx: mpsc::UnboundedSender<Item<T, R>>,
 }
@@ -36,7 +37,7 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     pub fn spawn<F, Fut>(max: usize, linger: Duration, flush: F) -> (Batcher<T, R>, JoinHandle<()>)
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<R, String>>> + Send + 'static,
+        Fut: Future<Output = Vec<Result<R, AwsError>>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<Item<T, R>>();
         let handle = tokio::spawn(async move {
@@ -82,7 +83,7 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     where
         T: Clone + Sync,
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Vec<Result<R, String>>, AwsError>> + Send + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, AwsError>>, AwsError>> + Send + 'static,
     {
         let call = std::sync::Arc::new(call);
         Self::spawn(max, linger, move |items: Vec<T>| {
@@ -90,19 +91,19 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             async move {
                 match with_backoff(retry_for, || call(items.clone())).await {
                     Ok(results) => results,
-                    Err(e) => items.iter().map(|_| Err(e.to_string())).collect(),
+                    Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
                 }
             }
         })
     }
 
-    pub async fn submit(&self, item: T) -> Result<R, String> {
+    pub async fn submit(&self, item: T) -> Result<R, AwsError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((item, reply))
-            .map_err(|_| "batcher has stopped".to_string())?;
+            .map_err(|_| AwsError::permanent("batch", "the batcher has stopped"))?;
         rx.await
-            .unwrap_or_else(|_| Err("batch call was dropped".to_string()))
+            .unwrap_or_else(|_| Err(AwsError::permanent("batch", "the batch call was dropped")))
     }
 }
 
@@ -123,7 +124,7 @@ mod tests {
                         .iter()
                         .map(|i| {
                             if i % 7 == 0 {
-                                Err(format!("no {i}"))
+                                Err(AwsError::permanent("test", format!("no {i}")))
                             } else {
                                 Ok(())
                             }
@@ -188,7 +189,8 @@ mod tests {
             "two throttled attempts, then success"
         );
         let e = b.submit(99).await.unwrap_err();
-        assert!(e.contains("no such queue"), "{e}");
+        assert_eq!(e.message, "no such queue", "{e}");
+        assert!(!e.retryable(), "the call's class reaches the caller");
         drop(b);
         handle.await.unwrap();
     }

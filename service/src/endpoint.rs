@@ -3,6 +3,10 @@
 //! a while). `HEAD` answers the same headers without the body; a query string is ignored
 //! (scrapers and probes add their own). A deliberately tiny HTTP/1.1 responder: one request
 //! per connection, bounded read size and time. What the numbers are is `metrics.rs`.
+//!
+//! Not hyper, though the SDK brings it: the SDK builds it as a client only, and its server
+//! feature would rebuild hyper and every SDK crate above it, for a loopback endpoint whose
+//! only parsing is one request line (no bodies, no keep-alive, no chunking to get right).
 
 use std::sync::Arc;
 use std::time::Duration;

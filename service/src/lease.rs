@@ -238,7 +238,7 @@ async fn extend_visibility(inner: Arc<Inner>, queue: Arc<dyn Queue>, chunk: Vec<
         match queue.change_visibility_batch(&entries).await {
             Ok(r) => r
                 .into_iter()
-                .map(|r| r.map_err(|m| (entry_class(&m), m)))
+                .map(|r| r.map_err(|e| (e.class, e.to_string())))
                 .collect(),
             Err(e) => vec![Err((e.class, e.to_string())); entries.len()],
         };
@@ -267,12 +267,6 @@ async fn extend_visibility(inner: Arc<Inner>, queue: Arc<dyn Queue>, chunk: Vec<
             }
         }
     }
-}
-
-/// A failed entry of a batch call ("Code: message"), classified by its code.
-fn entry_class(entry: &str) -> ErrorClass {
-    let code = entry.split(':').next().unwrap_or_default().trim();
-    ErrorClass::of(None, Some(code).filter(|c| !c.is_empty()))
 }
 
 /// The pause before extending again after `failures` failures in a row: from one tick,
@@ -321,15 +315,6 @@ async fn heartbeat(inner: Arc<Inner>, id: u64, action: Action) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_entries_are_classified_by_their_code() {
-        assert!(
-            !entry_class("ReceiptHandleIsInvalid: The receipt handle has expired").is_transient()
-        );
-        assert!(entry_class("InternalError: try again").is_transient());
-        assert!(entry_class("").is_transient());
-    }
 
     #[test]
     fn extension_retries_back_off_within_the_visibility_timeout() {

@@ -4,6 +4,10 @@
 //! The protocol is one datagram per message to the socket named by `$NOTIFY_SOCKET` (a path,
 //! or an abstract name starting with `@`). Outside systemd the variable is unset and every
 //! call does nothing. Deciding *when* the service is healthy is the caller's business.
+//!
+//! Not a crate (`sd-notify`): the protocol is a line of text in a datagram; reading the
+//! socket and the watchdog's `WATCHDOG_USEC`/`WATCHDOG_PID` once, as here, is the whole of
+//! what a crate would do for us.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;

@@ -239,8 +239,8 @@ fn class_of_code(code: &str) -> Option<ErrorClass> {
     Some(class)
 }
 
-/// Per-entry outcome of a batch call: `Err` carries that entry's error text.
-pub type BatchResult = Vec<Result<(), String>>;
+/// Per-entry outcome of a batch call: `Err` carries that entry's error, classified.
+pub type BatchResult = Vec<Result<(), AwsError>>;
 
 /// The AWS services a step may call.
 #[derive(Clone)]
@@ -338,6 +338,16 @@ mod tests {
         // SQS's throttling answer is a 400; a validation code under a 500 is still invalid.
         assert_eq!(of(400, Some("RequestThrottled")), Throttled);
         assert_eq!(of(500, Some("ValidationError")), Validation);
+    }
+
+    #[test]
+    fn failed_batch_entries_are_classified_by_their_code() {
+        use super::sdk::failed_entry;
+        let op = "sqs:ChangeMessageVisibilityBatch";
+        let stale = failed_entry(op, "ReceiptHandleIsInvalid", Some("expired"));
+        assert!(!stale.retryable(), "{stale}");
+        assert!(failed_entry(op, "InternalError", Some("try again")).retryable());
+        assert!(failed_entry(op, "", None).retryable());
     }
 
     #[test]

@@ -93,14 +93,26 @@ fn aws_smithy_error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// One entry a batch call failed, classified by its code (one nobody knows: transient).
+pub(super) fn failed_entry(operation: &'static str, code: &str, message: Option<&str>) -> AwsError {
+    AwsError {
+        operation,
+        code: Some(code.to_string()),
+        message: message.unwrap_or("").to_string(),
+        class: ErrorClass::of(None, Some(code)),
+    }
+}
+
+/// Every entry's result of a batch call of `n` entries (ids "0", "1", ...), from the ones it
+/// failed.
 pub(super) fn batch_result(
     n: usize,
-    failed: impl Iterator<Item = (String, String)>,
+    failed: impl Iterator<Item = (String, AwsError)>,
 ) -> BatchResult {
     let mut out: BatchResult = vec![Ok(()); n];
-    for (id, msg) in failed {
+    for (id, err) in failed {
         if let Some(slot) = id.parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
-            *slot = Err(msg);
+            *slot = Err(err);
         }
     }
     out

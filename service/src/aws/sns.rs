@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::sdk::{batch_result, classify};
+use super::sdk::{batch_result, classify, failed_entry};
 use super::{AwsError, BatchResult};
 use crate::metrics::CountCalls;
 
@@ -57,14 +57,12 @@ impl Notifier for SnsNotifier {
             .send()
             .await
             .map_err(|e| classify("sns:PublishBatch", e))?;
-        let failed: HashMap<String, String> = out
+        let failed: HashMap<String, AwsError> = out
             .failed()
             .iter()
             .map(|f| {
-                (
-                    f.id().to_string(),
-                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
-                )
+                let e = failed_entry("sns:PublishBatch", f.code(), f.message());
+                (f.id().to_string(), e)
             })
             .collect();
         Ok(batch_result(messages.len(), failed.into_iter()))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::sdk::{batch_result, classify};
+use super::sdk::{batch_result, classify, failed_entry};
 use super::{AwsError, BatchResult};
 use crate::metrics::CountCalls;
 
@@ -115,7 +115,7 @@ impl Queue for SqsQueue {
             out.failed().iter().map(|f| {
                 (
                     f.id().to_string(),
-                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
+                    failed_entry("sqs:DeleteMessageBatch", f.code(), f.message()),
                 )
             }),
         ))
@@ -151,7 +151,7 @@ impl Queue for SqsQueue {
             out.failed().iter().map(|f| {
                 (
                     f.id().to_string(),
-                    format!("{}: {}", f.code(), f.message().unwrap_or("")),
+                    failed_entry("sqs:ChangeMessageVisibilityBatch", f.code(), f.message()),
                 )
             }),
         ))

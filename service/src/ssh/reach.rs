@@ -189,7 +189,7 @@ impl Remote {
                     }
                     s => format!("instance state is {s}"),
                 },
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             (to.note)(format!("waiting for the instance: {last}"));
             ControlFlow::Continue(last)

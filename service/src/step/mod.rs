@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::aws::{AwsError, InstanceInfo, InstanceState, OwLayer, OwStack, Services};
+use crate::aws::{AwsError, ErrorClass, InstanceInfo, InstanceState, OwLayer, OwStack, Services};
 use crate::batch::Batcher;
 use crate::cache::TtlCache;
 use crate::event::{InstanceId, Place};
@@ -159,9 +159,12 @@ impl Shared {
                     Ok(ids
                         .iter()
                         .map(|id| {
-                            by_id
-                                .remove(id.as_str())
-                                .ok_or_else(|| format!("DescribeInstances does not know {id}"))
+                            by_id.remove(id.as_str()).ok_or_else(|| AwsError {
+                                operation: "ec2:DescribeInstances",
+                                code: None,
+                                message: format!("DescribeInstances does not know {id}"),
+                                class: ErrorClass::NotFound,
+                            })
                         })
                         .collect())
                 }

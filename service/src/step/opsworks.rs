@@ -280,7 +280,7 @@ impl OpsWorks {
             .lookup
             .submit(ec2_id.clone())
             .await
-            .map_err(StepError::Remote)?;
+            .map_err(|e| StepError::Remote(e.to_string()))?;
         let id = with_backoff(retry, || ow.register(region, stack_id, &hostname, &info)).await?;
         info!(opsworks_id = %id, %hostname, "registered with the stack");
         self.wait_for(ctx, region, &id, deadline, |s| {
