@@ -172,14 +172,6 @@ pub enum ClaimState {
 }
 
 impl ClaimState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClaimState::Running => "running",
-            ClaimState::Decided => "decided",
-            ClaimState::Done => "done",
-        }
-    }
-
     /// A stored word; one this version does not know reads as running (an owner works it,
     /// and it is taken over once its lease lapses).
     pub fn parse(s: &str) -> ClaimState {

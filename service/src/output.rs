@@ -14,8 +14,6 @@ use std::sync::Mutex;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-/// The default budget of one run's output in memory (stdout and stderr each).
-pub const DEFAULT_BUDGET: usize = 4 << 20;
 const CHUNK: usize = 64 * 1024;
 
 /// The first and the last bytes of a stream, within `budget` bytes together.

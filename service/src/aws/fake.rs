@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::autoscaling::HookTransition;
 use super::{
-    Action, ActionCall, AwsError, HookInfo, HookTransition, Hooks, InstanceInfo, InstanceState,
-    Instances, Invocation, LifecycleState, Membership, OpsWorks, OwInstance, OwLayer, OwStack, Ssm,
+    Action, ActionCall, AwsError, HookInfo, Hooks, InstanceInfo, InstanceState, Instances,
+    Invocation, LifecycleState, Membership, OpsWorks, OwInstance, OwLayer, OwStack, Ssm,
     SsmCommand,
 };
 use crate::event::InstanceId;

@@ -69,8 +69,7 @@ pub mod sqs;
 pub mod ssm;
 
 pub use autoscaling::{
-    Action, ActionCall, HookInfo, HookTransition, Hooks, LifecycleState, Membership, WarmPool,
-    WarmPoolState,
+    Action, ActionCall, HookInfo, Hooks, LifecycleState, Membership, WarmPoolState,
 };
 pub use ec2::{InstanceInfo, InstanceState, Instances};
 pub use ecs::{ContainerInstance, ContainerInstanceStatus, Ecs};

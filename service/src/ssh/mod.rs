@@ -41,9 +41,9 @@ pub mod known_hosts;
 pub mod reach;
 pub mod settings;
 
-pub use known_hosts::{KnownHosts, PRUNE_MIN_AGE};
+pub use known_hosts::KnownHosts;
 pub use reach::{Reach, ReachError, Target};
-pub use settings::{AddressMode, HostKeyCheck, Identity, LayerSsh, SshSettings};
+pub use settings::{HostKeyCheck, Identity, LayerSsh, SshSettings};
 
 /// Reaches instances; shared by every SSH step in flight.
 pub struct Remote {
