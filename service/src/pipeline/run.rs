@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::claim::WorkingGuard;
 use super::{Job, Pipeline, RunReport, Trust};
 use crate::aws::AwsError;
 use crate::claims::{Claim, ClaimError};
@@ -107,6 +108,9 @@ pub(super) struct Run<'a> {
     pub(super) report: RunReport,
     /// Whether the claim store holds a claim of this run's.
     pub(super) claimed: bool,
+    /// This process's turn at the token, held until the run is recorded (and its claim,
+    /// if forgotten, released), so a second delivery waiting here finds it settled.
+    turn: Option<WorkingGuard<'a>>,
 }
 
 impl<'a> Run<'a> {
@@ -124,6 +128,7 @@ impl<'a> Run<'a> {
             cancel,
             report,
             claimed: false,
+            turn: None,
         }
     }
 
@@ -141,7 +146,7 @@ impl<'a> Run<'a> {
         tracing::Span::current().record("layer", layer.name.as_str());
         self.report.layer = Some(layer.name.clone());
         // The same token twice in this process waits for the first (claim.rs).
-        let _working = self.wait_turn().await?;
+        self.turn = Some(self.wait_turn().await?);
         // The history row, then the claim in the claim store (claim.rs).
         let claim = self.claim(layer).await?;
         // Ours until the run ends: renewed meanwhile; a takeover stops the steps.

@@ -308,6 +308,43 @@ async fn the_same_token_at_once_is_worked_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_delivery_waiting_on_a_cancelled_run_works_the_action_whole() {
+    // Releasing the cancelled run's claim takes a while (a DynamoDB round trip).
+    let claims: Arc<dyn Claims> = Arc::new(FlakyClaims {
+        inner: Store::in_memory().unwrap(),
+        failures: 0.into(),
+        transient: true,
+        slow_release: Duration::from_secs(2),
+    });
+    let instances = FakeInstances {
+        delay: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let w = world_with_claims(FakeHooks::default(), instances, Some(claims));
+    let m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    w.hooks
+        .waiting(&instance_for("t1"), "web-1", r#"{"environment":"p"}"#);
+    let first = Delivery::new(m.clone(), Instant::now(), w.pipeline.leases());
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.cancel();
+    });
+    // The first is cancelled mid-step and forgets its claim; the second, waiting on it in
+    // this process, must then claim and work the action without that release undoing it.
+    let (a, b) = tokio::join!(w.pipeline.handle(&first, &shutdown), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        handle_as_is(&w, &m).await
+    });
+    assert_eq!(a, Outcome::Released);
+    assert_eq!(b, Ack::Delete);
+    assert_eq!(completions(&w), [HookResult::Continue]);
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert_eq!(h[0].outcome, Outcome::Succeeded, "{h:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn long_steps_are_heartbeated_and_the_hook_described_once() {
     let w = world(
         FakeHooks {
@@ -626,11 +663,13 @@ async fn warm_pool_phases_run_their_lists_after_their_own_wait_state_is_confirme
     assert_eq!(completions(&w).len(), 2, "the forged one is not completed");
 }
 
-/// A claim store whose first `failures` claims fail, transiently or for good.
+/// A claim store whose first `failures` claims fail, transiently or for good, and whose
+/// releases take `slow_release`.
 struct FlakyClaims {
     inner: Store,
     failures: std::sync::atomic::AtomicU32,
     transient: bool,
+    slow_release: Duration,
 }
 
 #[async_trait::async_trait]
@@ -677,6 +716,7 @@ impl Claims for FlakyClaims {
         self.inner.done(token, result).await
     }
     async fn release(&self, token: &str, owner: &str) -> Result<(), crate::claims::ClaimError> {
+        tokio::time::sleep(self.slow_release).await;
         self.inner.release(token, owner).await
     }
     fn describe(&self) -> String {
@@ -689,6 +729,7 @@ fn flaky(failures: u32, transient: bool) -> Option<Arc<dyn Claims>> {
         inner: Store::in_memory().unwrap(),
         failures: failures.into(),
         transient,
+        slow_release: Duration::ZERO,
     }))
 }
 
