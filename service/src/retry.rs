@@ -164,11 +164,13 @@ impl<'a> Retry<'a> {
                 return Err(e);
             }
             warn!(error = %e, attempt, next_in = ?delay, "{}", self.says);
-            let never = CancellationToken::new();
-            let cancel = self.cancel.unwrap_or(&never);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return Err(e),
+            let pause = tokio::time::sleep(delay);
+            match self.cancel {
+                None => pause.await,
+                Some(cancel) => tokio::select! {
+                    _ = pause => {}
+                    _ = cancel.cancelled() => return Err(e),
+                },
             }
             attempt += 1;
         }

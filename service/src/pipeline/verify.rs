@@ -115,31 +115,29 @@ impl Verifier {
     }
 
     /// How often to heartbeat `action`: a third of its hook's heartbeat timeout.
+    /// A hook that cannot be described is warned about here, once per run.
     pub(super) async fn heartbeat_every(&self, action: &Action) -> Duration {
-        match self.hook(&action.group, &action.hook).await {
-            Some(info) => heartbeat_interval(info.heartbeat_timeout),
-            None => FALLBACK_HEARTBEAT,
+        match self.hooks_of(&action.group).await {
+            Ok(map) => match map.get(&action.hook) {
+                Some(info) => heartbeat_interval(info.heartbeat_timeout),
+                None => {
+                    warn!(every = ?FALLBACK_HEARTBEAT,
+                        "hook is not among the group's lifecycle hooks; heartbeating at the fallback interval");
+                    FALLBACK_HEARTBEAT
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, every = ?FALLBACK_HEARTBEAT,
+                    "cannot describe the group's lifecycle hooks; heartbeating at the fallback interval");
+                FALLBACK_HEARTBEAT
+            }
         }
     }
 
-    /// One hook's description (for its heartbeat timeout), from the cache.
+    /// One hook's description (for its heartbeat timeout), from the cache; None when the
+    /// group or hook cannot be described.
     pub(super) async fn hook(&self, group: &str, hook: &str) -> Option<HookInfo> {
-        match self.hooks_of(group).await {
-            Ok(map) => {
-                let info = map.get(hook).cloned();
-                if info.is_none() {
-                    warn!(
-                        "hook is not among the group's lifecycle hooks; heartbeating every {:?}",
-                        FALLBACK_HEARTBEAT
-                    );
-                }
-                info
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot describe the group's lifecycle hooks; heartbeating every {:?}", FALLBACK_HEARTBEAT);
-                None
-            }
-        }
+        self.hooks_of(group).await.ok()?.get(hook).cloned()
     }
 
     /// A group's lifecycle hooks, from one DescribeLifecycleHooks per group (cached, and

@@ -614,17 +614,10 @@ impl Aws {
     }
 
     pub async fn tags(&self, instance: &str) -> std::collections::BTreeMap<String, String> {
-        let r = self
-            .ec2
-            .describe_instances()
-            .instance_ids(instance)
-            .send()
+        self.describe_instance(instance)
             .await
-            .unwrap();
-        r.reservations()
+            .tags()
             .iter()
-            .flat_map(|r| r.instances())
-            .flat_map(|i| i.tags())
             .map(|t| {
                 (
                     t.key().unwrap_or_default().to_string(),
