@@ -1,6 +1,8 @@
 //! A small single-flight cache with a time to live: concurrent misses for one key make one
 //! call. Used for AWS descriptions that change rarely (lifecycle hooks, OpsWorks stacks),
-//! so a burst of launches does not turn into a burst of identical Describe calls.
+//! so a burst of launches does not turn into a burst of identical Describe calls. Its keys
+//! may come from messages (group names), so it holds at most [`CAPACITY`] of them: a
+//! newcomer beyond that first drops the expired entries, then the oldest.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,6 +14,9 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 type Slot<V> = (Instant, Arc<OnceCell<V>>);
+
+/// The most keys a cache holds.
+pub const CAPACITY: usize = 1024;
 
 pub struct TtlCache<K, V> {
     ttl: Duration,
@@ -42,6 +47,9 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
             match fresh {
                 Some(c) => c,
                 None => {
+                    if map.len() >= CAPACITY {
+                        evict(&mut map, self.ttl);
+                    }
                     let c = Arc::new(OnceCell::new());
                     map.insert(key.clone(), (Instant::now(), c.clone()));
                     c
@@ -54,6 +62,25 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// Forgets a key (after a lookup found the cached value stale).
     pub fn invalidate(&self, key: &K) {
         self.map.lock().unwrap().remove(key);
+    }
+
+    /// How many keys the cache holds now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+}
+
+/// Makes room for one more key: the expired entries go, then the oldest quarter.
+fn evict<K: Eq + Hash + Clone, V>(map: &mut HashMap<K, Slot<V>>, ttl: Duration) {
+    map.retain(|_, (at, _)| at.elapsed() < ttl);
+    if map.len() < CAPACITY {
+        return;
+    }
+    let mut ages: Vec<(Instant, K)> = map.iter().map(|(k, (at, _))| (*at, k.clone())).collect();
+    ages.sort_unstable_by_key(|(at, _)| *at);
+    for (_, k) in ages.into_iter().take(CAPACITY / 4) {
+        map.remove(&k);
     }
 }
 
@@ -81,5 +108,20 @@ mod tests {
         c.invalidate(&"k");
         assert_eq!(c.get_or_load(&"k", load).await, Ok(7));
         assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn keys_chosen_by_senders_do_not_grow_it_without_bound() {
+        let c: TtlCache<u32, u32> = TtlCache::new(Duration::from_secs(60));
+        for k in 0..(CAPACITY as u32 * 3) {
+            c.get_or_load(&k, || async { Ok::<_, ()>(k) })
+                .await
+                .unwrap();
+            assert!(c.held() <= CAPACITY, "{} keys", c.held());
+        }
+        // The newest stay.
+        let last = CAPACITY as u32 * 3 - 1;
+        let reloaded = c.get_or_load(&last, || async { Ok::<_, ()>(0) }).await;
+        assert_eq!(reloaded, Ok(last));
     }
 }

@@ -90,11 +90,20 @@ pub trait Claims: Send + Sync {
     async fn renew(&self, token: &str, owner: &str, lease: Duration) -> Result<bool, ClaimError>;
 
     /// The steps finished with `result`; only the completion is left. Recorded before
-    /// completing, so that whoever finds the claim next only completes.
-    async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError>;
+    /// completing, so that whoever finds the claim next only completes. False, and nothing
+    /// written, when the claim is no longer `owner`'s: the owner is the fencing value, since
+    /// a takeover writes its own (unique per process) and a done claim is nobody's.
+    async fn decide(
+        &self,
+        token: &str,
+        owner: &str,
+        result: HookResult,
+    ) -> Result<bool, ClaimError>;
 
-    /// The action is finished for good (completed, or found already finished).
-    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError>;
+    /// The action is finished for good (completed, or found already finished). Like
+    /// [`Claims::decide`], only while the claim is `owner`'s: false, and nothing written,
+    /// when another owner took it over meanwhile.
+    async fn done(&self, token: &str, owner: &str, result: Completion) -> Result<bool, ClaimError>;
 
     /// Forgets `owner`'s running claim (work abandoned midway), so the next delivery starts
     /// over at once instead of waiting out the lease.

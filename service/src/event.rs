@@ -35,6 +35,9 @@ const MAX_NAME_LEN: usize = 255;
 const MAX_TOKEN_LEN: usize = 64;
 /// NotificationMetadata is at most 1023 characters in AWS.
 const MAX_METADATA_LEN: usize = 1023;
+/// `Time` (an RFC 3339 instant, 24 characters from AWS) and `AccountId` (12 digits): what
+/// AWS sends fits with room to spare; more is refused, so nobody stores a sender's megabytes.
+const MAX_SHORT_FIELD_LEN: usize = 64;
 
 /// What a message body turned out to be.
 #[derive(Debug, Clone, PartialEq)]
@@ -425,8 +428,8 @@ fn from_lifecycle_fields(obj: &Map<String, Value>, envelope: Envelope) -> Result
         origin,
         destination,
         metadata: Metadata::parse(raw_metadata),
-        account_id: opt_str(obj, "AccountId")?.map(str::to_string),
-        time: opt_str(obj, "Time")?.map(str::to_string),
+        account_id: short_field(obj, "AccountId")?.map(str::to_string),
+        time: short_field(obj, "Time")?.map(str::to_string),
         envelope,
     }))
 }
@@ -479,6 +482,22 @@ fn opt_str<'a>(
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(Reject::NotAString { field }),
     }
+}
+
+/// An optional field AWS keeps short (`Time`, `AccountId`): refused when longer than
+/// [`MAX_SHORT_FIELD_LEN`] or holding control characters.
+fn short_field<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, Reject> {
+    let s = opt_str(obj, field)?;
+    if s.is_some_and(|s| s.len() > MAX_SHORT_FIELD_LEN || s.chars().any(char::is_control)) {
+        return Err(Reject::Invalid {
+            field,
+            reason: format!("longer than {MAX_SHORT_FIELD_LEN} characters, or not printable"),
+        });
+    }
+    Ok(s)
 }
 
 /// Group and hook names: AWS allows 1..=255 characters without control characters. They are
@@ -551,6 +570,26 @@ mod tests {
         );
         assert_eq!(Metadata::parse(Some("[1]")), Metadata::Text("[1]".into()));
         assert_eq!(Metadata::parse(None), Metadata::None);
+    }
+
+    #[test]
+    fn fields_a_sender_could_make_huge_are_bounded() {
+        let huge = "9".repeat(200_000);
+        for field in ["Time", "AccountId"] {
+            let mut body = serde_json::json!({
+                "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+                "AutoScalingGroupName": "g", "LifecycleHookName": "h",
+                "EC2InstanceId": "i-0123456789abcdef0",
+                "LifecycleActionToken": "0e1d2c3b-4a59-4687-9a1b-2c3d4e5f6a01",
+                "Time": "2026-11-21T10:20:00.000Z", "AccountId": "123456789012",
+            });
+            assert!(matches!(parse(&body.to_string()), Parsed::Event(_)));
+            body[field] = huge.clone().into();
+            assert!(
+                matches!(parse(&body.to_string()), Parsed::Reject(Reject::Invalid { field: f, .. }) if f == field),
+                "{field}"
+            );
+        }
     }
 
     #[test]

@@ -89,6 +89,15 @@ impl Lease {
         }
     }
 
+    /// A heartbeat of this lease's action succeeded outside the lease (the proof that
+    /// confirmed it): counted, and the action known alive now.
+    pub fn beaten(&self) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+        self.beat_at
+            .store(crate::clock::now_ms().max(1) as u64, Ordering::Relaxed);
+        Stats::inc(&self.inner.stats.heartbeats);
+    }
+
     /// Starts heartbeating an action (once its hook's timeout is known) every `every`,
     /// the first beat as `first` says.
     pub fn beat(&self, action: Action, every: Duration, first: Beat) {

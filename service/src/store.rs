@@ -506,34 +506,33 @@ impl Claims for Store {
         .await
     }
 
-    async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError> {
+    async fn decide(
+        &self,
+        token: &str,
+        owner: &str,
+        result: HookResult,
+    ) -> Result<bool, ClaimError> {
         let (token, owner) = (token.to_string(), owner.to_string());
-        let changed = self
-            .claim_call(move |c| {
-                c.execute(
-                    "UPDATE actions SET state = 'decided', result = ?3, updated_at = ?4
-                     WHERE token = ?1 AND owner = ?2 AND state <> 'done'",
-                    params![token, owner, result.as_str(), now_ms()],
-                )
-            })
-            .await?;
-        match changed {
-            1 => Ok(()),
-            _ => Err(ClaimError::new(
-                &*self.label,
-                "the claim is no longer ours (taken over after its lease expired, or done)",
-            )),
-        }
-    }
-
-    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError> {
-        let (token, result) = (token.to_string(), result.as_str());
         self.claim_call(move |c| {
             c.execute(
-                "UPDATE actions SET state = 'done', result = ?2, updated_at = ?3 WHERE token = ?1",
-                params![token, result, now_ms()],
+                "UPDATE actions SET state = 'decided', result = ?3, updated_at = ?4
+                 WHERE token = ?1 AND owner = ?2 AND state <> 'done'",
+                params![token, owner, result.as_str(), now_ms()],
             )
-            .map(|_| ())
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn done(&self, token: &str, owner: &str, result: Completion) -> Result<bool, ClaimError> {
+        let (token, owner, result) = (token.to_string(), owner.to_string(), result.as_str());
+        self.claim_call(move |c| {
+            c.execute(
+                "UPDATE actions SET state = 'done', result = ?3, updated_at = ?4
+                 WHERE token = ?1 AND owner = ?2 AND state <> 'done'",
+                params![token, owner, result, now_ms()],
+            )
+            .map(|n| n == 1)
         })
         .await
     }
@@ -584,14 +583,17 @@ mod tests {
             s.claim("t1", "b", r1, LEASE).await.unwrap(),
             Claim::Held { owner, .. } if owner == "a"
         ));
-        s.decide("t1", "a", HookResult::Abandon).await.unwrap();
+        assert!(s.decide("t1", "a", HookResult::Abandon).await.unwrap());
         assert_eq!(
             s.claim("t1", "a", r1, LEASE).await.unwrap(),
             Claim::Decided(HookResult::Abandon)
         );
-        s.done("t1", Completion::Completed(HookResult::Abandon))
-            .await
-            .unwrap();
+        let done = Completion::Completed(HookResult::Abandon);
+        assert!(
+            !s.done("t1", "b", done).await.unwrap(),
+            "only its owner ends it"
+        );
+        assert!(s.done("t1", "a", done).await.unwrap());
         assert_eq!(
             s.claim("t1", "d", r1, LEASE).await.unwrap(),
             Claim::Done {
@@ -614,8 +616,10 @@ mod tests {
             }
         );
         assert!(!s.renew("t3", "a", LEASE).await.unwrap());
-        assert!(s.decide("t3", "a", HookResult::Continue).await.is_err());
-        s.decide("t3", "b", HookResult::Continue).await.unwrap();
+        assert!(!s.decide("t3", "a", HookResult::Continue).await.unwrap());
+        assert!(s.decide("t3", "b", HookResult::Continue).await.unwrap());
+        let done = Completion::Completed(HookResult::Continue);
+        assert!(!s.done("t3", "a", done).await.unwrap(), "fenced: a lost it");
         assert_eq!(
             s.peek("t3", "b").await.unwrap(),
             Claim::Decided(HookResult::Continue)

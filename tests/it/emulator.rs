@@ -917,7 +917,15 @@ async fn forged_messages_run_nothing_and_the_hooks_metadata_wins() {
         "{rejected:?}"
     );
     assert!(
-        rejected.iter().any(|e| e.contains("\"web-other\"")),
+        rejected
+            .iter()
+            .all(|e| e.contains("not the instance's active lifecycle action")),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .any(|e| e.contains("not listed in group \"web-f\"")),
         "{rejected:?}"
     );
     assert!(

@@ -925,7 +925,8 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/done"] } ]
     // step, so it holds up nothing and never reaches DescribeInstances or SSH.
     let err = run_error(&p, gone);
     assert!(
-        err.contains("forged or stale: ") && err.contains("not in an Auto Scaling group"),
+        err.contains("forged or stale: ")
+            && err.contains("not the instance's active lifecycle action"),
         "{err}"
     );
     let run = p

@@ -225,7 +225,12 @@ impl Claims for DynamoClaims {
         Ok(self.conditional("UpdateItem", b).await?.is_some())
     }
 
-    async fn decide(&self, token: &str, owner: &str, result: HookResult) -> Result<(), ClaimError> {
+    async fn decide(
+        &self,
+        token: &str,
+        owner: &str,
+        result: HookResult,
+    ) -> Result<bool, ClaimError> {
         let b = self
             .update(
                 token,
@@ -238,25 +243,22 @@ impl Claims for DynamoClaims {
             .expression_attribute_values(":done", s("done"))
             .expression_attribute_values(":result", s(result.as_str()))
             .expression_attribute_values(":expires", expires_at());
-        match self.conditional("UpdateItem", b).await? {
-            Some(_) => Ok(()),
-            None => Err(ClaimError::new(
-                self.describe(),
-                "the claim is no longer ours (taken over after its lease expired, or done)",
-            )),
-        }
+        Ok(self.conditional("UpdateItem", b).await?.is_some())
     }
 
-    async fn done(&self, token: &str, result: Completion) -> Result<(), ClaimError> {
+    async fn done(&self, token: &str, owner: &str, result: Completion) -> Result<bool, ClaimError> {
         let b = self
             .update(
                 token,
                 "SET #state = :done, #result = :result, #expires = :expires",
             )
+            .expression_attribute_names("#owner", "owner")
+            .condition_expression("#owner = :me AND #state <> :done")
+            .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":done", s("done"))
             .expression_attribute_values(":result", s(result.as_str()))
             .expression_attribute_values(":expires", expires_at());
-        self.conditional("UpdateItem", b).await.map(|_| ())
+        Ok(self.conditional("UpdateItem", b).await?.is_some())
     }
 
     async fn release(&self, token: &str, owner: &str) -> Result<(), ClaimError> {

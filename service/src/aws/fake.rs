@@ -55,7 +55,16 @@ impl Hooks for FakeHooks {
             .lock()
             .unwrap()
             .push(action.token.clone().unwrap_or_default());
-        if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+        // As Auto Scaling does: only a waiting instance of the action's group has an active
+        // action (the fakes tie a token to its instance; the one hook is "launch").
+        let active = self
+            .members
+            .lock()
+            .unwrap()
+            .get(action.instance_id.as_str())
+            .is_some_and(|m| m.group == action.group && m.state.as_str().ends_with(":Wait"))
+            && action.hook == "launch";
+        if self.gone.load(std::sync::atomic::Ordering::Relaxed) || !active {
             return Ok(ActionCall::NotActive(
                 "No active Lifecycle Action found".into(),
             ));

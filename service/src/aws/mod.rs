@@ -120,6 +120,11 @@ pub enum ErrorClass {
     Timeout,
     /// The connection failed or broke (refused, reset, DNS).
     Connection,
+    /// The request's credentials or signature went stale on the way: a session token that
+    /// expired before the SDK refreshed it (`ExpiredToken`), a clock step that made the
+    /// signature's time wrong (`RequestExpired`, `SignatureDoesNotMatch`,
+    /// `RequestTimeTooSkewed`). The next attempt signs afresh with refreshed credentials.
+    Credentials,
     /// The request was refused as invalid (4xx `ValidationError`, `InvalidParameter...`).
     Validation,
     /// What the request names does not exist (4xx `...NotFound`, `NoSuch...`).
@@ -140,6 +145,7 @@ impl ErrorClass {
                 | ErrorClass::Server
                 | ErrorClass::Timeout
                 | ErrorClass::Connection
+                | ErrorClass::Credentials
         )
     }
 
@@ -149,6 +155,7 @@ impl ErrorClass {
             ErrorClass::Server => "transient: server error",
             ErrorClass::Timeout => "transient: timeout",
             ErrorClass::Connection => "transient: connection error",
+            ErrorClass::Credentials => "transient: stale credentials or signature",
             ErrorClass::Validation => "permanent: invalid request",
             ErrorClass::NotFound => "permanent: not found",
             ErrorClass::Access => "permanent: access denied",
@@ -208,6 +215,12 @@ fn class_of_code(code: &str) -> Option<ErrorClass> {
         | "ServiceUnavailableException"
         | "Unavailable" => ErrorClass::Server,
         "RequestTimeout" | "RequestTimeoutException" => ErrorClass::Timeout,
+        "ExpiredToken"
+        | "ExpiredTokenException"
+        | "RequestExpired"
+        | "SignatureDoesNotMatch"
+        | "RequestTimeTooSkewed"
+        | "InvalidSignatureException" => ErrorClass::Credentials,
         // SQS: a receipt that is stale, or a message no longer in flight.
         "ReceiptHandleIsInvalid" | "MessageNotInflight" => ErrorClass::Validation,
         "AccessDenied"
@@ -216,10 +229,7 @@ fn class_of_code(code: &str) -> Option<ErrorClass> {
         | "AuthFailure"
         | "InvalidClientTokenId"
         | "UnrecognizedClientException"
-        | "SignatureDoesNotMatch"
         | "IncompleteSignature"
-        | "ExpiredToken"
-        | "ExpiredTokenException"
         | "MissingAuthenticationToken"
         | "OptInRequired" => ErrorClass::Access,
         c if c.contains("NotFound") || c.starts_with("NoSuch") || c.contains("DoesNotExist") => {
@@ -294,6 +304,25 @@ mod tests {
         assert!(Timeout.is_transient() && Connection.is_transient());
         // An answer that could not be read at all.
         assert_eq!(ErrorClass::of(None, None), Server);
+    }
+
+    #[test]
+    fn stale_credentials_and_clock_blips_are_transient_and_denials_are_not() {
+        // A session token refreshed late, or a clock step at signing: the next attempt signs
+        // afresh. Completing must not give up on them (the hook would time out).
+        for code in [
+            "ExpiredToken",
+            "ExpiredTokenException",
+            "RequestExpired",
+            "SignatureDoesNotMatch",
+            "RequestTimeTooSkewed",
+        ] {
+            assert_eq!(of(400, Some(code)), Credentials, "{code}");
+        }
+        assert!(Credentials.is_transient());
+        assert_eq!(of(403, Some("AccessDenied")), Access);
+        assert_eq!(of(403, Some("InvalidClientTokenId")), Access);
+        assert!(!Access.is_transient());
     }
 
     #[test]

@@ -1,21 +1,32 @@
 //! Claiming a lifecycle action before working it, and holding the claim while it runs.
 //!
-//! Two claims, one inside the other: in this process, the same token is worked by one task
-//! at a time (a second delivery waits for the first, then finds it done); in the claim store
+//! Two claims, one inside the other: in this process, one instance is worked by one task at
+//! a time (a second delivery waits for the first, then finds it done); in the claim store
 //! ([`crate::claims`]: SQLite for one host, DynamoDB for a fleet) the token's claim says
 //! whether the action is new, decided (steps ran, completion left) or done, and who holds it.
 //! A delivery whose token another live owner holds waits for it the same way, its message
 //! kept hidden: it is not released to come back (that would spend the queue's receive count),
-//! and not deleted (the holder may die, and its copy may be this very message). The holder
-//! renews its lease every third of `state.claim_lease` ([`Keeper`]); a claim that was taken
-//! over stops the steps. Owns neither the steps nor the completion.
+//! and not deleted (the holder may die, and its copy may be this very message).
+//!
+//! **Fencing.** The holder renews its lease every third of `state.claim_lease` ([`Keeper`]),
+//! each renewal bounded to a sixth of it (a failed one is tried again every twelfth). The
+//! keeper stops the run's steps when the claim was taken over, and also *before the lease
+//! could lapse unrenewed*: at three quarters of the lease after the last renewal that
+//! succeeded (counted from before it was sent, on this host's monotonic clock). Another
+//! owner takes over only once the lease is over by its own wall clock, so hosts whose
+//! clocks differ by less than a quarter of the lease (15 s for the default minute, less the
+//! moment it takes to stop a step) never act at once. The decision and `done` are written
+//! only while the owner is still this process's (the owner id, unique per process, is the
+//! fencing value a takeover replaces); a run that lost its claim completes nothing.
+//! Owns neither the steps nor the completion.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -25,13 +36,13 @@ use crate::clock::now_ms;
 use crate::layer::Layer;
 use crate::retry::{in_flight_rounds, Retry};
 
-/// Tokens being worked in this process; a second delivery of one waits on it.
+/// Instances being worked in this process; a second delivery for one waits on it.
 #[derive(Default)]
 pub(super) struct Working(Mutex<HashMap<String, watch::Receiver<bool>>>);
 
 impl Working {
-    /// Waits until no other task of this process works `token`, then marks it worked until
-    /// the guard is dropped. None when cancelled while waiting.
+    /// Waits until no other task of this process works `key` (an instance), then marks it
+    /// worked until the guard is dropped. None when cancelled while waiting.
     pub(super) async fn enter(
         &self,
         token: &str,
@@ -53,7 +64,7 @@ impl Working {
                     }
                 }
             };
-            info!("same lifecycle action is being worked on here; waiting for it");
+            info!("the same instance is being worked on here; waiting for that run");
             tokio::select! {
                 _ = busy.wait_for(|done| *done) => {}
                 _ = cancel.cancelled() => return None,
@@ -76,32 +87,90 @@ impl Drop for WorkingGuard<'_> {
     }
 }
 
-/// Renews a claim's lease while its run holds it; cancels `lost` when another owner has
-/// taken it over. Stops when dropped.
+/// Why a run's claim stopped being its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lost {
+    /// Another owner took it over (this run's lease had expired).
+    TakenOver,
+    /// Renewals failed until the lease was about to lapse: the run stopped before anyone
+    /// could take it over.
+    Lapsed,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lost::TakenOver => "another owner took the claim over (this run's lease had expired)",
+            Lost::Lapsed => "the claim's lease could not be renewed before it would lapse",
+        })
+    }
+}
+
+/// Renews a claim's lease while its run holds it; sets `lost` and cancels `stop` when the
+/// claim was taken over, or before its lease could lapse unrenewed. Stops when dropped.
 pub(super) struct Keeper {
     task: JoinHandle<()>,
 }
 
+/// The claim a keeper keeps.
+pub(super) struct Held {
+    pub(super) claims: Arc<dyn Claims>,
+    pub(super) token: String,
+    pub(super) owner: String,
+    pub(super) lease: Duration,
+    /// When the call that won (or last renewed) the claim was sent.
+    pub(super) since: Instant,
+}
+
+impl Held {
+    /// When this host stops acting on the claim unless renewed: a quarter of the lease
+    /// before it ends, the margin for other hosts' clocks.
+    fn stop_at(&self) -> Instant {
+        self.since + self.lease - self.lease / 4
+    }
+}
+
 impl Keeper {
-    fn spawn(
-        claims: Arc<dyn Claims>,
-        token: String,
-        owner: String,
-        lease: Duration,
-        lost: CancellationToken,
+    pub(super) fn spawn(
+        mut held: Held,
+        lost: Arc<OnceLock<Lost>>,
+        stop: CancellationToken,
     ) -> Keeper {
-        let fire = lost;
         let task = tokio::spawn(async move {
+            let fire = |why: Lost| {
+                warn!(reason = %why, "stopping the steps: the claim on this lifecycle action is no longer ours");
+                let _ = lost.set(why);
+                stop.cancel();
+            };
+            let mut next = held.since + held.lease / 3;
             loop {
-                tokio::time::sleep(lease / 3).await;
-                match claims.renew(&token, &owner, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!("the claim on this lifecycle action was taken over by another owner (its lease had expired); stopping the steps");
-                        fire.cancel();
-                        return;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(held.stop_at()) => return fire(Lost::Lapsed),
+                    _ = tokio::time::sleep_until(next) => {}
+                }
+                let sent = Instant::now();
+                let renewal = tokio::time::timeout(
+                    held.lease / 6,
+                    held.claims.renew(&held.token, &held.owner, held.lease),
+                );
+                let renewed = tokio::select! {
+                    r = renewal => r,
+                    _ = tokio::time::sleep_until(held.stop_at()) => return fire(Lost::Lapsed),
+                };
+                match renewed {
+                    Ok(Ok(true)) => {
+                        held.since = sent;
+                        next = sent + held.lease / 3;
                     }
-                    Err(e) => warn!(error = %e, "could not renew the claim's lease; trying again"),
+                    Ok(Ok(false)) => return fire(Lost::TakenOver),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "could not renew the claim's lease; trying again");
+                        next = Instant::now() + held.lease / 12;
+                    }
+                    Err(_) => {
+                        warn!(timeout = ?held.lease / 6, "renewing the claim's lease did not answer in time; trying again");
+                        next = Instant::now() + held.lease / 12;
+                    }
                 }
             }
         });
@@ -121,12 +190,12 @@ fn poll_every(lease: Duration) -> Duration {
 }
 
 impl<'a> Run<'a> {
-    /// Waits until no other task of this process works the run's token.
+    /// Waits until no other task of this process works the run's instance.
     pub(super) async fn wait_turn(&self) -> Result<WorkingGuard<'a>, End> {
-        let token = &self.job.event.token;
+        let instance = self.job.event.instance_id.as_str();
         self.p
             .working
-            .enter(token, self.cancel)
+            .enter(instance, self.cancel)
             .await
             .ok_or(End::Cancelled)
     }
@@ -142,7 +211,11 @@ impl<'a> Run<'a> {
         self.report.run_id = Some(run_id);
         let token = &self.job.event.token;
         let lease = p.cfg.state.claim_lease;
-        let claim_it = || p.claims.claim(token, &p.owner, run_id, lease);
+        let sent = Mutex::new(Instant::now());
+        let claim_it = || {
+            *sent.lock().unwrap() = Instant::now();
+            p.claims.claim(token, &p.owner, run_id, lease)
+        };
         let mut claim = self.in_flight(claim_it).await?;
         while let Claim::Held { owner, until_ms } = &claim {
             info!(holder = %owner, lease_left_ms = until_ms - now_ms(),
@@ -176,6 +249,7 @@ impl<'a> Run<'a> {
             _ => {}
         }
         self.claimed = true;
+        self.claimed_at = Some(*sent.lock().unwrap());
         Ok(claim)
     }
 
@@ -197,16 +271,17 @@ impl<'a> Run<'a> {
     }
 
     /// Holds the won claim until the returned keeper is dropped. The token fires when the
-    /// run must stop: the source's cancellation, or another owner taking the claim over.
+    /// run must stop: the source's cancellation, or the claim no longer ours.
     pub(super) fn hold_claim(&self) -> (Keeper, CancellationToken) {
         let stop = self.cancel.child_token();
-        let keeper = Keeper::spawn(
-            self.p.claims.clone(),
-            self.job.event.token.clone(),
-            self.p.owner.clone(),
-            self.p.cfg.state.claim_lease,
-            stop.clone(),
-        );
+        let held = Held {
+            claims: self.p.claims.clone(),
+            token: self.job.event.token.clone(),
+            owner: self.p.owner.clone(),
+            lease: self.p.cfg.state.claim_lease,
+            since: self.claimed_at.unwrap_or_else(Instant::now),
+        };
+        let keeper = Keeper::spawn(held, self.lost.clone(), stop.clone());
         (keeper, stop)
     }
 }

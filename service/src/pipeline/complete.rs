@@ -14,10 +14,12 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::run::{End, Run};
 use crate::aws::{Action, ActionCall, AwsError};
+use crate::event::Transition;
 use crate::outcome::{Completion, HookResult, Outcome};
 use crate::retry::{in_flight_rounds, with_backoff, Retry};
 
@@ -37,15 +39,26 @@ enum Completed {
 
 impl Run<'_> {
     /// Completes the action with `result` (or, as the job says, leaves it), and marks the
-    /// claim done with what that came to.
-    pub(super) async fn complete(&mut self, result: HookResult) -> Result<(), End> {
+    /// claim done with what that came to. `stop` (shutdown, or the claim no longer ours)
+    /// ends the completion's later rounds.
+    pub(super) async fn complete(
+        &mut self,
+        result: HookResult,
+        stop: &CancellationToken,
+    ) -> Result<(), End> {
         let Some(action) = self.job.completing().cloned() else {
             info!(%result, "steps done; the lifecycle action is left as it is (not completing)");
             self.mark_done(Completion::NotCompleted).await;
             return Ok(());
         };
-        match self.complete_action(&action, result).await {
-            Completed::Final(c) => self.report.hook_result = Some(c),
+        match self.complete_action(&action, result, stop).await {
+            Completed::Final(c) => {
+                self.report.hook_result = Some(c);
+                if c == Completion::Completed(result) {
+                    self.forget_host_keys(result);
+                }
+            }
+            Completed::Transient(_) if self.lost.get().is_some() => return Err(self.stopped()),
             // Stopped by shutdown (or the action's global timeout) while completing still
             // failed: back after the retry delay, its decision kept for the next delivery.
             Completed::Transient(e) => return Err(End::CompletionPending(e)),
@@ -73,7 +86,7 @@ impl Run<'_> {
         action: &Action,
         result: HookResult,
     ) -> Result<(), End> {
-        match self.complete_action(action, result).await {
+        match self.complete_action(action, result, self.cancel).await {
             Completed::Final(c) => self.report.hook_result = Some(c),
             Completed::Transient(e) => return Err(End::CompletionPending(e)),
             Completed::Permanent(e) => self.report.error = Some(e.to_string()),
@@ -81,16 +94,34 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The action was completed with `result`: when that sends the instance away (its
+    /// terminate action, or an ABANDONed launch), its host keys are forgotten. Only after
+    /// AWS's answer: until then the instance may still be worked. One returning to the warm
+    /// pool comes back with the same keys: they stay.
+    fn forget_host_keys(&self, result: HookResult) {
+        let phase = self.job.event.phase();
+        let leaving = !phase.instance_stays()
+            || (result == HookResult::Abandon && phase.transition() == Transition::Launch);
+        if let (true, Some(r)) = (leaving, &self.p.shared.remote) {
+            r.forget(&self.job.event.instance_id);
+        }
+    }
+
     /// Completes `action` with `result`. The first round (`aws.retry_for`) runs to its end
-    /// even during shutdown; later rounds run while the action can be completed and the
-    /// source has not stopped waiting.
-    async fn complete_action(&self, action: &Action, result: HookResult) -> Completed {
+    /// even during shutdown; later rounds run while the action can be completed and `stop`
+    /// has not fired.
+    async fn complete_action(
+        &self,
+        action: &Action,
+        result: HookResult,
+        stop: &CancellationToken,
+    ) -> Completed {
         let p = self.p;
         let until = self.completable_until().await;
         let says = "completing still fails for a transient reason; the message stays in flight and the action heartbeated";
         let rounds = Retry::new(in_flight_rounds(p.cfg.aws.retry_for), says)
             .until(until)
-            .unless(self.cancel);
+            .unless(stop);
         let answer = rounds
             .run(|| with_backoff(p.cfg.aws.retry_for, || p.hooks.complete(action, result)))
             .await;

@@ -207,6 +207,18 @@ impl Pipeline {
         crate::layer::route(&self.cfg.layers, event)
     }
 
+    /// Whether some layer could take the job: it names one, or a layer's groups match its
+    /// group's name. The cheap check before anything is asked of AWS for a message (the
+    /// metadata a layer may also match is the hook's, known only once verified).
+    fn could_route(&self, job: &Job) -> bool {
+        job.layer.is_some()
+            || self
+                .cfg
+                .layers
+                .iter()
+                .any(|l| l.matcher.groups.iter().any(|g| g.matches(&job.event.group)))
+    }
+
     /// The layer a job runs: the one it names, else the one its event routes to.
     fn layer_for(&self, job: &Job) -> Option<&Layer> {
         match &job.layer {

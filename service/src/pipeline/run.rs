@@ -7,17 +7,17 @@
 //! turns how the run ended into its record. The stages themselves live in the files named
 //! beside each call.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::claim::WorkingGuard;
+use super::claim::{Lost, WorkingGuard};
 use super::{Job, Pipeline, RunReport, Trust};
 use crate::aws::AwsError;
 use crate::claims::{Claim, ClaimError};
 use crate::config::Unmatched;
-use crate::event::Transition;
 use crate::lease::{Beat, Lease};
 use crate::outcome::{Completion, HookResult, Outcome};
 
@@ -28,8 +28,9 @@ pub(super) enum End {
     Unmatched,
     /// The source stopped waiting (shutdown, the Lambda deadline): the message goes back.
     Cancelled,
-    /// Another owner took the claim over (this run's lease had expired): the steps stopped.
-    ClaimLost,
+    /// The claim is no longer this run's: another owner took it over, or its lease could
+    /// not be renewed before it would lapse. The steps stopped; nothing is completed.
+    ClaimLost(Lost),
     /// The action was completed before: nothing runs.
     Duplicate,
     /// The claim store cannot claim or record the run.
@@ -48,7 +49,7 @@ impl End {
     fn outcome(&self) -> Outcome {
         match self {
             End::Unmatched => Outcome::Unmatched,
-            End::Cancelled | End::ClaimLost => Outcome::Released,
+            End::Cancelled | End::ClaimLost(_) => Outcome::Released,
             End::Duplicate => Outcome::Duplicate,
             End::Forged(_) => Outcome::Rejected,
             End::ClaimStore(_) | End::Unverified(_) | End::CompletionPending(_) => Outcome::Retry,
@@ -59,10 +60,9 @@ impl End {
     fn error(&self) -> Option<String> {
         match self {
             End::Unmatched | End::Cancelled | End::Duplicate => None,
-            End::ClaimLost => Some(
-                "another owner took the claim over (this run's lease had expired): the steps were stopped"
-                    .into(),
-            ),
+            End::ClaimLost(lost) => Some(format!(
+                "{lost}: the steps were stopped, nothing was completed"
+            )),
             End::ClaimStore(e) => Some(e.to_string()),
             End::Forged(why) => Some(format!("forged or stale: {why}")),
             End::Unverified(e) => Some(format!("cannot verify the lifecycle action: {e}")),
@@ -75,13 +75,13 @@ impl End {
     fn forgets_claim(&self) -> bool {
         matches!(
             self,
-            End::Cancelled | End::ClaimLost | End::Forged(_) | End::Unverified(_)
+            End::Cancelled | End::ClaimLost(_) | End::Forged(_) | End::Unverified(_)
         )
     }
 
     fn log(&self) {
         match self {
-            End::Unmatched | End::Cancelled | End::ClaimLost => {}
+            End::Unmatched | End::Cancelled | End::ClaimLost(_) => {}
             End::Duplicate => {
                 info!("lifecycle action already completed; acknowledging duplicate")
             }
@@ -108,6 +108,12 @@ pub(super) struct Run<'a> {
     pub(super) report: RunReport,
     /// Whether the claim store holds a claim of this run's.
     pub(super) claimed: bool,
+    /// When the call that won the claim was sent (the lease runs from then at the latest).
+    pub(super) claimed_at: Option<tokio::time::Instant>,
+    /// Whether Auto Scaling confirmed the action (and its token) for this run.
+    confirmed: bool,
+    /// Set by the claim's keeper when the claim stops being this run's.
+    pub(super) lost: Arc<OnceLock<Lost>>,
     /// This process's turn at the token, held until the run is recorded (and its claim,
     /// if forgotten, released), so a second delivery waiting here finds it settled.
     turn: Option<WorkingGuard<'a>>,
@@ -128,6 +134,9 @@ impl<'a> Run<'a> {
             cancel,
             report,
             claimed: false,
+            claimed_at: None,
+            confirmed: false,
+            lost: Arc::default(),
             turn: None,
         }
     }
@@ -138,35 +147,38 @@ impl<'a> Run<'a> {
         self.end(ended).await
     }
 
-    /// The story of one run, in the order it happens.
+    /// The story of one run, in the order it happens. Nothing is stored, claimed or run
+    /// for a message before Auto Scaling confirmed it and its token proved the action.
     async fn story(&mut self) -> Result<(), End> {
+        // The cheap check: some layer takes the group (by name), or nothing is asked of AWS.
+        if !self.p.could_route(&self.job) {
+            return Err(self.unmatched().await);
+        }
+        // One run per instance in this process; a second delivery waits (claim.rs).
+        self.turn = Some(self.wait_turn().await?);
+        // Auto Scaling's word, the token proven by the first heartbeat (verify.rs).
+        self.confirm().await?;
+        self.start_heartbeat().await;
+        // Routed on the hook's metadata and the phase AWS confirmed, not the message's.
         let Some(layer) = self.p.layer_for(&self.job) else {
             return Err(self.unmatched().await);
         };
         tracing::Span::current().record("layer", layer.name.as_str());
         self.report.layer = Some(layer.name.clone());
-        // The same token twice in this process waits for the first (claim.rs).
-        self.turn = Some(self.wait_turn().await?);
         // The history row, then the claim in the claim store (claim.rs).
         let claim = self.claim(layer).await?;
-        // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
+        // Ours until the run ends: renewed meanwhile; losing it stops the steps.
         let (_keeper, stop) = self.hold_claim();
         let result = match claim {
             Claim::Decided(result) => {
                 info!(%result, "steps already ran for this action; completing their decision");
-                self.start_heartbeat().await;
                 self.adopt_decision(result).await;
                 result
             }
-            _ => {
-                // Heartbeats first: a backlogged action may be close to its timeout.
-                self.start_heartbeat().await;
-                self.confirm(&stop).await?; // verify.rs
-                self.run_steps(layer, &stop).await? // steps.rs
-            }
+            _ => self.run_steps(layer, &stop).await?, // steps.rs
         };
-        self.decide(result).await;
-        self.complete(result).await // complete.rs
+        self.decide(result, &stop).await?;
+        self.complete(result, &stop).await // complete.rs
     }
 
     /// How the run ended, into its report, its claim and its history row; the result
@@ -174,6 +186,15 @@ impl<'a> Run<'a> {
     async fn end(mut self, ended: Result<(), End>) -> RunReport {
         if let Err(end) = ended {
             end.log();
+            // A run that ended before its row was opened (rejected, a duplicate, AWS not
+            // answering) is still recorded: once, finished, after the cheap checks passed.
+            if self.report.run_id.is_none() && !matches!(end, End::Cancelled | End::Unmatched) {
+                let layer = self.report.layer.clone();
+                match self.p.open_run(&self.job, layer.as_deref()).await {
+                    Ok(id) => self.report.run_id = Some(id),
+                    Err(e) => warn!(error = %e, "could not record the run"),
+                }
+            }
             if end.forgets_claim() && self.claimed {
                 if let Err(e) = self
                     .p
@@ -199,6 +220,10 @@ impl<'a> Run<'a> {
         let mut end = End::Unmatched;
         match (self.p.cfg.daemon.unmatched, self.job.completing().cloned()) {
             (Unmatched::Complete(result), Some(action)) => {
+                // Only an action Auto Scaling confirmed is completed for nobody's layer.
+                if let Err(not) = self.confirm().await {
+                    return not;
+                }
                 self.report.decision = Some(result);
                 self.report.cause = Some("no layer matches the group (daemon.unmatched)".into());
                 if let Err(pending) = self.complete_unworked(&action, result).await {
@@ -218,16 +243,17 @@ impl<'a> Run<'a> {
     }
 
     /// Joins the action's heartbeat to the lease, at a third of the hook's timeout. A
-    /// message that waited longer than that since it was sent is heartbeated at once.
+    /// proven action was just heartbeated (the proof is a heartbeat); an action read from
+    /// Auto Scaling by a manual run is heartbeated at once when it waited longer than that.
     async fn start_heartbeat(&self) {
         let Some(action) = &self.job.action else {
             return;
         };
         let every = self.p.verifier.heartbeat_every(action).await;
-        let waited = self.waited();
-        let beat = match waited {
+        let beat = match self.waited() {
+            _ if self.confirmed && self.job.trust == Trust::Verify => Beat::AfterInterval,
             Some(w) if w >= every => {
-                info!(waited = ?w, "the message waited long: heartbeating at once");
+                info!(waited = ?w, "the action waited long: heartbeating at once");
                 Beat::AtOnce
             }
             _ => Beat::AfterInterval,
@@ -235,17 +261,29 @@ impl<'a> Run<'a> {
         self.lease.beat(action.clone(), every, beat);
     }
 
-    /// Auto Scaling's confirmation of a job from a message; its metadata replaces the
-    /// message's. `stop` ends the asking early (shutdown, or the claim lost).
-    async fn confirm(&mut self, stop: &CancellationToken) -> Result<(), End> {
-        if self.job.trust == Trust::FromAutoScaling {
+    /// Auto Scaling's confirmation of a job from a message, its token proven by a
+    /// heartbeat (which counts as the action's first); its metadata replaces the
+    /// message's. A token AWS does not know is no action of ours unless the claim store
+    /// shows we finished it (a crash between completing and recording it): a duplicate.
+    async fn confirm(&mut self) -> Result<(), End> {
+        if self.confirmed || self.job.trust == Trust::FromAutoScaling {
             return Ok(());
         }
+        let Some(action) = self.job.action.clone() else {
+            return Ok(());
+        };
         let until = self.completable_until().await;
-        let verified = match self.p.verifier.confirm(&self.job.event, until, stop).await {
-            Err(End::Unverified(_)) if stop.is_cancelled() => return Err(self.stopped()),
+        let asked = self
+            .p
+            .verifier
+            .confirm(&self.job.event, &action, until, self.cancel);
+        let verified = match asked.await {
+            Err(End::Unverified(_)) if self.cancel.is_cancelled() => return Err(End::Cancelled),
+            Err(End::Forged(why)) => return Err(self.forged_or_finished(why).await),
             other => other?,
         };
+        self.lease.beaten();
+        self.confirmed = true;
         if verified.note.is_some() {
             self.report.note = verified.note;
         }
@@ -253,25 +291,61 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// A token Auto Scaling refused: forged, unless the claim store says this fleet
+    /// completed the action (or decided it, and the action is gone since).
+    async fn forged_or_finished(&mut self, why: String) -> End {
+        let token = &self.job.event.token;
+        match self.p.claims.peek(token, &self.p.owner).await {
+            Ok(Claim::Done { result, .. }) => {
+                self.report.hook_result = result;
+                End::Duplicate
+            }
+            Ok(Claim::Decided(result)) => {
+                info!(%result, "the action was decided by an earlier run and is no longer active: it was completed (or timed out) before that run could record it");
+                self.report.hook_result = Some(Completion::AlreadyFinished);
+                self.report.note = Some(format!(
+                    "decided {result} by an earlier run; the action was no longer active"
+                ));
+                End::Duplicate
+            }
+            _ => End::Forged(self.stale_hint(why).await),
+        }
+    }
+
+    /// A refused token's reason, with a hint when the message is older than its hook's
+    /// heartbeat timeout (a genuine message that waited that long found its action timed
+    /// out; nothing here can tell it from a forged one, so no result event says so).
+    async fn stale_hint(&self, why: String) -> String {
+        let ev = &self.job.event;
+        let timeout = self.p.verifier.hook(&ev.group, &ev.hook).await;
+        match (self.waited(), timeout) {
+            (Some(waited), Some(hook)) if waited > hook.heartbeat_timeout => format!(
+                "{why}; the message was sent {}s ago, past the hook's {}s heartbeat timeout: if genuine, its action timed out and Auto Scaling applied the hook's DefaultResult",
+                waited.as_secs(),
+                hook.heartbeat_timeout.as_secs()
+            ),
+            _ => why,
+        }
+    }
+
     /// The steps are over with `result`: the run's decision, remembered (and, in the run's
     /// row, its cause) before completing, so that a crash now only leaves the completion.
-    async fn decide(&mut self, result: HookResult) {
+    /// Fenced: a claim that is no longer this run's (taken over, or its lease lapsing) is
+    /// not decided, and nothing is completed.
+    async fn decide(&mut self, result: HookResult, stop: &CancellationToken) -> Result<(), End> {
         self.report.decide(result);
-        // The instance is going away (its terminate action, or an ABANDONed launch, is about
-        // to be completed): forget its host keys. One returning to the warm pool comes back
-        // with the same keys: they stay. A run that completes nothing leaves the instance as
-        // it is, and its keys with it.
-        let phase = self.job.event.phase();
-        let leaving = !phase.instance_stays()
-            || (result == HookResult::Abandon && phase.transition() == Transition::Launch);
-        if leaving && self.job.completing().is_some() {
-            if let Some(r) = &self.p.shared.remote {
-                r.forget(&self.job.event.instance_id);
+        let token = &self.job.event.token;
+        match self.p.claims.decide(token, &self.p.owner, result).await {
+            Ok(true) => {}
+            Ok(false) => return Err(End::ClaimLost(Lost::TakenOver)),
+            // Unknown whether it was written: the lease, renewed in time, still says the
+            // claim is ours (the keeper fires `stop` before it could lapse).
+            Err(e) => {
+                warn!(error = %e, "could not record the decision; completing within the lease")
             }
         }
-        let token = &self.job.event.token;
-        if let Err(e) = self.p.claims.decide(token, &self.p.owner, result).await {
-            warn!(error = %e, "could not record the decision; completing anyway");
+        if stop.is_cancelled() {
+            return Err(self.stopped());
         }
         if let Some(run_id) = self.report.run_id {
             let cause = self.report.cause.as_deref().unwrap_or_default();
@@ -279,6 +353,7 @@ impl<'a> Run<'a> {
                 warn!(error = %e, "could not record the decision's cause");
             }
         }
+        Ok(())
     }
 
     /// A redelivery of an action whose steps already ran: the run reports the decision
@@ -306,12 +381,12 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Why `stop` fired: the source stopped waiting, or another owner took the claim.
+    /// Why `stop` fired: the source stopped waiting, or the claim is no longer ours.
     pub(super) fn stopped(&self) -> End {
-        if self.cancel.is_cancelled() {
-            End::Cancelled
-        } else {
-            End::ClaimLost
+        match self.lost.get() {
+            _ if self.cancel.is_cancelled() => End::Cancelled,
+            Some(lost) => End::ClaimLost(*lost),
+            None => End::Cancelled,
         }
     }
 
@@ -321,11 +396,14 @@ impl<'a> Run<'a> {
         Some(SystemTime::now().duration_since(sent).unwrap_or_default())
     }
 
-    /// The action is finished for good (completed, found finished, or left as it is).
+    /// The action is finished for good (completed, found finished, or left as it is):
+    /// recorded while the claim is still this run's.
     pub(super) async fn mark_done(&self, completion: Completion) {
         let token = &self.job.event.token;
-        if let Err(e) = self.p.claims.done(token, completion).await {
-            warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)");
+        match self.p.claims.done(token, &self.p.owner, completion).await {
+            Ok(true) => {}
+            Ok(false) => warn!("the claim was taken over before the action's end was recorded; its new owner records it"),
+            Err(e) => warn!(error = %e, "could not record the action's end (a redelivery would find it finished in AWS)"),
         }
     }
 }
@@ -340,7 +418,8 @@ mod tests {
         let table = [
             (End::Unmatched, Outcome::Unmatched, false),
             (End::Cancelled, Outcome::Released, true),
-            (End::ClaimLost, Outcome::Released, true),
+            (End::ClaimLost(Lost::TakenOver), Outcome::Released, true),
+            (End::ClaimLost(Lost::Lapsed), Outcome::Released, true),
             (End::Duplicate, Outcome::Duplicate, false),
             (
                 End::ClaimStore(ClaimError::new("state store", "gone")),

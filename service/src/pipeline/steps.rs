@@ -132,8 +132,11 @@ impl Run<'_> {
         let r = tokio::select! {
             r = step.run(&ctx).instrument(span.clone()) => r,
             _ = stop.cancelled() => {
-                let why = if self.cancel.is_cancelled() { "shutdown" } else { "the claim was taken over" };
-                let _ = store.finish_step(run_id, at.idx, StepOutcome::Cancelled, why).await;
+                let why = match self.stopped() {
+                    End::ClaimLost(lost) => lost.to_string(),
+                    _ => "shutdown".to_string(),
+                };
+                let _ = store.finish_step(run_id, at.idx, StepOutcome::Cancelled, &why).await;
                 return StepEnd::Stopped;
             }
             _ = self.lease.gone().cancelled() => {

@@ -257,37 +257,29 @@ async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_hook_that_expired_is_reported_timed_out_not_success() {
+async fn a_message_whose_action_timed_out_before_pickup_runs_nothing_and_says_why() {
+    // Sent two minutes ago, past its 30 s heartbeat timeout: Auto Scaling no longer knows
+    // the token. Nothing runs, nothing is completed or published as failed (a forged
+    // message would look the same), and the reason says what probably happened.
     let hooks = hooks_with_timeout(30);
     hooks.gone.store(true, std::sync::atomic::Ordering::Relaxed);
-    hooks
-        .complete_script
-        .lock()
-        .unwrap()
-        .push_back(Ok(ActionCall::NotActive(
-            "No active Lifecycle Action found".into(),
-        )));
-    let w = world(
-        hooks,
-        FakeInstances {
-            delay: Duration::from_secs(600),
-            ..Default::default()
-        },
-    );
+    let w = world(hooks, FakeInstances::default());
     let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
-    // Sent two minutes ago, never heartbeated since: past its 30 s heartbeat timeout.
     let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
     body["Time"] = crate::clock::rfc3339(crate::clock::now_ms() - 120_000).into();
     m.body = body.to_string();
     assert_eq!(handle(&w, &m).await, Ack::Delete);
     let h = w.pipeline.store().history(None, 1).unwrap();
-    assert_eq!(
-        h[0].hook_result.map(|c| c.as_str()),
-        Some("timed-out"),
-        "{h:?}"
+    assert_eq!(h[0].outcome.as_str(), "rejected", "{h:?}");
+    assert_eq!(h[0].decision, None);
+    let error = h[0].error.as_deref().unwrap();
+    assert!(
+        error.contains("not the instance's active lifecycle action")
+            && error.contains("past the hook's 30s heartbeat timeout"),
+        "{error}"
     );
-    assert_eq!(h[0].outcome.as_str(), "failed");
-    assert_eq!(h[0].decision.map(|d| d.as_str()), Some("ABANDON"));
+    assert!(completions(&w).is_empty());
+    assert!(w.instances.tagged.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -314,6 +306,7 @@ async fn a_delivery_waiting_on_a_cancelled_run_works_the_action_whole() {
         inner: Store::in_memory().unwrap(),
         failures: 0.into(),
         transient: true,
+        hang_renewals: false,
         slow_release: Duration::from_secs(2),
     });
     let instances = FakeInstances {
@@ -411,7 +404,9 @@ async fn a_message_auto_scaling_does_not_confirm_runs_nothing() {
     assert!(h.iter().all(|r| r.outcome.as_str() == "rejected"), "{h:?}");
     let errors: Vec<&str> = h.iter().filter_map(|r| r.error.as_deref()).collect();
     assert!(
-        errors[1].starts_with("forged or stale: ") && errors[1].contains("other-group"),
+        errors[1].starts_with("forged or stale: ")
+            && errors[1].contains("not listed in group \"web-1\"")
+            && errors[1].contains("not the instance's active lifecycle action"),
         "{errors:?}"
     );
     assert!(
@@ -470,16 +465,18 @@ async fn a_message_that_waited_long_is_heartbeated_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_step_stops_when_a_heartbeat_finds_the_action_gone() {
     let w = world(
-        FakeHooks {
-            heartbeat_timeout: Duration::from_secs(30),
-            gone: true.into(),
-            ..Default::default()
-        },
+        hooks_with_timeout(30),
         FakeInstances {
             delay: Duration::from_secs(600),
             ..Default::default()
         },
     );
+    // The action is proven at pickup, then ends (timed out, or completed elsewhere).
+    let hooks = w.hooks.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        hooks.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     let started = Instant::now();
     let m = message("web-1", "t1", r#"{"environment":"p"}"#);
     assert_eq!(handle(&w, &m).await, Ack::Delete);
@@ -554,10 +551,9 @@ async fn a_token_another_owner_holds_waits_hidden_and_is_acknowledged_once_done(
         "it waits while the other owner's lease runs"
     );
     let claims: &dyn Claims = w.pipeline.store();
-    claims
-        .done("t-held", Completion::Completed(HookResult::Continue))
-        .await
-        .unwrap();
+    let done = Completion::Completed(HookResult::Continue);
+    let ended = claims.done("t-held", "other-host:1:0000abcd", done);
+    assert!(ended.await.unwrap());
     assert_eq!(task.await.unwrap(), Ack::Delete);
     assert!(w.instances.tagged.lock().unwrap().is_empty(), "no step ran");
     assert!(completions(&w).is_empty(), "nothing completed");
@@ -670,6 +666,8 @@ struct FlakyClaims {
     failures: std::sync::atomic::AtomicU32,
     transient: bool,
     slow_release: Duration,
+    /// Renewals never answer (a claim store that hangs).
+    hang_renewals: bool,
 }
 
 #[async_trait::async_trait]
@@ -702,6 +700,9 @@ impl Claims for FlakyClaims {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, crate::claims::ClaimError> {
+        if self.hang_renewals {
+            std::future::pending::<()>().await;
+        }
         self.inner.renew(token, owner, lease).await
     }
     async fn decide(
@@ -709,11 +710,16 @@ impl Claims for FlakyClaims {
         token: &str,
         owner: &str,
         result: HookResult,
-    ) -> Result<(), crate::claims::ClaimError> {
+    ) -> Result<bool, crate::claims::ClaimError> {
         self.inner.decide(token, owner, result).await
     }
-    async fn done(&self, token: &str, result: Completion) -> Result<(), crate::claims::ClaimError> {
-        self.inner.done(token, result).await
+    async fn done(
+        &self,
+        token: &str,
+        owner: &str,
+        result: Completion,
+    ) -> Result<bool, crate::claims::ClaimError> {
+        self.inner.done(token, owner, result).await
     }
     async fn release(&self, token: &str, owner: &str) -> Result<(), crate::claims::ClaimError> {
         tokio::time::sleep(self.slow_release).await;
@@ -730,7 +736,48 @@ fn flaky(failures: u32, transient: bool) -> Option<Arc<dyn Claims>> {
         failures: failures.into(),
         transient,
         slow_release: Duration::ZERO,
+        hang_renewals: false,
     }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_whose_renewals_hang_stops_before_its_lease_can_lapse() {
+    // The claim store stops answering renewals mid-steps (a host cut off from DynamoDB).
+    // Another host may take the claim over once the 3 s lease is over: this one must have
+    // stopped its steps before, decided nothing and completed nothing.
+    let claims: Arc<dyn Claims> = Arc::new(FlakyClaims {
+        inner: Store::in_memory().unwrap(),
+        failures: 0.into(),
+        transient: true,
+        slow_release: Duration::ZERO,
+        hang_renewals: true,
+    });
+    let slow = FakeInstances {
+        delay: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let w = world_with_claims(FakeHooks::default(), slow, Some(claims.clone()));
+    let started = Instant::now();
+    let m = message("web-1", "t-cut-off", r#"{"environment":"prod"}"#);
+    assert_eq!(handle(&w, &m).await, Ack::Release(Duration::ZERO));
+    let stopped_after = started.elapsed();
+    assert!(
+        stopped_after < Duration::from_secs(3),
+        "stopped {stopped_after:?} after claiming, a quarter of the lease before it lapses"
+    );
+    assert!(w.instances.tagged.lock().unwrap().is_empty());
+    assert!(completions(&w).is_empty(), "nothing completed");
+    assert!(
+        !matches!(
+            claims.peek("t-cut-off", "other").await.unwrap(),
+            Claim::Decided(_) | Claim::Done { .. }
+        ),
+        "nothing decided or done"
+    );
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    let error = h[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("could not be renewed"), "{h:?}");
+    assert_eq!(h[0].steps[0].outcome, "cancelled");
 }
 
 /// A launch handled with a claim store whose first `failures` claims fail.

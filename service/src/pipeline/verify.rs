@@ -1,19 +1,33 @@
 //! Showing a lifecycle action genuine before anything runs for it.
 //!
 //! Anyone allowed to send to the queue can write a message, so a message is a claim, not a
-//! fact. Before a step runs, Auto Scaling must confirm it: the group has the hook, the hook's
-//! transition is the message's, and the instance is a member of that group waiting in the
-//! transition's wait state. The metadata the steps see is the hook's own, never the
-//! message's copy. A group's member list (one DescribeAutoScalingGroups; one DescribeWarmPool
-//! for instances in its warm pool, which the group's list leaves out) answers for every
-//! instance of a burst for a couple of seconds, and hook descriptions come from the
-//! verifier's cache (which also answers each hook's heartbeat timeout), so verifying costs
-//! a call or two per group and burst, and adds no wait. A transient failure to ask keeps the
-//! message in flight and asks again with growing pauses, while the action can be completed.
+//! fact. Before anything is stored or runs for it, Auto Scaling must confirm it, in two
+//! parts:
+//!
+//! - **Described**: the group has the hook, and the hook's transition is the message's. The
+//!   group's recent member list (one DescribeAutoScalingGroups per group and burst; one
+//!   DescribeWarmPool for warm-pool actions) says which phase the instance waits for, so
+//!   that entering the warm pool, leaving it and returning to it are told apart by AWS's
+//!   word, not the message's.
+//! - **Proven**: a heartbeat naming the group, the hook, the instance and the message's token
+//!   ([`Verifier::confirm`]). Auto Scaling answers it only for that instance's active action
+//!   of that hook, so a message with a token of its sender's choosing is refused here. The
+//!   proof is also the action's first heartbeat (a backlogged action is kept alive at
+//!   pickup), and it costs one call per action: the price of never acting on a guess.
+//!
+//! A member list that does not show the instance waiting yet (Describe* lags the
+//! notification) does not reject a message: the proof decides, and the list is read again
+//! for the phase. The steps see the hook's metadata, never the message's copy.
+//!
+//! Junk is bounded in cost: every call made for a message that turns out forged is charged
+//! to a [`Budget`] that refills at [`JUNK_CALLS_PER_SECOND`]; while it is spent, asking
+//! about messages not yet confirmed waits. A genuine message costs the budget nothing, so
+//! without junk nothing ever waits, and with a flood of it Auto Scaling (whose quotas the
+//! genuine completions share) sees at most that rate from us on its behalf.
 //! Owns no decision about what a forged message becomes: the run ends as [`End::Forged`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::run::End;
-use crate::aws::{Action, AwsError, HookInfo, Hooks, LifecycleState, Membership};
+use crate::aws::{
+    Action, ActionCall, AwsError, ErrorClass, HookInfo, Hooks, LifecycleState, Membership,
+};
 use crate::cache::TtlCache;
 use crate::event::{LifecycleEvent, Metadata, Phase, Place};
 use crate::lease::heartbeat_interval;
@@ -34,6 +50,10 @@ const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
 const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
 /// Heartbeat interval when the hook cannot be described: short enough for the 30 s minimum.
 const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(10);
+/// The rate at which calls spent on forged messages are forgiven.
+pub(super) const JUNK_CALLS_PER_SECOND: f64 = 10.0;
+/// How many such calls may be spent at once before asking waits.
+const JUNK_BURST: f64 = 50.0;
 
 /// Each group's members and their lifecycle states, by instance id: its instances
 /// (DescribeAutoScalingGroups) and its warm pool's (DescribeWarmPool), which AWS lists apart.
@@ -48,6 +68,7 @@ pub(super) struct Verifier {
     rounds: Backoff,
     hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
     snapshots: Snapshots,
+    budget: Budget,
 }
 
 /// A confirmed action: the hook's metadata, and how the message differed.
@@ -85,6 +106,17 @@ enum Verdict {
     Forged(String),
 }
 
+/// What the descriptions say, before the proof.
+enum Described {
+    /// The group has the hook, of the message's transition; `waiting` is None when the
+    /// member list shows the instance waiting for the message's phase, else why not.
+    Hook {
+        hook: HookInfo,
+        waiting: Option<String>,
+    },
+    Forged(String),
+}
+
 impl Verifier {
     pub(super) fn new(hooks: Arc<dyn Hooks>, retry_for: Duration) -> Verifier {
         Verifier {
@@ -93,25 +125,91 @@ impl Verifier {
             rounds: in_flight_rounds(retry_for),
             hook_info: TtlCache::new(HOOK_INFO_TTL),
             snapshots: TtlCache::new(SNAPSHOT_TTL),
+            budget: Budget::new(JUNK_CALLS_PER_SECOND, JUNK_BURST),
         }
     }
 
-    /// Auto Scaling's confirmation of `ev`, asked again with growing pauses while asking
-    /// fails for a transient reason, until `until` (when the action can no longer be
-    /// completed) or `stop`.
+    /// Auto Scaling's confirmation of `ev`, its token proven by a heartbeat of `action`;
+    /// asked again with growing pauses while asking fails for a transient reason, until
+    /// `until` (when the action can no longer be completed) or `stop`.
     pub(super) async fn confirm(
         &self,
         ev: &LifecycleEvent,
+        action: &Action,
         until: Instant,
         stop: &CancellationToken,
     ) -> Result<Verified, End> {
         let says = "cannot verify the lifecycle action yet; the message stays in flight";
         let asking = Retry::new(self.rounds, says).until(until).unless(stop);
-        match asking.run(|| self.verify(ev)).await {
+        match asking.run(|| self.judge(ev, action)).await {
             Ok(Verdict::Genuine { metadata, note }) => Ok(Verified { metadata, note }),
             Ok(Verdict::Forged(why)) => Err(End::Forged(why)),
             Err(e) => Err(End::Unverified(e)),
         }
+    }
+
+    /// The descriptions, then the proof. A forged verdict is charged to the budget.
+    async fn judge(&self, ev: &LifecycleEvent, action: &Action) -> Result<Verdict, AwsError> {
+        self.budget.wait().await;
+        let (hook, waiting) = match self.describe(ev).await? {
+            Described::Forged(why) => {
+                self.budget.charge(1.0);
+                return Ok(Verdict::Forged(why));
+            }
+            Described::Hook { hook, waiting } => (hook, waiting),
+        };
+        let refused = match with_backoff(self.retry_for, || self.hooks.heartbeat(action)).await {
+            Ok(ActionCall::Done) => None,
+            Ok(ActionCall::NotActive(reason)) => Some(reason),
+            // A token or name AWS finds malformed: not an action either.
+            Err(e) if e.class == ErrorClass::Validation => Some(e.message),
+            Err(e) => return Err(e),
+        };
+        if let Some(reason) = refused {
+            self.budget.charge(1.0);
+            let seen = waiting.unwrap_or_else(|| "its member list shows it waiting".into());
+            return Ok(Verdict::Forged(format!(
+                "the token is not the instance's active lifecycle action ({seen}; Auto Scaling: {reason})"
+            )));
+        }
+        let note = match waiting {
+            None => None,
+            Some(why) => match self.seen_after_proof(ev, why).await {
+                Ok(note) => note,
+                Err(wrong) => return Ok(Verdict::Forged(wrong)),
+            },
+        };
+        Ok(self.hook_metadata(ev, hook, note).await)
+    }
+
+    /// A proven action the member list did not show waiting: the list is read afresh (it
+    /// may predate the action), then the instance alone (DescribeAutoScalingInstances, which
+    /// also sees warm pools). An instance AWS shows waiting for another phase is forged (the
+    /// message lies about where it goes); one not shown waiting yet stands on its proof,
+    /// and the note says so. Only a proven message gets here, so junk never pays for this.
+    async fn seen_after_proof(
+        &self,
+        ev: &LifecycleEvent,
+        why: String,
+    ) -> Result<Option<String>, String> {
+        let key = (ev.group.clone(), List::of(ev));
+        self.snapshots.invalidate(&key);
+        if let Ok(members) = self.members_of(&key).await {
+            if not_waiting(ev, members.get(ev.instance_id.as_str())).is_none() {
+                return Ok(None);
+            }
+        }
+        let member = with_backoff(self.retry_for, || self.hooks.membership(&ev.instance_id)).await;
+        if let Ok(Some(m)) = &member {
+            let other_wait = m.state.as_str().ends_with(":Wait");
+            if let Some(wrong) = not_waiting(ev, Some(m)).filter(|_| other_wait) {
+                return Err(wrong);
+            }
+        }
+        info!(%why, "Auto Scaling's descriptions do not show the instance waiting yet; the heartbeat proved the action");
+        Ok(Some(format!(
+            "Auto Scaling's descriptions did not show the action yet ({why}); its heartbeat proved it"
+        )))
     }
 
     /// How often to heartbeat `action`: a third of its hook's heartbeat timeout.
@@ -152,49 +250,31 @@ impl Verifier {
             .await
     }
 
-    /// Asks Auto Scaling whether `ev` describes an action that is waiting now. A transient
-    /// AWS error is returned as such; everything else is a verdict.
-    async fn verify(&self, ev: &LifecycleEvent) -> Result<Verdict, AwsError> {
+    /// What the descriptions say of `ev`: the hook and its transition, and whether the
+    /// group's recent member list (the group's, or its warm pool's for an action in the
+    /// pool) shows the instance waiting for the message's phase. A transient AWS error is
+    /// returned as such. Nothing here is read afresh for a message's sake but the hooks of
+    /// a group that lacks the message's hook (once, charged to the budget when still
+    /// missing): junk cannot make the shared lists be read again.
+    async fn describe(&self, ev: &LifecycleEvent) -> Result<Described, AwsError> {
         let Some(hook) = self.hook_of(ev).await? else {
-            return Ok(Verdict::Forged(format!(
+            return Ok(Described::Forged(format!(
                 "group {:?} has no lifecycle hook {:?}",
                 ev.group, ev.hook
             )));
         };
         if hook.transition != ev.transition {
-            return Ok(Verdict::Forged(format!(
+            return Ok(Described::Forged(format!(
                 "hook {:?} is a {} hook, the message says {}",
                 ev.hook,
                 hook.transition,
                 ev.transition.aws_name()
             )));
         }
-        let member = self.member(ev).await?;
-        if let Some(why) = not_waiting(ev, member.as_ref()) {
-            return Ok(Verdict::Forged(why));
-        }
-        Ok(self.hook_metadata(ev, hook).await)
-    }
-
-    /// The instance's membership: from the recent member list that should hold it (the
-    /// group's, or its warm pool's for an instance in the pool) when it confirms the event;
-    /// else from a fresh list (the cached one may predate the action); else, to say where
-    /// the instance is, from DescribeAutoScalingInstances.
-    async fn member(&self, ev: &LifecycleEvent) -> Result<Option<Membership>, AwsError> {
-        let id = ev.instance_id.as_str();
         let key = (ev.group.clone(), List::of(ev));
-        let cached = self.members_of(&key).await?;
-        if let Some(m) = cached
-            .get(id)
-            .filter(|m| not_waiting(ev, Some(m)).is_none())
-        {
-            return Ok(Some(m.clone()));
-        }
-        self.snapshots.invalidate(&key);
-        if let Some(m) = self.members_of(&key).await?.get(id) {
-            return Ok(Some(m.clone()));
-        }
-        with_backoff(self.retry_for, || self.hooks.membership(&ev.instance_id)).await
+        let members = self.members_of(&key).await?;
+        let waiting = not_waiting(ev, members.get(ev.instance_id.as_str()));
+        Ok(Described::Hook { hook, waiting })
     }
 
     async fn members_of(
@@ -239,6 +319,7 @@ impl Verifier {
         if let Some(h) = self.group_hooks(&ev.group).await?.get(&ev.hook) {
             return Ok(Some(h.clone()));
         }
+        self.budget.wait().await;
         self.hook_info.invalidate(&ev.group);
         Ok(self.group_hooks(&ev.group).await?.get(&ev.hook).cloned())
     }
@@ -255,14 +336,16 @@ impl Verifier {
 
     /// The hook's NotificationMetadata, which wins over the message's copy. When they differ
     /// the hook is described once more (an operator may just have edited it).
-    async fn hook_metadata(&self, ev: &LifecycleEvent, cached: HookInfo) -> Verdict {
+    async fn hook_metadata(
+        &self,
+        ev: &LifecycleEvent,
+        cached: HookInfo,
+        note: Option<String>,
+    ) -> Verdict {
         let from_hook = |h: &HookInfo| Metadata::parse(h.notification_metadata.as_deref());
         let mut metadata = from_hook(&cached);
         if metadata == ev.metadata {
-            return Verdict::Genuine {
-                metadata,
-                note: None,
-            };
+            return Verdict::Genuine { metadata, note };
         }
         self.hook_info.invalidate(&ev.group);
         match self.hook_of(ev).await {
@@ -274,19 +357,63 @@ impl Verifier {
         }
         if metadata == ev.metadata {
             info!("the hook's metadata changed since it was cached; using the new one");
-            return Verdict::Genuine {
-                metadata,
-                note: None,
-            };
+            return Verdict::Genuine { metadata, note };
         }
         warn!("the message's NotificationMetadata differs from the hook's; using the hook's");
+        let differs =
+            "the message's NotificationMetadata differs from the hook's; the hook's was used";
         Verdict::Genuine {
             metadata,
-            note: Some(
-                "the message's NotificationMetadata differs from the hook's; the hook's was used"
-                    .into(),
-            ),
+            note: Some(match note {
+                Some(n) => format!("{differs}; {n}"),
+                None => differs.into(),
+            }),
         }
+    }
+}
+
+/// Calls spent on messages that turned out forged, forgiven at `rate` per second up to
+/// `burst`: while the balance is below zero, asking about a message not yet confirmed
+/// waits. Genuine messages are never charged.
+struct Budget {
+    /// The balance, and when it was last brought up to date.
+    state: Mutex<(f64, Instant)>,
+    rate: f64,
+    burst: f64,
+}
+
+impl Budget {
+    fn new(rate: f64, burst: f64) -> Budget {
+        Budget {
+            state: Mutex::new((burst, Instant::now())),
+            rate,
+            burst,
+        }
+    }
+
+    /// The balance now.
+    fn balance(&self) -> f64 {
+        let mut st = self.state.lock().unwrap();
+        let now = Instant::now();
+        st.0 = (st.0 + (now - st.1).as_secs_f64() * self.rate).min(self.burst);
+        st.1 = now;
+        st.0
+    }
+
+    /// Waits while the balance is spent.
+    async fn wait(&self) {
+        loop {
+            let balance = self.balance();
+            if balance >= 0.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(-balance / self.rate)).await;
+        }
+    }
+
+    fn charge(&self, calls: f64) {
+        self.balance();
+        self.state.lock().unwrap().0 -= calls;
     }
 }
 
@@ -294,7 +421,10 @@ impl Verifier {
 fn not_waiting(ev: &LifecycleEvent, member: Option<&Membership>) -> Option<String> {
     let id = &ev.instance_id;
     let Some(m) = member else {
-        return Some(format!("instance {id} is not in an Auto Scaling group"));
+        return Some(format!(
+            "instance {id} is not listed in group {:?}",
+            ev.group
+        ));
     };
     if m.group != ev.group {
         return Some(format!(
