@@ -39,6 +39,11 @@ const KNOWN_HOSTS_PRUNE_EVERY: Duration = Duration::from_secs(6 * 3600);
 
 /// How long finished runs stay in the history.
 const HISTORY_KEEP: Duration = Duration::from_secs(90 * 86_400);
+/// The most rows of messages nothing ran for (rejected, skipped, unmatched) the history
+/// keeps, whatever their age: anyone allowed to send to the queue makes them.
+const JUNK_ROWS_KEEP: usize = 10_000;
+/// How often the daemon prunes its history while it runs.
+const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct App {
     pub pipeline: Arc<Pipeline>,
@@ -47,6 +52,27 @@ pub struct App {
     publisher_task: Option<JoinHandle<()>>,
     /// For the daemon's housekeeping (None when no step uses SSH).
     known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
+}
+
+/// Every [`HISTORY_PRUNE_EVERY`] while the daemon runs (it was pruned at start): finished
+/// runs older than [`HISTORY_KEEP`] go, and rows of messages nothing ran for beyond the
+/// newest [`JUNK_ROWS_KEEP`].
+async fn prune_history_while_running(store: Store) {
+    loop {
+        tokio::time::sleep(HISTORY_PRUNE_EVERY).await;
+        prune_history(&store).await;
+    }
+}
+
+async fn prune_history(store: &Store) {
+    match store.prune(HISTORY_KEEP, JUNK_ROWS_KEEP).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            runs = n,
+            "pruned history older than 90 days, and rows of unworked messages beyond the newest 10000"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not prune old history"),
+    }
 }
 
 /// At start and every [`KNOWN_HOSTS_PRUNE_EVERY`]: removes the known_hosts files of
@@ -142,11 +168,7 @@ impl App {
         let cfg = Arc::new(cfg);
         let store = Store::open(&cfg.state.path)
             .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
-        match store.prune(HISTORY_KEEP).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "pruned history older than 90 days"),
-            Err(e) => tracing::warn!(error = %e, "could not prune old history"),
-        }
+        prune_history(&store).await;
         let stats = Arc::new(Stats::default());
         let calls = CountCalls(stats.clone());
         let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
@@ -212,11 +234,16 @@ impl App {
         })
     }
 
-    /// The long-running daemon's housekeeping (not for one-shot commands): known_hosts files
-    /// of vanished instances are pruned at start and every few hours. Abort it at shutdown.
-    pub fn spawn_housekeeping(&self) -> Option<JoinHandle<()>> {
-        let (remote, instances) = self.known_hosts.clone()?;
-        Some(spawn_known_hosts_pruning(remote, instances))
+    /// The long-running daemon's housekeeping (not for one-shot commands): the history is
+    /// pruned every hour, and known_hosts files of vanished instances at start and every
+    /// few hours. Abort them at shutdown.
+    pub fn spawn_housekeeping(&self) -> Vec<JoinHandle<()>> {
+        let store = self.pipeline.store().clone();
+        let mut tasks = vec![tokio::spawn(prune_history_while_running(store))];
+        if let Some((remote, instances)) = self.known_hosts.clone() {
+            tasks.push(spawn_known_hosts_pruning(remote, instances));
+        }
+        tasks
     }
 
     /// Waits until every queued result event was published.

@@ -59,6 +59,17 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         cell.get_or_try_init(load).await.cloned()
     }
 
+    /// How long ago the key's value was loaded (zero while it loads; None: not cached).
+    pub fn age(&self, key: &K) -> Option<Duration> {
+        let map = self.map.lock().unwrap();
+        let (at, cell) = map.get(key)?;
+        Some(if cell.initialized() {
+            at.elapsed()
+        } else {
+            Duration::ZERO
+        })
+    }
+
     /// Forgets a key (after a lookup found the cached value stale).
     pub fn invalidate(&self, key: &K) {
         self.map.lock().unwrap().remove(key);

@@ -263,7 +263,7 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
         let housekeeping = match mode {
             Mode::Daemon => app.spawn_housekeeping(),
-            _ => None,
+            _ => Vec::new(),
         };
         let endpoint = match (mode, metrics_listen) {
             (Mode::Daemon, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
@@ -288,7 +288,7 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
         health.abort();
-        if let Some(h) = housekeeping {
+        for h in housekeeping {
             h.abort();
         }
         if let Some(e) = endpoint {

@@ -339,10 +339,17 @@ impl Store {
 
     /// Deletes runs and finished actions older than `keep`. Lifecycle actions live at most
     /// 48 hours in AWS, so a token older than that can never come back.
-    pub async fn prune(&self, keep: Duration) -> Result<usize, StoreError> {
+    pub async fn prune(&self, keep: Duration, junk_rows: usize) -> Result<usize, StoreError> {
         let cutoff = now_ms() - keep.as_millis() as i64;
         self.call(move |c| {
-            let n = c.execute("DELETE FROM runs WHERE received_at < ?1", [cutoff])?;
+            let mut n = c.execute("DELETE FROM runs WHERE received_at < ?1", [cutoff])?;
+            n += c.execute(
+                "DELETE FROM runs WHERE outcome IN ('rejected', 'skipped', 'unmatched')
+                 AND id NOT IN (SELECT id FROM runs
+                   WHERE outcome IN ('rejected', 'skipped', 'unmatched')
+                   ORDER BY id DESC LIMIT ?1)",
+                [junk_rows as i64],
+            )?;
             c.execute("DELETE FROM actions WHERE updated_at < ?1", [cutoff])?;
             Ok(n)
         })
@@ -571,6 +578,31 @@ mod tests {
 
     fn fresh() -> Claim {
         Claim::Fresh { from: None }
+    }
+
+    #[tokio::test]
+    async fn rows_of_unworked_messages_are_capped_and_worked_runs_kept() {
+        let s = Store::in_memory().unwrap();
+        let worked = s.insert_run(run("t-worked")).await.unwrap();
+        for i in 0..30 {
+            let junk = NewRun {
+                outcome: if i % 2 == 0 {
+                    Outcome::Rejected
+                } else {
+                    Outcome::Skipped
+                },
+                error: Some("junk"),
+                ..Default::default()
+            };
+            s.insert_run(junk).await.unwrap();
+        }
+        let removed = s.prune(Duration::from_secs(3600), 10).await.unwrap();
+        assert_eq!(removed, 20);
+        let left = s.history(None, 100).unwrap();
+        assert_eq!(left.len(), 11, "{left:?}");
+        assert!(left.iter().any(|r| r.id == worked), "the worked run stays");
+        // The newest junk stays.
+        assert!(left.iter().all(|r| r.id == worked || r.id > 21), "{left:?}");
     }
 
     #[tokio::test]

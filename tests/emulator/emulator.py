@@ -1133,18 +1133,30 @@ def _apps(environ: dict[str, Any]) -> set[str]:
     return apps
 
 
-def _fault_matches(fault: dict[str, Any], service: str, action: str) -> bool:
+def _fault_matches(fault: dict[str, Any], service: str, action: str, key: str | None) -> bool:
     fs, fa = fault.get("service") or "*", fault.get("action") or "*"
-    return (fs == "*" or fs.lower() == service.lower()) and (fa == "*" or fa.lower() == action.lower())
+    fk = fault.get("access_key")
+    return ((fs == "*" or fs.lower() == service.lower()) and (fa == "*" or fa.lower() == action.lower())
+            and (fk is None or fk == key))
 
 
-def _take_faults(service: str, action: str) -> tuple[float, str | None]:
-    """Consume the first matching delay fault and the first matching error fault (in order)."""
+_ACCESS_KEY_RE = re.compile(r"Credential=([^/,\s]+)/")
+
+
+def _access_key(environ: dict[str, Any]) -> str | None:
+    """The access key id a request was signed with (one client among several)."""
+    m = _ACCESS_KEY_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    return m.group(1) if m else None
+
+
+def _take_faults(service: str, action: str, key: str | None = None) -> tuple[float, str | None]:
+    """Consume the first matching delay fault and the first matching error fault (in order);
+    a fault with an `access_key` matches only requests signed with it."""
     delay, error = 0.0, None
     with LOCK:
         took_delay = took_error = False
         for fault in FAULTS:
-            if fault["count"] == 0 or not _fault_matches(fault, service, action):
+            if fault["count"] == 0 or not _fault_matches(fault, service, action, key):
                 continue
             is_delay = fault.get("error") is None
             if (is_delay and took_delay) or (not is_delay and took_error):
@@ -1315,6 +1327,8 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
                         "action": str(spec.get("action") or "*"),
                         "count": int(spec.get("count", 1)),
                     }
+                    if spec.get("access_key") is not None:
+                        fault["access_key"] = str(spec["access_key"])
                     if spec.get("error") is not None:
                         if spec["error"] not in FAULT_KINDS:
                             raise ValueError(f"error must be one of {', '.join(FAULT_KINDS)}")
@@ -1360,7 +1374,7 @@ class EmulatorApp:
             CALLS[f"{service}:{action}"] += 1
             for app in _apps(environ):
                 CALLS_BY_APP.setdefault(app, Counter())[f"{service}:{action}"] += 1
-        delay, error = _take_faults(service, action)
+        delay, error = _take_faults(service, action, _access_key(environ))
         if delay > 0:
             time.sleep(delay)
         if error == "reset":

@@ -17,4 +17,5 @@ mod lambda;
 mod monitoring;
 mod ssh_steps;
 mod ssm_opsworks;
+mod trust;
 mod warm_pools;

@@ -154,10 +154,12 @@ impl<'a> Run<'a> {
         if !self.p.could_route(&self.job) {
             return Err(self.unmatched().await);
         }
+        // Auto Scaling's word, the token proven by the first heartbeat (verify.rs). Asking
+        // changes nothing, so deliveries for one instance ask at once: junk naming an
+        // instance cannot hold up its genuine message.
+        self.confirm().await?;
         // One run per instance in this process; a second delivery waits (claim.rs).
         self.turn = Some(self.wait_turn().await?);
-        // Auto Scaling's word, the token proven by the first heartbeat (verify.rs).
-        self.confirm().await?;
         self.start_heartbeat().await;
         // Routed on the hook's metadata and the phase AWS confirmed, not the message's.
         let Some(layer) = self.p.layer_for(&self.job) else {

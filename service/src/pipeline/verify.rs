@@ -48,6 +48,11 @@ use crate::retry::{in_flight_rounds, with_backoff, Backoff, Retry};
 const SNAPSHOT_TTL: Duration = Duration::from_secs(2);
 /// How long a group's hook descriptions are trusted before being fetched again.
 const HOOK_INFO_TTL: Duration = Duration::from_secs(300);
+/// A message naming a hook the cached description of an existing group lacks has it
+/// described again once the description is this old (waiting until then if younger): a
+/// hook created just now is found, and junk naming made-up hooks costs a group at most
+/// one call per this much time.
+const HOOK_RECHECK_AFTER: Duration = Duration::from_secs(2);
 /// Heartbeat interval when the hook cannot be described: short enough for the 30 s minimum.
 const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(10);
 /// The rate at which calls spent on forged messages are forgiven.
@@ -66,9 +71,17 @@ pub(super) struct Verifier {
     retry_for: Duration,
     /// The pauses between rounds of asking while a message waits in flight.
     rounds: Backoff,
-    hook_info: TtlCache<String, Arc<HashMap<String, HookInfo>>>,
+    hook_info: TtlCache<String, Arc<GroupHooks>>,
     snapshots: Snapshots,
     budget: Budget,
+}
+
+/// A group's lifecycle hooks by name, as one DescribeLifecycleHooks said.
+#[derive(Default)]
+struct GroupHooks {
+    /// False when AWS knows no such group.
+    exists: bool,
+    by_name: HashMap<String, HookInfo>,
 }
 
 /// A confirmed action: the hook's metadata, and how the message differed.
@@ -216,7 +229,7 @@ impl Verifier {
     /// A hook that cannot be described is warned about here, once per run.
     pub(super) async fn heartbeat_every(&self, action: &Action) -> Duration {
         match self.hooks_of(&action.group).await {
-            Ok(map) => match map.get(&action.hook) {
+            Ok(group) => match group.by_name.get(&action.hook) {
                 Some(info) => heartbeat_interval(info.heartbeat_timeout),
                 None => {
                     warn!(every = ?FALLBACK_HEARTBEAT,
@@ -235,17 +248,26 @@ impl Verifier {
     /// One hook's description (for its heartbeat timeout), from the cache; None when the
     /// group or hook cannot be described.
     pub(super) async fn hook(&self, group: &str, hook: &str) -> Option<HookInfo> {
-        self.hooks_of(group).await.ok()?.get(hook).cloned()
+        self.hooks_of(group).await.ok()?.by_name.get(hook).cloned()
     }
 
     /// A group's lifecycle hooks, from one DescribeLifecycleHooks per group (cached, and
-    /// shared by concurrent callers so a burst of launches makes one call).
-    async fn hooks_of(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
+    /// shared by concurrent callers so a burst of launches makes one call). A group that
+    /// does not exist (AWS answers ValidationError) has none, and that is cached too: a
+    /// message naming it asks once.
+    async fn hooks_of(&self, group: &str) -> Result<Arc<GroupHooks>, AwsError> {
         self.hook_info
             .get_or_load(&group.to_string(), || async {
-                with_backoff(self.retry_for, || self.hooks.describe_hooks(group))
-                    .await
-                    .map(|v| Arc::new(v.into_iter().collect::<HashMap<_, _>>()))
+                match with_backoff(self.retry_for, || self.hooks.describe_hooks(group)).await {
+                    Ok(v) => Ok(Arc::new(GroupHooks {
+                        exists: true,
+                        by_name: v.into_iter().collect(),
+                    })),
+                    Err(e) if !e.retryable() && e.code.as_deref() == Some("ValidationError") => {
+                        Ok(Arc::default())
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await
     }
@@ -313,25 +335,32 @@ impl Verifier {
         }
     }
 
-    /// The event's hook, described again once when the cached group has no such hook (it
-    /// may just have been created). None when the group or hook does not exist.
+    /// The event's hook, described again when the cached group has no such hook (it may
+    /// just have been created) and the description is older than [`HOOK_RECHECK_AFTER`].
+    /// None when the group or hook does not exist.
     async fn hook_of(&self, ev: &LifecycleEvent) -> Result<Option<HookInfo>, AwsError> {
-        if let Some(h) = self.group_hooks(&ev.group).await?.get(&ev.hook) {
+        let group = self.hooks_of(&ev.group).await?;
+        if let Some(h) = group.by_name.get(&ev.hook) {
             return Ok(Some(h.clone()));
         }
-        self.budget.wait().await;
-        self.hook_info.invalidate(&ev.group);
-        Ok(self.group_hooks(&ev.group).await?.get(&ev.hook).cloned())
-    }
-
-    /// The group's hooks; none when the group does not exist (AWS answers ValidationError).
-    async fn group_hooks(&self, group: &str) -> Result<Arc<HashMap<String, HookInfo>>, AwsError> {
-        match self.hooks_of(group).await {
-            Err(e) if !e.retryable() && e.code.as_deref() == Some("ValidationError") => {
-                Ok(Default::default())
-            }
-            other => other,
+        if !group.exists {
+            return Ok(None);
         }
+        let age = self.hook_info.age(&ev.group).unwrap_or(Duration::MAX);
+        if age < HOOK_RECHECK_AFTER {
+            tokio::time::sleep(HOOK_RECHECK_AFTER - age).await;
+        }
+        // Another message may have had it described again meanwhile.
+        if self.hook_info.age(&ev.group).unwrap_or(Duration::MAX) >= HOOK_RECHECK_AFTER {
+            self.budget.wait().await;
+            self.hook_info.invalidate(&ev.group);
+        }
+        Ok(self
+            .hooks_of(&ev.group)
+            .await?
+            .by_name
+            .get(&ev.hook)
+            .cloned())
     }
 
     /// The hook's NotificationMetadata, which wins over the message's copy. When they differ

@@ -1022,3 +1022,13 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
         }
     }
 }
+
+/// A lifecycle message whose `Time` is `by` earlier (other bodies unchanged).
+pub fn backdated(body: &str, by: Duration) -> String {
+    let mut v: Value = serde_json::from_str(body).unwrap();
+    if let Some(t) = v["Time"].as_str() {
+        let t = humantime::parse_rfc3339(t).unwrap() - by;
+        v["Time"] = humantime::format_rfc3339_millis(t).to_string().into();
+    }
+    v.to_string()
+}
