@@ -136,11 +136,22 @@ pub fn gone_from_this_host(owner: &str) -> bool {
     let mut parts = owner.rsplitn(3, ':');
     let (_random, pid, host) = (parts.next(), parts.next(), parts.next());
     match (host, pid.and_then(|p| p.parse::<u32>().ok())) {
-        (Some(h), Some(pid)) if h == hostname() && pid != 0 => {
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        }
+        (Some(h), Some(pid)) if h == hostname() && pid != 0 => !process_exists(pid),
         _ => false,
     }
+}
+
+/// Whether a process with this pid exists on this host. Asked with signal 0, not by
+/// looking in `/proc`: under the unit's `ProtectProc=invisible`, another user's processes
+/// (a `provision worker` an operator runs) are hidden there, though alive. EPERM means it
+/// exists but is not ours to signal.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Whether `name` is a valid DynamoDB table name.
@@ -271,6 +282,14 @@ mod tests {
                 result: Some(Completion::Completed(HookResult::Continue))
             }
         );
+    }
+
+    #[test]
+    fn a_live_process_of_another_user_is_not_gone() {
+        // pid 1 runs as root; unprivileged, signalling it answers EPERM: alive all the same.
+        assert!(process_exists(1));
+        assert!(process_exists(std::process::id()));
+        assert!(!process_exists(u32::MAX));
     }
 
     #[test]

@@ -341,3 +341,109 @@ async fn a_forged_message_leaves_no_claim_in_the_shared_table() {
     assert_eq!(table.len(), 1, "{table:?}");
     assert_eq!(calls(&emu, "dynamodb:DeleteItem"), 0);
 }
+
+/// A step that records itself: a tick per 0.2 s for 12 s, each with its shell's pid, in a
+/// file every instance's sandbox shares (the emulator's SSM agent runs it).
+const TICKING_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+on_failure = "abandon"
+launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["for i in $(seq 60); do echo $$ $(date +%s%N) >> ../ticks.log; sleep 0.2; done"] } } } ]
+"#;
+
+/// Each run of the ticking step (by pid): its first and last tick, in ns.
+fn tick_spans(path: &std::path::Path) -> BTreeMap<String, (u128, u128)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut spans: BTreeMap<String, (u128, u128)> = BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(pid), Some(at)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let at: u128 = at.parse().unwrap();
+        let span = spans.entry(pid.to_string()).or_insert((at, at));
+        span.0 = span.0.min(at);
+        span.1 = span.1.max(at);
+    }
+    spans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_the_claims_table_stops_before_another_takes_over() {
+    let w = World::builder("web-fence")
+        .claims("6s")
+        .layer(TICKING_LAYER)
+        .relayed()
+        .start()
+        .await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    aws.scale("web-fence", 1).await;
+    // The launch twice (a hook target and a second way in): each host gets a copy.
+    let body = launches(aws, w.source.as_ref().unwrap(), 1).await.remove(0);
+    let (mut a, b) = (w.provision(), w.provision());
+    a.set_env("AWS_ACCESS_KEY_ID", "AKIDCUTOFFHOSTA");
+    // One message at a time: host A cannot take the second copy while it works the first.
+    a.set("queue.max_in_flight", 1i64);
+    aws.send(q, &body).await;
+    let da = a.daemon();
+    let ticks = eventually("host A's step to tick", Duration::from_secs(60), || async {
+        let state = emu.control("GET", "/_emulator/ssm", None);
+        let dir = state["sandbox"].as_str().map(std::path::PathBuf::from)?;
+        let path = dir.join("ticks.log");
+        (!tick_spans(&path).is_empty()).then_some(path)
+    })
+    .await;
+    // Host A's claims table stops answering its writes (its renewals hang); host B gets
+    // the second copy and finds the claim held.
+    emu.fault(
+        json!({"service": "dynamodb", "action": "UpdateItem", "count": -1,
+        "delay_seconds": 30, "access_key": "AKIDCUTOFFHOSTA"}),
+    );
+    aws.send(q, &body).await;
+    let db_ = b.daemon();
+    eventually("the launch completed", Duration::from_secs(90), || async {
+        (emu.finished_actions().len() == 1).then_some(())
+    })
+    .await;
+    let (log_b, log_a) = (stop(db_), stop(da));
+    let finished = emu.finished_actions();
+    assert_eq!(
+        finished[0]["result"], "CONTINUE",
+        "{finished:?}\n{log_a}\n{log_b}"
+    );
+    assert_eq!(finished[0]["completions"], 1, "only one host completed");
+    assert!(
+        log_a.contains("the claim's lease could not be renewed before it would lapse"),
+        "{log_a}"
+    );
+    // The steps never overlapped: host A's ticks all come before host B's first.
+    let spans: Vec<(u128, u128)> = tick_spans(&ticks).into_values().collect();
+    assert!(spans.len() >= 2, "{spans:?}\n{log_a}\n{log_b}");
+    let mut sorted = spans.clone();
+    sorted.sort();
+    for pair in sorted.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].0,
+            "two runs of the step overlapped: {sorted:?}\n{log_a}\n{log_b}"
+        );
+    }
+    // Host A was stopped midway (fewer than its 60 ticks); the run that completed ticked to
+    // its end.
+    let text = std::fs::read_to_string(&ticks).unwrap();
+    let counts: Vec<usize> = sorted
+        .iter()
+        .map(|(first, _)| {
+            let pid = text
+                .lines()
+                .find(|l| l.ends_with(&first.to_string()))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap();
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{pid} ")))
+                .count()
+        })
+        .collect();
+    assert!(counts[0] < 60, "host A's step was stopped: {counts:?}");
+    assert_eq!(*counts.last().unwrap(), 60, "{counts:?}");
+    emu.control("DELETE", "/_emulator/faults", None);
+}

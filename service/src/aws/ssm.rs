@@ -132,6 +132,9 @@ impl Ssm for SsmClient {
             .set_instance_ids(Some(ids.iter().map(|i| i.to_string()).collect()))
             .set_parameters(Some(cmd.parameters.clone().into_iter().collect()))
             .set_timeout_seconds(cmd.timeout_seconds)
+            // Each instance's invocation is its own launch: one failing must not stop Run
+            // Command from sending to the others (AWS's default MaxErrors is 0).
+            .max_errors("100%")
             .set_comment(cmd.comment.clone())
             .set_output_s3_bucket_name(cmd.output_s3_bucket.clone())
             .set_output_s3_key_prefix(cmd.output_s3_prefix.clone());

@@ -71,12 +71,11 @@ impl End {
     }
 
     /// Whether the claim is forgotten, so the next delivery starts over instead of
-    /// trusting a half-run (a decision, once made, is kept).
+    /// trusting a half-run (a decision, once made, is kept). A lost claim is not: it is
+    /// another owner's, or its lease (which the steps stopped inside of) is the fence, and
+    /// a release could let the next owner start before this host's work is stopped.
     fn forgets_claim(&self) -> bool {
-        matches!(
-            self,
-            End::Cancelled | End::ClaimLost(_) | End::Forged(_) | End::Unverified(_)
-        )
+        matches!(self, End::Cancelled | End::Forged(_) | End::Unverified(_))
     }
 
     fn log(&self) {
@@ -420,8 +419,8 @@ mod tests {
         let table = [
             (End::Unmatched, Outcome::Unmatched, false),
             (End::Cancelled, Outcome::Released, true),
-            (End::ClaimLost(Lost::TakenOver), Outcome::Released, true),
-            (End::ClaimLost(Lost::Lapsed), Outcome::Released, true),
+            (End::ClaimLost(Lost::TakenOver), Outcome::Released, false),
+            (End::ClaimLost(Lost::Lapsed), Outcome::Released, false),
             (End::Duplicate, Outcome::Duplicate, false),
             (
                 End::ClaimStore(ClaimError::new("state store", "gone")),

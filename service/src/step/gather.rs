@@ -4,24 +4,60 @@
 //!
 //! The first instance to arrive for a key opens a batch and supplies the function that runs
 //! it; the batch closes when the window ends or it is full, and then runs in its own task,
-//! so an instance that gives up waiting (shutdown) does not stop the others.
+//! so an instance that gives up waiting (shutdown, or its run lost its claim) does not stop
+//! the others. The run sees who gave up ([`Left`]) and stops the work done for them; a
+//! batch everyone left before it ran does nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
-type Run<I, R> = Box<dyn FnOnce(Vec<I>) -> Pin<Box<dyn Future<Output = Vec<R>> + Send>> + Send>;
+type Run<I, R> =
+    Box<dyn FnOnce(Vec<I>, Left) -> Pin<Box<dyn Future<Output = Vec<R>> + Send>> + Send>;
 
 struct Open<I, R> {
     id: u64,
-    items: Vec<(I, oneshot::Sender<R>)>,
+    items: Vec<(I, oneshot::Sender<R>, Arc<AtomicBool>)>,
     run: Run<I, R>,
+    /// Woken when a member leaves.
+    leaving: Arc<Notify>,
+}
+
+/// Which members of a batch stopped waiting for their result, by position.
+#[derive(Clone, Default)]
+pub struct Left(Arc<Vec<Arc<AtomicBool>>>, Arc<Notify>);
+
+impl Left {
+    /// Returns when a member stops waiting (at once if one did since the last call).
+    pub async fn changed(&self) {
+        self.1.notified().await;
+    }
+
+    /// Whether the member at `idx` stopped waiting.
+    pub fn has(&self, idx: usize) -> bool {
+        self.0.get(idx).is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// Whether every member stopped waiting.
+    pub fn all(&self) -> bool {
+        self.0.iter().all(|f| f.load(Ordering::Relaxed))
+    }
+}
+
+/// Marks a member as gone when its waiting ends without its result.
+struct Leaving(Arc<AtomicBool>, Arc<Notify>);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        self.1.notify_one();
+    }
 }
 
 type Batches<K, I, R> = Arc<Mutex<HashMap<K, Open<I, R>>>>;
@@ -49,19 +85,23 @@ where
     }
 
     /// Adds `item` to the open batch for `key` (opening one with `run` if there is none)
-    /// and waits for its own result. `run` gets the items in arrival order and must return
-    /// one result per item, in the same order. None if the batch task died.
+    /// and waits for its own result. `run` gets the items in arrival order, and who of them
+    /// stopped waiting, and must return one result per item, in the same order. None if
+    /// the batch task died. Dropping the returned future leaves the batch.
     pub async fn join<F, Fut>(&self, key: K, item: I, run: F) -> Option<R>
     where
-        F: FnOnce(Vec<I>) -> Fut + Send + 'static,
+        F: FnOnce(Vec<I>, Left) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let gone = Arc::new(AtomicBool::new(false));
+        let leaving;
         let ready = {
             let mut open = self.open.lock().unwrap();
             match open.get_mut(&key) {
                 Some(batch) => {
-                    batch.items.push((item, tx));
+                    leaving = Leaving(gone.clone(), batch.leaving.clone());
+                    batch.items.push((item, tx, gone));
                     if batch.items.len() >= self.max {
                         open.remove(&key)
                     } else {
@@ -70,10 +110,13 @@ where
                 }
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let notify = Arc::new(Notify::new());
+                    leaving = Leaving(gone.clone(), notify.clone());
                     let batch = Open {
                         id,
-                        items: vec![(item, tx)],
-                        run: Box::new(move |items| Box::pin(run(items))),
+                        items: vec![(item, tx, gone)],
+                        run: Box::new(move |items, left| Box::pin(run(items, left))),
+                        leaving: notify,
                     };
                     if self.max == 1 {
                         Some(batch)
@@ -101,13 +144,22 @@ where
         if let Some(b) = ready {
             tokio::spawn(execute(b));
         }
-        rx.await.ok()
+        let result = rx.await.ok();
+        std::mem::forget(leaving);
+        result
     }
 }
 
 async fn execute<I, R>(batch: Open<I, R>) {
-    let (items, replies): (Vec<I>, Vec<_>) = batch.items.into_iter().unzip();
-    let results = (batch.run)(items).await;
+    let mut items = Vec::with_capacity(batch.items.len());
+    let mut replies = Vec::with_capacity(batch.items.len());
+    let mut flags = Vec::with_capacity(batch.items.len());
+    for (item, reply, gone) in batch.items {
+        items.push(item);
+        replies.push(reply);
+        flags.push(gone);
+    }
+    let results = (batch.run)(items, Left(Arc::new(flags), batch.leaving)).await;
     for (reply, r) in replies.into_iter().zip(results) {
         let _ = reply.send(r);
     }
@@ -128,7 +180,7 @@ mod tests {
             let key = if i == 6 { "other" } else { "k" };
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100 * i as u64)).await;
-                g.join(key, i, move |items: Vec<u32>| async move {
+                g.join(key, i, move |items: Vec<u32>, _| async move {
                     runs.fetch_add(1, Ordering::SeqCst);
                     items.into_iter().map(|x| x * 10).collect()
                 })
@@ -140,5 +192,30 @@ mod tests {
         }
         // k: [0,1,2] full, [3,4,5] full; other: [6].
         assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_run_sees_who_stopped_waiting() {
+        let g: Arc<Gather<&str, u32, u32>> = Arc::new(Gather::new(Duration::from_secs(1), 10));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let run = |seen: Arc<Mutex<Vec<bool>>>| {
+            move |items: Vec<u32>, left: Left| async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                *seen.lock().unwrap() = (0..items.len()).map(|i| left.has(i)).collect();
+                items
+            }
+        };
+        let stays = tokio::spawn({
+            let (g, seen) = (g.clone(), seen.clone());
+            async move { g.join("k", 1, run(seen)).await }
+        });
+        let leaves = tokio::spawn({
+            let (g, seen) = (g.clone(), seen.clone());
+            async move { g.join("k", 2, run(seen)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        leaves.abort();
+        assert_eq!(stays.await.unwrap(), Some(1));
+        assert_eq!(*seen.lock().unwrap(), [false, true]);
     }
 }

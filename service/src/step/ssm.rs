@@ -28,6 +28,7 @@ use crate::retry::with_backoff;
 use crate::setting::{parse_duration, ConfigError, Fields};
 use crate::template::{Template, Vars};
 
+use super::gather::Left;
 use super::{require_declared, tail, StepContext, StepError, StepOutput};
 
 /// SendCommand takes at most 50 instance ids.
@@ -198,8 +199,8 @@ impl Ssm {
         let result = ctx
             .shared
             .ssm_batches
-            .join(key, id, move |ids| {
-                run_batch(ssm, cmd, ids, timeout, retry_for)
+            .join(key, id, move |ids, left| {
+                run_batch(ssm, cmd, ids, left, timeout, retry_for)
             })
             .await
             .unwrap_or_else(|| Err("the command batch stopped unexpectedly".to_string()));
@@ -209,14 +210,22 @@ impl Ssm {
     }
 }
 
-/// One SendCommand for `ids`, polled to the end. One result per id, in order.
+/// One SendCommand for `ids`, polled to the end. One result per id, in order. Instances
+/// whose step stopped waiting (`left`: shutdown, or their run lost its claim) get their
+/// invocation cancelled at the next poll; a batch everyone left before it was sent sends
+/// nothing.
 async fn run_batch(
     ssm: Arc<dyn SsmApi>,
     cmd: SsmCommand,
     ids: Vec<InstanceId>,
+    left: Left,
     timeout: Duration,
     retry_for: Duration,
 ) -> Vec<Result<String, String>> {
+    const LEFT: &str = "the step stopped before its command ran";
+    if left.all() {
+        return vec![Err(LEFT.to_string()); ids.len()];
+    }
     let deadline = Instant::now() + timeout;
     let command_id = match with_backoff(retry_for, || ssm.send_command(&cmd, &ids)).await {
         Ok(c) => c,
@@ -226,8 +235,13 @@ async fn run_batch(
     let mut latest: HashMap<String, Invocation> = HashMap::new();
     let mut pace = Pace::doubling(deadline, POLL_FIRST, POLL_MAX);
     let mut timed_out = Vec::new();
+    let mut withdrawn: Vec<InstanceId> = Vec::new();
     loop {
-        pace.pause().await;
+        // A member whose step stopped is cancelled at once, not at the next poll.
+        tokio::select! {
+            () = pace.pause() => {}
+            () = left.changed() => {}
+        }
         match ssm.invocations(&command_id).await {
             Ok(list) => {
                 for inv in list {
@@ -242,7 +256,23 @@ async fn run_batch(
         let running: Vec<InstanceId> = ids
             .iter()
             .filter(|id| !latest.get(id.as_str()).is_some_and(Invocation::is_terminal))
+            .filter(|id| !withdrawn.contains(id))
             .cloned()
+            .collect();
+        let gone: Vec<InstanceId> = (ids.iter().enumerate())
+            .filter(|(i, id)| left.has(*i) && running.contains(id))
+            .map(|(_, id)| id.clone())
+            .collect();
+        if !gone.is_empty() {
+            warn!(command_id = %command_id, instances = gone.len(), "their steps stopped; cancelling the command for them");
+            if let Err(e) = with_backoff(retry_for, || ssm.cancel(&command_id, &gone)).await {
+                warn!(error = %e, "CancelCommand failed");
+            }
+            withdrawn.extend(gone);
+        }
+        let running: Vec<InstanceId> = running
+            .into_iter()
+            .filter(|id| !withdrawn.contains(id))
             .collect();
         if running.is_empty() {
             break;
@@ -258,28 +288,37 @@ async fn run_batch(
     }
     ids.iter()
         .map(|id| {
+            if withdrawn.contains(id) {
+                return Err(format!(
+                    "command {command_id} cancelled on {id}: its step stopped"
+                ));
+            }
             if timed_out.contains(id) {
                 return Err(format!(
                     "command {command_id} still running on {id} after {}; cancelled",
                     humantime::format_duration(timeout)
                 ));
             }
-            let inv = &latest[id.as_str()];
-            let code = inv
-                .response_code
-                .map(|c| format!(", exit {c}"))
-                .unwrap_or_default();
-            let out = tail(&inv.output, EXCERPT);
-            if inv.status == InvocationStatus::Success {
-                Ok(format!("command {command_id}: Success{code}\n{out}"))
-            } else {
-                Err(format!(
-                    "command {command_id}: {} ({}){code}\n{out}",
-                    inv.status, inv.status_details
-                ))
-            }
+            outcome(&command_id, &latest[id.as_str()])
         })
         .collect()
+}
+
+/// An invocation's end, as the step reports it.
+fn outcome(command_id: &str, inv: &Invocation) -> Result<String, String> {
+    let code = inv
+        .response_code
+        .map(|c| format!(", exit {c}"))
+        .unwrap_or_default();
+    let out = tail(&inv.output, EXCERPT);
+    if inv.status == InvocationStatus::Success {
+        Ok(format!("command {command_id}: Success{code}\n{out}"))
+    } else {
+        Err(format!(
+            "command {command_id}: {} ({}){code}\n{out}",
+            inv.status, inv.status_details
+        ))
+    }
 }
 
 /// Waits for SSM agents to come Online: one poller for every waiting instance, asking about
