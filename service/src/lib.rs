@@ -6,10 +6,10 @@
 //! One concept a file. Read it in the order a message travels:
 //!
 //! ```text
-//! source ──► parse ──► route ──► claim ──► verify ──► steps ──► decide ──► complete ──► record ──► ack
-//! daemon     event     layer     pipeline/ pipeline/  pipeline/ pipeline/ pipeline/    pipeline/  delivery
-//! lambda                         claim     verify     steps     run       complete     record
-//! instance             lease: message kept hidden from receive, action heartbeated from the claim
+//! source ──► parse ──► verify ──► route ──► claim ──► steps ──► decide ──► complete ──► record ──► ack
+//! daemon     event     pipeline/  layer     pipeline/ pipeline/ pipeline/ pipeline/    pipeline/  delivery
+//! lambda               verify               claim     steps     run       complete     record
+//! instance             lease: message kept hidden from receive, action heartbeated from its proof
 //! ```
 //!
 //! **Sources** turn their input into work and own its delivery:
@@ -27,16 +27,17 @@
 //! [`pipeline::Pipeline::run`] works one job as a `Run` whose story (`pipeline/run.rs`)
 //! calls the stages in this order, each of which may end it early with an `End`:
 //! 1. [`event`]: message body -> lifecycle event, skip or reject. Pure.
-//! 2. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
+//! 2. `pipeline/verify.rs`: Auto Scaling confirms the action (the hook, the phase the
+//!    instance waits for) and a heartbeat naming the message's token proves it, before
+//!    anything is stored; the hook's own metadata replaces the message's. From here
+//!    [`lease`] heartbeats the action and keeps the message hidden.
+//! 3. [`layer`]: which layer an event belongs to, and what it runs ([`layer::Layer`]) for
 //!    the event's phase ([`event::Phase`]: launch, terminate, and a warm pool's enter,
 //!    leave and return).
-//! 3. `pipeline/claim.rs`: the token worked once in this process, its history row opened,
-//!    and the token claimed under a renewed lease through [`claims`]: in the [`store`] for
-//!    one host (its tables and numbered migrations: [`store_schema`]), in a DynamoDB table
-//!    (`aws/dynamo.rs`) for a fleet. From here [`lease`] heartbeats the action and keeps
-//!    the message hidden.
-//! 4. `pipeline/verify.rs`: Auto Scaling confirms the action is genuine, and the hook's own
-//!    metadata replaces the message's.
+//! 4. `pipeline/claim.rs`: one run per instance in this process, its history row opened,
+//!    and the token claimed under a renewed, fenced lease through [`claims`]: in the
+//!    [`store`] for one host (its tables and numbered migrations: [`store_schema`]), in a
+//!    DynamoDB table (`aws/dynamo.rs`) for a fleet.
 //! 5. `pipeline/steps.rs`: the layer's [`step`]s in order (`tag`, `ssm`, `opsworks`, `ssh`,
 //!    `ansible`, `ecs_drain`), each filling its [`template`]s from the event.
 //! 6. `pipeline/run.rs`: the decision (CONTINUE, or the layer's failure result) recorded

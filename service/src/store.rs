@@ -290,6 +290,20 @@ impl Store {
         .await
     }
 
+    /// Puts a run's result event in the outbox before its action is recorded done, so a
+    /// crash before it is published leaves it to [`Store::unpublished`].
+    pub async fn stage_result(&self, run_id: i64, body: &str) -> Result<(), StoreError> {
+        let body = body.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET notified = 0, result_json = ?2 WHERE id = ?1",
+                params![run_id, body],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     pub async fn mark_published(&self, run_id: i64) -> Result<(), StoreError> {
         self.call(move |c| {
             c.execute(

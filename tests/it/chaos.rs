@@ -141,12 +141,24 @@ async fn heartbeats_ride_out_transient_faults() {
     let w = world("web-h", 1, 6, 2).await;
     w.emu
         .fault(json!({"service": "ec2", "action": "CreateTags", "count": 1, "delay_seconds": 8}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"10s\""));
+    let mut d = p.daemon();
+    // The faults meet the heartbeats of the running step (not the one that proved the
+    // token at pickup).
+    eventually("the step to start", Duration::from_secs(30), || async {
+        (w.calls("ec2:CreateTags") >= 1).then_some(())
+    })
+    .await;
     for kind in ["contention", "server-nocode", "html", "reset"] {
         w.emu.fault(json!({"service": "autoscaling", "action": "RecordLifecycleActionHeartbeat", "count": 1, "error": kind}));
     }
-    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"10s\""));
-    let (code, log) = p.worker();
-    assert_eq!(code, 0, "{log}");
+    eventually("the action completed", Duration::from_secs(60), || async {
+        (w.emu.finished_actions().len() == 1).then_some(())
+    })
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(60)), 0, "{}", d.log());
+    let log = d.log();
     assert!(
         w.calls("autoscaling:RecordLifecycleActionHeartbeat") >= 5,
         "{log}"

@@ -75,6 +75,7 @@ impl Run<'_> {
             });
         }
         let completion = self.report.hook_result.unwrap_or(Completion::Error);
+        self.p.stage(&self.report).await;
         self.mark_done(completion).await;
         Ok(())
     }

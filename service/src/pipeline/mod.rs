@@ -1,8 +1,9 @@
 //! One lifecycle action, start to finish.
 //!
-//! Owns the order of things and the rules that make at-least-once delivery safe: a token
-//! that completed is acknowledged without work; the same token arriving twice at once is
-//! worked once; the hook is completed on its own, uncancelled path. [`Pipeline`] holds what
+//! Owns the order of things and the rules that make at-least-once delivery safe: nothing is
+//! stored or run for a message before its token is proven; a token that completed is
+//! acknowledged without work; the same token arriving twice at once is worked once; the
+//! hook is completed on its own, uncancelled path. [`Pipeline`] holds what
 //! runs share (clients, caches, the store, the claims); each action is one [`run::Run`], a
 //! value that owns its job, lease, cancellation and report, and tells its story in
 //! `run.rs`. Every way a run stops early is an [`run::End`], turned into the record in one
@@ -11,10 +12,10 @@
 //! sources' (daemon, Lambda, manual run). The files, in the order a run meets them:
 //!
 //! - `run.rs`: the story of one run, and its ends;
-//! - `claim.rs`: the token, worked once in this process and claimed in the claim store,
-//!   the claim's lease kept while the run holds it;
-//! - `verify.rs`: Auto Scaling's word on the action (its caches and retries), and the
-//!   hook's own metadata;
+//! - `verify.rs`: Auto Scaling's word on the action and the proof of its token (its caches,
+//!   retries and junk budget), and the hook's own metadata;
+//! - `claim.rs`: one run per instance in this process, the token claimed in the claim
+//!   store, the claim's lease kept (and fenced) while the run holds it;
 //! - `steps.rs`: the layer's steps in order, with progress for a person watching;
 //! - `complete.rs`: completing the action, and what the answer means;
 //! - `record.rs`: the run's report, its history rows and its result event.

@@ -179,6 +179,22 @@ impl Pipeline {
         outcome
     }
 
+    /// A final run's result event, put in the outbox before its action is recorded done:
+    /// a crash between completing and publishing leaves it for [`Pipeline::republish`]
+    /// (the redelivery is a duplicate, which publishes nothing).
+    pub(super) async fn stage(&self, run: &RunReport) {
+        let (Some(run_id), true, Some(_)) = (run.run_id, run.outcome.publishes(), &self.publisher)
+        else {
+            return;
+        };
+        let mut staged = run.clone();
+        staged.finished_at = rfc3339(now_ms());
+        let body = serde_json::to_string(&staged).unwrap_or_default();
+        if let Err(e) = self.store.stage_result(run_id, &body).await {
+            warn!(error = %e, "could not put the result event in the outbox before recording the action's end");
+        }
+    }
+
     /// Records the end of a run and publishes its result when it is final. A result that
     /// cannot be published stays in the store's outbox for [`Pipeline::republish`].
     pub(super) async fn finish(&self, mut run: RunReport) -> RunReport {

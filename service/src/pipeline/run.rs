@@ -280,7 +280,7 @@ impl<'a> Run<'a> {
             .confirm(&self.job.event, &action, until, self.cancel);
         let verified = match asked.await {
             Err(End::Unverified(_)) if self.cancel.is_cancelled() => return Err(End::Cancelled),
-            Err(End::Forged(why)) => return Err(self.forged_or_finished(why).await),
+            Err(End::Forged(why)) => return self.forged_or_finished(why).await,
             other => other?,
         };
         self.lease.beaten();
@@ -293,23 +293,27 @@ impl<'a> Run<'a> {
     }
 
     /// A token Auto Scaling refused: forged, unless the claim store says this fleet
-    /// completed the action (or decided it, and the action is gone since).
-    async fn forged_or_finished(&mut self, why: String) -> End {
+    /// completed the action (a duplicate), or decided it: a run of ours proved the token,
+    /// ran the steps and died completing. Then the run goes on without steps, only
+    /// completing that decision (which finds the action ended) and reporting it once.
+    async fn forged_or_finished(&mut self, why: String) -> Result<(), End> {
         let token = &self.job.event.token;
         match self.p.claims.peek(token, &self.p.owner).await {
             Ok(Claim::Done { result, .. }) => {
                 self.report.hook_result = result;
-                End::Duplicate
+                Err(End::Duplicate)
+            }
+            // Another host works it (its own copy of the message is the live one).
+            Ok(Claim::Held { owner, .. }) => {
+                info!(holder = %owner, "the action is no longer active and another owner holds its claim");
+                Err(End::Duplicate)
             }
             Ok(Claim::Decided(result)) => {
-                info!(%result, "the action was decided by an earlier run and is no longer active: it was completed (or timed out) before that run could record it");
-                self.report.hook_result = Some(Completion::AlreadyFinished);
-                self.report.note = Some(format!(
-                    "decided {result} by an earlier run; the action was no longer active"
-                ));
-                End::Duplicate
+                info!(%result, "the action is no longer active, but a run of ours decided it: reporting that decision");
+                self.confirmed = true;
+                Ok(())
             }
-            _ => End::Forged(self.stale_hint(why).await),
+            _ => Err(End::Forged(self.stale_hint(why).await)),
         }
     }
 

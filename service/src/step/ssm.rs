@@ -259,17 +259,7 @@ async fn run_batch(
             .filter(|id| !withdrawn.contains(id))
             .cloned()
             .collect();
-        let gone: Vec<InstanceId> = (ids.iter().enumerate())
-            .filter(|(i, id)| left.has(*i) && running.contains(id))
-            .map(|(_, id)| id.clone())
-            .collect();
-        if !gone.is_empty() {
-            warn!(command_id = %command_id, instances = gone.len(), "their steps stopped; cancelling the command for them");
-            if let Err(e) = with_backoff(retry_for, || ssm.cancel(&command_id, &gone)).await {
-                warn!(error = %e, "CancelCommand failed");
-            }
-            withdrawn.extend(gone);
-        }
+        withdrawn.extend(withdraw(&*ssm, &command_id, &ids, &running, &left, retry_for).await);
         let running: Vec<InstanceId> = running
             .into_iter()
             .filter(|id| !withdrawn.contains(id))
@@ -302,6 +292,29 @@ async fn run_batch(
             outcome(&command_id, &latest[id.as_str()])
         })
         .collect()
+}
+
+/// Cancels the command for the members still running it whose steps stopped waiting;
+/// returns them.
+async fn withdraw(
+    ssm: &dyn SsmApi,
+    command_id: &str,
+    ids: &[InstanceId],
+    running: &[InstanceId],
+    left: &Left,
+    retry_for: Duration,
+) -> Vec<InstanceId> {
+    let gone: Vec<InstanceId> = (ids.iter().enumerate())
+        .filter(|(i, id)| left.has(*i) && running.contains(id))
+        .map(|(_, id)| id.clone())
+        .collect();
+    if !gone.is_empty() {
+        warn!(command_id = %command_id, instances = gone.len(), "their steps stopped; cancelling the command for them");
+        if let Err(e) = with_backoff(retry_for, || ssm.cancel(command_id, &gone)).await {
+            warn!(error = %e, "CancelCommand failed");
+        }
+    }
+    gone
 }
 
 /// An invocation's end, as the step reports it.
