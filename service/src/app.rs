@@ -137,16 +137,62 @@ fn ssh_parts(cfg: &Config, services: &Services) -> anyhow::Result<(Arc<Remote>, 
     Ok((remote, runner))
 }
 
+/// A command run as root in a state directory that belongs to another user (the service's)
+/// would leave root-owned 0600 files there (`state.db`'s journal, known_hosts, logs) the
+/// service then cannot read: refused, saying whom to run as. A directory that does not
+/// exist yet, or belongs to root, is fine.
+pub fn refuse_foreign_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if euid == 0 && meta.uid() != 0 {
+        anyhow::bail!(
+            "{} belongs to uid {} (the service's user), and this command runs as root: files it created there would be root's and unreadable by the service. Run it as the owner, e.g. `sudo -u provision provision …`",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    Ok(())
+}
+
+/// The state store: `state.path` (created and migrated, old history pruned), or for a plan
+/// an in-memory one.
+async fn open_store(cfg: &Config, purpose: Purpose) -> anyhow::Result<Store> {
+    if purpose == Purpose::Plan {
+        return Ok(Store::in_memory()?);
+    }
+    refuse_foreign_owner(&cfg.state_dir())?;
+    let store = Store::open(&cfg.state.path)
+        .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
+    match store.prune(HISTORY_KEEP).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(runs = n, "pruned history older than 90 days"),
+        Err(e) => tracing::warn!(error = %e, "could not prune old history"),
+    }
+    Ok(store)
+}
+
+/// What the assembled pipeline is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Runs steps: the state store on disk, SSH set up, results published.
+    Run,
+    /// Only shows a plan (`provision i-… --dry-run`): nothing on disk is created or migrated
+    /// (an in-memory store, no SSH directories), no credential is read, nothing published.
+    Plan,
+}
+
 impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        Self::build_for(cfg, Purpose::Run).await
+    }
+
+    pub async fn build_for(cfg: Config, purpose: Purpose) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
-        let store = Store::open(&cfg.state.path)
-            .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
-        match store.prune(HISTORY_KEEP).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "pruned history older than 90 days"),
-            Err(e) => tracing::warn!(error = %e, "could not prune old history"),
-        }
+        let store = open_store(&cfg, purpose).await?;
         let stats = Arc::new(Stats::default());
         let calls = CountCalls(stats.clone());
         let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
@@ -158,15 +204,19 @@ impl App {
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
             ecs: Arc::new(EcsClient::new(&sdk_cfg, &calls)),
         };
-        let claims = claims_store(&cfg, &sdk_cfg, &calls);
-        let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;
-        let (publisher, publisher_task) = match &cfg.notify {
-            Some(n) => {
+        let run = purpose == Purpose::Run;
+        let claims = claims_store(&cfg, &sdk_cfg, &calls).filter(|_| run);
+        let reject_policy = match purpose {
+            Purpose::Run => reject_policy(cfg.queue.on_reject, queue.as_ref()).await,
+            Purpose::Plan => RejectPolicy::Delete,
+        };
+        let (publisher, publisher_task) = match (&cfg.notify, purpose) {
+            (Some(n), Purpose::Run) => {
                 let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg, &calls));
                 let (b, task) = publisher(notifier, n.topic_arn.clone(), cfg.aws.retry_for);
                 (Some(b), Some(task))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         let leases = Leases::spawn(
             Some(queue.clone()),
@@ -174,7 +224,7 @@ impl App {
             cfg.queue.visibility_timeout,
             stats.clone(),
         );
-        let (remote, ansible) = if cfg.uses_ssh() {
+        let (remote, ansible) = if cfg.uses_ssh() && run {
             let (remote, runner) = ssh_parts(&cfg, &services)?;
             (Some(remote), Some(runner))
         } else {

@@ -35,6 +35,8 @@ const MAX_NAME_LEN: usize = 255;
 const MAX_TOKEN_LEN: usize = 64;
 /// NotificationMetadata is at most 1023 characters in AWS.
 const MAX_METADATA_LEN: usize = 1023;
+/// Account ids and timestamps are short; a longer value is cut to this (they are only shown).
+const MAX_ENVELOPE_LEN: usize = 64;
 
 /// What a message body turned out to be.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,7 +368,17 @@ fn parse_inner(body: &str) -> Result<Parsed, Reject> {
             Some(_) => return Err(Reject::NotAString { field: "detail" }),
             None => return Err(Reject::Missing("detail")),
         };
-        return from_lifecycle_fields(detail, Envelope::EventBridge);
+        // The detail carries no AccountId or Time: EventBridge states them on the envelope.
+        let mut parsed = from_lifecycle_fields(detail, Envelope::EventBridge)?;
+        if let Parsed::Event(e) = &mut parsed {
+            if e.account_id.is_none() {
+                e.account_id = opt_str(&obj, "account")?.map(|a| truncate(a, MAX_ENVELOPE_LEN));
+            }
+            if e.time.is_none() {
+                e.time = opt_str(&obj, "time")?.map(|t| truncate(t, MAX_ENVELOPE_LEN));
+            }
+        }
+        return Ok(parsed);
     }
 
     from_lifecycle_fields(&obj, Envelope::Direct)
@@ -425,8 +437,8 @@ fn from_lifecycle_fields(obj: &Map<String, Value>, envelope: Envelope) -> Result
         origin,
         destination,
         metadata: Metadata::parse(raw_metadata),
-        account_id: opt_str(obj, "AccountId")?.map(str::to_string),
-        time: opt_str(obj, "Time")?.map(str::to_string),
+        account_id: opt_str(obj, "AccountId")?.map(|a| truncate(a, MAX_ENVELOPE_LEN)),
+        time: opt_str(obj, "Time")?.map(|t| truncate(t, MAX_ENVELOPE_LEN)),
         envelope,
     }))
 }

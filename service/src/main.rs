@@ -56,11 +56,28 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format, cli.verbose);
     match run(cli) {
         Ok(code) => code,
+        // `provision history | head -1`: the reader has what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("provision: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A line on standard output; an error (a closed pipe) ends the command.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
 }
 
 /// The runtime every async command runs on: two workers (the machine size this is built
@@ -121,22 +138,25 @@ fn check(cfg: Config, aws: bool) -> anyhow::Result<ExitCode> {
     let mut report = provision::check::offline(&cfg);
     let rt = runtime()?;
     rt.block_on(provision::check::playbooks(&cfg, aws, &mut report));
+    // The config and its playbooks are the operator's files (exit 2, as a config that does
+    // not load); what AWS says comes after (exit 1).
+    let offline_problems = report.problems.len();
     if aws {
         rt.block_on(provision::check::with_aws(&cfg, &mut report));
     }
-    println!("config: {} layer(s), every key valid", cfg.layers.len());
+    out!("config: {} layer(s), every key valid", cfg.layers.len());
     for n in &report.notes {
-        println!("note: {n}");
+        out!("note: {n}");
     }
     for p in &report.problems {
-        println!("problem: {p}");
+        out!("problem: {p}");
     }
     if report.problems.is_empty() {
-        println!("ok");
+        out!("ok");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{} problem(s)", report.problems.len());
-        Ok(ExitCode::from(1))
+        out!("{} problem(s)", report.problems.len());
+        Ok(ExitCode::from(if offline_problems > 0 { 2 } else { 1 }))
     }
 }
 
@@ -163,7 +183,7 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
             1,
         ),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::from(code))
 }
 
@@ -173,6 +193,7 @@ fn history(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    provision::app::refuse_foreign_owner(&cfg.state_dir())?;
     if !cfg.state.path.exists() {
         anyhow::bail!(
             "no history yet: {} does not exist",
@@ -182,7 +203,7 @@ fn history(
     let store = Store::open(&cfg.state.path)?;
     let runs = store.history(instance, limit)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        out!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(ExitCode::SUCCESS);
     }
     let ts = |ms: i64| {
@@ -194,9 +215,15 @@ fn history(
     // Everything but the fixed columns may hold text from instances or messages: shown
     // escaped, never obeyed by the terminal.
     let text = |s: Option<&str>| provision::pipeline::printable(s.unwrap_or(""));
-    println!(
+    out!(
         "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
-        "RUN", "STARTED", "INSTANCE", "TRANSITION", "LAYER", "OUTCOME", "HOOK"
+        "RUN",
+        "STARTED",
+        "INSTANCE",
+        "TRANSITION",
+        "LAYER",
+        "OUTCOME",
+        "HOOK"
     );
     for r in &runs {
         let why = match (&r.error, &r.cause) {
@@ -208,7 +235,7 @@ fn history(
             ),
             (None, None) => String::new(),
         };
-        println!(
+        out!(
             "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
             r.id,
             ts(r.received_at),
@@ -220,7 +247,7 @@ fn history(
         );
         for s in &r.steps {
             let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);
-            println!(
+            out!(
                 "{:>6}  step {} {:<9} {:>6} ms  {}  {}",
                 "",
                 s.idx,

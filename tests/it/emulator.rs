@@ -750,6 +750,69 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
 }
 
+/// `--dry-run` outside systemd, with the example's SSH key credential and a state
+/// directory that does not exist yet: the plan is shown, and nothing is created (no
+/// `state.db`, no `known_hosts.d`) and no credential read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_creates_nothing_and_needs_no_credentials() {
+    let World { emu, aws, q, .. } = web("web-d", 1).await;
+    let id = aws.instances("web-d").await.remove(0).0;
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        "[ssh]\nidentity_file = { credential = \"ssh-key\" }\n[layers.web]\ngroups = [\"web-*\"]\nlaunch = [ { ssh = [\"true\"] } ]\n",
+    );
+    let state_dir = p.dir.join("not-yet");
+    p.set("state.path", common::path_str(&state_dir.join("state.db")));
+    let out = p.output(&[&id, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("(dry run: nothing was changed)"), "{text}");
+    assert!(
+        !state_dir.exists(),
+        "a dry run created {}",
+        state_dir.display()
+    );
+    assert_eq!(aws.instances("web-d").await[0].1, "Pending:Wait");
+}
+
+/// A manual command run as root in the service's state directory would leave root-owned
+/// files the service cannot read: refused, naming whom to run it as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_is_refused_in_a_state_directory_of_another_user() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (it runs a command as root in a directory owned by another uid)"
+    );
+    let World { emu, q, .. } = web("web-o", 0).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let state_dir = p.dir.join("service-owned");
+    std::fs::create_dir(&state_dir).unwrap();
+    std::os::unix::fs::chown(&state_dir, Some(65534), Some(65534)).unwrap();
+    p.set("state.path", common::path_str(&state_dir.join("state.db")));
+    for args in [&["worker"][..], &["history"][..]] {
+        let out = p.output(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("belongs to uid 65534") && err.contains("sudo -u provision"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&state_dir).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
+
 /// Instances that terminate without their terminate hook reaching provision leave their
 /// known_hosts files behind; the daemon removes those of instances EC2 lists as terminated
 /// or not at all, once they are an hour old, and keeps the rest.

@@ -1066,7 +1066,11 @@ fn check_syntax_checks_the_playbooks_with_the_vault_password() {
     write("{ ansible = \"broken.yml\" }, { ansible = \"missing.yml\" }");
     let out = check();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a playbook problem is a config problem: {text}"
+    );
     assert!(
         text.contains("problem: layers.web.launch[0].ansible: playbook broken.yml")
             && text.contains("no_such_module_here"),
