@@ -750,6 +750,17 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
 }
 
+/// Text logs written to a file (or a pipe, or the journal) carry no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_off_a_terminal_have_no_colour_codes() {
+    let World { emu, q, .. } = web("web-n", 0).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log file: {log:?}");
+}
+
 /// `--dry-run` outside systemd, with the example's SSH key credential and a state
 /// directory that does not exist yet: the plan is shown, and nothing is created (no
 /// `state.db`, no `known_hosts.d`) and no credential read.
