@@ -78,6 +78,17 @@ pub enum OnReject {
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
     pub topic_arn: String,
+    pub format: NotifyFormat,
+}
+
+/// `notify.format`: what a result event looks like on the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NotifyFormat {
+    /// provision's JSON result event (`"type": "provision.result"`).
+    #[default]
+    Event,
+    /// A custom notification of Amazon Q Developer in chat applications (AWS Chatbot).
+    Chat,
 }
 
 #[derive(Debug, Clone)]
@@ -333,8 +344,19 @@ impl NotifyConfig {
                 }
                 arn.to_string()
             });
+        let format = f.with("format", |v| match v.as_str() {
+            Some("event") => Ok(NotifyFormat::Event),
+            Some("chat") => Ok(NotifyFormat::Chat),
+            _ => Err(format!(
+                "{} is not a format; expected \"event\" (provision's JSON) or \"chat\" (Amazon Q Developer in chat applications' custom notification)",
+                quoted(v)
+            )),
+        });
         f.finish_section("[notify]");
-        arn.map(|topic_arn| NotifyConfig { topic_arn })
+        arn.map(|topic_arn| NotifyConfig {
+            topic_arn,
+            format: format.unwrap_or_default(),
+        })
     }
 }
 

@@ -750,6 +750,71 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
 }
 
+/// `notify.format = "chat"`: the result reaches the topic as a custom notification of
+/// Amazon Q Developer in chat applications, read back here from the topic's subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_can_be_published_as_chat_notifications() {
+    let World { emu, aws, q, .. } = web("web-chat", 1).await;
+    let id = aws.instances("web-chat").await.remove(0).0;
+    let (topic, results) = aws.topic_with_queue("chat").await;
+    // The instance's SSM agent never comes online: the ssm step fails after online_timeout.
+    emu.control("POST", "/_emulator/ssm", Some(json!({ "never_online": [id] })));
+    let p = Provision::new(
+        &emu,
+        &q,
+        Some(&topic),
+        r#"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  { tag = { Role = "web" } },
+  { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["true"] }, online_timeout = "1s" } },
+]
+"#,
+    );
+    p.set("notify.format", "chat");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    // The abandoned instance's replacement is launched (and configured) too.
+    let events = aws.results(&results).await;
+    let n = events
+        .iter()
+        .find(|e| e["metadata"]["threadId"] == id.as_str())
+        .unwrap_or_else(|| panic!("no notification for {id}: {events:?}"));
+    assert_eq!(n["version"], "1.0", "{n}");
+    assert_eq!(n["source"], "custom", "{n}");
+    assert_eq!(n["content"]["textType"], "client-markdown");
+    let title = n["content"]["title"].as_str().unwrap();
+    assert!(
+        title.contains(&format!("{id} launch failed: ABANDON (layer web)")),
+        "{title}"
+    );
+    let description = n["content"]["description"].as_str().unwrap();
+    assert!(
+        description.contains("*Failed step* ssm") && description.contains("web-chat"),
+        "{description}"
+    );
+    assert_eq!(n["metadata"]["threadId"], id.as_str());
+    assert_eq!(n["metadata"]["additionalContext"]["outcome"], "failed");
+    assert!(
+        n["content"]["nextSteps"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("provision history --instance {id}")),
+        "{n}"
+    );
+
+    // Anything else is refused with the choices.
+    p.set("notify.format", "slack");
+    let out = p.output(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("notify.format") && err.contains("\"chat\""),
+        "{err}"
+    );
+}
+
 /// Text logs written to a file (or a pipe, or the journal) carry no terminal colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_off_a_terminal_have_no_colour_codes() {

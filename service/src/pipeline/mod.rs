@@ -19,6 +19,7 @@
 //! - `complete.rs`: completing the action, and what the answer means;
 //! - `record.rs`: the run's report, its history rows and its result event.
 
+mod chat;
 mod claim;
 mod complete;
 mod record;

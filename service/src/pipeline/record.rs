@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::{Job, Pipeline};
 use crate::aws::Message;
 use crate::clock::{now_ms, rfc3339};
+use crate::config::NotifyFormat;
 use crate::event::LifecycleEvent;
 use crate::outcome::{Completion, HookResult, Outcome, StepOutcome};
 use crate::store::{NewRun, RunEnd, StoreError};
@@ -185,7 +186,7 @@ impl Pipeline {
         run.finished_at = rfc3339(now_ms());
         let mut unpublished = None;
         if let (true, Some(publisher)) = (run.outcome.publishes(), &self.publisher) {
-            let body = serde_json::to_string(&run).unwrap_or_default();
+            let body = self.result_body(&run);
             if let Err(e) = publisher.submit(body.clone()).await {
                 warn!(error = %e, "could not publish the result event; it will be retried");
                 unpublished = Some(body);
@@ -214,6 +215,21 @@ impl Pipeline {
             }
         }
         run
+    }
+
+    /// The result event as `notify.format` wants it: provision's own JSON, or a chat
+    /// application's custom notification.
+    fn result_body(&self, run: &RunReport) -> String {
+        let chat = self
+            .cfg
+            .notify
+            .as_ref()
+            .is_some_and(|n| n.format == NotifyFormat::Chat);
+        if chat {
+            serde_json::to_string(&run.chat_notification()).unwrap_or_default()
+        } else {
+            serde_json::to_string(run).unwrap_or_default()
+        }
     }
 
     /// Publishes result events that failed to publish earlier (the outbox). Returns how
