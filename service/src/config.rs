@@ -200,13 +200,19 @@ pub fn resolve_path_in(flag: Option<&Path>, env: &Env) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_text(path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`Config::load`], with the text it was read from (what a reload compares with).
+    pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigErrors> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             source_name: name.clone(),
             errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse_with(&text, &name, base, &Env::from_process())
+        let cfg = Self::parse_with(&text, &name, base, &Env::from_process())?;
+        Ok((cfg, text))
     }
 
     /// Parses a config whose relative paths are relative to the working directory.

@@ -72,10 +72,7 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
     let job = job(&found, &args);
     let layer = match &args.layer {
         Some(name) => pipeline
-            .config()
-            .layers
-            .iter()
-            .find(|l| &l.name == name)
+            .layer_named(name)
             .ok_or_else(|| anyhow!("no layer named {name:?} in the config"))?,
         None => pipeline.route(&job.event).ok_or_else(|| {
             anyhow!(
@@ -84,7 +81,7 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
             )
         })?,
     };
-    print_plan(&pipeline, &found, &job, layer, &args);
+    print_plan(&pipeline, &found, &job, &layer, &args);
     if args.dry_run {
         say!("(dry run: nothing was changed)");
         return Ok(ExitCode::SUCCESS);

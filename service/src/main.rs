@@ -128,8 +128,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(provision::instance::run(cfg, args))
         }
-        Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
-        Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
+        Command::Daemon => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let (cfg, text) = Config::load_with_text(&path)?;
+            serve(cfg, Mode::Daemon, Some((path, text)))
+        }
+        Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain, None),
         Command::Lambda => lambda(cli.config.as_deref()),
     }
 }
@@ -278,13 +282,32 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
+/// The daemon's reloads: the config file and the text it was read from at start.
+type ReloadFrom = (std::path::PathBuf, String);
+
+fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
     rt.block_on(async move {
+        // SIGHUP reloads the daemon's config; listened for before anything slow, as its
+        // default action ends the process.
+        let hangups = match &reload {
+            Some(_) => Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .context("listening for SIGHUP")?,
+            ),
+            None => None,
+        };
         let app = App::build(cfg).await?;
         tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
         let systemd = Arc::new(SystemdNotify::from_env());
+        let reloader = match (reload, hangups) {
+            (Some((path, text)), Some(signals)) => {
+                let r = provision::reload::Reloader::new(&path, text, app.pipeline.clone(), systemd.clone());
+                Some(tokio::spawn(r.run(signals)))
+            }
+            _ => None,
+        };
         let stats = app.pipeline.stats.clone();
         let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
         let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
@@ -315,6 +338,9 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
         health.abort();
+        if let Some(r) = reloader {
+            r.abort();
+        }
         if let Some(h) = housekeeping {
             h.abort();
         }

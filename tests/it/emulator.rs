@@ -750,6 +750,155 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
 }
 
+/// Datagrams on a notify socket until one contains `want` (bounded by the socket's timeout).
+fn notified_until(sock: &std::os::unix::net::UnixDatagram, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} from the daemon ({e}); saw {seen:?}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = msg.contains(want);
+        seen.push(msg);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// SIGHUP while a launch's slow step runs: that run finishes under the layer it started
+/// with, the next launch runs the new layer; an invalid config is refused with its
+/// problems, the previous one keeps serving, and the refusal is counted. systemd hears
+/// RELOADING=1 (with MONOTONIC_USEC) and READY=1 around each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_layers_for_new_runs_and_refuses_an_invalid_config() {
+    let World { emu, aws, q, .. } = web("web-r", 1).await;
+    let first = aws.instances("web-r").await[0].0.clone();
+    let layer = |version: &str| {
+        format!(
+            r#"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  {{ ssm = {{ document = "AWS-RunShellScript", parameters = {{ commands = ["sleep 4"] }} }} }},
+  {{ tag = {{ Version = "{version}" }} }},
+]
+"#
+        )
+    };
+    let p = Provision::new(&emu, &q, None, &layer("v1"));
+    p.serve_metrics();
+    let sock_path = p.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = p.command(&["daemon"]);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    let log = p.dir.join("daemon-r.log");
+    let child = cmd
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = common::Running { child, log };
+    let port = daemon.metrics_port();
+    notified_until(&sock, "READY=1");
+
+    // The first launch is in its slow ssm step.
+    eventually(
+        "the first launch's ssm command",
+        Duration::from_secs(30),
+        || async {
+            let state = emu.control("GET", "/_emulator/ssm", None);
+            (!state["commands"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await;
+    p.merge(&layer("v2"));
+    daemon.signal("HUP");
+    let seen = notified_until(&sock, "READY=1");
+    assert!(
+        seen.iter()
+            .any(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC=")),
+        "{seen:?}"
+    );
+    assert!(daemon.log().contains("config reloaded"), "{}", daemon.log());
+
+    eventually(
+        "the first launch to finish",
+        Duration::from_secs(60),
+        || async { (aws.instances("web-r").await[0].1 == "InService").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&first).await.get("Version").map(String::as_str),
+        Some("v1"),
+        "the run in flight finished under the layer it started with"
+    );
+
+    // The next launch runs the new layer.
+    aws.scale("web-r", 2).await;
+    let second = eventually(
+        "a second instance in service",
+        Duration::from_secs(60),
+        || async {
+            let all = aws.instances("web-r").await;
+            all.iter()
+                .find(|(id, state)| *id != first && state == "InService")
+                .map(|(id, _)| id.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&second).await.get("Version").map(String::as_str),
+        Some("v2")
+    );
+
+    // An invalid config (and a key only a restart applies) is refused, every problem said.
+    p.merge("[layers.web]\ngroups = []\n");
+    p.set("queue.max_in_flight", 7);
+    daemon.signal("HUP");
+    let seen = notified_until(&sock, "READY=1");
+    assert!(seen.iter().any(|m| m.contains("RELOADING=1")), "{seen:?}");
+    let log = daemon.log();
+    assert!(
+        log.contains("config reload refused") && log.contains("layers.web.groups"),
+        "{log}"
+    );
+    // The previous config keeps serving.
+    aws.scale("web-r", 3).await;
+    let third = eventually(
+        "a third instance in service",
+        Duration::from_secs(60),
+        || async {
+            let all = aws.instances("web-r").await;
+            all.iter()
+                .find(|(id, state)| *id != first && *id != second && state == "InService")
+                .map(|(id, _)| id.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&third).await.get("Version").map(String::as_str),
+        Some("v2")
+    );
+    // A valid config that changes a restart-only key is refused too, naming it.
+    p.merge(&layer("v3"));
+    daemon.signal("HUP");
+    notified_until(&sock, "READY=1");
+    let log = daemon.log();
+    assert!(
+        log.contains("queue.max_in_flight: changed, and it takes effect only at a restart"),
+        "{log}"
+    );
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("provision_config_reloads_total 1")
+            && metrics.contains("provision_config_reload_failures_total 2"),
+        "{metrics}"
+    );
+}
+
 /// `notify.format = "chat"`: the result reaches the topic as a custom notification of
 /// Amazon Q Developer in chat applications, read back here from the topic's subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,7 +907,11 @@ async fn results_can_be_published_as_chat_notifications() {
     let id = aws.instances("web-chat").await.remove(0).0;
     let (topic, results) = aws.topic_with_queue("chat").await;
     // The instance's SSM agent never comes online: the ssm step fails after online_timeout.
-    emu.control("POST", "/_emulator/ssm", Some(json!({ "never_online": [id] })));
+    emu.control(
+        "POST",
+        "/_emulator/ssm",
+        Some(json!({ "never_online": [id] })),
+    );
     let p = Provision::new(
         &emu,
         &q,

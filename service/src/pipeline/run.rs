@@ -148,7 +148,7 @@ impl<'a> Run<'a> {
         // The same token twice in this process waits for the first (claim.rs).
         self.turn = Some(self.wait_turn().await?);
         // The history row, then the claim in the claim store (claim.rs).
-        let claim = self.claim(layer).await?;
+        let claim = self.claim(&layer).await?;
         // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
         let (_keeper, stop) = self.hold_claim();
         let result = match claim {
@@ -162,7 +162,7 @@ impl<'a> Run<'a> {
                 // Heartbeats first: a backlogged action may be close to its timeout.
                 self.start_heartbeat().await;
                 self.confirm(&stop).await?; // verify.rs
-                self.run_steps(layer, &stop).await? // steps.rs
+                self.run_steps(&layer, &stop).await? // steps.rs
             }
         };
         self.decide(result).await;
