@@ -458,6 +458,7 @@ def self_test() -> int:
                 "dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive",
                 "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
                 "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
+                "dynamodb:BatchWriteItem", "dynamodb:Query", "dynamodb:Scan",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",

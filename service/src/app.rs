@@ -13,6 +13,7 @@ use crate::aws::autoscaling::AutoScalingHooks;
 use crate::aws::dynamo::DynamoClaims;
 use crate::aws::ec2::Ec2Instances;
 use crate::aws::ecs::EcsClient;
+use crate::aws::history::FleetHistory;
 use crate::aws::opsworks::OpsWorksClient;
 use crate::aws::sdk;
 use crate::aws::sns::SnsNotifier;
@@ -45,6 +46,7 @@ pub struct App {
     pub queue: Arc<dyn Queue>,
     pub settings: Settings,
     publisher_task: Option<JoinHandle<()>>,
+    fleet_task: Option<JoinHandle<()>>,
     /// For the daemon's housekeeping (None when no step uses SSH).
     known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
 }
@@ -105,6 +107,50 @@ fn claims_store(
         table,
         crate::claims::hostname(),
     )))
+}
+
+pub use crate::aws::history::FleetRun;
+
+/// The fleet's history table (`state.history_table`), written by every host: finished
+/// runs go out 25 to a BatchWriteItem call.
+fn fleet_history_writer(
+    cfg: &Config,
+    sdk_cfg: &aws_config::SdkConfig,
+    calls: &CountCalls,
+) -> Option<(Batcher<String>, JoinHandle<()>)> {
+    let table = cfg.state.history_table.as_deref()?;
+    tracing::info!(
+        table,
+        "finished runs are also written to the fleet's history table"
+    );
+    let history = Arc::new(FleetHistory::new(sdk_cfg, calls, table));
+    Some(Batcher::retried(
+        25,
+        PUBLISH_LINGER,
+        cfg.aws.retry_for,
+        move |records: Vec<String>| {
+            let history = history.clone();
+            async move { history.put_batch(&records).await }
+        },
+    ))
+}
+
+/// `provision history` from the fleet's table: None when `state.history_table` is unset.
+pub async fn fleet_history(
+    cfg: &Config,
+    filter: &crate::store::HistoryFilter,
+    limit: usize,
+) -> anyhow::Result<Option<Vec<FleetRun>>> {
+    let Some(table) = cfg.state.history_table.as_deref() else {
+        return Ok(None);
+    };
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let calls = CountCalls(Arc::new(Stats::default()));
+    let runs = FleetHistory::new(&sdk_cfg, &calls, table)
+        .runs(filter, limit)
+        .await
+        .with_context(|| format!("reading the fleet's history table {table}"))?;
+    Ok(Some(runs))
 }
 
 /// Result events go out ten to a PublishBatch call.
@@ -241,23 +287,31 @@ impl App {
             retry_for: cfg.aws.retry_for,
             reject: reject_policy,
         };
-        let pipeline = Arc::new(Pipeline::new(Parts {
-            cfg,
-            hooks,
-            services,
-            store,
-            claims,
-            leases,
-            publisher,
-            stats,
-            remote,
-            ansible,
-        }));
+        let (fleet_history, fleet_task) = match fleet_history_writer(&cfg, &sdk_cfg, &calls) {
+            Some((b, task)) if run => (Some(b), Some(task)),
+            _ => (None, None),
+        };
+        let pipeline = Arc::new(
+            Pipeline::new(Parts {
+                cfg,
+                hooks,
+                services,
+                store,
+                claims,
+                leases,
+                publisher,
+                stats,
+                remote,
+                ansible,
+            })
+            .with_fleet_history(fleet_history),
+        );
         Ok(App {
             pipeline,
             queue,
             settings,
             publisher_task,
+            fleet_task,
             known_hosts,
         })
     }
@@ -269,15 +323,16 @@ impl App {
         Some(spawn_known_hosts_pruning(remote, instances))
     }
 
-    /// Waits until every queued result event was published.
+    /// Waits until every queued result event was published (and fleet history written).
     pub async fn close(self) {
         let App {
             pipeline,
             publisher_task,
+            fleet_task,
             ..
         } = self;
         drop(pipeline);
-        if let Some(t) = publisher_task {
+        for t in [publisher_task, fleet_task].into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
     }

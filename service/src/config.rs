@@ -97,6 +97,9 @@ pub struct StateConfig {
     /// The DynamoDB table shared by a fleet of ops hosts for claims; None: claims live in
     /// the SQLite store (one host).
     pub claims_table: Option<String>,
+    /// The DynamoDB table every host writes its finished runs to, so that `provision
+    /// history` shows the fleet's; None: each host's history is its own.
+    pub history_table: Option<String>,
     /// How long a claim holds without renewal: another host takes a claim over only once
     /// its lease expired. Renewed every third of it while the steps run.
     pub claim_lease: Duration,
@@ -387,6 +390,17 @@ impl StateConfig {
                 None
             }
         });
+        let history_table = f.non_empty("history_table").and_then(|t| {
+            if crate::claims::valid_table_name(t) {
+                Some(t.to_string())
+            } else {
+                f.error(
+                    "history_table",
+                    format!("{t:?} is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ - .)"),
+                );
+                None
+            }
+        });
         let claim_lease = f.duration("claim_lease", crate::claims::DEFAULT_LEASE);
         if claim_lease < crate::claims::MIN_LEASE {
             f.error(
@@ -402,6 +416,7 @@ impl StateConfig {
         StateConfig {
             path,
             claims_table,
+            history_table,
             claim_lease,
         }
     }

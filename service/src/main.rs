@@ -17,7 +17,7 @@ use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
 use provision::event::{self, Parsed};
 use provision::metrics::Stats;
-use provision::store::Store;
+use provision::store::{HistoryFilter, Store};
 use provision::systemd::SystemdNotify;
 use provision::telemetry;
 
@@ -101,11 +101,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Event(EventCommand::Parse { file }) => parse_event(&file),
         Command::History {
             instance,
+            group,
+            account,
+            outcome,
+            local,
             limit,
             json,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
-            history(&cfg, instance.as_deref(), limit, json)
+            let outcome = match outcome.as_deref() {
+                None => None,
+                Some(o) => Some(provision::store::parse_outcome(o).ok_or_else(|| {
+                    anyhow::anyhow!("--outcome {o:?}: not an outcome (succeeded, failed, rejected, skipped, unmatched, duplicate, retry, running)")
+                })?),
+            };
+            let filter = HistoryFilter {
+                instance,
+                group,
+                account,
+                outcome,
+            };
+            history(&cfg, &filter, local, limit, json)
         }
         Command::Check { aws } => check(load_config(cli.config.as_deref())?, aws),
         Command::Instance {
@@ -193,10 +209,22 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
 
 fn history(
     cfg: &Config,
-    instance: Option<&str>,
+    filter: &HistoryFilter,
+    local: bool,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if !local && cfg.state.history_table.is_some() {
+        let runs = runtime()?
+            .block_on(provision::app::fleet_history(cfg, filter, limit))?
+            .unwrap_or_default();
+        if json {
+            out!("{}", serde_json::to_string_pretty(&runs)?);
+        } else {
+            print_runs(runs.iter().map(|r| (Some(r.host.as_str()), &r.run)))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     provision::app::refuse_foreign_owner(&cfg.state_dir())?;
     if !cfg.state.path.exists() {
         anyhow::bail!(
@@ -205,11 +233,20 @@ fn history(
         );
     }
     let store = Store::open(&cfg.state.path)?;
-    let runs = store.history(instance, limit)?;
+    let runs = store.history_where(filter, limit)?;
     if json {
         out!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(ExitCode::SUCCESS);
     }
+    print_runs(runs.iter().map(|r| (None, r)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The history as a table, with the host that worked each run when it is known (the
+/// fleet's table).
+fn print_runs<'a>(
+    runs: impl Iterator<Item = (Option<&'a str>, &'a provision::store::RunRow)>,
+) -> anyhow::Result<()> {
     let ts = |ms: i64| {
         humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
@@ -219,17 +256,27 @@ fn history(
     // Everything but the fixed columns may hold text from instances or messages: shown
     // escaped, never obeyed by the terminal.
     let text = |s: Option<&str>| provision::pipeline::printable(s.unwrap_or(""));
+    let runs: Vec<_> = runs.collect();
+    let hosts = runs.iter().any(|(h, _)| h.is_some());
+    let host_col = |h: Option<&str>| {
+        if hosts {
+            format!("{:<16}  ", text(h.or(Some("-"))))
+        } else {
+            String::new()
+        }
+    };
     out!(
-        "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
+        "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
         "RUN",
         "STARTED",
+        host_col(Some("HOST")),
         "INSTANCE",
         "TRANSITION",
         "LAYER",
         "OUTCOME",
         "HOOK"
     );
-    for r in &runs {
+    for (host, r) in runs {
         let why = match (&r.error, &r.cause) {
             (Some(e), _) => text(Some(e)),
             (None, Some(c)) => format!(
@@ -240,9 +287,10 @@ fn history(
             (None, None) => String::new(),
         };
         out!(
-            "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
+            "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
             r.id,
             ts(r.received_at),
+            host_col(host),
             text(r.instance_id.as_deref().or(Some("-"))),
             text(r.transition.as_deref().or(Some("-"))),
             text(r.layer.as_deref().or(Some("-"))),
@@ -262,7 +310,7 @@ fn history(
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Serves Lambda invocations until the process is stopped; startup problems (the config

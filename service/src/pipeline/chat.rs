@@ -192,6 +192,7 @@ mod tests {
             started_at: String::new(),
             finished_at: String::new(),
             host: "ops-1".into(),
+            account_id: None,
         }
     }
 

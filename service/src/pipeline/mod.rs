@@ -146,6 +146,8 @@ pub struct Pipeline {
     claims: Arc<dyn Claims>,
     leases: Leases,
     publisher: Option<Batcher<String>>,
+    /// Finished runs for the fleet's history table (`state.history_table`).
+    fleet_history: Option<Batcher<String>>,
     verifier: Verifier,
     working: Working,
     owner: String,
@@ -189,11 +191,18 @@ impl Pipeline {
             store: p.store,
             leases: p.leases,
             publisher: p.publisher,
+            fleet_history: None,
             working: Working::default(),
             owner: crate::claims::owner_id(&host),
             host,
             stats: p.stats,
         }
+    }
+
+    /// Finished runs also go to the fleet's history table through `batcher`.
+    pub fn with_fleet_history(mut self, batcher: Option<Batcher<String>>) -> Pipeline {
+        self.fleet_history = batcher;
+        self
     }
 
     pub fn store(&self) -> &Store {

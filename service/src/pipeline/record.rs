@@ -47,6 +47,10 @@ pub struct RunReport {
     pub started_at: String,
     pub finished_at: String,
     pub host: String,
+    /// The account the lifecycle message names (AccountId, or an EventBridge event's
+    /// account), when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +83,7 @@ impl RunReport {
             started_at: rfc3339(now_ms()),
             finished_at: String::new(),
             host: host.to_string(),
+            account_id: ev.account_id.clone(),
         }
     }
 
@@ -192,6 +197,7 @@ impl Pipeline {
                 unpublished = Some(body);
             }
         }
+        self.record_in_fleet_history(&run).await;
         self.stats
             .run_finished(run.layer.as_deref().unwrap_or("-"), run.outcome);
         if run.outcome == Outcome::Retry {
@@ -215,6 +221,21 @@ impl Pipeline {
             }
         }
         run
+    }
+
+    /// A final run into the fleet's history table (`state.history_table`), when there is one.
+    async fn record_in_fleet_history(&self, run: &RunReport) {
+        let (true, Some(fleet)) = (run.outcome.publishes(), &self.fleet_history) else {
+            return;
+        };
+        let record = serde_json::json!({
+            "writer": self.owner,
+            "account_id": run.account_id,
+            "run": run,
+        });
+        if let Err(e) = fleet.submit(record.to_string()).await {
+            warn!(error = %e, "could not write the run to the fleet's history table");
+        }
     }
 
     /// The result event as `notify.format` wants it: provision's own JSON, or a chat
