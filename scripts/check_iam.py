@@ -471,6 +471,24 @@ def self_test() -> int:
                    "no unused action", code == 0 and "warning" not in err and "#OpsHostRole" in out,
                    out + err)
 
+            # The Lambda template's function role covers what the function calls for tag
+            # and ssm steps (its logs: written by Lambda's runtime, never by the binary).
+            lambda_calls = t / "lambda"
+            lambda_calls.mkdir()
+            (lambda_calls / "all.json").write_text(json.dumps({op: 1 for op in [
+                "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibilityBatch",
+                "sqs:GetQueueAttributes", "autoscaling:CompleteLifecycleAction",
+                "autoscaling:RecordLifecycleActionHeartbeat", "autoscaling:DescribeLifecycleHooks",
+                "autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups",
+                "autoscaling:DescribeWarmPool", "dynamodb:GetItem", "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem", "ec2:CreateTags", "ec2:DescribeInstances", "ssm:SendCommand",
+                "ssm:ListCommandInvocations", "ssm:CancelCommand", "ssm:DescribeInstanceInformation",
+            ]}))
+            code, out, err = run([str(project_policy.parent / "lambda.yaml"), str(lambda_calls)])
+            unexpected = [line for line in err.splitlines() if "warning" in line and "logs:" not in line]
+            expect("config/lambda.yaml's function role covers the function's operations",
+                   code == 0 and "#FunctionRole" in out and not unexpected, out + err)
+
             # The example config's layers lie within the example policy's group scopes.
             example = project_policy.parent / "provision.toml"
             code, out, err = run(["--scopes", str(project_policy), str(example)])

@@ -21,9 +21,25 @@ use provision::store::{HistoryFilter, Store};
 use provision::systemd::SystemdNotify;
 use provision::telemetry;
 
-/// `provision i-0123…` is short for `provision instance i-0123…`.
+/// `provision i-0123…` is short for `provision instance i-0123…`; the binary named
+/// `bootstrap` with no arguments (Lambda's custom runtime starts `/var/task/bootstrap` so)
+/// is `provision --log-format json --config <its directory>/provision.toml lambda`, the
+/// config being `$PROVISION_CONFIG` when that is set.
 fn args() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let exe = args.first().map(std::path::PathBuf::from);
+    if args.len() == 1 && exe.as_ref().and_then(|p| p.file_name()) == Some("bootstrap".as_ref()) {
+        args.extend(["--log-format".into(), "json".into()]);
+        if std::env::var_os("PROVISION_CONFIG").is_none() {
+            let dir = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_default();
+            args.extend(["--config".into(), dir.join("provision.toml").into()]);
+        }
+        args.push("lambda".into());
+        return args;
+    }
     let mut i = 1;
     while i < args.len() {
         let a = args[i].to_string_lossy();
