@@ -57,10 +57,9 @@ impl RunReport {
             self.transition.to_string(),
         ];
         keywords.extend(self.layer.as_deref().map(|l| safe(l, 64)));
-        json!({
+        let mut n = json!({
             "version": "1.0",
             "source": "custom",
-            "id": self.run_id.map(|id| format!("provision-{}-{id}", safe(&self.host, 64))),
             "content": {
                 "textType": "client-markdown",
                 "title": title,
@@ -83,7 +82,12 @@ impl RunReport {
                     "host": safe(&self.host, FIELD_MAX),
                 },
             },
-        })
+        });
+        // `id` is optional in the schema: present only when the run has one.
+        if let Some(id) = self.run_id {
+            n["id"] = json!(format!("provision-{}-{id}", safe(&self.host, 64)));
+        }
+        n
     }
 
     /// Group and hook, the decision and its cause, and the failed step with the end of
@@ -215,6 +219,13 @@ mod tests {
         );
         assert!(!d.contains("<!channel>"), "{d}");
         assert_eq!(n["metadata"]["threadId"], "i-0123456789abcdef0");
+        assert_eq!(n["id"], "provision-ops-1-7");
+        let mut unrecorded = failed_run();
+        unrecorded.run_id = None;
+        assert!(
+            unrecorded.chat_notification().get("id").is_none(),
+            "no null id"
+        );
         assert!(n["content"]["nextSteps"][0]
             .as_str()
             .unwrap()
