@@ -2,6 +2,7 @@
 """Checks that an IAM policy allows every AWS API operation the provision binary made.
 
 usage: check_iam.py POLICY CALLS_DIR
+       check_iam.py --scopes POLICY CONFIG
        check_iam.py --self-test
 
 CALLS_DIR holds one *.json file per integration test, each an object
@@ -12,8 +13,17 @@ the same name) and must be covered by the Action of an Allow statement of POLICY
 wildcards * and ? allowed, case-insensitive). Resources and conditions are not evaluated: the
 check is about actions, the policy's scoping is reviewed by people.
 
+POLICY is an IAM policy document (JSON), or a CloudFormation template (YAML): then the inline
+policies of each of its roles that EC2 or Lambda assumes (the ops host's, the function's) are
+checked, each role on its own, as the policy of that role.
+
 Prints a table operation -> action -> covering Sid, then warns (without failing) about
-actions the policy allows that no test exercised. Exit status: 0 when every operation is
+actions the policy allows that no test exercised.
+
+--scopes: every group glob of every layer of CONFIG (a provision.toml) must lie within the
+group names each group-scoped statement of POLICY allows (autoScalingGroupName/ resources,
+aws:autoscaling:groupName conditions): an example config whose layers the example policy
+does not reach would have its hooks, tags and commands refused. Exit 1 when one does not. Exit status: 0 when every operation is
 allowed, 1 when some are not or when there is nothing to check (no CALLS_DIR, no call files,
 no calls: a check that checks nothing is a defect), 2 on bad usage.
 """
@@ -44,7 +54,8 @@ IMPLIED_BY = {
     "kms:Decrypt": ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"],
 }
 
-USAGE = "usage: check_iam.py POLICY CALLS_DIR\n       check_iam.py --self-test"
+USAGE = ("usage: check_iam.py POLICY CALLS_DIR\n       check_iam.py --scopes POLICY CONFIG\n"
+         "       check_iam.py --self-test")
 
 OPERATION_RE = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
 
@@ -69,11 +80,53 @@ def as_list(value: object) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def load_policy(path: Path) -> list[dict]:
+def load_template(path: Path) -> dict:
+    """A CloudFormation template, its intrinsic functions (!Sub, !Ref, ...) kept as
+    {"Fn::Sub": ...} values."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def intrinsic(loader, tag_suffix, node):
+        name = "Ref" if tag_suffix == "Ref" else f"Fn::{tag_suffix}"
+        if isinstance(node, yaml.ScalarNode):
+            return {name: loader.construct_scalar(node)}
+        if isinstance(node, yaml.SequenceNode):
+            return {name: loader.construct_sequence(node, deep=True)}
+        return {name: loader.construct_mapping(node, deep=True)}
+
+    Loader.add_multi_constructor("!", intrinsic)
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckError(f"{path}: cannot read the policy: {e}") from e
+        doc = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckError(f"{path}: cannot read the template: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("Resources"), dict):
+        raise CheckError(f"{path}: not a CloudFormation template (no Resources)")
+    return doc
+
+
+def template_role_policies(path: Path) -> dict[str, dict]:
+    """{role logical id: one policy document of all its inline policies' statements}, for the
+    roles EC2 or Lambda assumes (the ops host's, the function's)."""
+    roles = {}
+    for name, res in load_template(path)["Resources"].items():
+        if not isinstance(res, dict) or res.get("Type") != "AWS::IAM::Role":
+            continue
+        props = res.get("Properties", {})
+        trust = json.dumps(props.get("AssumeRolePolicyDocument", {}))
+        if "ec2.amazonaws.com" not in trust and "lambda.amazonaws.com" not in trust:
+            continue
+        statements = []
+        for pol in as_list(props.get("Policies")):
+            statements += as_list(pol.get("PolicyDocument", {}).get("Statement"))
+        roles[name] = {"Version": "2012-10-17", "Statement": statements}
+    if not roles:
+        raise CheckError(f"{path}: no role that EC2 or Lambda assumes")
+    return roles
+
+
+def policy_statements(path: Path, doc: object) -> list[dict]:
     if not isinstance(doc, dict) or "Statement" not in doc:
         raise CheckError(f"{path}: not an IAM policy document (no Statement)")
     statements = []
@@ -84,6 +137,22 @@ def load_policy(path: Path) -> list[dict]:
         st.setdefault("Sid", f"#{i}")
         statements.append(st)
     return statements
+
+
+def load_policy(path: Path) -> list[dict]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{path}: cannot read the policy: {e}") from e
+    return policy_statements(path, doc)
+
+
+def load_policies(path: Path) -> dict[str, list[dict]]:
+    """{name: statements}: a JSON policy file is one, a template one per role."""
+    if path.suffix in (".yaml", ".yml"):
+        return {f"{path}#{role}": policy_statements(path, doc)
+                for role, doc in template_role_policies(path).items()}
+    return {str(path): load_policy(path)}
 
 
 def load_calls(calls_dir: Path) -> tuple[dict[str, int], list[Path]]:
@@ -131,8 +200,78 @@ def unconditional_everywhere(st: dict) -> bool:
 
 
 def check(policy_path: Path, calls_dir: Path) -> int:
-    statements = load_policy(policy_path)
     totals, files = load_calls(calls_dir)
+    worst = 0
+    for name, statements in load_policies(policy_path).items():
+        worst = max(worst, check_statements(name, statements, totals, files, calls_dir))
+    return worst
+
+
+# Where a statement scopes Auto Scaling groups: the group name in an ARN, or the tag Auto
+# Scaling puts on the group's instances.
+GROUP_ARN_RE = re.compile(r"autoScalingGroupName/(.+)$")
+GROUP_CONDITION_KEYS = ("aws:resourcetag/aws:autoscaling:groupname",
+                        "ssm:resourcetag/aws:autoscaling:groupname")
+
+
+def group_scopes(st: dict) -> list[str] | None:
+    """The group name patterns a statement is limited to, or None when it is not limited by
+    group."""
+    found = []
+    for r in as_list(st.get("Resource")):
+        m = GROUP_ARN_RE.search(r) if isinstance(r, str) else None
+        if m:
+            found.append(m.group(1))
+    for op in (st.get("Condition") or {}).values():
+        for key, values in (op or {}).items():
+            if key.lower() in GROUP_CONDITION_KEYS:
+                found += [v for v in as_list(values) if isinstance(v, str)]
+    return found or None
+
+
+def glob_within(layer_glob: str, policy_pattern: str) -> bool:
+    """Whether every name the layer's glob matches is matched by the policy's pattern: the
+    policy's * takes any run of the glob's characters, its ? one character but not a *."""
+    out = "".join(".*" if c == "*" else "[^*]" if c == "?" else re.escape(c) for c in policy_pattern)
+    return re.fullmatch(out, layer_glob) is not None
+
+
+def check_scopes(policy_path: Path, config_path: Path) -> int:
+    import tomllib
+
+    try:
+        config = tomllib.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{config_path}: cannot read the config: {e}") from e
+    layers = {name: as_list(layer.get("groups")) for name, layer in (config.get("layers") or {}).items()}
+    if not layers:
+        raise CheckError(f"{config_path}: no layers: nothing to check the scopes against")
+    problems, checked = [], 0
+    for st in load_policy(policy_path):
+        scopes = group_scopes(st) if st["Effect"] == "Allow" else None
+        if scopes is None:
+            continue
+        checked += 1
+        for layer, globs in layers.items():
+            for g in globs:
+                if not any(glob_within(g, p) for p in scopes):
+                    problems.append(f"layers.{layer}: group {g!r} is outside statement {st['Sid']} "
+                                    f"(groups {', '.join(scopes)})")
+    if not checked:
+        raise CheckError(f"{policy_path}: no statement is scoped by group: nothing to check")
+    if problems:
+        print(f"check_iam: FAIL: {config_path}'s layers reach groups {policy_path} does not allow:",
+              file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"check_iam: OK: every layer of {config_path} lies within the {checked} group-scoped "
+          f"statement(s) of {policy_path}")
+    return 0
+
+
+def check_statements(policy_path: str, statements: list[dict], totals: dict[str, int],
+                     files: list[Path], calls_dir: Path) -> int:
     print(f"check_iam: {len(totals)} operations from {len(files)} call files in {calls_dir}, "
           f"against {policy_path}")
 
@@ -188,6 +327,12 @@ def check(policy_path: Path, calls_dir: Path) -> int:
 def main(argv: list[str]) -> int:
     if argv == ["--self-test"]:
         return self_test()
+    if len(argv) == 3 and argv[0] == "--scopes":
+        try:
+            return check_scopes(Path(argv[1]), Path(argv[2]))
+        except CheckError as e:
+            print(f"check_iam: FAIL: {e}", file=sys.stderr)
+            return 1
     if len(argv) != 2 or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
         return 2
@@ -313,10 +458,60 @@ def self_test() -> int:
                 "dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive",
                 "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
                 "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
+                "dynamodb:BatchWriteItem", "dynamodb:Query", "dynamodb:Scan",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",
                    code == 0 and "warning" not in err, out + err)
+
+            # The CloudFormation ops host role carries the same permissions.
+            template = project_policy.parent / "cloudformation.yaml"
+            code, out, err = run([str(template), str(full)])
+            expect("config/cloudformation.yaml's ops host role covers the intended operations, "
+                   "no unused action", code == 0 and "warning" not in err and "#OpsHostRole" in out,
+                   out + err)
+
+            # The Lambda template's function role covers what the function calls for tag
+            # and ssm steps (its logs: written by Lambda's runtime, never by the binary).
+            lambda_calls = t / "lambda"
+            lambda_calls.mkdir()
+            (lambda_calls / "all.json").write_text(json.dumps({op: 1 for op in [
+                "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibilityBatch",
+                "sqs:GetQueueAttributes", "autoscaling:CompleteLifecycleAction",
+                "autoscaling:RecordLifecycleActionHeartbeat", "autoscaling:DescribeLifecycleHooks",
+                "autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeAutoScalingGroups",
+                "autoscaling:DescribeWarmPool", "dynamodb:GetItem", "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem", "ec2:CreateTags", "ec2:DescribeInstances", "ssm:SendCommand",
+                "ssm:ListCommandInvocations", "ssm:CancelCommand", "ssm:DescribeInstanceInformation",
+            ]}))
+            code, out, err = run([str(project_policy.parent / "lambda.yaml"), str(lambda_calls)])
+            unexpected = [line for line in err.splitlines() if "warning" in line and "logs:" not in line]
+            expect("config/lambda.yaml's function role covers the function's operations",
+                   code == 0 and "#FunctionRole" in out and not unexpected, out + err)
+
+            # The example config's layers lie within the example policy's group scopes.
+            example = project_policy.parent / "provision.toml"
+            code, out, err = run(["--scopes", str(project_policy), str(example)])
+            expect("config/provision.toml's layers are within config/iam-policy.json's scopes",
+                   code == 0, out + err)
+
+        # Scopes: a layer outside a group-scoped statement fails, naming both.
+        scoped = {"Version": "2012-10-17", "Statement": [
+            {"Sid": "Hooks", "Effect": "Allow", "Action": "autoscaling:CompleteLifecycleAction",
+             "Resource": ["arn:aws:autoscaling:R:A:autoScalingGroup:*:autoScalingGroupName/web-*",
+                          "arn:aws:autoscaling:R:A:autoScalingGroup:*:autoScalingGroupName/batch-?"]},
+            {"Sid": "Tags", "Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+             "Condition": {"StringLike": {"aws:ResourceTag/aws:autoscaling:groupName": ["web-*"]}}},
+        ]}
+        (t / "scoped.json").write_text(json.dumps(scoped))
+        (t / "in.toml").write_text('[layers.web]\ngroups = ["web-prod-*"]\n')
+        code, out, err = run(["--scopes", str(t / "scoped.json"), str(t / "in.toml")])
+        expect("a layer within every scope -> 0", code == 0, out + err)
+        (t / "out.toml").write_text('[layers.web]\ngroups = ["web-*"]\n[layers.b]\ngroups = ["batch-*"]\n')
+        code, out, err = run(["--scopes", str(t / "scoped.json"), str(t / "out.toml")])
+        expect("a layer outside a scope -> 1, named with the statement",
+               code == 1 and "layers.b: group 'batch-*' is outside statement Hooks" in err
+               and "outside statement Tags" in err, out + err)
 
     if failures:
         print("check_iam self-test: FAIL", file=sys.stderr)

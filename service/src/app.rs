@@ -13,6 +13,7 @@ use crate::aws::autoscaling::AutoScalingHooks;
 use crate::aws::dynamo::DynamoClaims;
 use crate::aws::ec2::Ec2Instances;
 use crate::aws::ecs::EcsClient;
+use crate::aws::history::FleetHistory;
 use crate::aws::opsworks::OpsWorksClient;
 use crate::aws::sdk;
 use crate::aws::sns::SnsNotifier;
@@ -50,6 +51,7 @@ pub struct App {
     pub queue: Arc<dyn Queue>,
     pub settings: Settings,
     publisher_task: Option<JoinHandle<()>>,
+    fleet_task: Option<JoinHandle<()>>,
     /// For the daemon's housekeeping (None when no step uses SSH).
     known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
 }
@@ -133,6 +135,50 @@ fn claims_store(
     )))
 }
 
+pub use crate::aws::history::FleetRun;
+
+/// The fleet's history table (`state.history_table`), written by every host: finished
+/// runs go out 25 to a BatchWriteItem call.
+fn fleet_history_writer(
+    cfg: &Config,
+    sdk_cfg: &aws_config::SdkConfig,
+    calls: &CountCalls,
+) -> Option<(Batcher<String>, JoinHandle<()>)> {
+    let table = cfg.state.history_table.as_deref()?;
+    tracing::info!(
+        table,
+        "finished runs are also written to the fleet's history table"
+    );
+    let history = Arc::new(FleetHistory::new(sdk_cfg, calls, table));
+    Some(Batcher::retried(
+        25,
+        PUBLISH_LINGER,
+        cfg.aws.retry_for,
+        move |records: Vec<String>| {
+            let history = history.clone();
+            async move { history.put_batch(&records).await }
+        },
+    ))
+}
+
+/// `provision history` from the fleet's table: None when `state.history_table` is unset.
+pub async fn fleet_history(
+    cfg: &Config,
+    filter: &crate::store::HistoryFilter,
+    limit: usize,
+) -> anyhow::Result<Option<Vec<FleetRun>>> {
+    let Some(table) = cfg.state.history_table.as_deref() else {
+        return Ok(None);
+    };
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let calls = CountCalls(Arc::new(Stats::default()));
+    let runs = FleetHistory::new(&sdk_cfg, &calls, table)
+        .runs(filter, limit)
+        .await
+        .with_context(|| format!("reading the fleet's history table {table}"))?;
+    Ok(Some(runs))
+}
+
 /// Result events go out ten to a PublishBatch call.
 fn publisher(
     notifier: Arc<dyn Notifier>,
@@ -163,12 +209,58 @@ fn ssh_parts(cfg: &Config, services: &Services) -> anyhow::Result<(Arc<Remote>, 
     Ok((remote, runner))
 }
 
+/// A command run as root in a state directory that belongs to another user (the service's)
+/// would leave root-owned 0600 files there (`state.db`'s journal, known_hosts, logs) the
+/// service then cannot read: refused, saying whom to run as. A directory that does not
+/// exist yet, or belongs to root, is fine.
+pub fn refuse_foreign_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if euid == 0 && meta.uid() != 0 {
+        anyhow::bail!(
+            "{} belongs to uid {} (the service's user), and this command runs as root: files it created there would be root's and unreadable by the service. Run it as the owner, e.g. `sudo -u provision provision …`",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    Ok(())
+}
+
+/// The state store: `state.path` (created and migrated, old history pruned), or for a plan
+/// an in-memory one.
+async fn open_store(cfg: &Config, purpose: Purpose) -> anyhow::Result<Store> {
+    if purpose == Purpose::Plan {
+        return Ok(Store::in_memory()?);
+    }
+    refuse_foreign_owner(&cfg.state_dir())?;
+    let store = Store::open(&cfg.state.path)
+        .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
+    prune_history(&store).await;
+    Ok(store)
+}
+
+/// What the assembled pipeline is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Runs steps: the state store on disk, SSH set up, results published.
+    Run,
+    /// Only shows a plan (`provision i-… --dry-run`): nothing on disk is created or migrated
+    /// (an in-memory store, no SSH directories), no credential is read, nothing published.
+    Plan,
+}
+
 impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        Self::build_for(cfg, Purpose::Run).await
+    }
+
+    pub async fn build_for(cfg: Config, purpose: Purpose) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
-        let store = Store::open(&cfg.state.path)
-            .with_context(|| format!("opening the state store {}", cfg.state.path.display()))?;
-        prune_history(&store).await;
+        let store = open_store(&cfg, purpose).await?;
         let stats = Arc::new(Stats::default());
         let calls = CountCalls(stats.clone());
         let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
@@ -180,15 +272,19 @@ impl App {
             opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
             ecs: Arc::new(EcsClient::new(&sdk_cfg, &calls)),
         };
-        let claims = claims_store(&cfg, &sdk_cfg, &calls);
-        let reject_policy = reject_policy(cfg.queue.on_reject, queue.as_ref()).await;
-        let (publisher, publisher_task) = match &cfg.notify {
-            Some(n) => {
+        let run = purpose == Purpose::Run;
+        let claims = claims_store(&cfg, &sdk_cfg, &calls).filter(|_| run);
+        let reject_policy = match purpose {
+            Purpose::Run => reject_policy(cfg.queue.on_reject, queue.as_ref()).await,
+            Purpose::Plan => RejectPolicy::Delete,
+        };
+        let (publisher, publisher_task) = match (&cfg.notify, purpose) {
+            (Some(n), Purpose::Run) => {
                 let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg, &calls));
                 let (b, task) = publisher(notifier, n.topic_arn.clone(), cfg.aws.retry_for);
                 (Some(b), Some(task))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         let leases = Leases::spawn(
             Some(queue.clone()),
@@ -196,7 +292,7 @@ impl App {
             cfg.queue.visibility_timeout,
             stats.clone(),
         );
-        let (remote, ansible) = if cfg.uses_ssh() {
+        let (remote, ansible) = if cfg.uses_ssh() && run {
             let (remote, runner) = ssh_parts(&cfg, &services)?;
             (Some(remote), Some(runner))
         } else {
@@ -213,23 +309,31 @@ impl App {
             retry_for: cfg.aws.retry_for,
             reject: reject_policy,
         };
-        let pipeline = Arc::new(Pipeline::new(Parts {
-            cfg,
-            hooks,
-            services,
-            store,
-            claims,
-            leases,
-            publisher,
-            stats,
-            remote,
-            ansible,
-        }));
+        let (fleet_history, fleet_task) = match fleet_history_writer(&cfg, &sdk_cfg, &calls) {
+            Some((b, task)) if run => (Some(b), Some(task)),
+            _ => (None, None),
+        };
+        let pipeline = Arc::new(
+            Pipeline::new(Parts {
+                cfg,
+                hooks,
+                services,
+                store,
+                claims,
+                leases,
+                publisher,
+                stats,
+                remote,
+                ansible,
+            })
+            .with_fleet_history(fleet_history),
+        );
         Ok(App {
             pipeline,
             queue,
             settings,
             publisher_task,
+            fleet_task,
             known_hosts,
         })
     }
@@ -246,15 +350,16 @@ impl App {
         tasks
     }
 
-    /// Waits until every queued result event was published.
+    /// Waits until every queued result event was published (and fleet history written).
     pub async fn close(self) {
         let App {
             pipeline,
             publisher_task,
+            fleet_task,
             ..
         } = self;
         drop(pipeline);
-        if let Some(t) = publisher_task {
+        for t in [publisher_task, fleet_task].into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
     }

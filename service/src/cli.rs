@@ -74,6 +74,18 @@ pub enum Command {
         /// Only runs for this instance
         #[arg(long)]
         instance: Option<String>,
+        /// Only runs for this Auto Scaling group
+        #[arg(long)]
+        group: Option<String>,
+        /// Only runs for lifecycle messages from this account
+        #[arg(long)]
+        account: Option<String>,
+        /// Only runs with this outcome (succeeded, failed, rejected, skipped, ...)
+        #[arg(long)]
+        outcome: Option<String>,
+        /// This host's own history (state.path) even when state.history_table is set
+        #[arg(long)]
+        local: bool,
         /// How many runs
         #[arg(long, default_value_t = 20)]
         limit: usize,

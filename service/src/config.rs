@@ -78,6 +78,17 @@ pub enum OnReject {
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
     pub topic_arn: String,
+    pub format: NotifyFormat,
+}
+
+/// `notify.format`: what a result event looks like on the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NotifyFormat {
+    /// provision's JSON result event (`"type": "provision.result"`).
+    #[default]
+    Event,
+    /// A custom notification of Amazon Q Developer in chat applications (AWS Chatbot).
+    Chat,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +97,9 @@ pub struct StateConfig {
     /// The DynamoDB table shared by a fleet of ops hosts for claims; None: claims live in
     /// the SQLite store (one host).
     pub claims_table: Option<String>,
+    /// The DynamoDB table every host writes its finished runs to, so that `provision
+    /// history` shows the fleet's; None: each host's history is its own.
+    pub history_table: Option<String>,
     /// How long a claim holds without renewal: another host takes a claim over only once
     /// its lease expired. Renewed every third of it while the steps run.
     pub claim_lease: Duration,
@@ -189,13 +203,19 @@ pub fn resolve_path_in(flag: Option<&Path>, env: &Env) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_text(path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`Config::load`], with the text it was read from (what a reload compares with).
+    pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigErrors> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             source_name: name.clone(),
             errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse_with(&text, &name, base, &Env::from_process())
+        let cfg = Self::parse_with(&text, &name, base, &Env::from_process())?;
+        Ok((cfg, text))
     }
 
     /// Parses a config whose relative paths are relative to the working directory.
@@ -333,8 +353,19 @@ impl NotifyConfig {
                 }
                 arn.to_string()
             });
+        let format = f.with("format", |v| match v.as_str() {
+            Some("event") => Ok(NotifyFormat::Event),
+            Some("chat") => Ok(NotifyFormat::Chat),
+            _ => Err(format!(
+                "{} is not a format; expected \"event\" (provision's JSON) or \"chat\" (Amazon Q Developer in chat applications' custom notification)",
+                quoted(v)
+            )),
+        });
         f.finish_section("[notify]");
-        arn.map(|topic_arn| NotifyConfig { topic_arn })
+        arn.map(|topic_arn| NotifyConfig {
+            topic_arn,
+            format: format.unwrap_or_default(),
+        })
     }
 }
 
@@ -359,6 +390,17 @@ impl StateConfig {
                 None
             }
         });
+        let history_table = f.non_empty("history_table").and_then(|t| {
+            if crate::claims::valid_table_name(t) {
+                Some(t.to_string())
+            } else {
+                f.error(
+                    "history_table",
+                    format!("{t:?} is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ - .)"),
+                );
+                None
+            }
+        });
         let claim_lease = f.duration("claim_lease", crate::claims::DEFAULT_LEASE);
         if claim_lease < crate::claims::MIN_LEASE {
             f.error(
@@ -374,6 +416,7 @@ impl StateConfig {
         StateConfig {
             path,
             claims_table,
+            history_table,
             claim_lease,
         }
     }

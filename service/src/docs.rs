@@ -23,10 +23,21 @@ pub const FISH: &str = "provision.fish";
 
 /// `provision generate-docs DIR`: [`write`], exit 0; a usage message and exit 2 otherwise.
 pub fn run(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    const USAGE: &str = "usage: provision generate-docs DIR\n\nwrites provision.1 and the bash, zsh and fish completions into DIR (created)";
     let [dir] = args else {
-        eprintln!("usage: provision generate-docs DIR");
+        eprintln!("{USAGE}");
         return std::process::ExitCode::from(2);
     };
+    // An option is never a directory name: `--help` asks for this text, anything else is a mistake.
+    let arg = dir.to_string_lossy();
+    if arg == "--help" || arg == "-h" {
+        println!("{USAGE}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    if arg.starts_with('-') {
+        eprintln!("provision generate-docs: unknown option {arg}\n{USAGE}");
+        return std::process::ExitCode::from(2);
+    }
     match write(Path::new(dir)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

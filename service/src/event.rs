@@ -369,7 +369,17 @@ fn parse_inner(body: &str) -> Result<Parsed, Reject> {
             Some(_) => return Err(Reject::NotAString { field: "detail" }),
             None => return Err(Reject::Missing("detail")),
         };
-        return from_lifecycle_fields(detail, Envelope::EventBridge);
+        // The detail carries no AccountId or Time: EventBridge states them on the envelope.
+        let mut parsed = from_lifecycle_fields(detail, Envelope::EventBridge)?;
+        if let Parsed::Event(e) = &mut parsed {
+            if e.account_id.is_none() {
+                e.account_id = short_field(&obj, "account")?.map(str::to_string);
+            }
+            if e.time.is_none() {
+                e.time = short_field(&obj, "time")?.map(str::to_string);
+            }
+        }
+        return Ok(parsed);
     }
 
     from_lifecycle_fields(&obj, Envelope::Direct)

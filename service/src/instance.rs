@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
+use crate::app::{App, Purpose};
 use crate::aws::{Action, HookInfo, LifecycleState};
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -25,6 +25,15 @@ use crate::event::{Envelope, InstanceId, LifecycleEvent, Metadata, Phase, Place,
 use crate::layer::Layer;
 use crate::pipeline::{printable, Finish, Job, Pipeline, Progress, RunReport, Trust};
 use crate::retry::with_backoff;
+
+/// A line on standard output. A reader that went away (`provision i-… | head`) does not stop
+/// the run: its story is in the history too.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 
 #[derive(Debug, Clone)]
 pub struct Args {
@@ -52,16 +61,18 @@ struct Found {
 
 pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
     let id = InstanceId::parse(&args.instance).map_err(|e| anyhow!("{e}"))?;
-    let app = App::build(cfg).await?;
+    let purpose = if args.dry_run {
+        Purpose::Plan
+    } else {
+        Purpose::Run
+    };
+    let app = App::build_for(cfg, purpose).await?;
     let pipeline = app.pipeline.clone();
     let found = find(&pipeline, id, &args).await?;
     let job = job(&found, &args);
     let layer = match &args.layer {
         Some(name) => pipeline
-            .config()
-            .layers
-            .iter()
-            .find(|l| &l.name == name)
+            .layer_named(name)
             .ok_or_else(|| anyhow!("no layer named {name:?} in the config"))?,
         None => pipeline.route(&job.event).ok_or_else(|| {
             anyhow!(
@@ -70,9 +81,9 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
             )
         })?,
     };
-    print_plan(&pipeline, &found, &job, layer, &args);
+    print_plan(&pipeline, &found, &job, &layer, &args);
     if args.dry_run {
-        println!("(dry run: nothing was changed)");
+        say!("(dry run: nothing was changed)");
         return Ok(ExitCode::SUCCESS);
     }
     let report = execute(&pipeline, job).await;
@@ -219,7 +230,7 @@ fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args
     } else {
         ""
     };
-    println!(
+    say!(
         "instance   {} in group {} ({})",
         found.id,
         found.group,
@@ -228,25 +239,26 @@ fn print_plan(pipeline: &Pipeline, found: &Found, job: &Job, layer: &Layer, args
             .as_ref()
             .map_or("not in an Auto Scaling group", LifecycleState::as_str)
     );
-    println!("layer      {}{chosen}", layer.name);
+    say!("layer      {}{chosen}", layer.name);
     if found.phase.as_str() == found.transition.as_str() {
-        println!("transition {}", found.transition);
+        say!("transition {}", found.transition);
     } else {
-        println!("transition {} ({})", found.transition, found.phase);
+        say!("transition {} ({})", found.transition, found.phase);
     }
     for (i, line) in pipeline.preview(&job.event, layer).iter().enumerate() {
-        println!("step {i}     {line}");
+        say!("step {i}     {line}");
     }
     match (&job.action, job.finish) {
-        (Some(a), Finish::Complete) => println!(
+        (Some(a), Finish::Complete) => say!(
             "then       complete hook {} by instance id: CONTINUE, or {} if a step fails",
-            a.hook, layer.on_failure
+            a.hook,
+            layer.on_failure
         ),
-        (Some(a), Finish::Leave) => println!(
+        (Some(a), Finish::Leave) => say!(
             "then       leave the pending action of hook {} as it is (--no-complete)",
             a.hook
         ),
-        (None, _) => println!(
+        (None, _) => say!(
             "then       nothing to complete: no lifecycle action is pending for this {}",
             found.transition
         ),
@@ -346,7 +358,7 @@ impl Screen {
 }
 
 fn print_result(id: &InstanceId, report: &RunReport) -> ExitCode {
-    println!(
+    say!(
         "result     {} ({}){}",
         report.outcome,
         report
@@ -362,7 +374,7 @@ fn print_result(id: &InstanceId, report: &RunReport) -> ExitCode {
     if report.outcome.is_success() {
         ExitCode::SUCCESS
     } else {
-        println!("next       see `provision history --instance {id}` for each step's output; fix and run again (every step is safe to repeat)");
+        say!("next       see `provision history --instance {id}` for each step's output; fix and run again (every step is safe to repeat)");
         ExitCode::from(1)
     }
 }

@@ -67,9 +67,9 @@ impl Layer {
     }
 }
 
-/// The first layer whose matcher accepts the event.
-pub fn route<'a>(layers: &'a [Layer], event: &LifecycleEvent) -> Option<&'a Layer> {
-    layers.iter().find(|l| l.matcher.matches(event))
+/// The index of the first layer whose matcher accepts the event.
+pub fn route(layers: &[Layer], event: &LifecycleEvent) -> Option<usize> {
+    layers.iter().position(|l| l.matcher.matches(event))
 }
 
 /// A shell-style glob: `*` any run of characters, `?` one character, everything else literal.

@@ -63,7 +63,8 @@
 //! - [`cli`]: the command line's definitions (clap); [`docs`]: the man page and shell
 //!   completions generated from them.
 //! - [`metrics`] and [`endpoint`] (counters, /metrics and /healthz), [`systemd`] (readiness
-//!   and watchdog), [`shutdown`] (signals), [`telemetry`] (logs).
+//!   and watchdog), [`shutdown`] (signals), [`reload`] (SIGHUP: new layers for runs that
+//!   start afterwards), [`telemetry`] (logs).
 //!
 //! No module imports one that imports it back: `scripts/check-modules` (part of
 //! `scripts/test`) fails on any import cycle among these modules.
@@ -92,6 +93,7 @@ pub(crate) mod outcome;
 pub(crate) mod output;
 pub mod pipeline;
 pub(crate) mod poll;
+pub mod reload;
 pub(crate) mod retry;
 pub mod secret;
 pub(crate) mod setting;

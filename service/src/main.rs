@@ -17,13 +17,29 @@ use provision::config::{self, Config};
 use provision::daemon::{self, Mode, Summary};
 use provision::event::{self, Parsed};
 use provision::metrics::Stats;
-use provision::store::Store;
+use provision::store::{HistoryFilter, Store};
 use provision::systemd::SystemdNotify;
 use provision::telemetry;
 
-/// `provision i-0123…` is short for `provision instance i-0123…`.
+/// `provision i-0123…` is short for `provision instance i-0123…`; the binary named
+/// `bootstrap` with no arguments (Lambda's custom runtime starts `/var/task/bootstrap` so)
+/// is `provision --log-format json --config <its directory>/provision.toml lambda`, the
+/// config being `$PROVISION_CONFIG` when that is set.
 fn args() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let exe = args.first().map(std::path::PathBuf::from);
+    if args.len() == 1 && exe.as_ref().and_then(|p| p.file_name()) == Some("bootstrap".as_ref()) {
+        args.extend(["--log-format".into(), "json".into()]);
+        if std::env::var_os("PROVISION_CONFIG").is_none() {
+            let dir = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_default();
+            args.extend(["--config".into(), dir.join("provision.toml").into()]);
+        }
+        args.push("lambda".into());
+        return args;
+    }
     let mut i = 1;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -56,11 +72,28 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format, cli.verbose);
     match run(cli) {
         Ok(code) => code,
+        // `provision history | head -1`: the reader has what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("provision: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A line on standard output; an error (a closed pipe) ends the command.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
 }
 
 /// The runtime every async command runs on: two workers (the machine size this is built
@@ -84,11 +117,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Event(EventCommand::Parse { file }) => parse_event(&file),
         Command::History {
             instance,
+            group,
+            account,
+            outcome,
+            local,
             limit,
             json,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
-            history(&cfg, instance.as_deref(), limit, json)
+            let outcome = match outcome.as_deref() {
+                None => None,
+                Some(o) => Some(provision::store::parse_outcome(o).ok_or_else(|| {
+                    anyhow::anyhow!("--outcome {o:?}: not an outcome (succeeded, failed, rejected, skipped, unmatched, duplicate, retry, running)")
+                })?),
+            };
+            let filter = HistoryFilter {
+                instance,
+                group,
+                account,
+                outcome,
+            };
+            history(&cfg, &filter, local, limit, json)
         }
         Command::Check { aws } => check(load_config(cli.config.as_deref())?, aws),
         Command::Instance {
@@ -111,8 +160,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(provision::instance::run(cfg, args))
         }
-        Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
-        Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
+        Command::Daemon => {
+            let path = config::resolve_path(cli.config.as_deref());
+            let (cfg, text) = Config::load_with_text(&path)?;
+            serve(cfg, Mode::Daemon, Some((path, text)))
+        }
+        Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain, None),
         Command::Lambda => lambda(cli.config.as_deref()),
     }
 }
@@ -121,22 +174,25 @@ fn check(cfg: Config, aws: bool) -> anyhow::Result<ExitCode> {
     let mut report = provision::check::offline(&cfg);
     let rt = runtime()?;
     rt.block_on(provision::check::playbooks(&cfg, aws, &mut report));
+    // The config and its playbooks are the operator's files (exit 2, as a config that does
+    // not load); what AWS says comes after (exit 1).
+    let offline_problems = report.problems.len();
     if aws {
         rt.block_on(provision::check::with_aws(&cfg, &mut report));
     }
-    println!("config: {} layer(s), every key valid", cfg.layers.len());
+    out!("config: {} layer(s), every key valid", cfg.layers.len());
     for n in &report.notes {
-        println!("note: {n}");
+        out!("note: {n}");
     }
     for p in &report.problems {
-        println!("problem: {p}");
+        out!("problem: {p}");
     }
     if report.problems.is_empty() {
-        println!("ok");
+        out!("ok");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{} problem(s)", report.problems.len());
-        Ok(ExitCode::from(1))
+        out!("{} problem(s)", report.problems.len());
+        Ok(ExitCode::from(if offline_problems > 0 { 2 } else { 1 }))
     }
 }
 
@@ -163,16 +219,29 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
             1,
         ),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::from(code))
 }
 
 fn history(
     cfg: &Config,
-    instance: Option<&str>,
+    filter: &HistoryFilter,
+    local: bool,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if !local && cfg.state.history_table.is_some() {
+        let runs = runtime()?
+            .block_on(provision::app::fleet_history(cfg, filter, limit))?
+            .unwrap_or_default();
+        if json {
+            out!("{}", serde_json::to_string_pretty(&runs)?);
+        } else {
+            print_runs(runs.iter().map(|r| (Some(r.host.as_str()), &r.run)))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    provision::app::refuse_foreign_owner(&cfg.state_dir())?;
     if !cfg.state.path.exists() {
         anyhow::bail!(
             "no history yet: {} does not exist",
@@ -180,11 +249,20 @@ fn history(
         );
     }
     let store = Store::open(&cfg.state.path)?;
-    let runs = store.history(instance, limit)?;
+    let runs = store.history_where(filter, limit)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        out!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(ExitCode::SUCCESS);
     }
+    print_runs(runs.iter().map(|r| (None, r)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The history as a table, with the host that worked each run when it is known (the
+/// fleet's table).
+fn print_runs<'a>(
+    runs: impl Iterator<Item = (Option<&'a str>, &'a provision::store::RunRow)>,
+) -> anyhow::Result<()> {
     let ts = |ms: i64| {
         humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
@@ -194,11 +272,27 @@ fn history(
     // Everything but the fixed columns may hold text from instances or messages: shown
     // escaped, never obeyed by the terminal.
     let text = |s: Option<&str>| provision::pipeline::printable(s.unwrap_or(""));
-    println!(
-        "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
-        "RUN", "STARTED", "INSTANCE", "TRANSITION", "LAYER", "OUTCOME", "HOOK"
+    let runs: Vec<_> = runs.collect();
+    let hosts = runs.iter().any(|(h, _)| h.is_some());
+    let host_col = |h: Option<&str>| {
+        if hosts {
+            format!("{:<16}  ", text(h.or(Some("-"))))
+        } else {
+            String::new()
+        }
+    };
+    out!(
+        "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
+        "RUN",
+        "STARTED",
+        host_col(Some("HOST")),
+        "INSTANCE",
+        "TRANSITION",
+        "LAYER",
+        "OUTCOME",
+        "HOOK"
     );
-    for r in &runs {
+    for (host, r) in runs {
         let why = match (&r.error, &r.cause) {
             (Some(e), _) => text(Some(e)),
             (None, Some(c)) => format!(
@@ -208,10 +302,11 @@ fn history(
             ),
             (None, None) => String::new(),
         };
-        println!(
-            "{:>6}  {:<20}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
+        out!(
+            "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
             r.id,
             ts(r.received_at),
+            host_col(host),
             text(r.instance_id.as_deref().or(Some("-"))),
             text(r.transition.as_deref().or(Some("-"))),
             text(r.layer.as_deref().or(Some("-"))),
@@ -220,7 +315,7 @@ fn history(
         );
         for s in &r.steps {
             let ms = s.finished_at.map(|f| f - s.started_at).unwrap_or(0);
-            println!(
+            out!(
                 "{:>6}  step {} {:<9} {:>6} ms  {}  {}",
                 "",
                 s.idx,
@@ -231,7 +326,7 @@ fn history(
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Serves Lambda invocations until the process is stopped; startup problems (the config
@@ -251,13 +346,32 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
+/// The daemon's reloads: the config file and the text it was read from at start.
+type ReloadFrom = (std::path::PathBuf, String);
+
+fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
     rt.block_on(async move {
+        // SIGHUP reloads the daemon's config; listened for before anything slow, as its
+        // default action ends the process.
+        let hangups = match &reload {
+            Some(_) => Some(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .context("listening for SIGHUP")?,
+            ),
+            None => None,
+        };
         let app = App::build(cfg).await?;
         tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
         let systemd = Arc::new(SystemdNotify::from_env());
+        let reloader = match (reload, hangups) {
+            (Some((path, text)), Some(signals)) => {
+                let r = provision::reload::Reloader::new(&path, text, app.pipeline.clone(), systemd.clone());
+                Some(tokio::spawn(r.run(signals)))
+            }
+            _ => None,
+        };
         let stats = app.pipeline.stats.clone();
         let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
         let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
@@ -288,6 +402,9 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
         health.abort();
+        if let Some(r) = reloader {
+            r.abort();
+        }
         for h in housekeeping {
             h.abort();
         }

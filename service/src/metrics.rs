@@ -46,6 +46,9 @@ pub struct Stats {
     pub released: AtomicU64,
     pub heartbeats: AtomicU64,
     pub receive_errors: AtomicU64,
+    /// Config reloads (SIGHUP) applied, and refused (the old config kept serving).
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
     /// Messages being worked on now.
     pub in_flight: AtomicU64,
     /// When the receive loop last showed it is alive (a poll completed, or it was waiting
@@ -134,7 +137,7 @@ impl Stats {
 
     /// The plain counters and gauges.
     fn write_counters(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "provision_events_received_total",
                 "Messages received from the queue.",
@@ -174,6 +177,16 @@ impl Stats {
                 "provision_queue_receive_errors_total",
                 "Failed ReceiveMessage calls.",
                 &self.receive_errors,
+            ),
+            (
+                "provision_config_reloads_total",
+                "Config reloads (SIGHUP) applied.",
+                &self.reloads,
+            ),
+            (
+                "provision_config_reload_failures_total",
+                "Config reloads (SIGHUP) refused; the previous config kept serving.",
+                &self.reload_failures,
             ),
             (
                 "provision_in_flight",

@@ -91,27 +91,44 @@ impl Source {
     }
 }
 
-/// The path of a systemd credential, or why it cannot be used.
-pub fn credential_path(name: &str) -> Result<PathBuf, String> {
+/// Where credentials are read from outside systemd (`$CREDENTIALS_DIRECTORY` unset): the
+/// directory the unit's `LoadCredential=` lines copy them from, so a manual command run as
+/// root (`sudo provision i-…`, `sudo provision worker`) uses the same key and password.
+pub const FALLBACK_CREDENTIALS_DIR: &str = "/etc/provision/credentials";
+
+/// The path of a systemd credential.
+pub fn credential_path(name: &str) -> PathBuf {
     credential_path_in(Env::from_process().credentials_directory.as_deref(), name)
 }
 
-/// The path of a systemd credential in `dir` (`$CREDENTIALS_DIRECTORY`), or why it cannot
-/// be used.
-pub fn credential_path_in(dir: Option<&Path>, name: &str) -> Result<PathBuf, String> {
+/// The path of credential `name` in `dir` (`$CREDENTIALS_DIRECTORY`), or in
+/// [`FALLBACK_CREDENTIALS_DIR`] when it is unset.
+pub fn credential_path_in(dir: Option<&Path>, name: &str) -> PathBuf {
+    dir.unwrap_or(Path::new(FALLBACK_CREDENTIALS_DIR))
+        .join(name)
+}
+
+/// What to say when a credential cannot be read: where it was looked for and why there.
+pub fn credential_hint(dir: Option<&Path>) -> String {
     match dir {
-        Some(dir) => Ok(dir.join(name)),
-        None => Err(format!(
-            "credential {name:?}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={name}:PATH, or set it to a directory holding a file {name:?})"
-        )),
+        Some(_) => "$CREDENTIALS_DIRECTORY (systemd LoadCredential=)".to_string(),
+        None => format!(
+            "$CREDENTIALS_DIRECTORY is not set, so {FALLBACK_CREDENTIALS_DIR} (root-only: run manual commands as root, or set $CREDENTIALS_DIRECTORY to a directory of yours holding the file)"
+        ),
     }
 }
 
 /// Reads a systemd credential (trailing newline dropped, as `ansible-vault` does).
 pub fn read_credential(name: &str) -> Result<Secret, String> {
-    let path = credential_path(name)?;
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("credential {name:?}: cannot read {}: {e}", path.display()))?;
+    let dir = Env::from_process().credentials_directory;
+    let path = credential_path_in(dir.as_deref(), name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "credential {name:?}: cannot read {}: {e}; read from {}",
+            path.display(),
+            credential_hint(dir.as_deref())
+        )
+    })?;
     let value = text.strip_suffix('\n').unwrap_or(&text);
     if value.is_empty() {
         return Err(format!("credential {name:?} ({}) is empty", path.display()));
@@ -265,6 +282,22 @@ pub fn env_credentials() -> Option<EnvCredentials> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outside_systemd_credentials_come_from_the_units_source_directory() {
+        assert_eq!(
+            credential_path_in(None, "ssh-key"),
+            PathBuf::from("/etc/provision/credentials/ssh-key")
+        );
+        assert_eq!(
+            credential_path_in(
+                Some(Path::new("/run/credentials/provision.service")),
+                "ssh-key"
+            ),
+            PathBuf::from("/run/credentials/provision.service/ssh-key")
+        );
+        assert!(credential_hint(None).contains("$CREDENTIALS_DIRECTORY is not set"));
+    }
 
     #[test]
     fn the_container_token_is_readable_here_and_inherited_by_no_child() {

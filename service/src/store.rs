@@ -88,6 +88,20 @@ pub struct RunRow {
     pub steps: Vec<StepRow>,
 }
 
+/// An outcome as `provision history --outcome` names it.
+pub fn parse_outcome(word: &str) -> Option<Outcome> {
+    Outcome::parse(word)
+}
+
+/// Which runs `provision history` shows (every given field must match).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter {
+    pub instance: Option<String>,
+    pub group: Option<String>,
+    pub account: Option<String>,
+    pub outcome: Option<Outcome>,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StepRow {
     pub idx: i64,
@@ -413,13 +427,37 @@ impl Store {
 
     /// Latest runs first, optionally for one instance, with their steps.
     pub fn history(&self, instance: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        let filter = HistoryFilter {
+            instance: instance.map(str::to_string),
+            ..HistoryFilter::default()
+        };
+        self.history_where(&filter, limit)
+    }
+
+    /// The newest `limit` runs that pass `filter` (the account is the event's).
+    pub fn history_where(
+        &self,
+        filter: &HistoryFilter,
+        limit: usize,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let outcome = filter.outcome.map(Outcome::as_str);
         self.call_blocking(|c| {
             let mut stmt = c.prepare(
                 "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error, decision, cause
-                 FROM runs WHERE (?1 IS NULL OR instance_id = ?1) ORDER BY id DESC LIMIT ?2",
+                 FROM runs WHERE (?1 IS NULL OR instance_id = ?1) AND (?3 IS NULL OR group_name = ?3)
+                   AND (?4 IS NULL OR outcome = ?4)
+                   AND (?5 IS NULL OR (json_valid(event) AND json_extract(event, '$.account_id') = ?5))
+                 ORDER BY id DESC LIMIT ?2",
             )?;
+            let args = params![
+                filter.instance,
+                limit as i64,
+                filter.group,
+                outcome,
+                filter.account
+            ];
             let mut runs: Vec<RunRow> = stmt
-                .query_map(params![instance, limit as i64], |r| {
+                .query_map(args, |r| {
                     Ok(RunRow {
                         id: r.get(0)?,
                         message_id: r.get(1)?,

@@ -1,5 +1,6 @@
 //! systemd's notify protocol (sd_notify): READY=1 after the first successful poll,
-//! WATCHDOG=1 while the receive loop is alive, STOPPING=1 on shutdown.
+//! WATCHDOG=1 while the receive loop is alive, STOPPING=1 on shutdown, RELOADING=1 then
+//! READY=1 around a config reload (SIGHUP).
 //!
 //! The protocol is one datagram per message to the socket named by `$NOTIFY_SOCKET` (a path,
 //! or an abstract name starting with `@`). Outside systemd the variable is unset and every
@@ -66,6 +67,25 @@ impl SystemdNotify {
 
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=draining in-flight events");
+    }
+
+    /// A reload starts (`RELOADING=1` with the monotonic clock, as `Type=notify-reload`
+    /// wants); [`SystemdNotify::reloaded`] ends it, whether it was applied or refused.
+    pub fn reloading(&self) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000;
+        self.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading the config"
+        ));
+    }
+
+    pub fn reloaded(&self, status: &str) {
+        self.send(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
     }
 
     pub fn status(&self, text: &str) {

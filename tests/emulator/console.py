@@ -30,6 +30,11 @@ boot lines (cloud-init has not reached the final stage yet); afterwards it has t
 then the final lines. An empty ``host_keys`` list prints no blocks at all (as with
 ``ssh: emit_keys_to_console: false``) but still appends ``extra`` once the delay has passed.
 
+GetConsoleOutput's ``Latest=true`` answers the console as it is now; without it, the answer is
+the buffer EC2 posts after state transitions, modelled as the console ``buffered_lag_seconds``
+ago (default 0: no lag). ``latest_supported: false`` (an instance type off Nitro) answers
+``Latest=true`` with UnsupportedOperation.
+
 Request handling: an EC2 query-protocol request with Action=GetConsoleOutput for a registered
 instance that moto knows (in the request's account and region) is answered here; everything
 else (unregistered instances keep moto's canned log; unknown instances get moto's
@@ -41,7 +46,9 @@ Control endpoints (JSON), served through ``control()``:
     POST   /_emulator/console/<instance-id>      {"host_keys": ["ssh-ed25519 AAAA... root@h"],
                                                   "appear_after_seconds": 0,
                                                   "extra": "text after the blocks",
-                                                  "crlf": false}   (true: lines end in \\r\\n)
+                                                  "crlf": false,   (true: lines end in \\r\\n)
+                                                  "buffered_lag_seconds": 0,
+                                                  "latest_supported": true}
                                                  replaces any earlier registration
     DELETE /_emulator/console/<instance-id>      forget it (moto's canned log again)
 POST /moto-api/reset forgets every registration.
@@ -294,7 +301,14 @@ def dispatch(environ: dict[str, Any], body: bytes) -> tuple[str, list[tuple[str,
     instance = _instance(account, region, instance_id)
     if instance is None:
         return None  # moto answers InvalidInstanceID.NotFound
-    text, last = render(instance_id, reg, getattr(instance, "private_ip", None), time.time())
+    # Latest=true: the console as it is now, on instances that support it (Nitro); without
+    # it, the buffer EC2 posted, which lags `buffered_lag_seconds` behind.
+    latest = params.get("Latest", "").lower() == "true"
+    if latest and not reg["latest_supported"]:
+        return _error("UnsupportedOperation",
+                      "The instance type does not support retrieving the latest console output.")
+    now = time.time() if latest else time.time() - reg["buffered_lag_seconds"]
+    text, last = render(instance_id, reg, getattr(instance, "private_ip", None), now)
     request_id = str(uuid.uuid4())
     output = base64.b64encode(text.encode("utf-8")).decode("ascii")
     payload = (
@@ -311,10 +325,22 @@ def dispatch(environ: dict[str, Any], body: bytes) -> tuple[str, list[tuple[str,
     return "200 OK", headers, payload
 
 
+def _error(code: str, message: str) -> tuple[str, list[tuple[str, str]], bytes]:
+    request_id = str(uuid.uuid4())
+    payload = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        f"<RequestID>{request_id}</RequestID></Response>"
+    ).encode()
+    return "400 Bad Request", [("Content-Type", "text/xml;charset=UTF-8"),
+                               ("Content-Length", str(len(payload)))], payload
+
+
 def _validated(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ConsoleError("body must be a JSON object")
-    unknown = set(spec) - {"host_keys", "appear_after_seconds", "extra", "crlf"}
+    unknown = set(spec) - {"host_keys", "appear_after_seconds", "extra", "crlf", "buffered_lag_seconds",
+                           "latest_supported"}
     if unknown:
         raise ConsoleError(f"unknown fields: {', '.join(sorted(unknown))}")
     keys = spec.get("host_keys", [])
@@ -331,8 +357,15 @@ def _validated(spec: Any) -> dict[str, Any]:
     crlf = spec.get("crlf", False)
     if not isinstance(crlf, bool):
         raise ConsoleError("crlf must be true or false")
+    lag = spec.get("buffered_lag_seconds", 0)
+    if isinstance(lag, bool) or not isinstance(lag, (int, float)) or not 0 <= lag < 1e9:
+        raise ConsoleError("buffered_lag_seconds must be a number >= 0")
+    latest_supported = spec.get("latest_supported", True)
+    if not isinstance(latest_supported, bool):
+        raise ConsoleError("latest_supported must be true or false")
     return {"host_keys": [k.strip() for k in keys], "appear_after_seconds": float(delay),
-            "extra": extra, "crlf": crlf, "registered": time.time()}
+            "extra": extra, "crlf": crlf, "buffered_lag_seconds": float(lag),
+            "latest_supported": latest_supported, "registered": time.time()}
 
 
 def _public(reg: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ registration without an identity is an on-premises one (no Ec2InstanceId).
 Control endpoints (JSON), served through ``control()``:
     GET  /_emulator/opsworks   {"stacks": [...], "layers": [...], "instances": [...],
                                 "commands": [...], "register_calls": {"i-...": n},
-                                "register_calls_by_hostname": {...}, "config": {...}}
+                                "register_calls_by_hostname": {...}, "config": {...},
+                                "describe_all_stacks_calls": n}  (DescribeStacks without StackIds)
                                (stacks/layers/instances/commands shaped as the Describe* calls)
     POST /_emulator/opsworks   {"register_delay_seconds": 1, "online_delay_seconds": 1,
                                 "fail_setup": ["i-..."],       (added to the set)
@@ -53,6 +54,9 @@ LAYERS: dict[str, dict[str, Any]] = {}
 INSTANCES: dict[str, dict[str, Any]] = {}
 COMMANDS: dict[str, dict[str, Any]] = {}
 REGISTER_CALLS: Counter = Counter()
+# DescribeStacks calls without StackIds (every stack listed): what AWS refuses to a policy
+# scoped to stack ARNs.
+DESCRIBE_ALL_STACKS: Counter = Counter()
 REGISTER_CALLS_BY_HOSTNAME: Counter = Counter()
 _HOSTNAME_COUNTERS: Counter = Counter()
 
@@ -155,6 +159,7 @@ def create_stack(p: dict[str, Any], account: str, region: str) -> dict[str, Any]
 def describe_stacks(p: dict[str, Any], account: str, region: str) -> dict[str, Any]:
     ids = p.get("StackIds")
     if ids is None:
+        DESCRIBE_ALL_STACKS["calls"] += 1
         return {"Stacks": list(STACKS.values())}
     if not isinstance(ids, list) or not ids:
         raise _invalid("Please provide no arguments or, one or more stack IDs")
@@ -534,6 +539,7 @@ def snapshot() -> dict[str, Any]:
             "instances": instances,
             "commands": list(COMMANDS.values()),
             "register_calls": dict(REGISTER_CALLS),
+            "describe_all_stacks_calls": DESCRIBE_ALL_STACKS["calls"],
             "register_calls_by_hostname": dict(REGISTER_CALLS_BY_HOSTNAME),
             "config": _config(),
         }
@@ -586,6 +592,7 @@ def reset() -> None:
         INSTANCES.clear()
         COMMANDS.clear()
         REGISTER_CALLS.clear()
+        DESCRIBE_ALL_STACKS.clear()
         REGISTER_CALLS_BY_HOSTNAME.clear()
         _HOSTNAME_COUNTERS.clear()
         FAIL_SETUP.clear()

@@ -750,6 +750,298 @@ async fn an_operator_provisions_one_instance_by_hand() {
     );
 }
 
+/// Datagrams on a notify socket until one contains `want` (bounded by the socket's timeout).
+fn notified_until(sock: &std::os::unix::net::UnixDatagram, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} from the daemon ({e}); saw {seen:?}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = msg.contains(want);
+        seen.push(msg);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// SIGHUP while a launch's slow step runs: that run finishes under the layer it started
+/// with, the next launch runs the new layer; an invalid config is refused with its
+/// problems, the previous one keeps serving, and the refusal is counted. systemd hears
+/// RELOADING=1 (with MONOTONIC_USEC) and READY=1 around each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_layers_for_new_runs_and_refuses_an_invalid_config() {
+    let World { emu, aws, q, .. } = web("web-r", 1).await;
+    let first = aws.instances("web-r").await[0].0.clone();
+    let layer = |version: &str| {
+        format!(
+            r#"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  {{ ssm = {{ document = "AWS-RunShellScript", parameters = {{ commands = ["sleep 4"] }} }} }},
+  {{ tag = {{ Version = "{version}" }} }},
+]
+"#
+        )
+    };
+    let p = Provision::new(&emu, &q, None, &layer("v1"));
+    p.serve_metrics();
+    let sock_path = p.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = p.command(&["daemon"]);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    let log = p.dir.join("daemon-r.log");
+    let child = cmd
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = common::Running { child, log };
+    let port = daemon.metrics_port();
+    notified_until(&sock, "READY=1");
+
+    // The first launch is in its slow ssm step.
+    eventually(
+        "the first launch's ssm command",
+        Duration::from_secs(30),
+        || async {
+            let state = emu.control("GET", "/_emulator/ssm", None);
+            (!state["commands"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await;
+    p.merge(&layer("v2"));
+    daemon.signal("HUP");
+    let seen = notified_until(&sock, "READY=1");
+    assert!(
+        seen.iter()
+            .any(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC=")),
+        "{seen:?}"
+    );
+    assert!(daemon.log().contains("config reloaded"), "{}", daemon.log());
+
+    eventually(
+        "the first launch to finish",
+        Duration::from_secs(60),
+        || async { (aws.instances("web-r").await[0].1 == "InService").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&first).await.get("Version").map(String::as_str),
+        Some("v1"),
+        "the run in flight finished under the layer it started with"
+    );
+
+    // The next launch runs the new layer.
+    aws.scale("web-r", 2).await;
+    let second = eventually(
+        "a second instance in service",
+        Duration::from_secs(60),
+        || async {
+            let all = aws.instances("web-r").await;
+            all.iter()
+                .find(|(id, state)| *id != first && state == "InService")
+                .map(|(id, _)| id.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&second).await.get("Version").map(String::as_str),
+        Some("v2")
+    );
+
+    // An invalid config (and a key only a restart applies) is refused, every problem said.
+    p.merge("[layers.web]\ngroups = []\n");
+    p.set("queue.max_in_flight", 7);
+    daemon.signal("HUP");
+    let seen = notified_until(&sock, "READY=1");
+    assert!(seen.iter().any(|m| m.contains("RELOADING=1")), "{seen:?}");
+    let log = daemon.log();
+    assert!(
+        log.contains("config reload refused") && log.contains("layers.web.groups"),
+        "{log}"
+    );
+    // The previous config keeps serving.
+    aws.scale("web-r", 3).await;
+    let third = eventually(
+        "a third instance in service",
+        Duration::from_secs(60),
+        || async {
+            let all = aws.instances("web-r").await;
+            all.iter()
+                .find(|(id, state)| *id != first && *id != second && state == "InService")
+                .map(|(id, _)| id.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        aws.tags(&third).await.get("Version").map(String::as_str),
+        Some("v2")
+    );
+    // A valid config that changes a restart-only key is refused too, naming it.
+    p.merge(&layer("v3"));
+    daemon.signal("HUP");
+    notified_until(&sock, "READY=1");
+    let log = daemon.log();
+    assert!(
+        log.contains("queue.max_in_flight: changed, and it takes effect only at a restart"),
+        "{log}"
+    );
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("provision_config_reloads_total 1")
+            && metrics.contains("provision_config_reload_failures_total 2"),
+        "{metrics}"
+    );
+}
+
+/// `notify.format = "chat"`: the result reaches the topic as a custom notification of
+/// Amazon Q Developer in chat applications, read back here from the topic's subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_can_be_published_as_chat_notifications() {
+    let World { emu, aws, q, .. } = web("web-chat", 1).await;
+    let id = aws.instances("web-chat").await.remove(0).0;
+    let (topic, results) = aws.topic_with_queue("chat").await;
+    // The instance's SSM agent never comes online: the ssm step fails after online_timeout.
+    emu.control(
+        "POST",
+        "/_emulator/ssm",
+        Some(json!({ "never_online": [id] })),
+    );
+    let p = Provision::new(
+        &emu,
+        &q,
+        Some(&topic),
+        r#"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  { tag = { Role = "web" } },
+  { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["true"] }, online_timeout = "1s" } },
+]
+"#,
+    );
+    p.set("notify.format", "chat");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    // The abandoned instance's replacement is launched (and configured) too.
+    let events = aws.results(&results).await;
+    let n = events
+        .iter()
+        .find(|e| e["metadata"]["threadId"] == id.as_str())
+        .unwrap_or_else(|| panic!("no notification for {id}: {events:?}"));
+    assert_eq!(n["version"], "1.0", "{n}");
+    assert_eq!(n["source"], "custom", "{n}");
+    assert_eq!(n["content"]["textType"], "client-markdown");
+    let title = n["content"]["title"].as_str().unwrap();
+    assert!(
+        title.contains(&format!("{id} launch failed: ABANDON (layer web)")),
+        "{title}"
+    );
+    let description = n["content"]["description"].as_str().unwrap();
+    assert!(
+        description.contains("*Failed step* ssm") && description.contains("web-chat"),
+        "{description}"
+    );
+    assert_eq!(n["metadata"]["threadId"], id.as_str());
+    assert_eq!(n["metadata"]["additionalContext"]["outcome"], "failed");
+    assert!(
+        n["content"]["nextSteps"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("provision history --instance {id}")),
+        "{n}"
+    );
+
+    // Anything else is refused with the choices.
+    p.set("notify.format", "slack");
+    let out = p.output(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("notify.format") && err.contains("\"chat\""),
+        "{err}"
+    );
+}
+
+/// Text logs written to a file (or a pipe, or the journal) carry no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_off_a_terminal_have_no_colour_codes() {
+    let World { emu, q, .. } = web("web-n", 0).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log file: {log:?}");
+}
+
+/// `--dry-run` outside systemd, with the example's SSH key credential and a state
+/// directory that does not exist yet: the plan is shown, and nothing is created (no
+/// `state.db`, no `known_hosts.d`) and no credential read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_creates_nothing_and_needs_no_credentials() {
+    let World { emu, aws, q, .. } = web("web-d", 1).await;
+    let id = aws.instances("web-d").await.remove(0).0;
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        "[ssh]\nidentity_file = { credential = \"ssh-key\" }\n[layers.web]\ngroups = [\"web-*\"]\nlaunch = [ { ssh = [\"true\"] } ]\n",
+    );
+    let state_dir = p.dir.join("not-yet");
+    p.set("state.path", common::path_str(&state_dir.join("state.db")));
+    let out = p.output(&[&id, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("(dry run: nothing was changed)"), "{text}");
+    assert!(
+        !state_dir.exists(),
+        "a dry run created {}",
+        state_dir.display()
+    );
+    assert_eq!(aws.instances("web-d").await[0].1, "Pending:Wait");
+}
+
+/// A manual command run as root in the service's state directory would leave root-owned
+/// files the service cannot read: refused, naming whom to run it as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_is_refused_in_a_state_directory_of_another_user() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (it runs a command as root in a directory owned by another uid)"
+    );
+    let World { emu, q, .. } = web("web-o", 0).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let state_dir = p.dir.join("service-owned");
+    std::fs::create_dir(&state_dir).unwrap();
+    std::os::unix::fs::chown(&state_dir, Some(65534), Some(65534)).unwrap();
+    p.set("state.path", common::path_str(&state_dir.join("state.db")));
+    for args in [&["worker"][..], &["history"][..]] {
+        let out = p.output(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("belongs to uid 65534") && err.contains("sudo -u provision"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&state_dir).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
+
 /// Instances that terminate without their terminate hook reaching provision leave their
 /// known_hosts files behind; the daemon removes those of instances EC2 lists as terminated
 /// or not at all, once they are an hour old, and keeps the rest.

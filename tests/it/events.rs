@@ -126,6 +126,9 @@ fn eventbridge_launch_and_terminate() {
     assert_eq!(l.transition, Transition::Launch);
     assert_eq!(l.envelope, Envelope::EventBridge);
     assert_eq!(l.metadata.get("platform").as_deref(), Some("web"));
+    // The detail has no AccountId or Time: they come from the envelope.
+    assert_eq!(l.account_id.as_deref(), Some("123456789012"));
+    assert_eq!(l.time.as_deref(), Some("2026-11-21T10:15:42Z"));
     let t = event("eventbridge-terminate.json");
     assert_eq!(t.transition, Transition::Terminate);
     assert_eq!(t.token, "11112222-3333-4444-5555-666677778888");
@@ -212,6 +215,15 @@ fn cli_prints_the_normalized_event_or_the_reason() {
 
     let out = Command::new(bin)
         .args(["event", "parse"])
+        .arg(dir.join("eventbridge-launch.json"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["event"]["account_id"], "123456789012", "{v}");
+    assert_eq!(v["event"]["time"], "2026-11-21T10:15:42Z", "{v}");
+
+    let out = Command::new(bin)
+        .args(["event", "parse"])
         .arg(dir.join("bad/injected-instance-id.json"))
         .output()
         .unwrap();
@@ -266,4 +278,54 @@ fn the_example_config_is_valid() {
     }
     assert!(books > 0, "the example config shows no ansible step");
     assert_eq!(cfg.queue.max_in_flight, 32);
+}
+
+#[test]
+fn a_reader_that_went_away_ends_the_output_without_a_panic() {
+    // `provision … | head -1`: the pipe is closed before the command writes.
+    let bin = env!("CARGO_BIN_EXE_provision");
+    let mut child = Command::new(bin)
+        .args(["event", "parse", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(fixture("direct-launch.json").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn generate_docs_help_prints_usage_and_creates_nothing() {
+    let bin = env!("CARGO_BIN_EXE_provision");
+    let dir = tempfile::tempdir().unwrap();
+    for (arg, code) in [("--help", 0), ("-h", 0), ("--bogus", 2)] {
+        let out = Command::new(bin)
+            .args(["generate-docs", arg])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{arg}: {out:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("usage: provision generate-docs DIR"),
+            "{text}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "generate-docs created {left:?}");
 }

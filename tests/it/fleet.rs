@@ -447,3 +447,88 @@ async fn an_owner_cut_off_from_the_claims_table_stops_before_another_takes_over(
     assert_eq!(*counts.last().unwrap(), 60, "{counts:?}");
     emu.control("DELETE", "/_emulator/faults", None);
 }
+
+/// Two ops hosts, one history table: an instance's launch worked by one host and its
+/// terminate by the other both show in `provision history --instance` on either host (and
+/// the filters narrow it); `--local` shows a host's own runs only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn either_host_shows_the_fleets_history_of_an_instance() {
+    let w = World::builder("web-hist")
+        .terminate_hook("CONTINUE")
+        .instances(1)
+        .start()
+        .await;
+    common::history_table(&w.aws, "provision-history").await;
+    let layers = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Layer = "{layer}" } } ]
+terminate = [ { tag = { Draining = "true" } } ]
+"#;
+    let hosts: Vec<Provision> = (0..2)
+        .map(|_| {
+            let p = Provision::new(&w.emu, &w.q, None, layers);
+            p.share_claims(TABLE, "10s");
+            p.set("state.history_table", "provision-history");
+            p
+        })
+        .collect();
+    claims_table(&w.aws, TABLE).await;
+    let id = w.aws.instances("web-hist").await[0].0.clone();
+
+    let (code, log) = hosts[0].worker();
+    assert_eq!(code, 0, "{log}");
+    w.aws.scale("web-hist", 0).await;
+    eventually(
+        "the terminate hook to hold the instance",
+        Duration::from_secs(30),
+        || async {
+            let all = w.aws.instances("web-hist").await;
+            all.iter()
+                .any(|(i, s)| *i == id && s == "Terminating:Wait")
+                .then_some(())
+        },
+    )
+    .await;
+    let (code, log) = hosts[1].worker();
+    assert_eq!(code, 0, "{log}");
+
+    for (n, p) in hosts.iter().enumerate() {
+        let out = p.output(&["history", "--instance", &id, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let transitions: BTreeSet<&str> = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["outcome"] == "succeeded")
+            .map(|r| r["transition"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            transitions,
+            BTreeSet::from(["launch", "terminate"]),
+            "host {n} sees both hosts' runs: {runs}"
+        );
+        let text = p.output(&["history", "--instance", &id]);
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        assert!(
+            text.contains("HOST") && text.contains("terminate"),
+            "{text}"
+        );
+
+        let none = p.output(&["history", "--group", "web-other", "--json"]);
+        assert_eq!(String::from_utf8_lossy(&none.stdout).trim(), "[]");
+        let failed = p.output(&["history", "--outcome", "failed", "--json"]);
+        assert_eq!(String::from_utf8_lossy(&failed.stdout).trim(), "[]");
+    }
+    // Each host's own history holds only what it worked.
+    let own = hosts[0].output(&["history", "--instance", &id, "--local", "--json"]);
+    let runs: Value = serde_json::from_slice(&own.stdout).unwrap();
+    assert!(
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["transition"] != "terminate"),
+        "{runs}"
+    );
+}

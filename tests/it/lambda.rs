@@ -789,3 +789,70 @@ fn a_config_that_cannot_run_in_lambda_is_refused_at_init() {
         }
     }
 }
+
+/// The deployment package (`scripts/lambda-zip`, around the debug binary): its `bootstrap`,
+/// unpacked into an empty directory and started without arguments as Lambda starts it,
+/// reads the provision.toml beside it, serves the Runtime API and completes a launch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zipped_bootstrap_runs_from_an_empty_directory() {
+    let World { emu, aws, q, .. } = launch_group(1).await;
+    let msgs = receive(&aws, &q, 2).await;
+    let p = Provision::new(&emu, &q, None, WEB_LAYER);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/lambda-zip"))
+        .arg(&p.config)
+        .arg("--debug")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let zip = root.join(String::from_utf8_lossy(&out.stdout).trim());
+    let task = tempfile::tempdir().unwrap();
+    let unzip = Command::new("python3")
+        .args(["-c", "import sys, zipfile, os\nz = zipfile.ZipFile(sys.argv[1])\nfor i in z.infolist():\n    z.extract(i, sys.argv[2])\n    os.chmod(os.path.join(sys.argv[2], i.filename), i.external_attr >> 16 & 0o777)"])
+        .arg(&zip)
+        .arg(task.path())
+        .status()
+        .unwrap();
+    assert!(unzip.success());
+    let mut names: Vec<String> = std::fs::read_dir(task.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bootstrap", "provision.toml"]);
+
+    let api = RuntimeApi::start();
+    let mut cmd = p.command(&[]);
+    // As Lambda starts it: /var/task/bootstrap, no arguments, no PROVISION_CONFIG.
+    let mut bare = Command::new(task.path().join("bootstrap"));
+    bare.current_dir(task.path()).env_clear();
+    for (k, v) in cmd.get_envs() {
+        if let (Some(v), false) = (v, k == "PROVISION_CONFIG") {
+            bare.env(k, v);
+        }
+    }
+    cmd = bare;
+    lambda_env(&mut cmd, &api);
+    let log = p.dir.join("bootstrap.log");
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let lambda = Running { child, log };
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(120));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    let instances = aws.instances("web-prod").await;
+    assert_eq!(instances[0].1, "InService", "{}", lambda.log());
+    // JSON logs, as the bootstrap asks for.
+    assert!(
+        lambda.log().lines().any(|l| l.starts_with('{')),
+        "{}",
+        lambda.log()
+    );
+}

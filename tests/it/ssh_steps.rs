@@ -679,6 +679,39 @@ launch = [ { ssh = [
     }
 }
 
+/// The console's host keys are read with `Latest=true`: EC2's buffered console output
+/// (without it) is posted only after state transitions and may lack the keys cloud-init
+/// printed after boot for a long while (here an hour). An instance type that cannot give
+/// the latest output (UnsupportedOperation) is read from the buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_keys_come_from_the_latest_console_output() {
+    let w = World::new("app-lat", 300, None).await;
+    let hosts = w.launch("app-lat", 2, |net, ip| net.host(ip)).await;
+    for (i, (id, host)) in hosts.iter().enumerate() {
+        let spec = if i == 0 {
+            json!({ "host_keys": [host.public_key_line()], "buffered_lag_seconds": 3600 })
+        } else {
+            json!({ "host_keys": [host.public_key_line()], "latest_supported": false })
+        };
+        w.emu
+            .control("POST", &format!("/_emulator/console/{id}"), Some(spec));
+    }
+    let p = w.provision(
+        r#"
+[layers.app]
+groups = ["app-*"]
+launch = [ { ssh = ["echo ok > SIM_ROOT/{instance_id}/ran"] } ]
+"#,
+    );
+    let ids: Vec<&str> = hosts.iter().map(|(id, _)| id.as_str()).collect();
+    daemon_until_finished(&w, &p, &ids).await;
+    let results = results_by_instance(&w.emu);
+    for (id, _) in &hosts {
+        assert_eq!(results[id]["result"], "CONTINUE", "{}", run_error(&p, id));
+        assert!(w.dir(id).join("ran").exists());
+    }
+}
+
 /// The worker's own peak resident set (VmHWM), from the summary it logs at exit, in bytes.
 fn own_peak_rss(log: &str) -> u64 {
     let mut plain = String::new();
@@ -1067,7 +1100,11 @@ fn check_syntax_checks_the_playbooks_with_the_vault_password() {
     write("{ ansible = \"broken.yml\" }, { ansible = \"missing.yml\" }");
     let out = check();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a playbook problem is a config problem: {text}"
+    );
     assert!(
         text.contains("problem: layers.web.launch[0].ansible: playbook broken.yml")
             && text.contains("no_such_module_here"),

@@ -501,3 +501,68 @@ async fn opsworks_stack_not_found_fails_with_its_name() {
         run.error
     );
 }
+
+/// `stack_id` finds the stack with DescribeStacks' StackIds, never listing every stack
+/// (what AWS refuses to a policy scoped to stack ARNs); an unknown id fails the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opsworks_finds_a_stack_by_id_without_listing_every_stack() {
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let source = aws.queue("hook-target").await;
+    let q = aws.queue("lifecycle").await;
+    emu.control(
+        "POST",
+        "/_emulator/opsworks",
+        Some(json!({"register_delay_seconds": 0.2, "online_delay_seconds": 0.2})),
+    );
+    let stack = opsworks_call(
+        &emu,
+        "CreateStack",
+        json!({"Name": "v3 production web", "Region": "us-east-1",
+               "ServiceRoleArn": "arn:aws:iam::123456789012:role/opsworks", "DefaultInstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/app"}),
+    );
+    let stack_id = stack["StackId"].as_str().unwrap().to_string();
+    opsworks_call(
+        &emu,
+        "CreateLayer",
+        json!({"StackId": stack_id, "Type": "custom", "Name": "App", "Shortname": "app"}),
+    );
+    aws.group("legacy-id").await;
+    aws.hook(
+        "legacy-id",
+        "provision-launch",
+        LAUNCH,
+        Some(&source.arn),
+        300,
+        "ABANDON",
+        Some(METADATA),
+    )
+    .await;
+    aws.scale("legacy-id", 1).await;
+    for b in aws.drain(&source).await {
+        if b.contains("EC2_INSTANCE_LAUNCHING") {
+            aws.send(&q, &b).await;
+        }
+    }
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        &format!(
+            "[layers.legacy]\ngroups = [\"legacy-*\"]\nlaunch = [ {{ opsworks = {{ stack_id = \"{stack_id}\", layer = \"app\", region = \"us-east-1\" }} }} ]\n"
+        ),
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(count(&p, "succeeded"), 1, "{log}");
+    let ow = emu.control("GET", "/_emulator/opsworks", None);
+    assert_eq!(ow["instances"][0]["StackId"], stack_id.as_str(), "{ow}");
+    assert_eq!(ow["describe_all_stacks_calls"], 0, "{ow}");
+
+    // Both ways at once is refused.
+    p.merge("[layers.legacy]\nlaunch = [ { opsworks = { stack = \"x\", stack_id = \"y\", layer = \"app\" } } ]\n");
+    let out = p.output(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not both"), "{err}");
+}

@@ -155,13 +155,28 @@ impl Instances for Ec2Instances {
     async fn console_output(&self, instance: &InstanceId) -> Result<Option<String>, AwsError> {
         use base64::Engine as _;
         let op = "ec2:GetConsoleOutput";
-        let out = self
+        // Latest: what the console shows now, not the buffer EC2 posts only after a state
+        // transition (cloud-init prints the keys after boot, so the buffer may lack them for
+        // a long while). Instances that cannot give it (not on Nitro) answer
+        // UnsupportedOperation: the buffer is all there is for them.
+        let latest = self
             .client
             .get_console_output()
             .instance_id(instance.as_str())
+            .latest(true)
             .send()
             .await
-            .map_err(|e| classify(op, e))?;
+            .map_err(|e| classify(op, e));
+        let out = match latest {
+            Err(e) if e.code.as_deref() == Some("UnsupportedOperation") => self
+                .client
+                .get_console_output()
+                .instance_id(instance.as_str())
+                .send()
+                .await
+                .map_err(|e| classify(op, e))?,
+            other => other?,
+        };
         match out.output() {
             None | Some("") => Ok(None),
             Some(b64) => {

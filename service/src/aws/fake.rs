@@ -202,6 +202,9 @@ impl OpsWorks for Unused {
     async fn stacks(&self, _: &str) -> Result<Vec<OwStack>, AwsError> {
         panic!("unexpected OpsWorks call")
     }
+    async fn stack(&self, _: &str, _: &str) -> Result<Option<OwStack>, AwsError> {
+        panic!("unexpected OpsWorks call")
+    }
     async fn layers(&self, _: &str, _: &str) -> Result<Vec<OwLayer>, AwsError> {
         panic!("unexpected OpsWorks call")
     }

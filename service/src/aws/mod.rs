@@ -62,6 +62,7 @@ pub mod ec2;
 pub mod ecs;
 #[cfg(test)]
 pub mod fake;
+pub mod history;
 pub mod opsworks;
 pub mod sdk;
 pub mod sns;

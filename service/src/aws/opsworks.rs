@@ -33,6 +33,9 @@ pub struct OwInstance {
 #[async_trait]
 pub trait OpsWorks: Send + Sync {
     async fn stacks(&self, region: &str) -> Result<Vec<OwStack>, AwsError>;
+    /// One stack by id (DescribeStacks with StackIds: what a policy scoped to stack ARNs
+    /// allows); None when there is no such stack.
+    async fn stack(&self, region: &str, id: &str) -> Result<Option<OwStack>, AwsError>;
     async fn layers(&self, region: &str, stack_id: &str) -> Result<Vec<OwLayer>, AwsError>;
     async fn instances(&self, region: &str, stack_id: &str) -> Result<Vec<OwInstance>, AwsError>;
     async fn instance(&self, region: &str, id: &str) -> Result<Option<OwInstance>, AwsError>;
@@ -105,6 +108,25 @@ impl OpsWorks for OpsWorksClient {
                 name: s.name().unwrap_or_default().to_string(),
             })
             .collect())
+    }
+
+    async fn stack(&self, region: &str, id: &str) -> Result<Option<OwStack>, AwsError> {
+        let op = "opsworks:DescribeStacks";
+        match self
+            .client(region)
+            .describe_stacks()
+            .stack_ids(id)
+            .send()
+            .await
+            .map_err(|e| classify(op, e))
+        {
+            Ok(out) => Ok(out.stacks().first().map(|s| OwStack {
+                id: s.stack_id().unwrap_or_default().to_string(),
+                name: s.name().unwrap_or_default().to_string(),
+            })),
+            Err(e) if e.class == super::ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn layers(&self, region: &str, stack_id: &str) -> Result<Vec<OwLayer>, AwsError> {

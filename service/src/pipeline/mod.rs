@@ -20,6 +20,7 @@
 //! - `complete.rs`: completing the action, and what the answer means;
 //! - `record.rs`: the run's report, its history rows and its result event.
 
+mod chat;
 mod claim;
 mod complete;
 mod record;
@@ -118,9 +119,27 @@ impl Job {
     }
 }
 
+/// A layer of the config a run started under: the run keeps that config (and so its
+/// layer) alive until it ends, whatever a reload puts in place meanwhile.
+#[derive(Clone)]
+pub struct LayerRef {
+    cfg: Arc<Config>,
+    idx: usize,
+}
+
+impl std::ops::Deref for LayerRef {
+    type Target = Layer;
+    fn deref(&self) -> &Layer {
+        &self.cfg.layers[self.idx]
+    }
+}
+
 /// What every run shares: clients, caches, the store and the claims.
 pub struct Pipeline {
     cfg: Arc<Config>,
+    /// The config runs start under: `cfg` until a reload (SIGHUP) replaces it. Only its
+    /// layers differ from `cfg` (reload.rs refuses any other change).
+    live: std::sync::RwLock<Arc<Config>>,
     hooks: Arc<dyn Hooks>,
     services: Services,
     shared: Shared,
@@ -128,6 +147,8 @@ pub struct Pipeline {
     claims: Arc<dyn Claims>,
     leases: Leases,
     publisher: Option<Batcher<String>>,
+    /// Finished runs for the fleet's history table (`state.history_table`).
+    fleet_history: Option<Batcher<String>>,
     verifier: Verifier,
     working: Working,
     owner: String,
@@ -162,6 +183,7 @@ impl Pipeline {
         );
         Pipeline {
             verifier: Verifier::new(p.hooks.clone(), p.cfg.aws.retry_for),
+            live: std::sync::RwLock::new(p.cfg.clone()),
             cfg: p.cfg,
             hooks: p.hooks,
             shared,
@@ -170,11 +192,18 @@ impl Pipeline {
             store: p.store,
             leases: p.leases,
             publisher: p.publisher,
+            fleet_history: None,
             working: Working::default(),
             owner: crate::claims::owner_id(&host),
             host,
             stats: p.stats,
         }
+    }
+
+    /// Finished runs also go to the fleet's history table through `batcher`.
+    pub fn with_fleet_history(mut self, batcher: Option<Batcher<String>>) -> Pipeline {
+        self.fleet_history = batcher;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -203,9 +232,28 @@ impl Pipeline {
             .collect()
     }
 
+    /// The config runs start under now (the latest reload's).
+    pub fn live_config(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs that start from now on use `cfg`'s layers; runs in flight keep theirs.
+    pub fn replace_config(&self, cfg: Arc<Config>) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
     /// The first layer whose matcher accepts the event.
-    pub fn route(&self, event: &LifecycleEvent) -> Option<&Layer> {
-        crate::layer::route(&self.cfg.layers, event)
+    pub fn route(&self, event: &LifecycleEvent) -> Option<LayerRef> {
+        let cfg = self.live_config();
+        let idx = crate::layer::route(&cfg.layers, event)?;
+        Some(LayerRef { cfg, idx })
+    }
+
+    /// The layer named `name` in the config runs start under now.
+    pub fn layer_named(&self, name: &str) -> Option<LayerRef> {
+        let cfg = self.live_config();
+        let idx = cfg.layers.iter().position(|l| l.name == name)?;
+        Some(LayerRef { cfg, idx })
     }
 
     /// Whether some layer could take the job: it names one, or a layer's groups match its
@@ -214,16 +262,16 @@ impl Pipeline {
     fn could_route(&self, job: &Job) -> bool {
         job.layer.is_some()
             || self
-                .cfg
+                .live_config()
                 .layers
                 .iter()
                 .any(|l| l.matcher.groups.iter().any(|g| g.matches(&job.event.group)))
     }
 
     /// The layer a job runs: the one it names, else the one its event routes to.
-    fn layer_for(&self, job: &Job) -> Option<&Layer> {
+    fn layer_for(&self, job: &Job) -> Option<LayerRef> {
         match &job.layer {
-            Some(name) => self.cfg.layers.iter().find(|l| &l.name == name),
+            Some(name) => self.layer_named(name),
             None => self.route(&job.event),
         }
     }

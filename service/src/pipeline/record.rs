@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::{Job, Pipeline};
 use crate::aws::Message;
 use crate::clock::{now_ms, rfc3339};
+use crate::config::NotifyFormat;
 use crate::event::LifecycleEvent;
 use crate::outcome::{Completion, HookResult, Outcome, StepOutcome};
 use crate::store::{NewRun, RunEnd, StoreError};
@@ -46,6 +47,10 @@ pub struct RunReport {
     pub started_at: String,
     pub finished_at: String,
     pub host: String,
+    /// The account the lifecycle message names (AccountId, or an EventBridge event's
+    /// account), when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +83,7 @@ impl RunReport {
             started_at: rfc3339(now_ms()),
             finished_at: String::new(),
             host: host.to_string(),
+            account_id: ev.account_id.clone(),
         }
     }
 
@@ -201,12 +207,13 @@ impl Pipeline {
         run.finished_at = rfc3339(now_ms());
         let mut unpublished = None;
         if let (true, Some(publisher)) = (run.outcome.publishes(), &self.publisher) {
-            let body = serde_json::to_string(&run).unwrap_or_default();
+            let body = self.result_body(&run);
             if let Err(e) = publisher.submit(body.clone()).await {
                 warn!(error = %e, "could not publish the result event; it will be retried");
                 unpublished = Some(body);
             }
         }
+        self.record_in_fleet_history(&run).await;
         self.stats
             .run_finished(run.layer.as_deref().unwrap_or("-"), run.outcome);
         if run.outcome == Outcome::Retry {
@@ -230,6 +237,36 @@ impl Pipeline {
             }
         }
         run
+    }
+
+    /// A final run into the fleet's history table (`state.history_table`), when there is one.
+    async fn record_in_fleet_history(&self, run: &RunReport) {
+        let (true, Some(fleet)) = (run.outcome.publishes(), &self.fleet_history) else {
+            return;
+        };
+        let record = serde_json::json!({
+            "writer": self.owner,
+            "account_id": run.account_id,
+            "run": run,
+        });
+        if let Err(e) = fleet.submit(record.to_string()).await {
+            warn!(error = %e, "could not write the run to the fleet's history table");
+        }
+    }
+
+    /// The result event as `notify.format` wants it: provision's own JSON, or a chat
+    /// application's custom notification.
+    fn result_body(&self, run: &RunReport) -> String {
+        let chat = self
+            .cfg
+            .notify
+            .as_ref()
+            .is_some_and(|n| n.format == NotifyFormat::Chat);
+        if chat {
+            serde_json::to_string(&run.chat_notification()).unwrap_or_default()
+        } else {
+            serde_json::to_string(run).unwrap_or_default()
+        }
     }
 
     /// Publishes result events that failed to publish earlier (the outbox). Returns how

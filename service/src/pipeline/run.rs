@@ -167,7 +167,7 @@ impl<'a> Run<'a> {
         tracing::Span::current().record("layer", layer.name.as_str());
         self.report.layer = Some(layer.name.clone());
         // The history row, then the claim in the claim store (claim.rs).
-        let claim = self.claim(layer).await?;
+        let claim = self.claim(&layer).await?;
         // Ours until the run ends: renewed meanwhile; losing it stops the steps.
         let (_keeper, stop) = self.hold_claim();
         let result = match claim {
@@ -176,7 +176,7 @@ impl<'a> Run<'a> {
                 self.adopt_decision(result).await;
                 result
             }
-            _ => self.run_steps(layer, &stop).await?, // steps.rs
+            _ => self.run_steps(&layer, &stop).await?, // steps.rs
         };
         self.decide(result, &stop).await?;
         self.complete(result, &stop).await // complete.rs

@@ -73,13 +73,19 @@ fn identity_path(settings: &SshSettings, env: &Env) -> std::io::Result<Option<Pa
         Some(Identity::Path(p)) => p.clone(),
         Some(Identity::Credential(n)) => {
             crate::secret::credential_path_in(env.credentials_directory.as_deref(), n)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?
         }
+    };
+    let from = match &settings.identity {
+        Some(Identity::Credential(_)) => format!(
+            "; read from {}",
+            crate::secret::credential_hint(env.credentials_directory.as_deref())
+        ),
+        _ => String::new(),
     };
     std::fs::metadata(&identity).map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("ssh.identity_file {}: {e}", identity.display()),
+            format!("ssh.identity_file {}: {e}{from}", identity.display()),
         )
     })?;
     Ok(Some(identity))

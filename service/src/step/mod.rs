@@ -349,6 +349,17 @@ pub fn parse(table: &toml::Table, key: &str, vars: &Vars) -> Result<Step, Vec<Co
             )),
         }
     }
+    // An ssm step has one timeout: the command's (cancelled past it). Written inside or
+    // beside the step table it means the same; written twice it is ambiguous.
+    let inner_timeout = table[kind]
+        .as_table()
+        .is_some_and(|t| t.contains_key("timeout"));
+    if kind == "ssm" && timeout.is_some() && inner_timeout {
+        errs.push(ConfigError::new(
+            format!("{key}.timeout"),
+            "the ssm step's timeout is given twice (here and in ssm.timeout); keep one",
+        ));
+    }
     let kind_key = format!("{key}.{kind}");
     let parsed = match kind {
         "tag" => tag::Tag::parse(&table[kind], &kind_key).map(StepKind::Tag),
@@ -414,8 +425,11 @@ fn outer_timeout(kind: &mut StepKind, timeout: Option<Duration>) -> Duration {
             a.timeout = timeout.unwrap_or(a.timeout);
             a.timeout + SSH_REACH_ALLOWANCE
         }
+        // `timeout` is the command's (CancelCommand past it); the outer bound adds the wait
+        // for the agent (online_timeout) and a margin, so the command's own timeout wins.
         StepKind::Ssm(s) => {
-            timeout.unwrap_or(s.online_timeout + s.timeout + Duration::from_secs(60))
+            s.timeout = timeout.unwrap_or(s.timeout);
+            s.online_timeout + s.timeout + Duration::from_secs(60)
         }
         StepKind::OpsWorks(_) => timeout.unwrap_or(Duration::from_secs(3600)),
         // The drain's own deadline says how many tasks were left; the outer bound is above.
@@ -456,5 +470,36 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_secs(1800) + SSH_REACH_ALLOWANCE);
         let s = step("tag = { A = \"b\" }\ntimeout = \"1m\"");
         assert_eq!(s.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_ssm_steps_timeout_is_the_commands_wherever_it_is_written() {
+        let cmd = "document = \"AWS-RunShellScript\", parameters = { commands = [\"true\"] }";
+        let beside = step(&format!("ssm = {{ {cmd} }}\ntimeout = \"5m\""));
+        let inside = step(&format!("ssm = {{ {cmd}, timeout = \"5m\" }}"));
+        for s in [&beside, &inside] {
+            let StepKind::Ssm(ssm) = &s.kind else {
+                panic!("{s:?}")
+            };
+            assert_eq!(ssm.timeout, Duration::from_secs(300), "cancelled past 5m");
+            // The outer bound: the agent's wait (online_timeout, 10m) + 5m + 1m.
+            assert_eq!(s.timeout, Duration::from_secs(960));
+        }
+        // Unset: 10m + 10m + 1m.
+        assert_eq!(
+            step(&format!("ssm = {{ {cmd} }}")).timeout,
+            Duration::from_secs(1260)
+        );
+        let t: toml::Table = toml::from_str(&format!(
+            "ssm = {{ {cmd}, timeout = \"5m\" }}\ntimeout = \"6m\""
+        ))
+        .unwrap();
+        let errs = parse(&t, "s", &Vars::default()).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e
+                .to_string()
+                .contains("s.timeout: the ssm step's timeout is given twice")),
+            "{errs:?}"
+        );
     }
 }

@@ -42,9 +42,28 @@ const DEAD_END: &[&str] = &[
     "deregistering",
 ];
 
+/// How the step finds its stack.
+#[derive(Debug, Clone)]
+enum StackRef {
+    /// `stack`: by name, among every stack of the region (DescribeStacks without StackIds:
+    /// the policy must allow it on `*`).
+    Name(Template),
+    /// `stack_id`: by id (DescribeStacks with StackIds: a policy scoped to stack ARNs
+    /// allows it).
+    Id(Template),
+}
+
+impl StackRef {
+    fn template(&self) -> &Template {
+        match self {
+            StackRef::Name(t) | StackRef::Id(t) => t,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OpsWorks {
-    stack: Template,
+    stack: StackRef,
     layer: String,
     region: Option<String>,
     name_tag: Option<Template>,
@@ -111,14 +130,31 @@ impl OpsWorks {
         })?;
         let mut errs = Vec::new();
         let mut f = Fields::new(Some(t), key, &mut errs);
-        let stack = match f.non_empty("stack").map(Template::parse) {
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => {
+        let by_name = f.non_empty("stack").map(Template::parse);
+        let by_id = f.non_empty("stack_id").map(Template::parse);
+        let stack = match (by_name, by_id) {
+            (Some(Ok(t)), None) => Some(StackRef::Name(t)),
+            (None, Some(Ok(t))) => Some(StackRef::Id(t)),
+            (Some(Err(e)), _) => {
                 f.error("stack", e.to_string());
                 None
             }
-            None => {
-                f.error("stack", "missing: the stack's name (a template)");
+            (_, Some(Err(e))) => {
+                f.error("stack_id", e.to_string());
+                None
+            }
+            (Some(_), Some(_)) => {
+                f.error(
+                    "stack_id",
+                    "give the stack by name (stack) or by id (stack_id), not both",
+                );
+                None
+            }
+            (None, None) => {
+                f.error(
+                    "stack",
+                    "missing: the stack's name (a template), or stack_id",
+                );
                 None
             }
         };
@@ -147,7 +183,7 @@ impl OpsWorks {
     pub fn describe(&self) -> String {
         format!(
             "opsworks stack {:?} layer {:?}{}",
-            self.stack.source(),
+            self.stack.template().source(),
             self.layer,
             self.region
                 .as_deref()
@@ -159,6 +195,7 @@ impl OpsWorks {
     pub fn preview(&self, ctx: &crate::template::Context<'_>) -> Result<String, StepError> {
         let stack = self
             .stack
+            .template()
             .render(ctx)
             .map_err(|e| StepError::Input(e.to_string()))?;
         Ok(format!(
@@ -176,29 +213,51 @@ impl OpsWorks {
             .unwrap_or_else(|| "us-east-1".to_string())
     }
 
-    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
-        let stack_name = self
+    /// The stack, by name (every stack of the region listed once, cached) or by id.
+    async fn find_stack(
+        &self,
+        ctx: &StepContext<'_>,
+        region: &str,
+    ) -> Result<crate::aws::OwStack, StepError> {
+        let ow = ctx.services.opsworks.clone();
+        let retry = ctx.retry_for;
+        let wanted = self
             .stack
+            .template()
             .render(&ctx.template)
             .map_err(|e| StepError::Input(e.to_string()))?;
+        match &self.stack {
+            StackRef::Name(_) => {
+                let stacks = ctx
+                    .shared
+                    .ow_stacks
+                    .get_or_load(&region.to_string(), || {
+                        with_backoff(retry, || ow.stacks(region))
+                    })
+                    .await?;
+                stacks
+                    .iter()
+                    .find(|s| s.name == wanted)
+                    .cloned()
+                    .ok_or_else(|| {
+                        StepError::Input(format!("no OpsWorks stack named {wanted:?} in {region}"))
+                    })
+            }
+            StackRef::Id(_) => with_backoff(retry, || ow.stack(region, &wanted))
+                .await?
+                .ok_or_else(|| {
+                    StepError::Input(format!("no OpsWorks stack with id {wanted:?} in {region}"))
+                }),
+        }
+    }
+
+    pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
         let region = self.region();
         let ow = ctx.services.opsworks.clone();
         let retry = ctx.retry_for;
         let ec2_id = ctx.template.event.instance_id.clone();
-
-        let stacks = ctx
-            .shared
-            .ow_stacks
-            .get_or_load(&region, || with_backoff(retry, || ow.stacks(&region)))
-            .await?;
-        let stack = stacks
-            .iter()
-            .find(|s| s.name == stack_name)
-            .ok_or_else(|| {
-                StepError::Input(format!(
-                    "no OpsWorks stack named {stack_name:?} in {region}"
-                ))
-            })?;
+        let stack = self.find_stack(ctx, &region).await?;
+        let stack_name = stack.name.clone();
         let existing = with_backoff(retry, || ow.instances(&region, &stack.id))
             .await?
             .into_iter()

@@ -720,6 +720,39 @@ pub async fn claims_table(aws: &Aws, table: &str) -> aws_sdk_dynamodb::Client {
     db
 }
 
+/// The fleet's history table as config/cloudformation.yaml makes it: `instance_id` and
+/// `run` keys, TTL on `expires_at`.
+pub async fn history_table(aws: &Aws, table: &str) {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let db = aws_sdk_dynamodb::Client::new(&aws.sdk);
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .unwrap()
+    };
+    db.create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("instance_id"))
+        .attribute_definitions(attr("run"))
+        .key_schema(key("instance_id", KeyType::Hash))
+        .key_schema(key("run", KeyType::Range))
+        .send()
+        .await
+        .unwrap();
+}
+
 /// Polls an async condition every 200 ms until it returns Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
