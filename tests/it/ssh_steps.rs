@@ -1220,3 +1220,79 @@ launch = [ { ssh = ["echo \"$SSH_CONNECTION\" | cut -d' ' -f3 >> SIM_ROOT/{insta
         "the keys verified at launch were used"
     );
 }
+
+/// A playbook and group_vars written for Ansible's EC2 inventory (amazon.aws.aws_ec2 with
+/// `keyed_groups: [{prefix: tag, key: tags}]`) run unchanged: `hosts: tag_env_staging`
+/// selects the instances tagged env=staging, `group_vars/tag_Role_web.yml` applies to the
+/// one tagged Role=web, the plugin's host variables are there, the layer's group is its
+/// exact name (`hosts: ec2-groups`), an untagged instance is not touched by the tag play,
+/// and a tag value holding Jinja reaches the play as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playbook_written_for_the_ec2_inventory_runs_unchanged() {
+    let w = World::new("app-ec2", 300, None).await;
+    let hosts = w.launch("app-ec2", 3, |net, ip| net.host(ip)).await;
+    let (web, worker, untagged) = (&hosts[0].0, &hosts[1].0, &hosts[2].0);
+    let jinja = "{{ lookup('pipe','id') }}";
+    w.aws
+        .tag(web, &[("env", "staging"), ("Role", "web"), ("Note", jinja)])
+        .await;
+    w.aws
+        .tag(worker, &[("env", "staging"), ("Role", "worker")])
+        .await;
+    let p = w.provision(
+        r#"
+[layers.ec2-groups]
+groups = ["app-*"]
+launch = [ { ansible = "ec2-groups.yml", vars = { sim_root = "SIM_ROOT", asg_group = "tag_aws_autoscaling_groupName_app_ec2" } } ]
+"#,
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let results = results_by_instance(&w.emu);
+    for (id, _) in &hosts {
+        assert_eq!(results[id]["result"], "CONTINUE", "{}", run_error(&p, id));
+        let layer = std::fs::read_to_string(w.dir(id).join("layer")).unwrap();
+        assert!(
+            layer.split_whitespace().any(|g| g == "ec2-groups"),
+            "{id}: the layer's exact name is a group: {layer}"
+        );
+    }
+    let ec2 = |id: &str| std::fs::read_to_string(w.dir(id).join("ec2"));
+    let said = ec2(web).unwrap();
+    let ip = w.aws.private_ip(web).await;
+    for line in [
+        "group_vars=web-tuned".to_string(),
+        format!("note={jinja}"),
+        format!("old_name_note={jinja}"),
+        format!("instance_id={web}"),
+        format!("private_ip_address={ip}"),
+        "availability_zone=us-east-1a".into(),
+        "region=us-east-1".into(),
+        "instance_type=t3.micro".into(),
+        "in_type_group=True".into(),
+        "in_asg_group=True".into(),
+    ] {
+        assert!(said.lines().any(|l| l == line), "{line:?} not in:\n{said}");
+    }
+    assert!(said.contains("\nimage_id=ami-"), "{said}");
+    let said = ec2(worker).unwrap();
+    assert!(
+        said.contains("group_vars=none\n") && said.contains("note=none\n"),
+        "the worker is not in tag_Role_web: {said}"
+    );
+    assert!(
+        ec2(untagged).is_err(),
+        "the untagged instance is not in tag_env_staging"
+    );
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(
+        !text.contains("Invalid characters were found in group names"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("  {web}: all ec2-groups ec2_groups tag_Note_")),
+        "each host's groups in the log's header: {text}"
+    );
+}

@@ -31,13 +31,16 @@ const CONSOLE_WAIT_MAX: Duration = Duration::from_secs(15);
 /// Run by the remote shell; fixed text, nothing from an event. No cloud-init: ready.
 const CLOUD_INIT_WAIT: &str = "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait; else echo 'status: cloud-init not installed'; fi";
 
-/// An instance ready for SSH: where to connect and as whom.
+/// An instance ready for SSH: where to connect and as whom, and what DescribeInstances
+/// said of it when it was found running with its address (the batched lookup's answer:
+/// playbooks' inventory reads its tags and facts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub id: InstanceId,
     pub address: String,
     pub port: u16,
     pub user: String,
+    pub described: InstanceInfo,
 }
 
 /// What reaching one instance needs to know.
@@ -81,13 +84,14 @@ impl Remote {
                 humantime::format_duration(ready)
             ))
         };
-        let address = self
+        let (address, described) = self
             .running_address(to, deadline)
             .await?
             .map_err(|w| late(&w))?;
         let target = Target {
             id: to.id.clone(),
             address,
+            described,
             port: to.layer.port.unwrap_or(self.settings.port),
             user: to
                 .layer
@@ -164,18 +168,18 @@ impl Remote {
         }
     }
 
-    /// Running, with an address. Outer error: give up now; inner: the last reason to wait.
+    /// Running, with an address (and what DescribeInstances said). Outer error: give up now; inner: the last reason to wait.
     async fn running_address(
         &self,
         to: &Reach<'_>,
         deadline: Instant,
-    ) -> Result<Result<String, String>, ReachError> {
+    ) -> Result<Result<(String, InstanceInfo), String>, ReachError> {
         let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
         let found = until(pace, move || async move {
             let last = match to.lookup.submit(to.id.clone()).await {
                 Ok(info) => match &info.state {
                     InstanceState::Running => match self.address_of(&info) {
-                        Some(a) => return ControlFlow::Break(Ok(a)),
+                        Some(a) => return ControlFlow::Break(Ok((a, info))),
                         None => format!("running, but it has no {}", self.address_name()),
                     },
                     s @ (InstanceState::ShuttingDown

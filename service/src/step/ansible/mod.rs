@@ -17,8 +17,10 @@
 //! connection uses the instance's verified known_hosts file with `StrictHostKeyChecking=yes`.
 //!
 //! What reaches Ansible, and how:
-//! - inventory (JSON file): every instance in groups `all` and `<layer>`, with connection
-//!   variables that reproduce the verified connection (known_hosts, strict checking);
+//! - inventory (JSON file): every instance in `all`, its layer's group and the groups
+//!   Ansible's EC2 inventory would give it (`tag_Role_web`, ...), with the EC2 inventory's
+//!   host variables (never evaluated as templates) and connection variables that
+//!   reproduce the verified connection (known_hosts, strict checking); see `inventory`;
 //! - `vars`: an extra-vars JSON file (`-e @file`), never the command line. Values rendered
 //!   from metadata must match the layer's declared patterns, and no value may carry Jinja
 //!   markers (`{{`, `{%`, `{#`), whatever the pattern says;
@@ -35,6 +37,7 @@
 //! - `settings`: the `[ansible]` table and the runner choices;
 //! - `batch`: which instances share a run, and when it starts;
 //! - `runner`: the `ansible-playbook` child process of one batch, its files and its log;
+//! - `inventory`: the run's groups and host variables, as `amazon.aws.aws_ec2` gives them;
 //! - `mitogen`: finding Mitogen for Ansible's strategy plugins;
 //! - `results`: the callback's JSON document -> one result per instance.
 
@@ -50,6 +53,7 @@ use crate::template::{Context, Template, Vars};
 use super::{require_declared, StepContext, StepError, StepOutput};
 
 mod batch;
+mod inventory;
 mod mitogen;
 mod results;
 mod runner;

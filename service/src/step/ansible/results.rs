@@ -36,7 +36,7 @@ pub fn host_result(
         host.replace('~', "~0").replace('/', "~1")
     )) else {
         return Err(format!(
-            "the playbook did not run on this host: no play's `hosts:` matched it (it is in groups `all` and its layer's); exit {}: {} (log: {log})",
+            "the playbook did not run on this host: no play's `hosts:` matched it (its groups are listed in the log's header); exit {}: {} (log: {log})",
             exit.map(|c| c.to_string()).unwrap_or_default(),
             tail(stderr, EXCERPT)
         ));

@@ -23,6 +23,7 @@ use crate::step::child::{Group, GRACE};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
+use super::inventory;
 use super::mitogen::{self, Mitogen};
 use super::results::{host_result, parse_results};
 use super::settings::{AnsibleSettings, Strategy};
@@ -217,7 +218,8 @@ impl Runner {
             .collect())
     }
 
-    /// The run's inventory: each target with its connection vars, in the layer's group.
+    /// The run's inventory: each target with its EC2 host variables and its connection
+    /// variables, in `all`, its layer's groups and its keyed groups (see `inventory`).
     fn write_inventory(
         &self,
         dir: &Path,
@@ -225,26 +227,42 @@ impl Runner {
         targets: &[Target],
     ) -> Result<PathBuf, String> {
         let mut hosts = serde_json::Map::new();
-        let mut layer_hosts = serde_json::Map::new();
+        let mut groups: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
         for t in targets {
-            let mut hv = self.remote.ansible_host_vars(t);
+            let mut hv = inventory::ec2_host_vars(&t.described);
+            hv.extend(self.remote.ansible_host_vars(t));
             hv.insert("provision_instance_id".into(), json!(t.id.as_str()));
             // Host key checking on, above the environment and the playbook's group_vars:
             // Mitogen puts `UserKnownHostsFile /dev/null` before the verified file when off.
             hv.insert("ansible_host_key_checking".into(), json!(true));
             hv.insert("ansible_ssh_host_key_checking".into(), json!(true));
             hosts.insert(t.id.to_string(), Value::Object(hv));
-            layer_hosts.insert(t.id.to_string(), json!({}));
-        }
-        let inventory = json!({
-            "all": {
-                "hosts": hosts,
-                "children": { group_name(&key.layer): { "hosts": layer_hosts } },
+            for g in self.host_groups(key, t) {
+                groups
+                    .entry(g)
+                    .or_default()
+                    .insert(t.id.to_string(), json!({}));
             }
-        });
+        }
+        let children: serde_json::Map<String, Value> = groups
+            .into_iter()
+            .map(|(g, members)| (g, json!({ "hosts": members })))
+            .collect();
+        let inventory = json!({ "all": { "hosts": hosts, "children": children } });
         let inv_path = dir.join("inventory.json");
         std::fs::write(&inv_path, inventory.to_string()).map_err(|e| e.to_string())?;
         Ok(inv_path)
+    }
+
+    /// The groups of one host besides `all`: its layer's, then its keyed groups.
+    fn host_groups(&self, key: &BatchKey, t: &Target) -> Vec<String> {
+        let mut groups = inventory::layer_groups(&key.layer);
+        for g in inventory::keyed_groups(&t.described, &self.settings.keyed_groups) {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        groups
     }
 
     /// `ansible-playbook` set up for this batch's runner: forks, pipelining, strategy (with
@@ -349,8 +367,14 @@ impl Runner {
     /// into it as it comes. Returns its path (for the history) and the sink.
     fn open_log(&self, key: &BatchKey, targets: &[Target]) -> (String, Mutex<LogSink>) {
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        // Each host's groups (sanitised names: word characters only), for a play whose
+        // `hosts:` matched none.
+        let groups: String = targets
+            .iter()
+            .map(|t| format!("  {}: all {}\n", t.id, self.host_groups(key, t).join(" ")))
+            .collect();
         let header = format!(
-            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\n\n--- stderr ---\n",
+            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\ngroups:\n{groups}strategy: {}\npipelining: {}\n\n--- stderr ---\n",
             key.playbook,
             key.layer,
             key.transition,
@@ -434,6 +458,11 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
     }
     if std::env::var_os("PATH").is_none() {
         c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    // The layer's group is its exact name (`web-prod`), which Ansible takes as it is but
+    // warns about on every run unless told to ignore; an operator's own setting wins.
+    if std::env::var_os("ANSIBLE_TRANSFORM_INVALID_GROUP_CHARS").is_none() {
+        c.env("ANSIBLE_TRANSFORM_INVALID_GROUP_CHARS", "ignore");
     }
     c.env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
@@ -528,11 +557,6 @@ async fn close_masters(dir: &Path) {
         });
     }
     while exits.join_next().await.is_some() {}
-}
-
-/// The inventory group named after the layer (Ansible group names: letters, digits, '_').
-fn group_name(layer: &str) -> String {
-    layer.replace('-', "_")
 }
 
 /// What a finished run left: its exit status and its output, bounded.

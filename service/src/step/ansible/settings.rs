@@ -10,6 +10,8 @@ use std::time::Duration;
 use crate::secret::Source;
 use crate::setting::ConfigError;
 
+use super::inventory::KeyedGroup;
+
 /// Parallel hosts within one run unless `ansible.forks` says otherwise (see the README:
 /// measured on 2 cores, 20 instances).
 pub const DEFAULT_FORKS: usize = 20;
@@ -79,6 +81,9 @@ pub struct AnsibleSettings {
     /// memory: head and tail, each within this; everything streams to the log.
     pub output_max_bytes: usize,
     pub log_keep: usize,
+    /// The inventory groups each instance joins besides `all` and its layer's (see
+    /// `inventory`).
+    pub keyed_groups: Vec<KeyedGroup>,
 }
 
 impl Default for AnsibleSettings {
@@ -98,6 +103,7 @@ impl Default for AnsibleSettings {
             log_max_bytes: 1 << 20,
             output_max_bytes: 4 << 20,
             log_keep: 200,
+            keyed_groups: KeyedGroup::defaults(),
         }
     }
 }
@@ -174,6 +180,10 @@ impl AnsibleSettings {
                         }
                     }
                     "log_keep" => s.log_keep = int(1, 100_000, errs).unwrap_or(200) as usize,
+                    "keyed_groups" => match KeyedGroup::parse_list(v, &key) {
+                        Ok(groups) => s.keyed_groups = groups,
+                        Err(e) => errs.extend(e),
+                    },
                     "vault_password" => match Source::parse(v, &key) {
                         Ok(src) => s.vault_password = Some(src),
                         Err(e) => errs.push(e),
