@@ -1296,3 +1296,84 @@ launch = [ { ansible = "ec2-groups.yml", vars = { sim_root = "SIM_ROOT", asg_gro
         "each host's groups in the log's header: {text}"
     );
 }
+
+/// Unreachable is not a verdict: two hosts are reached, then their sshd stops before the
+/// playbook connects, so the shared run finds both unreachable. Each is reached again for a
+/// follow-up run: the one whose sshd comes back completes CONTINUE in it; the one whose
+/// sshd stays down fails, named unreachable, once reaching it again gives up
+/// (ssh.ready_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
+    let w = World::new("web-flaky", 300, Some(r#"{"role":"api"}"#)).await;
+    let hosts = w.launch("web-flaky", 2, |net, ip| net.host(ip)).await;
+    let ((flaky, flaky_host), (down, down_host)) = (&hosts[0], &hosts[1]);
+    // A long quiet period: the run starts well after the sshd stop below.
+    let p = w.provision_with(MARKER_LAYER, "batch_quiet = \"6s\"\nbatch_window = \"20s\"");
+    p.set("ssh.ready_timeout", "20s");
+    let mut d = p.daemon();
+    common::eventually(
+        "provision's reach to log in to both",
+        Duration::from_secs(60),
+        || async {
+            [flaky_host, down_host]
+                .iter()
+                .all(|h| h.log().contains("Accepted publickey"))
+                .then_some(())
+        },
+    )
+    .await;
+    flaky_host.stop_sshd();
+    down_host.stop_sshd();
+    common::eventually("the first run to end", Duration::from_secs(60), || async {
+        ansible_logs(&p)
+            .iter()
+            .any(|l| {
+                std::fs::read_to_string(l)
+                    .unwrap_or_default()
+                    .contains("\n--- end ---\n")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !w.dir(flaky).join("marker").exists(),
+        "the first run did not configure it"
+    );
+    flaky_host.start_sshd();
+    common::eventually(
+        "both actions to finish",
+        Duration::from_secs(120),
+        || async {
+            let done = results_by_instance(&w.emu);
+            (done.contains_key(flaky.as_str()) && done.contains_key(down.as_str())).then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+
+    let results = results_by_instance(&w.emu);
+    assert_eq!(
+        results[flaky.as_str()]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, flaky)
+    );
+    assert!(w.dir(flaky).join("marker").exists());
+    let run = p.last_run(flaky, "launch");
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("in a follow-up run: the first found it unreachable"),
+        "{detail}"
+    );
+    assert_eq!(results[down.as_str()]["result"], "ABANDON");
+    let err = run_error(&p, down);
+    assert!(
+        err.contains("unreachable in the ansible-playbook run")
+            && err.contains("not reachable again for a follow-up run"),
+        "{err}"
+    );
+    assert!(!w.dir(down).join("marker").exists());
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 2, "the first run and one follow-up: {logs:?}");
+}

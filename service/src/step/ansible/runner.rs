@@ -23,10 +23,11 @@ use crate::step::child::{Group, GRACE};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
+use super::forks::ForkBudget;
 use super::inventory;
 use super::mitogen::{self, Mitogen};
-use super::results::{host_result, parse_results};
-use super::settings::{AnsibleSettings, Strategy};
+use super::results::{host_result, parse_results, HostResult};
+use super::settings::{AnsibleSettings, Strategy, DEFAULT_FORKS};
 use super::BatchKey;
 
 /// The callback that prints per-host results as one JSON document (ansible-core has none).
@@ -38,7 +39,9 @@ const EXCERPT: usize = 1500;
 pub struct Runner {
     pub settings: AnsibleSettings,
     pub(super) remote: Arc<Remote>,
-    pub(super) batches: Batches<BatchKey, Target, Result<String, String>>,
+    pub(super) batches: Batches<BatchKey, Target, HostResult>,
+    /// Forks shared by every run in flight (see `forks`).
+    forks: ForkBudget,
     /// Mitogen for Ansible, looked for once (at start when it is `[ansible]`'s strategy).
     mitogen: Arc<std::sync::OnceLock<Result<Mitogen, String>>>,
     secrets: TtlCache<Source, Secret>,
@@ -91,6 +94,7 @@ impl Runner {
                 max: settings.max_batch,
             }),
             mitogen: found,
+            forks: ForkBudget::new(settings.forks.unwrap_or(DEFAULT_FORKS)),
             settings,
             remote,
             // SSM parameters are read at most every 5 minutes; credentials are files anyway.
@@ -135,13 +139,13 @@ impl Runner {
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: Vec<Target>,
-    ) -> Vec<Result<String, String>> {
+    ) -> Vec<HostResult> {
         let n = targets.len();
         match self.run_batch_inner(key, vars, &targets).await {
             Ok(results) => results,
             Err(e) => {
                 warn!(error = %e, playbook = %key.playbook, "ansible-playbook run failed");
-                vec![Err(e); n]
+                vec![HostResult::Failed(e); n]
             }
         }
     }
@@ -151,7 +155,7 @@ impl Runner {
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: &[Target],
-    ) -> Result<Vec<Result<String, String>>, String> {
+    ) -> Result<Vec<HostResult>, String> {
         let playbook = self.settings.playbook_dir.join(&key.playbook);
         if !playbook.is_file() {
             return Err(format!(
@@ -174,8 +178,12 @@ impl Runner {
         };
         let cp = dir.path().join("cp");
         std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
-        let forks = self.settings.forks(targets.len());
-        let mut c = self.command_for(key, forks, &cp, dir.path()).await?;
+        // Held until the run ends (its ssh masters closed): the forks of every run in
+        // flight stay within the budget.
+        let forks = self.forks.take(self.settings.forks(targets.len())).await;
+        let mut c = self
+            .command_for(key, forks.count(), &cp, dir.path())
+            .await?;
         c.arg("-i")
             .arg(&inv_path)
             .arg("-e")
@@ -185,15 +193,16 @@ impl Runner {
         }
         c.arg(&playbook);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks = forks.count(), "running ansible-playbook");
         let started = std::time::Instant::now();
         let (log, sink) = self.open_log(key, targets);
         let finished = self.run_to_end(c, key, &cp, dir.path(), &sink).await;
+        drop(forks);
         drop(vault);
         let run = finished?;
         let elapsed = started.elapsed();
         self.finish_log(sink, &run, dir.path(), elapsed);
-        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
             stdout_bytes = run.stdout.total(), stderr_bytes = run.stderr.total(), log = %log, "ansible-playbook finished");
         let stderr = run.stderr.text();
         if run.stdout.omitted() > 0 {
@@ -201,7 +210,10 @@ impl Runner {
                 "ansible-playbook's results ({} bytes) exceed ansible.output_max_bytes: see the log {log}",
                 run.stdout.total()
             );
-            return Ok(targets.iter().map(|_| Err(e.clone())).collect());
+            return Ok(targets
+                .iter()
+                .map(|_| HostResult::Failed(e.clone()))
+                .collect());
         }
         let doc = parse_results(&run.stdout.text());
         Ok(targets
