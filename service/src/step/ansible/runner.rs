@@ -88,8 +88,8 @@ impl Runner {
             batches: Batches::new(Timing {
                 window: settings.batch_window,
                 quiet: settings.batch_quiet,
-                // A member still being reached this long after the first one was: the
-                // others run without it (it joins a later run once reached).
+                // No member reached for this long while some still are being reached: the
+                // reached ones run without them (they join a later run once reached).
                 straggle: settings.batch_window,
                 max: settings.max_batch,
             }),
