@@ -1130,24 +1130,41 @@ launch = [ { ssh = ["cloud-init status > SIM_ROOT/{instance_id}/seen"] } ]
 /// with the reason and nothing runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_or_endless_cloud_init_fails_the_step_with_the_reason() {
-    let w = World::new("app-noboot", 300, None).await;
-    let hosts = w.launch("app-noboot", 2, |net, ip| net.host(ip)).await;
+    cloud_init_failures(
+        "app-noboot",
+        "{ ssh = [\"touch SIM_ROOT/{instance_id}/ran\"] }",
+        "ran",
+    )
+    .await;
+}
+
+/// The same under the `ansible` step, whose reach runs the login and the cloud-init wait
+/// as one `ssh` process: the playbook never runs on either host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_endless_cloud_init_fails_the_ansible_step_with_the_reason() {
+    cloud_init_failures(
+        "app-noboot-ans",
+        "{ ansible = \"marker.yml\", vars = { sim_root = \"SIM_ROOT\" } }",
+        "marker",
+    )
+    .await;
+}
+
+async fn cloud_init_failures(group: &str, step: &str, leaves: &str) {
+    let w = World::new(group, 300, None).await;
+    let hosts = w.launch(group, 2, |net, ip| net.host(ip)).await;
     let (failed, endless) = (&hosts[0], &hosts[1]);
     std::fs::write(failed.1.install_cloud_init(), "error").unwrap();
     endless.1.install_cloud_init();
-    let p = w.provision(
-        r#"
-[layers.app]
-groups = ["app-*"]
-launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
-"#,
-    );
+    let p = w.provision(&format!(
+        "[layers.app]\ngroups = [\"app-*\"]\nlaunch = [ {step} ]\n"
+    ));
     p.set("ssh.ready_timeout", "8s");
     daemon_until_finished(&w, &p, &[&failed.0, &endless.0]).await;
     let results = results_by_instance(&w.emu);
     for (id, _) in [failed, endless] {
         assert_eq!(results[id]["result"], "ABANDON");
-        assert!(!w.dir(id).join("ran").exists(), "nothing ran on {id}");
+        assert!(!w.dir(id).join(leaves).exists(), "nothing ran on {id}");
     }
     let err = run_error(&p, &failed.0);
     assert!(
@@ -1160,6 +1177,7 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
             && err.contains("still waiting"),
         "{err}"
     );
+    assert!(ansible_logs(&p).is_empty(), "no playbook ran");
 }
 
 /// Host keys are known by instance id (HostKeyAlias): when the instance's address changes

@@ -296,12 +296,9 @@ impl Ansible {
         // A failed reach drops the ticket, which leaves the batch.
         ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
         let ticket = runner.batches.enter(key.clone(), run.clone());
-        let (target, session) = ctx.reach(&runner.remote).await?;
+        // One login proves the host, its key and cloud-init; Ansible makes its own.
+        let target = ctx.probe(&runner.remote).await?;
         let reached = Instant::now();
-        // Ansible makes its own connections; this one proved the host and its key.
-        if let Err(e) = session.close().await {
-            warn!(error = %e, "closing the probe SSH session");
-        }
         ctx.note(format!(
             "reached; waiting for the ansible-playbook {} run",
             self.playbook
