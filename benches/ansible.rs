@@ -318,6 +318,11 @@ async fn bench_provision(
     }
     assert_eq!(ids.len(), n);
     let p = w.provision_with(MARKER_LAYER, ansible_extra);
+    // BENCH_IN_FLIGHT=64: queue.max_in_flight (default 32, which a larger burst waits on).
+    if let Ok(v) = std::env::var("BENCH_IN_FLIGHT") {
+        let n: i64 = v.parse().expect("BENCH_IN_FLIGHT must be a number");
+        p.set("queue.max_in_flight", n);
+    }
 
     let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
     let run = run_worker_measured(&p, Duration::from_secs(900));

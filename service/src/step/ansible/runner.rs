@@ -34,6 +34,8 @@ use super::BatchKey;
 pub const CALLBACK_PLUGIN: &str =
     include_str!("../../../../playbooks/callback_plugins/provision_json.py");
 const EXCERPT: usize = 1500;
+/// How long the reached members of a batch wait without any other being reached.
+const STRAGGLE: Duration = Duration::from_secs(2);
 
 /// Runs ansible-playbook for batches of instances; shared by every event in flight.
 pub struct Runner {
@@ -90,7 +92,7 @@ impl Runner {
                 quiet: settings.batch_quiet,
                 // No member reached for this long while some still are being reached: the
                 // reached ones run without them (they join a later run once reached).
-                straggle: settings.batch_window,
+                straggle: settings.batch_window.min(STRAGGLE),
                 max: settings.max_batch,
             }),
             mitogen: found,

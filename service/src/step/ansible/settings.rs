@@ -67,7 +67,8 @@ pub struct RunnerChoice {
 pub struct AnsibleSettings {
     pub playbook_dir: PathBuf,
     pub program: PathBuf,
-    /// The longest a batch stays open to newcomers.
+    /// The longest a batch stays open to newcomers (a batch whose members are all reached
+    /// closes after `batch_quiet` without one, so this bounds a burst that keeps coming).
     pub batch_window: Duration,
     /// A batch whose members are all reached closes after this long without a newcomer.
     pub batch_quiet: Duration,
@@ -91,7 +92,7 @@ impl Default for AnsibleSettings {
         AnsibleSettings {
             playbook_dir: PathBuf::from("playbooks"),
             program: PathBuf::from("ansible-playbook"),
-            batch_window: Duration::from_secs(2),
+            batch_window: Duration::from_secs(5),
             batch_quiet: Duration::from_millis(500),
             max_batch: 50,
             forks: None,
