@@ -236,6 +236,22 @@ pub fn layer_groups(layer: &str) -> Vec<String> {
     }
 }
 
+/// The groups of one host besides `all`: its layer's, then its keyed groups, each once;
+/// never Ansible's own `all` or `ungrouped` (a layer or a tag value so named), which no
+/// group may contain.
+pub fn host_groups(layer: &str, info: &InstanceInfo, keyed: &[KeyedGroup]) -> Vec<String> {
+    let mut groups: Vec<String> = Vec::new();
+    for g in layer_groups(layer)
+        .into_iter()
+        .chain(keyed_groups(info, keyed))
+    {
+        if g != "all" && g != "ungrouped" && !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    groups
+}
+
 /// An instance's tags within EC2's limits, and its facts.
 struct Facts<'a> {
     info: &'a InstanceInfo,
@@ -475,5 +491,10 @@ mod tests {
     fn the_layer_group_is_its_exact_name_with_a_sanitised_alias() {
         assert_eq!(layer_groups("web-prod"), ["web-prod", "web_prod"]);
         assert_eq!(layer_groups("web"), ["web"]);
+        let keyed = [KeyedGroup::new(GroupKey::Tag("g".into()), "", "")];
+        let i = info(&[("g", "ungrouped")]);
+        assert_eq!(host_groups("all", &i, &keyed), Vec::<String>::new());
+        let i = info(&[("g", "web")]);
+        assert_eq!(host_groups("web", &i, &keyed), ["web"]);
     }
 }

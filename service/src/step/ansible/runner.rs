@@ -270,13 +270,7 @@ impl Runner {
 
     /// The groups of one host besides `all`: its layer's, then its keyed groups.
     fn host_groups(&self, key: &BatchKey, t: &Target) -> Vec<String> {
-        let mut groups = inventory::layer_groups(&key.layer);
-        for g in inventory::keyed_groups(&t.described, &self.settings.keyed_groups) {
-            if !groups.contains(&g) {
-                groups.push(g);
-            }
-        }
-        groups
+        inventory::host_groups(&key.layer, &t.described, &self.settings.keyed_groups)
     }
 
     /// `ansible-playbook` set up for this batch's runner: forks, pipelining, strategy (with
