@@ -3,6 +3,10 @@
 //! key and (`ssh.wait_for_cloud_init`) has finished cloud-init; all with backoff until
 //! `ssh.ready_timeout`.
 //!
+//! [`Remote::reach`] leaves an open session (the `ssh` step runs its commands through it);
+//! [`Remote::probe`], for a step that makes its own connections (`ansible`), logs in and
+//! waits for cloud-init with one plain `ssh` process an attempt and leaves nothing open.
+//!
 //! Owns the waits and their words (`i-0… was not reachable over SSH within 5m
 //! (ssh.ready_timeout): …`). Its inputs are narrow ([`Reach`]): the instance, the layer's
 //! overrides, the batched lookup, the EC2 service and a note for a watching operator; so it
