@@ -13,11 +13,17 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
               provision (a burst of N launches, one worker) under each runner (linear,
               linear+pipelining, mitogen: the default): wall time (provision: first message to
               last completed hook), CPU seconds of the whole ops-side process tree, and both
-              as a ratio to plain Mitogen (target for the default runner <= 1.3). Every row
+              as a ratio to plain Mitogen (target for the default runner <= 1.1). Every row
               uses provision's default forks; BENCH_FORKS=5,20 adds provision rows with those
-              forks. Runs benches/ansible.rs (`cargo test --bench ansible`: the
-              debug build of provision; its own CPU is shown apart). Needs root (network
-              namespaces), takes a few minutes, so it is not in the default set.
+              forks. BENCH_REPEAT=3 runs every row three times in rounds and shows medians;
+              BENCH_ROWS=mitogen keeps the rows whose name has that word; BENCH_IN_FLIGHT=N
+              sets queue.max_in_flight. Before the table, a timeline per provision row: for
+              each pair of consecutive moments of a launch (hook fired, received, verified,
+              host keys, sshd up, cloud-init done, batch started, playbook ended, step ended,
+              hook completed) the median and worst gap over the instances. Runs
+              benches/ansible.rs (`cargo test --bench ansible`: the debug build of
+              provision; its own CPU is shown apart). Needs root (network namespaces), takes
+              a few minutes, so it is not in the default set.
 """
 
 import json

@@ -1168,24 +1168,41 @@ launch = [ { ssh = ["cloud-init status > SIM_ROOT/{instance_id}/seen"] } ]
 /// with the reason and nothing runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_or_endless_cloud_init_fails_the_step_with_the_reason() {
-    let w = World::new("app-noboot", 300, None).await;
-    let hosts = w.launch("app-noboot", 2, |net, ip| net.host(ip)).await;
+    cloud_init_failures(
+        "app-noboot",
+        "{ ssh = [\"touch SIM_ROOT/{instance_id}/ran\"] }",
+        "ran",
+    )
+    .await;
+}
+
+/// The same under the `ansible` step, whose reach runs the login and the cloud-init wait
+/// as one `ssh` process: the playbook never runs on either host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_endless_cloud_init_fails_the_ansible_step_with_the_reason() {
+    cloud_init_failures(
+        "app-noboot-ans",
+        "{ ansible = \"marker.yml\", vars = { sim_root = \"SIM_ROOT\" } }",
+        "marker",
+    )
+    .await;
+}
+
+async fn cloud_init_failures(group: &str, step: &str, leaves: &str) {
+    let w = World::new(group, 300, None).await;
+    let hosts = w.launch(group, 2, |net, ip| net.host(ip)).await;
     let (failed, endless) = (&hosts[0], &hosts[1]);
     std::fs::write(failed.1.install_cloud_init(), "error").unwrap();
     endless.1.install_cloud_init();
-    let p = w.provision(
-        r#"
-[layers.app]
-groups = ["app-*"]
-launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
-"#,
-    );
+    let p = w.provision(&format!(
+        "[layers.app]\ngroups = [\"app-*\"]\nlaunch = [ {step} ]\n"
+    ));
     p.set("ssh.ready_timeout", "8s");
     daemon_until_finished(&w, &p, &[&failed.0, &endless.0]).await;
     let results = results_by_instance(&w.emu);
     for (id, _) in [failed, endless] {
         assert_eq!(results[id]["result"], "ABANDON");
-        assert!(!w.dir(id).join("ran").exists(), "nothing ran on {id}");
+        assert!(!w.dir(id).join(leaves).exists(), "nothing ran on {id}");
     }
     let err = run_error(&p, &failed.0);
     assert!(
@@ -1198,6 +1215,7 @@ launch = [ { ssh = ["touch SIM_ROOT/{instance_id}/ran"] } ]
             && err.contains("still waiting"),
         "{err}"
     );
+    assert!(ansible_logs(&p).is_empty(), "no playbook ran");
 }
 
 /// Host keys are known by instance id (HostKeyAlias): when the instance's address changes
@@ -1257,4 +1275,161 @@ launch = [ { ssh = ["echo \"$SSH_CONNECTION\" | cut -d' ' -f3 >> SIM_ROOT/{insta
         1,
         "the keys verified at launch were used"
     );
+}
+
+/// A playbook and group_vars written for Ansible's EC2 inventory (amazon.aws.aws_ec2 with
+/// `keyed_groups: [{prefix: tag, key: tags}]`) run unchanged: `hosts: tag_env_staging`
+/// selects the instances tagged env=staging, `group_vars/tag_Role_web.yml` applies to the
+/// one tagged Role=web, the plugin's host variables are there, the layer's group is its
+/// exact name (`hosts: ec2-groups`), an untagged instance is not touched by the tag play,
+/// and a tag value holding Jinja reaches the play as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playbook_written_for_the_ec2_inventory_runs_unchanged() {
+    let w = World::new("app-ec2", 300, None).await;
+    let hosts = w.launch("app-ec2", 3, |net, ip| net.host(ip)).await;
+    let (web, worker, untagged) = (&hosts[0].0, &hosts[1].0, &hosts[2].0);
+    let jinja = "{{ lookup('pipe','id') }}";
+    w.aws
+        .tag(web, &[("env", "staging"), ("Role", "web"), ("Note", jinja)])
+        .await;
+    w.aws
+        .tag(worker, &[("env", "staging"), ("Role", "worker")])
+        .await;
+    let p = w.provision(
+        r#"
+[layers.ec2-groups]
+groups = ["app-*"]
+launch = [ { ansible = "ec2-groups.yml", vars = { sim_root = "SIM_ROOT", asg_group = "tag_aws_autoscaling_groupName_app_ec2" } } ]
+"#,
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let results = results_by_instance(&w.emu);
+    for (id, _) in &hosts {
+        assert_eq!(results[id]["result"], "CONTINUE", "{}", run_error(&p, id));
+        let layer = std::fs::read_to_string(w.dir(id).join("layer")).unwrap();
+        assert!(
+            layer.split_whitespace().any(|g| g == "ec2-groups"),
+            "{id}: the layer's exact name is a group: {layer}"
+        );
+    }
+    let ec2 = |id: &str| std::fs::read_to_string(w.dir(id).join("ec2"));
+    let said = ec2(web).unwrap();
+    let ip = w.aws.private_ip(web).await;
+    for line in [
+        "group_vars=web-tuned".to_string(),
+        format!("note={jinja}"),
+        format!("old_name_note={jinja}"),
+        format!("instance_id={web}"),
+        format!("private_ip_address={ip}"),
+        "availability_zone=us-east-1a".into(),
+        "region=us-east-1".into(),
+        "instance_type=t3.micro".into(),
+        "in_type_group=True".into(),
+        "in_asg_group=True".into(),
+    ] {
+        assert!(said.lines().any(|l| l == line), "{line:?} not in:\n{said}");
+    }
+    assert!(said.contains("\nimage_id=ami-"), "{said}");
+    let said = ec2(worker).unwrap();
+    assert!(
+        said.contains("group_vars=none\n") && said.contains("note=none\n"),
+        "the worker is not in tag_Role_web: {said}"
+    );
+    assert!(
+        ec2(untagged).is_err(),
+        "the untagged instance is not in tag_env_staging"
+    );
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(
+        !text.contains("Invalid characters were found in group names"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("  {web}: all ec2-groups ec2_groups tag_Note_")),
+        "each host's groups in the log's header: {text}"
+    );
+}
+
+/// Unreachable is not a verdict: two hosts are reached, then their sshd stops before the
+/// playbook connects, so the shared run finds both unreachable. Each is reached again for a
+/// follow-up run: the one whose sshd comes back completes CONTINUE in it; the one whose
+/// sshd stays down fails, named unreachable, once reaching it again gives up
+/// (ssh.ready_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
+    let w = World::new("web-flaky", 300, Some(r#"{"role":"api"}"#)).await;
+    let hosts = w.launch("web-flaky", 2, |net, ip| net.host(ip)).await;
+    let ((flaky, flaky_host), (down, down_host)) = (&hosts[0], &hosts[1]);
+    // A long quiet period: the run starts well after the sshd stop below.
+    let p = w.provision_with(MARKER_LAYER, "batch_quiet = \"6s\"\nbatch_window = \"20s\"");
+    p.set("ssh.ready_timeout", "20s");
+    let mut d = p.daemon();
+    common::eventually(
+        "provision's reach to log in to both",
+        Duration::from_secs(60),
+        || async {
+            [flaky_host, down_host]
+                .iter()
+                .all(|h| h.log().contains("Accepted publickey"))
+                .then_some(())
+        },
+    )
+    .await;
+    flaky_host.stop_sshd();
+    down_host.stop_sshd();
+    common::eventually("the first run to end", Duration::from_secs(60), || async {
+        ansible_logs(&p)
+            .iter()
+            .any(|l| {
+                std::fs::read_to_string(l)
+                    .unwrap_or_default()
+                    .contains("\n--- end ---\n")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !w.dir(flaky).join("marker").exists(),
+        "the first run did not configure it"
+    );
+    flaky_host.start_sshd();
+    common::eventually(
+        "both actions to finish",
+        Duration::from_secs(120),
+        || async {
+            let done = results_by_instance(&w.emu);
+            (done.contains_key(flaky.as_str()) && done.contains_key(down.as_str())).then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+
+    let results = results_by_instance(&w.emu);
+    assert_eq!(
+        results[flaky.as_str()]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, flaky)
+    );
+    assert!(w.dir(flaky).join("marker").exists());
+    let run = p.last_run(flaky, "launch");
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("in a follow-up run: the first found it unreachable"),
+        "{detail}"
+    );
+    assert_eq!(results[down.as_str()]["result"], "ABANDON");
+    let err = run_error(&p, down);
+    assert!(
+        err.contains("unreachable in the ansible-playbook run")
+            && err.contains("not reachable again for a follow-up run"),
+        "{err}"
+    );
+    assert!(!w.dir(down).join("marker").exists());
+    let logs = ansible_logs(&p);
+    assert_eq!(logs.len(), 2, "the first run and one follow-up: {logs:?}");
 }

@@ -17,6 +17,23 @@ pub struct InstanceInfo {
     pub private_dns: Option<String>,
     pub public_dns: Option<String>,
     pub tags: std::collections::BTreeMap<String, String>,
+    /// What Ansible's EC2 inventory also tells a playbook (see `step::ansible::inventory`).
+    pub facts: InstanceFacts,
+}
+
+/// Facts of an instance that only playbooks read: its type, image, placement and network,
+/// as DescribeInstances gives them (absent ones None).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceFacts {
+    pub instance_type: Option<String>,
+    pub image_id: Option<String>,
+    pub availability_zone: Option<String>,
+    pub vpc_id: Option<String>,
+    pub subnet_id: Option<String>,
+    pub architecture: Option<String>,
+    pub key_name: Option<String>,
+    /// RFC 3339.
+    pub launch_time: Option<String>,
 }
 
 vocabulary! {
@@ -103,10 +120,28 @@ impl Ec2Instances {
                             )
                         })
                         .collect(),
+                    facts: facts_of(i),
                 });
             }
         }
         Ok(())
+    }
+}
+
+fn facts_of(i: &aws_sdk_ec2::types::Instance) -> InstanceFacts {
+    let text = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_string);
+    InstanceFacts {
+        instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+        image_id: text(i.image_id()),
+        availability_zone: text(i.placement().and_then(|p| p.availability_zone())),
+        vpc_id: text(i.vpc_id()),
+        subnet_id: text(i.subnet_id()),
+        architecture: i.architecture().map(|a| a.as_str().to_string()),
+        key_name: text(i.key_name()),
+        launch_time: i.launch_time().and_then(|t| {
+            t.fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime)
+                .ok()
+        }),
     }
 }
 

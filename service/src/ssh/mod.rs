@@ -246,6 +246,52 @@ impl Remote {
         b
     }
 
+    /// A plain `ssh` to `target` with the options of [`Remote::builder`] (the same
+    /// configuration, key, jump host and host key checking), no control master, for one
+    /// command: add it with `.arg(..)`. Killed if dropped.
+    fn ssh_command(
+        &self,
+        target: &Target,
+        config: &Path,
+        timeout: Duration,
+    ) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("ssh");
+        let checking = match self.settings.host_key_check {
+            HostKeyCheck::AcceptNew => "accept-new",
+            HostKeyCheck::Off => "no",
+            _ => "yes",
+        };
+        c.arg("-F")
+            .arg(config)
+            .arg("-o")
+            .arg(format!("StrictHostKeyChecking={checking}"))
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.known_hosts.file(&target.id).display()
+            ))
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
+            .args(["-o", "ControlMaster=no", "-o", "ControlPath=none", "-T"])
+            .arg("-p")
+            .arg(target.port.to_string())
+            .arg("-l")
+            .arg(&target.user);
+        if let Some(k) = &self.identity {
+            c.arg("-i").arg(k);
+        }
+        if let Some(j) = &self.settings.jump_host {
+            c.arg("-J").arg(j);
+        }
+        c.arg("--")
+            .arg(&target.address)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
     /// Host variables that make Ansible connect exactly as [`Remote::reach`] did: same
     /// user, key, jump host, and the same known_hosts with strict checking.
     pub fn ansible_host_vars(&self, t: &Target) -> serde_json::Map<String, serde_json::Value> {

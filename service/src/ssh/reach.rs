@@ -3,6 +3,10 @@
 //! key and (`ssh.wait_for_cloud_init`) has finished cloud-init; all with backoff until
 //! `ssh.ready_timeout`.
 //!
+//! [`Remote::reach`] leaves an open session (the `ssh` step runs its commands through it);
+//! [`Remote::probe`], for a step that makes its own connections (`ansible`), logs in and
+//! waits for cloud-init with one plain `ssh` process an attempt and leaves nothing open.
+//!
 //! Owns the waits and their words (`i-0… was not reachable over SSH within 5m
 //! (ssh.ready_timeout): …`). Its inputs are narrow ([`Reach`]): the instance, the layer's
 //! overrides, the batched lookup, the EC2 service and a note for a watching operator; so it
@@ -10,6 +14,7 @@
 //! ssh options ([`super::Remote`]), the key files ([`super::known_hosts`]).
 
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,13 +36,16 @@ const CONSOLE_WAIT_MAX: Duration = Duration::from_secs(15);
 /// Run by the remote shell; fixed text, nothing from an event. No cloud-init: ready.
 const CLOUD_INIT_WAIT: &str = "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait; else echo 'status: cloud-init not installed'; fi";
 
-/// An instance ready for SSH: where to connect and as whom.
+/// An instance ready for SSH: where to connect and as whom, and what DescribeInstances
+/// said of it when it was found running with its address (the batched lookup's answer:
+/// playbooks' inventory reads its tags and facts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub id: InstanceId,
     pub address: String,
     pub port: u16,
     pub user: String,
+    pub described: InstanceInfo,
 }
 
 /// What reaching one instance needs to know.
@@ -72,22 +80,101 @@ impl Remote {
     /// mode) and SSH accepts a connection; returns the open session. Fails at once when the
     /// server presents a key other than the verified ones.
     pub async fn reach(&self, to: &Reach<'_>) -> Result<(Target, openssh::Session), ReachError> {
-        let ready = self.settings.ready_timeout;
-        let deadline = Instant::now() + ready;
-        let late = |last: &str| {
+        let deadline = Instant::now() + self.settings.ready_timeout;
+        let target = self.located(to, deadline).await?;
+        let session = self
+            .ssh_accepts(to, &target, deadline)
+            .await?
+            .map_err(|w| self.late(to, &w))?;
+        if self.settings.wait_for_cloud_init {
+            self.cloud_init_done(to, &session, deadline)
+                .await
+                .map_err(|w| self.cloud_init_late(to, &w))?;
+        }
+        Ok((target, session))
+    }
+
+    /// [`Remote::reach`] for a step that makes its own connections (`ansible`): the same
+    /// waits and checks, but the login and the wait for cloud-init are ONE `ssh` process
+    /// an attempt (no control master to start, no second process for the command, none to
+    /// close the master), and no session is left open.
+    pub async fn probe(&self, to: &Reach<'_>) -> Result<Target, ReachError> {
+        let deadline = Instant::now() + self.settings.ready_timeout;
+        let target = self.located(to, deadline).await?;
+        let config = self.instance_config(&target).map_err(|e| {
             ReachError::NotReady(format!(
-                "{} was not reachable over SSH within {} (ssh.ready_timeout): {last}",
-                to.id,
-                humantime::format_duration(ready)
+                "cannot write the ssh configuration for {}: {e}",
+                target.id
             ))
+        })?;
+        let (target_ref, config) = (&target, config.as_path());
+        let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
+        let done = until(pace, move || async move {
+            (to.note)(format!(
+                "waiting for SSH on {}:{}",
+                target_ref.address, target_ref.port
+            ));
+            match self.probe_once(target_ref, config, deadline).await {
+                Probe::Ready => ControlFlow::Break(Ok(())),
+                Probe::Refused(why) => ControlFlow::Break(Err(ReachError::HostKeyRefused(why))),
+                Probe::CloudInit(w) => ControlFlow::Break(Err(self.cloud_init_late(to, &w))),
+                Probe::Wait(last) => ControlFlow::Continue(last),
+            }
+        })
+        .await;
+        flip(done)?.map_err(|w| self.late(to, &w))?;
+        Ok(target)
+    }
+
+    /// One login with a verified key running the cloud-init wait (or `true`).
+    async fn probe_once(&self, target: &Target, config: &Path, deadline: Instant) -> Probe {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let connect = self
+            .settings
+            .connect_timeout
+            .min(left)
+            .max(Duration::from_secs(1));
+        let mut c = self.ssh_command(target, config, connect);
+        c.arg(if self.settings.wait_for_cloud_init {
+            CLOUD_INIT_WAIT
+        } else {
+            "true"
+        });
+        let out = match tokio::time::timeout(left + Duration::from_secs(5), c.output()).await {
+            Err(_) if self.settings.wait_for_cloud_init => {
+                return Probe::CloudInit("cloud-init status --wait was still waiting".into())
+            }
+            Err(_) => return Probe::Wait(format!("{}:{}: no answer", target.address, target.port)),
+            Ok(Err(e)) => return Probe::Wait(format!("cannot run ssh: {e}")),
+            Ok(Ok(out)) => out,
         };
-        let address = self
+        if out.status.code() == Some(255) {
+            let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if let Some(why) = key_refused(&self.settings.host_key_check, &text, target) {
+                return Probe::Refused(why);
+            }
+            return Probe::Wait(format!("{}:{}: {text}", target.address, target.port));
+        }
+        info!(address = %target.address, port = target.port, user = %target.user, "SSH is up");
+        if !self.settings.wait_for_cloud_init {
+            return Probe::Ready;
+        }
+        match cloud_init_verdict(out.status.code(), &String::from_utf8_lossy(&out.stdout)) {
+            Ok(()) => Probe::Ready,
+            Err(w) => Probe::CloudInit(w),
+        }
+    }
+
+    /// Running, with an address and (console mode) its host keys known: where to connect.
+    async fn located(&self, to: &Reach<'_>, deadline: Instant) -> Result<Target, ReachError> {
+        let (address, described) = self
             .running_address(to, deadline)
             .await?
-            .map_err(|w| late(&w))?;
+            .map_err(|w| self.late(to, &w))?;
         let target = Target {
             id: to.id.clone(),
             address,
+            described,
             port: to.layer.port.unwrap_or(self.settings.port),
             user: to
                 .layer
@@ -97,27 +184,28 @@ impl Remote {
         };
         if self.settings.host_key_check == HostKeyCheck::Console {
             self.console_keys(to, &target, deadline).await?.map_err(|last| {
-                late(&format!(
+                self.late(to, &format!(
                     "{last} (cloud-init prints the keys at first boot; without them the host cannot be verified)"
                 ))
             })?;
         }
-        let session = self
-            .ssh_accepts(to, &target, deadline)
-            .await?
-            .map_err(|w| late(&w))?;
-        if self.settings.wait_for_cloud_init {
-            self.cloud_init_done(to, &session, deadline)
-                .await
-                .map_err(|w| {
-                    ReachError::NotReady(format!(
-                        "{}: cloud-init had not finished within {} (ssh.ready_timeout; ssh.wait_for_cloud_init = false skips the wait): {w}",
-                        to.id,
-                        humantime::format_duration(ready)
-                    ))
-                })?;
-        }
-        Ok((target, session))
+        Ok(target)
+    }
+
+    fn late(&self, to: &Reach<'_>, last: &str) -> ReachError {
+        ReachError::NotReady(format!(
+            "{} was not reachable over SSH within {} (ssh.ready_timeout): {last}",
+            to.id,
+            humantime::format_duration(self.settings.ready_timeout)
+        ))
+    }
+
+    fn cloud_init_late(&self, to: &Reach<'_>, why: &str) -> ReachError {
+        ReachError::NotReady(format!(
+            "{}: cloud-init had not finished within {} (ssh.ready_timeout; ssh.wait_for_cloud_init = false skips the wait): {why}",
+            to.id,
+            humantime::format_duration(self.settings.ready_timeout)
+        ))
     }
 
     /// Waits until cloud-init has finished on the instance (`cloud-init status --wait`), so
@@ -144,38 +232,21 @@ impl Remote {
             }
             Ok(Ok(out)) => out,
         };
-        let said = String::from_utf8_lossy(&out.stdout);
-        let last = said
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
-        match out.status.code() {
-            // 2: finished with recoverable errors ("degraded done").
-            Some(0 | 2) => {
-                info!(cloud_init = %last, "cloud-init has finished");
-                Ok(())
-            }
-            _ => Err(format!(
-                "cloud-init ended in error ({last}; exit {}): the instance's own boot configuration failed; see /var/log/cloud-init-output.log on it",
-                out.status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into())
-            )),
-        }
+        cloud_init_verdict(out.status.code(), &String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Running, with an address. Outer error: give up now; inner: the last reason to wait.
+    /// Running, with an address (and what DescribeInstances said). Outer error: give up now; inner: the last reason to wait.
     async fn running_address(
         &self,
         to: &Reach<'_>,
         deadline: Instant,
-    ) -> Result<Result<String, String>, ReachError> {
+    ) -> Result<Result<(String, InstanceInfo), String>, ReachError> {
         let pace = Pace::doubling(deadline, WAIT_FIRST, WAIT_MAX);
         let found = until(pace, move || async move {
             let last = match to.lookup.submit(to.id.clone()).await {
                 Ok(info) => match &info.state {
                     InstanceState::Running => match self.address_of(&info) {
-                        Some(a) => return ControlFlow::Break(Ok(a)),
+                        Some(a) => return ControlFlow::Break(Ok((a, info))),
                         None => format!("running, but it has no {}", self.address_name()),
                     },
                     s @ (InstanceState::ShuttingDown
@@ -316,6 +387,37 @@ impl Remote {
             AddressMode::PublicDns => "public DNS name".into(),
             AddressMode::Tag(k) => format!("address in tag {k:?}"),
         }
+    }
+}
+
+/// One probe's outcome.
+enum Probe {
+    Ready,
+    Refused(String),
+    /// Logged in, and cloud-init ended in error or is still running at the deadline.
+    CloudInit(String),
+    /// Not yet: the last reason.
+    Wait(String),
+}
+
+/// `cloud-init status --wait`'s exit status and output as a verdict: finished (0, or 2:
+/// with recoverable errors, "degraded done"), or why not.
+fn cloud_init_verdict(code: Option<i32>, said: &str) -> Result<(), String> {
+    let last = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    match code {
+        Some(0 | 2) => {
+            info!(cloud_init = %last, "cloud-init has finished");
+            Ok(())
+        }
+        _ => Err(format!(
+            "cloud-init ended in error ({last}; exit {}): the instance's own boot configuration failed; see /var/log/cloud-init-output.log on it",
+            code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into())
+        )),
     }
 }
 

@@ -111,6 +111,19 @@ impl StepContext<'_> {
         };
         Ok(remote.reach(&to).await?)
     }
+
+    /// [`StepContext::reach`] for a step that makes its own connections: the same checks,
+    /// one `ssh` process an attempt, no session left open.
+    pub async fn probe(&self, remote: &Remote) -> Result<Target, StepError> {
+        let to = Reach {
+            id: &self.template.event.instance_id,
+            layer: self.ssh,
+            lookup: &self.shared.lookup,
+            instances: self.services.instances.as_ref(),
+            note: self.note,
+        };
+        Ok(remote.probe(&to).await?)
+    }
 }
 
 impl From<ReachError> for StepError {

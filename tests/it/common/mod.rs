@@ -627,6 +627,22 @@ impl Aws {
             .collect()
     }
 
+    /// CreateTags on one instance (as someone allowed to tag it would).
+    pub async fn tag(&self, instance: &str, tags: &[(&str, &str)]) {
+        use aws_sdk_ec2::types::Tag;
+        self.ec2
+            .create_tags()
+            .resources(instance)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .unwrap();
+    }
+
     async fn describe_instance(&self, instance: &str) -> aws_sdk_ec2::types::Instance {
         let r = self
             .ec2

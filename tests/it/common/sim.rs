@@ -125,7 +125,6 @@ pub fn reach_simulated_hosts(p: &mut Provision, net: &HostNet) {
         "ansible.ansible_playbook",
         path_str(&ansible_playbook_path()),
     );
-    p.set("ansible.batch_window", "2s");
     p.set_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3");
     // Decided by provision (ansible.pipelining), whatever its environment says.
     p.set_env("ANSIBLE_PIPELINING", "0");

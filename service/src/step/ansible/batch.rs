@@ -9,8 +9,13 @@
 //!   member is already reached (a burst that has arrived does not wait the whole window);
 //! - starts as soon as it accepts no one any more and every member is reached (or gave up:
 //!   a member whose reach fails leaves the batch);
-//! - does not wait for a slow member forever: `straggle` after its first member was reached,
-//!   it starts with the reached ones, and the others enter a later batch once reached.
+//! - does not wait for a slow member forever: once `straggle` has passed without a member
+//!   being reached (counted from the latest one that was), it starts with the reached ones,
+//!   and the others enter a later batch once reached. Counted from the latest reach, not the
+//!   first: on a busy ops host the members of a burst are reached over several seconds, one
+//!   after another, and a run started `straggle` after the first would split the burst into
+//!   several overlapping runs (each its own `ansible-playbook` and Mitogen), slower together
+//!   than one.
 //!
 //! Owns the gathering; not the reaching (the step does it, [`crate::ssh`]) nor the run
 //! (the runner). Other batched steps (ssm) use [`crate::step::gather`], whose items are
@@ -48,7 +53,8 @@ struct Batch<K, I, R> {
     key: K,
     opened: Instant,
     last_entry: Instant,
-    first_ready: Option<Instant>,
+    /// When a member was last reached.
+    last_ready: Option<Instant>,
     members: Vec<(u64, Member<I, R>)>,
     run: Run<I, R>,
     wake: Arc<Notify>,
@@ -150,7 +156,7 @@ where
                     if let Some(slot) = batch.members.iter_mut().find(|(id, _)| *id == m) {
                         let (i, tx) = item.take().expect("set above");
                         slot.1 = Member::Ready(i, tx);
-                        batch.first_ready.get_or_insert_with(Instant::now);
+                        batch.last_ready = Some(Instant::now());
                         batch.wake.notify_one();
                     }
                 }
@@ -217,7 +223,7 @@ where
         batch.members.push((member_id, member));
         batch.last_entry = now;
         if ready {
-            batch.first_ready.get_or_insert(now);
+            batch.last_ready = Some(now);
         }
         if batch.members.len() >= timing.max {
             st.accepting.remove(key);
@@ -234,7 +240,7 @@ where
             key: key.clone(),
             opened: now,
             last_entry: now,
-            first_ready: ready.then_some(now),
+            last_ready: ready.then_some(now),
             members: vec![(member_id, member)],
             run: run.clone(),
             wake: wake.clone(),
@@ -359,7 +365,7 @@ fn decide<K, I, R>(batch: &Batch<K, I, R>, timing: Timing, now: Instant) -> Next
     if reaching == 0 {
         return Next::Start;
     }
-    let stragglers_until = batch.first_ready.unwrap_or(now) + timing.straggle;
+    let stragglers_until = batch.last_ready.unwrap_or(now) + timing.straggle;
     if now >= stragglers_until {
         Next::Start
     } else {
@@ -448,6 +454,25 @@ mod tests {
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].0, vec![1]);
         assert!(runs[0].1 < Duration::from_millis(500), "{:?}", runs[0].1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_reached_one_after_another_stays_one_run() {
+        let b = Arc::new(Batches::new(timing(50)));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let run = recorder(runs.clone(), t0);
+        // Five enter at once and are reached 1.5 s apart (a busy ops host): each wait is
+        // shorter than the straggle allowance, the whole spread (6 s) much longer.
+        let tasks: Vec<_> = (0..5u32)
+            .map(|i| member(&b, &run, i, 0, Some(1500 * (i as u64 + 1))))
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), Some(i as u32 * 10));
+        }
+        let runs = runs.lock().unwrap();
+        assert_eq!(runs.len(), 1, "one run for the burst: {runs:?}");
+        assert_eq!(runs[0].0, vec![0, 1, 2, 3, 4]);
     }
 
     #[tokio::test(start_paused = true)]

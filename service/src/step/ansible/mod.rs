@@ -17,8 +17,10 @@
 //! connection uses the instance's verified known_hosts file with `StrictHostKeyChecking=yes`.
 //!
 //! What reaches Ansible, and how:
-//! - inventory (JSON file): every instance in groups `all` and `<layer>`, with connection
-//!   variables that reproduce the verified connection (known_hosts, strict checking);
+//! - inventory (JSON file): every instance in `all`, its layer's group and the groups
+//!   Ansible's EC2 inventory would give it (`tag_Role_web`, ...), with the EC2 inventory's
+//!   host variables (never evaluated as templates) and connection variables that
+//!   reproduce the verified connection (known_hosts, strict checking); see `inventory`;
 //! - `vars`: an extra-vars JSON file (`-e @file`), never the command line. Values rendered
 //!   from metadata must match the layer's declared patterns, and no value may carry Jinja
 //!   markers (`{{`, `{%`, `{#`), whatever the pattern says;
@@ -35,6 +37,7 @@
 //! - `settings`: the `[ansible]` table and the runner choices;
 //! - `batch`: which instances share a run, and when it starts;
 //! - `runner`: the `ansible-playbook` child process of one batch, its files and its log;
+//! - `inventory`: the run's groups and host variables, as `amazon.aws.aws_ec2` gives them;
 //! - `mitogen`: finding Mitogen for Ansible's strategy plugins;
 //! - `results`: the callback's JSON document -> one result per instance.
 
@@ -42,6 +45,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::setting::ConfigError;
@@ -50,10 +54,15 @@ use crate::template::{Context, Template, Vars};
 use super::{require_declared, StepContext, StepError, StepOutput};
 
 mod batch;
+mod forks;
+mod inventory;
 mod mitogen;
 mod results;
 mod runner;
 mod settings;
+
+use crate::ssh::Target;
+use results::HostResult;
 
 pub use mitogen::PINNED as MITOGEN_VERSION;
 pub use runner::{command, syntax_check, Runner, CALLBACK_PLUGIN};
@@ -215,6 +224,11 @@ impl Ansible {
         ))
     }
 
+    /// Runs the playbook on the instance in a shared run. A host that Ansible could not
+    /// connect to (or lost) although it was just reached gets one follow-up run, reached
+    /// again first, within the step's `timeout` counted from the first reach: on a busy ops
+    /// host a connection can time out, and failing the instance for it would have Auto
+    /// Scaling replace a healthy one.
     pub async fn run(&self, ctx: &StepContext<'_>) -> Result<StepOutput, StepError> {
         let vars = self.extra_vars(&ctx.template)?;
         let runner = ctx.shared.ansible.as_ref().ok_or_else(|| {
@@ -235,26 +249,64 @@ impl Ansible {
                 Box::pin(async move { r.run_batch(&k, vars, targets).await })
             })
         };
+        let (first, reached) = self.attempt(ctx, runner, &key, &run).await?;
+        let lost = match first {
+            HostResult::Done(detail) => return Ok(StepOutput { detail }),
+            HostResult::Failed(e) => return Err(StepError::Remote(e)),
+            HostResult::Unreachable(e) => e,
+        };
+        let left = (reached + self.timeout).saturating_duration_since(Instant::now());
+        warn!(
+            left_s = left.as_secs(),
+            "unreachable in the ansible-playbook run; a follow-up run for it"
+        );
+        ctx.note(format!(
+            "unreachable in the ansible-playbook {} run; reaching it again for a follow-up run",
+            self.playbook
+        ));
+        let first_words = lost.lines().next().unwrap_or_default().to_string();
+        match tokio::time::timeout(left, self.attempt(ctx, runner, &key, &run)).await {
+            Ok(Ok((HostResult::Done(detail), _))) => Ok(StepOutput {
+                detail: format!("{detail}\n(in a follow-up run: the first found it unreachable: {first_words})"),
+            }),
+            Ok(Ok((HostResult::Failed(e) | HostResult::Unreachable(e), _))) => Err(
+                StepError::Remote(format!("{e}\n(a follow-up run's result; the first run found it unreachable: {first_words})")),
+            ),
+            Ok(Err(StepError::NotReady(why))) => Err(StepError::NotReady(format!(
+                "unreachable in the ansible-playbook run ({first_words}), and not reachable again for a follow-up run: {why}"
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StepError::Remote(format!(
+                "{lost}\n(unreachable in the ansible-playbook run; no follow-up run finished within the step's timeout, {})",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
+    /// Enters a batch, reaches the instance (the batch gathers meanwhile), and waits for the
+    /// batch's run: this host's result, and when it was reached.
+    async fn attempt(
+        &self,
+        ctx: &StepContext<'_>,
+        runner: &Runner,
+        key: &BatchKey,
+        run: &batch::Run<Target, HostResult>,
+    ) -> Result<(HostResult, Instant), StepError> {
         // In the batch first, then reached: the batch gathers while instances are reached.
         // A failed reach drops the ticket, which leaves the batch.
         ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
-        let ticket = runner.batches.enter(key, run);
-        let (target, session) = ctx.reach(&runner.remote).await?;
-        // Ansible makes its own connections; this one proved the host and its key.
-        if let Err(e) = session.close().await {
-            warn!(error = %e, "closing the probe SSH session");
-        }
+        let ticket = runner.batches.enter(key.clone(), run.clone());
+        // One login proves the host, its key and cloud-init; Ansible makes its own.
+        let target = ctx.probe(&runner.remote).await?;
+        let reached = Instant::now();
         ctx.note(format!(
             "reached; waiting for the ansible-playbook {} run",
             self.playbook
         ));
-        let result = ticket
-            .ready(target)
-            .await
-            .unwrap_or_else(|| Err("the ansible-playbook run stopped unexpectedly".into()));
-        result
-            .map(|detail| StepOutput { detail })
-            .map_err(StepError::Remote)
+        let result = ticket.ready(target).await.unwrap_or_else(|| {
+            HostResult::Failed("the ansible-playbook run stopped unexpectedly".into())
+        });
+        Ok((result, reached))
     }
 }
 

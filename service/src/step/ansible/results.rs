@@ -10,6 +10,18 @@ use crate::step::tail;
 
 const EXCERPT: usize = 1500;
 
+/// One host's outcome of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostResult {
+    /// Every task ran: the history's detail.
+    Done(String),
+    /// A task failed, the play never ran on it, or the run itself failed.
+    Failed(String),
+    /// Ansible could not connect (or lost the connection) to a host that was reached just
+    /// before, with no failed task and its key not refused: worth a follow-up run.
+    Unreachable(String),
+}
+
 pub fn parse_results(stdout: &str) -> Option<Value> {
     let start = stdout.find('{')?;
     serde_json::from_str(&stdout[start..]).ok()
@@ -22,9 +34,9 @@ pub fn host_result(
     exit: Option<i32>,
     stderr: &str,
     log: &str,
-) -> Result<String, String> {
+) -> HostResult {
     let Some(doc) = doc else {
-        return Err(format!(
+        return HostResult::Failed(format!(
             "ansible-playbook exited with {} and printed no results: {} (log: {log})",
             exit.map(|c| c.to_string())
                 .unwrap_or_else(|| "a signal".into()),
@@ -35,8 +47,8 @@ pub fn host_result(
         "/stats/{}",
         host.replace('~', "~0").replace('/', "~1")
     )) else {
-        return Err(format!(
-            "the playbook did not run on this host: no play's `hosts:` matched it (it is in groups `all` and its layer's); exit {}: {} (log: {log})",
+        return HostResult::Failed(format!(
+            "the playbook did not run on this host: no play's `hosts:` matched it (its groups are listed in the log's header); exit {}: {} (log: {log})",
             exit.map(|c| c.to_string()).unwrap_or_default(),
             tail(stderr, EXCERPT)
         ));
@@ -71,7 +83,8 @@ pub fn host_result(
         }
     }
     let detail = format!("{summary}\n{}\n(log: {log})", lines.join("\n"));
-    let detail = if n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l)) {
+    let refused = n("unreachable") > 0 && lines.iter().any(|l| host_key_refused(l));
+    let detail = if refused {
         // In the words of `remote` for the same refusal, first (and kept whatever the
         // length of ssh's banner), so the history says it.
         let lead = format!(
@@ -82,10 +95,12 @@ pub fn host_result(
     } else {
         tail(&detail, EXCERPT)
     };
-    if n("failures") > 0 || n("unreachable") > 0 {
-        Err(detail)
+    if n("failures") > 0 || refused {
+        HostResult::Failed(detail)
+    } else if n("unreachable") > 0 {
+        HostResult::Unreachable(detail)
     } else {
-        Ok(detail)
+        HostResult::Done(detail)
     }
 }
 
@@ -117,17 +132,44 @@ mod tests {
                 "i-1": {"ok": 1, "changed": 1, "failures": 0, "unreachable": 0},
                 "i-2": {"ok": 0, "changed": 0, "failures": 1, "unreachable": 0}}
         });
-        let ok = host_result("i-1", Some(&doc), Some(2), "", "L").unwrap();
+        let HostResult::Done(ok) = host_result("i-1", Some(&doc), Some(2), "", "L") else {
+            panic!("i-1 succeeded")
+        };
         assert!(ok.starts_with("ok=1 changed=1 failed=0"), "{ok}");
-        let bad = host_result("i-2", Some(&doc), Some(2), "", "L").unwrap_err();
+        let bad = failed(host_result("i-2", Some(&doc), Some(2), "", "L"));
         assert!(
             bad.contains("failed: write marker | msg: disk full"),
             "{bad}"
         );
-        let missing = host_result("i-3", Some(&doc), Some(0), "", "L").unwrap_err();
+        let missing = failed(host_result("i-3", Some(&doc), Some(0), "", "L"));
         assert!(missing.contains("did not run on this host"), "{missing}");
-        let none = host_result("i-1", None, Some(4), "ERROR! syntax", "L").unwrap_err();
+        let none = failed(host_result("i-1", None, Some(4), "ERROR! syntax", "L"));
         assert!(none.contains("ERROR! syntax"), "{none}");
+    }
+
+    fn failed(r: HostResult) -> String {
+        match r {
+            HostResult::Failed(e) => e,
+            other => panic!("not failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_unreachable_and_a_failed_task_beside_it_is_a_failure() {
+        let doc = json!({
+            "plays": [{"tasks": [{"task": {"name": "t"}, "hosts": {
+                "i-1": {"status": "unreachable", "msg": "Connection timed out"},
+                "i-2": {"status": "failed", "msg": "boom"}}},
+                {"task": {"name": "u"}, "hosts": {
+                "i-2": {"status": "unreachable", "msg": "Connection timed out"}}}]}],
+            "stats": {"i-1": {"ok": 0, "failures": 0, "unreachable": 1},
+                      "i-2": {"ok": 0, "failures": 1, "unreachable": 1}}
+        });
+        match host_result("i-1", Some(&doc), Some(4), "", "L") {
+            HostResult::Unreachable(e) => assert!(e.contains("Connection timed out"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(failed(host_result("i-2", Some(&doc), Some(4), "", "L")).contains("boom"));
     }
 
     #[test]
@@ -141,7 +183,7 @@ mod tests {
                     "i-1": {"status": "unreachable", "msg": msg}}}]}],
                 "stats": {"i-1": {"ok": 0, "failures": 0, "unreachable": 1}}
             });
-            let e = host_result("i-1", Some(&doc), Some(4), "", "L").unwrap_err();
+            let e = failed(host_result("i-1", Some(&doc), Some(4), "", "L"));
             assert!(e.starts_with("host key refused"), "{e}");
             assert!(e.contains(msg), "{e}");
         }

@@ -23,21 +23,27 @@ use crate::step::child::{Group, GRACE};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
+use super::forks::ForkBudget;
+use super::inventory;
 use super::mitogen::{self, Mitogen};
-use super::results::{host_result, parse_results};
-use super::settings::{AnsibleSettings, Strategy};
+use super::results::{host_result, parse_results, HostResult};
+use super::settings::{AnsibleSettings, Strategy, DEFAULT_FORKS};
 use super::BatchKey;
 
 /// The callback that prints per-host results as one JSON document (ansible-core has none).
 pub const CALLBACK_PLUGIN: &str =
     include_str!("../../../../playbooks/callback_plugins/provision_json.py");
 const EXCERPT: usize = 1500;
+/// How long the reached members of a batch wait without any other being reached.
+const STRAGGLE: Duration = Duration::from_secs(2);
 
 /// Runs ansible-playbook for batches of instances; shared by every event in flight.
 pub struct Runner {
     pub settings: AnsibleSettings,
     pub(super) remote: Arc<Remote>,
-    pub(super) batches: Batches<BatchKey, Target, Result<String, String>>,
+    pub(super) batches: Batches<BatchKey, Target, HostResult>,
+    /// Forks shared by every run in flight (see `forks`).
+    forks: ForkBudget,
     /// Mitogen for Ansible, looked for once (at start when it is `[ansible]`'s strategy).
     mitogen: Arc<std::sync::OnceLock<Result<Mitogen, String>>>,
     secrets: TtlCache<Source, Secret>,
@@ -84,12 +90,13 @@ impl Runner {
             batches: Batches::new(Timing {
                 window: settings.batch_window,
                 quiet: settings.batch_quiet,
-                // A member still being reached this long after the first one was: the
-                // others run without it (it joins a later run once reached).
-                straggle: settings.batch_window,
+                // No member reached for this long while some still are being reached: the
+                // reached ones run without them (they join a later run once reached).
+                straggle: settings.batch_window.min(STRAGGLE),
                 max: settings.max_batch,
             }),
             mitogen: found,
+            forks: ForkBudget::new(settings.forks.unwrap_or(DEFAULT_FORKS)),
             settings,
             remote,
             // SSM parameters are read at most every 5 minutes; credentials are files anyway.
@@ -134,13 +141,13 @@ impl Runner {
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: Vec<Target>,
-    ) -> Vec<Result<String, String>> {
+    ) -> Vec<HostResult> {
         let n = targets.len();
         match self.run_batch_inner(key, vars, &targets).await {
             Ok(results) => results,
             Err(e) => {
                 warn!(error = %e, playbook = %key.playbook, "ansible-playbook run failed");
-                vec![Err(e); n]
+                vec![HostResult::Failed(e); n]
             }
         }
     }
@@ -150,7 +157,7 @@ impl Runner {
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: &[Target],
-    ) -> Result<Vec<Result<String, String>>, String> {
+    ) -> Result<Vec<HostResult>, String> {
         let playbook = self.settings.playbook_dir.join(&key.playbook);
         if !playbook.is_file() {
             return Err(format!(
@@ -173,8 +180,12 @@ impl Runner {
         };
         let cp = dir.path().join("cp");
         std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
-        let forks = self.settings.forks(targets.len());
-        let mut c = self.command_for(key, forks, &cp, dir.path()).await?;
+        // Held until the run ends (its ssh masters closed): the forks of every run in
+        // flight stay within the budget.
+        let forks = self.forks.take(self.settings.forks(targets.len())).await;
+        let mut c = self
+            .command_for(key, forks.count(), &cp, dir.path())
+            .await?;
         c.arg("-i")
             .arg(&inv_path)
             .arg("-e")
@@ -184,15 +195,16 @@ impl Runner {
         }
         c.arg(&playbook);
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks, "running ansible-playbook");
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks = forks.count(), "running ansible-playbook");
         let started = std::time::Instant::now();
         let (log, sink) = self.open_log(key, targets);
         let finished = self.run_to_end(c, key, &cp, dir.path(), &sink).await;
+        drop(forks);
         drop(vault);
         let run = finished?;
         let elapsed = started.elapsed();
         self.finish_log(sink, &run, dir.path(), elapsed);
-        info!(playbook = %key.playbook, hosts = targets.len(), exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
             stdout_bytes = run.stdout.total(), stderr_bytes = run.stderr.total(), log = %log, "ansible-playbook finished");
         let stderr = run.stderr.text();
         if run.stdout.omitted() > 0 {
@@ -200,7 +212,10 @@ impl Runner {
                 "ansible-playbook's results ({} bytes) exceed ansible.output_max_bytes: see the log {log}",
                 run.stdout.total()
             );
-            return Ok(targets.iter().map(|_| Err(e.clone())).collect());
+            return Ok(targets
+                .iter()
+                .map(|_| HostResult::Failed(e.clone()))
+                .collect());
         }
         let doc = parse_results(&run.stdout.text());
         Ok(targets
@@ -217,7 +232,8 @@ impl Runner {
             .collect())
     }
 
-    /// The run's inventory: each target with its connection vars, in the layer's group.
+    /// The run's inventory: each target with its EC2 host variables and its connection
+    /// variables, in `all`, its layer's groups and its keyed groups (see `inventory`).
     fn write_inventory(
         &self,
         dir: &Path,
@@ -225,26 +241,36 @@ impl Runner {
         targets: &[Target],
     ) -> Result<PathBuf, String> {
         let mut hosts = serde_json::Map::new();
-        let mut layer_hosts = serde_json::Map::new();
+        let mut groups: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
         for t in targets {
-            let mut hv = self.remote.ansible_host_vars(t);
+            let mut hv = inventory::ec2_host_vars(&t.described);
+            hv.extend(self.remote.ansible_host_vars(t));
             hv.insert("provision_instance_id".into(), json!(t.id.as_str()));
             // Host key checking on, above the environment and the playbook's group_vars:
             // Mitogen puts `UserKnownHostsFile /dev/null` before the verified file when off.
             hv.insert("ansible_host_key_checking".into(), json!(true));
             hv.insert("ansible_ssh_host_key_checking".into(), json!(true));
             hosts.insert(t.id.to_string(), Value::Object(hv));
-            layer_hosts.insert(t.id.to_string(), json!({}));
-        }
-        let inventory = json!({
-            "all": {
-                "hosts": hosts,
-                "children": { group_name(&key.layer): { "hosts": layer_hosts } },
+            for g in self.host_groups(key, t) {
+                groups
+                    .entry(g)
+                    .or_default()
+                    .insert(t.id.to_string(), json!({}));
             }
-        });
+        }
+        let children: serde_json::Map<String, Value> = groups
+            .into_iter()
+            .map(|(g, members)| (g, json!({ "hosts": members })))
+            .collect();
+        let inventory = json!({ "all": { "hosts": hosts, "children": children } });
         let inv_path = dir.join("inventory.json");
         std::fs::write(&inv_path, inventory.to_string()).map_err(|e| e.to_string())?;
         Ok(inv_path)
+    }
+
+    /// The groups of one host besides `all`: its layer's, then its keyed groups.
+    fn host_groups(&self, key: &BatchKey, t: &Target) -> Vec<String> {
+        inventory::host_groups(&key.layer, &t.described, &self.settings.keyed_groups)
     }
 
     /// `ansible-playbook` set up for this batch's runner: forks, pipelining, strategy (with
@@ -349,8 +375,14 @@ impl Runner {
     /// into it as it comes. Returns its path (for the history) and the sink.
     fn open_log(&self, key: &BatchKey, targets: &[Target]) -> (String, Mutex<LogSink>) {
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        // Each host's groups (sanitised names: word characters only), for a play whose
+        // `hosts:` matched none.
+        let groups: String = targets
+            .iter()
+            .map(|t| format!("  {}: all {}\n", t.id, self.host_groups(key, t).join(" ")))
+            .collect();
         let header = format!(
-            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\nstrategy: {}\npipelining: {}\n\n--- stderr ---\n",
+            "playbook: {}\nlayer: {}\ntransition: {}\nhosts: {}\ngroups:\n{groups}strategy: {}\npipelining: {}\n\n--- stderr ---\n",
             key.playbook,
             key.layer,
             key.transition,
@@ -434,6 +466,11 @@ pub fn command(settings: &AnsibleSettings) -> tokio::process::Command {
     }
     if std::env::var_os("PATH").is_none() {
         c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    // The layer's group is its exact name (`web-prod`), which Ansible takes as it is but
+    // warns about on every run unless told to ignore; an operator's own setting wins.
+    if std::env::var_os("ANSIBLE_TRANSFORM_INVALID_GROUP_CHARS").is_none() {
+        c.env("ANSIBLE_TRANSFORM_INVALID_GROUP_CHARS", "ignore");
     }
     c.env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
@@ -528,11 +565,6 @@ async fn close_masters(dir: &Path) {
         });
     }
     while exits.join_next().await.is_some() {}
-}
-
-/// The inventory group named after the layer (Ansible group names: letters, digits, '_').
-fn group_name(layer: &str) -> String {
-    layer.replace('-', "_")
 }
 
 /// What a finished run left: its exit status and its output, bounded.

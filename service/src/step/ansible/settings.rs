@@ -10,6 +10,8 @@ use std::time::Duration;
 use crate::secret::Source;
 use crate::setting::ConfigError;
 
+use super::inventory::KeyedGroup;
+
 /// Parallel hosts within one run unless `ansible.forks` says otherwise (see the README:
 /// measured on 2 cores, 20 instances).
 pub const DEFAULT_FORKS: usize = 20;
@@ -65,7 +67,8 @@ pub struct RunnerChoice {
 pub struct AnsibleSettings {
     pub playbook_dir: PathBuf,
     pub program: PathBuf,
-    /// The longest a batch stays open to newcomers.
+    /// The longest a batch stays open to newcomers (a batch whose members are all reached
+    /// closes after `batch_quiet` without one, so this bounds a burst that keeps coming).
     pub batch_window: Duration,
     /// A batch whose members are all reached closes after this long without a newcomer.
     pub batch_quiet: Duration,
@@ -79,6 +82,9 @@ pub struct AnsibleSettings {
     /// memory: head and tail, each within this; everything streams to the log.
     pub output_max_bytes: usize,
     pub log_keep: usize,
+    /// The inventory groups each instance joins besides `all` and its layer's (see
+    /// `inventory`).
+    pub keyed_groups: Vec<KeyedGroup>,
 }
 
 impl Default for AnsibleSettings {
@@ -86,7 +92,7 @@ impl Default for AnsibleSettings {
         AnsibleSettings {
             playbook_dir: PathBuf::from("playbooks"),
             program: PathBuf::from("ansible-playbook"),
-            batch_window: Duration::from_secs(2),
+            batch_window: Duration::from_secs(5),
             batch_quiet: Duration::from_millis(500),
             max_batch: 50,
             forks: None,
@@ -98,6 +104,7 @@ impl Default for AnsibleSettings {
             log_max_bytes: 1 << 20,
             output_max_bytes: 4 << 20,
             log_keep: 200,
+            keyed_groups: KeyedGroup::defaults(),
         }
     }
 }
@@ -174,6 +181,10 @@ impl AnsibleSettings {
                         }
                     }
                     "log_keep" => s.log_keep = int(1, 100_000, errs).unwrap_or(200) as usize,
+                    "keyed_groups" => match KeyedGroup::parse_list(v, &key) {
+                        Ok(groups) => s.keyed_groups = groups,
+                        Err(e) => errs.extend(e),
+                    },
                     "vault_password" => match Source::parse(v, &key) {
                         Ok(src) => s.vault_password = Some(src),
                         Err(e) => errs.push(e),
