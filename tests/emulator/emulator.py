@@ -108,6 +108,11 @@ CALLS: Counter = Counter()
 # SDK app name (the `app/<name>` of the user agent) -> Counter like CALLS
 CALLS_BY_APP: dict[str, Counter] = {}
 FAULTS: list[dict[str, Any]] = []
+# How long a launching instance stays `Pending` in the Describe* answers after its launch
+# action began and was notified (POST /_emulator/lag {"describe_seconds": N}). AWS's
+# descriptions are eventually consistent: the notification can arrive before
+# DescribeAutoScalingGroups shows `Pending:Wait`. 0: no lag.
+DESCRIBE_LAG = {"seconds": 0.0}
 # Modules that answer some AWS requests themselves: dispatch(environ, body), control(method,
 # path, body) and reset().
 EXTENSIONS = (ssm_agent, opsworks, console, ecs)
@@ -404,6 +409,7 @@ def _finish_action(action: dict[str, Any], result: str, by: str) -> None:
             _remove_and_terminate(group, state)
             _reconcile(group)  # launches the replacement (through the launch hooks again)
         elif not _pending_for(iid, LAUNCH) and state.lifecycle_state.startswith("Pending"):
+            # (Completed before the descriptions caught up: `Pending` too.)
             state.lifecycle_state = "InService"
     else:
         if result == "ABANDON":  # ABANDON stops the remaining terminate actions
@@ -458,11 +464,26 @@ def replace_autoscaling_group_instances(self: Any, count_needed: int, propagated
         hooks = _hooks(self.autoscaling_backend, self.name, LAUNCH)
         if not hooks:
             return
+        lag = DESCRIBE_LAG["seconds"]
         for st in new_states:
-            st.lifecycle_state = "Pending:Wait"
+            st.lifecycle_state = "Pending" if lag > 0 else "Pending:Wait"
             for h in hooks:
                 _start_action(self, st, h)
+            if lag > 0:
+                _show_waiting_after(st, lag)
         _fill_pool(self)
+
+
+def _show_waiting_after(st: Any, lag: float) -> None:
+    """Lets the descriptions catch up with a launch action `lag` seconds after it began (the
+    action itself is active at once: heartbeats and completions find it)."""
+    def catch_up() -> None:
+        with LOCK:
+            if st.lifecycle_state == "Pending":
+                st.lifecycle_state = "Pending:Wait"
+    timer = threading.Timer(lag, catch_up)
+    timer.daemon = True
+    timer.start()
 
 
 ACTIVE_STATES = ("InService", "Pending", "Pending:Wait", "Pending:Proceed")
@@ -1263,6 +1284,7 @@ def _public_action(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _clear_emulator_state() -> None:
+    DESCRIBE_LAG["seconds"] = 0.0
     ACTIONS.clear()
     CALLS.clear()
     CALLS_BY_APP.clear()
@@ -1301,6 +1323,10 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
             return _json_reply(start_response, "200 OK", {"status": "ok", "pid": os.getpid()})
         if path == "/_emulator/clock":
             return _clock(method, body, start_response)
+        if path == "/_emulator/lag" and method == "POST":
+            spec = json.loads(body or b"{}")
+            DESCRIBE_LAG["seconds"] = max(0.0, float(spec.get("describe_seconds", 0)))
+            return _json_reply(start_response, "200 OK", {"describe_seconds": DESCRIBE_LAG["seconds"]})
         if path == "/_emulator/lifecycle" and method == "GET":
             actions = sorted(ACTIONS.values(), key=lambda a: a["created"])
             return _json_reply(start_response, "200 OK", {"actions": [_public_action(a) for a in actions]})

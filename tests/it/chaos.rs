@@ -564,3 +564,38 @@ async fn an_outage_mid_burst_loses_nothing() {
     w.assert_all_continued(6).await;
     assert_history(&p, 6, &[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_completing_keeps_failing_exits_in_time_and_keeps_the_decision() {
+    // Completion is throttled without end and may be retried for 10 minutes; SIGTERM must
+    // still end the daemon within its grace (well inside the unit's TimeoutStopSec), with
+    // its summary, the message released and the decision kept for the next delivery.
+    let w = world("web-stop", 1, 300, 5).await;
+    w.emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": -1, "error": "throttle"}));
+    let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"10m\""));
+    p.set("daemon.shutdown_grace", "2s");
+    let mut d = p.daemon();
+    eventually("completion retried", Duration::from_secs(60), || async {
+        (w.calls("autoscaling:CompleteLifecycleAction") >= 2).then_some(())
+    })
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    let log = d.log();
+    assert!(log.contains("stopped"), "the summary: {log}");
+    w.emu.control("DELETE", "/_emulator/faults", None);
+    // The message comes back after its retry delay; a worker then completes the decision.
+    eventually("the kept decision completed", Duration::from_secs(90), || async {
+        let (code, log) = p.worker();
+        assert_eq!(code, 0, "{log}");
+        (w.emu.finished_actions().len() == 1).then_some(())
+    })
+    .await;
+    w.assert_all_continued(1).await;
+    let runs = p.history();
+    assert!(
+        runs.iter().any(|r| r.outcome.as_str() == "succeeded"
+            && r.cause.as_deref().is_some_and(|c| c.starts_with("decided by run"))),
+        "the next delivery completed the kept decision: {runs:#?}"
+    );
+}

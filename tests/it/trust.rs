@@ -238,3 +238,28 @@ async fn a_flood_of_junk_costs_a_bounded_number_of_calls_and_genuine_launches_co
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_announced_before_the_descriptions_show_it_waiting_is_proven_and_worked() {
+    // AWS's descriptions lag the notification: for 20 s the instance still shows `Pending`
+    // (not `Pending:Wait`) while its launch action is already active.
+    let w = World::builder("web-lag").metadata(METADATA).start().await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    emu.control("POST", "/_emulator/lag", Some(serde_json::json!({"describe_seconds": 20})));
+    aws.scale("web-lag", 1).await;
+    let (instance, state) = aws.instances("web-lag").await.remove(0);
+    assert_eq!(state, "Pending", "the descriptions lag");
+    let p = Provision::new(emu, q, None, WEB_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    // Not rejected (and so not dead-lettered into the hook's DefaultResult): the heartbeat
+    // proved the action, and the history says the descriptions had not caught up.
+    let finished = emu.finished_actions();
+    assert_eq!(finished.len(), 1, "{log}");
+    assert_eq!(finished[0]["result"], "CONTINUE");
+    assert_eq!(aws.tags(&instance).await.get("Name"), Some(&format!("web-{instance}")));
+    let run = p.last_run(&instance, "launch");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    let note = run.error.as_deref().unwrap_or_default();
+    assert!(note.contains("did not show the action yet"), "{run:?}");
+}

@@ -7,7 +7,7 @@
 //! heartbeat timeouts or 48 hours from its start), the message stays in flight (its lease
 //! keeps it hidden and heartbeats the action) and completion is tried again with growing
 //! backoff. Only shutdown stops that early. A permanent error ends the run as a hook error.
-//! A completion is one round of `aws.retry_for` ([`with_backoff`]) inside the rounds of a
+//! A completion is one round of `aws.retry_for` (the AWS call backoff) inside the rounds of a
 //! message kept in flight ([`in_flight_rounds`]).
 //! Owns no decision about the result itself: the steps made it.
 
@@ -21,7 +21,7 @@ use super::run::{End, Run};
 use crate::aws::{Action, ActionCall, AwsError};
 use crate::event::Transition;
 use crate::outcome::{Completion, HookResult, Outcome};
-use crate::retry::{in_flight_rounds, with_backoff, Retry};
+use crate::retry::{in_flight_rounds, Retry, AWS_CALL};
 
 /// AWS's global timeout of a lifecycle action: 100 heartbeat timeouts, at most 48 hours.
 const GLOBAL_TIMEOUT_MAX: Duration = Duration::from_secs(48 * 3600);
@@ -108,9 +108,8 @@ impl Run<'_> {
         }
     }
 
-    /// Completes `action` with `result`. The first round (`aws.retry_for`) runs to its end
-    /// even during shutdown; later rounds run while the action can be completed and `stop`
-    /// has not fired.
+    /// Completes `action` with `result`: rounds of `aws.retry_for` while the action can be
+    /// completed, until `stop` fires (the attempt under way then still gets its answer).
     async fn complete_action(
         &self,
         action: &Action,
@@ -123,8 +122,13 @@ impl Run<'_> {
         let rounds = Retry::new(in_flight_rounds(p.cfg.aws.retry_for), says)
             .until(until)
             .unless(stop);
+        // Each round's own retries stop at `stop` too: at shutdown the run ends within the
+        // unit's stop timeout, its decision kept for the next delivery to complete.
+        let round = Retry::new(AWS_CALL, "retrying after AWS error")
+            .within(p.cfg.aws.retry_for)
+            .unless(stop);
         let answer = rounds
-            .run(|| with_backoff(p.cfg.aws.retry_for, || p.hooks.complete(action, result)))
+            .run(|| round.run(|| p.hooks.complete(action, result)))
             .await;
         match answer {
             Ok(ActionCall::Done) => {
