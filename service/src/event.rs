@@ -245,6 +245,8 @@ pub enum Envelope {
     EventBridge,
     /// No message: `provision <instance-id>`.
     Manual,
+    /// No message: found by the reconciler (`provision reconcile`, the daemon's passes).
+    Reconcile,
 }
 
 /// NotificationMetadata: a JSON object (readable as `{metadata.KEY}`) or opaque text.

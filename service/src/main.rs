@@ -112,6 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(provision::instance::run(cfg, args))
         }
         Command::Daemon => serve(load_config(cli.config.as_deref())?, Mode::Daemon),
+        Command::Reconcile { dry_run } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            runtime()?.block_on(provision::reconcile::command(cfg, dry_run))
+        }
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain),
         Command::Lambda => lambda(cli.config.as_deref()),
     }
@@ -254,8 +258,17 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
+    let reconcile_every = cfg.reconcile.interval.filter(|_| mode == Mode::Daemon);
+    let shutdown_grace = cfg.daemon.shutdown_grace;
     rt.block_on(async move {
         let app = App::build(cfg).await?;
+        let reconcile = reconcile_every.map(|every| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let r = provision::reconcile::Reconciler::new(app.pipeline.clone());
+            let stopped = stop.clone();
+            let task = tokio::spawn(async move { r.run_every(every, shutdown_grace, stopped).await });
+            (stop, task)
+        });
         tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
         let systemd = Arc::new(SystemdNotify::from_env());
         let stats = app.pipeline.stats.clone();
@@ -281,12 +294,21 @@ fn serve(cfg: Config, mode: Mode) -> anyhow::Result<ExitCode> {
         };
         let shutdown = {
             let systemd = systemd.clone();
+            // The reconciler stops with the receive loop; its runs get the same grace.
+            let stop_reconcile = reconcile.as_ref().map(|(stop, _)| stop.clone());
             async move {
                 provision::shutdown::signal().await;
                 systemd.stopping();
+                if let Some(stop) = stop_reconcile {
+                    stop.cancel();
+                }
             }
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
+        if let Some((stop, task)) = reconcile {
+            stop.cancel();
+            let _ = task.await;
+        }
         health.abort();
         if let Some(h) = housekeeping {
             h.abort();

@@ -21,6 +21,7 @@
 
 mod claim;
 mod complete;
+mod meet;
 mod record;
 mod run;
 mod steps;
@@ -34,7 +35,7 @@ use tracing::{field, info, info_span, warn, Instrument};
 
 use crate::aws::{Action, Hooks, Services};
 use crate::batch::Batcher;
-use crate::claims::Claims;
+use crate::claims::{Claim, ClaimError, Claims};
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::event::{self, LifecycleEvent, Parsed};
@@ -46,6 +47,7 @@ use crate::step::Shared;
 use crate::store::Store;
 use crate::template::Context;
 
+pub use meet::CONFIGURED_TAG;
 pub use record::{printable, RunReport, StepReport};
 pub use steps::Progress;
 
@@ -129,6 +131,8 @@ pub struct Pipeline {
     publisher: Option<Batcher<String>>,
     verifier: Verifier,
     working: Working,
+    /// Action keys worked by this process's runs (`action_key`, `meet.rs`).
+    actions: Arc<crate::action_key::Local>,
     owner: String,
     host: String,
     pub stats: Arc<Stats>,
@@ -170,6 +174,7 @@ impl Pipeline {
             leases: p.leases,
             publisher: p.publisher,
             working: Working::default(),
+            actions: Arc::default(),
             owner: crate::claims::owner_id(&host),
             host,
             stats: p.stats,
@@ -190,6 +195,32 @@ impl Pipeline {
 
     pub fn leases(&self) -> &Leases {
         &self.leases
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Who works the action `key` names now (`action_key`): a run of this process, or
+    /// another owner holding its claim; None when nobody does.
+    pub async fn working_on(&self, key: &str) -> Result<Option<String>, ClaimError> {
+        if self.actions.busy(key) {
+            return Ok(Some(format!("{} (this process)", self.host)));
+        }
+        Ok(match self.claims.peek(key, &self.owner).await? {
+            Claim::Held { owner, .. } => Some(owner),
+            _ => None,
+        })
+    }
+
+    /// Publishes an event of the process's own (not a run's result) to the result topic,
+    /// when one is configured.
+    pub async fn publish(&self, body: String) {
+        if let Some(publisher) = &self.publisher {
+            if let Err(e) = publisher.submit(body).await {
+                warn!(error = %e, "could not publish an event to the result topic");
+            }
+        }
     }
 
     /// One line per step, templates filled in for this event (`--dry-run`).

@@ -111,6 +111,9 @@ pub(super) struct Run<'a> {
     /// This process's turn at the token, held until the run is recorded (and its claim,
     /// if forgotten, released), so a second delivery waiting here finds it settled.
     turn: Option<WorkingGuard<'a>>,
+    /// The action key, held from before Auto Scaling is asked until the run ends
+    /// (`meet.rs`).
+    pub(super) action_hold: Option<crate::action_key::Hold>,
 }
 
 impl<'a> Run<'a> {
@@ -129,6 +132,7 @@ impl<'a> Run<'a> {
             report,
             claimed: false,
             turn: None,
+            action_hold: None,
         }
     }
 
@@ -151,6 +155,8 @@ impl<'a> Run<'a> {
         let claim = self.claim(layer).await?;
         // Ours until the run ends: renewed meanwhile; a takeover stops the steps.
         let (_keeper, stop) = self.hold_claim();
+        // Every path to the action (message, reconciler, operator) meets here (meet.rs).
+        self.hold_action(&stop).await?;
         let result = match claim {
             Claim::Decided(result) => {
                 info!(%result, "steps already ran for this action; completing their decision");
@@ -166,12 +172,16 @@ impl<'a> Run<'a> {
             }
         };
         self.decide(result).await;
+        self.mark_configured(result).await; // meet.rs
         self.complete(result).await // complete.rs
     }
 
     /// How the run ended, into its report, its claim and its history row; the result
     /// event published when the run is final.
     async fn end(mut self, ended: Result<(), End>) -> RunReport {
+        if let Some(hold) = self.action_hold.take() {
+            hold.release().await;
+        }
         if let Err(end) = ended {
             end.log();
             if end.forgets_claim() && self.claimed {

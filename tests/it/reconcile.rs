@@ -1,0 +1,372 @@
+//! Reconcile: what Auto Scaling says, against what messages announced. A launch whose message
+//! was lost is worked by the daemon's pass; a message and the reconciler racing for one
+//! action (two hosts, one claims table) run its steps once; instances in service that no
+//! launch run configured are reported, configured or replaced; a dry run changes nothing.
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Provision, Running, World};
+use serde_json::json;
+
+const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+
+const LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Role = "web-{instance_id}" } } ]
+"#;
+
+fn stop(mut d: Running) -> String {
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(60)), 0, "{}", d.log());
+    d.log()
+}
+
+/// Reconcile on: a pass every `interval`, working actions seen waiting for `grace`.
+fn reconciling(p: &Provision, interval: &str, grace: &str) {
+    p.set("reconcile.interval", interval);
+    p.set("reconcile.grace", grace);
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits for the launch notification(s) in the queue provision reads, and deletes them:
+/// as if a purge, a refusing queue policy or a dead-letter queue had taken them.
+async fn lose_messages(w: &World, n: usize) {
+    let mut lost = 0;
+    for _ in 0..150 {
+        lost += w
+            .aws
+            .drain(&w.q)
+            .await
+            .iter()
+            .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING"))
+            .count();
+        if lost >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("only {lost} of {n} launch messages arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_whose_message_was_lost_is_completed_by_the_daemons_pass() {
+    let w = World::builder("web-lost")
+        .layer(LAYER)
+        .instances(1)
+        .start()
+        .await;
+    lose_messages(&w, 1).await;
+    let id = w.aws.instances("web-lost").await.remove(0).0;
+    let (topic, results) = w.aws.topic_with_queue("results").await;
+    let p = w.provision_with(Some(&topic), LAYER);
+    reconciling(&p, "1s", "2s");
+    let d = p.daemon();
+    // interval + grace, and room for the run itself.
+    w.wait_finished_within(1, Duration::from_secs(1 + 2 + 30))
+        .await;
+    let log = stop(d);
+
+    let action = &w.emu.finished_actions()[0];
+    assert_eq!(action["result"], "CONTINUE", "{action}\n{log}");
+    assert_eq!(action["finished_by"], "complete", "{action}");
+    assert_eq!(action["completions"], 1, "{action}");
+    assert_eq!(w.calls("ec2:CreateTags"), 1, "the steps ran once\n{log}");
+    assert_eq!(
+        w.aws.tags(&id).await.get("Role").map(String::as_str),
+        Some(format!("web-{id}").as_str())
+    );
+    assert_eq!(w.aws.instances("web-lost").await[0].1, "InService");
+    let run = p.last_run(&id, "launch");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert!(
+        run.error.as_deref().unwrap_or("").starts_with("reconciled"),
+        "the history says the run was reconciled: {run:?}"
+    );
+    let published = w.aws.results(&results).await;
+    let result = published
+        .iter()
+        .find(|r| r["type"] == "provision.result")
+        .expect("a result event");
+    assert_eq!(result["instance_id"], id.as_str());
+    assert_eq!(result["hook_result"], "CONTINUE");
+    assert!(
+        result["note"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("reconciled"),
+        "{result}"
+    );
+    assert!(
+        log.contains("reconcile: working an action no message announced"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_and_the_reconciler_on_two_hosts_run_an_actions_steps_once() {
+    let w = World::builder("web-race")
+        .relayed()
+        .claims("6s")
+        .layer(LAYER)
+        .start()
+        .await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    let source = w.source.as_ref().unwrap();
+    aws.scale("web-race", 6).await;
+    let mut bodies = Vec::new();
+    for _ in 0..150 {
+        bodies.extend(
+            aws.drain(source)
+                .await
+                .into_iter()
+                .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
+        );
+        if bodies.len() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(bodies.len(), 6);
+    // Slow steps, so that a message's run and a pass's run overlap.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 2}));
+    let (a, b) = (w.provision(), w.provision());
+    for p in [&a, &b] {
+        reconciling(p, "1s", "0s");
+    }
+    // Half the messages arrive as the two hosts start, the other half once the first steps
+    // run: each action is in reach of both hosts' receive loops and both hosts' passes, and
+    // the late messages find the passes working their actions (three only a pass can work).
+    for body in &bodies[..3] {
+        aws.send(q, body).await;
+    }
+    let (da, db) = (a.daemon(), b.daemon());
+    w.wait_calls("ec2:CreateTags", 1).await;
+    for body in &bodies[3..] {
+        aws.send(q, body).await;
+    }
+    w.wait_finished_within(6, Duration::from_secs(120)).await;
+    w.queue_is_empty().await;
+    let logs = [stop(da), stop(db)];
+
+    for act in emu.finished_actions() {
+        assert_eq!(act["result"], "CONTINUE", "{act}\n{logs:?}");
+        assert_eq!(act["completions"], 1, "completed once: {act}");
+    }
+    assert_eq!(
+        w.calls("ec2:CreateTags"),
+        6,
+        "each action's steps ran once\n{}\n{}",
+        logs[0],
+        logs[1]
+    );
+    let runs: Vec<_> = a.history().into_iter().chain(b.history()).collect();
+    let worked: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome.as_str() == "succeeded")
+        .filter_map(|r| r.instance_id.clone())
+        .collect();
+    let distinct: BTreeSet<_> = worked.iter().collect();
+    assert_eq!(worked.len(), 6, "{runs:#?}");
+    assert_eq!(distinct.len(), 6, "no instance worked twice: {runs:#?}");
+    let reconciled = runs
+        .iter()
+        .filter(|r| r.outcome.as_str() == "succeeded")
+        .filter(|r| r.error.as_deref().unwrap_or("").starts_with("reconciled"))
+        .count();
+    assert!(
+        reconciled >= 3,
+        "the passes worked the actions whose messages came late: {runs:#?}"
+    );
+}
+
+/// A group whose launch hook times out with DefaultResult CONTINUE: its instances go into
+/// service without any run of ours.
+async fn unconfigured_world(group: &str) -> World {
+    let w = World::builder(group)
+        .layer(LAYER)
+        .heartbeat(30)
+        .start()
+        .await;
+    let target = w.q.arn.clone();
+    w.aws
+        .hook(
+            group,
+            "provision-launch",
+            LAUNCH,
+            Some(&target),
+            30,
+            "CONTINUE",
+            None,
+        )
+        .await;
+    w
+}
+
+/// Scales to `n` and lets the new instances' launch hooks time out (no daemon runs).
+async fn into_service_unconfigured(w: &World, n: i32) -> Vec<String> {
+    let before: BTreeSet<String> = w
+        .aws
+        .instances(&w.group)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    w.aws.scale(&w.group, n).await;
+    lose_messages(w, (n as usize) - before.len()).await;
+    w.emu.advance_clock(31);
+    let now = w.aws.instances(&w.group).await;
+    assert!(now.iter().all(|(_, s)| s == "InService"), "{now:?}");
+    now.into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| !before.contains(id))
+        .collect()
+}
+
+async fn health(w: &World, id: &str) -> String {
+    let out = w
+        .aws
+        .asg
+        .describe_auto_scaling_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    out.auto_scaling_instances()[0]
+        .health_status()
+        .unwrap_or_default()
+        .to_uppercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_in_service_unconfigured_are_reported_configured_or_replaced() {
+    let w = unconfigured_world("web-unconf").await;
+    let first = into_service_unconfigured(&w, 1).await.remove(0);
+    let (topic, results) = w.aws.topic_with_queue("results").await;
+    let p = w.provision_with(Some(&topic), LAYER);
+
+    // Default: reported, nothing changed.
+    p.set("reconcile.unconfigured", "report");
+    let out = p.output(&["reconcile"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains(&first))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.starts_with("unconfigured") && row.contains("reported"),
+        "{text}"
+    );
+    assert_eq!(w.calls("ec2:CreateTags"), 0, "{text}");
+    let events = w.aws.results(&results).await;
+    assert!(
+        events.iter().any(|e| e["type"] == "provision.reconcile"
+            && e["kind"] == "unconfigured"
+            && e["instance_id"] == first.as_str()
+            && e["action"] == "report"),
+        "{events:?}"
+    );
+
+    // configure: the launch steps run, and the instance is marked configured.
+    p.set("reconcile.unconfigured", "configure");
+    let out = p.output(&["reconcile"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("running its launch steps"), "{text}");
+    let tags = w.aws.tags(&first).await;
+    assert_eq!(tags.get("Role"), Some(&format!("web-{first}")), "{tags:?}");
+    assert!(tags.contains_key("provision:configured"), "{tags:?}");
+    let out = p.output(&["reconcile"]);
+    assert!(
+        !stdout(&out).contains(&first),
+        "configured now: {}",
+        stdout(&out)
+    );
+
+    // replace: a new unconfigured instance is marked unhealthy; the configured one is not.
+    p.set("reconcile.unconfigured", "replace");
+    let second = into_service_unconfigured(&w, 2).await.remove(0);
+    let out = p.output(&["reconcile"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("marked unhealthy"), "{text}");
+    assert_eq!(health(&w, &second).await, "UNHEALTHY");
+    assert_eq!(health(&w, &first).await, "HEALTHY");
+    assert_eq!(w.calls("autoscaling:SetInstanceHealth"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_on_a_mixed_group_prints_each_kind_and_changes_nothing() {
+    let w = unconfigured_world("web-mixed").await;
+    let unconfigured = into_service_unconfigured(&w, 1).await.remove(0);
+    // A second instance waits in Pending:Wait; its message is lost.
+    w.aws.scale("web-mixed", 2).await;
+    lose_messages(&w, 1).await;
+    let waiting = w
+        .aws
+        .instances("web-mixed")
+        .await
+        .into_iter()
+        .find(|(_, s)| s == "Pending:Wait")
+        .expect("an instance waiting")
+        .0;
+    let p = w.provision();
+    p.set("reconcile.unconfigured", "replace");
+    let calls_before = w.emu.calls();
+    let out = p.output(&["reconcile", "--dry-run"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} in {text}"))
+            .to_string()
+    };
+    assert!(row(&waiting).starts_with("waiting"), "{text}");
+    assert!(
+        row(&waiting).contains("Pending:Wait") && row(&waiting).contains("would work it"),
+        "{text}"
+    );
+    assert!(row(&unconfigured).starts_with("unconfigured"), "{text}");
+    assert!(
+        row(&unconfigured).contains("would mark it unhealthy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("aws calls") && text.contains("(dry run: nothing was changed)"),
+        "{text}"
+    );
+
+    // Nothing changed: still waiting, nothing completed, tagged or marked.
+    let now = w.aws.instances("web-mixed").await;
+    assert!(
+        now.contains(&(waiting.clone(), "Pending:Wait".to_string())),
+        "{now:?}"
+    );
+    assert!(w
+        .emu
+        .finished_actions()
+        .iter()
+        .all(|a| a["finished_by"] != "complete"));
+    assert_eq!(health(&w, &unconfigured).await, "HEALTHY");
+    let calls = w.emu.calls();
+    for op in [
+        "ec2:CreateTags",
+        "autoscaling:SetInstanceHealth",
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+    ] {
+        assert_eq!(calls.get(op), calls_before.get(op), "{op}: {calls:?}");
+    }
+}
