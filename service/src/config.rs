@@ -153,6 +153,14 @@ impl Unconfigured {
     }
 }
 
+impl ReconcileConfig {
+    /// Whether runs leave the records reconcile reads (the configured tag, the
+    /// decommissioned claim): when anything of reconcile is on.
+    pub fn records(&self) -> bool {
+        self.interval.is_some() || self.unconfigured.marks()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AwsConfig {
     /// Attempts per AWS call inside the SDK (standard retry mode, exponential backoff with jitter).

@@ -224,6 +224,7 @@ pub(crate) fn job_for(found: &Found, envelope: Envelope, finish: Finish) -> Job 
         finish,
         progress: None,
         trust: Trust::FromAutoScaling,
+        instance_gone: false,
     }
 }
 

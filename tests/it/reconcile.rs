@@ -370,3 +370,134 @@ async fn a_dry_run_on_a_mixed_group_prints_each_kind_and_changes_nothing() {
         assert_eq!(calls.get(op), calls_before.get(op), "{op}: {calls:?}");
     }
 }
+
+const OPSWORKS_METADATA: &str =
+    r#"{"environment":"production","platform":"web","major":"3","role":"api"}"#;
+
+const OPSWORKS_LAYER: &str = r#"
+[layers.legacy]
+groups = ["legacy-*"]
+launch = [ { opsworks = { stack = "v{metadata.major} {metadata.environment} {metadata.platform}", layer = "app", region = "us-east-1", online_timeout = "30s" } } ]
+terminate = [
+  { tag = { Leaving = "yes" } },
+  { opsworks = { stack = "v{metadata.major} {metadata.environment} {metadata.platform}", layer = "app", region = "us-east-1" } },
+]
+"#;
+
+fn opsworks(w: &World, op: &str, body: serde_json::Value) -> serde_json::Value {
+    w.emu
+        .aws_json("opsworks", &format!("OpsWorks_20130218.{op}"), body)
+}
+
+/// Instances registered with the emulator's OpsWorks, by EC2 id.
+fn registered(w: &World) -> Vec<String> {
+    let ow = w.emu.control("GET", "/_emulator/opsworks", None);
+    ow["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["Ec2InstanceId"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_terminated_while_the_daemon_was_down_is_deregistered_by_the_next_pass() {
+    // No terminate hook: a scale-in terminates the instance at once, and nothing tells
+    // provision (as when it is terminated through EC2, or the hook's message is lost).
+    let w = World::builder("legacy-gone")
+        .metadata(OPSWORKS_METADATA)
+        .layer(OPSWORKS_LAYER)
+        .start()
+        .await;
+    w.emu.control(
+        "POST",
+        "/_emulator/opsworks",
+        Some(json!({"register_delay_seconds": 0.2, "online_delay_seconds": 0.2})),
+    );
+    let stack = opsworks(
+        &w,
+        "CreateStack",
+        json!({"Name": "v3 production web", "Region": "us-east-1",
+               "ServiceRoleArn": "arn:aws:iam::123456789012:role/opsworks",
+               "DefaultInstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/app"}),
+    );
+    opsworks(
+        &w,
+        "CreateLayer",
+        json!({"StackId": stack["StackId"], "Type": "custom", "Name": "App", "Shortname": "app"}),
+    );
+    w.aws.scale("legacy-gone", 2).await;
+    let p = w.provision();
+    p.set("reconcile.interval", "1s");
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(registered(&w).len(), 2, "{log}");
+
+    // While no daemon runs, one instance is terminated; the other stays in service.
+    let members = w.aws.instances("legacy-gone").await;
+    let (victim, stays) = (members[0].0.clone(), members[1].0.clone());
+    w.aws
+        .asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(&victim)
+        .should_decrement_desired_capacity(true)
+        .send()
+        .await
+        .unwrap();
+    common::eventually(
+        "the instance to leave its group",
+        Duration::from_secs(30),
+        || async {
+            let now = w.aws.instances("legacy-gone").await;
+            (!now.iter().any(|(id, _)| id == &victim)).then_some(())
+        },
+    )
+    .await;
+    let out = p.output(&["reconcile", "--dry-run"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains(&victim))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.starts_with("gone")
+            && row.contains("would run its terminate steps that need no instance"),
+        "{text}"
+    );
+    assert!(row.contains("not run: tag Leaving=yes"), "{text}");
+    assert_eq!(registered(&w).len(), 2, "a dry run changes nothing");
+
+    let d = p.daemon();
+    common::eventually(
+        "the next pass to deregister it",
+        Duration::from_secs(30),
+        || async { (!registered(&w).contains(&victim)).then_some(()) },
+    )
+    .await;
+    // Later passes find it decommissioned and leave it be.
+    let passes = |log: &str| log.matches("reconcile pass done").count();
+    common::eventually("two more passes", Duration::from_secs(30), || async {
+        (passes(&std::fs::read_to_string(&d.log).unwrap_or_default()) >= 3).then_some(())
+    })
+    .await;
+    let log = stop(d);
+    assert_eq!(registered(&w), vec![stays.clone()], "{log}");
+    assert_eq!(
+        w.calls("opsworks:DeregisterInstance"),
+        1,
+        "deregistered once\n{log}"
+    );
+    let run = p.last_run(&victim, "terminate");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.steps.len(), 1, "only the API step ran: {run:?}");
+    assert_eq!(run.steps[0].kind, "opsworks");
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("steps that need it were not run: tag Leaving=yes"),
+        "{run:?}"
+    );
+    assert!(!w.aws.tags(&stays).await.contains_key("Leaving"));
+}

@@ -170,3 +170,34 @@ impl Run<'_> {
         }
     }
 }
+
+/// The claim-store key that says an instance's terminate steps ran to a CONTINUE (by a
+/// message's run, or by the reconciler for an instance gone without one): shared by the
+/// fleet, so no reconciler decommissions it again. Two claim-store writes a terminate.
+pub fn decommissioned_key(instance: &crate::event::InstanceId) -> String {
+    format!("decommissioned:{instance}")
+}
+
+impl Run<'_> {
+    /// Records that the instance was decommissioned when its terminate steps succeeded.
+    pub(super) async fn mark_decommissioned(&self, result: HookResult) {
+        let ev = &self.job.event;
+        if result != HookResult::Continue
+            || ev.transition != Transition::Terminate
+            || !self.p.cfg.reconcile.records()
+        {
+            return;
+        }
+        let key = decommissioned_key(&ev.instance_id);
+        let (claims, owner) = (&self.p.claims, &self.p.owner);
+        let run_id = self.report.run_id.unwrap_or_default();
+        let lease = self.p.cfg.state.claim_lease;
+        let written = match claims.claim(&key, owner, run_id, lease).await {
+            Ok(_) => claims.done(&key, Completion::Completed(result)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(error = %e, "could not record the decommissioning; a reconcile pass may run the terminate steps that need no instance again (they are safe to repeat)");
+        }
+    }
+}

@@ -47,7 +47,7 @@ use crate::step::Shared;
 use crate::store::Store;
 use crate::template::Context;
 
-pub use meet::CONFIGURED_TAG;
+pub use meet::{decommissioned_key, CONFIGURED_TAG};
 pub use record::{printable, RunReport, StepReport};
 pub use steps::Progress;
 
@@ -89,6 +89,9 @@ pub struct Job {
     /// Step progress, for a person watching.
     pub progress: Option<UnboundedSender<Progress>>,
     pub trust: Trust,
+    /// The instance no longer exists (the reconciler found it gone without its terminate
+    /// run): only steps that act through AWS without it run ([`crate::step::Step::acts_without_instance`]).
+    pub instance_gone: bool,
 }
 
 impl Job {
@@ -108,6 +111,7 @@ impl Job {
             finish: Finish::Complete,
             progress: None,
             trust: Trust::Verify,
+            instance_gone: false,
         }
     }
 
@@ -211,6 +215,11 @@ impl Pipeline {
             Claim::Held { owner, .. } => Some(owner),
             _ => None,
         })
+    }
+
+    /// What the claim store holds for `key`, without writing.
+    pub async fn peek_claim(&self, key: &str) -> Result<Claim, ClaimError> {
+        self.claims.peek(key, &self.owner).await
     }
 
     /// Publishes an event of the process's own (not a run's result) to the result topic,

@@ -173,6 +173,7 @@ impl<'a> Run<'a> {
         };
         self.decide(result).await;
         self.mark_configured(result).await; // meet.rs
+        self.mark_decommissioned(result).await; // meet.rs
         self.complete(result).await // complete.rs
     }
 

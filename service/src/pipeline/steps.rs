@@ -69,8 +69,23 @@ impl Run<'_> {
         layer: &Layer,
         stop: &CancellationToken,
     ) -> Result<HookResult, End> {
-        let steps = layer.steps(self.job.event.phase());
-        for (idx, step) in steps.iter().enumerate() {
+        let all = layer.steps(self.job.event.phase());
+        let steps: Vec<&Step> = all
+            .iter()
+            .filter(|s| !self.job.instance_gone || s.acts_without_instance())
+            .collect();
+        if steps.len() < all.len() {
+            let skipped: Vec<String> = all
+                .iter()
+                .filter(|s| !s.acts_without_instance())
+                .map(Step::describe)
+                .collect();
+            self.report.note = Some(format!(
+                "reconciled: the instance is gone; steps that need it were not run: {}",
+                skipped.join("; ")
+            ));
+        }
+        for (idx, &step) in steps.iter().enumerate() {
             let at = At {
                 idx,
                 total: steps.len(),

@@ -16,10 +16,14 @@
 //!   once per instance and process, the command's output), configured (`configure`: the
 //!   layer's launch steps, nothing to complete) or replaced (`replace`: SetInstanceHealth
 //!   Unhealthy, so Auto Scaling replaces it through the launch hook).
+//! - **gone** instances (`gone.rs`): launched by a run of this host, no longer in any
+//!   group, never decommissioned: the layer's terminate steps that act without the instance
+//!   run, the others are reported.
 //!
 //! Owns no step and no completion: the pipeline does those, as for any job.
 
 mod find;
+mod gone;
 mod print;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -50,6 +54,8 @@ pub enum Kind {
     Waiting,
     /// In service, never configured by a launch run of ours.
     Unconfigured,
+    /// Left its group without a terminate run of ours.
+    Gone,
 }
 
 impl Kind {
@@ -57,6 +63,7 @@ impl Kind {
         match self {
             Kind::Waiting => "waiting",
             Kind::Unconfigured => "unconfigured",
+            Kind::Gone => "gone",
         }
     }
 }
@@ -78,6 +85,11 @@ pub enum Act {
     Configure,
     /// Marked unhealthy (dry: would be).
     Replace,
+    /// Its terminate steps that need no instance were started (dry: would be); the others
+    /// (named) cannot run.
+    Decommission(Vec<String>),
+    /// None of its terminate steps can run without the instance: named, reported.
+    NotRun(Vec<String>),
     /// Acting failed.
     Failed(String),
 }
@@ -164,6 +176,7 @@ impl Reconciler {
                 self.unconfigured(g, &hooks, mode, &mut pass).await?;
             }
         }
+        self.gone(&groups, mode, &mut pass).await;
         self.seen
             .lock()
             .unwrap()
@@ -397,7 +410,7 @@ impl Reconciler {
 fn counts(groups: &[GroupView], findings: &[Finding]) -> BTreeMap<(String, String), u64> {
     let mut out = BTreeMap::new();
     for g in groups {
-        for k in [Kind::Waiting, Kind::Unconfigured] {
+        for k in [Kind::Waiting, Kind::Unconfigured, Kind::Gone] {
             out.insert((g.name.clone(), k.as_str().to_string()), 0);
         }
     }

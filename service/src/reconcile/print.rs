@@ -83,6 +83,15 @@ fn line(f: &Finding, dry_run: bool) -> String {
         (Act::Configure, false) => "running its launch steps".into(),
         (Act::Replace, true) => "would mark it unhealthy (replaced through the launch hook)".into(),
         (Act::Replace, false) => "marked unhealthy (replaced through the launch hook)".into(),
+        (Act::Decommission(not_run), dry) => format!(
+            "{} its terminate steps that need no instance{}",
+            if dry { "would run" } else { "running" },
+            not_run_list(not_run)
+        ),
+        (Act::NotRun(not_run), _) => format!(
+            "reported: no terminate step can act without the instance{}",
+            not_run_list(not_run)
+        ),
         (Act::Failed(e), _) => format!("failed: {}", printable(e)),
     };
     format!(
@@ -93,6 +102,15 @@ fn line(f: &Finding, dry_run: bool) -> String {
         f.state.as_str(),
         f.layer
     )
+}
+
+/// "; not run: a; b", or nothing.
+fn not_run_list(steps: &[String]) -> String {
+    if steps.is_empty() {
+        String::new()
+    } else {
+        format!("; not run: {}", printable(&steps.join("; ")))
+    }
 }
 
 /// "N (op n, ...)".
