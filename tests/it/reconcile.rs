@@ -501,3 +501,99 @@ async fn an_instance_terminated_while_the_daemon_was_down_is_deregistered_by_the
     );
     assert!(!w.aws.tags(&stays).await.contains_key("Leaving"));
 }
+
+/// What each pass of a daemon cost, from its log: "N (op n, ...)" per pass, in order.
+fn pass_costs(log: &str) -> Vec<(u64, String)> {
+    log.lines()
+        .filter(|l| l.contains("reconcile pass done"))
+        .filter_map(|l| {
+            let plain: String = strip_ansi(l);
+            let calls = plain.split("aws_calls=").nth(1)?.trim().to_string();
+            let n = calls.split(' ').next()?.parse().ok()?;
+            Some((n, calls))
+        })
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The cost of reconciling 10 groups of 100 instances in service, printed: the first pass
+/// reads each group's hooks and asks EC2 about every instance once (100 ids a call here,
+/// 200 at most); the passes after it cost one paginated DescribeAutoScalingGroups (100
+/// groups a page), whatever the number of instances, while every instance carries the
+/// configured mark. Bounded, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_over_ten_groups_of_a_hundred_costs_a_bounded_number_of_calls() {
+    // The world's own group is no layer's; the ten groups have no hooks: their instances
+    // go into service at once, and no run competes with the passes.
+    let w = World::builder("other-cost").layer(LAYER).start().await;
+    let mut ids = Vec::new();
+    for g in 0..10 {
+        let name = format!("web-cost-{g}");
+        w.aws.group(&name).await;
+        w.aws.scale(&name, 100).await;
+        ids.extend(w.aws.instances(&name).await.into_iter().map(|(id, _)| id));
+    }
+    assert_eq!(ids.len(), 1000);
+    // Every instance as a launch run of ours leaves it: marked configured.
+    for chunk in ids.chunks(200) {
+        w.aws
+            .ec2
+            .create_tags()
+            .set_resources(Some(chunk.to_vec()))
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("provision:configured")
+                    .value("web 2026-01-01T00:00:00Z")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let p = w.provision();
+    p.set("reconcile.interval", "1s");
+    p.set("reconcile.unconfigured", "report");
+    let d = p.daemon();
+    common::eventually("three passes", Duration::from_secs(120), || async {
+        let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+        (pass_costs(&log).len() >= 3).then_some(())
+    })
+    .await;
+    let log = stop(d);
+    let costs = pass_costs(&log);
+    println!("reconcile, 10 groups of 100 instances in service, every one marked configured:");
+    for (i, (_, calls)) in costs.iter().enumerate().take(3) {
+        println!("  pass {}: {calls}", i + 1);
+    }
+    // First pass: one DescribeAutoScalingGroups page, ten DescribeLifecycleHooks, ten
+    // DescribeInstances (one a group).
+    assert!(costs[0].0 <= 21, "{costs:?}");
+    // Then one call a pass.
+    for (n, calls) in &costs[1..3] {
+        assert_eq!(*n, 1, "{calls}");
+        assert!(
+            calls.contains("autoscaling:DescribeAutoScalingGroups 1"),
+            "{calls}"
+        );
+    }
+    assert!(
+        !log.contains("instance in service that no launch run of ours configured"),
+        "{log}"
+    );
+}
