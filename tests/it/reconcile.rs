@@ -324,6 +324,12 @@ async fn a_dry_run_on_a_mixed_group_prints_each_kind_and_changes_nothing() {
     let p = w.provision();
     p.set("reconcile.unconfigured", "replace");
     let calls_before = w.emu.calls();
+    let out = p.output(&["check", "--aws"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("group web-mixed: 1 waiting in a lifecycle wait state, 1 in service unconfigured"),
+        "{text}"
+    );
     let out = p.output(&["reconcile", "--dry-run"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}");
