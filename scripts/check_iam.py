@@ -313,6 +313,7 @@ def self_test() -> int:
                 "dynamodb:DescribeTable", "dynamodb:DescribeTimeToLive",
                 "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
                 "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
+                "autoscaling:SetInstanceHealth",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",

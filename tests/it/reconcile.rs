@@ -327,7 +327,9 @@ async fn a_dry_run_on_a_mixed_group_prints_each_kind_and_changes_nothing() {
     let out = p.output(&["check", "--aws"]);
     let text = stdout(&out);
     assert!(
-        text.contains("group web-mixed: 1 waiting in a lifecycle wait state, 1 in service unconfigured"),
+        text.contains(
+            "group web-mixed: 1 waiting in a lifecycle wait state, 1 in service unconfigured"
+        ),
         "{text}"
     );
     let out = p.output(&["reconcile", "--dry-run"]);
