@@ -225,6 +225,7 @@ pub(crate) fn job_for(found: &Found, envelope: Envelope, finish: Finish) -> Job 
         progress: None,
         trust: Trust::FromAutoScaling,
         instance_gone: false,
+        interrupt: false,
     }
 }
 

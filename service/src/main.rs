@@ -158,6 +158,10 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
             serde_json::json!({ "outcome": "event", "phase": e.phase(), "event": e }),
             0,
         ),
+        Parsed::Interruption(i) => (
+            serde_json::json!({ "outcome": "interruption", "interruption": i }),
+            0,
+        ),
         Parsed::Skip(s) => (
             serde_json::json!({ "outcome": "skip", "reason": s.to_string() }),
             0,

@@ -21,6 +21,7 @@
 
 mod claim;
 mod complete;
+mod interrupt;
 mod meet;
 mod record;
 mod run;
@@ -92,6 +93,9 @@ pub struct Job {
     /// The instance no longer exists (the reconciler found it gone without its terminate
     /// run): only steps that act through AWS without it run ([`crate::step::Step::acts_without_instance`]).
     pub instance_gone: bool,
+    /// Run the layer's `interrupt` list (EC2 warned of a Spot interruption) instead of the
+    /// event's phase's.
+    pub interrupt: bool,
 }
 
 impl Job {
@@ -112,6 +116,7 @@ impl Job {
             progress: None,
             trust: Trust::Verify,
             instance_gone: false,
+            interrupt: false,
         }
     }
 
@@ -274,6 +279,7 @@ impl Pipeline {
                 self.record_unworked(msg, Outcome::Skipped, &reason.to_string())
                     .await
             }
+            Parsed::Interruption(i) => self.interruption(delivery, i, cancel).await,
             Parsed::Event(ev) => {
                 let job = Job::from_message(ev, &msg.id);
                 self.run(job, delivery.lease(), cancel).await.outcome

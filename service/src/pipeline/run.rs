@@ -114,6 +114,8 @@ pub(super) struct Run<'a> {
     /// The action key, held from before Auto Scaling is asked until the run ends
     /// (`meet.rs`).
     pub(super) action_hold: Option<crate::action_key::Hold>,
+    /// The Spot interruption deadline of a terminate run's instance (`steps.rs`), RFC 3339.
+    pub(super) deadline: Option<String>,
 }
 
 impl<'a> Run<'a> {
@@ -133,6 +135,7 @@ impl<'a> Run<'a> {
             claimed: false,
             turn: None,
             action_hold: None,
+            deadline: None,
         }
     }
 
