@@ -3,7 +3,7 @@
 //!
 //! For an instance of a group some layer matches: the deadline of a Spot interruption is
 //! recorded in the claim store, shared by the fleet (a claim of [`deadline_key`] whose lease
-//! ends at the deadline, so it lapses with the instance), a `provision.interruption` event is
+//! ends at the deadline, so it lapses with the instance, its owner naming the deadline), a `provision.interruption` event is
 //! published, and the layer's `interrupt` steps run at once (nothing to complete). When the
 //! terminate hook's message comes, its run finds the deadline (`steps.rs`): every step's
 //! timeout is cut to what is left, and templates read `{deadline}`. A rebalance
@@ -32,8 +32,9 @@ pub fn deadline_key(instance: &crate::event::InstanceId) -> String {
     format!("spot-deadline:{instance}")
 }
 
-/// The owner a deadline's claim is written under.
-const DEADLINE_OWNER: &str = "spot-interruption";
+/// The owner a deadline's claim is written under, the deadline (ms) after the `@`: the
+/// lease, counted from the writer's clock, ends there only to a few milliseconds.
+const DEADLINE_OWNER: &str = "spot-interruption@";
 
 impl Pipeline {
     /// One EC2 warning, from a message.
@@ -129,7 +130,8 @@ impl Pipeline {
         };
         let left = Duration::from_millis((deadline - now_ms()).max(1000) as u64);
         let key = deadline_key(&i.instance_id);
-        if let Err(e) = self.claims.claim(&key, DEADLINE_OWNER, 0, left).await {
+        let owner = format!("{DEADLINE_OWNER}{deadline}");
+        if let Err(e) = self.claims.claim(&key, &owner, 0, left).await {
             warn!(error = %e, "could not record the interruption's deadline; the terminate steps will not be cut to it");
         }
     }
@@ -137,9 +139,9 @@ impl Pipeline {
     /// The Spot interruption deadline recorded for an instance, while it has not passed.
     pub(super) async fn deadline_of(&self, instance: &crate::event::InstanceId) -> Option<i64> {
         match self.claims.peek(&deadline_key(instance), &self.owner).await {
-            Ok(crate::claims::Claim::Held { owner, until_ms }) if owner == DEADLINE_OWNER => {
-                Some(until_ms)
-            }
+            Ok(crate::claims::Claim::Held { owner, .. }) => owner
+                .strip_prefix(DEADLINE_OWNER)
+                .and_then(|ms| ms.parse().ok()),
             _ => None,
         }
     }
