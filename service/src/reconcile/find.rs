@@ -155,3 +155,94 @@ pub fn calls_between(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::autoscaling::HookTransition;
+
+    fn hook(transition: HookTransition) -> HookInfo {
+        HookInfo {
+            transition,
+            notification_metadata: Some(r#"{"environment":"production"}"#.into()),
+            ..HookInfo::default()
+        }
+    }
+
+    fn member(state: LifecycleState) -> Membership {
+        Membership {
+            instance_id: "i-0123456789abcdef0".into(),
+            group: "web-a".into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn every_wait_state_waits_for_its_transition_and_nothing_else_waits() {
+        use LifecycleState::*;
+        assert_eq!(waits(&PendingWait), Some(Transition::Launch));
+        assert_eq!(waits(&WarmedPendingWait), Some(Transition::Launch));
+        assert_eq!(waits(&TerminatingWait), Some(Transition::Terminate));
+        assert_eq!(waits(&WarmedTerminatingWait), Some(Transition::Terminate));
+        for other in [InService, Pending, Terminating, WarmedStopped, Standby] {
+            assert_eq!(waits(&other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn an_instance_is_found_with_the_groups_only_hook_of_its_transition() {
+        let hooks = vec![
+            ("launch".to_string(), hook(HookTransition::Launching)),
+            ("terminate".to_string(), hook(HookTransition::Terminating)),
+        ];
+        let f = found(
+            &member(LifecycleState::PendingWait),
+            Transition::Launch,
+            true,
+            &hooks,
+        )
+        .unwrap();
+        assert_eq!(f.hook.as_ref().map(|(n, _)| n.as_str()), Some("launch"));
+        assert!(f.pending);
+        assert_eq!(f.phase, crate::event::Phase::Launch);
+        let f = found(
+            &member(LifecycleState::WarmedPendingWait),
+            Transition::Launch,
+            true,
+            &hooks,
+        )
+        .unwrap();
+        assert_eq!(f.phase, crate::event::Phase::PoolEnter);
+        // Two hooks for one transition: Auto Scaling does not say which holds the instance.
+        let two = vec![
+            ("a".to_string(), hook(HookTransition::Launching)),
+            ("b".to_string(), hook(HookTransition::Launching)),
+        ];
+        let f = found(
+            &member(LifecycleState::PendingWait),
+            Transition::Launch,
+            true,
+            &two,
+        )
+        .unwrap();
+        assert!(f.hook.is_none());
+        // An id that is not an instance id is no finding at all.
+        let mut bad = member(LifecycleState::PendingWait);
+        bad.instance_id = "i-; rm -rf /".into();
+        assert!(found(&bad, Transition::Launch, true, &hooks).is_none());
+    }
+
+    #[test]
+    fn a_pass_counts_only_its_own_calls() {
+        let k = |s: &str, o: &str| (s.to_string(), o.to_string());
+        let before = BTreeMap::from([(k("sqs", "ReceiveMessage"), 5)]);
+        let after = BTreeMap::from([
+            (k("sqs", "ReceiveMessage"), 5),
+            (k("autoscaling", "DescribeAutoScalingGroups"), 1),
+        ]);
+        assert_eq!(
+            calls_between(&before, &after),
+            BTreeMap::from([("autoscaling:DescribeAutoScalingGroups".to_string(), 1)])
+        );
+    }
+}

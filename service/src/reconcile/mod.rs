@@ -422,3 +422,44 @@ fn counts(groups: &[GroupView], findings: &[Finding]) -> BTreeMap<(String, Strin
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_managed_group_and_kind_is_counted_zero_included() {
+        let groups = vec![
+            GroupView {
+                name: "web-a".into(),
+                ..GroupView::default()
+            },
+            GroupView {
+                name: "web-b".into(),
+                ..GroupView::default()
+            },
+        ];
+        let finding = |group: &str, kind| Finding {
+            kind,
+            instance: "i-0123456789abcdef0".into(),
+            group: group.into(),
+            state: LifecycleState::PendingWait,
+            layer: "web".into(),
+            act: Act::Work,
+        };
+        let found = counts(
+            &groups,
+            &[
+                finding("web-a", Kind::Waiting),
+                finding("web-a", Kind::Waiting),
+                finding("web-b", Kind::Unconfigured),
+            ],
+        );
+        let n = |g: &str, k: &str| found[&(g.to_string(), k.to_string())];
+        assert_eq!(found.len(), 6);
+        assert_eq!(n("web-a", "waiting"), 2);
+        assert_eq!(n("web-a", "unconfigured"), 0);
+        assert_eq!(n("web-b", "unconfigured"), 1);
+        assert_eq!(n("web-b", "gone"), 0);
+    }
+}
