@@ -370,3 +370,47 @@ terminate = [
         "{{deadline}} in a template"
     );
 }
+
+/// A Spot warning for an instance no layer manages is recorded as unmatched, like any
+/// unmatched event, and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_warning_for_an_instance_no_layer_manages_is_unmatched() {
+    use serde_json::json;
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("batch-spot").await;
+    aws.scale("batch-spot", 1).await;
+    let id = aws.instances("batch-spot").await.remove(0).0;
+    let pattern = json!({"source": ["aws.ec2"]});
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutRule",
+        json!({"Name": "ec2-warnings", "EventPattern": pattern.to_string()}),
+    );
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutTargets",
+        json!({"Rule": "ec2-warnings", "Targets": [{"Id": "q", "Arn": q.arn}]}),
+    );
+    emu.control(
+        "POST",
+        "/_emulator/spot",
+        Some(json!({"instance_id": id, "notice_seconds": 30})),
+    );
+    let p = Provision::new(&emu, &q, None, &layer("2m"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let runs = p.history();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].outcome.as_str(), "unmatched", "{runs:?}");
+    assert!(
+        runs[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("spot-interruption"),
+        "{runs:?}"
+    );
+    assert!(!emu.calls().contains_key("ecs:ListContainerInstances"));
+}
