@@ -459,6 +459,7 @@ def self_test() -> int:
                 "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
                 "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
                 "dynamodb:BatchWriteItem", "dynamodb:Query", "dynamodb:Scan",
+                "autoscaling:SetInstanceHealth",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",

@@ -2,12 +2,15 @@
 //!
 //! The config itself is validated by `Config::load` (every problem with its key). This adds
 //! what only the surroundings can tell: the queue can be read, the result topic exists, the
-//! fleet's claims table is usable, and the groups each layer matches have lifecycle hooks that notify the queue. Problems
+//! fleet's claims table is usable, the groups each layer matches have lifecycle hooks that
+//! notify the queue, and how many of their instances wait or are in service unconfigured
+//! (what `provision reconcile` would work and report). Problems
 //! fail the check; notes are what an operator should know but may be intended.
 
 use std::sync::Arc;
 
 use crate::aws::autoscaling::AutoScalingHooks;
+use crate::aws::ec2::Ec2Instances;
 use crate::aws::sdk;
 use crate::aws::sns::SnsNotifier;
 use crate::aws::sqs::SqsQueue;
@@ -170,6 +173,72 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
     for layer in &cfg.layers {
         check_layer_groups(layer, &groups, &hooks, &arn, r).await;
     }
+    let instances = Ec2Instances::new(&sdk_cfg, &calls);
+    let managed = groups.iter().filter(|g| {
+        cfg.layers
+            .iter()
+            .any(|l| l.matcher.groups.iter().any(|glob| glob.matches(g)))
+    });
+    for g in managed {
+        count_unreconciled(cfg, g, &hooks, &instances, r).await;
+    }
+}
+
+/// How many of a group's instances wait in a lifecycle wait state, and how many are in
+/// service without the mark a launch run of ours writes (what `provision reconcile` works
+/// and reports).
+async fn count_unreconciled(
+    cfg: &Config,
+    group: &str,
+    hooks: &AutoScalingHooks,
+    instances: &Ec2Instances,
+    r: &mut Report,
+) {
+    use crate::aws::{Instances as _, LifecycleState as S};
+    let members = match hooks.group_members(group).await {
+        Ok(m) => m,
+        Err(e) => {
+            r.problems
+                .push(format!("group {group}: cannot list its instances: {e}"));
+            return;
+        }
+    };
+    let waiting = members
+        .iter()
+        .filter(|m| matches!(m.state, S::PendingWait | S::TerminatingWait))
+        .count();
+    let in_service: Vec<crate::event::InstanceId> = members
+        .iter()
+        .filter(|m| m.state == S::InService)
+        .filter_map(|m| crate::event::InstanceId::parse(&m.instance_id).ok())
+        .collect();
+    let unconfigured = if !cfg.reconcile.unconfigured.marks() || in_service.is_empty() {
+        None
+    } else {
+        match instances.describe(&in_service).await {
+            Ok(infos) => Some(
+                infos
+                    .iter()
+                    .filter(|i| !i.tags.contains_key(crate::pipeline::CONFIGURED_TAG))
+                    .count(),
+            ),
+            Err(e) => {
+                r.problems
+                    .push(format!("group {group}: cannot describe its instances: {e}"));
+                return;
+            }
+        }
+    };
+    let unconfigured = match unconfigured {
+        Some(n) => format!(
+            "{n} in service unconfigured (no {} tag)",
+            crate::pipeline::CONFIGURED_TAG
+        ),
+        None => "in service unconfigured: not looked for (reconcile.unconfigured = \"off\")".into(),
+    };
+    r.notes.push(format!(
+        "group {group}: {waiting} waiting in a lifecycle wait state, {unconfigured}"
+    ));
 }
 
 /// The fleet's claims table exists, is keyed as claims need, and expires old claims.

@@ -57,6 +57,14 @@ pub enum Command {
     },
     /// Long-poll the queue and handle lifecycle events until SIGTERM/SIGINT
     Daemon,
+    /// Compare Auto Scaling with what messages announced: work actions waiting with no run
+    /// of ours (as `provision <instance-id>` does), and report (or configure, or replace)
+    /// instances in service that no launch run configured; print what was found and done
+    Reconcile {
+        /// Print what would be done and change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Drain the queue once, then exit (status 0 only if every message was handled)
     Worker,
     /// Inspect messages

@@ -27,6 +27,9 @@ use crate::step::ansible::AnsibleSettings;
 pub const DEFAULT_PATH: &str = "/etc/provision/provision.toml";
 pub const DEFAULT_STATE_PATH: &str = "/var/lib/provision/state.db";
 
+/// How often the daemon reconciles unless `reconcile.interval` says otherwise.
+const DEFAULT_RECONCILE_EVERY: Duration = Duration::from_secs(120);
+
 /// SQS allows at most 12 hours of visibility for one receive.
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 
@@ -36,6 +39,7 @@ pub struct Config {
     pub notify: Option<NotifyConfig>,
     pub state: StateConfig,
     pub daemon: DaemonConfig,
+    pub reconcile: ReconcileConfig,
     pub aws: AwsConfig,
     pub ssm: SsmConfig,
     pub ssh: SshSettings,
@@ -122,6 +126,55 @@ pub enum Unmatched {
     Complete(HookResult),
 }
 
+/// `[reconcile]`: what Auto Scaling says, compared with what messages announced.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// How often the daemon reconciles; None: never (`provision reconcile` still does).
+    pub interval: Option<Duration>,
+    /// How long an action must be seen waiting, with no run of ours working it, before the
+    /// daemon works it without its message.
+    pub grace: Duration,
+    /// What becomes of instances in service that no launch run of ours configured.
+    pub unconfigured: Unconfigured,
+}
+
+/// `reconcile.unconfigured`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfigured {
+    /// Not looked for, and launches are not marked (`provision:configured`).
+    Off,
+    /// Counted, published and printed.
+    Report,
+    /// Reported, and their layer's launch steps run.
+    Configure,
+    /// Reported, and marked unhealthy so Auto Scaling replaces them through the launch hook.
+    Replace,
+}
+
+impl Unconfigured {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unconfigured::Off => "off",
+            Unconfigured::Report => "report",
+            Unconfigured::Configure => "configure",
+            Unconfigured::Replace => "replace",
+        }
+    }
+
+    /// Whether successful launch runs mark their instance configured.
+    pub fn marks(self) -> bool {
+        self != Unconfigured::Off
+    }
+}
+
+impl ReconcileConfig {
+    /// Whether runs leave the records reconcile reads (the configured tag, the
+    /// decommissioned claim): when anything of reconcile is on.
+    pub fn records(&self) -> bool {
+        self.interval.is_some() || self.unconfigured.marks()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AwsConfig {
     /// Attempts per AWS call inside the SDK (standard retry mode, exponential backoff with jitter).
@@ -180,6 +233,7 @@ struct RawConfig {
     notify: Option<toml::Table>,
     state: Option<toml::Table>,
     daemon: Option<toml::Table>,
+    reconcile: Option<toml::Table>,
     aws: Option<toml::Table>,
     ssm: Option<toml::Table>,
     ssh: Option<toml::Table>,
@@ -269,6 +323,7 @@ fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>)
         notify: NotifyConfig::from_raw(raw.notify.as_ref(), errs),
         state: StateConfig::from_raw(raw.state.as_ref(), env, errs),
         daemon: DaemonConfig::from_raw(raw.daemon.as_ref(), errs),
+        reconcile: ReconcileConfig::from_raw(raw.reconcile.as_ref(), errs),
         aws: AwsConfig::from_raw(raw.aws.as_ref(), errs),
         ssm: SsmConfig::from_raw(raw.ssm.as_ref(), errs),
         ssh: SshSettings::parse(raw.ssh.as_ref(), errs),
@@ -443,6 +498,45 @@ impl DaemonConfig {
         DaemonConfig {
             shutdown_grace,
             unmatched,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// `[reconcile]`.
+    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> ReconcileConfig {
+        let mut f = Fields::new(t, "reconcile", errs);
+        let interval = f
+            .with("interval", |v| match v.as_str() {
+                Some("off") => Ok(None),
+                Some(s) => match crate::setting::parse_duration(s) {
+                    Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+                    _ => Err(format!("{s:?}: a duration of at least 1s, or \"off\"")),
+                },
+                None => Err("must be a duration such as \"2m\", or \"off\"".to_string()),
+            })
+            .unwrap_or(Some(DEFAULT_RECONCILE_EVERY));
+        let grace = f.duration("grace", Duration::from_secs(180));
+        let unconfigured = match f.string("unconfigured") {
+            None | Some("report") => Unconfigured::Report,
+            Some("off") => Unconfigured::Off,
+            Some("configure") => Unconfigured::Configure,
+            Some("replace") => Unconfigured::Replace,
+            Some(other) => {
+                f.error(
+                    "unconfigured",
+                    format!(
+                        "{other:?}: expected \"report\", \"configure\", \"replace\" or \"off\""
+                    ),
+                );
+                Unconfigured::Report
+            }
+        };
+        f.finish_section("[reconcile]");
+        ReconcileConfig {
+            interval,
+            grace,
+            unconfigured,
         }
     }
 }

@@ -43,6 +43,9 @@ const MAX_SHORT_FIELD_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     Event(LifecycleEvent),
+    /// EC2 warns that an instance is going away (a Spot interruption) or should be replaced
+    /// (a rebalance recommendation): not a lifecycle action, nothing to complete.
+    Interruption(Interruption),
     /// Well-formed, but nothing to do (test notification, another event type). Delete it.
     Skip(Skip),
     /// Malformed or unsafe. Never completed; recorded, then deleted or dead-lettered.
@@ -248,6 +251,8 @@ pub enum Envelope {
     EventBridge,
     /// No message: `provision <instance-id>`.
     Manual,
+    /// No message: found by the reconciler (`provision reconcile`, the daemon's passes).
+    Reconcile,
 }
 
 /// NotificationMetadata: a JSON object (readable as `{metadata.KEY}`) or opaque text.
@@ -320,6 +325,84 @@ impl LifecycleEvent {
     }
 }
 
+/// What EC2 told about an instance through EventBridge (source `aws.ec2`).
+///
+/// ```json
+/// {"version": "0", "id": "…", "detail-type": "EC2 Spot Instance Interruption Warning",
+///  "source": "aws.ec2", "account": "123456789012", "time": "2026-12-02T01:00:00Z",
+///  "region": "us-east-1", "resources": ["arn:aws:ec2:us-east-1a:instance/i-1234567890abcdef0"],
+///  "detail": {"instance-id": "i-1234567890abcdef0", "instance-action": "terminate"}}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interruption {
+    pub instance_id: InstanceId,
+    pub kind: InterruptionKind,
+    /// The event's time, as EC2 sent it.
+    pub time: String,
+    /// When the instance goes (ms since the epoch): two minutes after a Spot interruption
+    /// warning; None for a rebalance recommendation.
+    pub deadline_ms: Option<i64>,
+}
+
+/// Which warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InterruptionKind {
+    /// `EC2 Spot Instance Interruption Warning`: the instance is stopped, hibernated or
+    /// terminated two minutes after `time`.
+    SpotInterruption,
+    /// `EC2 Instance Rebalance Recommendation`: the instance is at elevated risk; the
+    /// group's Capacity Rebalancing replaces it.
+    RebalanceRecommendation,
+}
+
+impl InterruptionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterruptionKind::SpotInterruption => "spot-interruption",
+            InterruptionKind::RebalanceRecommendation => "rebalance-recommendation",
+        }
+    }
+}
+
+/// How long EC2 gives a Spot instance after its interruption warning.
+pub const SPOT_NOTICE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// An `aws.ec2` EventBridge event this service acts on, when `obj` is one.
+fn interruption(obj: &Map<String, Value>, detail_type: &str) -> Option<Result<Parsed, Reject>> {
+    let kind = match detail_type {
+        "EC2 Spot Instance Interruption Warning" => InterruptionKind::SpotInterruption,
+        "EC2 Instance Rebalance Recommendation" => InterruptionKind::RebalanceRecommendation,
+        _ => return None,
+    };
+    Some((|| {
+        let detail = match obj.get("detail") {
+            Some(Value::Object(d)) => d,
+            Some(_) => return Err(Reject::NotAString { field: "detail" }),
+            None => return Err(Reject::Missing("detail")),
+        };
+        let id = str_field(detail, "instance-id")?;
+        let instance_id =
+            InstanceId::parse(id).map_err(|_| Reject::BadInstanceId(truncate(id, 40)))?;
+        let time = str_field(obj, "time")?;
+        let sent = humantime::parse_rfc3339_weak(time).map_err(|e| Reject::Invalid {
+            field: "time",
+            reason: e.to_string(),
+        })?;
+        let sent_ms = sent
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let deadline_ms = (kind == InterruptionKind::SpotInterruption)
+            .then(|| sent_ms + SPOT_NOTICE.as_millis() as i64);
+        Ok(Parsed::Interruption(Interruption {
+            instance_id,
+            kind,
+            time: truncate(time, 40),
+            deadline_ms,
+        }))
+    })())
+}
+
 /// Parse a message body. Never panics, never does I/O.
 pub fn parse(body: &str) -> Parsed {
     match parse_inner(body) {
@@ -358,6 +441,11 @@ fn parse_inner(body: &str) -> Result<Parsed, Reject> {
                 detail_type,
                 "EC2 Instance-launch Lifecycle Action" | "EC2 Instance-terminate Lifecycle Action"
             );
+        if source == "aws.ec2" {
+            if let Some(parsed) = interruption(&obj, detail_type) {
+                return parsed;
+            }
+        }
         if !lifecycle {
             return Ok(Parsed::Skip(Skip::OtherEventBridgeEvent {
                 detail_type: truncate(detail_type, 100),
@@ -741,6 +829,13 @@ mod properties {
                 assert!(!e.token.is_empty());
             }
             Parsed::Skip(s) => assert!(!s.to_string().is_empty()),
+            Parsed::Interruption(i) => {
+                let id = i.instance_id.as_str();
+                assert!(
+                    id.starts_with("i-") && (10..=19).contains(&id.len()),
+                    "{id}"
+                );
+            }
             Parsed::Reject(r) => {
                 let reason = r.to_string();
                 assert!(!reason.trim().is_empty(), "a reject without a reason");

@@ -46,17 +46,17 @@ pub struct Args {
 }
 
 /// What Auto Scaling says about the instance, and the hook to complete.
-struct Found {
-    id: InstanceId,
-    group: String,
+pub(crate) struct Found {
+    pub(crate) id: InstanceId,
+    pub(crate) group: String,
     /// None: in no group (run with --layer).
-    state: Option<LifecycleState>,
-    transition: Transition,
+    pub(crate) state: Option<LifecycleState>,
+    pub(crate) transition: Transition,
     /// The transition read with the instance's state (warm pool or not).
-    phase: Phase,
+    pub(crate) phase: Phase,
     /// A lifecycle action of `phase` waits for this instance.
-    pending: bool,
-    hook: Option<(String, HookInfo)>,
+    pub(crate) pending: bool,
+    pub(crate) hook: Option<(String, HookInfo)>,
 }
 
 pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
@@ -154,7 +154,7 @@ async fn find(pipeline: &Pipeline, id: InstanceId, args: &Args) -> anyhow::Resul
 /// a launch run on a pool instance (`Warmed:Stopped`, ...) runs what entering it runs.
 /// (`Pending:Wait` reads as a plain launch: Auto Scaling does not say whether the instance
 /// comes from the pool.)
-fn phase_of(state: Option<&LifecycleState>, transition: Transition) -> Phase {
+pub(crate) fn phase_of(state: Option<&LifecycleState>, transition: Transition) -> Phase {
     match (transition, state) {
         (Transition::Launch, Some(s)) if s.is_warmed() => Phase::PoolEnter,
         (Transition::Launch, _) => Phase::Launch,
@@ -180,14 +180,32 @@ fn places(phase: Phase, state: Option<&LifecycleState>) -> (Place, Place) {
 /// The pipeline's job: the instance's event as the hook would describe it, its pending
 /// action addressed by instance id (there is no token), completed unless told otherwise.
 fn job(found: &Found, args: &Args) -> Job {
+    let finish = if args.no_complete {
+        Finish::Leave
+    } else {
+        Finish::Complete
+    };
+    let mut job = job_for(found, Envelope::Manual, finish);
+    job.layer = args.layer.clone();
+    job
+}
+
+/// The job for an instance found in Auto Scaling (by hand or by the reconciler): its event
+/// as the hook would describe it, with the hook's own metadata, and its pending action, if
+/// any, addressed by instance id.
+pub(crate) fn job_for(found: &Found, envelope: Envelope, finish: Finish) -> Job {
     let hook_name = found.hook.as_ref().map(|(n, _)| n.clone());
     let (origin, destination) = places(found.phase, found.state.as_ref());
+    let source = match envelope {
+        Envelope::Reconcile => "reconcile",
+        _ => "manual",
+    };
     let event = LifecycleEvent {
         instance_id: found.id.clone(),
         group: found.group.clone(),
         hook: hook_name.clone().unwrap_or_else(|| "-".into()),
         transition: found.transition,
-        token: format!("manual-{}-{}", found.id, now_ms()),
+        token: format!("{source}-{}-{}", found.id, now_ms()),
         origin: Some(origin),
         destination: Some(destination),
         metadata: Metadata::parse(
@@ -198,7 +216,7 @@ fn job(found: &Found, args: &Args) -> Job {
         ),
         account_id: None,
         time: None,
-        envelope: Envelope::Manual,
+        envelope,
     };
     let action = match (found.pending, hook_name) {
         (true, Some(hook)) => Some(Action {
@@ -212,15 +230,13 @@ fn job(found: &Found, args: &Args) -> Job {
     Job {
         event,
         message_id: None,
-        layer: args.layer.clone(),
+        layer: None,
         action,
-        finish: if args.no_complete {
-            Finish::Leave
-        } else {
-            Finish::Complete
-        },
+        finish,
         progress: None,
         trust: Trust::FromAutoScaling,
+        instance_gone: false,
+        interrupt: false,
     }
 }
 

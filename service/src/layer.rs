@@ -35,6 +35,10 @@ pub struct Layer {
     /// Returning to the pool on scale-in (instance reuse). Default: nothing; the instance
     /// keeps its setup and its host keys.
     pub pool_return: Vec<Step>,
+    /// Run at once when EC2 warns of a Spot interruption (two minutes before the instance
+    /// goes), before the terminate hook's message arrives: e.g. an `ecs_drain` with a short
+    /// timeout. Default: nothing.
+    pub interrupt: Vec<Step>,
 }
 
 impl Layer {
@@ -58,6 +62,7 @@ impl Layer {
         }
         lists.push(("pool_leave", &self.pool_leave));
         lists.push(("pool_return", &self.pool_return));
+        lists.push(("interrupt", &self.interrupt));
         lists
     }
 
@@ -132,7 +137,7 @@ impl Matcher {
 
 /// The keys a `[layers.NAME]` table may have.
 const LAYER_KEYS: &str =
-    "groups, metadata, vars, on_failure, ssh, launch, terminate, pool_enter, pool_leave, pool_return";
+    "groups, metadata, vars, on_failure, ssh, launch, terminate, pool_enter, pool_leave, pool_return, interrupt";
 
 impl Layer {
     /// `[layers.*]`, in file order.
@@ -192,6 +197,7 @@ impl Layer {
             .then(|| layer_steps(&mut f, "pool_enter", &vars));
         let pool_leave = layer_steps(&mut f, "pool_leave", &vars);
         let pool_return = layer_steps(&mut f, "pool_return", &vars);
+        let interrupt = layer_steps(&mut f, "interrupt", &vars);
         f.finish(&format!(
             "unknown key in a layer; expected one of: {LAYER_KEYS}"
         ));
@@ -206,6 +212,7 @@ impl Layer {
             pool_enter,
             pool_leave,
             pool_return,
+            interrupt,
         })
     }
 }

@@ -69,6 +69,7 @@
 //! No module imports one that imports it back: `scripts/check-modules` (part of
 //! `scripts/test`) fails on any import cycle among these modules.
 
+pub(crate) mod action_key;
 pub mod app;
 pub(crate) mod aws;
 pub(crate) mod batch;
@@ -93,6 +94,7 @@ pub(crate) mod outcome;
 pub(crate) mod output;
 pub mod pipeline;
 pub(crate) mod poll;
+pub mod reconcile;
 pub mod reload;
 pub(crate) mod retry;
 pub mod secret;

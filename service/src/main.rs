@@ -165,6 +165,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (cfg, text) = Config::load_with_text(&path)?;
             serve(cfg, Mode::Daemon, Some((path, text)))
         }
+        Command::Reconcile { dry_run } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            runtime()?.block_on(provision::reconcile::command(cfg, dry_run))
+        }
         Command::Worker => serve(load_config(cli.config.as_deref())?, Mode::Drain, None),
         Command::Lambda => lambda(cli.config.as_deref()),
     }
@@ -208,6 +212,10 @@ fn parse_event(file: &str) -> anyhow::Result<ExitCode> {
     let (out, code) = match event::parse(&body) {
         Parsed::Event(e) => (
             serde_json::json!({ "outcome": "event", "phase": e.phase(), "event": e }),
+            0,
+        ),
+        Parsed::Interruption(i) => (
+            serde_json::json!({ "outcome": "interruption", "interruption": i }),
             0,
         ),
         Parsed::Skip(s) => (
@@ -346,12 +354,38 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Serves /metrics and /healthz on `addr` (port 0: one the kernel picks); None, said in the
+/// log, when it cannot be bound (the daemon goes on without them).
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    stats: Arc<provision::metrics::Stats>,
+    alive_within: Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            let addr = l.local_addr().unwrap_or(addr); // the port picked for port 0
+            tracing::info!(%addr, "serving /metrics and /healthz");
+            Some(tokio::spawn(provision::endpoint::serve(
+                l,
+                stats,
+                alive_within,
+            )))
+        }
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot serve metrics (metrics.listen); continuing without them");
+            None
+        }
+    }
+}
+
 /// The daemon's reloads: the config file and the text it was read from at start.
 type ReloadFrom = (std::path::PathBuf, String);
 
 fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
+    let reconcile_every = cfg.reconcile.interval.filter(|_| mode == Mode::Daemon);
+    let shutdown_grace = cfg.daemon.shutdown_grace;
     rt.block_on(async move {
         // SIGHUP reloads the daemon's config; listened for before anything slow, as its
         // default action ends the process.
@@ -363,6 +397,13 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
             None => None,
         };
         let app = App::build(cfg).await?;
+        let reconcile = reconcile_every.map(|every| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let r = provision::reconcile::Reconciler::new(app.pipeline.clone());
+            let stopped = stop.clone();
+            let task = tokio::spawn(async move { r.run_every(every, shutdown_grace, stopped).await });
+            (stop, task)
+        });
         tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
         let systemd = Arc::new(SystemdNotify::from_env());
         let reloader = match (reload, hangups) {
@@ -380,27 +421,26 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
             _ => Vec::new(),
         };
         let endpoint = match (mode, metrics_listen) {
-            (Mode::Daemon, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
-                    let addr = l.local_addr().unwrap_or(addr); // the port picked for port 0
-                    tracing::info!(%addr, "serving /metrics and /healthz");
-                    Some(tokio::spawn(provision::endpoint::serve(l, stats.clone(), alive_within)))
-                }
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "cannot serve metrics (metrics.listen); continuing without them");
-                    None
-                }
-            },
+            (Mode::Daemon, Some(addr)) => serve_metrics(addr, stats.clone(), alive_within).await,
             _ => None,
         };
         let shutdown = {
             let systemd = systemd.clone();
+            // The reconciler stops with the receive loop; its runs get the same grace.
+            let stop_reconcile = reconcile.as_ref().map(|(stop, _)| stop.clone());
             async move {
                 provision::shutdown::signal().await;
                 systemd.stopping();
+                if let Some(stop) = stop_reconcile {
+                    stop.cancel();
+                }
             }
         };
         let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
+        if let Some((stop, task)) = reconcile {
+            stop.cancel();
+            let _ = task.await;
+        }
         health.abort();
         if let Some(r) = reloader {
             r.abort();

@@ -36,6 +36,12 @@ pub struct Stats {
     steps: Mutex<BTreeMap<String, Histogram>>,
     /// (service, operation) -> HTTP attempts, retries included.
     aws_calls: Mutex<BTreeMap<(String, String), u64>>,
+    /// (group, kind) -> instances the last reconcile pass found (`reconcile`).
+    reconcile: Mutex<BTreeMap<(String, String), u64>>,
+    /// Reconcile passes run.
+    pub reconcile_passes: AtomicU64,
+    /// Actions the reconciler worked without a message.
+    pub reconciled: AtomicU64,
     pub received: AtomicU64,
     pub skipped: AtomicU64,
     pub rejected: AtomicU64,
@@ -124,6 +130,28 @@ impl Stats {
             .or_default() += 1;
     }
 
+    /// What the last reconcile pass found: instances by (group, kind); replaces the last.
+    pub fn reconcile_found(&self, found: BTreeMap<(String, String), u64>) {
+        *self.reconcile.lock().unwrap() = found;
+    }
+
+    /// Every AWS call so far, by (service, operation).
+    pub fn aws_calls(&self) -> BTreeMap<(String, String), u64> {
+        self.aws_calls.lock().unwrap().clone()
+    }
+
+    fn write_reconcile(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP provision_reconcile_instances Instances the last reconcile pass found, by group and kind (waiting, unconfigured, gone).\n# TYPE provision_reconcile_instances gauge");
+        for ((group, kind), n) in self.reconcile.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "provision_reconcile_instances{{group=\"{}\",kind=\"{}\"}} {n}",
+                label(group),
+                label(kind)
+            );
+        }
+    }
+
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
@@ -131,13 +159,14 @@ impl Stats {
         self.write_runs(&mut out);
         self.write_steps(&mut out);
         self.write_aws_calls(&mut out);
+        self.write_reconcile(&mut out);
         self.write_poll_age(&mut out);
         out
     }
 
     /// The plain counters and gauges.
     fn write_counters(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "provision_events_received_total",
                 "Messages received from the queue.",
@@ -187,6 +216,16 @@ impl Stats {
                 "provision_config_reload_failures_total",
                 "Config reloads (SIGHUP) refused; the previous config kept serving.",
                 &self.reload_failures,
+            ),
+            (
+                "provision_reconcile_passes_total",
+                "Reconcile passes run.",
+                &self.reconcile_passes,
+            ),
+            (
+                "provision_reconciled_total",
+                "Lifecycle actions worked without a message (found waiting by reconcile).",
+                &self.reconciled,
             ),
             (
                 "provision_in_flight",

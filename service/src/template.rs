@@ -21,6 +21,7 @@ pub const TEMPLATE_FIELDS: &[&str] = &[
     "phase",
     "origin",
     "destination",
+    "deadline",
     "metadata.KEY",
 ];
 
@@ -37,6 +38,9 @@ enum Piece {
     /// `EC2`, `AutoScalingGroup` or `WarmPool`.
     Origin,
     Destination,
+    /// When EC2 said a Spot interruption takes the instance (RFC 3339); empty when it
+    /// warned of none.
+    Deadline,
     Metadata(String),
     /// A field only one step kind provides (e.g. the opsworks step's `{hostname}`).
     Extra(String),
@@ -232,6 +236,7 @@ impl Template {
                 Piece::Phase => out.push_str(ctx.event.phase().as_str()),
                 Piece::Origin => out.push_str(origin(ctx.event)),
                 Piece::Destination => out.push_str(destination(ctx.event)),
+                Piece::Deadline => out.push_str(ctx.deadline.unwrap_or_default()),
                 Piece::Metadata(key) => match ctx.event.metadata.get(key) {
                     Some(v) => {
                         if let Some(p) = ctx.vars.get(key) {
@@ -284,6 +289,7 @@ fn field(name: &str, source: &str) -> Result<Piece, TemplateError> {
         "phase" => Piece::Phase,
         "origin" => Piece::Origin,
         "destination" => Piece::Destination,
+        "deadline" => Piece::Deadline,
         _ => match name.strip_prefix("metadata.") {
             Some(key) if !key.is_empty() => Piece::Metadata(key.to_string()),
             _ => {
@@ -323,6 +329,8 @@ pub struct Context<'a> {
     pub vars: &'a Vars,
     /// Values of step-specific fields (`Template::parse_with`).
     pub extra: &'a [(&'a str, &'a str)],
+    /// The Spot interruption deadline, when EC2 warned of one (`{deadline}`).
+    pub deadline: Option<&'a str>,
 }
 
 impl<'a> Context<'a> {
@@ -332,7 +340,12 @@ impl<'a> Context<'a> {
             layer,
             vars,
             extra: &[],
+            deadline: None,
         }
+    }
+
+    pub fn with_deadline(self, deadline: Option<&'a str>) -> Self {
+        Context { deadline, ..self }
     }
 
     pub fn with_extra(self, extra: &'a [(&'a str, &'a str)]) -> Self {

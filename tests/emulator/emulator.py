@@ -33,7 +33,10 @@ What it adds on top of moto:
   POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults (FAULT_KINDS: throttling,
   500 with and without an error code, ResourceContention, 503 HTML, connection reset, delays;
   per service, operation and count), GET|POST /_emulator/clock, GET /_emulator/health
-  (answers the serving process's pid, so a client can tell its own child answered).
+  (answers the serving process's pid, so a client can tell its own child answered),
+  GET|POST /_emulator/spot (EC2 Spot interruption warnings and rebalance recommendations
+  through EventBridge, source aws.ec2; an interrupted instance is terminated through its
+  group's terminate hooks at once and by EC2 at the deadline).
   POST /moto-api/reset also clears the lifecycle actions, the counters and the faults.
 * Extensions, in modules next to this file (requests are routed to them after call counting
   and fault injection; their control endpoints live under /_emulator/<name>; POST
@@ -185,8 +188,10 @@ def _deliver_quietly(arn: str | None, message: dict[str, Any], subject: str) -> 
 
 
 def _put_eventbridge(account: str, region: str, detail_type: str, resources: list[str],
-                     detail: dict[str, Any]) -> None:
-    """Put an aws.autoscaling event on the region's default bus, shaped like AWS's."""
+                     detail: dict[str, Any], source: str = "aws.autoscaling",
+                     at: float | None = None) -> None:
+    """Put an event (aws.autoscaling unless told) on the region's default bus, shaped like
+    AWS's; `at` is its time (Auto Scaling's clock unless told)."""
     try:
         from moto.events.models import events_backends
 
@@ -197,10 +202,10 @@ def _put_eventbridge(account: str, region: str, detail_type: str, resources: lis
             "version": "0",
             "id": str(uuid.uuid4()),
             "detail-type": detail_type,
-            "source": "aws.autoscaling",
+            "source": source,
             "account": account,
             # moto's targets turn this epoch into "YYYY-MM-DDTHH:MM:SSZ" like AWS
-            "time": _now(),
+            "time": _now() if at is None else at,
             "region": region,
             "resources": resources,
             "detail": detail,
@@ -1309,6 +1314,71 @@ def _clock(method: str, body: bytes, start_response: Any) -> list[bytes]:
     return _json_reply(start_response, "200 OK", {"now": _now(), "advanced_seconds": CLOCK_OFFSET})
 
 
+# EC2 Spot warnings sent through /_emulator/spot: what was sent, and when EC2 terminated.
+SPOT: list[dict[str, Any]] = []
+SPOT_NOTICE_SECONDS = 120
+
+
+def _spot(method: str, body: bytes) -> tuple[str, Any]:
+    """POST {"instance_id", "kind": "interruption"|"rebalance", "notice_seconds": N}: EC2 warns
+    through EventBridge (source aws.ec2) as AWS documents. An interruption warning is dated
+    so that the instance goes `notice_seconds` from now (120 s after the warning, as in AWS;
+    fewer when the warning reached its reader late); Auto Scaling starts terminating the
+    instance through its terminate hooks at once, and EC2 terminates it at the deadline
+    whatever the hooks say. GET lists the warnings sent."""
+    if method == "GET":
+        return "200 OK", {"warnings": SPOT}
+    if method != "POST":
+        return "405 Method Not Allowed", {"error": "GET or POST"}
+    try:
+        spec = json.loads(body or b"{}")
+        iid = str(spec["instance_id"])
+        kind = str(spec.get("kind", "interruption"))
+        notice = float(spec.get("notice_seconds", SPOT_NOTICE_SECONDS))
+        if kind not in ("interruption", "rebalance") or not 0 < notice <= SPOT_NOTICE_SECONDS:
+            raise ValueError("kind: interruption|rebalance; notice_seconds: (0, 120]")
+    except (ValueError, TypeError, KeyError) as exc:
+        return "400 Bad Request", {"error": str(exc)}
+    found = [(g, st) for be in _autoscaling_backends() for g in be.autoscaling_groups.values()
+             if (st := _state_of(g, iid)) is not None]
+    if not found:
+        return "404 Not Found", {"error": f"{iid} is in no group"}
+    group, state = found[0]
+    be = group.autoscaling_backend
+    arn = f"arn:aws:ec2:{be.region_name}:{be.account_id}:instance/{iid}"
+    now = _now()
+    if kind == "rebalance":
+        _put_eventbridge(be.account_id, be.region_name, "EC2 Instance Rebalance Recommendation",
+                         [arn], {"instance-id": iid}, source="aws.ec2", at=now)
+        SPOT.append({"instance_id": iid, "kind": kind, "time": now})
+        return "200 OK", {"sent": kind}
+    warned = now - (SPOT_NOTICE_SECONDS - notice)
+    _put_eventbridge(be.account_id, be.region_name, "EC2 Spot Instance Interruption Warning",
+                     [arn], {"instance-id": iid, "instance-action": "terminate"},
+                     source="aws.ec2", at=warned)
+    record = {"instance_id": iid, "kind": kind, "time": warned, "deadline": now + notice,
+              "terminated_at": None}
+    SPOT.append(record)
+    if not state.lifecycle_state.startswith("Terminating"):
+        _begin_terminations(group, [state])
+    threading.Timer(notice, _spot_terminate, args=(be, iid, record)).start()
+    return "200 OK", {"sent": kind, "deadline": record["deadline"]}
+
+
+def _spot_terminate(be: Any, iid: str, record: dict[str, Any]) -> None:
+    """The deadline: EC2 terminates the instance, whatever its lifecycle actions say."""
+    with LOCK:
+        try:
+            be.ec2_backend.terminate_instances([iid])
+        except Exception:
+            pass
+        record["terminated_at"] = _now()
+
+
+def _autoscaling_backends() -> list[Any]:
+    return [b for region in M.autoscaling_backends.values() for b in region.values()]
+
+
 def _json_reply(start_response: Any, status: str, payload: Any) -> list[bytes]:
     body = json.dumps(payload).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -1371,6 +1441,8 @@ def _control(environ: dict[str, Any], start_response: Any, path: str) -> list[by
                     return _json_reply(start_response, "400 Bad Request", {"error": str(exc)})
                 FAULTS.append(fault)
                 return _json_reply(start_response, "200 OK", {"faults": FAULTS})
+        if path == "/_emulator/spot":
+            return _json_reply(start_response, *_spot(method, body))
         for extension in EXTENSIONS:
             reply = extension.control(method, path, body)
             if reply is not None:

@@ -585,17 +585,23 @@ async fn shutdown_while_completing_keeps_failing_exits_in_time_and_keeps_the_dec
     assert!(log.contains("stopped"), "the summary: {log}");
     w.emu.control("DELETE", "/_emulator/faults", None);
     // The message comes back after its retry delay; a worker then completes the decision.
-    eventually("the kept decision completed", Duration::from_secs(90), || async {
-        let (code, log) = p.worker();
-        assert_eq!(code, 0, "{log}");
-        (w.emu.finished_actions().len() == 1).then_some(())
-    })
+    eventually(
+        "the kept decision completed",
+        Duration::from_secs(90),
+        || async {
+            let (code, log) = p.worker();
+            assert_eq!(code, 0, "{log}");
+            (w.emu.finished_actions().len() == 1).then_some(())
+        },
+    )
     .await;
     w.assert_all_continued(1).await;
     let runs = p.history();
     assert!(
         runs.iter().any(|r| r.outcome.as_str() == "succeeded"
-            && r.cause.as_deref().is_some_and(|c| c.starts_with("decided by run"))),
+            && r.cause
+                .as_deref()
+                .is_some_and(|c| c.starts_with("decided by run"))),
         "the next delivery completed the kept decision: {runs:#?}"
     );
 }

@@ -222,3 +222,195 @@ async fn a_drain_that_cannot_finish_fails_with_the_tasks_left() {
     let calls: Value = emu.provision_calls().into();
     assert_eq!(calls["ecs:UpdateContainerInstancesState"], 1, "{calls}");
 }
+
+/// A Spot interruption warning for an ECS container instance, then the terminate hook: the
+/// layer's `interrupt` drain starts at once, and the terminate steps (a drain that cannot
+/// finish: the cluster has no other instance) are cut at the deadline, the history saying
+/// why; `{deadline}` is the deadline. EC2 terminates the instance at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_interruption_drains_at_once_and_cuts_the_terminate_steps_at_its_deadline() {
+    use serde_json::json;
+    let emu = Emulator::start();
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-spot", 1, 300).await;
+    let (id, arn) = &members[0];
+    service_tasks(&ecs, "ecs-spot", arn, 2).await;
+    // EC2's warnings reach the queue through an EventBridge rule, as the README shows.
+    let pattern = json!({"source": ["aws.ec2"], "detail-type": [
+        "EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"]});
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutRule",
+        json!({"Name": "ec2-warnings", "EventPattern": pattern.to_string()}),
+    );
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutTargets",
+        json!({"Rule": "ec2-warnings", "Targets": [{"Id": "q", "Arn": q.arn}]}),
+    );
+    let (topic, results) = aws.topic_with_queue("results").await;
+    let layer = r#"
+[layers.ecs]
+groups = ["ecs-*"]
+interrupt = [ { ecs_drain = { cluster = "{metadata.cluster}", poll = "1s" }, timeout = "10m" } ]
+terminate = [
+  { tag = { GoneBy = "{deadline}" } },
+  { ecs_drain = { cluster = "{metadata.cluster}", poll = "1s" }, timeout = "20m" },
+]
+"#;
+    let p = Provision::new(&emu, &q, Some(&topic), layer);
+    let d = p.daemon();
+    // A rebalance recommendation first: recorded and published, nothing runs.
+    emu.control(
+        "POST",
+        "/_emulator/spot",
+        Some(json!({"instance_id": id, "kind": "rebalance"})),
+    );
+    eventually(
+        "the recommendation recorded",
+        Duration::from_secs(15),
+        || async {
+            p.history()
+                .iter()
+                .any(|r| {
+                    r.outcome.as_str() == "skipped"
+                        && r.error
+                            .as_deref()
+                            .unwrap_or("")
+                            .starts_with("rebalance-recommendation recorded and published")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(running(&ecs, "ecs-spot", arn).await.0, "ACTIVE");
+    // The warning reaches the queue 8 s before the instance goes (dated 112 s ago).
+    let sent = emu.control(
+        "POST",
+        "/_emulator/spot",
+        Some(json!({"instance_id": id, "notice_seconds": 8})),
+    );
+    let deadline_ms = (sent["deadline"].as_f64().expect("a deadline") * 1000.0) as i64;
+    let runs_over = || {
+        let runs: Vec<_> = p
+            .history()
+            .into_iter()
+            .filter(|r| r.transition.as_deref() == Some("terminate"))
+            .collect();
+        (runs.len() == 2 && runs.iter().all(|r| r.finished_at.is_some())).then_some(runs)
+    };
+    let runs = eventually(
+        "the interrupt and terminate runs to end",
+        Duration::from_secs(30),
+        || async { runs_over() },
+    )
+    .await;
+    eventually(
+        "EC2 to terminate the instance at the deadline",
+        Duration::from_secs(10),
+        || async { (aws.instance_state(id).await == "terminated").then_some(()) },
+    )
+    .await;
+    let log = {
+        let mut d = d;
+        d.signal("TERM");
+        assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+        d.log()
+    };
+
+    let interrupt = runs
+        .iter()
+        .find(|r| r.steps.len() == 1)
+        .expect("the interrupt run");
+    let terminate = runs
+        .iter()
+        .find(|r| r.steps.len() == 2)
+        .expect("the terminate run");
+    // At once: the interrupt drain started well before the deadline, and was cut at it.
+    let drain = &interrupt.steps[0];
+    assert_eq!(drain.kind, "ecs_drain", "{interrupt:?}");
+    assert!(
+        drain.started_at < deadline_ms - 4000,
+        "{interrupt:?}\n{log}"
+    );
+    assert!(
+        drain.finished_at.unwrap() <= deadline_ms + 1500,
+        "{interrupt:?}"
+    );
+    // The terminate steps: the tag carries the deadline, the drain is cut at it, the
+    // history says so.
+    assert_eq!(terminate.steps[0].outcome, "succeeded", "{terminate:?}");
+    let last = &terminate.steps[1];
+    assert_eq!(last.outcome, "failed", "{terminate:?}");
+    assert!(
+        last.finished_at.unwrap() <= deadline_ms + 1500,
+        "{terminate:?}"
+    );
+    let error = terminate.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("cut to the Spot interruption deadline"),
+        "{terminate:?}"
+    );
+    let events = aws.results(&results).await;
+    assert!(
+        events.iter().any(|e| e["type"] == "provision.interruption"
+            && e["kind"] == "rebalance-recommendation"
+            && e["deadline"].is_null()),
+        "{events:?}"
+    );
+    let warning = events
+        .iter()
+        .find(|e| e["type"] == "provision.interruption" && e["kind"] == "spot-interruption")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(warning["instance_id"], id.as_str());
+    let deadline = warning["deadline"].as_str().unwrap().to_string();
+    assert!(error.contains(&deadline), "{error} / {deadline}");
+    assert_eq!(
+        aws.tags(id).await.get("GoneBy"),
+        Some(&deadline),
+        "{{deadline}} in a template"
+    );
+}
+
+/// A Spot warning for an instance no layer manages is recorded as unmatched, like any
+/// unmatched event, and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_warning_for_an_instance_no_layer_manages_is_unmatched() {
+    use serde_json::json;
+    let emu = Emulator::start();
+    let aws = Aws::new(&emu).await;
+    let q = aws.queue("lifecycle").await;
+    aws.group("batch-spot").await;
+    aws.scale("batch-spot", 1).await;
+    let id = aws.instances("batch-spot").await.remove(0).0;
+    let pattern = json!({"source": ["aws.ec2"]});
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutRule",
+        json!({"Name": "ec2-warnings", "EventPattern": pattern.to_string()}),
+    );
+    emu.aws_json(
+        "events",
+        "AWSEvents.PutTargets",
+        json!({"Rule": "ec2-warnings", "Targets": [{"Id": "q", "Arn": q.arn}]}),
+    );
+    emu.control(
+        "POST",
+        "/_emulator/spot",
+        Some(json!({"instance_id": id, "notice_seconds": 30})),
+    );
+    let p = Provision::new(&emu, &q, None, &layer("2m"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let runs = p.history();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].outcome.as_str(), "unmatched", "{runs:?}");
+    assert!(
+        runs[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("spot-interruption"),
+        "{runs:?}"
+    );
+    assert!(!emu.calls().contains_key("ecs:ListContainerInstances"));
+}

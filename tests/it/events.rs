@@ -135,6 +135,36 @@ fn eventbridge_launch_and_terminate() {
 }
 
 #[test]
+fn spot_interruptions_and_rebalance_recommendations_are_warnings_with_their_deadline() {
+    use provision::event::InterruptionKind;
+    let warning = |name: &str| match event::parse(&fixture(name)) {
+        Parsed::Interruption(i) => i,
+        other => panic!("{name}: expected an interruption, got {other:?}"),
+    };
+    let spot = warning("eventbridge-spot-interruption.json");
+    assert_eq!(spot.instance_id.as_str(), "i-1234567890abcdef0");
+    assert_eq!(spot.kind, InterruptionKind::SpotInterruption);
+    let at = |s: &str| {
+        humantime::parse_rfc3339(s)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    assert_eq!(spot.deadline_ms, Some(at("2026-12-02T01:02:00Z")));
+    let rebalance = warning("eventbridge-rebalance-recommendation.json");
+    assert_eq!(rebalance.kind, InterruptionKind::RebalanceRecommendation);
+    assert_eq!(rebalance.deadline_ms, None);
+    // A warning about an instance id that is not one is rejected like any other message.
+    let forged = fixture("eventbridge-spot-interruption.json")
+        .replace("\"i-1234567890abcdef0\"", "\"i-1; rm -rf /\"");
+    assert!(matches!(
+        event::parse(&forged),
+        Parsed::Reject(Reject::BadInstanceId(_))
+    ));
+}
+
+#[test]
 fn test_notifications_are_skipped() {
     for name in ["test-notification.json", "sns-test-notification.json"] {
         match event::parse(&fixture(name)) {
@@ -182,7 +212,7 @@ fn bad_messages_are_rejected_or_skipped_with_a_reason() {
         let reason = match &parsed {
             Parsed::Reject(r) => r.to_string(),
             Parsed::Skip(s) => s.to_string(),
-            Parsed::Event(_) => unreachable!(),
+            Parsed::Event(_) | Parsed::Interruption(_) => unreachable!(),
         };
         assert!(reason.len() > 10, "{name}: reason too thin: {reason:?}");
     }

@@ -20,7 +20,8 @@ groups = ["web-*"]
 launch = [ { tag = { Name = "web-{instance_id}", Layer = "{layer}" } } ]
 "#;
 
-/// Every claim in the table: token -> (state, owner, lease_until ms).
+/// Every token's claim in the table: token -> (state, owner, lease_until ms). The action
+/// keys runs hold beside their tokens while they work (`instance-action:...`) are left out.
 async fn claims(db: &aws_sdk_dynamodb::Client) -> BTreeMap<String, (String, String, i64)> {
     let items = db
         .scan()
@@ -46,6 +47,7 @@ async fn claims(db: &aws_sdk_dynamodb::Client) -> BTreeMap<String, (String, Stri
                 .unwrap_or(0);
             (s(i, "token"), (s(i, "state"), s(i, "owner"), until))
         })
+        .filter(|(token, _)| !token.starts_with("instance-action:"))
         .collect()
 }
 

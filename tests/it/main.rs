@@ -15,6 +15,7 @@ mod fleet;
 mod hosts;
 mod lambda;
 mod monitoring;
+mod reconcile;
 mod ssh_steps;
 mod ssm_opsworks;
 mod trust;

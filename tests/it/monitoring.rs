@@ -258,6 +258,9 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_one_the_daemon_exports(
         .await;
     let p = Provision::new(&emu, &q, None, WEB_LAYER);
     p.serve_metrics();
+    // Reconcile passes too, so that its per-group series exist.
+    p.set("reconcile.interval", "1s");
+    p.set("reconcile.unconfigured", "report");
     let mut daemon = p.daemon();
     let port = daemon.metrics_port();
     eventually("the launch handled", Duration::from_secs(60), || async {
@@ -267,7 +270,8 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_one_the_daemon_exports(
     let text = eventually("the run counted", Duration::from_secs(10), || async {
         let (head, body) = http(port, "GET /metrics?scrape=1 HTTP/1.1");
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.contains("provision_runs_total{").then_some(body)
+        (body.contains("provision_runs_total{") && body.contains("provision_reconcile_instances{"))
+            .then_some(body)
     })
     .await;
     // What a scraper sees on the wire (the endpoint's unit tests cover each case).
@@ -286,6 +290,7 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_one_the_daemon_exports(
         ("provision_runs_total", &["layer", "outcome"][..]),
         ("provision_step_duration_seconds_bucket", &["kind", "le"]),
         ("provision_aws_calls_total", &["service", "operation"]),
+        ("provision_reconcile_instances", &["group", "kind"]),
     ] {
         let have = exported
             .get(name)

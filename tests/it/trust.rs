@@ -245,7 +245,11 @@ async fn a_launch_announced_before_the_descriptions_show_it_waiting_is_proven_an
     // (not `Pending:Wait`) while its launch action is already active.
     let w = World::builder("web-lag").metadata(METADATA).start().await;
     let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
-    emu.control("POST", "/_emulator/lag", Some(serde_json::json!({"describe_seconds": 20})));
+    emu.control(
+        "POST",
+        "/_emulator/lag",
+        Some(serde_json::json!({"describe_seconds": 20})),
+    );
     aws.scale("web-lag", 1).await;
     let (instance, state) = aws.instances("web-lag").await.remove(0);
     assert_eq!(state, "Pending", "the descriptions lag");
@@ -257,7 +261,10 @@ async fn a_launch_announced_before_the_descriptions_show_it_waiting_is_proven_an
     let finished = emu.finished_actions();
     assert_eq!(finished.len(), 1, "{log}");
     assert_eq!(finished[0]["result"], "CONTINUE");
-    assert_eq!(aws.tags(&instance).await.get("Name"), Some(&format!("web-{instance}")));
+    assert_eq!(
+        aws.tags(&instance).await.get("Name"),
+        Some(&format!("web-{instance}"))
+    );
     let run = p.last_run(&instance, "launch");
     assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
     let note = run.error.as_deref().unwrap_or_default();

@@ -343,3 +343,37 @@ async fn a_pool_filling_at_once_is_verified_with_a_call_or_two() {
         "{calls:?}"
     );
 }
+
+/// An instance entering the pool whose message was lost waits in `Warmed:Pending:Wait`
+/// (DescribeWarmPool lists it, not the group): `provision reconcile` finds it through the
+/// group's warm pool and runs what entering the pool runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_works_a_pool_instance_whose_message_was_lost() {
+    let World { emu, aws, q, .. } = pool_group("web-wpr", false).await;
+    let warm = the_pool_instance(&aws, "web-wpr", "Warmed:Pending:Wait").await;
+    let lost = aws.drain(&q).await;
+    assert!(
+        lost.iter().any(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
+        "{lost:?}"
+    );
+    let p = Provision::new(&emu, &q, None, POOL_LAYER);
+    let out = p.output(&["reconcile"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("waiting") && l.contains(&warm))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("Warmed:Pending:Wait"), "{text}");
+    let tags = aws.tags(&warm).await;
+    assert_eq!(tag(&tags, "Setup").as_deref(), Some("EC2->WarmPool"));
+    assert_eq!(tag(&tags, "Phase").as_deref(), Some("pool-enter"));
+    assert_eq!(
+        the_pool_instance(&aws, "web-wpr", "Warmed:Stopped").await,
+        warm
+    );
+}

@@ -138,6 +138,15 @@ impl LifecycleState {
     }
 }
 
+/// A group as DescribeAutoScalingGroups lists it: its members and whether it has a warm
+/// pool (whose instances it does not list).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupView {
+    pub name: String,
+    pub members: Vec<Membership>,
+    pub has_warm_pool: bool,
+}
+
 /// A group's warm pool (DescribeWarmPool): its configuration and the instances in it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WarmPool {
@@ -185,6 +194,28 @@ pub trait Hooks: Send + Sync {
     /// The group's warm pool (DescribeWarmPool), None when it has none.
     async fn warm_pool(&self, _group: &str) -> Result<Option<WarmPool>, AwsError> {
         Ok(None)
+    }
+    /// Every group with its members (DescribeAutoScalingGroups, every page: 100 groups a
+    /// call with their instances).
+    async fn all_groups(&self) -> Result<Vec<GroupView>, AwsError> {
+        let mut out = Vec::new();
+        for name in self.groups().await? {
+            let members = self.group_members(&name).await?;
+            out.push(GroupView {
+                name,
+                members,
+                has_warm_pool: false,
+            });
+        }
+        Ok(out)
+    }
+    /// Marks an instance unhealthy (SetInstanceHealth, not respecting the health check
+    /// grace period): Auto Scaling replaces it, through the launch hook.
+    async fn set_unhealthy(&self, _instance: &InstanceId) -> Result<(), AwsError> {
+        Err(AwsError::permanent(
+            "autoscaling:SetInstanceHealth",
+            "not supported by this client",
+        ))
     }
 }
 
@@ -362,6 +393,52 @@ impl Hooks for AutoScalingHooks {
                     .unwrap_or_default(),
             })
             .collect())
+    }
+
+    async fn all_groups(&self) -> Result<Vec<GroupView>, AwsError> {
+        let mut pages = self
+            .client
+            .describe_auto_scaling_groups()
+            .max_records(100)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("autoscaling:DescribeAutoScalingGroups", e))?;
+            for g in page.auto_scaling_groups() {
+                let name = g.auto_scaling_group_name().unwrap_or_default().to_string();
+                let members = g
+                    .instances()
+                    .iter()
+                    .map(|i| Membership {
+                        instance_id: i.instance_id().unwrap_or_default().to_string(),
+                        group: name.clone(),
+                        state: i
+                            .lifecycle_state()
+                            .map(|s| s.as_str().into())
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                out.push(GroupView {
+                    has_warm_pool: g.warm_pool_configuration().is_some(),
+                    name,
+                    members,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set_unhealthy(&self, instance: &InstanceId) -> Result<(), AwsError> {
+        self.client
+            .set_instance_health()
+            .instance_id(instance.as_str())
+            .health_status("Unhealthy")
+            .should_respect_grace_period(false)
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:SetInstanceHealth", e))?;
+        Ok(())
     }
 
     async fn groups(&self) -> Result<Vec<String>, AwsError> {

@@ -10,7 +10,9 @@
 //! win: claiming is an UpdateItem that succeeds only on a new token, on a claim that is
 //! ours, or on one whose lease expired; losing it costs one strongly consistent GetItem to
 //! learn who holds it. A launch costs three writes (claim, decision, done) and a renewal
-//! per third of the lease while its steps run.
+//! per third of the lease while its steps run, plus two writes for its action key
+//! (`action_key.rs`: claimed, deleted when the run ends) and its renewals; with reconcile on, a
+//! terminate records its decommissioning (two writes) and a Spot warning its deadline (one).
 
 use std::collections::HashMap;
 use std::time::Duration;

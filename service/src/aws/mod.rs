@@ -70,7 +70,7 @@ pub mod sqs;
 pub mod ssm;
 
 pub use autoscaling::{
-    Action, ActionCall, HookInfo, Hooks, LifecycleState, Membership, WarmPoolState,
+    Action, ActionCall, GroupView, HookInfo, Hooks, LifecycleState, Membership, WarmPoolState,
 };
 pub use ec2::{InstanceInfo, InstanceState, Instances};
 pub use ecs::{ContainerInstance, ContainerInstanceStatus, Ecs};

@@ -23,6 +23,8 @@
 mod chat;
 mod claim;
 mod complete;
+mod interrupt;
+mod meet;
 mod record;
 mod run;
 mod steps;
@@ -36,7 +38,7 @@ use tracing::{field, info, info_span, warn, Instrument};
 
 use crate::aws::{Action, Hooks, Services};
 use crate::batch::Batcher;
-use crate::claims::Claims;
+use crate::claims::{Claim, ClaimError, Claims};
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::event::{self, LifecycleEvent, Parsed};
@@ -48,6 +50,7 @@ use crate::step::Shared;
 use crate::store::Store;
 use crate::template::Context;
 
+pub use meet::{decommissioned_key, CONFIGURED_TAG};
 pub use record::{printable, RunReport, StepReport};
 pub use steps::Progress;
 
@@ -89,6 +92,12 @@ pub struct Job {
     /// Step progress, for a person watching.
     pub progress: Option<UnboundedSender<Progress>>,
     pub trust: Trust,
+    /// The instance no longer exists (the reconciler found it gone without its terminate
+    /// run): only steps that act through AWS without it run ([`crate::step::Step::acts_without_instance`]).
+    pub instance_gone: bool,
+    /// Run the layer's `interrupt` list (EC2 warned of a Spot interruption) instead of the
+    /// event's phase's.
+    pub interrupt: bool,
 }
 
 impl Job {
@@ -108,6 +117,8 @@ impl Job {
             finish: Finish::Complete,
             progress: None,
             trust: Trust::Verify,
+            instance_gone: false,
+            interrupt: false,
         }
     }
 
@@ -151,6 +162,8 @@ pub struct Pipeline {
     fleet_history: Option<Batcher<String>>,
     verifier: Verifier,
     working: Working,
+    /// Action keys worked by this process's runs (`action_key`, `meet.rs`).
+    actions: Arc<crate::action_key::Local>,
     owner: String,
     host: String,
     pub stats: Arc<Stats>,
@@ -194,6 +207,7 @@ impl Pipeline {
             publisher: p.publisher,
             fleet_history: None,
             working: Working::default(),
+            actions: Arc::default(),
             owner: crate::claims::owner_id(&host),
             host,
             stats: p.stats,
@@ -220,6 +234,37 @@ impl Pipeline {
 
     pub fn leases(&self) -> &Leases {
         &self.leases
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Who works the action `key` names now (`action_key`): a run of this process, or
+    /// another owner holding its claim; None when nobody does.
+    pub async fn working_on(&self, key: &str) -> Result<Option<String>, ClaimError> {
+        if self.actions.busy(key) {
+            return Ok(Some(format!("{} (this process)", self.host)));
+        }
+        Ok(match self.claims.peek(key, &self.owner).await? {
+            Claim::Held { owner, .. } => Some(owner),
+            _ => None,
+        })
+    }
+
+    /// What the claim store holds for `key`, without writing.
+    pub async fn peek_claim(&self, key: &str) -> Result<Claim, ClaimError> {
+        self.claims.peek(key, &self.owner).await
+    }
+
+    /// Publishes an event of the process's own (not a run's result) to the result topic,
+    /// when one is configured.
+    pub async fn publish(&self, body: String) {
+        if let Some(publisher) = &self.publisher {
+            if let Err(e) = publisher.submit(body).await {
+                warn!(error = %e, "could not publish an event to the result topic");
+            }
+        }
     }
 
     /// One line per step, templates filled in for this event (`--dry-run`).
@@ -295,6 +340,7 @@ impl Pipeline {
                 self.record_unworked(msg, Outcome::Skipped, &reason.to_string())
                     .await
             }
+            Parsed::Interruption(i) => self.interruption(delivery, i, cancel).await,
             Parsed::Event(ev) => {
                 let job = Job::from_message(ev, &msg.id);
                 self.run(job, delivery.lease(), cancel).await.outcome

@@ -116,6 +116,11 @@ pub(super) struct Run<'a> {
     /// This process's turn at the token, held until the run is recorded (and its claim,
     /// if forgotten, released), so a second delivery waiting here finds it settled.
     turn: Option<WorkingGuard<'a>>,
+    /// The action key, held from before Auto Scaling is asked until the run ends
+    /// (`meet.rs`).
+    pub(super) action_hold: Option<crate::action_key::Hold>,
+    /// The Spot interruption deadline of a terminate run's instance (`steps.rs`), RFC 3339.
+    pub(super) deadline: Option<String>,
 }
 
 impl<'a> Run<'a> {
@@ -137,6 +142,8 @@ impl<'a> Run<'a> {
             confirmed: false,
             lost: Arc::default(),
             turn: None,
+            action_hold: None,
+            deadline: None,
         }
     }
 
@@ -170,6 +177,8 @@ impl<'a> Run<'a> {
         let claim = self.claim(&layer).await?;
         // Ours until the run ends: renewed meanwhile; losing it stops the steps.
         let (_keeper, stop) = self.hold_claim();
+        // Every path to the action (message, reconciler, operator) meets here (meet.rs).
+        self.hold_action(&stop).await?;
         let result = match claim {
             Claim::Decided(result) => {
                 info!(%result, "steps already ran for this action; completing their decision");
@@ -179,12 +188,17 @@ impl<'a> Run<'a> {
             _ => self.run_steps(&layer, &stop).await?, // steps.rs
         };
         self.decide(result, &stop).await?;
+        self.mark_configured(result).await; // meet.rs
+        self.mark_decommissioned(result).await; // meet.rs
         self.complete(result, &stop).await // complete.rs
     }
 
     /// How the run ended, into its report, its claim and its history row; the result
     /// event published when the run is final.
     async fn end(mut self, ended: Result<(), End>) -> RunReport {
+        if let Some(hold) = self.action_hold.take() {
+            hold.release().await;
+        }
         if let Err(end) = ended {
             end.log();
             // A run that ended before its row was opened (rejected, a duplicate, AWS not

@@ -14,6 +14,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::record::clip;
 use super::run::{End, Run};
 use super::{Job, StepReport};
+use crate::event::Transition;
 use crate::layer::Layer;
 use crate::outcome::{HookResult, Outcome, StepOutcome};
 use crate::step::{Step, StepContext, StepError, StepOutput};
@@ -69,14 +70,21 @@ impl Run<'_> {
         layer: &Layer,
         stop: &CancellationToken,
     ) -> Result<HookResult, End> {
-        let steps = layer.steps(self.job.event.phase());
-        for (idx, step) in steps.iter().enumerate() {
+        let steps = self.steps_to_run(layer);
+        let deadline = self.spot_deadline().await;
+        for (idx, &step) in steps.iter().enumerate() {
             let at = At {
                 idx,
                 total: steps.len(),
             };
+            let cut = deadline.and_then(|d| cut_to(step, d));
+            let step = cut.as_ref().unwrap_or(step);
             let failure = match self.run_step(layer, at, step, stop).await {
                 StepEnd::Done(Ok(_)) => continue,
+                StepEnd::Done(Err(e)) if cut.is_some() => format!(
+                    "{e} (its timeout was cut to the Spot interruption deadline {})",
+                    self.deadline.as_deref().unwrap_or_default()
+                ),
                 StepEnd::Done(Err(e)) => e.to_string(),
                 StepEnd::ActionGone => ACTION_GONE.to_string(),
                 StepEnd::Stopped => return Err(self.stopped()),
@@ -86,6 +94,49 @@ impl Run<'_> {
             return Ok(layer.on_failure);
         }
         Ok(HookResult::Continue)
+    }
+
+    /// The steps this run runs: the layer's `interrupt` list for a Spot interruption, else
+    /// its phase's; for an instance that is gone, only those that act without it (the
+    /// others named in the run's note).
+    fn steps_to_run<'l>(&mut self, layer: &'l Layer) -> Vec<&'l Step> {
+        let all = if self.job.interrupt {
+            &layer.interrupt[..]
+        } else {
+            layer.steps(self.job.event.phase())
+        };
+        let steps: Vec<&Step> = all
+            .iter()
+            .filter(|s| !self.job.instance_gone || s.acts_without_instance())
+            .collect();
+        if steps.len() < all.len() {
+            let skipped: Vec<String> = all
+                .iter()
+                .filter(|s| !s.acts_without_instance())
+                .map(Step::describe)
+                .collect();
+            self.report.note = Some(format!(
+                "reconciled: the instance is gone; steps that need it were not run: {}",
+                skipped.join("; ")
+            ));
+        }
+        steps
+    }
+
+    /// The Spot interruption deadline of the instance a terminate (or interrupt) run
+    /// works, when EC2 warned of one: kept for `{deadline}`, and said in the run's note.
+    async fn spot_deadline(&mut self) -> Option<i64> {
+        if self.job.event.transition != Transition::Terminate {
+            return None;
+        }
+        let deadline = self.p.deadline_of(&self.job.event.instance_id).await?;
+        let at = crate::clock::rfc3339(deadline);
+        info!(deadline = %at, "Spot interruption: every step's timeout is cut to the deadline");
+        self.report.note = Some(format!(
+            "Spot interruption: the instance goes at {at}; each step's timeout was cut to what was left"
+        ));
+        self.deadline = Some(at);
+        Some(deadline)
     }
 
     /// One step: recorded, timed, reported.
@@ -107,7 +158,8 @@ impl Run<'_> {
             }
         };
         let ctx = StepContext {
-            template: Context::new(&job.event, &layer.name, &layer.vars),
+            template: Context::new(&job.event, &layer.name, &layer.vars)
+                .with_deadline(self.deadline.as_deref()),
             services: &p.services,
             shared: &p.shared,
             retry_for: p.cfg.aws.retry_for,
@@ -204,4 +256,14 @@ struct Finished {
     kind: &'static str,
     description: String,
     elapsed: Duration,
+}
+
+/// `step` with its timeout cut to what is left until `deadline` (ms since the epoch), when
+/// that is shorter.
+fn cut_to(step: &Step, deadline: i64) -> Option<Step> {
+    let left = Duration::from_millis((deadline - crate::clock::now_ms()).max(1) as u64);
+    (left < step.timeout).then(|| Step {
+        timeout: left,
+        ..step.clone()
+    })
 }

@@ -19,6 +19,8 @@ path = "unused"
 claim_lease = "3s"
 [aws]
 retry_for = "1s"
+[reconcile]
+unconfigured = "off"
 [layers.web]
 groups = ["web-*"]
 launch = [ { tag = { Name = "web-{instance_id}", Env = "{metadata.environment}" } } ]

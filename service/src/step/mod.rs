@@ -235,6 +235,13 @@ pub fn require_declared(t: &Template, key: &str, vars: &Vars) -> Vec<ConfigError
 }
 
 impl Step {
+    /// Whether the step does its work through AWS APIs without the instance (OpsWorks
+    /// deregistration), so it can still run for an instance that is gone. A tag on a
+    /// terminated instance is pointless, a drain finds nothing, SSH and SSM reach nobody.
+    pub fn acts_without_instance(&self) -> bool {
+        matches!(self.kind, StepKind::OpsWorks(_))
+    }
+
     pub fn kind_name(&self) -> &'static str {
         match &self.kind {
             StepKind::Tag(_) => "tag",

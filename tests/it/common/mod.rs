@@ -816,6 +816,10 @@ impl Provision {
         }
         set_key(&mut table, "state.path", path_str(&state));
         set_key(&mut table, "metrics.listen", "off");
+        // Reconcile is the tests' to turn on (`reconcile` suite): off, no pass competes with
+        // the messages a test sends, and no launch writes the configured mark.
+        set_key(&mut table, "reconcile.interval", "off");
+        set_key(&mut table, "reconcile.unconfigured", "off");
         let extra: toml::Table = extra
             .parse()
             .unwrap_or_else(|e| panic!("the test's TOML: {e}\n{extra}"));
