@@ -1204,13 +1204,19 @@ def _take_faults(service: str, action: str, key: str | None = None) -> tuple[flo
 #   server-nocode HTTP 500 with an empty body: no error code at all
 #   html          HTTP 503 with a proxy's HTML page
 #   reset         no answer: the connection is reset (TCP RST)
-FAULT_KINDS = ("throttle", "server", "contention", "server-nocode", "html", "reset")
+#   http429       HTTP 429 Too Many Requests with a plain body (a proxy or gateway's rate limit)
+#   http408       HTTP 408 Request Timeout with a plain body (a proxy that gave up reading)
+FAULT_KINDS = ("throttle", "server", "contention", "server-nocode", "html", "reset", "http429", "http408")
 
 
 def _bare_error_response(kind: str) -> tuple[str, list, bytes] | None:
     """The faults that carry no AWS error document."""
     if kind == "server-nocode":
         return "500 Internal Server Error", [("Content-Type", "text/plain")], b""
+    if kind == "http429":
+        return "429 Too Many Requests", [("Content-Type", "text/plain")], b"Too Many Requests"
+    if kind == "http408":
+        return "408 Request Timeout", [("Content-Type", "text/plain")], b"Request Timeout"
     if kind == "html":
         body = (b"<html><head><title>503 Service Temporarily Unavailable</title></head><body>"
                 b"<center><h1>503 Service Temporarily Unavailable</h1></center></body></html>")

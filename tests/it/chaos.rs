@@ -26,6 +26,9 @@ const TRANSIENT: [&str; 6] = [
     "throttle",
 ];
 
+/// What a proxy or gateway in front of AWS may answer instead: HTTP 429 and 408, no AWS code.
+const GATEWAY: [&str; 2] = ["http429", "http408"];
+
 const WEB_LAYER: &str = r#"
 [layers.web]
 groups = ["web-*"]
@@ -119,14 +122,18 @@ fn fast(extra: &str) -> String {
 async fn complete_rides_out_every_transient_fault() {
     let w = world("web-c", 1, 300, 2).await;
     w.each_transient_fault("autoscaling", "CompleteLifecycleAction");
+    for kind in GATEWAY {
+        w.emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": 1, "error": kind}));
+    }
     let p = Provision::new(&w.emu, &w.q, None, &fast("retry_for = \"1s\""));
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
-    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 7, "{log}");
+    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 9, "{log}");
     for class in [
         "transient: server error",
         "transient: throttled",
         "transient: connection error",
+        "transient: timeout",
     ] {
         assert!(log.contains(class), "{class} not in:\n{log}");
     }
@@ -489,7 +496,31 @@ async fn sigkill_after_completing() {
         runs.iter().any(|r| r.outcome.as_str() == "duplicate"),
         "{runs:#?}"
     );
-    // The result event went out once: the killed run's (the duplicate publishes nothing).
+    // The result event went out: the killed run's, which SNS answered after the kill, and
+    // its copy in the outbox (put there before the action was recorded done), which the
+    // fresh daemon republished: at least once, at most twice, always the same run.
+    let results = results.unwrap();
+    tokio::time::sleep(Duration::from_secs(12)).await; // past the held publish
+    let events = w.aws.results(&results).await;
+    assert!((1..=2).contains(&events.len()), "{events:?}");
+    for e in &events {
+        assert_eq!(e["outcome"], "succeeded", "{events:?}");
+        assert_eq!(e["hook_result"], "CONTINUE", "{events:?}");
+        assert_eq!(e["run_id"], events[0]["run_id"], "{events:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_publishing_a_result_sns_never_gets_loses_no_event() {
+    // Killed while its publish is held, and SNS then refuses it: the event never went out.
+    // It was in the outbox before the action was recorded done, so the fresh daemon (whose
+    // redelivery is a duplicate, publishing nothing) republishes it.
+    let faults = [
+        json!({"service": "sns", "action": "PublishBatch", "count": 1, "delay_seconds": 10}),
+        json!({"service": "sns", "action": "PublishBatch", "count": 1, "error": "server"}),
+    ];
+    let (w, p, results) = kill_at("pub", &faults, "sns:PublishBatch", 1, true).await;
+    assert_history_after_completion(&p);
     let results = results.unwrap();
     let events = eventually("the result event", Duration::from_secs(30), || async {
         let events = w.aws.results(&results).await;
@@ -498,7 +529,6 @@ async fn sigkill_after_completing() {
     .await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["outcome"], "succeeded", "{events:?}");
-    assert_eq!(events[0]["hook_result"], "CONTINUE", "{events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,5 +633,34 @@ async fn shutdown_while_completing_keeps_failing_exits_in_time_and_keeps_the_dec
                 .as_deref()
                 .is_some_and(|c| c.starts_with("decided by run"))),
         "the next delivery completed the kept decision: {runs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claims_table_rides_out_every_transient_fault() {
+    // The fleet's claims table (DynamoDB) answers each transient fault once on its writes:
+    // the claim waits in flight and is tried again; the decision and `done`, written within
+    // the lease, are logged when they fail. The launch completes once.
+    let w = World::builder("web-d")
+        .heartbeat(300)
+        .metadata(METADATA)
+        .dead_letter_after(2)
+        .claims("10s")
+        .instances(1)
+        .start()
+        .await;
+    w.each_transient_fault("dynamodb", "UpdateItem");
+    let p = w.provision_with(None, &fast("retry_for = \"1s\""));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    w.assert_all_continued(1).await;
+    assert_eq!(
+        w.emu.faults_left(),
+        Vec::<Value>::new(),
+        "every fault was met: {log}"
+    );
+    assert!(
+        log.contains("the claim store fails for a transient reason"),
+        "{log}"
     );
 }

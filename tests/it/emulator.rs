@@ -1264,3 +1264,36 @@ async fn a_message_that_waited_in_a_backlog_is_heartbeated_at_pickup() {
     );
     assert_in_service_and_tagged(&aws, "web-late", 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_never_takes_more_than_max_in_flight() {
+    let w = World::builder("web-slots")
+        .metadata(METADATA)
+        .layer(WEB_LAYER)
+        .instances(6)
+        .start()
+        .await;
+    let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
+    // Each step takes 2 s: six launches, two at a time.
+    emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 2}));
+    let p = w.provision();
+    p.set("queue.max_in_flight", 2i64);
+    let mut d = p.daemon();
+    let mut most = 0;
+    for _ in 0..600 {
+        let (_, in_flight) = aws.approximate_messages(q).await;
+        most = most.max(in_flight);
+        if emu.finished_actions().len() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+    assert_eq!(emu.finished_actions().len(), 6, "{}", d.log());
+    assert!(most >= 1, "the daemon was seen working");
+    assert!(
+        most <= 2,
+        "{most} messages in flight at once, max_in_flight is 2"
+    );
+}

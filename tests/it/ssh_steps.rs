@@ -1433,3 +1433,61 @@ async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
     let logs = ansible_logs(&p);
     assert_eq!(logs.len(), 2, "the first run and one follow-up: {logs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_token_beside_the_genuine_launch_leaves_its_playbook_and_host_keys_alone() {
+    let w = World::new("web-forge", 300, Some(r#"{"role":"api"}"#)).await;
+    let hosts = w.launch("web-forge", 1, |net, ip| net.host(ip)).await;
+    let id = &hosts[0].0;
+    // The genuine launch message, and two copies with tokens of the sender's choosing: one
+    // dated an hour back (it would be heartbeated at pickup, fail, and be decided ABANDON,
+    // forgetting the instance's host keys mid-playbook), one fresh.
+    let genuine = w
+        .aws
+        .drain(&w.q)
+        .await
+        .into_iter()
+        .find(|b| b.contains("EC2_INSTANCE_LAUNCHING"))
+        .unwrap();
+    let forge = |token: &str| {
+        let mut v: Value = serde_json::from_str(&genuine).unwrap();
+        v["LifecycleActionToken"] = token.into();
+        v.to_string()
+    };
+    let aged = common::backdated(
+        &forge("0badf00d-0000-4000-8000-00000000000a"),
+        Duration::from_secs(3600),
+    );
+    let fresh = forge("0badf00d-0000-4000-8000-00000000000b");
+    for body in [&aged, &fresh, &genuine] {
+        w.aws.send(&w.q, body).await;
+    }
+    let p = w.provision(MARKER_LAYER);
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    // The genuine launch: its playbook ran once, its keys are still known, CONTINUE.
+    assert!(w.dir(id).join("marker").exists(), "{log}");
+    assert_eq!(ansible_logs(&p).len(), 1, "one ansible-playbook run: {log}");
+    let known = p.dir.join("known_hosts.d").join(id);
+    assert!(known.exists(), "the instance's host keys were kept: {log}");
+    let results = results_by_instance(&w.emu);
+    assert_eq!(results[id.as_str()]["result"], "CONTINUE", "{log}");
+    assert_eq!(w.emu.finished_actions().len(), 1);
+    // The forged copies: rejected, nothing decided.
+    let runs = p.history();
+    let rejected: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome.as_str() == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 2, "{runs:#?}");
+    assert!(rejected
+        .iter()
+        .all(|r| r.decision.is_none() && r.steps.is_empty()));
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.outcome.as_str() == "succeeded")
+            .count(),
+        1,
+        "{runs:#?}"
+    );
+}

@@ -164,8 +164,12 @@ impl<'a> Run<'a> {
         // changes nothing, so deliveries for one instance ask at once: junk naming an
         // instance cannot hold up its genuine message.
         self.confirm().await?;
-        // One run per instance in this process; a second delivery waits (claim.rs).
-        self.turn = Some(self.wait_turn().await?);
+        // One run per instance's lifecycle actions in this process; a second delivery waits
+        // (claim.rs). A Spot warning's `interrupt` steps (no action of their own) start at
+        // once, beside the terminate run they are there to get ahead of.
+        if !self.job.interrupt {
+            self.turn = Some(self.wait_turn().await?);
+        }
         self.start_heartbeat().await;
         // Routed on the hook's metadata and the phase AWS confirmed, not the message's.
         let Some(layer) = self.p.layer_for(&self.job) else {
