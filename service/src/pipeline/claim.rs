@@ -48,6 +48,7 @@ impl Working {
         token: &str,
         cancel: &CancellationToken,
     ) -> Option<WorkingGuard<'_>> {
+        let mut waited = false;
         loop {
             let mut busy = {
                 let mut working = self.0.lock().unwrap();
@@ -60,11 +61,13 @@ impl Working {
                             working: self,
                             token: token.to_string(),
                             tx,
+                            waited,
                         });
                     }
                 }
             };
             info!("the same instance is being worked on here; waiting for that run");
+            waited = true;
             tokio::select! {
                 _ = busy.wait_for(|done| *done) => {}
                 _ = cancel.cancelled() => return None,
@@ -78,6 +81,8 @@ pub(super) struct WorkingGuard<'a> {
     working: &'a Working,
     token: String,
     tx: watch::Sender<bool>,
+    /// Whether another run of the instance went first (it may have ended the action).
+    pub(super) waited: bool,
 }
 
 impl Drop for WorkingGuard<'_> {
@@ -219,7 +224,7 @@ impl<'a> Run<'a> {
         let mut claim = self.in_flight(claim_it).await?;
         while let Claim::Held { owner, until_ms } = &claim {
             info!(holder = %owner, lease_left_ms = until_ms - now_ms(),
-                "another owner works this lifecycle action; waiting for it to finish or its lease to expire");
+    "another owner works this lifecycle action; waiting for it to finish or its lease to expire");
             let mut peeked = claim.clone();
             while matches!(peeked, Claim::Held { .. }) {
                 tokio::select! {

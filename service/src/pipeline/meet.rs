@@ -38,7 +38,8 @@ impl Run<'_> {
         };
         let rounds = in_flight_rounds(p.cfg.aws.retry_for);
         let says = "the claim store fails for a transient reason; trying again";
-        let mut waited = false;
+        // A run of this instance that went first here may have ended the action meanwhile.
+        let mut waited = self.turn_waited();
         loop {
             waited |= p.actions.busy(&key);
             let turn = p

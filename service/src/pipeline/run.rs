@@ -404,6 +404,11 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Whether this run waited for another run of its instance in this process.
+    pub(super) fn turn_waited(&self) -> bool {
+        self.turn.as_ref().is_some_and(|t| t.waited)
+    }
+
     /// Why `stop` fired: the source stopped waiting, or the claim is no longer ours.
     pub(super) fn stopped(&self) -> End {
         match self.lost.get() {
