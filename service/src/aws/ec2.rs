@@ -56,6 +56,18 @@ pub trait Instances: Send + Sync {
         instance: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), AwsError>;
+    /// The same tags on many instances. One call per instance unless the implementation
+    /// tags them together (EC2's CreateTags takes many resources).
+    async fn tag_all(
+        &self,
+        instances: &[InstanceId],
+        tags: &[(String, String)],
+    ) -> Result<(), AwsError> {
+        for i in instances {
+            self.create_tags(i, tags).await?;
+        }
+        Ok(())
+    }
     /// DescribeInstances for many instances (one call per 200 ids). Unknown ids are simply
     /// absent from the answer, never an error.
     async fn describe(&self, ids: &[InstanceId]) -> Result<Vec<InstanceInfo>, AwsError>;
@@ -156,6 +168,29 @@ impl Instances for Ec2Instances {
         self.client
             .create_tags()
             .resources(instance.as_str())
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| classify("ec2:CreateTags", e))?;
+        Ok(())
+    }
+
+    async fn tag_all(
+        &self,
+        instances: &[InstanceId],
+        tags: &[(String, String)],
+    ) -> Result<(), AwsError> {
+        use aws_sdk_ec2::types::Tag;
+        if instances.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .create_tags()
+            .set_resources(Some(instances.iter().map(|i| i.to_string()).collect()))
             .set_tags(Some(
                 tags.iter()
                     .map(|(k, v)| Tag::builder().key(k).value(v).build())

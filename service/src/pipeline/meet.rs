@@ -156,16 +156,16 @@ impl Run<'_> {
         {
             return;
         }
-        let value = format!(
-            "{} {}",
-            self.report.layer.as_deref().unwrap_or("-"),
-            crate::clock::rfc3339(now_ms())
-        );
-        let tags = [(CONFIGURED_TAG.to_string(), value)];
-        let instances = self.p.services.instances.clone();
-        let retry = self.p.cfg.aws.retry_for;
-        if let Err(e) = with_backoff(retry, || instances.create_tags(&ev.instance_id, &tags)).await
-        {
+        // The layer's name: the same value for a burst, so one CreateTags tags them all.
+        let value = self.report.layer.clone().unwrap_or_else(|| "-".into());
+        let tag = (CONFIGURED_TAG.to_string(), value);
+        let marked = self
+            .p
+            .shared
+            .mark
+            .submit((ev.instance_id.clone(), tag))
+            .await;
+        if let Err(e) = marked {
             warn!(error = %e, tag = CONFIGURED_TAG,
                 "could not mark the instance configured; reconcile will report it unconfigured");
         }

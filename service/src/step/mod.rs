@@ -141,6 +141,9 @@ impl From<ReachError> for StepError {
 pub struct Shared {
     /// DescribeInstances for all instances asked about within 50 ms, in one call.
     pub lookup: Batcher<InstanceId, InstanceInfo>,
+    /// The same tag on every instance given it within 200 ms, in one CreateTags per value
+    /// (the record reconcile reads that a launch was configured: `(instance, (key, value))`).
+    pub mark: Batcher<(InstanceId, (String, String))>,
     pub ssm_online: ssm::OnlineWatch,
     pub ssm_batches: gather::Gather<ssm::BatchKey, InstanceId, Result<String, String>>,
     pub ow_stacks: TtlCache<String, Vec<OwStack>>,
@@ -185,6 +188,7 @@ impl Shared {
         );
         Shared {
             lookup,
+            mark: marker(services.instances.clone(), retry_for),
             ssm_online: ssm::OnlineWatch::new(services.ssm.clone()),
             ssm_batches: gather::Gather::new(ssm_window, ssm::MAX_TARGETS),
             ow_stacks: TtlCache::new(Duration::from_secs(300)),
@@ -193,6 +197,33 @@ impl Shared {
             ansible,
         }
     }
+}
+
+/// Tags many instances with one CreateTags per distinct tag (a burst of launches in a
+/// layer shares one call).
+fn marker(
+    instances: Arc<dyn crate::aws::Instances>,
+    retry_for: Duration,
+) -> Batcher<(InstanceId, (String, String))> {
+    let (mark, _task) = Batcher::retried(
+        500,
+        Duration::from_millis(200),
+        retry_for,
+        move |items: Vec<(InstanceId, (String, String))>| {
+            let instances = instances.clone();
+            async move {
+                let mut by_tag: HashMap<(String, String), Vec<InstanceId>> = HashMap::new();
+                for (id, tag) in &items {
+                    by_tag.entry(tag.clone()).or_default().push(id.clone());
+                }
+                for (tag, ids) in by_tag {
+                    instances.tag_all(&ids, &[tag]).await?;
+                }
+                Ok(items.iter().map(|_| Ok(())).collect())
+            }
+        },
+    );
+    mark
 }
 
 /// The end of a command's output for the history: trimmed, at most `max` bytes, with `…`
