@@ -45,7 +45,16 @@ fn world_with_claims(
     instances: FakeInstances,
     claims: Option<Arc<dyn Claims>>,
 ) -> World {
-    let cfg = Arc::new(Config::parse(CONFIG, "test").unwrap());
+    world_from(CONFIG, hooks, instances, claims)
+}
+
+fn world_from(
+    config: &str,
+    hooks: FakeHooks,
+    instances: FakeInstances,
+    claims: Option<Arc<dyn Claims>>,
+) -> World {
+    let cfg = Arc::new(Config::parse(config, "test").unwrap());
     let hooks = Arc::new(hooks);
     let instances = Arc::new(instances);
     let stats = Arc::new(Stats::default());
@@ -814,5 +823,34 @@ async fn a_claim_store_refusing_for_good_returns_the_message_with_the_reason() {
             .as_deref()
             .is_some_and(|e| e.contains("AccessDeniedException")),
         "{runs:?}"
+    );
+}
+
+#[tokio::test]
+async fn daemon_unmatched_completes_only_an_action_auto_scaling_confirms() {
+    let config = CONFIG.replace("[aws]", "[daemon]\nunmatched = \"continue\"\n[aws]");
+    let w = world_from(
+        &config,
+        FakeHooks::default(),
+        FakeInstances::default(),
+        None,
+    );
+    // A group no layer takes. A message naming an instance that waits nowhere (its token
+    // cannot be the instance's action) is not completed for nobody's layer.
+    let forged = message("other-1", "t-forged", "{}");
+    assert_eq!(handle_as_is(&w, &forged).await, Ack::Delete);
+    assert!(
+        completions(&w).is_empty(),
+        "nothing completed for a forged message"
+    );
+    // A genuine action of that group is completed as `daemon.unmatched` says.
+    let genuine = message("other-1", "t-real", "{}");
+    assert_eq!(handle(&w, &genuine).await, Ack::Delete);
+    assert_eq!(completions(&w), [HookResult::Continue]);
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    let outcomes: Vec<&str> = h.iter().map(|r| r.outcome.as_str()).collect();
+    assert!(
+        outcomes.contains(&"rejected") && outcomes.contains(&"unmatched"),
+        "{outcomes:?}"
     );
 }
