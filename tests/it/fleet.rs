@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use common::{claims_table, eventually, Aws, Emulator, Provision, Running, World};
+use common::{claims_table, eventually, Emulator, Provision, Running, World};
 use serde_json::{json, Value};
 
 const LAUNCH: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
@@ -62,25 +62,6 @@ fn calls(emu: &Emulator, op: &str) -> u64 {
     emu.calls().get(op).and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// The launch notifications of `n` instances, read off the hook's own queue.
-async fn launches(aws: &Aws, source: &common::Queue, n: usize) -> Vec<String> {
-    let mut bodies = Vec::new();
-    for _ in 0..120 {
-        bodies.extend(
-            aws.drain(source)
-                .await
-                .into_iter()
-                .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
-        );
-        if bodies.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert_eq!(bodies.len(), n);
-    bodies
-}
-
 fn stop(mut d: Running) -> String {
     d.signal("TERM");
     assert_eq!(d.wait(Duration::from_secs(60)), 0, "{}", d.log());
@@ -110,7 +91,7 @@ async fn two_hosts_work_each_doubly_delivered_launch_once() {
     // DynamoDB on a loaded 2-core machine can take over a second; a host that cannot renew
     // in time stops its steps, and an API call already sent cannot be taken back.)
     emu.fault(json!({"service": "ec2", "action": "CreateTags", "count": -1, "delay_seconds": 14}));
-    let bodies = launches(aws, source, 40).await;
+    let bodies = aws.launch_notifications(source, 40).await;
     for body in &bodies {
         aws.send(q, body).await;
     }
@@ -383,7 +364,10 @@ async fn an_owner_cut_off_from_the_claims_table_stops_before_another_takes_over(
     let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
     aws.scale("web-fence", 1).await;
     // The launch twice (a hook target and a second way in): each host gets a copy.
-    let body = launches(aws, w.source.as_ref().unwrap(), 1).await.remove(0);
+    let body = aws
+        .launch_notifications(w.source.as_ref().unwrap(), 1)
+        .await
+        .remove(0);
     let (mut a, b) = (w.provision(), w.provision());
     a.set_env("AWS_ACCESS_KEY_ID", "AKIDCUTOFFHOSTA");
     // One message at a time: host A cannot take the second copy while it works the first.

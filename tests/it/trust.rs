@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{backdated, eventually, Aws, Emulator, Provision, Queue, World};
+use common::{backdated, eventually, Emulator, Provision, World};
 use serde_json::Value;
 
 const METADATA: &str = r#"{"environment":"production"}"#;
@@ -23,24 +23,6 @@ fn with_token(body: &str, token: &str) -> String {
     let mut v: Value = serde_json::from_str(body).unwrap();
     v["LifecycleActionToken"] = token.into();
     v.to_string()
-}
-
-/// The launch notifications of `n` instances, read off the hook's own queue.
-async fn launches(aws: &Aws, source: &Queue, n: usize) -> Vec<String> {
-    let mut bodies = Vec::new();
-    for _ in 0..60 {
-        let new = aws.drain(source).await;
-        bodies.extend(
-            new.into_iter()
-                .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
-        );
-        if bodies.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert_eq!(bodies.len(), n);
-    bodies
 }
 
 fn calls(emu: &Emulator, op: &str) -> u64 {
@@ -61,7 +43,10 @@ async fn a_forged_token_for_a_waiting_instance_runs_nothing_alone_or_beside_the_
     let (topic, results) = aws.topic_with_queue("results").await;
     let p = Provision::new(emu, q, Some(&topic), WEB_LAYER);
     aws.scale("web-t", 1).await;
-    let genuine = launches(aws, w.source.as_ref().unwrap(), 1).await.remove(0);
+    let genuine = aws
+        .launch_notifications(w.source.as_ref().unwrap(), 1)
+        .await
+        .remove(0);
     let (instance, state) = aws.instances("web-t").await.remove(0);
     assert_eq!(state, "Pending:Wait");
 
@@ -168,7 +153,9 @@ async fn a_flood_of_junk_costs_a_bounded_number_of_calls_and_genuine_launches_co
         .await;
     let (emu, aws, q) = (&w.emu, &w.aws, &w.q);
     aws.scale("web-flood", 5).await;
-    let genuine = launches(aws, w.source.as_ref().unwrap(), 5).await;
+    let genuine = aws
+        .launch_notifications(w.source.as_ref().unwrap(), 5)
+        .await;
     assert_eq!(genuine.len(), 5);
     let junk = junk(&genuine);
     // The genuine messages in the middle of the flood.

@@ -164,19 +164,7 @@ impl Instances for Ec2Instances {
         instance: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), AwsError> {
-        use aws_sdk_ec2::types::Tag;
-        self.client
-            .create_tags()
-            .resources(instance.as_str())
-            .set_tags(Some(
-                tags.iter()
-                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                    .collect(),
-            ))
-            .send()
-            .await
-            .map_err(|e| classify("ec2:CreateTags", e))?;
-        Ok(())
+        self.tag_all(std::slice::from_ref(instance), tags).await
     }
 
     async fn tag_all(

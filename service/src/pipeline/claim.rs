@@ -209,10 +209,14 @@ impl<'a> Run<'a> {
     /// owner holds it: `Fresh` or `Decided` (a `Done` token ends the run as a duplicate).
     pub(super) async fn claim(&mut self, layer: &Layer) -> Result<Claim, End> {
         let p = self.p;
-        let run_id = p
-            .open_run(&self.job, Some(&layer.name))
-            .await
-            .map_err(|e| End::ClaimStore(ClaimError::new("state store", e.to_string())))?;
+        // A history row that cannot be written (a busy database, a full disk) is what a
+        // claim the state store cannot write is: transient, waited out in flight.
+        let open = || async {
+            p.open_run(&self.job, Some(&layer.name))
+                .await
+                .map_err(|e| ClaimError::transient("state store", e.to_string()))
+        };
+        let run_id = self.in_flight(open).await?;
         self.report.run_id = Some(run_id);
         let token = &self.job.event.token;
         let lease = p.cfg.state.claim_lease;

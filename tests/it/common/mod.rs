@@ -364,6 +364,24 @@ impl Aws {
 
     /// A queue whose redrive policy moves a message to `<name>-dlq` after `max_receives`
     /// receives: (the queue, its dead-letter queue).
+    /// The launch notifications of `n` instances, read off a hook's own queue (bounded).
+    pub async fn launch_notifications(&self, source: &Queue, n: usize) -> Vec<String> {
+        let mut bodies = Vec::new();
+        for _ in 0..120 {
+            let new = self.drain(source).await;
+            bodies.extend(
+                new.into_iter()
+                    .filter(|b| b.contains("EC2_INSTANCE_LAUNCHING")),
+            );
+            if bodies.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(bodies.len(), n);
+        bodies
+    }
+
     pub async fn queue_with_dlq(&self, name: &str, max_receives: u32) -> (Queue, Queue) {
         let dlq = self.queue(&format!("{name}-dlq")).await;
         let policy = format!(

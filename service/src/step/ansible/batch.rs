@@ -313,7 +313,26 @@ async fn drive<K, I, R>(
                         Member::Reaching => None,
                     })
                     .unzip();
-                let results = (batch.run)(items).await;
+                let mut replies = replies;
+                // Every member's step stopped (shutdown, or their runs lost their claims):
+                // the run is dropped, which stops its process group.
+                let results = {
+                    let all_left = async {
+                        for reply in replies.iter_mut() {
+                            reply.closed().await;
+                        }
+                    };
+                    tokio::select! {
+                        r = (batch.run)(items) => Some(r),
+                        () = all_left => None,
+                    }
+                };
+                let Some(results) = results else {
+                    tracing::warn!(
+                        "every member of the batch stopped waiting: its run was stopped"
+                    );
+                    return;
+                };
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
                 }
@@ -417,6 +436,34 @@ mod tests {
                 None => None,
             }
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_every_member_left_is_stopped() {
+        let b = Arc::new(Batches::new(timing(50)));
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let run: Run<u32, u32> = {
+            let finished = finished.clone();
+            Arc::new(move |items: Vec<u32>| {
+                let finished = finished.clone();
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+                    items
+                })
+            })
+        };
+        let member = tokio::spawn({
+            let (b, run) = (b.clone(), run.clone());
+            async move { b.enter("k", run).ready(1).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        member.abort(); // its step stopped mid-run
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(
+            !finished.load(std::sync::atomic::Ordering::SeqCst),
+            "the run was dropped, not left to finish"
+        );
     }
 
     #[tokio::test(start_paused = true)]
