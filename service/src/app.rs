@@ -358,8 +358,12 @@ impl App {
             fleet_task,
             ..
         } = self;
+        let mark_task = pipeline.take_mark_task();
         drop(pipeline);
-        for t in [publisher_task, fleet_task].into_iter().flatten() {
+        for t in [publisher_task, fleet_task, mark_task]
+            .into_iter()
+            .flatten()
+        {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
     }

@@ -257,7 +257,6 @@ impl<'a> Run<'a> {
             }
             _ => {}
         }
-        self.claimed = true;
         self.claimed_at = Some(*sent.lock().unwrap());
         Ok(claim)
     }

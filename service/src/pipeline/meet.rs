@@ -139,18 +139,22 @@ impl Run<'_> {
     }
 }
 
-/// The tag a launch run writes once its steps succeeded (before CONTINUE), when
+/// The tag a launch run writes once its steps succeeded (after it completed CONTINUE), when
 /// `reconcile.unconfigured` looks for instances in service that no run configured: the
-/// record the whole fleet shares, one CreateTags call a launch.
+/// record the whole fleet shares, one CreateTags a burst (batched by layer).
 pub const CONFIGURED_TAG: &str = "provision:configured";
 
 impl Run<'_> {
     /// Marks the instance configured when the launch steps succeeded (and reconcile looks
     /// for unconfigured instances). A failure to tag is logged: the instance is then reported
     /// unconfigured, and the steps (safe to repeat) may run again.
-    pub(super) async fn mark_configured(&self, result: HookResult) {
+    pub(super) fn mark_configured(&self) {
         let ev = &self.job.event;
-        if result != HookResult::Continue
+        let continued = matches!(
+            self.report.hook_result,
+            Some(Completion::Completed(HookResult::Continue)) | None
+        ) && self.report.decision == Some(HookResult::Continue);
+        if !continued
             || ev.transition != Transition::Launch
             || !self.p.cfg.reconcile.unconfigured.marks()
         {
@@ -159,16 +163,15 @@ impl Run<'_> {
         // The layer's name: the same value for a burst, so one CreateTags tags them all.
         let value = self.report.layer.clone().unwrap_or_else(|| "-".into());
         let tag = (CONFIGURED_TAG.to_string(), value);
-        let marked = self
-            .p
-            .shared
-            .mark
-            .submit((ev.instance_id.clone(), tag))
-            .await;
-        if let Err(e) = marked {
-            warn!(error = %e, tag = CONFIGURED_TAG,
-                "could not mark the instance configured; reconcile will report it unconfigured");
-        }
+        // Not awaited: the run (and its message's slot) does not wait for the burst's
+        // batch; the batch is flushed at shutdown (`Pipeline::take_mark_task`).
+        let (mark, id) = (self.p.shared.mark.clone(), ev.instance_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = mark.submit((id, tag)).await {
+                warn!(error = %e, tag = CONFIGURED_TAG,
+                    "could not mark the instance configured; reconcile will report it unconfigured");
+            }
+        });
     }
 }
 

@@ -220,6 +220,11 @@ impl Pipeline {
         self
     }
 
+    /// The task writing the configured tags, to await once the pipeline is dropped.
+    pub fn take_mark_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.shared.mark_task.lock().unwrap().take()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

@@ -105,9 +105,8 @@ pub(super) struct Run<'a> {
     /// The source's: shutdown, the Lambda deadline.
     pub(super) cancel: &'a CancellationToken,
     pub(super) report: RunReport,
-    /// Whether the claim store holds a claim of this run's.
-    pub(super) claimed: bool,
-    /// When the call that won the claim was sent (the lease runs from then at the latest).
+    /// When the call that won the claim was sent (the lease runs from then at the latest);
+    /// None while the claim store holds no claim of this run's.
     pub(super) claimed_at: Option<tokio::time::Instant>,
     /// Whether Auto Scaling confirmed the action (and its token) for this run.
     confirmed: bool,
@@ -137,7 +136,6 @@ impl<'a> Run<'a> {
             lease,
             cancel,
             report,
-            claimed: false,
             claimed_at: None,
             confirmed: false,
             lost: Arc::default(),
@@ -192,9 +190,12 @@ impl<'a> Run<'a> {
             _ => self.run_steps(&layer, &stop).await?, // steps.rs
         };
         self.decide(result, &stop).await?;
-        self.mark_configured(result).await; // meet.rs
         self.mark_decommissioned(result).await; // meet.rs
-        self.complete(result, &stop).await // complete.rs
+        self.complete(result, &stop).await?; // complete.rs
+                                             // After the completion, off the instance's path into service: the tag is batched
+                                             // with the burst's (reconcile's grace covers the moment between the two).
+        self.mark_configured(); // meet.rs
+        Ok(())
     }
 
     /// How the run ended, into its report, its claim and its history row; the result
@@ -214,7 +215,7 @@ impl<'a> Run<'a> {
                     Err(e) => warn!(error = %e, "could not record the run"),
                 }
             }
-            if end.forgets_claim() && self.claimed {
+            if end.forgets_claim() && self.claimed_at.is_some() {
                 if let Err(e) = self
                     .p
                     .claims

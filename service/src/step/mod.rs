@@ -141,9 +141,11 @@ impl From<ReachError> for StepError {
 pub struct Shared {
     /// DescribeInstances for all instances asked about within 50 ms, in one call.
     pub lookup: Batcher<InstanceId, InstanceInfo>,
-    /// The same tag on every instance given it within 200 ms, in one CreateTags per value
+    /// The same tag on every instance given it within a second, in one CreateTags per value
     /// (the record reconcile reads that a launch was configured: `(instance, (key, value))`).
-    pub mark: Batcher<(InstanceId, (String, String))>,
+    pub mark: Marker,
+    /// The marking task, awaited at shutdown so the last burst's tags are written.
+    pub mark_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub ssm_online: ssm::OnlineWatch,
     pub ssm_batches: gather::Gather<ssm::BatchKey, InstanceId, Result<String, String>>,
     pub ow_stacks: TtlCache<String, Vec<OwStack>>,
@@ -186,9 +188,11 @@ impl Shared {
                 }
             },
         );
+        let (mark, mark_task) = marker(services.instances.clone(), retry_for);
         Shared {
             lookup,
-            mark: marker(services.instances.clone(), retry_for),
+            mark,
+            mark_task: std::sync::Mutex::new(Some(mark_task)),
             ssm_online: ssm::OnlineWatch::new(services.ssm.clone()),
             ssm_batches: gather::Gather::new(ssm_window, ssm::MAX_TARGETS),
             ow_stacks: TtlCache::new(Duration::from_secs(300)),
@@ -199,15 +203,18 @@ impl Shared {
     }
 }
 
+/// Tags instances, batched: `(instance, (key, value))`.
+pub type Marker = Batcher<(InstanceId, (String, String))>;
+
 /// Tags many instances with one CreateTags per distinct tag (a burst of launches in a
 /// layer shares one call).
 fn marker(
     instances: Arc<dyn crate::aws::Instances>,
     retry_for: Duration,
-) -> Batcher<(InstanceId, (String, String))> {
-    let (mark, _task) = Batcher::retried(
+) -> (Marker, tokio::task::JoinHandle<()>) {
+    Batcher::retried(
         500,
-        Duration::from_millis(200),
+        Duration::from_secs(1),
         retry_for,
         move |items: Vec<(InstanceId, (String, String))>| {
             let instances = instances.clone();
@@ -222,8 +229,7 @@ fn marker(
                 Ok(items.iter().map(|_| Ok(())).collect())
             }
         },
-    );
-    mark
+    )
 }
 
 /// The end of a command's output for the history: trimmed, at most `max` bytes, with `…`
