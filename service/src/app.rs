@@ -170,7 +170,7 @@ pub async fn fleet_history(
     let Some(table) = cfg.state.history_table.as_deref() else {
         return Ok(None);
     };
-    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let sdk_cfg = sdk::load_config(&cfg.aws).await;
     let calls = CountCalls(Arc::new(Stats::default()));
     let runs = FleetHistory::new(&sdk_cfg, &calls, table)
         .runs(filter, limit)
@@ -263,7 +263,7 @@ impl App {
         let store = open_store(&cfg, purpose).await?;
         let stats = Arc::new(Stats::default());
         let calls = CountCalls(stats.clone());
-        let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+        let sdk_cfg = sdk::load_config(&cfg.aws).await;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url));
         let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
         let services = Services {
