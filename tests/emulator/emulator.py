@@ -1022,6 +1022,8 @@ def _find_action(self: Any) -> dict[str, Any]:
         )
     if not token and not instance_id:
         raise ValidationError("Either LifecycleActionToken or InstanceId must be provided")
+    # An action past its timeout is over whether or not the sweep has run yet.
+    _apply_timeouts()
     for a in ACTIONS.values():
         if (a["state"] == "pending" and a["group"] == group_name and a["hook"] == hook_name
                 and a["_account"] == be.account_id and a["_region"] == be.region_name

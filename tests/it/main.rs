@@ -18,5 +18,6 @@ mod monitoring;
 mod reconcile;
 mod ssh_steps;
 mod ssm_opsworks;
+mod timeouts;
 mod trust;
 mod warm_pools;
