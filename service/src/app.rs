@@ -170,7 +170,7 @@ pub async fn fleet_history(
     let Some(table) = cfg.state.history_table.as_deref() else {
         return Ok(None);
     };
-    let sdk_cfg = sdk::load_config(&cfg.aws).await;
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
     let calls = CountCalls(Arc::new(Stats::default()));
     let runs = FleetHistory::new(&sdk_cfg, &calls, table)
         .runs(filter, limit)
@@ -185,7 +185,8 @@ fn publisher(
     topic: String,
     retry_for: Duration,
 ) -> (Batcher<String>, JoinHandle<()>) {
-    Batcher::retried(10, PUBLISH_LINGER, retry_for, move |bodies: Vec<String>| {
+    // A batch whose callers all stopped waiting is dropped: its events are in the outbox.
+    Batcher::retried_while_wanted(10, PUBLISH_LINGER, retry_for, move |bodies: Vec<String>| {
         let (notifier, topic) = (notifier.clone(), topic.clone());
         async move { notifier.publish_batch(&topic, &bodies).await }
     })
@@ -263,7 +264,7 @@ impl App {
         let store = open_store(&cfg, purpose).await?;
         let stats = Arc::new(Stats::default());
         let calls = CountCalls(stats.clone());
-        let sdk_cfg = sdk::load_config(&cfg.aws).await;
+        let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url));
         let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
         let services = Services {

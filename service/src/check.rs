@@ -102,7 +102,7 @@ pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
             }
         },
         Some(crate::secret::Source::SsmParameter(n)) if aws => {
-            let sdk_cfg = sdk::load_config(&cfg.aws).await;
+            let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
             let calls = CountCalls(Arc::new(Stats::default()));
             let ssm = SsmClient::new(&sdk_cfg, &calls);
             match crate::aws::Ssm::parameter(&ssm, n).await {
@@ -143,7 +143,7 @@ pub fn queue_arn(url: &str, region: &str) -> Option<String> {
 
 /// What AWS says, added to `r`.
 pub async fn with_aws(cfg: &Config, r: &mut Report) {
-    let sdk_cfg = sdk::load_config(&cfg.aws).await;
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
     let calls = CountCalls(Arc::new(Stats::default()));
     let region = sdk_cfg.region().map(|r| r.to_string()).unwrap_or_default();
     let queue = SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url);

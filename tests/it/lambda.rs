@@ -610,6 +610,88 @@ async fn a_completion_failing_until_the_deadline_is_reported_released_and_comple
     );
 }
 
+/// Lambda freezes an execution environment between invocations (here: SIGSTOP after the
+/// response, SIGCONT before the next invocation). An outbox still republishing when its
+/// invocation gave up on it is stopped, not left to resume after the thaw beside the next
+/// invocation's own outbox: every result event goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_cut_short_does_not_resume_after_a_freeze() {
+    let World { emu, aws, q, .. } = launch_group(3).await;
+    let (topic, results) = aws.topic_with_queue("results").await;
+    // The hook's test notification and three launches.
+    let msgs = receive(&aws, &q, 4).await;
+    let p = Provision::new(
+        &emu,
+        &q,
+        Some(&topic),
+        &format!(
+            "[aws]\nmax_attempts = 1\nretry_for = \"4s\"\nattempt_timeout = \"3s\"\n{WEB_LAYER}"
+        ),
+    );
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+
+    // 1. The launches complete, but SNS refuses every publish: three events in the outbox.
+    emu.fault(
+        json!({"service": "sns", "action": "PublishBatch", "count": -1, "error": "throttle"}),
+    );
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    assert_eq!(emu.finished_actions().len(), 3);
+    emu.control("DELETE", "/_emulator/faults", None);
+    assert!(aws.results(&results).await.is_empty());
+
+    // 2. A short invocation (the test notification only): its outbox's PublishBatch gets no
+    // answer, and the invocation ends before the attempt's timeout. Then it is frozen.
+    emu.fault(json!({"service": "sns", "action": "PublishBatch", "count": 1, "error": "hang"}));
+    let notice: Vec<_> = msgs
+        .iter()
+        .filter(|m| m.body().unwrap_or_default().contains("TEST_NOTIFICATION"))
+        .cloned()
+        .collect();
+    assert_eq!(notice.len(), 1);
+    let id = api.invoke(&sqs_event(&q, &notice), Duration::from_secs(2));
+    response(&api, &lambda, &id, Duration::from_secs(30));
+    lambda.signal("STOP");
+    assert!(emu.faults_left().is_empty(), "the outbox was publishing");
+    lambda.signal("CONT");
+
+    // 3. The next invocation's outbox publishes the three events.
+    let id = api.invoke(&sqs_event(&q, &notice), Duration::from_secs(60));
+    response(&api, &lambda, &id, Duration::from_secs(60));
+    let seen = Mutex::new(Vec::new());
+    eventually(
+        "the three result events",
+        Duration::from_secs(30),
+        || async {
+            let new = aws.results(&results).await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(new);
+            (seen.len() >= 3).then_some(())
+        },
+    )
+    .await;
+    // Long enough for an outbox left over from invocation 2 to publish again: its hung
+    // attempt times out (3 s) and is retried at once.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut events = seen.into_inner().unwrap();
+    events.extend(aws.results(&results).await);
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["instance_id"].as_str().unwrap_or_default())
+        .collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(
+        (n, ids.len()),
+        (3, 3),
+        "each event once: {events:?}\n{}",
+        lambda.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_released() {
     let World { emu, aws, q, .. } = launch_group(2).await;

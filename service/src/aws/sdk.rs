@@ -12,9 +12,9 @@ use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{AwsError, BatchResult, ErrorClass};
 
-/// Loads the shared SDK config: standard retry mode with `aws.max_attempts` tries per call,
-/// each attempt given `aws.attempt_timeout`.
-pub async fn load_config(aws: &crate::config::AwsConfig) -> aws_config::SdkConfig {
+/// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call
+/// (`aws.max_attempts`), each attempt given `attempt_timeout` (`aws.attempt_timeout`).
+pub async fn load_config(max_attempts: u32, attempt_timeout: Duration) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     // Credentials that were in the environment live in memory only (secret::scrub_environment):
     // children never inherit them.
@@ -32,7 +32,7 @@ pub async fn load_config(aws: &crate::config::AwsConfig) -> aws_config::SdkConfi
         .app_name(aws_config::AppName::new("provision").expect("a valid app name"))
         .retry_config(
             RetryConfig::standard()
-                .with_max_attempts(aws.max_attempts)
+                .with_max_attempts(max_attempts)
                 .with_initial_backoff(Duration::from_millis(200)),
         )
         // A long poll holds the connection for up to `queue.wait_time`: the config keeps the
@@ -40,7 +40,7 @@ pub async fn load_config(aws: &crate::config::AwsConfig) -> aws_config::SdkConfi
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(aws.attempt_timeout)
+                .operation_attempt_timeout(attempt_timeout)
                 .build(),
         )
         .load()
