@@ -692,6 +692,76 @@ async fn an_outbox_cut_short_does_not_resume_after_a_freeze() {
     );
 }
 
+/// An `ssm` step's batch window opened by a record whose invocation ended (cancelled near
+/// its deadline) before the window closed, the environment frozen and thawed, and a record
+/// of the next invocation joining that same window: the command goes to the instance
+/// whose run still waits, never to the one whose run was cancelled an invocation ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_window_resumed_after_a_freeze_sends_nothing_for_a_cancelled_run() {
+    let World { emu, aws, q, .. } = launch_group(2).await;
+    let msgs = receive(&aws, &q, 3).await;
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        r#"
+[ssm]
+batch_window = "8s"
+
+[layers.web]
+groups = ["web-*"]
+launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["touch ran"] } } } ]
+"#,
+    );
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let launches: Vec<_> = msgs
+        .iter()
+        .filter(|m| {
+            m.body()
+                .unwrap_or_default()
+                .contains("EC2_INSTANCE_LAUNCHING")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(launches.len(), 2);
+    let instance = |m: &aws_sdk_sqs::types::Message| {
+        let body: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+        body["EC2InstanceId"].as_str().unwrap().to_string()
+    };
+    let (cancelled, waiting) = (instance(&launches[0]), instance(&launches[1]));
+
+    // 1. A 2 s invocation: the record's step joins the 8 s window and is cancelled at the
+    // deadline; the environment is frozen after the response.
+    let id = api.invoke(&sqs_event(&q, &launches[..1]), Duration::from_secs(2));
+    let r = response(&api, &lambda, &id, Duration::from_secs(30));
+    assert_eq!(failures(&r).len(), 1, "{r}\n{}", lambda.log());
+    lambda.signal("STOP");
+    lambda.signal("CONT");
+
+    // 2. The next invocation's record reaches the same command within the window.
+    let id = api.invoke(&sqs_event(&q, &launches[1..]), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+
+    let state = emu.control("GET", "/_emulator/ssm", None);
+    let commands = state["commands"].as_array().unwrap();
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(
+        commands[0]["instance_ids"],
+        json!([waiting]),
+        "sent only to the run still waiting\n{}",
+        lambda.log()
+    );
+    let sandbox = state["sandbox"].as_str().unwrap();
+    assert!(std::path::Path::new(&format!("{sandbox}/{waiting}/ran")).exists());
+    assert!(!std::path::Path::new(&format!("{sandbox}/{cancelled}/ran")).exists());
+    let done = emu.finished_actions();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["instance_id"], waiting.as_str());
+    assert_eq!(done[0]["result"], "CONTINUE");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_released() {
     let World { emu, aws, q, .. } = launch_group(2).await;
