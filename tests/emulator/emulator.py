@@ -25,7 +25,9 @@ What it adds on top of moto:
   was not decremented).
 * CompleteLifecycleAction / RecordLifecycleActionHeartbeat with AWS-style validation.
 * A daemon thread applies DefaultResult on heartbeat timeout and on the global timeout
-  (min(100 x HeartbeatTimeout, 172800 s)), both read from Auto Scaling's clock: the wall
+  (min(100 x HeartbeatTimeout, 172800 s)), and so does every heartbeat and completion
+  before it looks the action up (an action past its timeout is over, swept or not), all
+  read from Auto Scaling's clock: the wall
   clock plus whatever POST /_emulator/clock {"advance_seconds": N} added (it never goes
   back; the timeouts that passed are applied before it answers). Lifecycle messages carry
   that clock's time, as AWS's carry the time the action started.
