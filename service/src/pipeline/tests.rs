@@ -285,6 +285,34 @@ async fn a_completion_failing_until_the_actions_global_timeout_is_given_up_there
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_action_gone_past_its_global_timeout_is_timed_out_though_heartbeated() {
+    // Heartbeats kept the action alive, but not past its global timeout (100 heartbeat
+    // timeouts of 30 s): it started 3010 s ago, and completing finds it gone. Auto Scaling
+    // applied the DefaultResult: a timeout, not someone else's completion.
+    let hooks = hooks_with_timeout(30);
+    hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .push_back(Ok(ActionCall::NotActive(
+            "No active Lifecycle Action found with token t1".into(),
+        )));
+    let w = world(hooks, FakeInstances::default());
+    let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Time"] = crate::clock::rfc3339(crate::clock::now_ms() - 3_010_000).into();
+    m.body = body.to_string();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    assert_eq!(
+        h[0].hook_result.map(|c| c.as_str()),
+        Some("timed-out"),
+        "{h:?}"
+    );
+    assert_eq!(h[0].outcome.as_str(), "failed", "{h:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_decision() {
     let hooks = hooks_with_timeout(60);
     hooks.throttle_completions(1000);
