@@ -14,7 +14,9 @@
 //! The runner (`ansible.strategy`, `ansible.pipelining`, or the step's own `strategy` and
 //! `pipelining`): Mitogen for Ansible by default (one Python per host for the whole run),
 //! or Ansible's `linear`, with pipelining unless turned off. Under every runner the
-//! connection uses the instance's verified known_hosts file with `StrictHostKeyChecking=yes`.
+//! connection is a channel of the login that reached the instance (kept open as a control
+//! master, see [`crate::ssh::mux`]), and any new login uses the instance's verified
+//! known_hosts file with `StrictHostKeyChecking=yes`.
 //!
 //! What reaches Ansible, and how:
 //! - inventory (JSON file): every instance in `all`, its layer's group and the groups
