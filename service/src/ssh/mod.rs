@@ -23,7 +23,8 @@
 //!
 //! One concept a file: [`settings`] (`[ssh]` and a layer's overrides), [`host_keys`] (the
 //! console's key block, refusals in words), [`known_hosts`] (the per-instance files,
-//! forgetting and pruning them), [`reach`] (the waits). This file ties them together in
+//! forgetting and pruning them), [`reach`] (the waits), [`mux`] (the verified login kept
+//! open as a control master for the `ansible` step). This file ties them together in
 //! [`Remote`]: the generated ssh configuration, the runtime directory, and the options ssh
 //! and Ansible connect with. Not here: running commands or playbooks (the steps).
 
