@@ -8,7 +8,7 @@
 //!  probe: ssh -o ControlMaster=yes -o ControlPath=mux/i-0…-7 -o ControlPersist=10m host 'cloud-init status --wait'
 //!           └─ login (StrictHostKeyChecking=yes, the instance's known_hosts) ─▶ master (background)
 //!  run:   ssh … -o ControlPath=mux/i-0…-7 host python…   (a channel of the master: no login)
-//!  end:   ssh -o ControlPath=mux/i-0…-7 -O exit          (on drop of the Mux)
+//!  end:   MUX_C_TERMINATE over the socket, as `ssh -O exit` (on drop of the Mux)
 //! ```
 //!
 //! The sockets live in `<runtime dir>/mux`, a directory of this user's only (0700, checked
@@ -19,10 +19,12 @@
 //! Owns the directory, the names and closing the masters; not the login (see `reach`) nor
 //! the clients' options (`Remote::ansible_host_vars`).
 
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -87,8 +89,8 @@ impl MuxDir {
     }
 }
 
-/// One master's socket. Dropped, it asks the master to exit (in the background) and
-/// removes a socket left behind.
+/// One master's socket. Dropped, it asks the master to exit and removes a socket left
+/// behind.
 #[derive(Debug)]
 pub struct Mux {
     path: PathBuf,
@@ -113,34 +115,59 @@ impl Mux {
 
     /// Whether a master answers there now (a socket left by one that died does not).
     pub fn is_up(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(&self.path).is_ok()
+        UnixStream::connect(&self.path).is_ok()
     }
 }
 
 impl Drop for Mux {
     fn drop(&mut self) {
-        if !self.is_up() {
+        // A burst's masters close at once: a few bytes each over the socket, not a process.
+        if let Err(e) = terminate(&self.path) {
+            debug!(socket = %self.path.display(), error = %e, "no master to close");
             let _ = std::fs::remove_file(&self.path);
-            return;
         }
-        let path = self.path.clone();
-        // `ssh -O exit` never touches the network: it tells the master over its socket.
-        let child = std::process::Command::new("ssh")
-            .arg("-o")
-            .arg(format!("ControlPath={}", path.display()))
-            .args(["-O", "exit", "provision-master"])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        std::thread::spawn(move || {
-            if let Ok(mut c) = child {
-                let _ = c.wait();
-            }
-            let _ = std::fs::remove_file(&path);
-        });
     }
+}
+
+const MUX_MSG_HELLO: u32 = 0x0000_0001;
+const MUX_C_TERMINATE: u32 = 0x1000_0005;
+const MUX_S_OK: u32 = 0x8000_0001;
+/// The multiplexing protocol's version OpenSSH speaks (and `ssh -O` sends).
+const MUX_VERSION: u32 = 4;
+
+/// Asks the master at `path` to exit, as `ssh -O exit` does (OpenSSH's PROTOCOL.mux: each
+/// side says hello, then the client sends MUX_C_TERMINATE and the master answers
+/// MUX_S_OK, closes its connection to the host and removes its socket). Bounded: a master
+/// that does not answer within 2 s is left to its idle timeout.
+fn terminate(path: &Path) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = Vec::with_capacity(24);
+    for (kind, value) in [(MUX_MSG_HELLO, MUX_VERSION), (MUX_C_TERMINATE, 1)] {
+        out.extend(8u32.to_be_bytes());
+        out.extend(kind.to_be_bytes());
+        out.extend(value.to_be_bytes());
+    }
+    s.write_all(&out)?;
+    // The master's hello (perhaps with extensions), then its answer to request 1.
+    for want in [MUX_MSG_HELLO, MUX_S_OK] {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if !(4..=4096).contains(&len) {
+            return Err(std::io::Error::other(format!("a {len}-byte message")));
+        }
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body)?;
+        let kind = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        if kind != want {
+            return Err(std::io::Error::other(format!(
+                "the master answered {kind:#x}, not {want:#x}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -167,6 +194,30 @@ mod tests {
         assert!(!a.is_up());
         let long = "i".repeat(100);
         assert!(d.socket(&long).is_none(), "too long for a socket");
+    }
+
+    /// A stand-in master speaking OpenSSH's side of PROTOCOL.mux: it must be asked, in
+    /// order, hello (version 4) and terminate; the real ssh is the integration tests' own.
+    #[test]
+    fn closing_asks_the_master_to_terminate() {
+        let parent = tempfile::tempdir().unwrap();
+        let d = MuxDir::create(parent.path()).unwrap();
+        let m = d.socket("i-1").unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(m.path()).unwrap();
+        let master = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let hello = [0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 4];
+            c.write_all(&hello).unwrap();
+            let mut asked = [0u8; 24];
+            c.read_exact(&mut asked).unwrap();
+            c.write_all(&[0, 0, 0, 8, 0x80, 0, 0, 1, 0, 0, 0, 1])
+                .unwrap();
+            asked
+        });
+        drop(m);
+        let asked = master.join().unwrap();
+        assert_eq!(&asked[..12], &[0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 4]);
+        assert_eq!(&asked[12..], &[0, 0, 0, 8, 0x10, 0, 0, 5, 0, 0, 0, 1]);
     }
 
     #[test]
