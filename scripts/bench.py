@@ -128,7 +128,8 @@ def bench_ansible(instances):
                          stdout=subprocess.PIPE, text=True)
     figures, report = None, False
     for line in out.stdout.splitlines():
-        if line.startswith("== ansible"):
+        # The timelines of provision's rows come first, then the table.
+        if line.startswith("== ansible") or line.startswith("-- timeline of"):
             report = True
         if line.startswith("BENCH_JSON "):
             figures = json.loads(line[len("BENCH_JSON "):])

@@ -355,7 +355,7 @@ impl QueueConfig {
     fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> QueueConfig {
         let mut f = Fields::new(t, "queue", errs);
         let url = queue_url(&mut f);
-        let max_in_flight = f.int("max_in_flight", 1..=10_000, 32) as usize;
+        let max_in_flight = f.int("max_in_flight", 1..=10_000, 64) as usize;
         let wait_time = f.duration("wait_time", Duration::from_secs(20));
         if wait_time > Duration::from_secs(20) {
             f.error("wait_time", "SQS long polls at most 20s");

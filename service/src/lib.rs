@@ -50,7 +50,8 @@
 //! - [`outcome`]: the decisions as types (hook result, completion, run and step outcomes).
 //! - [`config`] with [`setting`] (config errors with their key, the duration parser, the
 //!   field reader, the environment snapshot): TOML -> validated [`config::Config`].
-//! - [`ssh`]: reaching an instance: settings, host keys, known_hosts, reach.
+//! - [`ssh`]: reaching an instance: settings, host keys, known_hosts, reach, and the verified
+//!   login kept open for the `ansible` step (mux).
 //! - [`secret`]: the vault password; keeping secrets out of argv, environments and logs.
 //! - [`output`]: a child's output held as head and tail within a budget, the whole of it
 //!   streamed to a bounded log ([`output::LogDir`]: `ansible-logs/`, `ssh-logs/`).

@@ -307,7 +307,7 @@ fn the_example_config_is_valid() {
         }
     }
     assert!(books > 0, "the example config shows no ansible step");
-    assert_eq!(cfg.queue.max_in_flight, 32);
+    assert_eq!(cfg.queue.max_in_flight, 64);
 }
 
 #[test]

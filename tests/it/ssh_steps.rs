@@ -80,6 +80,19 @@ async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker()
             "{id}"
         );
     }
+    // The playbook ran over the login that verified each host (its control master): each
+    // sshd accepted one login, and the masters were closed with the run.
+    for (id, host) in &hosts {
+        let log = host.log();
+        assert_eq!(log.matches("Accepted publickey").count(), 1, "{id}: {log}");
+    }
+    let ids: Vec<&str> = hosts.iter().map(|(id, _)| id.as_str()).collect();
+    common::eventually(
+        "the control masters to exit",
+        Duration::from_secs(10),
+        || async { masters_of(&ids).is_empty().then_some(()) },
+    )
+    .await;
     let logs = ansible_logs(&p);
     assert_eq!(
         logs.len(),
@@ -104,6 +117,36 @@ async fn a_burst_of_five_shares_one_ansible_run_and_every_host_gets_its_marker()
         calls["ec2:DescribeInstances"].as_u64().unwrap() <= 2,
         "{calls:?}"
     );
+}
+
+/// The command lines of this machine's `ssh` processes.
+fn ssh_processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("ssh"))
+        .collect()
+}
+
+/// ssh control masters (`ssh: <socket> [mux]`, as a master names itself) whose socket names
+/// one of `ids`.
+fn masters_of(ids: &[&str]) -> Vec<String> {
+    ssh_processes()
+        .into_iter()
+        .filter(|c| c.starts_with("ssh: ") && c.contains("[mux]"))
+        .filter(|c| ids.iter().any(|id| c.contains(id)))
+        .collect()
+}
+
+/// Provision's reach of `id` (at `ip`) is over and its login kept: a control master for it
+/// runs, and the login's own command (its first client, `ControlMaster=yes`) has ended.
+fn login_kept(id: &str, ip: &str) -> bool {
+    !masters_of(&[id]).is_empty()
+        && !ssh_processes()
+            .iter()
+            .any(|c| c.contains("ControlMaster=yes") && c.contains(&format!(" {ip}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,13 +396,17 @@ async fn impostor_swapped_in_after_the_reach_is_refused(
     };
     let mut d = p.daemon();
     // Provision verified the console key and connected: now the impostor.
+    let ip = host.ip().to_string();
     common::eventually(
-        "provision's reach to log in",
+        "provision's reach to log in and keep its login",
         Duration::from_secs(60),
-        || async { host.log().contains("Accepted publickey").then_some(()) },
+        || async { login_kept(id, &ip).then_some(()) },
     )
     .await;
+    // The impostor answers at the address, and the verified connection (which the run
+    // would use) is lost: the run's ssh must log in again, to the impostor.
     host.swap_in_impostor();
+    host.drop_sessions();
     swapped.store(true, Ordering::SeqCst);
     assert!(host.is_impostor());
     common::eventually(
@@ -1469,33 +1516,55 @@ launch = [ { ansible = "ec2-groups.yml", vars = { sim_root = "SIM_ROOT", asg_gro
     );
 }
 
-/// Unreachable is not a verdict: two hosts are reached, then their sshd stops before the
-/// playbook connects, so the shared run finds both unreachable. Each is reached again for a
-/// follow-up run: the one whose sshd comes back completes CONTINUE in it; the one whose
-/// sshd stays down fails, named unreachable, once reaching it again gives up
-/// (ssh.ready_timeout).
+const PAUSE_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { ansible = "pause-for-go.yml", vars = { sim_root = "SIM_ROOT" } } ]
+"#;
+
+/// Unreachable is not a verdict, and a stall is not unreachable. Three hosts share a run
+/// whose play pauses mid-way (`pause-for-go.yml`); then, mid-playbook, `stall` stops
+/// answering for a few seconds (every process in its namespace SIGSTOPped; its connection
+/// stays), while `flaky` and `down` lose their connection and stop answering (their sessions
+/// killed, their sshd SIGSTOPped). `stall` finishes in the first run. `flaky`, answering
+/// again a few seconds later, is reached again and completes CONTINUE in a follow-up run;
+/// `down`, which never answers again, fails named unreachable once reaching it again gives
+/// up (ssh.ready_timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
-    let w = World::new("web-flaky", 300, Some(r#"{"role":"api"}"#)).await;
-    let hosts = w.launch("web-flaky", 2, |net, ip| net.host(ip)).await;
-    let ((flaky, flaky_host), (down, down_host)) = (&hosts[0], &hosts[1]);
-    // A long quiet period: the run starts well after the sshd stop below.
-    let p = w.provision_with(MARKER_LAYER, "batch_quiet = \"6s\"\nbatch_window = \"20s\"");
+async fn a_host_that_stops_answering_mid_playbook_gets_a_follow_up_run() {
+    let w = World::new("web-flaky", 300, None).await;
+    let hosts = w.launch("web-flaky", 3, |net, ip| net.host(ip)).await;
+    let [(stall, stall_host), (flaky, flaky_host), (down, down_host)] = &hosts[..] else {
+        panic!("three hosts");
+    };
+    let p = w.provision_with(PAUSE_LAYER, "");
     p.set("ssh.ready_timeout", "20s");
+    // A frozen sshd accepts the TCP connection and never answers: each attempt to reach
+    // it again ends here.
+    p.set("ssh.connect_timeout", "2s");
     let mut d = p.daemon();
     common::eventually(
-        "provision's reach to log in to both",
-        Duration::from_secs(60),
+        "the play to start on all three",
+        Duration::from_secs(90),
         || async {
-            [flaky_host, down_host]
+            hosts
                 .iter()
-                .all(|h| h.log().contains("Accepted publickey"))
+                .all(|(id, _)| w.dir(id).join("started").exists())
                 .then_some(())
         },
     )
     .await;
-    flaky_host.stop_sshd();
-    down_host.stop_sshd();
+    stall_host.freeze();
+    for h in [flaky_host, down_host] {
+        h.drop_sessions();
+        h.freeze();
+    }
+    for (id, _) in &hosts {
+        std::fs::write(w.dir(id).join("go"), "").unwrap();
+    }
+    // The stall: what `stall` was running waits, frozen, with its connection open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stall_host.thaw();
     common::eventually("the first run to end", Duration::from_secs(60), || async {
         ansible_logs(&p)
             .iter()
@@ -1507,17 +1576,23 @@ async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
             .then_some(())
     })
     .await;
+    assert!(w.dir(stall).join("marker").exists(), "stall rode it out");
     assert!(
         !w.dir(flaky).join("marker").exists(),
         "the first run did not configure it"
     );
-    flaky_host.start_sshd();
+    // Answering again, a few seconds later: its follow-up reach is under way meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    flaky_host.thaw();
     common::eventually(
-        "both actions to finish",
+        "the three actions to finish",
         Duration::from_secs(120),
         || async {
             let done = results_by_instance(&w.emu);
-            (done.contains_key(flaky.as_str()) && done.contains_key(down.as_str())).then_some(())
+            hosts
+                .iter()
+                .all(|(id, _)| done.contains_key(id.as_str()))
+                .then_some(())
         },
     )
     .await;
@@ -1525,6 +1600,17 @@ async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
     assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
 
     let results = results_by_instance(&w.emu);
+    let detail = |id: &str| {
+        let run = p.last_run(id, "launch");
+        run.steps[0].detail.clone().unwrap_or_default()
+    };
+    assert_eq!(
+        results[stall.as_str()]["result"],
+        "CONTINUE",
+        "{}",
+        run_error(&p, stall)
+    );
+    assert!(!detail(stall).contains("follow-up"), "{}", detail(stall));
     assert_eq!(
         results[flaky.as_str()]["result"],
         "CONTINUE",
@@ -1532,11 +1618,10 @@ async fn a_host_unreachable_in_the_playbook_gets_a_follow_up_run() {
         run_error(&p, flaky)
     );
     assert!(w.dir(flaky).join("marker").exists());
-    let run = p.last_run(flaky, "launch");
-    let detail = run.steps[0].detail.clone().unwrap_or_default();
     assert!(
-        detail.contains("in a follow-up run: the first found it unreachable"),
-        "{detail}"
+        detail(flaky).contains("in a follow-up run: the first found it unreachable"),
+        "{}",
+        detail(flaky)
     );
     assert_eq!(results[down.as_str()]["result"], "ABANDON");
     let err = run_error(&p, down);

@@ -23,7 +23,8 @@
 //!
 //! One concept a file: [`settings`] (`[ssh]` and a layer's overrides), [`host_keys`] (the
 //! console's key block, refusals in words), [`known_hosts`] (the per-instance files,
-//! forgetting and pruning them), [`reach`] (the waits). This file ties them together in
+//! forgetting and pruning them), [`reach`] (the waits), [`mux`] (the verified login kept
+//! open as a control master for the `ansible` step). This file ties them together in
 //! [`Remote`]: the generated ssh configuration, the runtime directory, and the options ssh
 //! and Ansible connect with. Not here: running commands or playbooks (the steps).
 
@@ -38,10 +39,12 @@ use crate::setting::Env;
 
 pub mod host_keys;
 pub mod known_hosts;
+pub mod mux;
 pub mod reach;
 pub mod settings;
 
 pub use known_hosts::KnownHosts;
+pub use mux::Mux;
 pub use reach::{Reach, ReachError, Target};
 pub use settings::{HostKeyCheck, Identity, LayerSsh, SshSettings};
 
@@ -53,6 +56,8 @@ pub struct Remote {
     runtime_dir: PathBuf,
     ssh_config: PathBuf,
     _owned_runtime: Option<tempfile::TempDir>,
+    /// Where verified logins stay open for the `ansible` step's clients (see [`mux`]).
+    mux: Option<mux::MuxDir>,
     /// The `ssh` steps' output logs.
     logs: crate::output::LogDir,
 }
@@ -153,6 +158,7 @@ impl Remote {
         )?;
         Ok(Remote {
             logs,
+            mux: mux::MuxDir::create(&runtime_dir),
             settings,
             identity,
             known_hosts,
@@ -247,13 +253,16 @@ impl Remote {
     }
 
     /// A plain `ssh` to `target` with the options of [`Remote::builder`] (the same
-    /// configuration, key, jump host and host key checking), no control master, for one
-    /// command: add it with `.arg(..)`. Killed if dropped.
+    /// configuration, key, jump host and host key checking), for one command: add it with
+    /// `.arg(..)`. With `master`, the login stays open as that control master once the
+    /// command ends; else it is not shared. Killed if dropped (a master already in the
+    /// background is not: dropping the [`Mux`] ends it).
     fn ssh_command(
         &self,
         target: &Target,
         config: &Path,
         timeout: Duration,
+        master: Option<&Mux>,
     ) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ssh");
         let checking = match self.settings.host_key_check {
@@ -271,8 +280,12 @@ impl Remote {
                 self.known_hosts.file(&target.id).display()
             ))
             .arg("-o")
-            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
-            .args(["-o", "ControlMaster=no", "-o", "ControlPath=none", "-T"])
+            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)));
+        match master {
+            Some(m) => c.args(m.master_options()),
+            None => c.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]),
+        };
+        c.arg("-T")
             .arg("-p")
             .arg(target.port.to_string())
             .arg("-l")
@@ -292,8 +305,17 @@ impl Remote {
         c
     }
 
+    /// A fresh control socket for a login to `target` that is kept for the step's clients
+    /// (none when sockets cannot be kept).
+    fn mux_for(&self, target: &Target) -> Option<Mux> {
+        self.mux.as_ref()?.socket(target.id.as_str())
+    }
+
     /// Host variables that make Ansible connect exactly as [`Remote::reach`] did: same
-    /// user, key, jump host, and the same known_hosts with strict checking.
+    /// user, key, jump host, and the same known_hosts with strict checking; through the
+    /// reach's own login when it left one open ([`Target::control_path`]: Ansible's
+    /// `ControlMaster=auto` finds that master; were it gone, the client logs in again, as
+    /// strictly, and becomes the master of that path, closed with the reach's [`Mux`]).
     pub fn ansible_host_vars(&self, t: &Target) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::Value;
         let mut args = vec![
@@ -317,6 +339,10 @@ impl Remote {
         if let Some(j) = &self.settings.jump_host {
             args.push("-o".into());
             args.push(format!("ProxyJump={j}"));
+        }
+        if let Some(p) = &t.control_path {
+            args.push("-o".into());
+            args.push(format!("ControlPath={}", p.display()));
         }
         let mut m = serde_json::Map::new();
         m.insert("ansible_host".into(), Value::String(t.address.clone()));

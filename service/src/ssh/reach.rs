@@ -5,7 +5,8 @@
 //!
 //! [`Remote::reach`] leaves an open session (the `ssh` step runs its commands through it);
 //! [`Remote::probe`], for a step that makes its own connections (`ansible`), logs in and
-//! waits for cloud-init with one plain `ssh` process an attempt and leaves nothing open.
+//! waits for cloud-init with one plain `ssh` process an attempt, whose login stays open as a
+//! control master for the step's own clients ([`super::mux`]).
 //!
 //! Owns the waits and their words (`i-0… was not reachable over SSH within 5m
 //! (ssh.ready_timeout): …`). Its inputs are narrow ([`Reach`]): the instance, the layer's
@@ -27,7 +28,7 @@ use crate::poll::{until, Pace};
 
 use super::host_keys::{console_host_keys, key_refused};
 use super::settings::{AddressMode, HostKeyCheck, LayerSsh};
-use super::{ssh_error_text, Remote};
+use super::{ssh_error_text, Mux, Remote};
 
 const WAIT_FIRST: Duration = Duration::from_secs(1);
 const WAIT_MAX: Duration = Duration::from_secs(10);
@@ -46,6 +47,9 @@ pub struct Target {
     pub port: u16,
     pub user: String,
     pub described: InstanceInfo,
+    /// The control socket of the verified login [`Remote::probe`] left open, for the
+    /// step's own ssh clients (see [`super::mux`]).
+    pub control_path: Option<std::path::PathBuf>,
 }
 
 /// What reaching one instance needs to know.
@@ -96,9 +100,10 @@ impl Remote {
 
     /// [`Remote::reach`] for a step that makes its own connections (`ansible`): the same
     /// waits and checks, but the login and the wait for cloud-init are ONE `ssh` process
-    /// an attempt (no control master to start, no second process for the command, none to
-    /// close the master), and no session is left open.
-    pub async fn probe(&self, to: &Reach<'_>) -> Result<Target, ReachError> {
+    /// an attempt, and the login stays open in the background as a control master (its
+    /// socket in [`Target::control_path`]) until the returned [`Mux`] is dropped: the
+    /// step's clients use it instead of logging in again.
+    pub async fn probe(&self, to: &Reach<'_>) -> Result<(Target, Option<Mux>), ReachError> {
         let deadline = Instant::now() + self.settings.ready_timeout;
         let target = self.located(to, deadline).await?;
         let config = self.instance_config(&target).map_err(|e| {
@@ -115,18 +120,21 @@ impl Remote {
                 target_ref.address, target_ref.port
             ));
             match self.probe_once(target_ref, config, deadline).await {
-                Probe::Ready => ControlFlow::Break(Ok(())),
+                Probe::Ready(mux) => ControlFlow::Break(Ok(mux)),
                 Probe::Refused(why) => ControlFlow::Break(Err(ReachError::HostKeyRefused(why))),
                 Probe::CloudInit(w) => ControlFlow::Break(Err(self.cloud_init_late(to, &w))),
                 Probe::Wait(last) => ControlFlow::Continue(last),
             }
         })
         .await;
-        flip(done)?.map_err(|w| self.late(to, &w))?;
-        Ok(target)
+        let mux = flip(done)?.map_err(|w| self.late(to, &w))?;
+        let mut target = target;
+        target.control_path = mux.as_ref().map(|m| m.path().to_path_buf());
+        Ok((target, mux))
     }
 
-    /// One login with a verified key running the cloud-init wait (or `true`).
+    /// One login with a verified key running the cloud-init wait (or `true`), left open as
+    /// a control master when it succeeds (a failed attempt's master is closed).
     async fn probe_once(&self, target: &Target, config: &Path, deadline: Instant) -> Probe {
         let left = deadline.saturating_duration_since(Instant::now());
         let connect = self
@@ -134,7 +142,8 @@ impl Remote {
             .connect_timeout
             .min(left)
             .max(Duration::from_secs(1));
-        let mut c = self.ssh_command(target, config, connect);
+        let mux = self.mux_for(target);
+        let mut c = self.ssh_command(target, config, connect, mux.as_ref());
         c.arg(if self.settings.wait_for_cloud_init {
             CLOUD_INIT_WAIT
         } else {
@@ -156,11 +165,14 @@ impl Remote {
             return Probe::Wait(format!("{}:{}: {text}", target.address, target.port));
         }
         info!(address = %target.address, port = target.port, user = %target.user, "SSH is up");
+        // A master that could not start (ssh said why on stderr) shares nothing: the
+        // clients log in themselves.
+        let mux = mux.filter(Mux::is_up);
         if !self.settings.wait_for_cloud_init {
-            return Probe::Ready;
+            return Probe::Ready(mux);
         }
         match cloud_init_verdict(out.status.code(), &String::from_utf8_lossy(&out.stdout)) {
-            Ok(()) => Probe::Ready,
+            Ok(()) => Probe::Ready(mux),
             Err(w) => Probe::CloudInit(w),
         }
     }
@@ -175,6 +187,7 @@ impl Remote {
             id: to.id.clone(),
             address,
             described,
+            control_path: None,
             port: to.layer.port.unwrap_or(self.settings.port),
             user: to
                 .layer
@@ -392,7 +405,8 @@ impl Remote {
 
 /// One probe's outcome.
 enum Probe {
-    Ready,
+    /// With the login kept open, when it could be.
+    Ready(Option<Mux>),
     Refused(String),
     /// Logged in, and cloud-init ended in error or is still running at the deadline.
     CloudInit(String),

@@ -113,8 +113,12 @@ impl StepContext<'_> {
     }
 
     /// [`StepContext::reach`] for a step that makes its own connections: the same checks,
-    /// one `ssh` process an attempt, no session left open.
-    pub async fn probe(&self, remote: &Remote) -> Result<Target, StepError> {
+    /// one `ssh` process an attempt, its login kept open for the step's clients until the
+    /// [`crate::ssh::Mux`] is dropped.
+    pub async fn probe(
+        &self,
+        remote: &Remote,
+    ) -> Result<(Target, Option<crate::ssh::Mux>), StepError> {
         let to = Reach {
             id: &self.template.event.instance_id,
             layer: self.ssh,

@@ -77,6 +77,8 @@ const AUTO_IP_LAST: u32 = 150;
 const SSHD_READY_TIMEOUT: Duration = Duration::from_secs(15);
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
 const LOCK_EX: i32 = 2;
 const LOCK_NB: i32 = 4;
 
@@ -989,6 +991,54 @@ esac
         }
     }
 
+    /// Every process in the host's namespace: sshd (listening and per connection) and what
+    /// runs through its sessions.
+    fn netns_pids(&self) -> Vec<u32> {
+        ip_quietly(&["netns", "pids", &self.netns])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// The host loses its open SSH connections, as a restart of its sshd or a reset on the
+    /// network would end them: every process in its namespace but the listening sshd is
+    /// killed. New connections are still accepted (see [`SimHost::freeze`]).
+    pub fn drop_sessions(&self) {
+        let listener = lock(&self.sshd).as_ref().map(Child::id);
+        for _ in 0..50 {
+            let sessions: Vec<u32> = self
+                .netns_pids()
+                .into_iter()
+                .filter(|p| Some(*p) != listener)
+                .collect();
+            if sessions.is_empty() {
+                return;
+            }
+            for pid in sessions {
+                signal(pid, SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the sessions of {} did not end", self.ip);
+    }
+
+    /// The host stops answering: every process in its namespace (the listening sshd, its
+    /// sessions, what they run) is stopped with SIGSTOP until [`SimHost::thaw`]. The
+    /// kernel still completes TCP handshakes and acknowledges data; no SSH answer comes.
+    pub fn freeze(&self) {
+        for pid in self.netns_pids() {
+            signal(pid, SIGSTOP);
+        }
+    }
+
+    /// Undoes [`SimHost::freeze`]: what was stopped carries on.
+    pub fn thaw(&self) {
+        for pid in self.netns_pids() {
+            signal(pid, SIGCONT);
+        }
+    }
+
     /// The system `ssh` client for root on this host: no user config, the net's client key,
     /// strict host key checking against `known_hosts`, batch mode, 5 s connect timeout. Add
     /// the remote command with `.arg(...)`.
@@ -1012,6 +1062,7 @@ esac
 
 impl Drop for SimHost {
     fn drop(&mut self) {
+        self.thaw(); // a frozen sshd would wait out stop_sshd's grace
         self.stop_sshd();
         remove_netns(&self.netns); // kills sessions and whatever they started
         if link_names().contains(&self.veth) {

@@ -14,7 +14,9 @@
 //! The runner (`ansible.strategy`, `ansible.pipelining`, or the step's own `strategy` and
 //! `pipelining`): Mitogen for Ansible by default (one Python per host for the whole run),
 //! or Ansible's `linear`, with pipelining unless turned off. Under every runner the
-//! connection uses the instance's verified known_hosts file with `StrictHostKeyChecking=yes`.
+//! connection is a channel of the login that reached the instance (kept open as a control
+//! master, see [`crate::ssh::mux`]), and any new login uses the instance's verified
+//! known_hosts file with `StrictHostKeyChecking=yes`.
 //!
 //! What reaches Ansible, and how:
 //! - inventory (JSON file): every instance in `all`, its layer's group and the groups
@@ -296,8 +298,10 @@ impl Ansible {
         // A failed reach drops the ticket, which leaves the batch.
         ctx.note(format!("joining an ansible-playbook {} run", self.playbook));
         let ticket = runner.batches.enter(key.clone(), run.clone());
-        // One login proves the host, its key and cloud-init; Ansible makes its own.
-        let target = ctx.probe(&runner.remote).await?;
+        // One login proves the host, its key and cloud-init, and stays open: Ansible's
+        // connection to the host is a channel of it. Closed (mux dropped) once the run
+        // ended for this host, or this step stopped.
+        let (target, mux) = ctx.probe(&runner.remote).await?;
         let reached = Instant::now();
         ctx.note(format!(
             "reached; waiting for the ansible-playbook {} run",
@@ -306,7 +310,20 @@ impl Ansible {
         let result = ticket.ready(target).await.unwrap_or_else(|| {
             HostResult::Failed("the ansible-playbook run stopped unexpectedly".into())
         });
-        Ok((result, reached))
+        Ok((lost_in_the_run(result, mux.as_ref()), reached))
+    }
+}
+
+/// A host whose verified connection (its control master) was lost during the run is
+/// unreachable, whatever its task said: Mitogen can report the loss as a failed task (an
+/// error of its own about the vanished stream) rather than as unreachable. Checked after the
+/// run; a connection that is still up leaves the result as it is.
+fn lost_in_the_run(result: HostResult, mux: Option<&crate::ssh::Mux>) -> HostResult {
+    match (result, mux) {
+        (HostResult::Failed(e), Some(m)) if !m.is_up() => {
+            HostResult::Unreachable(format!("the connection to it was lost during the run: {e}"))
+        }
+        (r, _) => r,
     }
 }
 
@@ -348,6 +365,25 @@ mod tests {
     fn step(text: &str, vars: &Vars) -> Result<Ansible, Vec<ConfigError>> {
         let t: toml::Table = toml::from_str(text).unwrap();
         Ansible::parse(&t, "layers.web.launch[0]", vars)
+    }
+
+    #[test]
+    fn a_failed_host_whose_connection_was_lost_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let muxes = crate::ssh::mux::MuxDir::create(dir.path()).unwrap();
+        let failed = || HostResult::Failed("AttributeError: 'NoneType'".into());
+        let up = muxes.socket("i-1").unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(up.path()).unwrap();
+        assert_eq!(lost_in_the_run(failed(), Some(&up)), failed());
+        drop(listener);
+        let lost = muxes.socket("i-1").unwrap();
+        assert!(matches!(
+            lost_in_the_run(failed(), Some(&lost)),
+            HostResult::Unreachable(e) if e.contains("lost during the run") && e.contains("AttributeError")
+        ));
+        assert_eq!(lost_in_the_run(failed(), None), failed());
+        let done = HostResult::Done("ok=3".into());
+        assert_eq!(lost_in_the_run(done.clone(), Some(&lost)), done);
     }
 
     #[test]
