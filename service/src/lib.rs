@@ -12,7 +12,8 @@
 //! instance             lease: message kept hidden from receive, action heartbeated from its proof
 //! ```
 //!
-//! **Sources** turn their input into work and own its delivery:
+//! **Sources** turn their input into work and own its delivery (which queues, in which
+//! accounts and regions, is [`sources`]: `[queue]` and `[sources.NAME]`):
 //! - [`daemon`]: the SQS receive loop (daemon, and the one-shot worker): listener, one task
 //!   per message, drain on shutdown.
 //! - [`lambda`]: the same for the records of an SQS-triggered Lambda invocation.
@@ -100,6 +101,7 @@ pub(crate) mod retry;
 pub mod secret;
 pub(crate) mod setting;
 pub mod shutdown;
+pub mod sources;
 pub(crate) mod ssh;
 pub mod step;
 pub mod store;
