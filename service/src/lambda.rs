@@ -122,6 +122,13 @@ pub fn check(cfg: &Config) -> anyhow::Result<()> {
     if let Err(e) = check_state_path(&cfg.state.path) {
         problems.push(e);
     }
+    if cfg
+        .sources
+        .iter()
+        .any(|s| s.name != crate::sources::DEFAULT_SOURCE)
+    {
+        problems.push("[sources.NAME]: a function serves the queue of its event source mapping, named by [queue] url; deploy one function per account and region instead".into());
+    }
     if problems.is_empty() {
         return Ok(());
     }

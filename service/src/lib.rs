@@ -15,7 +15,8 @@
 //! **Sources** turn their input into work and own its delivery (which queues, in which
 //! accounts and regions, is [`sources`]: `[queue]` and `[sources.NAME]`):
 //! - [`daemon`]: the SQS receive loop (daemon, and the one-shot worker): listener, one task
-//!   per message, drain on shutdown.
+//!   per message, drain on shutdown; [`receivers`]: one loop per source, started and
+//!   retired by reloads.
 //! - [`lambda`]: the same for the records of an SQS-triggered Lambda invocation.
 //! - [`instance`]: `provision <instance-id>`: one [`pipeline::Job`] built from what Auto
 //!   Scaling says, run by hand.
@@ -95,6 +96,7 @@ pub(crate) mod outcome;
 pub(crate) mod output;
 pub mod pipeline;
 pub(crate) mod poll;
+pub mod receivers;
 pub mod reconcile;
 pub mod reload;
 pub(crate) mod retry;

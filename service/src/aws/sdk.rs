@@ -45,6 +45,52 @@ pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
         .await
 }
 
+/// The SDK config of a source's calls: its region, and when it names a role, credentials
+/// of that role (AssumeRole with its external id, through `base`'s credentials and
+/// endpoint, renewed before they expire). Nothing is called here: a role that cannot be
+/// assumed fails the source's first call, and every call after that tries again.
+pub async fn source_config(
+    base: &aws_config::SdkConfig,
+    source: &crate::sources::SourceConfig,
+) -> aws_config::SdkConfig {
+    let mut b = base.to_builder();
+    let region = source.region.clone().map(aws_config::Region::new);
+    if let Some(r) = &region {
+        b = b.region(r.clone());
+    }
+    if let Some(role) = &source.role {
+        let mut p = aws_config::sts::AssumeRoleProvider::builder(&role.arn)
+            .session_name(session_name(crate::claims::hostname()))
+            .configure(base);
+        if let Some(r) = region {
+            p = p.region(r);
+        }
+        if let Some(id) = &role.external_id {
+            p = p.external_id(id);
+        }
+        let provider = p.build().await;
+        b = b.credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            provider,
+        ));
+    }
+    b.build()
+}
+
+/// The role session's name, which the member account's CloudTrail shows:
+/// `provision-HOST`, within STS's 64 characters of `\w+=,.@-`.
+fn session_name(host: &str) -> String {
+    let host: String = host
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '+' | '=' | ',' | '.' | '@' | '-' | '_' => c,
+            _ => '-',
+        })
+        .collect();
+    let mut name = format!("provision-{host}");
+    name.truncate(64);
+    name
+}
+
 /// Turns any SDK error into an [`AwsError`]; [`ErrorClass::of`] decides from the answer's
 /// HTTP status and error code whether it is worth retrying.
 pub(super) fn classify<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> AwsError

@@ -166,6 +166,9 @@ pub struct Pipeline {
     actions: Arc<crate::action_key::Local>,
     owner: String,
     host: String,
+    /// The account and region of the source whose messages this pipeline works, which its
+    /// result events and fleet history name; None: the message's own account only.
+    scope: Option<crate::sources::Scope>,
     pub stats: Arc<Stats>,
 }
 
@@ -210,6 +213,7 @@ impl Pipeline {
             actions: Arc::default(),
             owner: crate::claims::owner_id(&host),
             host,
+            scope: None,
             stats: p.stats,
         }
     }
@@ -218,6 +222,16 @@ impl Pipeline {
     pub fn with_fleet_history(mut self, batcher: Option<Batcher<String>>) -> Pipeline {
         self.fleet_history = batcher;
         self
+    }
+
+    /// Runs name `scope`'s account and region in their result events.
+    pub fn with_scope(mut self, scope: Option<crate::sources::Scope>) -> Pipeline {
+        self.scope = scope;
+        self
+    }
+
+    pub fn scope(&self) -> Option<&crate::sources::Scope> {
+        self.scope.as_ref()
     }
 
     /// The task writing the configured tags, to await once the pipeline is dropped.

@@ -51,6 +51,9 @@ pub struct RunReport {
     /// account), when it names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub account_id: Option<String>,
+    /// The region of the source the message came from (`[sources.NAME]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +87,19 @@ impl RunReport {
             finished_at: String::new(),
             host: host.to_string(),
             account_id: ev.account_id.clone(),
+            region: None,
         }
+    }
+
+    /// A report of a run of `p`: the account and region are its source's when it has one
+    /// (the message's AccountId is only the message's word).
+    pub(super) fn of(p: &Pipeline, ev: &LifecycleEvent) -> RunReport {
+        let mut r = RunReport::new(ev, &p.host);
+        if let Some(scope) = &p.scope {
+            r.account_id = Some(scope.account.clone());
+            r.region = Some(scope.region.clone());
+        }
+        r
     }
 
     /// The steps are over with `result`: the run's decision, its cause and its outcome
