@@ -168,9 +168,14 @@ impl Receivers {
         changes
     }
 
-    /// Waits for every loop (after `shutdown` was cancelled, or draining), summing them up;
+    /// Waits for every loop (a daemon's after `shutdown`; draining, until each is done),
+    /// summing them up;
     /// answers the sources, running and retired, for [`crate::app::App::close_with`].
     pub async fn join(&self) -> (Summary, Vec<Source>) {
+        // A daemon's sources change with reloads until the shutdown: the set is taken then.
+        if self.mode == Mode::Daemon {
+            self.shutdown.cancelled().await;
+        }
         let mut all: Vec<Running> = std::mem::take(&mut *self.running.lock().unwrap())
             .into_values()
             .collect();

@@ -76,6 +76,20 @@ pub async fn source_config(
     b.build()
 }
 
+/// Whether `sdk_cfg`'s credentials can be had now (for a source with a role: AssumeRole
+/// answers); the error with its causes when not.
+pub async fn credentials_work(sdk_cfg: &aws_config::SdkConfig) -> Result<(), String> {
+    use aws_sdk_sqs::config::ProvideCredentials as _;
+    let Some(provider) = sdk_cfg.credentials_provider() else {
+        return Err("no credentials are configured".into());
+    };
+    provider
+        .provide_credentials()
+        .await
+        .map(|_| ())
+        .map_err(|e| aws_smithy_error_chain(&e))
+}
+
 /// The role session's name, which the member account's CloudTrail shows:
 /// `provision-HOST`, within STS's 64 characters of `\w+=,.@-`.
 fn session_name(host: &str) -> String {
