@@ -21,7 +21,8 @@ groups = ["web-*"]
 launch = [ { tag = { Configured = "by-provision", Layer = "{layer}" } } ]
 "#;
 
-/// The member account's role, trusting the ops account with the external id.
+/// The member account's role (as config/member-role.yaml names it in eu-west-1), trusting
+/// the ops account with the external id.
 fn member_role(emu: &Emulator) -> String {
     let trust = json!({
         "Version": "2012-10-17",
@@ -32,7 +33,7 @@ fn member_role(emu: &Emulator) -> String {
             "Condition": { "StringEquals": { "sts:ExternalId": EXTERNAL_ID } }
         }]
     });
-    emu.create_role_in(MEMBER, "provision-member", &trust)
+    emu.create_role_in(MEMBER, "provision-member-eu-west-1", &trust)
 }
 
 /// The member account's queue and group "web-eu" (its launch hook notifying that queue),
