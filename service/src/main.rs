@@ -147,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             layer,
             transition,
             hook,
+            source,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             let args = provision::instance::Args {
@@ -156,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 layer,
                 transition,
                 hook,
+                source,
             };
             let rt = runtime()?;
             rt.block_on(provision::instance::run(cfg, args))
