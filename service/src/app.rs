@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::aws::autoscaling::AutoScalingHooks;
 use crate::aws::dynamo::DynamoClaims;
@@ -417,7 +418,8 @@ impl App {
         };
         let mut sources = Vec::new();
         for s in &cfg.sources {
-            sources.push(wiring.source(&cfg, s).await);
+            let span = tracing::info_span!("source", source = %s.name);
+            sources.push(wiring.source(&cfg, s).instrument(span).await);
         }
         let first = sources.first().ok_or_else(|| {
             anyhow::anyhow!("the config names no queue ([queue] url or [sources.NAME])")

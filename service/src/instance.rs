@@ -77,7 +77,9 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
                 .iter()
                 .find(|s| &s.name == name)
                 .map(|s| s.pipeline.clone())
-                .ok_or_else(|| anyhow!("--source {name:?}: no such source; the config has {names:?}"))?
+                .ok_or_else(|| {
+                    anyhow!("--source {name:?}: no such source; the config has {names:?}")
+                })?
         }
     };
     let found = find(&pipeline, id, &args).await?;

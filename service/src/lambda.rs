@@ -472,6 +472,22 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
     }
 
     #[test]
+    fn a_function_serves_its_own_queue_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::parse(CONFIG, "t").unwrap();
+        cfg.state.path = dir.path().join("state.db");
+        assert!(check(&cfg).is_ok());
+        cfg.sources.push(crate::sources::SourceConfig {
+            name: "eu".into(),
+            url: "https://sqs.eu-west-1.amazonaws.com/210987654321/q".into(),
+            region: Some("eu-west-1".into()),
+            role: None,
+        });
+        let e = format!("{:#}", check(&cfg).unwrap_err());
+        assert!(e.contains("[sources.NAME]"), "{e}");
+    }
+
+    #[test]
     fn margins_shrink_for_short_invocations() {
         assert_eq!(
             margins(Duration::from_secs(900)),

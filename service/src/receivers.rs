@@ -161,7 +161,8 @@ impl Receivers {
             if self.running.lock().unwrap().contains_key(&s.name) {
                 continue;
             }
-            let source = self.wiring.source(cfg, s).await;
+            let span = tracing::info_span!("source", source = %s.name);
+            let source = self.wiring.source(cfg, s).instrument(span).await;
             changes.added.push(s.name.clone());
             self.start(s.clone(), source);
         }

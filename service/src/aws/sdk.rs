@@ -116,7 +116,7 @@ where
         SdkError::TimeoutError(_) => ErrorClass::Timeout,
         SdkError::DispatchFailure(f) if f.is_timeout() => ErrorClass::Timeout,
         SdkError::DispatchFailure(f) if f.is_user() => ErrorClass::Local,
-        SdkError::DispatchFailure(_) => ErrorClass::Connection,
+        SdkError::DispatchFailure(_) => credentials_failure(&err).unwrap_or(ErrorClass::Connection),
         SdkError::ResponseError(_) => ErrorClass::of(status, None),
         SdkError::ServiceError(_) => ErrorClass::of(status, err.code()),
         _ => ErrorClass::Local,
@@ -139,6 +139,21 @@ where
             class,
         },
     }
+}
+
+/// A request that never left because its credentials could not be had (a source's role
+/// could not be assumed): refused (`AccessDenied`, as AWS says when the role does not
+/// exist or does not trust the caller) is not worth retrying soon; anything else from STS
+/// (throttled, unreachable) is a transient credentials error.
+fn credentials_failure(err: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
+    let chain = aws_smithy_error_chain(err);
+    if !chain.contains("error occurred while loading credentials") {
+        return None;
+    }
+    Some(match chain.contains("AccessDenied") {
+        true => ErrorClass::Access,
+        false => ErrorClass::Credentials,
+    })
 }
 
 /// The error and its sources on one line (`a: b: c`).
@@ -176,4 +191,47 @@ pub(super) fn batch_result(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_role_that_cannot_be_assumed_is_refused_and_sts_trouble_is_transient() {
+        let creds = |inner: &'static str| {
+            E(
+                "dispatch failure",
+                Some(Box::new(E(
+                    "an error occurred while loading credentials",
+                    Some(Box::new(E(inner, None))),
+                ))),
+            )
+        };
+        let denied = creds("unhandled error (AccessDenied): User: x is not authorized");
+        assert_eq!(credentials_failure(&denied), Some(ErrorClass::Access));
+        assert_eq!(
+            credentials_failure(&creds("service error: Throttling")),
+            Some(ErrorClass::Credentials)
+        );
+        assert_eq!(credentials_failure(&E("connection refused", None)), None);
+        assert_eq!(session_name("ops-1.example"), "provision-ops-1.example");
+        assert_eq!(session_name(&"h/".repeat(40)).len(), 64);
+        assert!(session_name("a b/c").ends_with("a-b-c"));
+    }
 }

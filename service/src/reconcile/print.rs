@@ -45,7 +45,10 @@ pub async fn run(cfg: Config, dry_run: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// One source's pass, printed; true when something failed.
-async fn one_pass(pipeline: std::sync::Arc<crate::pipeline::Pipeline>, dry_run: bool) -> anyhow::Result<bool> {
+async fn one_pass(
+    pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    dry_run: bool,
+) -> anyhow::Result<bool> {
     let reconciler = Reconciler::new(pipeline);
     let mode = Mode {
         grace: Duration::ZERO,
