@@ -436,6 +436,7 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
         health.abort();
         if let Some(r) = reloader {
             r.abort();
+            let _ = r.await;
         }
         for h in housekeeping {
             h.abort();
@@ -443,6 +444,8 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
         if let Some(e) = endpoint {
             e.abort();
         }
+        // The result publisher's task ends once nothing holds it: the sources' wiring either.
+        drop(receivers);
         app.close_with(sources).await;
         log_summary(&summary, &registry);
         Ok(match mode {

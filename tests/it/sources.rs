@@ -257,3 +257,68 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     w.queue_is_empty().await;
     assert_eq!(member.approximate_messages(&member_q).await, (0, 0));
 }
+
+/// A reload that removes a source while one of its runs is in a slow step: the source stops
+/// receiving, the run finishes (its step, the tag after it, the completion) and its message
+/// is deleted, while the source that replaced it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_source_finishes_its_runs_in_flight() {
+    let slow = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [
+  { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["sleep 4"] } } },
+  { tag = { Configured = "by-provision" } },
+]
+"#;
+    let w = World::builder("web-us")
+        .layer(slow)
+        .instances(1)
+        .start()
+        .await;
+    let (emu, aws) = (&w.emu, &w.aws);
+    let role = member_role(emu);
+    let (member, member_q) = member_world(emu, &role).await;
+    let p = w.provision();
+    let mut daemon = p.daemon();
+    eventually(
+        "the launch's ssm command",
+        Duration::from_secs(30),
+        || async {
+            let state = emu.control("GET", "/_emulator/ssm", None);
+            (!state["commands"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await;
+
+    // The [queue] source goes, the member's comes.
+    p.remove("queue.url");
+    p.merge(&source_toml("member", &member_q.url, &role));
+    daemon.signal("HUP");
+    eventually("the reload", Duration::from_secs(30), || async {
+        let log = daemon.log();
+        (log.contains("sources_added=[\"member\"]") && log.contains("sources_removed=[\"queue\"]"))
+            .then_some(())
+    })
+    .await;
+    let us = in_service(aws, "web-us", 1).await;
+    assert_eq!(
+        aws.tags(&us[0]).await.get("Configured").map(String::as_str),
+        Some("by-provision"),
+        "{}",
+        daemon.log()
+    );
+    w.queue_is_empty().await;
+    member.scale("web-eu", 1).await;
+    let eu = in_service(&member, "web-eu", 1).await;
+    assert_eq!(
+        member
+            .tags(&eu[0])
+            .await
+            .get("Configured")
+            .map(String::as_str),
+        Some("by-provision")
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(60)), 0, "{}", daemon.log());
+}

@@ -953,10 +953,19 @@ impl Provision {
         self.write_config(&table);
     }
 
-    /// Removes a top-level table (`"sources"`) from the config.
-    pub fn remove(&self, table: &str) {
+    /// Removes a key from the config, by its dotted path (`"sources"`, `"queue.url"`).
+    pub fn remove(&self, key: &str) {
         let mut t = self.config();
-        t.remove(table);
+        let mut table = &mut t;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().expect("a key");
+        for p in parts {
+            table = table
+                .get_mut(p)
+                .and_then(toml::Value::as_table_mut)
+                .unwrap_or_else(|| panic!("no table {p} in the config"));
+        }
+        table.remove(last);
         self.write_config(&t);
     }
 
