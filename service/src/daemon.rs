@@ -98,35 +98,11 @@ const RECEIVE_PAUSES: Backoff =
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
 
-/// Receives and works messages until `shutdown` (or, draining, until the queue is empty),
-/// then winds down the work in flight.
+/// Receives and works messages until `shutdown` or `retire` (or, draining, until the queue
+/// is empty), then winds down the work in flight: at `shutdown` it gets the grace period;
+/// at `retire` (a reload removed the source) it finishes, however long it takes, unless
+/// `shutdown` comes meanwhile.
 pub async fn run(
-    pipeline: Arc<Pipeline>,
-    queue: Arc<dyn Queue>,
-    settings: Settings,
-    mode: Mode,
-    shutdown: impl Future<Output = ()>,
-) -> Summary {
-    let stop = CancellationToken::new();
-    let stopping = stop.clone();
-    let shutdown = async move {
-        shutdown.await;
-        stopping.cancel();
-    };
-    let retire = CancellationToken::new();
-    let run = run_until(pipeline, queue, settings, mode, &stop, &retire);
-    tokio::pin!(run);
-    tokio::select! {
-        biased;
-        summary = &mut run => summary,
-        () = shutdown => run.await,
-    }
-}
-
-/// [`run`] with its ends as tokens: `shutdown` stops receiving and gives the runs in
-/// flight the grace period; `retire` (a reload removed the source) stops receiving and
-/// lets them finish, however long they take, unless `shutdown` comes meanwhile.
-pub async fn run_until(
     pipeline: Arc<Pipeline>,
     queue: Arc<dyn Queue>,
     settings: Settings,

@@ -112,7 +112,7 @@ impl Receivers {
         let task = tokio::spawn(
             async move {
                 let summary =
-                    daemon::run_until(s.pipeline, s.queue, s.settings, mode, &shutdown, &stop)
+                    daemon::run(s.pipeline, s.queue, s.settings, mode, &shutdown, &stop)
                         .await;
                 if let Some(r) = reconcile {
                     let _ = r.await;
