@@ -112,8 +112,7 @@ impl Receivers {
         let task = tokio::spawn(
             async move {
                 let summary =
-                    daemon::run(s.pipeline, s.queue, s.settings, mode, &shutdown, &stop)
-                        .await;
+                    daemon::run(s.pipeline, s.queue, s.settings, mode, &shutdown, &stop).await;
                 if let Some(r) = reconcile {
                     let _ = r.await;
                 }

@@ -66,6 +66,9 @@ impl SourceConfig {
     }
 }
 
+/// What [`Scope`] says of an account or region nobody could tell.
+pub const UNKNOWN: &str = "unknown";
+
 /// Where a source's work belongs: its account and region, as labels and records name them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope {
@@ -77,8 +80,8 @@ impl Scope {
     /// `account` and `region`, "unknown" for what nobody could say.
     pub fn new(account: Option<&str>, region: Option<&str>) -> Scope {
         Scope {
-            account: account.unwrap_or("unknown").to_string(),
-            region: region.unwrap_or("unknown").to_string(),
+            account: account.unwrap_or(UNKNOWN).to_string(),
+            region: region.unwrap_or(UNKNOWN).to_string(),
         }
     }
 }

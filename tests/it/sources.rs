@@ -219,6 +219,13 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
         }
     })
     .await;
+    for e in events.iter().filter(|e| e["group"] == "web-us") {
+        assert_eq!(
+            (e["account_id"].as_str(), e["region"].as_str()),
+            (Some(ACCOUNT), Some("us-east-1")),
+            "{e}"
+        );
+    }
     let eu_events: Vec<&Value> = events.iter().filter(|e| e["group"] == "web-eu").collect();
     assert_eq!(eu_events.len(), 2, "{events:?}");
     for e in eu_events {

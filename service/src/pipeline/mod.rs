@@ -167,7 +167,8 @@ pub struct Pipeline {
     owner: String,
     host: String,
     /// The account and region of the source whose messages this pipeline works, which its
-    /// result events and fleet history name; None: the message's own account only.
+    /// result events and fleet history name; None (pipelines of unit tests): the message's
+    /// own account only.
     scope: Option<crate::sources::Scope>,
     pub stats: Arc<Stats>,
 }

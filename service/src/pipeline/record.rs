@@ -91,13 +91,14 @@ impl RunReport {
         }
     }
 
-    /// A report of a run of `p`: the account and region are its source's when it has one
-    /// (the message's AccountId is only the message's word).
+    /// A report of a run of `p`: the account and region are its source's when known (the
+    /// message's AccountId is only the message's word).
     pub(super) fn of(p: &Pipeline, ev: &LifecycleEvent) -> RunReport {
         let mut r = RunReport::new(ev, &p.host);
         if let Some(scope) = &p.scope {
-            r.account_id = Some(scope.account.clone());
-            r.region = Some(scope.region.clone());
+            let known = |v: &str| (v != crate::sources::UNKNOWN).then(|| v.to_string());
+            r.account_id = known(&scope.account).or(r.account_id);
+            r.region = known(&scope.region);
         }
         r
     }
