@@ -263,6 +263,29 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     assert_eq!(daemon.wait(Duration::from_secs(60)), 0, "{}", daemon.log());
     w.queue_is_empty().await;
     assert_eq!(member.approximate_messages(&member_q).await, (0, 0));
+
+    // By hand: `reconcile` passes over each source; `provision <id> --source` acts in the
+    // source's account (without it, in the first source's, which has no such instance).
+    let out = p.output(&["reconcile", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "source queue (account {ACCOUNT}, region us-east-1)"
+        )) && text.contains(&format!(
+            "source member (account {MEMBER}, region {MEMBER_REGION})"
+        )),
+        "{text}"
+    );
+    let out = p.output(&[&eu[0], "--source", "member", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("web-eu"), "{text}");
+    let out = p.output(&[&eu[0], "--dry-run"]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// A reload that removes a source while one of its runs is in a slow step: the source stops
