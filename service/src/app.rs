@@ -160,7 +160,7 @@ impl Wiring {
             ansible: self.ansible.clone(),
         })
         .with_fleet_history(self.fleet_history.clone())
-        .with_scope(Some(scope.clone()));
+        .with_scope(&s.name, Some(scope.clone()));
         Source {
             name: s.name.clone(),
             scope,

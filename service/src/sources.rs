@@ -86,6 +86,11 @@ impl Scope {
     }
 }
 
+/// How a run's history row names its source: `{"account": …, "region": …}` in its event.
+pub fn scope_json(scope: &Scope) -> serde_json::Value {
+    serde_json::json!({ "account": scope.account, "region": scope.region })
+}
+
 fn is_account(s: &str) -> bool {
     s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
 }

@@ -15,10 +15,13 @@ const MEMBER: &str = "210987654321";
 const MEMBER_REGION: &str = "eu-west-1";
 const EXTERNAL_ID: &str = "ops-7f3a-ext";
 
+/// Its terminate step makes an instance that looks gone to a source's reconcile pass a
+/// finding, so a pass that took another account's launches for its own would show them.
 const LAYER: &str = r#"
 [layers.web]
 groups = ["web-*"]
 launch = [ { tag = { Configured = "by-provision", Layer = "{layer}" } } ]
+terminate = [ { tag = { Decommissioned = "yes" } } ]
 "#;
 
 /// The member account's role (as config/member-role.yaml names it in eu-west-1), trusting
@@ -270,6 +273,10 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
+        !text.lines().any(|l| l.starts_with("gone")),
+        "each source's pass looks only at its own account's launches: {text}"
+    );
+    assert!(
         text.contains(&format!(
             "source queue (account {ACCOUNT}, region us-east-1)"
         )) && text.contains(&format!(
@@ -277,6 +284,11 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
         )),
         "{text}"
     );
+    // The history names each run's source account.
+    let out = p.output(&["history", "--account", MEMBER, "--json"]);
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let groups: Vec<&str> = runs.iter().filter_map(|r| r["group"].as_str()).collect();
+    assert_eq!(groups, ["web-eu", "web-eu"], "{runs:?}");
     let out = p.output(&[&eu[0], "--source", "member", "--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("web-eu"), "{text}");

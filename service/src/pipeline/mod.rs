@@ -170,6 +170,7 @@ pub struct Pipeline {
     /// result events and fleet history name; None (pipelines of unit tests): the message's
     /// own account only.
     scope: Option<crate::sources::Scope>,
+    source_name: String,
     pub stats: Arc<Stats>,
 }
 
@@ -215,6 +216,7 @@ impl Pipeline {
             owner: crate::claims::owner_id(&host),
             host,
             scope: None,
+            source_name: crate::sources::DEFAULT_SOURCE.to_string(),
             stats: p.stats,
         }
     }
@@ -225,14 +227,22 @@ impl Pipeline {
         self
     }
 
-    /// Runs name `scope`'s account and region in their result events.
-    pub fn with_scope(mut self, scope: Option<crate::sources::Scope>) -> Pipeline {
+    /// Runs of the source `name` name `scope`'s account and region in their result events
+    /// and history rows.
+    pub fn with_scope(mut self, name: &str, scope: Option<crate::sources::Scope>) -> Pipeline {
+        self.source_name = name.to_string();
         self.scope = scope;
         self
     }
 
     pub fn scope(&self) -> Option<&crate::sources::Scope> {
         self.scope.as_ref()
+    }
+
+    /// The name of the source whose messages this pipeline works (`queue` for `[queue]`'s,
+    /// and for pipelines built without sources).
+    pub fn source_name(&self) -> &str {
+        &self.source_name
     }
 
     /// The task writing the configured tags, to await once the pipeline is dropped.

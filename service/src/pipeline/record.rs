@@ -158,7 +158,7 @@ impl Pipeline {
     /// The first row of a worked run (outcome `running` until [`Pipeline::finish`]).
     pub(super) async fn open_run(&self, job: &Job, layer: Option<&str>) -> Result<i64, StoreError> {
         let ev = &job.event;
-        let event_json = serde_json::to_string(ev).unwrap_or_default();
+        let event_json = self.event_json(ev);
         self.store
             .insert_run(NewRun {
                 message_id: job.message_id.as_deref(),
@@ -173,6 +173,16 @@ impl Pipeline {
                 event: Some(&event_json),
             })
             .await
+    }
+
+    /// The event as the history keeps it, with the account and region of the source it
+    /// came through (`"source"`), which `provision history --account` and reconcile read.
+    fn event_json(&self, ev: &LifecycleEvent) -> String {
+        let mut v = serde_json::to_value(ev).unwrap_or_default();
+        if let (Some(scope), Some(o)) = (&self.scope, v.as_object_mut()) {
+            o.insert("source".into(), crate::sources::scope_json(scope));
+        }
+        v.to_string()
     }
 
     /// A message that was never worked (rejected, skipped): one finished row, with the
