@@ -301,6 +301,12 @@ impl Pipeline {
         let Some(publisher) = &self.publisher else {
             return 0;
         };
+        // Every source's loop comes here, over one store: one at a time, or two would send
+        // the same event.
+        static REPUBLISHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let Ok(_one) = REPUBLISHING.try_lock() else {
+            return 0;
+        };
         let pending = match self.store.unpublished(100).await {
             Ok(p) => p,
             Err(e) => {
