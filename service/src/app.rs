@@ -286,7 +286,7 @@ pub async fn fleet_history(
     let Some(table) = cfg.state.history_table.as_deref() else {
         return Ok(None);
     };
-    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
     let calls = CountCalls(Arc::new(Stats::default()));
     let runs = FleetHistory::new(&sdk_cfg, &calls, table)
         .runs(filter, limit)
@@ -301,7 +301,8 @@ fn publisher(
     topic: String,
     retry_for: Duration,
 ) -> (Batcher<String>, JoinHandle<()>) {
-    Batcher::retried(10, PUBLISH_LINGER, retry_for, move |bodies: Vec<String>| {
+    // A batch whose callers all stopped waiting is dropped: its events are in the outbox.
+    Batcher::retried_while_wanted(10, PUBLISH_LINGER, retry_for, move |bodies: Vec<String>| {
         let (notifier, topic) = (notifier.clone(), topic.clone());
         async move { notifier.publish_batch(&topic, &bodies).await }
     })
@@ -382,7 +383,7 @@ impl App {
         let store = open_store(&cfg, purpose).await?;
         let registry = Arc::new(Registry::default());
         let calls = CountCalls(registry.process().clone());
-        let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+        let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
         let run = purpose == Purpose::Run;
         let claims = claims_store(&cfg, &sdk_cfg, &calls).filter(|_| run);
         let (publisher, publisher_task) = match (&cfg.notify, purpose) {

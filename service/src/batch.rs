@@ -39,6 +39,19 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<R, AwsError>>> + Send + 'static,
     {
+        Self::start(max, linger, Unwanted::Flush, flush)
+    }
+
+    fn start<F, Fut>(
+        max: usize,
+        linger: Duration,
+        unwanted: Unwanted,
+        flush: F,
+    ) -> (Batcher<T, R>, JoinHandle<()>)
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<R, AwsError>>> + Send + 'static,
+    {
         let (tx, mut rx) = mpsc::unbounded_channel::<Item<T, R>>();
         let handle = tokio::spawn(async move {
             let flush = std::sync::Arc::new(flush);
@@ -60,7 +73,15 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 let flush = flush.clone();
                 // Batches may overlap: a slow (throttled) call must not hold up the next one.
                 running.spawn(async move {
-                    let results = flush(values).await;
+                    let mut replies = replies;
+                    let results = match unwanted {
+                        Unwanted::Flush => flush(values).await,
+                        Unwanted::Drop => tokio::select! {
+                            biased;
+                            () = all_closed(&mut replies) => return,
+                            r = flush(values) => r,
+                        },
+                    };
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r);
                     }
@@ -85,8 +106,42 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<R, AwsError>>, AwsError>> + Send + 'static,
     {
+        Self::retried_unless(max, linger, retry_for, Unwanted::Flush, call)
+    }
+
+    /// Like [`Batcher::retried`], but a batch every caller stopped waiting for is dropped,
+    /// its call (and retries) with it: nothing is sent for work that ended. For calls
+    /// whose items are kept elsewhere until they are known sent (the result outbox), so
+    /// that a call frozen with a Lambda execution environment is not made late, beside
+    /// the next invocation's own.
+    pub fn retried_while_wanted<F, Fut>(
+        max: usize,
+        linger: Duration,
+        retry_for: Duration,
+        call: F,
+    ) -> (Batcher<T, R>, JoinHandle<()>)
+    where
+        T: Clone + Sync,
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, AwsError>>, AwsError>> + Send + 'static,
+    {
+        Self::retried_unless(max, linger, retry_for, Unwanted::Drop, call)
+    }
+
+    fn retried_unless<F, Fut>(
+        max: usize,
+        linger: Duration,
+        retry_for: Duration,
+        unwanted: Unwanted,
+        call: F,
+    ) -> (Batcher<T, R>, JoinHandle<()>)
+    where
+        T: Clone + Sync,
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, AwsError>>, AwsError>> + Send + 'static,
+    {
         let call = std::sync::Arc::new(call);
-        Self::spawn(max, linger, move |items: Vec<T>| {
+        Self::start(max, linger, unwanted, move |items: Vec<T>| {
             let call = call.clone();
             async move {
                 match with_backoff(retry_for, || call(items.clone())).await {
@@ -104,6 +159,22 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             .map_err(|_| AwsError::permanent("batch", "the batcher has stopped"))?;
         rx.await
             .unwrap_or_else(|_| Err(AwsError::permanent("batch", "the batch call was dropped")))
+    }
+}
+
+/// What becomes of a batch every caller stopped waiting for.
+#[derive(Clone, Copy)]
+enum Unwanted {
+    /// Sent all the same (a delete, a release: wanted whoever waits).
+    Flush,
+    /// Dropped, its call with it.
+    Drop,
+}
+
+/// Returns once every caller of a batch stopped waiting for its answer.
+async fn all_closed<R>(replies: &mut [oneshot::Sender<Result<R, AwsError>>]) {
+    for reply in replies.iter_mut() {
+        reply.closed().await;
     }
 }
 
@@ -193,5 +264,42 @@ mod tests {
         assert!(!e.retryable(), "the call's class reaches the caller");
         drop(b);
         handle.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_nobody_waits_for_any_more_is_dropped_only_when_asked() {
+        for (while_wanted, expect_sent) in [(true, 0), (false, 1)] {
+            let sent = Arc::new(Mutex::new(0u32));
+            let seen = sent.clone();
+            let call = move |items: Vec<u32>| {
+                let seen = seen.clone();
+                async move {
+                    // A slow call (a hung attempt, a throttled retry).
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    *seen.lock().unwrap() += 1;
+                    Ok(items.iter().map(|_| Ok(())).collect())
+                }
+            };
+            let (linger, retry_for) = (Duration::from_millis(10), Duration::from_secs(5));
+            let (b, handle) = match while_wanted {
+                true => Batcher::<u32>::retried_while_wanted(10, linger, retry_for, call),
+                false => Batcher::<u32>::retried(10, linger, retry_for, call),
+            };
+            let waiter = {
+                let b = b.clone();
+                tokio::spawn(async move { b.submit(1).await })
+            };
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // The caller gives up (its task aborted, as an invocation's outbox is).
+            waiter.abort();
+            let _ = waiter.await;
+            drop(b);
+            handle.await.unwrap();
+            assert_eq!(
+                *sent.lock().unwrap(),
+                expect_sent,
+                "while_wanted {while_wanted}"
+            );
+        }
     }
 }

@@ -103,7 +103,7 @@ pub async fn playbooks(cfg: &Config, aws: bool, r: &mut Report) {
             }
         },
         Some(crate::secret::Source::SsmParameter(n)) if aws => {
-            let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+            let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
             let calls = CountCalls(Arc::new(Stats::default()));
             let ssm = SsmClient::new(&sdk_cfg, &calls);
             match crate::aws::Ssm::parameter(&ssm, n).await {
@@ -145,7 +145,7 @@ pub fn queue_arn(url: &str, region: &str) -> Option<String> {
 /// What AWS says, added to `r`: what every source shares (the result topic, the claims
 /// table) with the host's credentials, then each source with its own (its role assumed).
 pub async fn with_aws(cfg: &Config, r: &mut Report) {
-    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts).await;
+    let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
     let calls = CountCalls(Arc::new(Stats::default()));
     if let Some(n) = &cfg.notify {
         let sns = SnsNotifier::new(&sdk_cfg, &calls);

@@ -352,10 +352,81 @@ mod tests {
 
     #[test]
     fn a_live_process_of_another_user_is_not_gone() {
-        // pid 1 runs as root; unprivileged, signalling it answers EPERM: alive all the same.
-        assert!(process_exists(1));
         assert!(process_exists(std::process::id()));
         assert!(!process_exists(u32::MAX));
+        // Root may signal any pid, so EPERM never shows to it: the probe is asked from a
+        // child that runs as another user (nobody) about this process, with /proc hiding
+        // other users' processes as the unit's ProtectProc=invisible does.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(probe_as_nobody(), 0, "{}", PROBE_FAILURES);
+        } else {
+            // pid 1 is root's: signalling it answers EPERM, alive all the same.
+            assert!(process_exists(1));
+        }
+    }
+
+    const PROBE_FAILURES: &str = "exit 2: could not become nobody; 3: signalling the parent \
+        did not answer EPERM (the probe would prove nothing); 4: the parent, alive, was \
+        judged gone; 5: no private /proc with hidepid=invisible; 6: /proc still shows the \
+        parent";
+
+    /// Forks a child that mounts a /proc hiding other users' processes, becomes nobody,
+    /// and judges whether this (root's, live) process is gone. Its exit status: 0 when it
+    /// is judged alive, else the reason ([`PROBE_FAILURES`]).
+    fn probe_as_nobody() -> i32 {
+        let parent = std::process::id();
+        // Made before the fork (this process's owner id): the child only makes system
+        // calls, no allocation.
+        let owner = owner_id(hostname());
+        let proc_dir = std::ffi::CString::new(format!("/proc/{parent}")).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls and leaves with _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: see above; every pointer is a valid NUL-terminated string.
+            unsafe {
+                let private = libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        0,
+                        c"hidepid=invisible".as_ptr().cast(),
+                    ) == 0;
+                if !private {
+                    libc::_exit(5);
+                }
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    libc::_exit(2);
+                }
+                if libc::access(proc_dir.as_ptr(), libc::F_OK) == 0 {
+                    libc::_exit(6);
+                }
+                let eperm = libc::kill(parent as libc::pid_t, 0) == -1
+                    && *libc::__errno_location() == libc::EPERM;
+                if !eperm {
+                    libc::_exit(3);
+                }
+                libc::_exit(if gone_from_this_host(&owner) { 4 } else { 0 });
+            }
+        }
+        assert!(child > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        let waited = unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(waited, child);
+        assert!(libc::WIFEXITED(status), "the probe died: {status}");
+        libc::WEXITSTATUS(status)
     }
 
     #[test]

@@ -186,6 +186,10 @@ pub struct AwsConfig {
     pub max_attempts: u32,
     /// After the SDK gives up on a retryable error, keep retrying with backoff this long.
     pub retry_for: Duration,
+    /// How long one attempt of a call may go unanswered before the SDK gives up on it (and
+    /// retries: "no answer in time" is transient). Longer than `queue.wait_time`, which a
+    /// long poll holds.
+    pub attempt_timeout: Duration,
 }
 
 impl Config {
@@ -332,7 +336,7 @@ fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>)
         region: None,
         role: None,
     });
-    Config {
+    let cfg = Config {
         sources: crate::sources::all_from_raw(default, raw.sources.as_ref(), errs),
         queue,
         notify: NotifyConfig::from_raw(raw.notify.as_ref(), errs),
@@ -345,7 +349,20 @@ fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>)
         ansible: AnsibleSettings::parse(raw.ansible.as_ref(), base, errs),
         metrics_listen: metrics_listen(raw.metrics.as_ref(), errs),
         layers: Layer::all_from_raw(&raw.layers, errs),
+    };
+    // A long poll holds its call for up to `queue.wait_time`: an attempt must outlast it.
+    // (A wait_time over SQS's 20 s is an error of its own.)
+    let long_poll = cfg.queue.wait_time.min(Duration::from_secs(20));
+    if cfg.aws.attempt_timeout < long_poll + Duration::from_secs(1) {
+        errs.push(ConfigError::new(
+            "aws.attempt_timeout",
+            format!(
+                "must be at least 1s longer than queue.wait_time ({}), which a long poll holds",
+                humantime::format_duration(long_poll)
+            ),
+        ));
     }
+    cfg
 }
 
 impl QueueConfig {
@@ -560,16 +577,26 @@ impl ReconcileConfig {
     }
 }
 
+/// `aws.attempt_timeout`'s default: a 20 s long poll and room above it.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(40);
+
 impl AwsConfig {
     /// `[aws]`.
     fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> AwsConfig {
         let mut f = Fields::new(t, "aws", errs);
         let max_attempts = f.int("max_attempts", 1..=20, 5) as u32;
         let retry_for = f.duration("retry_for", Duration::from_secs(120));
+        let attempt_timeout = f
+            .timeout("attempt_timeout", "40s")
+            .unwrap_or(DEFAULT_ATTEMPT_TIMEOUT);
+        if attempt_timeout > Duration::from_secs(300) {
+            f.error("attempt_timeout", "at most 5m");
+        }
         f.finish_section("[aws]");
         AwsConfig {
             max_attempts,
             retry_for,
+            attempt_timeout,
         }
     }
 }
@@ -641,6 +668,20 @@ on_failure = "continue"
         assert_eq!(c.layers[1].on_failure, HookResult::Continue);
         assert_eq!(c.daemon.unmatched, Unmatched::Ignore);
         assert_eq!(c.state.path, PathBuf::from("/tmp/x.db"));
+    }
+
+    #[test]
+    fn the_attempt_timeout_outlasts_a_long_poll() {
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.aws.attempt_timeout, DEFAULT_ATTEMPT_TIMEOUT);
+        let with = |aws: &str| GOOD.replace("[notify]", &format!("[aws]\n{aws}\n[notify]"));
+        let c = Config::parse(&with("attempt_timeout = \"25s\""), "t").unwrap();
+        assert_eq!(c.aws.attempt_timeout, Duration::from_secs(25));
+        for bad in ["\"20s\"", "\"0s\"", "\"6m\"", "\"soon\""] {
+            let e = Config::parse(&with(&format!("attempt_timeout = {bad}")), "t").unwrap_err();
+            let keys: Vec<&str> = e.errors.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(keys, ["aws.attempt_timeout"], "{bad}: {e}");
+        }
     }
 
     #[test]

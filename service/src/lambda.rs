@@ -312,9 +312,17 @@ impl Handler {
             }
         }
         let until_give_up = give_up_at.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(until_give_up, outbox).await.is_err() {
+        let mut outbox = outbox;
+        if tokio::time::timeout(until_give_up, &mut outbox)
+            .await
+            .is_err()
+        {
+            // Stopped, not left running: frozen with the environment, it would resume in a
+            // later invocation and publish again what that invocation's outbox publishes.
+            outbox.abort();
+            let _ = outbox.await;
             warn!(
-                "no time left to republish earlier result events; the next invocation tries again"
+                "no time left to republish earlier result events; stopped, the next invocation tries again"
             );
         }
         info!(

@@ -25,14 +25,16 @@ What it adds on top of moto:
   was not decremented).
 * CompleteLifecycleAction / RecordLifecycleActionHeartbeat with AWS-style validation.
 * A daemon thread applies DefaultResult on heartbeat timeout and on the global timeout
-  (min(100 x HeartbeatTimeout, 172800 s)), both read from Auto Scaling's clock: the wall
+  (min(100 x HeartbeatTimeout, 172800 s)), and so does every heartbeat and completion
+  before it looks the action up (an action past its timeout is over, swept or not), all
+  read from Auto Scaling's clock: the wall
   clock plus whatever POST /_emulator/clock {"advance_seconds": N} added (it never goes
   back; the timeouts that passed are applied before it answers). Lifecycle messages carry
   that clock's time, as AWS's carry the time the action started.
 * Control endpoints (JSON): GET /_emulator/lifecycle, GET /_emulator/calls,
   POST /_emulator/calls/reset, GET|POST|DELETE /_emulator/faults (FAULT_KINDS: throttling,
-  500 with and without an error code, ResourceContention, 503 HTML, connection reset, delays;
-  per service, operation and count), GET|POST /_emulator/clock, GET /_emulator/health
+  500 with and without an error code, ResourceContention, 503 HTML, connection reset, HTTP
+  429 and 408, no answer at all (`hang`), delays; per service, operation and count), GET|POST /_emulator/clock, GET /_emulator/health
   (answers the serving process's pid, so a client can tell its own child answered),
   GET|POST /_emulator/spot (EC2 Spot interruption warnings and rebalance recommendations
   through EventBridge, source aws.ec2; an interrupted instance is terminated through its
@@ -1023,6 +1025,8 @@ def _find_action(self: Any) -> dict[str, Any]:
         )
     if not token and not instance_id:
         raise ValidationError("Either LifecycleActionToken or InstanceId must be provided")
+    # An action past its timeout is over whether or not the sweep has run yet.
+    _apply_timeouts()
     for a in ACTIONS.values():
         if (a["state"] == "pending" and a["group"] == group_name and a["hook"] == hook_name
                 and a["_account"] == be.account_id and a["_region"] == be.region_name
@@ -1207,7 +1211,12 @@ def _take_faults(service: str, action: str, key: str | None = None) -> tuple[flo
 #   reset         no answer: the connection is reset (TCP RST)
 #   http429       HTTP 429 Too Many Requests with a plain body (a proxy or gateway's rate limit)
 #   http408       HTTP 408 Request Timeout with a plain body (a proxy that gave up reading)
-FAULT_KINDS = ("throttle", "server", "contention", "server-nocode", "html", "reset", "http429", "http408")
+#   hang          no answer at all: the request is not served and the connection stays open
+#                 until the client gives up on it (its attempt timeout) and closes it, or
+#                 HANG_MAX_SECONDS pass (then it is reset)
+FAULT_KINDS = ("throttle", "server", "contention", "server-nocode", "html", "reset", "http429", "http408",
+               "hang")
+HANG_MAX_SECONDS = 300.0
 
 
 def _bare_error_response(kind: str) -> tuple[str, list, bytes] | None:
@@ -1240,6 +1249,24 @@ def _reset_connection(environ: dict[str, Any]) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _hang(environ: dict[str, Any]) -> None:
+    """Answers nothing until the client closes the connection (a read at its end of the
+    stream), bounded by HANG_MAX_SECONDS; the request is never served."""
+    import socket
+
+    sock = environ.get("werkzeug.socket")
+    deadline = time.monotonic() + HANG_MAX_SECONDS
+    while sock is not None and time.monotonic() < deadline:
+        try:
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                return
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        time.sleep(0.05)
 
 
 def _error_response(service: str, protocol: str, kind: str, environ: dict[str, Any]) -> tuple[str, list, bytes]:
@@ -1482,6 +1509,10 @@ class EmulatorApp:
         delay, error = _take_faults(service, action, _access_key(environ))
         if delay > 0:
             time.sleep(delay)
+        if error == "hang":
+            _hang(environ)
+            _reset_connection(environ)
+            raise ConnectionResetError("fault injection: no answer")
         if error == "reset":
             _reset_connection(environ)
             raise ConnectionResetError("fault injection: connection reset")

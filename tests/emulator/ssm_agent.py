@@ -28,6 +28,12 @@ Running AWS-RunShellScript
     reported TimedOut; StandardOutputContent keeps the first 24000 characters (the last 20
     replaced by "--output truncated--"), StandardErrorContent the first 8000, and the plugin
     Output is the agent's 2500-character stdout + "----------ERROR-------" + stderr digest.
+    An agent picks an invocation up `pickup_seconds` after SendCommand (per instance, default
+    0; until then it is Pending, not yet sent). MaxErrors is honoured as Run Command does:
+    once the command's errors (Failed, ExecutionTimedOut) exceed it (a count, or a percentage
+    of the targets rounded down; default 0), invocations not yet sent are not sent (Status
+    Cancelled, StatusDetails Terminated) while those already running finish. (MaxConcurrency
+    is recorded, not enforced.)
     Other documents (AWS-RunPowerShellScript, AWS-ApplyAnsiblePlaybooks, documents created in
     moto) run nothing and succeed with empty output; an unknown document is InvalidDocument.
 
@@ -37,7 +43,8 @@ Control endpoints (JSON), served through ``control()``:
                                               "never_online": ["i-..."],   (added to the set)
                                               "online": ["i-..."]}         (removed from it)
     GET|POST|DELETE /_emulator/ssm/instances/<instance-id>
-                                             {"prefix": [...], "cwd": "...", "env": {...}}
+                                             {"prefix": [...], "cwd": "...", "env": {...},
+                                              "pickup_seconds": 2}
                                              (POST merges; a null value removes that key)
 
 Processes started for commands are also registered with a small reaper process, which kills
@@ -95,9 +102,12 @@ FAILED = ("Failed", "Failed")
 EXECUTION_TIMED_OUT = ("TimedOut", "ExecutionTimedOut")
 DELIVERY_TIMED_OUT = ("TimedOut", "DeliveryTimedOut")
 CANCELLED = ("Cancelled", "Cancelled")
+# The parent command exceeded its MaxErrors and the system cancelled this invocation before
+# sending it (the user guide's "Understanding command statuses").
+TERMINATED = ("Cancelled", "Terminated")
 UNDELIVERABLE = ("Failed", "Undeliverable")
 TERMINAL_DETAILS = {"Success", "Failed", "ExecutionTimedOut", "DeliveryTimedOut", "Cancelled",
-                    "Undeliverable"}
+                    "Undeliverable", "Terminated"}
 
 # Set by emulator.py: the lock that protects moto's backends (used for the S3 output upload,
 # which runs outside of a request).
@@ -106,7 +116,7 @@ BACKEND_LOCK: Any = None
 _LOCK = threading.RLock()  # protects everything below; taken after BACKEND_LOCK, never before
 CONFIG: dict[str, Any] = {"online_delay_seconds": 0.0}
 NEVER_ONLINE: set[str] = set()
-RUNNERS: dict[str, dict[str, Any]] = {}  # instance id -> {"prefix", "cwd", "env"}
+RUNNERS: dict[str, dict[str, Any]] = {}  # instance id -> {"prefix", "cwd", "env", "pickup_seconds"}
 COMMANDS: dict[str, "Command"] = {}
 CANCELS: list[dict[str, Any]] = []
 _SANDBOX: str | None = None
@@ -684,6 +694,8 @@ def send_command(p: dict[str, Any], account: str, region: str) -> dict[str, Any]
 
 
 def _run_nothing(cmd: Command, inv: Invocation, generation: int) -> None:
+    if not _picked_up(inv, generation):
+        return
     with _LOCK:
         if generation != _GENERATION or inv.status != "Pending":
             return
@@ -709,7 +721,34 @@ def _read(f: Any) -> str:
         f.close()
 
 
+def _picked_up(inv: Invocation, generation: int) -> bool:
+    """Waits for the agent to pick the invocation up (its runner's `pickup_seconds`, 0 by
+    default); False when it was no longer to be sent by then (cancelled, or terminated
+    because the command exceeded MaxErrors)."""
+    with _LOCK:
+        pickup = float((RUNNERS.get(inv.instance_id) or {}).get("pickup_seconds") or 0)
+    if pickup > 0:
+        time.sleep(pickup)
+    with _LOCK:
+        return generation == _GENERATION and inv.status == "Pending"
+
+
+def _stop_sending(cmd: Command) -> None:
+    """MaxErrors: once the command's errors exceed it, the invocations not yet sent are
+    not sent (Terminated); those already running go on (LOCK held)."""
+    errors = sum(1 for i in cmd.invocations.values() if i.details in ("Failed", "ExecutionTimedOut"))
+    if errors <= _max_errors(cmd.max_errors, len(cmd.invocations)):
+        return
+    now = time.time()
+    for inv in cmd.invocations.values():
+        if inv.status == "Pending":
+            inv.status, inv.details = TERMINATED
+            inv.end = now
+
+
 def _run(cmd: Command, inv: Invocation, generation: int, script: str, workdir: str) -> None:
+    if not _picked_up(inv, generation):
+        return
     with _LOCK:
         if generation != _GENERATION or inv.status != "Pending":
             return
@@ -775,6 +814,7 @@ def _finish(cmd: Command, inv: Invocation, generation: int, pair: tuple[str, str
         inv.end = time.time()
         inv.proc = None
         inv.status, inv.details = pair
+        _stop_sending(cmd)
     if cmd.output_s3_bucket_name:
         _upload_output(cmd, inv)
 
@@ -1258,10 +1298,15 @@ def control(method: str, path: str, body: bytes) -> tuple[str, Any] | None:
                 if method == "POST":
                     runner = dict(RUNNERS.get(iid, {}))
                     for key, value in spec.items():
-                        if key not in ("prefix", "cwd", "env"):
-                            raise ValueError(f"unknown key {key!r} (use prefix, cwd, env)")
+                        if key not in ("prefix", "cwd", "env", "pickup_seconds"):
+                            raise ValueError(f"unknown key {key!r} (use prefix, cwd, env, pickup_seconds)")
                         if value is None:
                             runner.pop(key, None)
+                        elif key == "pickup_seconds":
+                            pickup = float(value)
+                            if not 0 <= pickup <= 60:
+                                raise ValueError("pickup_seconds must be within 0..60")
+                            runner["pickup_seconds"] = pickup
                         elif key == "prefix":
                             runner["prefix"] = _string_list(value, "prefix")
                         elif key == "cwd":

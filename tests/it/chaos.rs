@@ -141,6 +141,33 @@ async fn complete_rides_out_every_transient_fault() {
     assert_history(&p, 1, &[]);
 }
 
+/// A completion that gets no answer at all (the emulator holds the connection open and
+/// serves nothing): the attempt is given up after `aws.attempt_timeout` (2 s here, not the
+/// default 40 s), classed a timeout and sent again, and the action is completed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_within_the_attempt_timeout_is_retried() {
+    let w = world("web-hang", 1, 300, 2).await;
+    w.emu.fault(json!({"service": "autoscaling", "action": "CompleteLifecycleAction", "count": 1, "error": "hang"}));
+    let p = Provision::new(
+        &w.emu,
+        &w.q,
+        None,
+        &fast("retry_for = \"30s\"\nattempt_timeout = \"2s\""),
+    );
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    assert!(w.emu.faults_left().is_empty(), "the hang was met");
+    // The SDK names the timeout that ended the attempt: the configured one.
+    assert!(
+        log.contains("operation attempt timeout (single attempt) occurred after 2s")
+            && log.contains("transient: timeout"),
+        "the unanswered attempt was given up after aws.attempt_timeout:\n{log}"
+    );
+    assert_eq!(w.calls("autoscaling:CompleteLifecycleAction"), 2, "{log}");
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_ride_out_transient_faults() {
     // A 6 s heartbeat timeout (beats every 2 s) and a step of 8 s: without heartbeats

@@ -8,7 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use aws_sdk_ecs::types::ContainerDefinition;
-use common::{eventually, Aws, Emulator, Provision, Queue};
+use common::{eventually, Aws, Emulator, Provision, Queue, World};
 use serde_json::Value;
 
 const TERMINATE: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
@@ -48,6 +48,17 @@ async fn cluster_group(
     )
     .await;
     let ecs = aws_sdk_ecs::Client::new(&aws.sdk);
+    cluster(&ecs, name).await;
+    let mut members = Vec::new();
+    for (id, _) in aws.instances(name).await {
+        let arn = register(&ecs, name, &id).await;
+        members.push((id, arn));
+    }
+    (aws, q, ecs, members)
+}
+
+/// An ECS cluster `name` and the task definition "web".
+async fn cluster(ecs: &aws_sdk_ecs::Client, name: &str) {
     ecs.create_cluster()
         .cluster_name(name)
         .send()
@@ -66,24 +77,22 @@ async fn cluster_group(
         .send()
         .await
         .unwrap();
-    let mut members = Vec::new();
-    for (id, _) in aws.instances(name).await {
-        let doc = serde_json::json!({ "instanceId": id, "region": "us-east-1" }).to_string();
-        let ci = ecs
-            .register_container_instance()
-            .cluster(name)
-            .instance_identity_document(doc)
-            .send()
-            .await
-            .unwrap();
-        let arn = ci
-            .container_instance
-            .unwrap()
-            .container_instance_arn
-            .unwrap();
-        members.push((id, arn));
-    }
-    (aws, q, ecs, members)
+}
+
+/// Registers EC2 instance `id` as a container instance of `cluster`; its ARN.
+async fn register(ecs: &aws_sdk_ecs::Client, cluster: &str, id: &str) -> String {
+    let doc = serde_json::json!({ "instanceId": id, "region": "us-east-1" }).to_string();
+    let ci = ecs
+        .register_container_instance()
+        .cluster(cluster)
+        .instance_identity_document(doc)
+        .send()
+        .await
+        .unwrap();
+    ci.container_instance
+        .unwrap()
+        .container_instance_arn
+        .unwrap()
 }
 
 /// Starts `n` tasks of a service ("ecs-svc/..." as ECS marks them) on a container instance.
@@ -221,6 +230,185 @@ async fn a_drain_that_cannot_finish_fails_with_the_tasks_left() {
     );
     let calls: Value = emu.provision_calls().into();
     assert_eq!(calls["ecs:UpdateContainerInstancesState"], 1, "{calls}");
+}
+
+/// An instance the cluster does not know has nothing to drain: the step succeeds saying
+/// so, touches no container instance, and the hook completes CONTINUE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_not_registered_with_the_cluster_has_nothing_to_drain() {
+    let emu = Emulator::start();
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-none", 1, 300).await;
+    let (_, arn) = &members[0];
+    service_tasks(&ecs, "ecs-none", arn, 2).await;
+    // A second instance, launched after the cluster registered the first.
+    aws.scale("ecs-none", 2).await;
+    let stranger = aws
+        .instances("ecs-none")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .find(|id| *id != members[0].0)
+        .expect("the second instance");
+    terminate(&aws, &stranger).await;
+
+    let p = Provision::new(&emu, &q, None, &layer("2m"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let run = p.last_run(&stranger, "terminate");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains(&format!(
+            "{stranger} is not a container instance of cluster ecs-none: nothing to drain"
+        )),
+        "{detail}"
+    );
+    let calls: Value = emu.provision_calls().into();
+    assert_eq!(calls["ecs:ListContainerInstances"], 1, "{calls}");
+    assert!(
+        calls.get("ecs:UpdateContainerInstancesState").is_none(),
+        "{calls}"
+    );
+    assert_eq!(
+        running(&ecs, "ecs-none", arn).await,
+        ("ACTIVE".to_string(), 2),
+        "the registered instance was left alone"
+    );
+}
+
+/// An instance already DRAINING (an operator, or an earlier run that died): the step does
+/// not set it again, waits for its tasks to leave, and the hook completes CONTINUE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_already_draining_is_waited_for_not_drained_again() {
+    let emu = Emulator::start();
+    let (aws, q, ecs, members) = cluster_group(&emu, "ecs-again", 2, 300).await;
+    let (leaving, from) = &members[0];
+    let (_, to) = &members[1];
+    service_tasks(&ecs, "ecs-again", from, 3).await;
+    ecs.update_container_instances_state()
+        .cluster("ecs-again")
+        .container_instances(from)
+        .status(aws_sdk_ecs::types::ContainerInstanceStatus::Draining)
+        .send()
+        .await
+        .unwrap();
+    terminate(&aws, leaving).await;
+
+    let p = Provision::new(&emu, &q, None, &layer("2m"));
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "{log}");
+    let run = p.last_run(leaving, "terminate");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(detail.contains("none is now"), "{detail}");
+    assert_eq!(
+        running(&ecs, "ecs-again", from).await,
+        ("DRAINING".to_string(), 0)
+    );
+    assert_eq!(
+        running(&ecs, "ecs-again", to).await,
+        ("ACTIVE".to_string(), 3)
+    );
+    let calls: Value = emu.provision_calls().into();
+    assert!(
+        calls.get("ecs:UpdateContainerInstancesState").is_none(),
+        "not set DRAINING again: {calls}"
+    );
+    assert!(
+        calls["ecs:DescribeContainerInstances"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "waited for the tasks: {calls}"
+    );
+}
+
+/// A scale-in into the warm pool (ReuseOnScaleIn) with `ecs_drain` on `pool_return`: the
+/// instance's service tasks move off before it returns to the pool, stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_to_the_warm_pool_drains_first() {
+    const LAYER: &str = r#"
+[layers.ecs]
+groups = ["ecs-*"]
+launch = [ { tag = { Setup = "full" } } ]
+pool_return = [ { ecs_drain = { cluster = "{metadata.cluster}", poll = "1s" }, timeout = "2m" } ]
+terminate = [ { tag = { Gone = "yes" } } ]
+"#;
+    let w = World::builder("ecs-wp")
+        .metadata(r#"{"cluster":"ecs-wp"}"#)
+        .terminate_hook("CONTINUE")
+        .layer(LAYER)
+        .start()
+        .await;
+    let aws = &w.aws;
+    aws.asg
+        .put_warm_pool()
+        .auto_scaling_group_name("ecs-wp")
+        .min_size(1)
+        .max_group_prepared_capacity(1)
+        .instance_reuse_policy(
+            aws_sdk_autoscaling::types::InstanceReusePolicy::builder()
+                .reuse_on_scale_in(true)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let p = w.provision();
+    let worker = |p: &Provision| {
+        let (code, log) = p.worker();
+        assert_eq!(code, 0, "{log}");
+    };
+    worker(&p);
+    aws.scale("ecs-wp", 2).await;
+    worker(&p);
+    let members = aws.instances("ecs-wp").await;
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(members.iter().all(|(_, s)| s == "InService"), "{members:?}");
+    let ecs = aws_sdk_ecs::Client::new(&aws.sdk);
+    cluster(&ecs, "ecs-wp").await;
+    let mut arns = std::collections::BTreeMap::new();
+    for (id, _) in &members {
+        let arn = register(&ecs, "ecs-wp", id).await;
+        service_tasks(&ecs, "ecs-wp", &arn, 2).await;
+        arns.insert(id.clone(), arn);
+    }
+
+    aws.scale("ecs-wp", 1).await;
+    let staying = aws.instances("ecs-wp").await.remove(0).0;
+    let leaving = members
+        .iter()
+        .map(|(id, _)| id.clone())
+        .find(|id| *id != staying)
+        .unwrap();
+    worker(&p);
+
+    let run = p.last_run(&leaving, "terminate");
+    assert_eq!(run.outcome.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    assert_eq!(run.steps.len(), 1, "pool_return, not terminate: {run:?}");
+    let detail = run.steps[0].detail.clone().unwrap_or_default();
+    assert!(
+        detail.contains("2 task(s) were running, none is now"),
+        "{detail}"
+    );
+    assert_eq!(
+        running(&ecs, "ecs-wp", &arns[&leaving]).await,
+        ("DRAINING".to_string(), 0)
+    );
+    assert_eq!(
+        running(&ecs, "ecs-wp", &arns[&staying]).await,
+        ("ACTIVE".to_string(), 4)
+    );
+    assert_eq!(aws.tags(&leaving).await.get("Gone"), None);
+    eventually(
+        "the drained instance back in the pool, stopped",
+        Duration::from_secs(10),
+        || async { (aws.instance_state(&leaving).await == "stopped").then_some(()) },
+    )
+    .await;
 }
 
 /// A Spot interruption warning for an ECS container instance, then the terminate hook: the

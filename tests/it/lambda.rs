@@ -610,6 +610,158 @@ async fn a_completion_failing_until_the_deadline_is_reported_released_and_comple
     );
 }
 
+/// Lambda freezes an execution environment between invocations (here: SIGSTOP after the
+/// response, SIGCONT before the next invocation). An outbox still republishing when its
+/// invocation gave up on it is stopped, not left to resume after the thaw beside the next
+/// invocation's own outbox: every result event goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_cut_short_does_not_resume_after_a_freeze() {
+    let World { emu, aws, q, .. } = launch_group(3).await;
+    let (topic, results) = aws.topic_with_queue("results").await;
+    // The hook's test notification and three launches.
+    let msgs = receive(&aws, &q, 4).await;
+    let p = Provision::new(
+        &emu,
+        &q,
+        Some(&topic),
+        &format!(
+            "[aws]\nmax_attempts = 1\nretry_for = \"4s\"\nattempt_timeout = \"3s\"\n{WEB_LAYER}"
+        ),
+    );
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+
+    // 1. The launches complete, but SNS refuses every publish: three events in the outbox.
+    emu.fault(
+        json!({"service": "sns", "action": "PublishBatch", "count": -1, "error": "throttle"}),
+    );
+    let id = api.invoke(&sqs_event(&q, &msgs), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+    assert_eq!(emu.finished_actions().len(), 3);
+    emu.control("DELETE", "/_emulator/faults", None);
+    assert!(aws.results(&results).await.is_empty());
+
+    // 2. A short invocation (the test notification only): its outbox's PublishBatch gets no
+    // answer, and the invocation ends before the attempt's timeout. Then it is frozen.
+    emu.fault(json!({"service": "sns", "action": "PublishBatch", "count": 1, "error": "hang"}));
+    let notice: Vec<_> = msgs
+        .iter()
+        .filter(|m| m.body().unwrap_or_default().contains("TEST_NOTIFICATION"))
+        .cloned()
+        .collect();
+    assert_eq!(notice.len(), 1);
+    let id = api.invoke(&sqs_event(&q, &notice), Duration::from_secs(2));
+    response(&api, &lambda, &id, Duration::from_secs(30));
+    lambda.signal("STOP");
+    assert!(emu.faults_left().is_empty(), "the outbox was publishing");
+    lambda.signal("CONT");
+
+    // 3. The next invocation's outbox publishes the three events.
+    let id = api.invoke(&sqs_event(&q, &notice), Duration::from_secs(60));
+    response(&api, &lambda, &id, Duration::from_secs(60));
+    let seen = Mutex::new(Vec::new());
+    eventually(
+        "the three result events",
+        Duration::from_secs(30),
+        || async {
+            let new = aws.results(&results).await;
+            let mut seen = seen.lock().unwrap();
+            seen.extend(new);
+            (seen.len() >= 3).then_some(())
+        },
+    )
+    .await;
+    // Long enough for an outbox left over from invocation 2 to publish again: its hung
+    // attempt times out (3 s) and is retried at once.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut events = seen.into_inner().unwrap();
+    events.extend(aws.results(&results).await);
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["instance_id"].as_str().unwrap_or_default())
+        .collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(
+        (n, ids.len()),
+        (3, 3),
+        "each event once: {events:?}\n{}",
+        lambda.log()
+    );
+}
+
+/// An `ssm` step's batch window opened by a record whose invocation ended (cancelled near
+/// its deadline) before the window closed, the environment frozen and thawed, and a record
+/// of the next invocation joining that same window: the command goes to the instance
+/// whose run still waits, never to the one whose run was cancelled an invocation ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_window_resumed_after_a_freeze_sends_nothing_for_a_cancelled_run() {
+    let World { emu, aws, q, .. } = launch_group(2).await;
+    let msgs = receive(&aws, &q, 3).await;
+    let p = Provision::new(
+        &emu,
+        &q,
+        None,
+        r#"
+[ssm]
+batch_window = "8s"
+
+[layers.web]
+groups = ["web-*"]
+launch = [ { ssm = { document = "AWS-RunShellScript", parameters = { commands = ["touch ran"] } } } ]
+"#,
+    );
+    let api = RuntimeApi::start();
+    let lambda = start_lambda(&p, &api);
+    let launches: Vec<_> = msgs
+        .iter()
+        .filter(|m| {
+            m.body()
+                .unwrap_or_default()
+                .contains("EC2_INSTANCE_LAUNCHING")
+        })
+        .cloned()
+        .collect();
+    assert_eq!(launches.len(), 2);
+    let instance = |m: &aws_sdk_sqs::types::Message| {
+        let body: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+        body["EC2InstanceId"].as_str().unwrap().to_string()
+    };
+    let (cancelled, waiting) = (instance(&launches[0]), instance(&launches[1]));
+
+    // 1. A 2 s invocation: the record's step joins the 8 s window and is cancelled at the
+    // deadline; the environment is frozen after the response.
+    let id = api.invoke(&sqs_event(&q, &launches[..1]), Duration::from_secs(2));
+    let r = response(&api, &lambda, &id, Duration::from_secs(30));
+    assert_eq!(failures(&r).len(), 1, "{r}\n{}", lambda.log());
+    lambda.signal("STOP");
+    lambda.signal("CONT");
+
+    // 2. The next invocation's record reaches the same command within the window.
+    let id = api.invoke(&sqs_event(&q, &launches[1..]), Duration::from_secs(60));
+    let r = response(&api, &lambda, &id, Duration::from_secs(60));
+    assert_eq!(r, json!({ "batchItemFailures": [] }), "{}", lambda.log());
+
+    let state = emu.control("GET", "/_emulator/ssm", None);
+    let commands = state["commands"].as_array().unwrap();
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(
+        commands[0]["instance_ids"],
+        json!([waiting]),
+        "sent only to the run still waiting\n{}",
+        lambda.log()
+    );
+    let sandbox = state["sandbox"].as_str().unwrap();
+    assert!(std::path::Path::new(&format!("{sandbox}/{waiting}/ran")).exists());
+    assert!(!std::path::Path::new(&format!("{sandbox}/{cancelled}/ran")).exists());
+    let done = emu.finished_actions();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["instance_id"], waiting.as_str());
+    assert_eq!(done[0]["result"], "CONTINUE");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_unfinished_near_the_deadline_are_cancelled_reported_and_released() {
     let World { emu, aws, q, .. } = launch_group(2).await;

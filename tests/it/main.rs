@@ -19,5 +19,6 @@ mod reconcile;
 mod sources;
 mod ssh_steps;
 mod ssm_opsworks;
+mod timeouts;
 mod trust;
 mod warm_pools;

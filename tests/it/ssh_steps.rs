@@ -136,6 +136,122 @@ launch = [ { ansible = "fail-on-flag.yml", vars = { sim_root = "SIM_ROOT" } } ]
     assert_eq!(ansible_logs(&p).len(), 1, "the three shared one run");
 }
 
+/// Three instances share one `ansible-playbook` run (held at a gate the test opens); one
+/// of them leaves it: its action is completed by someone else while the run is under
+/// way. Its next heartbeat finds the action gone, its step stops (recorded cancelled) and
+/// provision completes nothing for it (`already-finished`: AWS kept the other party's
+/// result); the run goes on for the others, which complete CONTINUE once the gate opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaving_a_shared_ansible_run_does_not_stop_the_others() {
+    // A 9 s heartbeat timeout: beats every 3 s, so the leaver learns of it soon.
+    let w = World::new("web-leave", 9, None).await;
+    let hosts = w.launch("web-leave", 3, |net, ip| net.host(ip)).await;
+    let p = w.provision(
+        r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { ansible = "gate.yml", vars = { sim_root = "SIM_ROOT" } } ]
+"#,
+    );
+    let mut d = p.daemon();
+    common::eventually(
+        "the run to reach every host",
+        Duration::from_secs(120),
+        || async {
+            hosts
+                .iter()
+                .all(|(id, _)| w.dir(id).join("started").exists())
+                .then_some(())
+        },
+    )
+    .await;
+    let leaver = hosts[1].0.clone();
+    let token = w
+        .emu
+        .actions()
+        .into_iter()
+        .find(|a| a["instance_id"] == leaver.as_str())
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.aws
+        .asg
+        .complete_lifecycle_action()
+        .auto_scaling_group_name("web-leave")
+        .lifecycle_hook_name("provision-launch")
+        .lifecycle_action_token(&token)
+        .lifecycle_action_result("CONTINUE")
+        .send()
+        .await
+        .unwrap();
+    let left = common::eventually(
+        "the leaver's run to end",
+        Duration::from_secs(60),
+        || async {
+            p.history().into_iter().find(|r| {
+                r.instance_id.as_deref() == Some(leaver.as_str()) && r.hook_result.is_some()
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        left.hook_result.map(|c| c.as_str()),
+        Some("already-finished"),
+        "{left:?}\n{}",
+        d.log()
+    );
+    assert_eq!(left.steps.len(), 1, "{left:?}");
+    assert_eq!(left.steps[0].outcome.as_str(), "cancelled", "{left:?}");
+    assert!(
+        left.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("the lifecycle action ended while this step ran"),
+        "{left:?}"
+    );
+    // The others' run was not stopped: it still waits at the gate.
+    for (id, _) in hosts.iter().filter(|(id, _)| *id != leaver) {
+        assert!(!w.dir(id).join("succeeded").exists(), "{id}");
+    }
+    std::fs::write(w.sim_root.join("release"), "").unwrap();
+    let others: Vec<&str> = hosts
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .filter(|id| *id != leaver)
+        .collect();
+    common::eventually(
+        "the others' actions to finish",
+        Duration::from_secs(120),
+        || async {
+            let done = results_by_instance(&w.emu);
+            others.iter().all(|id| done.contains_key(*id)).then_some(())
+        },
+    )
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(30)), 0, "{}", d.log());
+
+    let results = results_by_instance(&w.emu);
+    for id in &others {
+        let a = &results[*id];
+        assert_eq!(
+            (&a["result"], &a["finished_by"]),
+            (&json!("CONTINUE"), &json!("complete")),
+            "{id}: {}",
+            run_error(&p, id)
+        );
+        assert!(w.dir(id).join("succeeded").exists(), "{id}");
+    }
+    let a = &results[leaver.as_str()];
+    assert_eq!(
+        (&a["result"], &a["completions"]),
+        (&json!("CONTINUE"), &json!(1)),
+        "only the other party completed the leaver: {a}"
+    );
+    assert_eq!(ansible_logs(&p).len(), 1, "the three shared one run");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_presenting_another_key_than_its_console_is_refused() {
     let w = World::new("web-mitm", 300, Some(r#"{"role":"api"}"#)).await;

@@ -103,6 +103,15 @@ async fn one_failing_command_abandons_only_that_instance() {
     let doomed = &instances[1].0;
     std::fs::create_dir_all(format!("{sandbox}/{doomed}")).unwrap();
     std::fs::write(format!("{sandbox}/{doomed}/fail"), "").unwrap();
+    // The neighbours' agents pick the command up later than the doomed one fails: with
+    // Run Command's default MaxErrors (0) they would never be sent it.
+    for (id, _) in instances.iter().filter(|(id, _)| id != doomed) {
+        emu.control(
+            "POST",
+            &format!("/_emulator/ssm/instances/{id}"),
+            Some(json!({"pickup_seconds": 3})),
+        );
+    }
     let p = Provision::new(
         &emu,
         &q,
@@ -114,6 +123,25 @@ async fn one_failing_command_abandons_only_that_instance() {
     );
     let (code, log) = p.worker();
     assert_eq!(code, 0, "{log}");
+
+    // One shared SendCommand (the abandoned instance's replacement may get one of its own),
+    // the failure before the neighbours were sent it.
+    let state = ssm_state(&emu);
+    let shared: Vec<&Value> = state["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["invocations"].get(doomed.as_str()).is_some())
+        .collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(shared[0]["instance_ids"].as_array().unwrap().len(), 3);
+    let invs = &shared[0]["invocations"];
+    let failed_at = invs[doomed.as_str()]["end"].as_f64().unwrap();
+    for (id, _) in instances.iter().filter(|(id, _)| id != doomed) {
+        let inv = &invs[id.as_str()];
+        assert_eq!(inv["status_details"], "Success", "{id}: {inv}");
+        assert!(inv["start"].as_f64().unwrap() > failed_at, "{invs}");
+    }
 
     let actions = emu.finished_actions();
     let result_of = |id: &str| {
@@ -137,6 +165,66 @@ async fn one_failing_command_abandons_only_that_instance() {
         err.contains("Failed") && err.contains("exit 3") && err.contains("broken"),
         "{err}"
     );
+}
+
+/// The emulator's Run Command honours MaxErrors as AWS documents it: a command sent with
+/// the default (0) stops being sent once one target failed, so a neighbour whose agent
+/// had not picked it up yet never runs it (Cancelled, StatusDetails Terminated), and the
+/// command fails. What provision's `MaxErrors = "100%"` (above) avoids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulator_stops_sending_a_command_past_its_max_errors() {
+    let World { emu, aws, .. } = setup("app-maxerr", 2, 300).await;
+    let ids: Vec<String> = aws
+        .instances("app-maxerr")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    emu.control(
+        "POST",
+        &format!("/_emulator/ssm/instances/{}", ids[1]),
+        Some(json!({"pickup_seconds": 2, "env": {"LATE": "1"}})),
+    );
+    let ssm = aws_sdk_ssm::Client::new(&aws.sdk);
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(ids.clone()))
+        .parameters(
+            "commands",
+            vec![r#"if [ -z "$LATE" ]; then exit 5; fi; echo ran > marker"#.to_string()],
+        )
+        .send()
+        .await
+        .unwrap();
+    let command_id = sent.command().unwrap().command_id().unwrap().to_string();
+    let state = eventually("the command to end", Duration::from_secs(30), || async {
+        let s = ssm_state(&emu);
+        let c = s["commands"][0].clone();
+        (c["status"] != "Pending" && c["status"] != "InProgress").then_some(c)
+    })
+    .await;
+    assert_eq!(state["command_id"], command_id.as_str());
+    assert_eq!(
+        (&state["status"], &state["status_details"]),
+        (&json!("Failed"), &json!("Failed")),
+        "{state}"
+    );
+    let late = &state["invocations"][ids[1].as_str()];
+    assert_eq!(late["status"], "Cancelled", "{late}");
+    assert_eq!(late["status_details"], "Terminated", "{late}");
+    let listed = ssm
+        .list_command_invocations()
+        .command_id(&command_id)
+        .send()
+        .await
+        .unwrap();
+    let terminated = listed
+        .command_invocations()
+        .iter()
+        .find(|i| i.instance_id() == Some(ids[1].as_str()))
+        .unwrap();
+    assert_eq!(terminated.status_details(), Some("Terminated"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,3 +377,124 @@ async fn reconcile_works_a_pool_instance_whose_message_was_lost() {
         warm
     );
 }
+
+/// A layer that names only `launch` and `terminate`: entering the pool runs the launch
+/// steps (`pool_enter`'s default), leaving it and returning to it run nothing (their
+/// defaults, `[]`), and a return is not a termination.
+const DEFAULTS_LAYER: &str = r#"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Setup = "launch steps in {phase}" } } ]
+terminate = [ { tag = { Decommissioned = "{phase}" } } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_enter_defaults_to_the_launch_steps() {
+    let World { emu, aws, q, .. } = pool_group("web-dflt", true).await;
+    let warm = the_pool_instance(&aws, "web-dflt", "Warmed:Pending:Wait").await;
+    let p = Provision::new(&emu, &q, None, DEFAULTS_LAYER);
+    worker(&p);
+    assert_eq!(
+        tag(&aws.tags(&warm).await, "Setup").as_deref(),
+        Some("launch steps in pool-enter")
+    );
+    let run = p.last_run(&warm, "launch");
+    assert_eq!(run.steps.len(), 1, "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    the_pool_instance(&aws, "web-dflt", "Warmed:Stopped").await;
+
+    // Leaving the pool runs nothing by default (the instance was set up on entering).
+    aws.tag(&warm, &[("Setup", "kept")]).await;
+    aws.scale("web-dflt", 1).await;
+    worker(&p);
+    assert_eq!(
+        aws.instances("web-dflt").await,
+        vec![(warm.clone(), "InService".to_string())]
+    );
+    let run = p.last_run(&warm, "launch");
+    assert_eq!(run.steps.len(), 0, "pool_leave defaults to none: {run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    assert_eq!(
+        tag(&aws.tags(&warm).await, "Setup").as_deref(),
+        Some("kept"),
+        "the launch steps did not run again on leaving"
+    );
+    // The refill entering the pool got the launch steps too.
+    let refill = the_pool_instance(&aws, "web-dflt", "Warmed:Stopped").await;
+    assert_eq!(
+        tag(&aws.tags(&refill).await, "Setup").as_deref(),
+        Some("launch steps in pool-enter")
+    );
+
+    // Returning to the pool runs nothing by default: not the terminate steps.
+    aws.scale("web-dflt", 0).await;
+    worker(&p);
+    let run = p.last_run(&warm, "terminate");
+    assert_eq!(run.steps.len(), 0, "pool_return defaults to none: {run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("CONTINUE"));
+    assert_eq!(tag(&aws.tags(&warm).await, "Decommissioned"), None);
+    assert!(
+        pool(&aws, "web-dflt")
+            .await
+            .contains(&(warm.clone(), "Warmed:Stopped".to_string())),
+        "{:?}",
+        pool(&aws, "web-dflt").await
+    );
+}
+
+/// A stopped pool instance terminated from the pool, with a terminate list of one step
+/// that needs it running, whose readiness waits are far longer than the worker's bound
+/// (2 minutes): the step fails at once, before connecting, saying why.
+async fn a_stopped_instance_fails(group: &str, kind: &str, step: &str) {
+    let World { emu, aws, q, .. } = pool_group(group, false).await;
+    let books = common::root().join("tests/playbooks");
+    let layer = format!(
+        "[layers.web]\ngroups = [\"web-*\"]\nlaunch = [ {{ tag = {{ Setup = \"full\" }} }} ]\n\
+         terminate = [ {step} ]\n\
+         [ssh]\nconnect_timeout = \"5m\"\nready_timeout = \"10m\"\n\
+         [ansible]\nplaybook_dir = {:?}\n",
+        common::path_str(&books)
+    );
+    let p = Provision::new(&emu, &q, None, &layer);
+    worker(&p);
+    let id = the_pool_instance(&aws, group, "Warmed:Stopped").await;
+    aws.asg
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(&id)
+        .should_decrement_desired_capacity(false)
+        .send()
+        .await
+        .unwrap();
+
+    let (code, log) = p.worker();
+    assert_eq!(code, 0, "the worker ended within its bound:\n{log}");
+    let run = p.last_run(&id, "terminate");
+    assert_eq!(run.outcome.as_str(), "failed", "{run:?}");
+    assert_eq!(run.hook_result.map(|c| c.as_str()), Some("ABANDON"));
+    let error = run.error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{id} is stopped"))
+            && error.contains("warm pool")
+            && error.contains(&format!("a {kind} step needs a running instance")),
+        "{error}"
+    );
+    assert!(
+        !log.contains("running ansible-playbook"),
+        "nothing was started:\n{log}"
+    );
+    let calls = emu.provision_calls();
+    assert!(
+        !calls.contains_key("ec2:GetConsoleOutput"),
+        "no host key was looked up: {calls:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_step_on_a_stopped_instance_fails_at_once() {
+    a_stopped_instance_fails("web-dssh", "ssh", r#"{ ssh = ["true"] }"#).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ansible_step_on_a_stopped_instance_fails_at_once() {
+    a_stopped_instance_fails("web-dans", "ansible", r#"{ ansible = "marker.yml" }"#).await;
+}

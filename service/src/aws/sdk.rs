@@ -12,8 +12,9 @@ use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{AwsError, BatchResult, ErrorClass};
 
-/// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call.
-pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
+/// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call
+/// (`aws.max_attempts`), each attempt given `attempt_timeout` (`aws.attempt_timeout`).
+pub async fn load_config(max_attempts: u32, attempt_timeout: Duration) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     // Credentials that were in the environment live in memory only (secret::scrub_environment):
     // children never inherit them.
@@ -34,11 +35,12 @@ pub async fn load_config(max_attempts: u32) -> aws_config::SdkConfig {
                 .with_max_attempts(max_attempts)
                 .with_initial_backoff(Duration::from_millis(200)),
         )
-        // A long poll holds the connection for up to 20 s: leave room above that.
+        // A long poll holds the connection for up to `queue.wait_time`: the config keeps the
+        // attempt timeout above that.
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(40))
+                .operation_attempt_timeout(attempt_timeout)
                 .build(),
         )
         .load()

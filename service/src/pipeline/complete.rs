@@ -154,7 +154,8 @@ impl Run<'_> {
     }
 
     /// "No active Lifecycle Action": timed out, when nothing (no heartbeat of ours, nor the
-    /// action's start) shows it alive within one heartbeat timeout; otherwise finished by
+    /// action's start) shows it alive within one heartbeat timeout, or when it is past its
+    /// global timeout (heartbeats cannot keep an action longer); otherwise finished by
     /// someone else.
     async fn ended_without_us(&self, reason: &str) -> Completion {
         let ev = &self.job.event;
@@ -168,10 +169,16 @@ impl Run<'_> {
             Some(at) => SystemTime::now().duration_since(at).ok(),
             None => self.waited(),
         };
+        let age = self.waited();
         match (timeout, since_alive) {
             (Some(t), Some(quiet)) if quiet > t => {
                 warn!(%reason, quiet = ?quiet, heartbeat_timeout = ?t,
                     "the lifecycle action timed out before it was completed: Auto Scaling applied the hook's DefaultResult");
+                Completion::TimedOut
+            }
+            (Some(t), _) if age.is_some_and(|a| a >= (t * 100).min(GLOBAL_TIMEOUT_MAX)) => {
+                warn!(%reason, age = ?age, heartbeat_timeout = ?t,
+                    "the lifecycle action reached its global timeout (100 heartbeat timeouts, at most 48 h) before it was completed: Auto Scaling applied the hook's DefaultResult");
                 Completion::TimedOut
             }
             _ => {

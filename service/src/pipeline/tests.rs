@@ -229,6 +229,90 @@ async fn a_transient_completion_failure_keeps_the_message_in_flight_until_it_com
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_completion_failing_until_the_actions_global_timeout_is_given_up_there() {
+    // 100 heartbeat timeouts of 30 s: the action can be completed for 3000 s from its
+    // start. The message says it started 2940 s ago: a minute is left, and completing is
+    // throttled for far longer (hours of the paused clock).
+    let hooks = hooks_with_timeout(30);
+    hooks.throttle_completions(100_000);
+    let w = world(hooks, FakeInstances::default());
+    let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Time"] = crate::clock::rfc3339(crate::clock::now_ms() - 2_940_000).into();
+    m.body = body.to_string();
+    w.hooks
+        .waiting(&instance_for("t1"), "web-1", r#"{"environment":"p"}"#);
+    let t0 = Instant::now();
+    let d = Delivery::new(m.clone(), Instant::now(), w.pipeline.leases());
+    let outcome = w.pipeline.handle(&d, &CancellationToken::new()).await;
+    drop(d);
+    assert_eq!(outcome, Outcome::Retry, "given up, the message goes back");
+    let tried = completions(&w).len();
+    assert!((2..100_000).contains(&tried), "{tried} completions");
+    // Given up by the global timeout (a minute on; a retry that would land past it is not
+    // waited for), not after the 48 h a longer hook would allow: the paused clock shows
+    // where the retrying stopped.
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(30) && waited <= Duration::from_secs(60),
+        "{waited:?}"
+    );
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert_eq!(h[0].outcome.as_str(), "retry", "{h:?}");
+    assert_eq!(h[0].decision.map(|d| d.as_str()), Some("CONTINUE"), "kept");
+
+    // Past it, Auto Scaling applied the DefaultResult: the redelivery finds the action
+    // gone, completes the kept decision into "no active action" and reports a timeout.
+    w.hooks.complete_script.lock().unwrap().clear();
+    w.hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .push_back(Ok(ActionCall::NotActive(
+            "No active Lifecycle Action found with token t1".into(),
+        )));
+    w.hooks
+        .gone
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(handle_as_is(&w, &m).await, Ack::Delete);
+    let h = w.pipeline.store().history(None, 10).unwrap();
+    assert_eq!(
+        h[0].hook_result.map(|c| c.as_str()),
+        Some("timed-out"),
+        "{h:?}"
+    );
+    assert_eq!(h[0].outcome.as_str(), "failed", "{h:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_action_gone_past_its_global_timeout_is_timed_out_though_heartbeated() {
+    // Heartbeats kept the action alive, but not past its global timeout (100 heartbeat
+    // timeouts of 30 s): it started 3010 s ago, and completing finds it gone. Auto Scaling
+    // applied the DefaultResult: a timeout, not someone else's completion.
+    let hooks = hooks_with_timeout(30);
+    hooks
+        .complete_script
+        .lock()
+        .unwrap()
+        .push_back(Ok(ActionCall::NotActive(
+            "No active Lifecycle Action found with token t1".into(),
+        )));
+    let w = world(hooks, FakeInstances::default());
+    let mut m = message("web-1", "t1", r#"{"environment":"p"}"#);
+    let mut body: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+    body["Time"] = crate::clock::rfc3339(crate::clock::now_ms() - 3_010_000).into();
+    m.body = body.to_string();
+    assert_eq!(handle(&w, &m).await, Ack::Delete);
+    let h = w.pipeline.store().history(None, 1).unwrap();
+    assert_eq!(
+        h[0].hook_result.map(|c| c.as_str()),
+        Some("timed-out"),
+        "{h:?}"
+    );
+    assert_eq!(h[0].outcome.as_str(), "failed", "{h:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_returns_a_throttled_completion_and_the_redelivery_reports_the_decision() {
     let hooks = hooks_with_timeout(60);
     hooks.throttle_completions(1000);

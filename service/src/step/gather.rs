@@ -34,6 +34,13 @@ struct Open<I, R> {
 pub struct Left(Arc<Vec<Arc<AtomicBool>>>, Arc<Notify>);
 
 impl Left {
+    /// Members who stopped waiting (true) or still wait (false), by position.
+    #[cfg(test)]
+    pub fn of(gone: &[bool]) -> Left {
+        let flags = gone.iter().map(|&g| Arc::new(AtomicBool::new(g))).collect();
+        Left(Arc::new(flags), Arc::new(Notify::new()))
+    }
+
     /// Returns when a member stops waiting (at once if one did since the last call).
     pub async fn changed(&self) {
         self.1.notified().await;

@@ -226,8 +226,9 @@ async fn run_batch(
     if left.all() {
         return vec![Err(LEFT.to_string()); ids.len()];
     }
+    let (send_to, unsent) = still_waiting(&ids, &left);
     let deadline = Instant::now() + timeout;
-    let command_id = match with_backoff(retry_for, || ssm.send_command(&cmd, &ids)).await {
+    let command_id = match with_backoff(retry_for, || ssm.send_command(&cmd, &send_to)).await {
         Ok(c) => c,
         Err(e) => return vec![Err(format!("SendCommand failed: {e}")); ids.len()],
     };
@@ -253,7 +254,7 @@ async fn run_batch(
             }
             Err(e) => return vec![Err(format!("command {command_id}: {e}")); ids.len()],
         }
-        let running: Vec<InstanceId> = ids
+        let running: Vec<InstanceId> = send_to
             .iter()
             .filter(|id| !latest.get(id.as_str()).is_some_and(Invocation::is_terminal))
             .filter(|id| !withdrawn.contains(id))
@@ -278,6 +279,9 @@ async fn run_batch(
     }
     ids.iter()
         .map(|id| {
+            if unsent.contains(id) {
+                return Err(LEFT.to_string());
+            }
             if withdrawn.contains(id) {
                 return Err(format!(
                     "command {command_id} cancelled on {id}: its step stopped"
@@ -292,6 +296,15 @@ async fn run_batch(
             outcome(&command_id, &latest[id.as_str()])
         })
         .collect()
+}
+
+/// The members still waiting, and those who left: only the first are sent the command, so
+/// a batch that runs late (its window's task frozen with a Lambda execution environment
+/// and resumed in a later invocation) never sends it for runs that ended meanwhile.
+fn still_waiting(ids: &[InstanceId], left: &Left) -> (Vec<InstanceId>, Vec<InstanceId>) {
+    let (gone, waiting): (Vec<_>, Vec<_>) = ids.iter().enumerate().partition(|(i, _)| left.has(*i));
+    let ids_of = |v: Vec<(usize, &InstanceId)>| v.into_iter().map(|(_, id)| id.clone()).collect();
+    (ids_of(waiting), ids_of(gone))
 }
 
 /// Cancels the command for the members still running it whose steps stopped waiting;
@@ -422,5 +435,99 @@ async fn poll(ssm: Arc<dyn SsmApi>, state: Arc<Mutex<WatchState>>) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay.mul_f64(1.5)).min(POLL_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::AwsError;
+
+    /// Records what is sent; every invocation it was sent succeeds at once.
+    #[derive(Default)]
+    struct Recording {
+        sent: Mutex<Vec<Vec<String>>>,
+        cancelled: Mutex<Vec<Vec<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SsmApi for Recording {
+        async fn online(&self, ids: &[InstanceId]) -> Result<Vec<String>, AwsError> {
+            Ok(ids.iter().map(|i| i.to_string()).collect())
+        }
+        async fn send_command(
+            &self,
+            _: &SsmCommand,
+            ids: &[InstanceId],
+        ) -> Result<String, AwsError> {
+            let ids = ids.iter().map(|i| i.to_string()).collect();
+            self.sent.lock().unwrap().push(ids);
+            Ok("c-1".to_string())
+        }
+        async fn invocations(&self, _: &str) -> Result<Vec<Invocation>, AwsError> {
+            let sent = self.sent.lock().unwrap();
+            Ok(sent
+                .iter()
+                .flatten()
+                .map(|id| Invocation {
+                    instance_id: id.clone(),
+                    status: InvocationStatus::Success,
+                    status_details: "Success".into(),
+                    response_code: Some(0),
+                    output: String::new(),
+                })
+                .collect())
+        }
+        async fn cancel(&self, _: &str, ids: &[InstanceId]) -> Result<(), AwsError> {
+            let ids = ids.iter().map(|i| i.to_string()).collect();
+            self.cancelled.lock().unwrap().push(ids);
+            Ok(())
+        }
+        async fn parameter(&self, _: &str) -> Result<crate::secret::Secret, AwsError> {
+            unreachable!("no parameter is read here")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_runs_late_sends_nothing_for_members_that_left() {
+        let ssm = Arc::new(Recording::default());
+        let cmd = SsmCommand {
+            document: "AWS-RunShellScript".into(),
+            parameters: Default::default(),
+            timeout_seconds: None,
+            comment: None,
+            output_s3_bucket: None,
+            output_s3_prefix: None,
+            cloudwatch_log_group: None,
+        };
+        let ids: Vec<InstanceId> = ["i-0000000000000000a", "i-0000000000000000b"]
+            .iter()
+            .map(|i| InstanceId::parse(i).unwrap())
+            .collect();
+        // The first member's run ended before the batch ran (e.g. an invocation that was
+        // cancelled, its environment frozen, the batch resumed in a later one).
+        let left = Left::of(&[true, false]);
+        let results = run_batch(
+            ssm.clone(),
+            cmd,
+            ids,
+            left,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(
+            *ssm.sent.lock().unwrap(),
+            vec![vec!["i-0000000000000000b".to_string()]]
+        );
+        assert!(ssm.cancelled.lock().unwrap().is_empty());
+        assert_eq!(
+            results[0],
+            Err("the step stopped before its command ran".into())
+        );
+        assert!(
+            results[1].as_ref().unwrap().contains("Success"),
+            "{results:?}"
+        );
     }
 }
