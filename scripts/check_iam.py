@@ -15,7 +15,11 @@ check is about actions, the policy's scoping is reviewed by people.
 
 POLICY is an IAM policy document (JSON), or a CloudFormation template (YAML): then the inline
 policies of each of its roles that EC2 or Lambda assumes (the ops host's, the function's) are
-checked, each role on its own, as the policy of that role.
+checked, each role on its own, as the policy of that role; and of each role another account's
+principal assumes (config/member-role.yaml's, which a source with role_arn uses), checked
+against the calls a source makes: every call but those the ops host always makes with its
+own role (HOST_ONLY: the claims and history tables, the result topic, the vault password,
+AssumeRole itself).
 
 Prints a table operation -> action -> covering Sid, then warns (without failing) about
 actions the policy allows that no test exercised.
@@ -53,6 +57,10 @@ ACTION_FOR_OPERATION = {
 IMPLIED_BY = {
     "kms:Decrypt": ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"],
 }
+
+# Operations the ops host makes with its own credentials whatever the source (what every
+# source shares lives in the ops account): a member account's role needs none of them.
+HOST_ONLY = re.compile(r"^(dynamodb:.*|sns:.*|sts:.*|ssm:GetParameters?|ssm:GetParametersByPath)$")
 
 USAGE = ("usage: check_iam.py POLICY CALLS_DIR\n       check_iam.py --scopes POLICY CONFIG\n"
          "       check_iam.py --self-test")
@@ -106,23 +114,33 @@ def load_template(path: Path) -> dict:
     return doc
 
 
+def member_role(props: dict) -> bool:
+    """Whether a role is assumed by another account's principal (Principal AWS)."""
+    statements = as_list(props.get("AssumeRolePolicyDocument", {}).get("Statement"))
+    return any(isinstance(st, dict) and isinstance(st.get("Principal"), dict)
+               and "AWS" in st["Principal"] for st in statements)
+
+
 def template_role_policies(path: Path) -> dict[str, dict]:
     """{role logical id: one policy document of all its inline policies' statements}, for the
-    roles EC2 or Lambda assumes (the ops host's, the function's)."""
+    roles EC2 or Lambda assumes (the ops host's, the function's) and those another account
+    assumes (a member account's; the name ends in "(member)")."""
     roles = {}
     for name, res in load_template(path)["Resources"].items():
         if not isinstance(res, dict) or res.get("Type") != "AWS::IAM::Role":
             continue
         props = res.get("Properties", {})
         trust = json.dumps(props.get("AssumeRolePolicyDocument", {}))
-        if "ec2.amazonaws.com" not in trust and "lambda.amazonaws.com" not in trust:
+        if member_role(props):
+            name = f"{name} (member)"
+        elif "ec2.amazonaws.com" not in trust and "lambda.amazonaws.com" not in trust:
             continue
         statements = []
         for pol in as_list(props.get("Policies")):
             statements += as_list(pol.get("PolicyDocument", {}).get("Statement"))
         roles[name] = {"Version": "2012-10-17", "Statement": statements}
     if not roles:
-        raise CheckError(f"{path}: no role that EC2 or Lambda assumes")
+        raise CheckError(f"{path}: no role that EC2, Lambda or another account assumes")
     return roles
 
 
@@ -203,7 +221,10 @@ def check(policy_path: Path, calls_dir: Path) -> int:
     totals, files = load_calls(calls_dir)
     worst = 0
     for name, statements in load_policies(policy_path).items():
-        worst = max(worst, check_statements(name, statements, totals, files, calls_dir))
+        calls = totals
+        if name.endswith(" (member)"):
+            calls = {op: n for op, n in totals.items() if not HOST_ONLY.match(action_for(op))}
+        worst = max(worst, check_statements(name, statements, calls, files, calls_dir))
     return worst
 
 
@@ -459,7 +480,7 @@ def self_test() -> int:
                 "autoscaling:DescribeWarmPool", "ecs:ListContainerInstances",
                 "ecs:DescribeContainerInstances", "ecs:UpdateContainerInstancesState",
                 "dynamodb:BatchWriteItem", "dynamodb:Query", "dynamodb:Scan",
-                "autoscaling:SetInstanceHealth",
+                "autoscaling:SetInstanceHealth", "sts:AssumeRole",
             ]}))
             code, out, err = run([str(project_policy), str(full)])
             expect("config/iam-policy.json covers the intended operations, no unused action",
@@ -471,6 +492,13 @@ def self_test() -> int:
             expect("config/cloudformation.yaml's ops host role covers the intended operations, "
                    "no unused action", code == 0 and "warning" not in err and "#OpsHostRole" in out,
                    out + err)
+
+            # A member account's role covers what a source's messages need there, and
+            # nothing the ops host does with its own role.
+            code, out, err = run([str(project_policy.parent / "member-role.yaml"), str(full)])
+            expect("config/member-role.yaml's member role covers a source's operations, "
+                   "no unused action", code == 0 and "warning" not in err
+                   and "#MemberRole (member)" in out and "dynamodb:" not in out, out + err)
 
             # The Lambda template's function role covers what the function calls for tag
             # and ssm steps (its logs: written by Lambda's runtime, never by the binary).

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::aws::autoscaling::AutoScalingHooks;
 use crate::aws::dynamo::DynamoClaims;
@@ -26,8 +27,9 @@ use crate::config::{Config, OnReject};
 use crate::daemon::Settings;
 use crate::delivery::RejectPolicy;
 use crate::lease::Leases;
-use crate::metrics::{CountCalls, Stats};
+use crate::metrics::{CountCalls, Registry, Stats};
 use crate::pipeline::{Parts, Pipeline};
+use crate::sources::{Scope, SourceConfig};
 use crate::ssh::Remote;
 use crate::step::ansible::Runner;
 use crate::store::Store;
@@ -47,13 +49,127 @@ const JUNK_ROWS_KEEP: usize = 10_000;
 const HISTORY_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct App {
+    /// The first source's pipeline, queue and settings (the one source of `[queue]`).
     pub pipeline: Arc<Pipeline>,
     pub queue: Arc<dyn Queue>,
     pub settings: Settings,
+    /// Every source, in config order.
+    pub sources: Vec<Source>,
+    /// The numbers of the process and of every source's account and region.
+    pub registry: Arc<Registry>,
+    wiring: Arc<Wiring>,
     publisher_task: Option<JoinHandle<()>>,
     fleet_task: Option<JoinHandle<()>>,
     /// For the daemon's housekeeping (None when no step uses SSH).
     known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
+}
+
+/// One source wired: a pipeline with the clients of its account and region (its role's
+/// credentials), its queue and how it is read.
+#[derive(Clone)]
+pub struct Source {
+    pub name: String,
+    pub scope: Scope,
+    /// The role the source's calls assume, for logs.
+    pub role_arn: Option<String>,
+    pub pipeline: Arc<Pipeline>,
+    pub queue: Arc<dyn Queue>,
+    pub settings: Settings,
+}
+
+/// What every source's pipeline shares, kept to wire the sources a reload adds.
+pub struct Wiring {
+    /// The host's own SDK config: its credentials call STS for the sources' roles.
+    base: aws_config::SdkConfig,
+    store: Store,
+    /// The claims table a fleet shares; None: the store's.
+    claims: Option<Arc<dyn Claims>>,
+    publisher: Option<Batcher<String>>,
+    fleet_history: Option<Batcher<String>>,
+    remote: Option<Arc<Remote>>,
+    ansible: Option<Arc<Runner>>,
+    registry: Arc<Registry>,
+    purpose: Purpose,
+}
+
+/// The clients of one account and region.
+fn services(sdk_cfg: &aws_config::SdkConfig, calls: &CountCalls) -> Services {
+    Services {
+        instances: Arc::new(Ec2Instances::new(sdk_cfg, calls)),
+        ssm: Arc::new(SsmClient::new(sdk_cfg, calls)),
+        opsworks: Arc::new(OpsWorksClient::new(sdk_cfg, calls)),
+        ecs: Arc::new(EcsClient::new(sdk_cfg, calls)),
+    }
+}
+
+impl Wiring {
+    /// The account and region `s`'s calls act in: its role's account (else its queue
+    /// URL's), its region (else the host's).
+    pub fn scope_of(&self, s: &SourceConfig) -> Scope {
+        let host_region = self.base.region().map(ToString::to_string);
+        Scope::new(s.account(), s.region.as_deref().or(host_region.as_deref()))
+    }
+
+    /// One source: its clients (assuming its role), lease keeper, pipeline and settings,
+    /// sharing the store, claims, publisher, SSH and Ansible with every other source.
+    pub async fn source(&self, cfg: &Arc<Config>, s: &SourceConfig) -> Source {
+        let scope = self.scope_of(s);
+        let stats = self.registry.source(&scope);
+        let calls = CountCalls(stats.clone());
+        let sdk_cfg = sdk::source_config(&self.base, s).await;
+        let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &s.url));
+        let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
+        let named = s.name != crate::sources::DEFAULT_SOURCE;
+        let claims: Option<Arc<dyn Claims>> = match (named, &self.claims) {
+            (false, c) => c.clone(),
+            (true, c) => Some(Arc::new(crate::claims::Scoped::new(
+                c.clone()
+                    .unwrap_or_else(|| Arc::new(self.store.clone()) as Arc<dyn Claims>),
+                &scope.account,
+                &scope.region,
+            ))),
+        };
+        let reject = match self.purpose {
+            Purpose::Run => reject_policy(cfg.queue.on_reject, queue.as_ref()).await,
+            Purpose::Plan => RejectPolicy::Delete,
+        };
+        let leases = Leases::spawn(
+            Some(queue.clone()),
+            hooks.clone(),
+            cfg.queue.visibility_timeout,
+            stats.clone(),
+        );
+        let settings = Settings {
+            max_in_flight: cfg.queue.max_in_flight,
+            wait_time: cfg.queue.wait_time,
+            visibility_timeout: cfg.queue.visibility_timeout,
+            shutdown_grace: cfg.daemon.shutdown_grace,
+            retry_for: cfg.aws.retry_for,
+            reject,
+        };
+        let pipeline = Pipeline::new(Parts {
+            cfg: cfg.clone(),
+            hooks,
+            services: services(&sdk_cfg, &calls),
+            store: self.store.clone(),
+            claims,
+            leases,
+            publisher: self.publisher.clone(),
+            stats,
+            remote: self.remote.clone(),
+            ansible: self.ansible.clone(),
+        })
+        .with_fleet_history(self.fleet_history.clone())
+        .with_scope(&s.name, Some(scope.clone()));
+        Source {
+            name: s.name.clone(),
+            scope,
+            role_arn: s.role.as_ref().map(|r| r.arn.clone()),
+            pipeline: Arc::new(pipeline),
+            queue,
+            settings,
+        }
+    }
 }
 
 /// Every [`HISTORY_PRUNE_EVERY`] while the daemon runs (it was pruned at start): finished
@@ -259,26 +375,17 @@ impl App {
         Self::build_for(cfg, Purpose::Run).await
     }
 
+    /// The shared parts (store, claims, result publisher, fleet history, SSH and Ansible,
+    /// the metrics registry), then one pipeline per source, each with the clients of its
+    /// account and region.
     pub async fn build_for(cfg: Config, purpose: Purpose) -> anyhow::Result<App> {
         let cfg = Arc::new(cfg);
         let store = open_store(&cfg, purpose).await?;
-        let stats = Arc::new(Stats::default());
-        let calls = CountCalls(stats.clone());
+        let registry = Arc::new(Registry::default());
+        let calls = CountCalls(registry.process().clone());
         let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
-        let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url));
-        let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
-        let services = Services {
-            instances: Arc::new(Ec2Instances::new(&sdk_cfg, &calls)),
-            ssm: Arc::new(SsmClient::new(&sdk_cfg, &calls)),
-            opsworks: Arc::new(OpsWorksClient::new(&sdk_cfg, &calls)),
-            ecs: Arc::new(EcsClient::new(&sdk_cfg, &calls)),
-        };
         let run = purpose == Purpose::Run;
         let claims = claims_store(&cfg, &sdk_cfg, &calls).filter(|_| run);
-        let reject_policy = match purpose {
-            Purpose::Run => reject_policy(cfg.queue.on_reject, queue.as_ref()).await,
-            Purpose::Plan => RejectPolicy::Delete,
-        };
         let (publisher, publisher_task) = match (&cfg.notify, purpose) {
             (Some(n), Purpose::Run) => {
                 let notifier: Arc<dyn Notifier> = Arc::new(SnsNotifier::new(&sdk_cfg, &calls));
@@ -287,56 +394,61 @@ impl App {
             }
             _ => (None, None),
         };
-        let leases = Leases::spawn(
-            Some(queue.clone()),
-            hooks.clone(),
-            cfg.queue.visibility_timeout,
-            stats.clone(),
-        );
+        // SSH reach is the ops host's; the vault password's parameter is in its account.
+        let host_services = services(&sdk_cfg, &calls);
         let (remote, ansible) = if cfg.uses_ssh() && run {
-            let (remote, runner) = ssh_parts(&cfg, &services)?;
+            let (remote, runner) = ssh_parts(&cfg, &host_services)?;
             (Some(remote), Some(runner))
         } else {
             (None, None)
-        };
-        let known_hosts = remote
-            .as_ref()
-            .map(|r| (r.clone(), services.instances.clone()));
-        let settings = Settings {
-            max_in_flight: cfg.queue.max_in_flight,
-            wait_time: cfg.queue.wait_time,
-            visibility_timeout: cfg.queue.visibility_timeout,
-            shutdown_grace: cfg.daemon.shutdown_grace,
-            retry_for: cfg.aws.retry_for,
-            reject: reject_policy,
         };
         let (fleet_history, fleet_task) = match fleet_history_writer(&cfg, &sdk_cfg, &calls) {
             Some((b, task)) if run => (Some(b), Some(task)),
             _ => (None, None),
         };
-        let pipeline = Arc::new(
-            Pipeline::new(Parts {
-                cfg,
-                hooks,
-                services,
-                store,
-                claims,
-                leases,
-                publisher,
-                stats,
-                remote,
-                ansible,
-            })
-            .with_fleet_history(fleet_history),
-        );
+        let wiring = Wiring {
+            base: sdk_cfg,
+            store,
+            claims,
+            publisher,
+            fleet_history,
+            remote,
+            ansible,
+            registry: registry.clone(),
+            purpose,
+        };
+        let mut sources = Vec::new();
+        for s in &cfg.sources {
+            let span = tracing::info_span!("source", source = %s.name);
+            sources.push(wiring.source(&cfg, s).instrument(span).await);
+        }
+        let first = sources.first().ok_or_else(|| {
+            anyhow::anyhow!("the config names no queue ([queue] url or [sources.NAME])")
+        })?;
+        let known_hosts = match (&wiring.remote, sources.len()) {
+            (Some(r), 1) => Some((r.clone(), first.pipeline.services().instances.clone())),
+            (Some(_), _) => {
+                tracing::info!("known_hosts entries are not pruned by a sweep with several sources (an instance unknown to one account may live in another); terminate runs remove theirs");
+                None
+            }
+            (None, _) => None,
+        };
         Ok(App {
-            pipeline,
-            queue,
-            settings,
+            pipeline: first.pipeline.clone(),
+            queue: first.queue.clone(),
+            settings: first.settings.clone(),
+            sources,
+            registry,
+            wiring: Arc::new(wiring),
             publisher_task,
             fleet_task,
             known_hosts,
         })
+    }
+
+    /// The wiring of sources a reload adds.
+    pub fn wiring(&self) -> Arc<Wiring> {
+        self.wiring.clone()
     }
 
     /// The long-running daemon's housekeeping (not for one-shot commands): the history is
@@ -353,17 +465,29 @@ impl App {
 
     /// Waits until every queued result event was published (and fleet history written).
     pub async fn close(self) {
+        self.close_with(Vec::new()).await;
+    }
+
+    /// [`App::close`], and `sources` (those a reload added or removed) with it.
+    pub async fn close_with(self, retired: Vec<Source>) {
         let App {
             pipeline,
+            sources,
+            wiring,
             publisher_task,
             fleet_task,
             ..
         } = self;
-        let mark_task = pipeline.take_mark_task();
-        drop(pipeline);
-        for t in [publisher_task, fleet_task, mark_task]
+        let all: Vec<Source> = sources.into_iter().chain(retired).collect();
+        let mark_tasks: Vec<_> = all
+            .iter()
+            .filter_map(|s| s.pipeline.take_mark_task())
+            .collect();
+        drop((pipeline, all, wiring));
+        for t in [publisher_task, fleet_task]
             .into_iter()
             .flatten()
+            .chain(mark_tasks)
         {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }

@@ -19,6 +19,7 @@ use crate::aws::{Hooks, Notifier, Queue};
 use crate::config::{Config, OnReject};
 use crate::layer::Layer;
 use crate::metrics::{CountCalls, Stats};
+use crate::sources::{SourceConfig, DEFAULT_SOURCE};
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -141,13 +142,11 @@ pub fn queue_arn(url: &str, region: &str) -> Option<String> {
         .then(|| format!("arn:aws:sqs:{region}:{account}:{name}"))
 }
 
-/// What AWS says, added to `r`.
+/// What AWS says, added to `r`: what every source shares (the result topic, the claims
+/// table) with the host's credentials, then each source with its own (its role assumed).
 pub async fn with_aws(cfg: &Config, r: &mut Report) {
     let sdk_cfg = sdk::load_config(cfg.aws.max_attempts, cfg.aws.attempt_timeout).await;
     let calls = CountCalls(Arc::new(Stats::default()));
-    let region = sdk_cfg.region().map(|r| r.to_string()).unwrap_or_default();
-    let queue = SqsQueue::new(&sdk_cfg, &calls, &cfg.queue.url);
-    check_queue(cfg, &queue, r).await;
     if let Some(n) = &cfg.notify {
         let sns = SnsNotifier::new(&sdk_cfg, &calls);
         match sns.check_topic(&n.topic_arn).await {
@@ -160,7 +159,50 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
     if let Some(table) = &cfg.state.claims_table {
         check_claims_table(&sdk_cfg, &calls, table, r).await;
     }
-    let hooks = AutoScalingHooks::new(&sdk_cfg, &calls);
+    for source in &cfg.sources {
+        let named = source.name != DEFAULT_SOURCE;
+        let mut sr = Report::default();
+        check_source(cfg, &sdk_cfg, source, &calls, &mut sr).await;
+        // A source's findings name it; the `[queue]` source's read as they always did.
+        let tell = |m: String| match named {
+            true => format!("sources.{}: {m}", source.name),
+            false => m,
+        };
+        r.notes.extend(sr.notes.into_iter().map(tell));
+        r.problems.extend(sr.problems.into_iter().map(tell));
+    }
+}
+
+/// One source, with its credentials: a role that cannot be assumed is the one problem
+/// said (nothing else can be asked of its account), and the other sources are checked on.
+async fn check_source(
+    cfg: &Config,
+    host: &aws_config::SdkConfig,
+    source: &SourceConfig,
+    calls: &CountCalls,
+    r: &mut Report,
+) {
+    let sdk_cfg = sdk::source_config(host, source).await;
+    if let Some(role) = &source.role {
+        match sdk::credentials_work(&sdk_cfg).await {
+            Ok(()) => r.notes.push(format!("role {} assumed", role.arn)),
+            Err(e) => {
+                r.problems.push(format!(
+                    "cannot assume role {} (is the member account's role deployed, trusting this host's role, with this external id?): {e}",
+                    role.arn
+                ));
+                return;
+            }
+        }
+    }
+    let region = sdk_cfg.region().map(|r| r.to_string()).unwrap_or_default();
+    let queue = SqsQueue::new(&sdk_cfg, calls, &source.url);
+    let key = match source.name.as_str() {
+        DEFAULT_SOURCE => "queue.url",
+        _ => "url",
+    };
+    check_queue(cfg, &queue, key, r).await;
+    let hooks = AutoScalingHooks::new(&sdk_cfg, calls);
     let groups = match hooks.groups().await {
         Ok(g) => g,
         Err(e) => {
@@ -169,11 +211,11 @@ pub async fn with_aws(cfg: &Config, r: &mut Report) {
             return;
         }
     };
-    let arn = queue_arn(&cfg.queue.url, &region).unwrap_or_default();
+    let arn = queue_arn(&source.url, &region).unwrap_or_default();
     for layer in &cfg.layers {
         check_layer_groups(layer, &groups, &hooks, &arn, r).await;
     }
-    let instances = Ec2Instances::new(&sdk_cfg, &calls);
+    let instances = Ec2Instances::new(&sdk_cfg, calls);
     let managed = groups.iter().filter(|g| {
         cfg.layers
             .iter()
@@ -262,14 +304,14 @@ async fn check_claims_table(
 }
 
 /// The queue is readable, and its dead-letter setup fits `queue.on_reject`.
-async fn check_queue(cfg: &Config, queue: &SqsQueue, r: &mut Report) {
+async fn check_queue(cfg: &Config, queue: &SqsQueue, key: &str, r: &mut Report) {
     match queue.redrive_policy().await {
         Ok(Some(p)) => r.notes.push(format!("queue: readable, dead-letter queue configured ({p})")),
         Ok(None) if cfg.queue.on_reject == OnReject::DeadLetter => r.problems.push(
             "queue.on_reject = \"dead-letter\" but the queue has no RedrivePolicy: rejected messages would loop".into(),
         ),
         Ok(None) => r.notes.push("queue: readable, no dead-letter queue (rejected messages are deleted)".into()),
-        Err(e) => r.problems.push(format!("queue.url: cannot read the queue: {e}")),
+        Err(e) => r.problems.push(format!("{key}: cannot read the queue: {e}")),
     }
 }
 

@@ -113,6 +113,72 @@ pub trait Claims: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// One source's view of claims shared by several (`[sources.NAME]`): each key (a token,
+/// an action key naming an instance) is kept under its account and region,
+/// `ACCOUNT/REGION/KEY`, so that the sources of one claims table never meet on a key that
+/// only looks alike. The `[queue]` source keeps the bare keys it always had.
+pub struct Scoped {
+    inner: std::sync::Arc<dyn Claims>,
+    prefix: String,
+}
+
+impl Scoped {
+    pub fn new(inner: std::sync::Arc<dyn Claims>, account: &str, region: &str) -> Scoped {
+        Scoped {
+            inner,
+            prefix: format!("{account}/{region}/"),
+        }
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl Claims for Scoped {
+    async fn claim(
+        &self,
+        token: &str,
+        owner: &str,
+        run_id: i64,
+        lease: Duration,
+    ) -> Result<Claim, ClaimError> {
+        self.inner
+            .claim(&self.key(token), owner, run_id, lease)
+            .await
+    }
+
+    async fn peek(&self, token: &str, owner: &str) -> Result<Claim, ClaimError> {
+        self.inner.peek(&self.key(token), owner).await
+    }
+
+    async fn renew(&self, token: &str, owner: &str, lease: Duration) -> Result<bool, ClaimError> {
+        self.inner.renew(&self.key(token), owner, lease).await
+    }
+
+    async fn decide(
+        &self,
+        token: &str,
+        owner: &str,
+        result: HookResult,
+    ) -> Result<bool, ClaimError> {
+        self.inner.decide(&self.key(token), owner, result).await
+    }
+
+    async fn done(&self, token: &str, owner: &str, result: Completion) -> Result<bool, ClaimError> {
+        self.inner.done(&self.key(token), owner, result).await
+    }
+
+    async fn release(&self, token: &str, owner: &str) -> Result<(), ClaimError> {
+        self.inner.release(&self.key(token), owner).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 /// This process's owner name in claims: `host:pid:random` (random: a pid is reused).
 pub fn owner_id(host: &str) -> String {
     format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..))

@@ -54,6 +54,10 @@ pub enum Command {
         /// The hook to complete, when the group has several for the transition
         #[arg(long)]
         hook: Option<String>,
+        /// The source whose account, region and role the instance belongs to (a
+        /// [sources.NAME], or "queue" for [queue]) [default: the first]
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Long-poll the queue and handle lifecycle events until SIGTERM/SIGINT
     Daemon,

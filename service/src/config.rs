@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::layer::Layer;
 use crate::outcome::HookResult;
 use crate::setting::{quoted, ConfigError, Env, Fields};
+use crate::sources::SourceConfig;
 use crate::ssh::SshSettings;
 use crate::step;
 use crate::step::ansible::AnsibleSettings;
@@ -36,6 +37,9 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub queue: QueueConfig,
+    /// Every queue read: `[queue] url` (named [`crate::sources::DEFAULT_SOURCE`]) first when
+    /// set, then `[sources.NAME]` in file order. Never empty in a valid config.
+    pub sources: Vec<SourceConfig>,
     pub notify: Option<NotifyConfig>,
     pub state: StateConfig,
     pub daemon: DaemonConfig,
@@ -58,6 +62,7 @@ pub struct SsmConfig {
 
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
+    /// The one-source form's queue; empty when only `[sources.NAME]` name queues.
     pub url: String,
     pub max_in_flight: usize,
     /// Long-poll wait of one ReceiveMessage (0..=20 s).
@@ -234,6 +239,7 @@ impl fmt::Display for ConfigErrors {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     queue: Option<toml::Table>,
+    sources: Option<toml::Table>,
     notify: Option<toml::Table>,
     state: Option<toml::Table>,
     daemon: Option<toml::Table>,
@@ -322,8 +328,17 @@ impl Config {
 /// Every section from its table, in file-documentation order; problems are collected, not
 /// returned early, so one run names them all.
 fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>) -> Config {
+    let named = raw.sources.as_ref().is_some_and(|t| !t.is_empty());
+    let queue = QueueConfig::from_raw(raw.queue.as_ref(), named, errs);
+    let default = (!queue.url.is_empty()).then(|| SourceConfig {
+        name: crate::sources::DEFAULT_SOURCE.to_string(),
+        url: queue.url.clone(),
+        region: None,
+        role: None,
+    });
     let cfg = Config {
-        queue: QueueConfig::from_raw(raw.queue.as_ref(), errs),
+        sources: crate::sources::all_from_raw(default, raw.sources.as_ref(), errs),
+        queue,
         notify: NotifyConfig::from_raw(raw.notify.as_ref(), errs),
         state: StateConfig::from_raw(raw.state.as_ref(), env, errs),
         daemon: DaemonConfig::from_raw(raw.daemon.as_ref(), errs),
@@ -351,10 +366,14 @@ fn validate(raw: RawConfig, base: &Path, env: &Env, errs: &mut Vec<ConfigError>)
 }
 
 impl QueueConfig {
-    /// `[queue]`.
-    fn from_raw(t: Option<&toml::Table>, errs: &mut Vec<ConfigError>) -> QueueConfig {
+    /// `[queue]`: its `url` is optional when `[sources.NAME]` name queues (`named`); its
+    /// other keys apply to every source.
+    fn from_raw(t: Option<&toml::Table>, named: bool, errs: &mut Vec<ConfigError>) -> QueueConfig {
         let mut f = Fields::new(t, "queue", errs);
-        let url = queue_url(&mut f);
+        let url = match named && t.is_none_or(|t| !t.contains_key("url")) {
+            true => String::new(),
+            false => queue_url(&mut f),
+        };
         let max_in_flight = f.int("max_in_flight", 1..=10_000, 64) as usize;
         let wait_time = f.duration("wait_time", Duration::from_secs(20));
         if wait_time > Duration::from_secs(20) {
@@ -794,6 +813,42 @@ launch = [ { ansible = "app.yml" }, { ssh = ["true"] } ]
             e.errors[1]
                 .message
                 .starts_with("unknown key in [queue]; expected one of: url, "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sources_name_queues_beside_or_instead_of_the_queue_url() {
+        let named = "[queue]\nmax_in_flight = 4\n[sources.eu]\nurl = \"https://sqs.eu-west-1.amazonaws.com/210987654321/q\"\nrole_arn = \"arn:aws:iam::210987654321:role/provision-member\"\n[layers.a]\ngroups = [\"*\"]\n";
+        let c = Config::parse(named, "t").unwrap();
+        assert_eq!(c.queue.url, "");
+        let names: Vec<&str> = c.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["eu"]);
+        assert_eq!(
+            c.queue.max_in_flight, 4,
+            "[queue]'s settings serve every source"
+        );
+        let both = named.replace("[queue]\n", "[queue]\nurl = \"https://x/123456789012/q\"\n");
+        let c = Config::parse(&both, "t").unwrap();
+        let names: Vec<&str> = c.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["queue", "eu"],
+            "[queue] url is the source named queue"
+        );
+        assert_eq!(c.sources[0].region, None, "the host's region");
+        let e = Config::parse("[layers.a]\ngroups = [\"*\"]\n", "t").unwrap_err();
+        assert_eq!(e.errors[0].key, "queue.url", "{e}");
+        let dup = both.replace(
+            "sqs.eu-west-1.amazonaws.com/210987654321/q",
+            "x/123456789012/q",
+        );
+        let e = Config::parse(&dup, "t").unwrap_err();
+        assert!(
+            e.errors
+                .iter()
+                .any(|e| e.key == "sources.eu.url"
+                    && e.message.contains("the same queue as queue.url")),
             "{e}"
         );
     }

@@ -57,6 +57,16 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The sum of two sources' summaries.
+    pub fn add(&mut self, o: &Summary) {
+        self.received += o.received;
+        self.deleted += o.deleted;
+        self.released += o.released;
+        self.ack_errors += o.ack_errors;
+        self.receive_errors += o.receive_errors;
+        self.gave_up |= o.gave_up;
+    }
+
     /// True when every message received was handled and acknowledged.
     pub fn all_handled(&self) -> bool {
         self.released == 0 && self.ack_errors == 0 && !self.gave_up
@@ -86,16 +96,19 @@ const DRAIN_MAX_RECEIVE_FAILURES: u32 = 5;
 const RECEIVE_PAUSES: Backoff =
     Backoff::doubling(Duration::from_secs(1), Duration::from_secs(60)).full_jitter();
 
-type Shutdown<'a> = Pin<&'a mut dyn Future<Output = ()>>;
+type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
 
-/// Receives and works messages until `shutdown` (or, draining, until the queue is empty),
-/// then winds down the work in flight.
+/// Receives and works messages until `shutdown` or `retire` (or, draining, until the queue
+/// is empty), then winds down the work in flight: at `shutdown` it gets the grace period;
+/// at `retire` (a reload removed the source) it finishes, however long it takes, unless
+/// `shutdown` comes meanwhile.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     queue: Arc<dyn Queue>,
     settings: Settings,
     mode: Mode,
-    shutdown: impl Future<Output = ()>,
+    shutdown: &CancellationToken,
+    retire: &CancellationToken,
 ) -> Summary {
     let acks = Arc::new(Acks::spawn(
         queue.clone(),
@@ -114,8 +127,17 @@ pub async fn run(
         summary: Summary::default(),
         receive_failures: 0,
     };
-    tokio::pin!(shutdown);
-    listener.run(shutdown).await;
+    let stop_receiving = async {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = retire.cancelled() => {}
+        }
+    };
+    tokio::pin!(stop_receiving);
+    listener.run(stop_receiving).await;
+    if !shutdown.is_cancelled() {
+        listener.finish_in_flight(shutdown).await;
+    }
     let summary = listener.drain().await;
     outbox.cancel();
     if let Ok(acks) = Arc::try_unwrap(acks) {
@@ -261,6 +283,25 @@ impl Listener {
             self.engine.start(slot, move |cancel| async move {
                 handle(&pipeline, &acks, delivery, &cancel).await
             });
+        }
+    }
+
+    /// Retired: the work in flight finishes, until `shutdown` (then [`Listener::drain`]).
+    async fn finish_in_flight(&mut self, shutdown: &CancellationToken) {
+        if self.engine.in_flight() > 0 {
+            info!(
+                in_flight = self.engine.in_flight(),
+                "no longer receiving from this queue; its runs in flight finish"
+            );
+        }
+        loop {
+            tokio::select! {
+                done = self.engine.next() => match done {
+                    Some(done) => self.summary.tally(done),
+                    None => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::metrics::Stats;
+use crate::metrics::Registry;
 
 const MAX_REQUEST: usize = 8192;
 /// The Prometheus text exposition format, version 0.0.4, which is UTF-8.
@@ -23,7 +23,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>, alive_within: Duration) {
+pub async fn serve(listener: TcpListener, stats: Arc<Registry>, alive_within: Duration) {
     loop {
         let (conn, _) = match listener.accept().await {
             Ok(c) => c,
@@ -40,7 +40,11 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>, alive_within: Durat
     }
 }
 
-async fn answer(mut conn: TcpStream, stats: &Stats, alive_within: Duration) -> std::io::Result<()> {
+async fn answer(
+    mut conn: TcpStream,
+    stats: &Registry,
+    alive_within: Duration,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
@@ -104,7 +108,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(
             listener,
-            Arc::new(Stats::default()),
+            Arc::new(Registry::default()),
             Duration::from_secs(60),
         ));
         addr

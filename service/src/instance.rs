@@ -43,6 +43,8 @@ pub struct Args {
     pub layer: Option<String>,
     pub transition: Option<Transition>,
     pub hook: Option<String>,
+    /// The source (account, region, role) to act in; None: the first.
+    pub source: Option<String>,
 }
 
 /// What Auto Scaling says about the instance, and the hook to complete.
@@ -67,7 +69,19 @@ pub async fn run(cfg: Config, args: Args) -> anyhow::Result<ExitCode> {
         Purpose::Run
     };
     let app = App::build_for(cfg, purpose).await?;
-    let pipeline = app.pipeline.clone();
+    let pipeline = match &args.source {
+        None => app.pipeline.clone(),
+        Some(name) => {
+            let names: Vec<&str> = app.sources.iter().map(|s| s.name.as_str()).collect();
+            app.sources
+                .iter()
+                .find(|s| &s.name == name)
+                .map(|s| s.pipeline.clone())
+                .ok_or_else(|| {
+                    anyhow!("--source {name:?}: no such source; the config has {names:?}")
+                })?
+        }
+    };
     let found = find(&pipeline, id, &args).await?;
     let job = job(&found, &args);
     let layer = match &args.layer {

@@ -122,6 +122,13 @@ pub fn check(cfg: &Config) -> anyhow::Result<()> {
     if let Err(e) = check_state_path(&cfg.state.path) {
         problems.push(e);
     }
+    if cfg
+        .sources
+        .iter()
+        .any(|s| s.name != crate::sources::DEFAULT_SOURCE)
+    {
+        problems.push("[sources.NAME]: a function serves the queue of its event source mapping, named by [queue] url; deploy one function per account and region instead".into());
+    }
     if problems.is_empty() {
         return Ok(());
     }
@@ -470,6 +477,22 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
             e.contains("cannot run in AWS Lambda") && e.contains("state.path"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_function_serves_its_own_queue_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::parse(CONFIG, "t").unwrap();
+        cfg.state.path = dir.path().join("state.db");
+        assert!(check(&cfg).is_ok());
+        cfg.sources.push(crate::sources::SourceConfig {
+            name: "eu".into(),
+            url: "https://sqs.eu-west-1.amazonaws.com/210987654321/q".into(),
+            region: Some("eu-west-1".into()),
+            role: None,
+        });
+        let e = format!("{:#}", check(&cfg).unwrap_err());
+        assert!(e.contains("[sources.NAME]"), "{e}");
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //! instance             lease: message kept hidden from receive, action heartbeated from its proof
 //! ```
 //!
-//! **Sources** turn their input into work and own its delivery:
+//! **Sources** turn their input into work and own its delivery (which queues, in which
+//! accounts and regions, is [`sources`]: `[queue]` and `[sources.NAME]`):
 //! - [`daemon`]: the SQS receive loop (daemon, and the one-shot worker): listener, one task
-//!   per message, drain on shutdown.
+//!   per message, drain on shutdown; [`receivers`]: one loop per source, started and
+//!   retired by reloads.
 //! - [`lambda`]: the same for the records of an SQS-triggered Lambda invocation.
 //! - [`instance`]: `provision <instance-id>`: one [`pipeline::Job`] built from what Auto
 //!   Scaling says, run by hand.
@@ -95,12 +97,14 @@ pub(crate) mod outcome;
 pub(crate) mod output;
 pub mod pipeline;
 pub(crate) mod poll;
+pub mod receivers;
 pub mod reconcile;
 pub mod reload;
 pub(crate) mod retry;
 pub mod secret;
 pub(crate) mod setting;
 pub mod shutdown;
+pub mod sources;
 pub(crate) mod ssh;
 pub mod step;
 pub mod store;

@@ -14,9 +14,9 @@ use clap::Parser;
 use provision::app::App;
 use provision::cli::{Cli, Command, EventCommand};
 use provision::config::{self, Config};
-use provision::daemon::{self, Mode, Summary};
+use provision::daemon::{Mode, Summary};
 use provision::event::{self, Parsed};
-use provision::metrics::Stats;
+use provision::metrics::{Registry, Stats};
 use provision::store::{HistoryFilter, Store};
 use provision::systemd::SystemdNotify;
 use provision::telemetry;
@@ -147,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             layer,
             transition,
             hook,
+            source,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             let args = provision::instance::Args {
@@ -156,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 layer,
                 transition,
                 hook,
+                source,
             };
             let rt = runtime()?;
             rt.block_on(provision::instance::run(cfg, args))
@@ -358,7 +360,7 @@ fn lambda(flag: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 /// log, when it cannot be bound (the daemon goes on without them).
 async fn serve_metrics(
     addr: std::net::SocketAddr,
-    stats: Arc<provision::metrics::Stats>,
+    stats: Arc<Registry>,
     alive_within: Duration,
 ) -> Option<tokio::task::JoinHandle<()>> {
     match tokio::net::TcpListener::bind(addr).await {
@@ -384,8 +386,7 @@ type ReloadFrom = (std::path::PathBuf, String);
 fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let metrics_listen = cfg.metrics_listen;
-    let reconcile_every = cfg.reconcile.interval.filter(|_| mode == Mode::Daemon);
-    let shutdown_grace = cfg.daemon.shutdown_grace;
+    let reconcile_every = cfg.reconcile.interval;
     rt.block_on(async move {
         // SIGHUP reloads the daemon's config; listened for before anything slow, as its
         // default action ends the process.
@@ -396,54 +397,46 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
             ),
             None => None,
         };
-        let app = App::build(cfg).await?;
-        let reconcile = reconcile_every.map(|every| {
-            let stop = tokio_util::sync::CancellationToken::new();
-            let r = provision::reconcile::Reconciler::new(app.pipeline.clone());
-            let stopped = stop.clone();
-            let task = tokio::spawn(async move { r.run_every(every, shutdown_grace, stopped).await });
-            (stop, task)
-        });
-        tracing::info!(max_in_flight = app.settings.max_in_flight, mode = ?mode, "provision started");
+        let cfg = Arc::new(cfg);
+        let app = App::build((*cfg).clone()).await?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let receivers = provision::receivers::Receivers::new(app.wiring(), mode, reconcile_every, shutdown.clone());
+        receivers.start_all(&cfg, &app.sources);
+        tracing::info!(max_in_flight = app.settings.max_in_flight, sources = app.sources.len(), mode = ?mode, "provision started");
         let systemd = Arc::new(SystemdNotify::from_env());
+        let registry = app.registry.clone();
         let reloader = match (reload, hangups) {
             (Some((path, text)), Some(signals)) => {
-                let r = provision::reload::Reloader::new(&path, text, app.pipeline.clone(), systemd.clone());
+                let r = provision::reload::Reloader::new(&path, (cfg.clone(), text), receivers.clone(), registry.process().clone(), systemd.clone());
                 Some(tokio::spawn(r.run(signals)))
             }
             _ => None,
         };
-        let stats = app.pipeline.stats.clone();
         let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
-        let health = tokio::spawn(report_health(systemd.clone(), stats.clone(), alive_within));
+        let health = tokio::spawn(report_health(systemd.clone(), registry.clone(), alive_within));
         let housekeeping = match mode {
             Mode::Daemon => app.spawn_housekeeping(),
             _ => Vec::new(),
         };
         let endpoint = match (mode, metrics_listen) {
-            (Mode::Daemon, Some(addr)) => serve_metrics(addr, stats.clone(), alive_within).await,
+            (Mode::Daemon, Some(addr)) => serve_metrics(addr, registry.clone(), alive_within).await,
             _ => None,
         };
-        let shutdown = {
-            let systemd = systemd.clone();
-            // The reconciler stops with the receive loop; its runs get the same grace.
-            let stop_reconcile = reconcile.as_ref().map(|(stop, _)| stop.clone());
-            async move {
+        let signal = {
+            let (systemd, shutdown) = (systemd.clone(), shutdown.clone());
+            tokio::spawn(async move {
                 provision::shutdown::signal().await;
                 systemd.stopping();
-                if let Some(stop) = stop_reconcile {
-                    stop.cancel();
-                }
-            }
+                shutdown.cancel();
+            })
         };
-        let summary = daemon::run(app.pipeline.clone(), app.queue.clone(), app.settings.clone(), mode, shutdown).await;
-        if let Some((stop, task)) = reconcile {
-            stop.cancel();
-            let _ = task.await;
-        }
+        // Draining, the loops end by themselves; a daemon's at the signal.
+        let (summary, sources) = receivers.join().await;
+        signal.abort();
         health.abort();
         if let Some(r) = reloader {
             r.abort();
+            let _ = r.await;
         }
         for h in housekeeping {
             h.abort();
@@ -451,9 +444,10 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
         if let Some(e) = endpoint {
             e.abort();
         }
-        let stats = app.pipeline.stats.clone();
-        app.close().await;
-        log_summary(&summary, &stats);
+        // The result publisher's task ends once nothing holds it: the sources' wiring either.
+        drop(receivers);
+        app.close_with(sources).await;
+        log_summary(&summary, &registry);
         Ok(match mode {
             Mode::Drain if !summary.all_handled() => ExitCode::from(1),
             _ => ExitCode::SUCCESS,
@@ -463,11 +457,11 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
 
 /// Tells systemd the service is ready after the first successful poll, and pings its
 /// watchdog only while the receive loop shows it is alive.
-async fn report_health(systemd: Arc<SystemdNotify>, stats: Arc<Stats>, alive_within: Duration) {
+async fn report_health(systemd: Arc<SystemdNotify>, stats: Arc<Registry>, alive_within: Duration) {
     if !systemd.enabled() {
         return;
     }
-    while Stats::get(&stats.last_poll_ms) == 0 {
+    while !stats.polled() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     systemd.ready();
@@ -484,21 +478,22 @@ async fn report_health(systemd: Arc<SystemdNotify>, stats: Arc<Stats>, alive_wit
     }
 }
 
-fn log_summary(s: &Summary, stats: &Stats) {
+/// The counters summed over the sources.
+fn log_summary(s: &Summary, registry: &Registry) {
     tracing::info!(
         received = s.received,
         deleted = s.deleted,
         released = s.released,
         ack_errors = s.ack_errors,
         receive_errors = s.receive_errors,
-        succeeded = Stats::get(&stats.succeeded),
-        failed = Stats::get(&stats.failed),
-        skipped = Stats::get(&stats.skipped),
-        rejected = Stats::get(&stats.rejected),
-        unmatched = Stats::get(&stats.unmatched),
-        duplicates = Stats::get(&stats.duplicates),
-        released = Stats::get(&stats.released),
-        heartbeats = Stats::get(&stats.heartbeats),
+        succeeded = registry.sum(|s| Stats::get(&s.succeeded)),
+        failed = registry.sum(|s| Stats::get(&s.failed)),
+        skipped = registry.sum(|s| Stats::get(&s.skipped)),
+        rejected = registry.sum(|s| Stats::get(&s.rejected)),
+        unmatched = registry.sum(|s| Stats::get(&s.unmatched)),
+        duplicates = registry.sum(|s| Stats::get(&s.duplicates)),
+        released = registry.sum(|s| Stats::get(&s.released)),
+        heartbeats = registry.sum(|s| Stats::get(&s.heartbeats)),
         peak_rss_kib = peak_rss_kib(),
         "stopped"
     );

@@ -4,7 +4,9 @@
 //! (every problem listed, as at start); `[layers]` may change (layers added, removed,
 //! edited), and runs that start afterwards use the new ones while runs in flight finish
 //! under the layers they started with (they hold their config, `pipeline::LayerRef`).
-//! Anything else (the queue, the state, `[ssh]`, `[ansible]`, ...) was wired into clients,
+//! `[sources]` and `queue.url` may change too: a source added starts receiving, a source
+//! removed stops receiving and its runs in flight finish (`receivers`), a source changed
+//! is both. Anything else (the queue, the state, `[ssh]`, `[ansible]`, ...) was wired into clients,
 //! stores and batchers at start: a change there is refused, naming the keys, and takes a
 //! restart. A refused reload keeps the old config serving and counts in
 //! `provision_config_reload_failures_total`. systemd hears `RELOADING=1` (with
@@ -15,11 +17,13 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Stats;
-use crate::pipeline::Pipeline;
+use crate::receivers::Receivers;
 use crate::systemd::SystemdNotify;
 
 /// Top-level tables a reload may change.
-const RELOADABLE: &[&str] = &["layers"];
+const RELOADABLE: &[&str] = &["layers", "sources"];
+/// Keys of other tables a reload may change: `[queue]`'s source.
+const RELOADABLE_KEYS: &[&str] = &["queue.url"];
 
 /// What became of one reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +34,9 @@ pub enum Reload {
         added: Vec<String>,
         removed: Vec<String>,
         changed: Vec<String>,
+        /// Sources started and retired (a changed source is both).
+        sources_added: Vec<String>,
+        sources_removed: Vec<String>,
     },
     /// Refused, with every reason; the old config keeps serving.
     Refused(Vec<String>),
@@ -40,24 +47,30 @@ pub struct Reloader {
     path: PathBuf,
     /// The file as it was at start (or at the last applied reload), to compare with.
     text: String,
-    pipeline: Arc<Pipeline>,
+    receivers: Arc<Receivers>,
+    /// Whether SSH was set up at start (some layer had an ssh or ansible step).
+    ssh_at_start: bool,
+    /// The config runs start under now.
+    live: Arc<Config>,
     stats: Arc<Stats>,
     systemd: Arc<SystemdNotify>,
 }
 
 impl Reloader {
-    /// `text` is the file the running config was read from.
+    /// `text` is the file `cfg`, the running config, was read from; `stats` the process's.
     pub fn new(
         path: &Path,
-        text: String,
-        pipeline: Arc<Pipeline>,
+        (cfg, text): (Arc<Config>, String),
+        receivers: Arc<Receivers>,
+        stats: Arc<Stats>,
         systemd: Arc<SystemdNotify>,
     ) -> Reloader {
-        let stats = pipeline.stats.clone();
         Reloader {
             path: path.to_path_buf(),
             text,
-            pipeline,
+            receivers,
+            ssh_at_start: cfg.uses_ssh(),
+            live: cfg,
             stats,
             systemd,
         }
@@ -66,31 +79,49 @@ impl Reloader {
     /// Waits for SIGHUP and reloads, forever (abort the task to stop).
     pub async fn run(mut self, mut hangups: tokio::signal::unix::Signal) {
         while hangups.recv().await.is_some() {
-            self.reload();
+            self.reload().await;
         }
     }
 
     /// One reload: validated, compared, applied or refused, and said.
-    pub fn reload(&mut self) -> Reload {
+    pub async fn reload(&mut self) -> Reload {
         self.systemd.reloading();
         let outcome = match std::fs::read_to_string(&self.path) {
             Err(e) => Reload::Refused(vec![format!("cannot read {}: {e}", self.path.display())]),
             Ok(text) => match self.check(&text) {
                 Ok(cfg) => {
-                    let outcome = diff(&self.pipeline.live_config(), &cfg);
-                    self.pipeline.replace_config(Arc::new(cfg));
+                    let cfg = Arc::new(cfg);
+                    let mut outcome = diff(&self.live, &cfg);
+                    let changes = self.receivers.apply(&cfg).await;
+                    if let Reload::Applied {
+                        sources_added,
+                        sources_removed,
+                        ..
+                    } = &mut outcome
+                    {
+                        (*sources_added, *sources_removed) = (changes.added, changes.removed);
+                    }
+                    self.live = cfg;
                     self.text = text;
                     outcome
                 }
                 Err(problems) => Reload::Refused(problems),
             },
         };
-        match &outcome {
+        self.tell(&outcome);
+        outcome
+    }
+
+    /// The log line, the metric and systemd's word on one reload.
+    fn tell(&self, outcome: &Reload) {
+        match outcome {
             Reload::Applied {
                 layers,
                 added,
                 removed,
                 changed,
+                sources_added,
+                sources_removed,
             } => {
                 Stats::inc(&self.stats.reloads);
                 tracing::info!(
@@ -98,6 +129,8 @@ impl Reloader {
                     ?added,
                     ?removed,
                     ?changed,
+                    ?sources_added,
+                    ?sources_removed,
                     "config reloaded: runs that start now use it; runs in flight finish under the layers they started with"
                 );
                 self.systemd.reloaded("polling the queue (config reloaded)");
@@ -112,7 +145,6 @@ impl Reloader {
                     .reloaded("polling the queue (reload refused; previous config serving)");
             }
         }
-        outcome
     }
 
     /// The new config when it is valid and changes only what a reload may change.
@@ -122,8 +154,7 @@ impl Reloader {
         let cfg = Config::parse_in(text, &name, base)
             .map_err(|e| e.errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
         let mut problems = restart_only_changes(&self.text, text);
-        let started = self.pipeline.config();
-        if cfg.uses_ssh() && !started.uses_ssh() {
+        if cfg.uses_ssh() && !self.ssh_at_start {
             problems.push(
                 "layers: ssh or ansible steps appear, and SSH was not set up at start (no layer had one); restart to apply".into(),
             );
@@ -161,7 +192,8 @@ fn restart_only_changes(old: &str, new: &str) -> Vec<String> {
                     inner
                         .into_iter()
                         .filter(|i| a.get(*i) != b.get(*i))
-                        .map(|i| format!("{k}.{i}")),
+                        .map(|i| format!("{k}.{i}"))
+                        .filter(|key| !RELOADABLE_KEYS.contains(&key.as_str())),
                 );
             }
             _ => changed.push(format!("[{k}]")),
@@ -169,7 +201,7 @@ fn restart_only_changes(old: &str, new: &str) -> Vec<String> {
     }
     changed
         .into_iter()
-        .map(|k| format!("{k}: changed, and it takes effect only at a restart (systemctl restart provision); a reload applies [layers] only"))
+        .map(|k| format!("{k}: changed, and it takes effect only at a restart (systemctl restart provision); a reload applies [layers], [sources] and queue.url only"))
         .collect()
 }
 
@@ -201,6 +233,8 @@ fn diff(old: &Config, new: &Config) -> Reload {
             })
             .map(|l| l.name.clone())
             .collect(),
+        sources_added: Vec::new(),
+        sources_removed: Vec::new(),
     }
 }
 
@@ -213,9 +247,9 @@ mod tests {
         let old = "[queue]\nurl = \"q1\"\n[ssh]\nuser = \"a\"\n[layers.web]\ngroups = [\"w-*\"]\n";
         let same = "[queue]\nurl = \"q1\"\n[ssh]\nuser = \"a\"\n[layers.app]\ngroups = [\"a-*\"]\n";
         assert!(restart_only_changes(old, same).is_empty());
-        let moved = "[queue]\nurl = \"q2\"\n[layers.web]\ngroups = [\"w-*\"]\n[metrics]\nlisten = \"off\"\n";
+        let moved = "[queue]\nurl = \"q2\"\nwait_time = \"5s\"\n[layers.web]\ngroups = [\"w-*\"]\n[metrics]\nlisten = \"off\"\n[sources.eu]\nurl = \"q3\"\n";
         let got = restart_only_changes(old, moved);
         let keys: Vec<&str> = got.iter().map(|p| p.split(':').next().unwrap()).collect();
-        assert_eq!(keys, ["[metrics]", "queue.url", "[ssh]"], "{got:?}");
+        assert_eq!(keys, ["[metrics]", "queue.wait_time", "[ssh]"], "{got:?}");
     }
 }

@@ -434,7 +434,8 @@ impl Store {
         self.history_where(&filter, limit)
     }
 
-    /// The newest `limit` runs that pass `filter` (the account is the event's).
+    /// The newest `limit` runs that pass `filter` (the account is the source's the run came
+    /// through, else the one the message named).
     pub fn history_where(
         &self,
         filter: &HistoryFilter,
@@ -446,7 +447,7 @@ impl Store {
                 "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error, decision, cause
                  FROM runs WHERE (?1 IS NULL OR instance_id = ?1) AND (?3 IS NULL OR group_name = ?3)
                    AND (?4 IS NULL OR outcome = ?4)
-                   AND (?5 IS NULL OR (json_valid(event) AND json_extract(event, '$.account_id') = ?5))
+                   AND (?5 IS NULL OR (json_valid(event) AND COALESCE(json_extract(event, '$.source.account'), json_extract(event, '$.account_id')) = ?5))
                  ORDER BY id DESC LIMIT ?2",
             )?;
             let args = params![

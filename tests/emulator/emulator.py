@@ -91,6 +91,7 @@ import console  # noqa: E402
 import ecs  # noqa: E402
 import opsworks  # noqa: E402
 import ssm_agent  # noqa: E402
+import sts  # noqa: E402
 from moto.autoscaling import models as M
 from moto.autoscaling import responses as R
 from moto.autoscaling.exceptions import AutoscalingClientError, ValidationError
@@ -120,7 +121,7 @@ FAULTS: list[dict[str, Any]] = []
 DESCRIBE_LAG = {"seconds": 0.0}
 # Modules that answer some AWS requests themselves: dispatch(environ, body), control(method,
 # path, body) and reset().
-EXTENSIONS = (ssm_agent, opsworks, console, ecs)
+EXTENSIONS = (ssm_agent, opsworks, console, ecs, sts)
 ssm_agent.BACKEND_LOCK = LOCK
 ecs.BACKEND_LOCK = LOCK
 PUBLIC_ACTION_KEYS = (

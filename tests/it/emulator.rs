@@ -614,9 +614,16 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
     let metrics = eventually("nothing in flight", Duration::from_secs(10), || async {
         let (status, m) = http_get(port, "/metrics");
         assert_eq!(status, 200);
-        m.lines().any(|l| l == "provision_in_flight 0").then_some(m)
+        m.lines()
+            .any(|l| l == "provision_in_flight{account=\"123456789012\",region=\"us-east-1\"} 0")
+            .then_some(m)
     })
     .await;
+    // Every series of the queue's work carries its account and region.
+    let scoped = |l: &str| match l.contains('{') {
+        true => l.replacen('{', "{account=\"123456789012\",region=\"us-east-1\",", 1),
+        false => l.replacen(' ', "{account=\"123456789012\",region=\"us-east-1\"} ", 1),
+    };
     for line in [
         "provision_events_received_total 3",
         "provision_events_skipped_total 1",
@@ -626,6 +633,7 @@ async fn the_daemon_serves_metrics_and_health_and_notifies_systemd() {
         "provision_aws_calls_total{service=\"ec2\",operation=\"CreateTags\"} 2",
         "provision_in_flight 0",
     ] {
+        let line = scoped(line);
         assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
     }
     assert_eq!(http_get(port, "/nope").0, 404);
@@ -851,7 +859,9 @@ launch = [
     .await;
     assert_eq!(
         aws.tags(&second).await.get("Version").map(String::as_str),
-        Some("v2")
+        Some("v2"),
+        "{}",
+        daemon.log()
     );
 
     // An invalid config (and a key only a restart applies) is refused, every problem said.

@@ -16,6 +16,7 @@ mod hosts;
 mod lambda;
 mod monitoring;
 mod reconcile;
+mod sources;
 mod ssh_steps;
 mod ssm_opsworks;
 mod timeouts;

@@ -108,6 +108,7 @@ impl FleetHistory {
             "cause",
             "error",
             "host",
+            "region",
             "started_at",
             "finished_at",
         ] {

@@ -47,6 +47,66 @@ pub async fn load_config(max_attempts: u32, attempt_timeout: Duration) -> aws_co
         .await
 }
 
+/// The SDK config of a source's calls: its region, and when it names a role, credentials
+/// of that role (AssumeRole with its external id, through `base`'s credentials and
+/// endpoint, renewed before they expire). Nothing is called here: a role that cannot be
+/// assumed fails the source's first call, and every call after that tries again.
+pub async fn source_config(
+    base: &aws_config::SdkConfig,
+    source: &crate::sources::SourceConfig,
+) -> aws_config::SdkConfig {
+    let mut b = base.to_builder();
+    let region = source.region.clone().map(aws_config::Region::new);
+    if let Some(r) = &region {
+        b = b.region(r.clone());
+    }
+    if let Some(role) = &source.role {
+        let mut p = aws_config::sts::AssumeRoleProvider::builder(&role.arn)
+            .session_name(session_name(crate::claims::hostname()))
+            .configure(base);
+        if let Some(r) = region {
+            p = p.region(r);
+        }
+        if let Some(id) = &role.external_id {
+            p = p.external_id(id);
+        }
+        let provider = p.build().await;
+        b = b.credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            provider,
+        ));
+    }
+    b.build()
+}
+
+/// Whether `sdk_cfg`'s credentials can be had now (for a source with a role: AssumeRole
+/// answers); the error with its causes when not.
+pub async fn credentials_work(sdk_cfg: &aws_config::SdkConfig) -> Result<(), String> {
+    use aws_sdk_sqs::config::ProvideCredentials as _;
+    let Some(provider) = sdk_cfg.credentials_provider() else {
+        return Err("no credentials are configured".into());
+    };
+    provider
+        .provide_credentials()
+        .await
+        .map(|_| ())
+        .map_err(|e| aws_smithy_error_chain(&e))
+}
+
+/// The role session's name, which the member account's CloudTrail shows:
+/// `provision-HOST`, within STS's 64 characters of `\w+=,.@-`.
+fn session_name(host: &str) -> String {
+    let host: String = host
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '+' | '=' | ',' | '.' | '@' | '-' | '_' => c,
+            _ => '-',
+        })
+        .collect();
+    let mut name = format!("provision-{host}");
+    name.truncate(64);
+    name
+}
+
 /// Turns any SDK error into an [`AwsError`]; [`ErrorClass::of`] decides from the answer's
 /// HTTP status and error code whether it is worth retrying.
 pub(super) fn classify<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> AwsError
@@ -58,7 +118,7 @@ where
         SdkError::TimeoutError(_) => ErrorClass::Timeout,
         SdkError::DispatchFailure(f) if f.is_timeout() => ErrorClass::Timeout,
         SdkError::DispatchFailure(f) if f.is_user() => ErrorClass::Local,
-        SdkError::DispatchFailure(_) => ErrorClass::Connection,
+        SdkError::DispatchFailure(_) => credentials_failure(&err).unwrap_or(ErrorClass::Connection),
         SdkError::ResponseError(_) => ErrorClass::of(status, None),
         SdkError::ServiceError(_) => ErrorClass::of(status, err.code()),
         _ => ErrorClass::Local,
@@ -81,6 +141,21 @@ where
             class,
         },
     }
+}
+
+/// A request that never left because its credentials could not be had (a source's role
+/// could not be assumed): refused (`AccessDenied`, as AWS says when the role does not
+/// exist or does not trust the caller) is not worth retrying soon; anything else from STS
+/// (throttled, unreachable) is a transient credentials error.
+fn credentials_failure(err: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
+    let chain = aws_smithy_error_chain(err);
+    if !chain.contains("error occurred while loading credentials") {
+        return None;
+    }
+    Some(match chain.contains("AccessDenied") {
+        true => ErrorClass::Access,
+        false => ErrorClass::Credentials,
+    })
 }
 
 /// The error and its sources on one line (`a: b: c`).
@@ -118,4 +193,47 @@ pub(super) fn batch_result(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_role_that_cannot_be_assumed_is_refused_and_sts_trouble_is_transient() {
+        let creds = |inner: &'static str| {
+            E(
+                "dispatch failure",
+                Some(Box::new(E(
+                    "an error occurred while loading credentials",
+                    Some(Box::new(E(inner, None))),
+                ))),
+            )
+        };
+        let denied = creds("unhandled error (AccessDenied): User: x is not authorized");
+        assert_eq!(credentials_failure(&denied), Some(ErrorClass::Access));
+        assert_eq!(
+            credentials_failure(&creds("service error: Throttling")),
+            Some(ErrorClass::Credentials)
+        );
+        assert_eq!(credentials_failure(&E("connection refused", None)), None);
+        assert_eq!(session_name("ops-1.example"), "provision-ops-1.example");
+        assert_eq!(session_name(&"h/".repeat(40)).len(), 64);
+        assert!(session_name("a b/c").ends_with("a-b-c"));
+    }
 }

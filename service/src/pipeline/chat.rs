@@ -197,6 +197,7 @@ mod tests {
             finished_at: String::new(),
             host: "ops-1".into(),
             account_id: None,
+            region: None,
         }
     }
 

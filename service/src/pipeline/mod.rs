@@ -166,6 +166,11 @@ pub struct Pipeline {
     actions: Arc<crate::action_key::Local>,
     owner: String,
     host: String,
+    /// The account and region of the source whose messages this pipeline works, which its
+    /// result events and fleet history name; None (pipelines of unit tests): the message's
+    /// own account only.
+    scope: Option<crate::sources::Scope>,
+    source_name: String,
     pub stats: Arc<Stats>,
 }
 
@@ -210,6 +215,8 @@ impl Pipeline {
             actions: Arc::default(),
             owner: crate::claims::owner_id(&host),
             host,
+            scope: None,
+            source_name: crate::sources::DEFAULT_SOURCE.to_string(),
             stats: p.stats,
         }
     }
@@ -218,6 +225,24 @@ impl Pipeline {
     pub fn with_fleet_history(mut self, batcher: Option<Batcher<String>>) -> Pipeline {
         self.fleet_history = batcher;
         self
+    }
+
+    /// Runs of the source `name` name `scope`'s account and region in their result events
+    /// and history rows.
+    pub fn with_scope(mut self, name: &str, scope: Option<crate::sources::Scope>) -> Pipeline {
+        self.source_name = name.to_string();
+        self.scope = scope;
+        self
+    }
+
+    pub fn scope(&self) -> Option<&crate::sources::Scope> {
+        self.scope.as_ref()
+    }
+
+    /// The name of the source whose messages this pipeline works (`queue` for `[queue]`'s,
+    /// and for pipelines built without sources).
+    pub fn source_name(&self) -> &str {
+        &self.source_name
     }
 
     /// The task writing the configured tags, to await once the pipeline is dropped.

@@ -51,6 +51,9 @@ pub struct RunReport {
     /// account), when it names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub account_id: Option<String>,
+    /// The region of the source the message came from (`[sources.NAME]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +87,20 @@ impl RunReport {
             finished_at: String::new(),
             host: host.to_string(),
             account_id: ev.account_id.clone(),
+            region: None,
         }
+    }
+
+    /// A report of a run of `p`: the account and region are its source's when known (the
+    /// message's AccountId is only the message's word).
+    pub(super) fn of(p: &Pipeline, ev: &LifecycleEvent) -> RunReport {
+        let mut r = RunReport::new(ev, &p.host);
+        if let Some(scope) = &p.scope {
+            let known = |v: &str| (v != crate::sources::UNKNOWN).then(|| v.to_string());
+            r.account_id = known(&scope.account).or(r.account_id);
+            r.region = known(&scope.region);
+        }
+        r
     }
 
     /// The steps are over with `result`: the run's decision, its cause and its outcome
@@ -142,7 +158,7 @@ impl Pipeline {
     /// The first row of a worked run (outcome `running` until [`Pipeline::finish`]).
     pub(super) async fn open_run(&self, job: &Job, layer: Option<&str>) -> Result<i64, StoreError> {
         let ev = &job.event;
-        let event_json = serde_json::to_string(ev).unwrap_or_default();
+        let event_json = self.event_json(ev);
         self.store
             .insert_run(NewRun {
                 message_id: job.message_id.as_deref(),
@@ -157,6 +173,16 @@ impl Pipeline {
                 event: Some(&event_json),
             })
             .await
+    }
+
+    /// The event as the history keeps it, with the account and region of the source it
+    /// came through (`"source"`), which `provision history --account` and reconcile read.
+    fn event_json(&self, ev: &LifecycleEvent) -> String {
+        let mut v = serde_json::to_value(ev).unwrap_or_default();
+        if let (Some(scope), Some(o)) = (&self.scope, v.as_object_mut()) {
+            o.insert("source".into(), crate::sources::scope_json(scope));
+        }
+        v.to_string()
     }
 
     /// A message that was never worked (rejected, skipped): one finished row, with the
@@ -273,6 +299,12 @@ impl Pipeline {
     /// many went out.
     pub async fn republish(&self) -> usize {
         let Some(publisher) = &self.publisher else {
+            return 0;
+        };
+        // Every source's loop comes here, over one store: one at a time, or two would send
+        // the same event.
+        static REPUBLISHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let Ok(_one) = REPUBLISHING.try_lock() else {
             return 0;
         };
         let pending = match self.store.unpublished(100).await {

@@ -129,7 +129,7 @@ impl<'a> Run<'a> {
         lease: &'a Lease,
         cancel: &'a CancellationToken,
     ) -> Run<'a> {
-        let report = RunReport::new(&job.event, &p.host);
+        let report = RunReport::of(p, &job.event);
         Run {
             p,
             job,

@@ -32,21 +32,30 @@ struct Candidate {
     metadata: Option<String>,
 }
 
-/// The launches in this host's history with no terminate run, latest first.
+/// The launches in this host's history with no terminate run, latest first: those of the
+/// reconciler's source (its account and region; rows from before sources had one belong
+/// to the `[queue]` source), since another account's instance is unknown to this one's.
 async fn candidates(r: &Reconciler) -> Vec<Candidate> {
+    let scope = r.pipeline.scope().cloned();
+    let account = scope.as_ref().map(|s| s.account.clone());
+    let region = scope.as_ref().map(|s| s.region.clone());
+    let legacy = r.pipeline.source_name() == crate::sources::DEFAULT_SOURCE;
     let rows = r
         .pipeline
         .store()
-        .call(|c| {
+        .call(move |c| {
             let mut stmt = c.prepare(
                 "SELECT instance_id, group_name, event FROM runs r
                  WHERE transition = 'launch' AND outcome = 'succeeded' AND instance_id IS NOT NULL
+                   AND (?2 IS NULL OR CASE WHEN json_valid(event) AND json_extract(event, '$.source') IS NOT NULL
+                        THEN json_extract(event, '$.source.account') = ?2 AND json_extract(event, '$.source.region') = ?3
+                        ELSE ?4 END)
                    AND NOT EXISTS (SELECT 1 FROM runs t WHERE t.instance_id = r.instance_id
                                    AND t.transition = 'terminate' AND t.outcome IN ('succeeded', 'failed', 'duplicate'))
                  GROUP BY instance_id ORDER BY MAX(id) DESC LIMIT ?1",
             )?;
             let rows = stmt
-                .query_map([MAX_CANDIDATES], |row| {
+                .query_map(rusqlite::params![MAX_CANDIDATES, account, region, legacy], |row| {
                     Ok((
                         row.get::<_, String>(0)?,
                         row.get::<_, Option<String>>(1)?,

@@ -1,4 +1,4 @@
-//! `provision reconcile [--dry-run]`: one pass, printed; and the daemon's log of a pass.
+//! `provision reconcile [--dry-run]`: one pass per source, printed; and the daemon's log of a pass.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,11 +10,46 @@ use crate::app::App;
 use crate::config::Config;
 use crate::pipeline::printable;
 
-/// One pass, printed: each finding and what was done, the runs it started (awaited), and
-/// the AWS calls it made. An operator's pass works what waits now: no grace period.
+/// One pass per source (each in its account and region), printed: each finding and what
+/// was done, the runs it started (awaited), and the AWS calls it made. An operator's pass
+/// works what waits now: no grace period.
 pub async fn run(cfg: Config, dry_run: bool) -> anyhow::Result<ExitCode> {
     let app = App::build(cfg).await?;
-    let reconciler = Reconciler::new(app.pipeline.clone());
+    let several = app.sources.len() > 1;
+    let mut failed = false;
+    for source in &app.sources {
+        if several {
+            println!(
+                "source {} (account {}, region {})",
+                source.name, source.scope.account, source.scope.region
+            );
+        }
+        match one_pass(source.pipeline.clone(), dry_run).await {
+            Ok(f) => failed |= f,
+            Err(e) if several => {
+                println!("error         this source cannot be reconciled: {e:#}");
+                failed = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if dry_run {
+        println!("(dry run: nothing was changed)");
+    }
+    app.close().await;
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One source's pass, printed; true when something failed.
+async fn one_pass(
+    pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    dry_run: bool,
+) -> anyhow::Result<bool> {
+    let reconciler = Reconciler::new(pipeline);
     let mode = Mode {
         grace: Duration::ZERO,
         dry_run,
@@ -54,16 +89,7 @@ pub async fn run(cfg: Config, dry_run: bool) -> anyhow::Result<ExitCode> {
         }
     }
     println!("aws calls     {}", calls(&pass));
-    if dry_run {
-        println!("(dry run: nothing was changed)");
-    }
-    drop(reconciler);
-    app.close().await;
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(failed)
 }
 
 /// One finding as a table row.

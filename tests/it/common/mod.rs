@@ -277,6 +277,42 @@ impl Emulator {
         serde_json::from_str(text).unwrap_or(Value::Null)
     }
 
+    /// An IAM role `name` in `account` trusting `trust` (an AssumeRolePolicyDocument): made
+    /// through IAM's CreateRole with moto's `x-moto-account-id` header (the test stands in
+    /// for the member account's administrator). Answers the role's ARN.
+    pub fn create_role_in(&self, account: &str, name: &str, trust: &Value) -> String {
+        let enc = |v: &str| -> String {
+            v.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        };
+        let body = format!(
+            "Action=CreateRole&Version=2010-05-08&RoleName={}&AssumeRolePolicyDocument={}",
+            enc(name),
+            enc(&trust.to_string())
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             x-moto-account-id: {account}\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/iam/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "CreateRole: {resp}");
+        format!("arn:aws:iam::{account}:role/{name}")
+    }
+
     pub fn fault(&self, spec: Value) {
         self.control("POST", "/_emulator/faults", Some(spec));
     }
@@ -327,6 +363,9 @@ pub struct Aws {
     pub asg: aws_sdk_autoscaling::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub sdk: aws_config::SdkConfig,
+    /// The account and region its clients act in (ACCOUNT and REGION unless assumed).
+    pub account: String,
+    pub region: String,
 }
 
 pub struct Queue {
@@ -336,14 +375,52 @@ pub struct Queue {
 
 impl Aws {
     pub async fn new(emu: &Emulator) -> Aws {
-        let sdk = emu.sdk().await;
+        Aws::with(emu.sdk().await, ACCOUNT)
+    }
+
+    /// The default account's clients in another region.
+    pub async fn with_region(emu: &Emulator, region: &str) -> Aws {
+        let sdk = emu
+            .sdk()
+            .await
+            .to_builder()
+            .region(Region::new(region.to_string()))
+            .build();
+        Aws::with(sdk, ACCOUNT)
+    }
+
+    fn with(sdk: aws_config::SdkConfig, account: &str) -> Aws {
         Aws {
             sqs: aws_sdk_sqs::Client::new(&sdk),
             sns: aws_sdk_sns::Client::new(&sdk),
             asg: aws_sdk_autoscaling::Client::new(&sdk),
             ec2: aws_sdk_ec2::Client::new(&sdk),
+            region: sdk.region().map(ToString::to_string).unwrap_or_default(),
+            account: account.to_string(),
             sdk,
         }
+    }
+
+    /// Clients in `role_arn`'s account and `region`, with the credentials AssumeRole
+    /// (through the emulator's STS, with `external_id`) gives.
+    pub async fn assumed(emu: &Emulator, role_arn: &str, external_id: &str, region: &str) -> Aws {
+        let base = emu.sdk().await;
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+            .session_name("provision-tests")
+            .external_id(external_id)
+            .region(Region::new(region.to_string()))
+            .configure(&base)
+            .build()
+            .await;
+        let sdk = base
+            .to_builder()
+            .region(Region::new(region.to_string()))
+            .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                provider,
+            ))
+            .build();
+        let account = role_arn.split(':').nth(4).expect("a role ARN").to_string();
+        Aws::with(sdk, &account)
     }
 
     pub async fn queue(&self, name: &str) -> Queue {
@@ -357,7 +434,7 @@ impl Aws {
             .queue_url
             .unwrap();
         Queue {
-            arn: format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"),
+            arn: format!("arn:aws:sqs:{}:{}:{name}", self.region, self.account),
             url,
         }
     }
@@ -402,7 +479,7 @@ impl Aws {
             .queue_url
             .unwrap();
         let q = Queue {
-            arn: format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"),
+            arn: format!("arn:aws:sqs:{}:{}:{name}", self.region, self.account),
             url,
         };
         (q, dlq)
@@ -523,7 +600,7 @@ impl Aws {
             .create_subnet()
             .vpc_id(&vpc_id)
             .cidr_block(subnet_cidr)
-            .availability_zone(format!("{REGION}a"))
+            .availability_zone(format!("{}a", self.region))
             .send()
             .await
             .unwrap();
@@ -593,7 +670,7 @@ impl Aws {
         if let Some(arn) = target_arn {
             req = req
                 .notification_target_arn(arn)
-                .role_arn(format!("arn:aws:iam::{ACCOUNT}:role/asg-notify"));
+                .role_arn(format!("arn:aws:iam::{}:role/asg-notify", self.account));
         }
         if let Some(m) = metadata {
             req = req.notification_metadata(m);
@@ -874,6 +951,22 @@ impl Provision {
         let mut table = self.config();
         set_key(&mut table, key, value);
         self.write_config(&table);
+    }
+
+    /// Removes a key from the config, by its dotted path (`"sources"`, `"queue.url"`).
+    pub fn remove(&self, key: &str) {
+        let mut t = self.config();
+        let mut table = &mut t;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().expect("a key");
+        for p in parts {
+            table = table
+                .get_mut(p)
+                .and_then(toml::Value::as_table_mut)
+                .unwrap_or_else(|| panic!("no table {p} in the config"));
+        }
+        table.remove(last);
+        self.write_config(&t);
     }
 
     /// Merges TOML text into the config, table by table; its keys win.
