@@ -664,6 +664,51 @@ async fn shutdown_while_completing_keeps_failing_exits_in_time_and_keeps_the_dec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_row_a_locked_state_store_cannot_take_is_waited_out_in_flight() {
+    // Another process holds the state store's write lock (an EXCLUSIVE transaction, kept
+    // past the store's 5 s busy timeout) when a launch arrives, so its history row cannot be
+    // written. That is transient, as a claim the store cannot write: the message waits in
+    // flight (its 3 s visibility extended; the queue would dead-letter it at its second
+    // receive) and the action is heartbeated; once the lock is gone the launch completes
+    // once, recorded once.
+    let w = World::builder("web-lock")
+        .heartbeat(300)
+        .metadata(METADATA)
+        .dead_letter_after(2)
+        .start()
+        .await;
+    let p = w.provision_with(None, &fast("retry_for = \"1s\""));
+    p.set("queue.visibility_timeout", "3s");
+    let mut daemon = p.daemon();
+    eventually("the daemon to poll", Duration::from_secs(60), || async {
+        daemon
+            .log()
+            .contains("receiving from this source's queue")
+            .then_some(())
+    })
+    .await;
+    let lock = rusqlite::Connection::open(&p.state).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    w.aws.scale("web-lock", 1).await;
+    let says = "the claim store fails for a transient reason; the message stays in flight";
+    eventually(
+        "the locked store to be waited out",
+        Duration::from_secs(60),
+        || async { (daemon.log().matches(says).count() >= 2).then_some(()) },
+    )
+    .await;
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    w.wait_finished(1).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(60)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("state store"), "{log}");
+    w.assert_all_continued(1).await;
+    assert_history(&p, 1, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claims_table_rides_out_every_transient_fault() {
     // The fleet's claims table (DynamoDB) answers each transient fault once on its writes:
     // the claim waits in flight and is tried again; the decision and `done`, written within
