@@ -348,15 +348,14 @@ fn bench_plain(
 /// `[ansible]`, already polling when the group scales out (as in production); checks every
 /// hook CONTINUEd and every marker is written.
 ///
-/// The order, and why it is fair: the daemon is started and waits for its first
-/// ReceiveMessage; then the group scales out (the hooks fire: the wall starts), and the
-/// instances' host keys are registered in the console at once (one DescribeInstances for
-/// the addresses, then one control call per instance), while the daemon is already
-/// receiving. Instance ids exist only once the group has scaled, so the keys cannot come
-/// earlier. Provision reads the console only after receiving, verifying and locating an
-/// instance; should it read before the keys are there, it backs off (2 s) and the row is
-/// slower, never faster: `console_reads` counts provision's GetConsoleOutput calls (the
-/// timeline prints it; one per instance means no read came too early).
+/// The order: the hosts' keys are registered in the emulator's console by private IP (the
+/// instances' ids exist only once the group has scaled, and a registration made after the
+/// scale loses the race against the daemon: a read that finds no keys backs off 2 s); the
+/// daemon is started and waits for its first ReceiveMessage; then the group scales out
+/// (the hooks fire: the wall starts). So every instance shows its keys from its first
+/// GetConsoleOutput, as the old bench (keys registered before the worker started) and
+/// plain Mitogen (known_hosts given) have them: `console_reads` counts provision's
+/// GetConsoleOutput calls (the timeline prints it; one per instance: none came early).
 async fn bench_provision(
     net: &HostNet,
     hosts: &[SimHost],
@@ -374,10 +373,18 @@ async fn bench_provision(
         p.set("queue.max_in_flight", n);
     }
 
+    for host in hosts {
+        w.emu.control(
+            "POST",
+            &format!("/_emulator/console/address/{}", host.ip()),
+            Some(json!({ "host_keys": [host.public_key_line()] })),
+        );
+    }
+
     let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
     let daemon = Daemon::start(&p, &w.emu);
     w.aws.scale(group, n as i32).await;
-    let ids = register_console_keys(&w, group, hosts).await;
+    let ids = instance_hosts(&w, group, hosts).await;
     assert_eq!(ids.len(), n);
     let t0 = std::time::Instant::now();
     while w.emu.finished_actions().len() < n {
@@ -450,10 +457,10 @@ async fn bench_provision(
     row
 }
 
-/// Gives each instance of the group that just scaled out the simulated host at its address:
-/// its host keys in the console output (registered as fast as the emulator allows: one
-/// DescribeInstances for every address), a directory for its marker.
-async fn register_console_keys<'h>(
+/// Each instance of the group that just scaled out, with the simulated host at its address
+/// (one DescribeInstances for every address), and a directory for its marker (made at once:
+/// the playbook writes it seconds later, after the reach).
+async fn instance_hosts<'h>(
     w: &World,
     group: &str,
     hosts: &'h [SimHost],
@@ -492,11 +499,6 @@ async fn register_console_keys<'h>(
             .find(|h| h.ip().to_string() == *ip)
             .unwrap_or_else(|| panic!("{ip}: no simulated host there"));
         std::fs::create_dir_all(w.dir(&id)).unwrap();
-        w.emu.control(
-            "POST",
-            &format!("/_emulator/console/{id}"),
-            Some(json!({ "host_keys": [host.public_key_line()] })),
-        );
         out.push((id, host));
     }
     out
