@@ -1,7 +1,8 @@
 //! Benchmark of the Ansible runners (figures printed, never asserted), run by
-//! `scripts/bench ansible[:N]` as `cargo test --bench ansible` (the debug build of
-//! provision, as the tests use; the target is left out of `--all-targets`). Needs root: it
-//! builds its simulated instances with the integration tests' support (tests/it/common).
+//! `scripts/bench ansible[:N]` as `cargo test --bench ansible` with env PROVISION_BIN set
+//! to the release build of provision, as production runs it (unset: the debug build the
+//! tests use; the target is left out of `--all-targets`). Needs root: it builds its
+//! simulated instances with the integration tests' support (tests/it/common).
 
 // The tests' support, most of which this benchmark does not use.
 #[allow(dead_code)]
@@ -92,67 +93,117 @@ fn reap_adopted(names: &[&str], keep: &BTreeSet<i32>) {
     }
 }
 
-/// A `provision worker` run, measured.
+/// Whether `pid` (a child) has exited, leaving it unreaped (waitid WNOWAIT), so that its
+/// zombie's /proc stat still tells its own CPU.
+fn exited_unreaped(pid: i32) -> bool {
+    // SAFETY: waitid fills the siginfo it is given; WNOWAIT leaves the child unreaped.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        assert_eq!(
+            libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags),
+            0
+        );
+        info.si_pid() == pid
+    }
+}
+
+/// A `provision daemon` started for a row (JSON logs), as production runs it.
+struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+    /// Epoch seconds at the spawn.
+    started: f64,
+    /// RUSAGE_CHILDREN before the spawn.
+    cpu_before: f64,
+}
+
+/// What a stopped daemon cost and said.
 struct MeasuredRun {
     code: i32,
     log: String,
     /// Epoch seconds at the spawn.
     started: f64,
-    /// CPU seconds of the worker process itself.
-    worker_cpu: f64,
-    /// CPU seconds of the worker and everything it waited for (RUSAGE_CHILDREN delta).
+    /// CPU seconds of the daemon process itself.
+    daemon_cpu: f64,
+    /// CPU seconds of the daemon and everything it waited for (RUSAGE_CHILDREN delta).
     tree_cpu: f64,
 }
 
-/// Runs `provision worker` (bounded by `timeout`). Its exit is awaited without reaping
-/// (waitid WNOWAIT), so that the zombie's /proc stat still tells the worker's own CPU; then
-/// it is reaped, which adds it and its descendants to RUSAGE_CHILDREN.
-fn run_worker_measured(p: &Provision, timeout: Duration) -> MeasuredRun {
-    let log = p
-        .dir
-        .join(format!("bench-worker-{}.log", fastrand::u32(..)));
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let t0 = std::time::Instant::now();
-    let cpu_before = reaped_children_cpu();
-    let mut child = p
-        .command(&["--log-format", "json", "worker"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    loop {
-        // SAFETY: waitid fills the siginfo it is given; WNOWAIT leaves the child unreaped.
-        let exited = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-            assert_eq!(
-                libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags),
-                0
-            );
-            info.si_pid() == pid
+impl Daemon {
+    /// Starts `provision daemon` and waits (bounded) until it polls the queue: its first
+    /// ReceiveMessage, as the emulator counts provision's calls.
+    fn start(p: &Provision, emu: &common::Emulator) -> Daemon {
+        let log = p
+            .dir
+            .join(format!("bench-daemon-{}.log", fastrand::u32(..)));
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let cpu_before = reaped_children_cpu();
+        let child = p
+            .command(&["--log-format", "json", "daemon"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            log,
+            started,
+            cpu_before,
         };
-        if exited {
-            break;
+        let t0 = std::time::Instant::now();
+        while !emu.provision_calls().contains_key("sqs:ReceiveMessage") {
+            d.check_alive();
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "provision daemon did not poll the queue within 60 s\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("provision worker did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        d
     }
-    let worker_cpu = proc_stat(pid).expect("the exited worker's /proc stat").own;
-    let code = child.wait().unwrap().code().unwrap_or(-1);
-    MeasuredRun {
-        code,
-        log: std::fs::read_to_string(&log).unwrap_or_default(),
-        started,
-        worker_cpu,
-        tree_cpu: reaped_children_cpu() - cpu_before,
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn check_alive(&self) {
+        assert!(
+            !exited_unreaped(self.child.id() as i32),
+            "provision daemon exited\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGTERM, then its exit awaited without reaping (bounded: 60 s), so that the zombie's
+    /// /proc stat still tells the daemon's own CPU; then it is reaped, which adds it and its
+    /// descendants to RUSAGE_CHILDREN.
+    fn stop_measured(mut self) -> MeasuredRun {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own, unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t0 = std::time::Instant::now();
+        while !exited_unreaped(pid) {
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("provision daemon did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let daemon_cpu = proc_stat(pid).expect("the exited daemon's /proc stat").own;
+        let code = self.child.wait().unwrap().code().unwrap_or(-1);
+        MeasuredRun {
+            code,
+            log: self.log(),
+            started: self.started,
+            daemon_cpu,
+            tree_cpu: reaped_children_cpu() - self.cpu_before,
+        }
     }
 }
 
@@ -165,12 +216,16 @@ struct Row {
     /// Plain: ansible-playbook start -> exit. Provision: first launch message -> last
     /// completed hook (emulator clock).
     wall: f64,
-    /// Provision only: worker start -> last completed hook.
-    worker_to_last: Option<f64>,
+    /// Provision only: daemon start -> last completed hook (the daemon polls before the
+    /// burst, so this is the wall and the daemon's lead).
+    daemon_to_last: Option<f64>,
     /// CPU seconds (user+sys) of the whole tree (see bench_ansible_runners).
     cpu: f64,
-    /// Provision only: of that, the worker process itself.
-    worker_cpu: Option<f64>,
+    /// Provision only: of that, the daemon process itself.
+    daemon_cpu: Option<f64>,
+    /// Provision only: GetConsoleOutput calls provision made (one per instance when every
+    /// instance's keys were registered before provision first asked for them).
+    console_reads: Option<u64>,
     /// Provision only: each instance's moments (see [`MOMENTS`]).
     timeline: BTreeMap<String, [Option<f64>; 10]>,
 }
@@ -280,16 +335,27 @@ fn bench_plain(
         forks,
         runs: 1,
         wall,
-        worker_to_last: None,
+        daemon_to_last: None,
         cpu,
-        worker_cpu: None,
+        daemon_cpu: None,
+        console_reads: None,
         timeline: BTreeMap::new(),
     }
 }
 
 /// A fresh emulator and group on `net`, whose instances get the addresses of `hosts` (the
-/// same sshd serve every row), one `provision worker` over the burst with `ansible_extra`
-/// in `[ansible]`; checks every hook CONTINUEd and every marker is written.
+/// same sshd serve every row), and one `provision daemon` with `ansible_extra` in
+/// `[ansible]`, already polling when the group scales out (as in production); checks every
+/// hook CONTINUEd and every marker is written.
+///
+/// The order: the hosts' keys are registered in the emulator's console by private IP (the
+/// instances' ids exist only once the group has scaled, and a registration made after the
+/// scale loses the race against the daemon: a read that finds no keys backs off 2 s); the
+/// daemon is started and waits for its first ReceiveMessage; then the group scales out
+/// (the hooks fire: the wall starts). So every instance shows its keys from its first
+/// GetConsoleOutput, as the old bench (keys registered before the worker started) and
+/// plain Mitogen (known_hosts given) have them: `console_reads` counts provision's
+/// GetConsoleOutput calls (the timeline prints it; one per instance: none came early).
 async fn bench_provision(
     net: &HostNet,
     hosts: &[SimHost],
@@ -300,37 +366,42 @@ async fn bench_provision(
 ) -> Row {
     let n = hosts.len();
     let w = World::on(net.clone(), group, 600, Some(r#"{"role":"api"}"#)).await;
-    w.aws.scale(group, n as i32).await;
-    let mut ids = Vec::new();
-    for (id, _) in w.aws.instances(group).await {
-        let ip = w.aws.private_ip(&id).await;
-        let host = hosts
-            .iter()
-            .find(|h| h.ip().to_string() == ip)
-            .unwrap_or_else(|| panic!("{ip}: no simulated host there"));
-        w.emu.control(
-            "POST",
-            &format!("/_emulator/console/{id}"),
-            Some(json!({ "host_keys": [host.public_key_line()] })),
-        );
-        std::fs::create_dir_all(w.dir(&id)).unwrap();
-        ids.push((id, host));
-    }
-    assert_eq!(ids.len(), n);
     let p = w.provision_with(MARKER_LAYER, ansible_extra);
-    // BENCH_IN_FLIGHT=64: queue.max_in_flight (default 32, which a larger burst waits on).
+    // BENCH_IN_FLIGHT=64: queue.max_in_flight (default 64).
     if let Ok(v) = std::env::var("BENCH_IN_FLIGHT") {
         let n: i64 = v.parse().expect("BENCH_IN_FLIGHT must be a number");
         p.set("queue.max_in_flight", n);
     }
 
+    for host in hosts {
+        w.emu.control(
+            "POST",
+            &format!("/_emulator/console/address/{}", host.ip()),
+            Some(json!({ "host_keys": [host.public_key_line()] })),
+        );
+    }
+
     let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
-    let run = run_worker_measured(&p, Duration::from_secs(900));
+    let daemon = Daemon::start(&p, &w.emu);
+    w.aws.scale(group, n as i32).await;
+    let ids = instance_hosts(&w, group, hosts).await;
+    assert_eq!(ids.len(), n);
+    let t0 = std::time::Instant::now();
+    while w.emu.finished_actions().len() < n {
+        daemon.check_alive();
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "{name}: the hooks were not all completed within 900 s\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let run = daemon.stop_measured();
     let masters = masters_cpu(&earlier);
     if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
         let dir = PathBuf::from(dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("{group}-worker.log")), &run.log).unwrap();
+        std::fs::write(dir.join(format!("{group}-daemon.log")), &run.log).unwrap();
         for l in ansible_logs(&p) {
             std::fs::copy(&l, dir.join(format!("{group}-ansible.log"))).unwrap();
         }
@@ -354,6 +425,12 @@ async fn bench_provision(
             "{id}"
         );
     }
+    let console_reads = w
+        .emu
+        .provision_calls()
+        .get("ec2:GetConsoleOutput")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     let time = |a: &Value, k: &str| a[k].as_f64().unwrap_or_else(|| panic!("{k} of {a}"));
     let first = actions
         .iter()
@@ -368,9 +445,10 @@ async fn bench_provision(
         forks,
         runs: ansible_logs(&p).len(),
         wall: last - first,
-        worker_to_last: Some(last - run.started),
+        daemon_to_last: Some(last - run.started),
         cpu: run.tree_cpu + masters,
-        worker_cpu: Some(run.worker_cpu),
+        daemon_cpu: Some(run.daemon_cpu),
+        console_reads: Some(console_reads),
         timeline: timeline(&run.log, &p.history(), &actions),
     };
     drop(p);
@@ -379,11 +457,58 @@ async fn bench_provision(
     row
 }
 
+/// Each instance of the group that just scaled out, with the simulated host at its address
+/// (one DescribeInstances for every address), and a directory for its marker (made at once:
+/// the playbook writes it seconds later, after the reach).
+async fn instance_hosts<'h>(
+    w: &World,
+    group: &str,
+    hosts: &'h [SimHost],
+) -> Vec<(String, &'h SimHost)> {
+    let ids: Vec<String> = w
+        .aws
+        .instances(group)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let described = w
+        .aws
+        .ec2
+        .describe_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+        .unwrap();
+    let ips: BTreeMap<String, String> = described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| {
+            Some((
+                i.instance_id()?.to_string(),
+                i.private_ip_address()?.to_string(),
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let ip = &ips[&id];
+        let host = hosts
+            .iter()
+            .find(|h| h.ip().to_string() == *ip)
+            .unwrap_or_else(|| panic!("{ip}: no simulated host there"));
+        std::fs::create_dir_all(w.dir(&id)).unwrap();
+        out.push((id, host));
+    }
+    out
+}
+
 /// N instances (env BENCH_INSTANCES, default 20), each a simulated host (its own sshd in a
 /// network namespace), configured by marker.yml (3 tasks: command, assert, copy), in one
 /// sitting on the same hosts: plain `ansible-playbook` with Ansible's defaults (linear, no
 /// pipelining), with pipelining, and with Mitogen for Ansible; then provision (a burst of
-/// launches, one `provision worker`) under each runner: `linear` without and with
+/// launches, one `provision daemon` already polling when the group scales out) under each runner: `linear` without and with
 /// pipelining, and the default (`mitogen`). Every row uses provision's default forks
 /// (env BENCH_FORKS="5,20" adds provision-mitogen rows with those forks). Prints wall time,
 /// CPU seconds and their ratio to plain Mitogen; asserts only that every host was
@@ -392,7 +517,8 @@ async fn bench_provision(
 /// CPU is user+sys of the whole tree on this (ops) side: ansible-playbook, its forks,
 /// Mitogen's multiplexers, ssh clients, ssh ControlPersist masters that detached (adopted by
 /// this process as child subreaper; live ones read from /proc), and for provision the
-/// worker itself. Not counted: the simulated instances' sshd and what runs through it (the
+/// daemon itself (its CPU from the start to its stop after the last hook, idle polls
+/// included). Not counted: the simulated instances' sshd and what runs through it (the
 /// instances' cost), the emulator. Run it alone: RUSAGE_CHILDREN is process-wide.
 async fn bench_ansible_runners() {
     // SAFETY: prctl with integer arguments only.
@@ -549,14 +675,14 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
         .map(|s| (s.wall(), s.cpu()))
         .unwrap_or((f64::NAN, f64::NAN));
     for r in rows.iter().filter(|r| !r.timeline.is_empty()) {
-        print_timeline(&r.name, &r.timeline);
+        print_timeline(r);
     }
     println!(
         "\n== ansible: {n} simulated instances, marker.yml (3 tasks), the same hosts for every row, median of {repeat}"
     );
     println!(
         "{:<32}{:>6}{:>6}{:>9}{:>10}{:>8}{:>8}{:>11}{:>10}   rounds (wall/CPU)",
-        "runner", "forks", "runs", "wall", "(wrk->)", "CPU", "(prov)", "wall/mtg", "CPU/mtg"
+        "runner", "forks", "runs", "wall", "(dmn->)", "CPU", "(dmn)", "wall/mtg", "CPU/mtg"
     );
     let secs = |v: Option<f64>| v.map(|w| format!("{w:.2}s")).unwrap_or_else(|| "-".into());
     for s in &sums {
@@ -572,9 +698,9 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
             r0.forks,
             r0.runs,
             s.wall(),
-            secs(s.opt(|r| r.worker_to_last)),
+            secs(s.opt(|r| r.daemon_to_last)),
             s.cpu(),
-            secs(s.opt(|r| r.worker_cpu)),
+            secs(s.opt(|r| r.daemon_cpu)),
             s.wall() / base.0,
             s.cpu() / base.1,
             rounds.join(" "),
@@ -589,13 +715,19 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
         "provision's default runner / plain Mitogen: wall {wr:.2}x, CPU {cr:.2}x (target <= 1.1x: {})",
         if wr <= 1.1 && cr <= 1.1 { "met" } else { "NOT met" }
     );
+    let binary = std::env::var("PROVISION_BIN")
+        .map(|b| format!("{b} (PROVISION_BIN)"))
+        .unwrap_or_else(|_| "the debug build (PROVISION_BIN unset)".into());
     println!(
         "wall: plain = ansible-playbook start to exit; provision = first launch message to last \
-         completed hook (emulator clock; the hosts run before the burst), wrk-> = worker start to \
-         last completed hook. CPU (user+sys) of the ops side's whole tree: ansible-playbook, its \
-         forks, Mitogen's multiplexers, ssh clients and detached ControlPersist masters, and the \
-         provision worker ((prov): the worker alone, a debug build). Not counted: the instances' sshd and the modules run through it, the \
-         emulator. The machine is shared: run it twice to see the noise."
+         completed hook (emulator clock; the hosts run before the burst, and a `provision daemon` \
+         already polls the queue when the group scales out, as in production), dmn-> = daemon \
+         start to last completed hook (the wall plus the daemon's lead). CPU (user+sys) of the \
+         ops side's whole tree: ansible-playbook, its forks, Mitogen's multiplexers, ssh clients \
+         and detached ControlPersist masters, and the provision daemon from its start to its \
+         stop ((dmn): the daemon alone). provision: {binary}. Not counted: the instances' sshd \
+         and the modules run through it, the emulator. The machine is shared: run it twice to \
+         see the noise."
     );
     let json = json!({
         "ansible_instances": n,
@@ -616,7 +748,7 @@ fn round2(x: f64) -> f64 {
 
 /// The moments of one instance's launch, in order, each where it is cheapest and honest to
 /// read: the emulator (the hook fired, the hook completed), the history (received,
-/// verified: the first step's start, the step's end) and the worker's JSON log lines
+/// verified: the first step's start, the step's end) and the daemon's JSON log lines
 /// (keys, SSH, cloud-init, the run that took it).
 const MOMENTS: [&str; 10] = [
     "hook fired",
@@ -723,8 +855,17 @@ fn timeline(
 
 /// Prints, for each pair of consecutive moments, the median and worst gap over the
 /// instances that have both.
-fn print_timeline(name: &str, t: &BTreeMap<String, [Option<f64>; 10]>) {
-    println!("\n-- timeline of {name}: {} instances", t.len());
+fn print_timeline(r: &Row) {
+    let t = &r.timeline;
+    println!("\n-- timeline of {}: {} instances", r.name, t.len());
+    if let Some(reads) = r.console_reads {
+        let verdict = if reads as usize <= t.len() {
+            "one per instance: every first read found the keys the bench registered"
+        } else {
+            "more than one per instance: a read found no keys yet and waited (2 s or more, against provision)"
+        };
+        println!("GetConsoleOutput calls by provision: {reads} ({verdict})");
+    }
     println!(
         "{:<38}{:>6}{:>10}{:>10}   (from the hook fired: median, worst)",
         "from -> to", "n", "median", "worst"

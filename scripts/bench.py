@@ -10,7 +10,8 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
   ansible[:N] N instances (default 20), each a simulated host (its own sshd in a network
               namespace), configured by a 3-task playbook, in one sitting on the same hosts:
               plain ansible-playbook (Ansible's defaults, pipelining, Mitogen for Ansible) and
-              provision (a burst of N launches, one worker) under each runner (linear,
+              provision (a burst of N launches, one `provision daemon` already polling when
+              the group scales out, as in production) under each runner (linear,
               linear+pipelining, mitogen: the default): wall time (provision: first message to
               last completed hook), CPU seconds of the whole ops-side process tree, and both
               as a ratio to plain Mitogen (target for the default runner <= 1.1). Every row
@@ -21,9 +22,10 @@ Scenarios (usage: bench.py BINARY [SCENARIO ...], default tag and ssm):
               each pair of consecutive moments of a launch (hook fired, received, verified,
               host keys, sshd up, cloud-init done, batch started, playbook ended, step ended,
               hook completed) the median and worst gap over the instances. Runs
-              benches/ansible.rs (`cargo test --bench ansible`: the debug build of
-              provision; its own CPU is shown apart). Needs root (network namespaces), takes
-              a few minutes, so it is not in the default set.
+              benches/ansible.rs (`cargo test --bench ansible`) with PROVISION_BIN=BINARY:
+              the release build of provision, as production runs it (the daemon's own CPU
+              is shown apart). Needs root (network namespaces), takes a few minutes, so it
+              is not in the default set.
 """
 
 import json
@@ -118,14 +120,15 @@ def require_root(scenario):
                          f"own network namespace); run it as root, e.g. sudo scripts/bench {scenario}")
 
 
-def bench_ansible(instances):
-    """Runs benches/ansible.rs (it prints the figures) and relays its report."""
+def bench_ansible(binary, instances):
+    """Runs benches/ansible.rs over `binary` (it prints the figures) and relays its report."""
     require_root("ansible")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = ["cargo", "test", "--bench", "ansible"]
-    print(f"\n(running: BENCH_INSTANCES={instances} {' '.join(cmd)})", flush=True)
-    out = subprocess.run(cmd, cwd=root, env={**os.environ, "BENCH_INSTANCES": str(instances)},
-                         stdout=subprocess.PIPE, text=True)
+    env = {"BENCH_INSTANCES": str(instances), "PROVISION_BIN": os.path.abspath(binary)}
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"\n(running: {shown} {' '.join(cmd)})", flush=True)
+    out = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
     figures, report = None, False
     for line in out.stdout.splitlines():
         # The timelines of provision's rows come first, then the table.
@@ -160,7 +163,7 @@ def main():
         elif name == "ssm":
             figures.update(bench_ssm(binary, int(n or 200)))
         elif name == "ansible":
-            figures.update(bench_ansible(int(n or 20)))
+            figures.update(bench_ansible(binary, int(n or 20)))
     print("\n" + json.dumps(figures))
 
 

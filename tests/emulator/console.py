@@ -35,13 +35,19 @@ the buffer EC2 posts after state transitions, modelled as the console ``buffered
 ago (default 0: no lag). ``latest_supported: false`` (an instance type off Nitro) answers
 ``Latest=true`` with UnsupportedOperation.
 
+A registration can also be made for a private IP before any instance has it (a benchmark that
+starts its hosts first, then scales a group out, and whose instances must show their keys
+from their first GetConsoleOutput): it serves every instance at that address that has no
+registration of its own.
+
 Request handling: an EC2 query-protocol request with Action=GetConsoleOutput for a registered
-instance that moto knows (in the request's account and region) is answered here; everything
-else (unregistered instances keep moto's canned log; unknown instances get moto's
-InvalidInstanceID.NotFound) goes on to moto.
+instance (by its id, or else by its private IP) that moto knows (in the request's account and
+region) is answered here; everything else (unregistered instances keep moto's canned log;
+unknown instances get moto's InvalidInstanceID.NotFound) goes on to moto.
 
 Control endpoints (JSON), served through ``control()``:
-    GET    /_emulator/console                    {"instances": {"i-...": {registration}}}
+    GET    /_emulator/console                    {"instances": {"i-...": {registration}},
+                                                  "addresses": {"10.0.1.4": {registration}}}
     GET    /_emulator/console/<instance-id>      the registration and the output as rendered now
     POST   /_emulator/console/<instance-id>      {"host_keys": ["ssh-ed25519 AAAA... root@h"],
                                                   "appear_after_seconds": 0,
@@ -51,6 +57,8 @@ Control endpoints (JSON), served through ``control()``:
                                                   "latest_supported": true}
                                                  replaces any earlier registration
     DELETE /_emulator/console/<instance-id>      forget it (moto's canned log again)
+    POST   /_emulator/console/address/<ipv4>     the same body, for instances at that private IP
+    DELETE /_emulator/console/address/<ipv4>     forget it
 POST /moto-api/reset forgets every registration.
 """
 
@@ -60,6 +68,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import ipaddress
 import json
 import re
 import struct
@@ -81,6 +90,8 @@ _LOCK = threading.RLock()
 # instance id -> {"host_keys": [...], "appear_after_seconds": float, "extra": str,
 #                 "crlf": bool, "registered": epoch seconds}
 REGISTRATIONS: dict[str, dict[str, Any]] = {}
+# private IP -> a registration, for the instances at that address without one of their own
+ADDRESSES: dict[str, dict[str, Any]] = {}
 
 
 class ConsoleError(ValueError):
@@ -292,15 +303,15 @@ def dispatch(environ: dict[str, Any], body: bytes) -> tuple[str, list[tuple[str,
     if params.get("Action") != "GetConsoleOutput":
         return None
     instance_id = params.get("InstanceId", "")
-    with _LOCK:
-        reg = REGISTRATIONS.get(instance_id)
-        if reg is None:
-            return None
-        reg = dict(reg)
     account, region = _scope(environ)
     instance = _instance(account, region, instance_id)
     if instance is None:
-        return None  # moto answers InvalidInstanceID.NotFound
+        return None  # moto answers InvalidInstanceID.NotFound (or its canned log)
+    with _LOCK:
+        reg = REGISTRATIONS.get(instance_id) or ADDRESSES.get(getattr(instance, "private_ip", None) or "")
+        if reg is None:
+            return None
+        reg = dict(reg)
     # Latest=true: the console as it is now, on instances that support it (Nitro); without
     # it, the buffer EC2 posted, which lags `buffered_lag_seconds` behind.
     latest = params.get("Latest", "").lower() == "true"
@@ -378,10 +389,13 @@ def control(method: str, path: str, body: bytes) -> tuple[str, Any] | None:
         if method != "GET":
             return "405 Method Not Allowed", {"error": f"{method} {path}: use GET"}
         with _LOCK:
-            return "200 OK", {"instances": {i: _public(r) for i, r in REGISTRATIONS.items()}}
+            return "200 OK", {"instances": {i: _public(r) for i, r in REGISTRATIONS.items()},
+                              "addresses": {a: _public(r) for a, r in ADDRESSES.items()}}
     prefix = "/_emulator/console/"
     if not path.startswith(prefix):
         return None
+    if path.startswith(prefix + "address/"):
+        return _control_address(method, path[len(prefix + "address/"):], body)
     instance_id = path[len(prefix):]
     if not INSTANCE_ID_PATTERN.match(instance_id):
         return "400 Bad Request", {"error": f"not an EC2 instance id: {instance_id!r}"}
@@ -415,7 +429,28 @@ def control(method: str, path: str, body: bytes) -> tuple[str, Any] | None:
     return "405 Method Not Allowed", {"error": f"{method} {path}: use GET, POST or DELETE"}
 
 
+def _control_address(method: str, address: str, body: bytes) -> tuple[str, Any]:
+    """POST / DELETE /_emulator/console/address/<ipv4>."""
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        return "400 Bad Request", {"error": f"not an IPv4 address: {address!r}"}
+    with _LOCK:
+        if method == "POST":
+            try:
+                reg = _validated(json.loads(body or b"{}"))
+            except (ValueError, ConsoleError) as exc:
+                return "400 Bad Request", {"error": str(exc)}
+            ADDRESSES[address] = reg
+            return "200 OK", {"address": address, **_public(reg)}
+        if method == "DELETE":
+            ADDRESSES.pop(address, None)
+            return "200 OK", {"address": address}
+    return "405 Method Not Allowed", {"error": f"{method}: use POST or DELETE"}
+
+
 def reset() -> None:
     """POST /moto-api/reset."""
     with _LOCK:
         REGISTRATIONS.clear()
+        ADDRESSES.clear()

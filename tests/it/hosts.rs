@@ -504,7 +504,7 @@ async fn console_output_carries_the_simulated_hosts_key() {
         })
         .collect();
     let (id, private_ip) = instances[0].clone();
-    let (other_id, _) = instances[1].clone();
+    let (other_id, other_ip) = instances[1].clone();
 
     let host = net.host(&private_ip);
     assert_eq!(host.ip().to_string(), private_ip);
@@ -603,9 +603,35 @@ async fn console_output_carries_the_simulated_hosts_key() {
     );
 
     // An instance with nothing registered keeps moto's canned log.
-    let canned = console(other_id).await;
+    let canned = console(other_id.clone()).await;
     assert!(canned.contains("Linux version 2.6.16-xenU"), "{canned}");
     assert!(console_keys(&canned).is_none());
+
+    // A registration by private IP serves the instance at that address (one registered by
+    // its id keeps its own).
+    // (Any valid key: the client's.)
+    let other_key = fs::read_to_string(net.client_key().with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    emu.control(
+        "POST",
+        &format!("/_emulator/console/address/{other_ip}"),
+        Some(json!({ "host_keys": [other_key] })),
+    );
+    emu.control(
+        "POST",
+        &format!("/_emulator/console/address/{private_ip}"),
+        Some(json!({ "host_keys": [other_key] })),
+    );
+    let by_address = console(other_id).await;
+    assert_eq!(console_keys(&by_address).unwrap(), vec![other_key.clone()]);
+    assert_eq!(
+        console_keys(&console(id.clone()).await).unwrap(),
+        vec![host.public_key_line().to_string()]
+    );
+    let listed = emu.control("GET", "/_emulator/console", None);
+    assert_eq!(listed["addresses"][&other_ip]["host_keys"][0], other_key);
 
     // Calls by app: only the "provision" client's requests.
     let calls = emu.control("GET", "/_emulator/calls", None);
@@ -619,10 +645,9 @@ async fn console_output_carries_the_simulated_hosts_key() {
 
     // Reset forgets the registration.
     emu.control("POST", "/moto-api/reset", None);
-    assert_eq!(
-        emu.control("GET", "/_emulator/console", None)["instances"],
-        json!({})
-    );
+    let listed = emu.control("GET", "/_emulator/console", None);
+    assert_eq!(listed["instances"], json!({}));
+    assert_eq!(listed["addresses"], json!({}));
 }
 
 /// Figures for the report (nothing asserted about them):

@@ -991,8 +991,14 @@ impl Provision {
         self.set("metrics.listen", "127.0.0.1:0");
     }
 
+    /// `provision ARGS` with this config. The binary is env PROVISION_BIN when set (the
+    /// ansible benchmark runs the release build, as production does), else the one cargo
+    /// built for these tests.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_provision"));
+        let bin = std::env::var_os("PROVISION_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_provision")));
+        let mut c = Command::new(bin);
         c.arg("--config").arg(&self.config).args(args);
         c.env_clear();
         c.env("PATH", std::env::var("PATH").unwrap_or_default());
