@@ -117,7 +117,7 @@ impl Wiring {
         let scope = self.scope_of(s);
         let stats = self.registry.source(&scope);
         let calls = CountCalls(stats.clone());
-        let sdk_cfg = sdk::source_config(&self.base, s).await;
+        let sdk_cfg = sdk::source_config(&self.base, s, &calls).await;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &s.url));
         let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
         let named = s.name != crate::sources::DEFAULT_SOURCE;

@@ -246,6 +246,14 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     ] {
         assert!(metrics.lines().any(|l| l == want), "no {want} in\n{metrics}");
     }
+    // The member role's AssumeRole calls count with the member's account and region (the
+    // broken source's refused ones too: same account and region).
+    let sts = format!("provision_aws_calls_total{{account=\"{MEMBER}\",region=\"{MEMBER_REGION}\",service=\"sts\",operation=\"AssumeRole\"}} ");
+    let assumed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&sts))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(assumed.is_some_and(|n| n >= 2), "{sts}in\n{metrics}");
 
     // SIGHUP removing the broken source retires it.
     p.remove("sources");
