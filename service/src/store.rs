@@ -147,6 +147,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// "state store /var/lib/provision/state.db", for messages.
     label: Arc<str>,
+    /// Held by whoever republishes the outbox ([`Store::outbox_turn`]).
+    outbox: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -187,6 +189,7 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             label: format!("state store {path}").into(),
+            outbox: Arc::default(),
         })
     }
 
@@ -314,6 +317,12 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+
+    /// The turn to republish the outbox: every source's loop tries, over this one store,
+    /// and two at once would send the same event twice. None while another has it.
+    pub fn outbox_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.outbox.clone().try_lock_owned().ok()
     }
 
     /// Puts a run's result event in the outbox before its action is recorded done, so a

@@ -321,8 +321,7 @@ impl Pipeline {
         };
         // Every source's loop comes here, over one store: one at a time, or two would send
         // the same event.
-        static REPUBLISHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let Ok(_one) = REPUBLISHING.try_lock() else {
+        let Some(_turn) = self.store.outbox_turn() else {
             return 0;
         };
         let pending = match self.store.unpublished(100).await {
