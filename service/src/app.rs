@@ -1,6 +1,7 @@
 //! Wiring: the real SDK clients, the store and the batchers assembled into a pipeline.
 //!
-//! Owns startup decisions that need AWS (is there a dead-letter queue?) and nothing else;
+//! Owns which clients, credentials and shared parts each source gets, and nothing else
+//! (whether a source's queue has a dead-letter queue is read by its loop: `delivery`);
 //! tests assemble their own pipelines from fakes through [`crate::pipeline::Parts`].
 
 use std::sync::Arc;
@@ -23,9 +24,9 @@ use crate::aws::ssm::SsmClient;
 use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::claims::Claims;
-use crate::config::{Config, OnReject};
+use crate::config::Config;
 use crate::daemon::Settings;
-use crate::delivery::RejectPolicy;
+use crate::delivery::{RejectPolicy, RejectRule};
 use crate::lease::Leases;
 use crate::metrics::{CountCalls, Registry, Stats};
 use crate::pipeline::{Parts, Pipeline};
@@ -116,7 +117,7 @@ impl Wiring {
         let scope = self.scope_of(s);
         let stats = self.registry.source(&scope);
         let calls = CountCalls(stats.clone());
-        let sdk_cfg = sdk::source_config(&self.base, s).await;
+        let sdk_cfg = sdk::source_config(&self.base, s, &calls).await;
         let queue: Arc<dyn Queue> = Arc::new(SqsQueue::new(&sdk_cfg, &calls, &s.url));
         let hooks: Arc<dyn Hooks> = Arc::new(AutoScalingHooks::new(&sdk_cfg, &calls));
         let named = s.name != crate::sources::DEFAULT_SOURCE;
@@ -129,9 +130,11 @@ impl Wiring {
                 &scope.region,
             ))),
         };
+        // "auto" reads the queue's redrive policy once the source's loop has received
+        // (daemon::Listener::receive): its role may not be assumable yet.
         let reject = match self.purpose {
-            Purpose::Run => reject_policy(cfg.queue.on_reject, queue.as_ref()).await,
-            Purpose::Plan => RejectPolicy::Delete,
+            Purpose::Run => RejectRule::new(cfg.queue.on_reject),
+            Purpose::Plan => RejectRule::fixed(RejectPolicy::Delete),
         };
         let leases = Leases::spawn(
             Some(queue.clone()),
@@ -211,25 +214,6 @@ fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>)
             tokio::time::sleep(KNOWN_HOSTS_PRUNE_EVERY).await;
         }
     })
-}
-
-/// Where rejected messages go: `queue.on_reject`, or with "auto" the queue's redrive policy.
-async fn reject_policy(on_reject: OnReject, queue: &dyn Queue) -> RejectPolicy {
-    match on_reject {
-        OnReject::Delete => RejectPolicy::Delete,
-        OnReject::DeadLetter => RejectPolicy::DeadLetter,
-        OnReject::Auto => match queue.redrive_policy().await {
-            Ok(Some(policy)) => {
-                tracing::info!(%policy, "queue has a dead-letter queue: rejected messages are released to it");
-                RejectPolicy::DeadLetter
-            }
-            Ok(None) => RejectPolicy::Delete,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the queue's redrive policy; rejected messages will be deleted");
-                RejectPolicy::Delete
-            }
-        },
-    }
 }
 
 /// The claims table a fleet shares (`state.claims_table`); None: the state store's.

@@ -182,7 +182,7 @@ async fn check_source(
     calls: &CountCalls,
     r: &mut Report,
 ) {
-    let sdk_cfg = sdk::source_config(host, source).await;
+    let sdk_cfg = sdk::source_config(host, source, calls).await;
     if let Some(role) = &source.role {
         match sdk::credentials_work(&sdk_cfg).await {
             Ok(()) => r.notes.push(format!("role {} assumed", role.arn)),

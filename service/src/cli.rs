@@ -92,6 +92,9 @@ pub enum Command {
         /// Only runs for lifecycle messages from this account
         #[arg(long)]
         account: Option<String>,
+        /// Only runs from a source in this region
+        #[arg(long)]
+        region: Option<String>,
         /// Only runs with this outcome (succeeded, failed, rejected, skipped, ...)
         #[arg(long)]
         outcome: Option<String>,

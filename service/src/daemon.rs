@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::aws::{AwsError, Message, Queue};
-use crate::delivery::{Acks, Deleter, Delivery, RejectPolicy, Settled};
+use crate::delivery::{Acks, Deleter, Delivery, RejectRule, Settled};
 use crate::engine::{Done, Engine, Slot};
 use crate::metrics::Stats;
 use crate::pipeline::Pipeline;
@@ -38,7 +38,8 @@ pub struct Settings {
     pub visibility_timeout: Duration,
     pub shutdown_grace: Duration,
     pub retry_for: Duration,
-    pub reject: RejectPolicy,
+    /// Where rejected messages go; "auto" is decided after the first successful receive.
+    pub reject: RejectRule,
 }
 
 /// What a run of the loop did.
@@ -114,7 +115,7 @@ pub async fn run(
         queue.clone(),
         settings.retry_for,
         Deleter::Us,
-        settings.reject,
+        settings.reject.clone(),
     ));
     let outbox = spawn_outbox(pipeline.clone());
     let mut listener = Listener {
@@ -240,6 +241,9 @@ impl Listener {
             let stats = &self.pipeline.stats;
             Stats::mark(&stats.last_poll_ms);
             Stats::mark(&stats.loop_alive_ms);
+            // The queue answers with these credentials now (a role that could not be
+            // assumed at start may be since): its dead-letter setup can be read.
+            self.settings.reject.decide(self.queue.as_ref()).await;
         }
         r
     }
@@ -350,5 +354,188 @@ impl Drop for InFlight<'_> {
         self.0
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use crate::aws::fake::{FakeHooks, FakeInstances, Unused};
+    use crate::aws::{BatchResult, ErrorClass, Services};
+    use crate::config::{Config, OnReject};
+    use crate::lease::Leases;
+    use crate::pipeline::Parts;
+    use crate::store::Store;
+
+    const CONFIG: &str = r#"
+[queue]
+url = "https://sqs.eu-west-1.amazonaws.com/210987654321/lifecycle"
+[state]
+path = "unused"
+[aws]
+retry_for = "1s"
+[layers.web]
+groups = ["web-*"]
+launch = [ { tag = { Name = "web-{instance_id}" } } ]
+"#;
+
+    /// A member account's queue with a dead-letter queue, read with a role that cannot be
+    /// assumed for the first receive: until a receive succeeded, every call is refused.
+    /// Then it hands out one message nobody can handle. Records its calls in order.
+    #[derive(Default)]
+    struct MemberQueue {
+        receives: Mutex<u32>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl MemberQueue {
+        fn note(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+
+        fn role_assumed(&self) -> bool {
+            *self.receives.lock().unwrap() > 1
+        }
+    }
+
+    fn refused(op: &'static str) -> AwsError {
+        AwsError {
+            operation: op,
+            code: Some("AccessDenied".into()),
+            message: "cannot assume role provision-member".into(),
+            // STS failing for a while (a refusal would be Access: a drain gives up on it).
+            class: ErrorClass::Credentials,
+        }
+    }
+
+    #[async_trait]
+    impl Queue for MemberQueue {
+        async fn receive(
+            &self,
+            _: u32,
+            _: Duration,
+            _: Duration,
+        ) -> Result<Vec<Message>, AwsError> {
+            let n = {
+                let mut r = self.receives.lock().unwrap();
+                *r += 1;
+                *r
+            };
+            if n == 1 {
+                self.note("receive refused".into());
+                return Err(refused("sqs:ReceiveMessage"));
+            }
+            self.note("receive".into());
+            Ok(if n == 2 {
+                vec![Message {
+                    id: "m-1".into(),
+                    receipt: "r-1".into(),
+                    body: "not a lifecycle message".into(),
+                    receive_count: 1,
+                }]
+            } else {
+                Vec::new()
+            })
+        }
+        async fn delete_batch(&self, receipts: &[String]) -> Result<BatchResult, AwsError> {
+            self.note(format!("delete {}", receipts.join(",")));
+            Ok(vec![Ok(()); receipts.len()])
+        }
+        async fn change_visibility_batch(
+            &self,
+            entries: &[(String, Duration)],
+        ) -> Result<BatchResult, AwsError> {
+            for (receipt, delay) in entries {
+                self.note(format!("release {receipt} after {delay:?}"));
+            }
+            Ok(vec![Ok(()); entries.len()])
+        }
+        async fn redrive_policy(&self) -> Result<Option<String>, AwsError> {
+            if !self.role_assumed() {
+                self.note("redrive refused".into());
+                return Err(refused("sqs:GetQueueAttributes"));
+            }
+            self.note("redrive".into());
+            Ok(Some(r#"{"deadLetterTargetArn":"arn:aws:sqs:eu-west-1:210987654321:dlq","maxReceiveCount":"3"}"#.into()))
+        }
+    }
+
+    fn pipeline(cfg: &Arc<Config>, queue: Arc<MemberQueue>) -> Arc<Pipeline> {
+        let hooks = Arc::new(FakeHooks::default());
+        let stats = Arc::new(Stats::default());
+        let leases = Leases::spawn(
+            Some(queue),
+            hooks.clone(),
+            cfg.queue.visibility_timeout,
+            stats.clone(),
+        );
+        Arc::new(Pipeline::new(Parts {
+            cfg: cfg.clone(),
+            hooks,
+            services: Services {
+                instances: Arc::new(FakeInstances::default()),
+                ssm: Arc::new(Unused),
+                opsworks: Arc::new(Unused),
+                ecs: Arc::new(Unused),
+            },
+            store: Store::in_memory().unwrap(),
+            claims: None,
+            leases,
+            publisher: None,
+            stats,
+            remote: None,
+            ansible: None,
+        }))
+    }
+
+    /// `on_reject = "auto"` for a source whose queue cannot be read at first: its redrive
+    /// policy is read once a receive succeeded, so a message nobody can handle goes to the
+    /// dead-letter queue (released) instead of being deleted.
+    #[tokio::test]
+    async fn a_sources_dead_letter_queue_is_read_once_its_queue_answers() {
+        let cfg = Arc::new(Config::parse(CONFIG, "t").unwrap());
+        assert_eq!(cfg.queue.on_reject, OnReject::Auto);
+        let queue = Arc::new(MemberQueue::default());
+        let settings = Settings {
+            max_in_flight: 4,
+            wait_time: cfg.queue.wait_time,
+            visibility_timeout: cfg.queue.visibility_timeout,
+            shutdown_grace: cfg.daemon.shutdown_grace,
+            retry_for: cfg.aws.retry_for,
+            reject: RejectRule::new(cfg.queue.on_reject),
+        };
+        let never = CancellationToken::new();
+        let summary = run(
+            pipeline(&cfg, queue.clone()),
+            queue.clone(),
+            settings,
+            Mode::Drain,
+            &never,
+            &never,
+        )
+        .await;
+        assert_eq!(
+            (summary.received, summary.receive_errors),
+            (1, 1),
+            "{summary:?}"
+        );
+        let calls = queue.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| c.starts_with("redrive"))
+                .collect::<Vec<_>>(),
+            ["redrive"],
+            "read once, after the first receive that succeeded: {calls:?}"
+        );
+        assert!(
+            calls.contains(&"release r-1 after 0ns".to_string())
+                && !calls.iter().any(|c| c.starts_with("delete")),
+            "rejected: left for the dead-letter queue, not deleted: {calls:?}"
+        );
     }
 }

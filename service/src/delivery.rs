@@ -5,7 +5,7 @@
 //! [`crate::lease`]) until it is settled. [`Acks`] settles it by the run's [`Outcome`]:
 //! deleted once handled; released to come back, at once (cancelled work) or after a growing
 //! delay (a transient failure); a message that can never be handled deleted or left for the
-//! dead-letter queue ([`RejectPolicy`]). The daemon and worker delete through the SQS API;
+//! dead-letter queue ([`RejectRule`]). The daemon and worker delete through the SQS API;
 //! in Lambda the event source mapping deletes what the function reports handled, so only
 //! releases are sent. The pipeline never sees any of this: it works the event and answers
 //! with an outcome.
@@ -19,6 +19,7 @@ use tracing::warn;
 
 use crate::aws::{Message, Queue};
 use crate::batch::Batcher;
+use crate::config::OnReject;
 use crate::lease::{Lease, Leases};
 use crate::outcome::Outcome;
 use crate::retry::Backoff;
@@ -56,6 +57,71 @@ pub enum RejectPolicy {
     Delete,
     /// Release them so the queue's redrive policy moves them to its dead-letter queue.
     DeadLetter,
+}
+
+/// Where a source's rejected messages go, shared by its receive loop and its
+/// acknowledgements: fixed by `queue.on_reject`, or with "auto" read from the queue's
+/// redrive policy once the queue has answered a receive ([`RejectRule::decide`]), so a
+/// source whose queue could not be read at start (its role not yet assumable) still
+/// dead-letters once it can. Until decided, rejected messages are deleted.
+#[derive(Debug, Clone)]
+pub struct RejectRule {
+    /// Whether the redrive policy is still to be read when undecided.
+    auto: bool,
+    decided: Arc<std::sync::OnceLock<RejectPolicy>>,
+}
+
+impl RejectRule {
+    pub fn new(on_reject: OnReject) -> RejectRule {
+        match on_reject {
+            OnReject::Auto => RejectRule {
+                auto: true,
+                decided: Arc::default(),
+            },
+            OnReject::Delete => RejectRule::fixed(RejectPolicy::Delete),
+            OnReject::DeadLetter => RejectRule::fixed(RejectPolicy::DeadLetter),
+        }
+    }
+
+    pub fn fixed(policy: RejectPolicy) -> RejectRule {
+        let decided = std::sync::OnceLock::new();
+        let _ = decided.set(policy);
+        RejectRule {
+            auto: false,
+            decided: Arc::new(decided),
+        }
+    }
+
+    /// The policy now: Delete while "auto" has not read the queue's redrive policy yet.
+    pub fn policy(&self) -> RejectPolicy {
+        self.decided.get().copied().unwrap_or(RejectPolicy::Delete)
+    }
+
+    /// With "auto" and undecided: reads the queue's redrive policy (call it once the queue
+    /// answered, with the credentials that will settle its messages). A transient failure
+    /// leaves it to the next call; a permanent one (GetQueueAttributes refused) decides
+    /// Delete, as a queue without a dead-letter queue. Otherwise nothing.
+    pub async fn decide(&self, queue: &dyn Queue) {
+        if !self.auto || self.decided.get().is_some() {
+            return;
+        }
+        let policy = match queue.redrive_policy().await {
+            Ok(Some(redrive)) => {
+                tracing::info!(%redrive, "queue has a dead-letter queue: rejected messages are released to it");
+                RejectPolicy::DeadLetter
+            }
+            Ok(None) => RejectPolicy::Delete,
+            Err(e) if e.retryable() => {
+                warn!(error = %e, "cannot read the queue's redrive policy yet; until it is read, rejected messages are deleted");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the queue's redrive policy; rejected messages will be deleted");
+                RejectPolicy::Delete
+            }
+        };
+        let _ = self.decided.set(policy);
+    }
 }
 
 /// What to do with a message once its run is over.
@@ -122,7 +188,7 @@ pub struct Acks {
     deleter: Option<Batcher<String>>,
     releaser: Batcher<(String, Duration)>,
     tasks: Vec<JoinHandle<()>>,
-    reject: RejectPolicy,
+    reject: RejectRule,
 }
 
 impl Acks {
@@ -131,7 +197,7 @@ impl Acks {
         queue: Arc<dyn Queue>,
         retry_for: Duration,
         deletes: Deleter,
-        reject: RejectPolicy,
+        reject: RejectRule,
     ) -> Acks {
         let mut tasks = Vec::new();
         let deleter = (deletes == Deleter::Us).then(|| {
@@ -165,7 +231,7 @@ impl Acks {
     pub async fn settle(&self, delivery: Delivery, outcome: Outcome) -> Settled {
         let Delivery { message, lease, .. } = delivery;
         drop(lease);
-        match Ack::for_outcome(outcome, message.receive_count, self.reject) {
+        match Ack::for_outcome(outcome, message.receive_count, self.reject.policy()) {
             Ack::Delete => match &self.deleter {
                 None => Settled::Handled,
                 Some(deleter) => match deleter.submit(message.receipt).await {
@@ -203,6 +269,7 @@ impl Acks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aws::{AwsError, BatchResult, ErrorClass};
 
     #[test]
     fn outcomes_map_to_acknowledgements() {
@@ -224,6 +291,69 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A queue that only answers GetQueueAttributes, from a script.
+    struct Redrive(std::sync::Mutex<Vec<Result<Option<String>, AwsError>>>);
+
+    #[async_trait::async_trait]
+    impl Queue for Redrive {
+        async fn receive(
+            &self,
+            _: u32,
+            _: Duration,
+            _: Duration,
+        ) -> Result<Vec<Message>, AwsError> {
+            unreachable!()
+        }
+        async fn delete_batch(&self, _: &[String]) -> Result<BatchResult, AwsError> {
+            unreachable!()
+        }
+        async fn change_visibility_batch(
+            &self,
+            _: &[(String, Duration)],
+        ) -> Result<BatchResult, AwsError> {
+            unreachable!()
+        }
+        async fn redrive_policy(&self) -> Result<Option<String>, AwsError> {
+            self.0.lock().unwrap().remove(0)
+        }
+    }
+
+    fn failing(class: ErrorClass) -> Result<Option<String>, AwsError> {
+        Err(AwsError {
+            operation: "sqs:GetQueueAttributes",
+            code: None,
+            message: "no".into(),
+            class,
+        })
+    }
+
+    #[tokio::test]
+    async fn auto_reads_the_redrive_policy_until_it_is_known_then_never_again() {
+        let q = Redrive(std::sync::Mutex::new(vec![
+            failing(ErrorClass::Timeout),
+            Ok(Some("{}".into())),
+        ]));
+        let rule = RejectRule::new(OnReject::Auto);
+        let shared = rule.clone();
+        rule.decide(&q).await;
+        assert_eq!(rule.policy(), RejectPolicy::Delete, "undecided: deleted");
+        rule.decide(&q).await;
+        assert_eq!(
+            shared.policy(),
+            RejectPolicy::DeadLetter,
+            "read again, shared"
+        );
+        rule.decide(&q).await; // the script is empty: a third read would panic
+        let refused = Redrive(std::sync::Mutex::new(vec![failing(ErrorClass::Access)]));
+        let rule = RejectRule::new(OnReject::Auto);
+        rule.decide(&refused).await;
+        rule.decide(&refused).await;
+        assert_eq!(rule.policy(), RejectPolicy::Delete, "refused: decided once");
+        let fixed = RejectRule::new(OnReject::DeadLetter);
+        fixed.decide(&refused).await;
+        assert_eq!(fixed.policy(), RejectPolicy::DeadLetter, "nothing read");
     }
 
     #[test]

@@ -197,6 +197,9 @@ async fn start(cfg: Config) -> anyhow::Result<Handler> {
     check(&cfg)?;
     let queue_url = cfg.queue.url.clone();
     let app = App::build(cfg).await?;
+    // The function's own queue, read with its own role: its dead-letter setup is known
+    // before the first invocation.
+    app.settings.reject.decide(app.queue.as_ref()).await;
     Ok(Handler::new(
         app.pipeline.clone(),
         app.queue.clone(),
@@ -265,7 +268,7 @@ impl Handler {
             queue,
             RELEASE_RETRY_FOR,
             Deleter::EventSource,
-            settings.reject,
+            settings.reject.clone(),
         );
         Handler {
             pipeline,
@@ -596,7 +599,7 @@ launch = [ { tag = { Name = "t-{instance_id}" } } ]
                     visibility_timeout: cfg.queue.visibility_timeout,
                     shutdown_grace: cfg.daemon.shutdown_grace,
                     retry_for: cfg.aws.retry_for,
-                    reject,
+                    reject: crate::delivery::RejectRule::fixed(reject),
                 },
                 &cfg.queue.url,
             ),

@@ -119,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             instance,
             group,
             account,
+            region,
             outcome,
             local,
             limit,
@@ -135,6 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 instance,
                 group,
                 account,
+                region,
                 outcome,
             };
             history(&cfg, &filter, local, limit, json)
@@ -292,10 +294,12 @@ fn print_runs<'a>(
         }
     };
     out!(
-        "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
+        "{:>6}  {:<20}  {}{:<12}  {:<14}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  ERROR / CAUSE",
         "RUN",
         "STARTED",
         host_col(Some("HOST")),
+        "ACCOUNT",
+        "REGION",
         "INSTANCE",
         "TRANSITION",
         "LAYER",
@@ -313,10 +317,12 @@ fn print_runs<'a>(
             (None, None) => String::new(),
         };
         out!(
-            "{:>6}  {:<20}  {}{:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
+            "{:>6}  {:<20}  {}{:<12}  {:<14}  {:<19}  {:<10}  {:<12}  {:<10}  {:<16}  {why}",
             r.id,
             ts(r.received_at),
             host_col(host),
+            text(r.account.as_deref().or(Some("-"))),
+            text(r.region.as_deref().or(Some("-"))),
             text(r.instance_id.as_deref().or(Some("-"))),
             text(r.transition.as_deref().or(Some("-"))),
             text(r.layer.as_deref().or(Some("-"))),

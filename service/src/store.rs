@@ -62,6 +62,9 @@ pub struct NewRun<'a> {
     pub outcome: Outcome,
     pub error: Option<&'a str>,
     pub event: Option<&'a str>,
+    /// The account and region of the source the message came through.
+    pub account: Option<&'a str>,
+    pub region: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -75,6 +78,12 @@ pub struct RunRow {
     pub hook: Option<String>,
     pub transition: Option<String>,
     pub layer: Option<String>,
+    /// The account and region of the source the run came through (None for runs recorded
+    /// before the history kept them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     pub outcome: Outcome,
     pub hook_result: Option<Completion>,
     /// The result the run decided on and sent (or tried to).
@@ -99,6 +108,7 @@ pub struct HistoryFilter {
     pub instance: Option<String>,
     pub group: Option<String>,
     pub account: Option<String>,
+    pub region: Option<String>,
     pub outcome: Option<Outcome>,
 }
 
@@ -137,6 +147,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     /// "state store /var/lib/provision/state.db", for messages.
     label: Arc<str>,
+    /// Held by whoever republishes the outbox ([`Store::outbox_turn`]).
+    outbox: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -177,6 +189,7 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             label: format!("state store {path}").into(),
+            outbox: Arc::default(),
         })
     }
 
@@ -215,6 +228,8 @@ impl Store {
             run.layer,
             run.error,
             run.event,
+            run.account,
+            run.region,
         ]
         .iter()
         .map(|s| s.map(str::to_string))
@@ -223,9 +238,9 @@ impl Store {
         let outcome = run.outcome.as_str();
         self.call(move |c| {
             c.execute(
-                "INSERT INTO runs (message_id, received_at, finished_at, instance_id, group_name, hook, transition, token, layer, outcome, error, event)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![v[0], now_ms(), finished, v[1], v[2], v[3], v[4], v[5], v[6], outcome, v[7], v[8]],
+                "INSERT INTO runs (message_id, received_at, finished_at, instance_id, group_name, hook, transition, token, layer, outcome, error, event, account, region)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![v[0], now_ms(), finished, v[1], v[2], v[3], v[4], v[5], v[6], outcome, v[7], v[8], v[9], v[10]],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -302,6 +317,12 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+
+    /// The turn to republish the outbox: every source's loop tries, over this one store,
+    /// and two at once would send the same event twice. None while another has it.
+    pub fn outbox_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.outbox.clone().try_lock_owned().ok()
     }
 
     /// Puts a run's result event in the outbox before its action is recorded done, so a
@@ -434,8 +455,10 @@ impl Store {
         self.history_where(&filter, limit)
     }
 
-    /// The newest `limit` runs that pass `filter` (the account is the source's the run came
-    /// through, else the one the message named).
+    /// The newest `limit` runs that pass `filter`. The account and region are those of the
+    /// source the run came through; a run recorded before the history kept them matches
+    /// `--account` by the account its event names (the source's, else the message's) and
+    /// no `--region`.
     pub fn history_where(
         &self,
         filter: &HistoryFilter,
@@ -444,10 +467,12 @@ impl Store {
         let outcome = filter.outcome.map(Outcome::as_str);
         self.call_blocking(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error, decision, cause
+                "SELECT id, message_id, received_at, finished_at, instance_id, group_name, hook, transition, layer, outcome, hook_result, heartbeats, error, decision, cause, account, region
                  FROM runs WHERE (?1 IS NULL OR instance_id = ?1) AND (?3 IS NULL OR group_name = ?3)
                    AND (?4 IS NULL OR outcome = ?4)
-                   AND (?5 IS NULL OR (json_valid(event) AND COALESCE(json_extract(event, '$.source.account'), json_extract(event, '$.account_id')) = ?5))
+                   AND (?5 IS NULL OR account = ?5 OR (account IS NULL AND json_valid(event)
+                     AND COALESCE(json_extract(event, '$.source.account'), json_extract(event, '$.account_id')) = ?5))
+                   AND (?6 IS NULL OR region = ?6)
                  ORDER BY id DESC LIMIT ?2",
             )?;
             let args = params![
@@ -455,7 +480,8 @@ impl Store {
                 limit as i64,
                 filter.group,
                 outcome,
-                filter.account
+                filter.account,
+                filter.region
             ];
             let mut runs: Vec<RunRow> = stmt
                 .query_map(args, |r| {
@@ -469,6 +495,8 @@ impl Store {
                         hook: r.get(6)?,
                         transition: r.get(7)?,
                         layer: r.get(8)?,
+                        account: r.get(15)?,
+                        region: r.get(16)?,
                         // A word this version does not know (a newer release wrote
                         // it) reads as a run that has not ended.
                         outcome: word(r.get(9)?, Outcome::parse).unwrap_or_default(),
@@ -756,6 +784,71 @@ mod tests {
         );
         s.mark_published(r1).await.unwrap();
         assert!(s.unpublished(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn history_filters_by_the_account_and_region_of_each_runs_source() {
+        let s = Store::in_memory().unwrap();
+        let at = |token, account, region| NewRun {
+            account,
+            region,
+            ..run(token)
+        };
+        let ops = s
+            .insert_run(at("t-ops", Some("123456789012"), Some("us-east-1")))
+            .await
+            .unwrap();
+        let member = s
+            .insert_run(at("t-eu", Some("210987654321"), Some("eu-west-1")))
+            .await
+            .unwrap();
+        // A row from before the history kept the source: only its event names the account.
+        let old = s
+            .insert_run(NewRun {
+                event: Some(r#"{"account_id":"210987654321"}"#),
+                ..run("t-old")
+            })
+            .await
+            .unwrap();
+        let ids = |f: HistoryFilter| -> Vec<i64> {
+            s.history_where(&f, 10)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        let region = |r: &str| HistoryFilter {
+            region: Some(r.into()),
+            ..HistoryFilter::default()
+        };
+        let account = |a: &str| HistoryFilter {
+            account: Some(a.into()),
+            ..HistoryFilter::default()
+        };
+        assert_eq!(ids(region("eu-west-1")), [member]);
+        assert_eq!(ids(region("us-east-1")), [ops]);
+        assert!(ids(region("ap-south-1")).is_empty());
+        assert_eq!(ids(account("210987654321")), [old, member]);
+        assert_eq!(ids(account("123456789012")), [ops]);
+        assert_eq!(
+            ids(HistoryFilter {
+                region: Some("eu-west-1".into()),
+                ..account("123456789012")
+            }),
+            Vec::<i64>::new(),
+            "every given field must match"
+        );
+        let rows = s.history(None, 10).unwrap();
+        let eu = rows.iter().find(|r| r.id == member).unwrap();
+        assert_eq!(
+            (eu.account.as_deref(), eu.region.as_deref()),
+            (Some("210987654321"), Some("eu-west-1"))
+        );
+        let before = rows.iter().find(|r| r.id == old).unwrap();
+        assert_eq!(
+            (before.account.as_deref(), before.region.as_deref()),
+            (None, None)
+        );
     }
 
     #[tokio::test]

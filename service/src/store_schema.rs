@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[&str] = &[
     V2_ACTIONS_BY_TIME,
     V3_CLAIM_LEASES,
     V4_RUN_DECISION,
+    V5_RUN_SOURCE,
 ];
 
 /// The schema version this release writes.
@@ -87,6 +88,14 @@ ALTER TABLE actions ADD COLUMN lease_until INTEGER NOT NULL DEFAULT 0;
 const V4_RUN_DECISION: &str = r#"
 ALTER TABLE runs ADD COLUMN decision TEXT;
 ALTER TABLE runs ADD COLUMN cause TEXT;
+"#;
+
+/// Version 5: the account and region of the source a run came through (`[sources.NAME]`,
+/// or `[queue]`'s), which `provision history` shows and filters by. Rows from before are
+/// left NULL (their event JSON may still name the account: `Store::history_where`).
+const V5_RUN_SOURCE: &str = r#"
+ALTER TABLE runs ADD COLUMN account TEXT;
+ALTER TABLE runs ADD COLUMN region TEXT;
 "#;
 
 /// The columns of migration 1's tables, in order: what an unversioned database must have to

@@ -246,6 +246,14 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     ] {
         assert!(metrics.lines().any(|l| l == want), "no {want} in\n{metrics}");
     }
+    // The member role's AssumeRole calls count with the member's account and region (the
+    // broken source's refused ones too: same account and region).
+    let sts = format!("provision_aws_calls_total{{account=\"{MEMBER}\",region=\"{MEMBER_REGION}\",service=\"sts\",operation=\"AssumeRole\"}} ");
+    let assumed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&sts))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(assumed.is_some_and(|n| n >= 2), "{sts}in\n{metrics}");
 
     // SIGHUP removing the broken source retires it.
     p.remove("sources");
@@ -289,6 +297,36 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     let runs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let groups: Vec<&str> = runs.iter().filter_map(|r| r["group"].as_str()).collect();
     assert_eq!(groups, ["web-eu", "web-eu"], "{runs:?}");
+    // Each run's source account and region are columns of the history: `--region` narrows
+    // it to the member's rows (its launches, and the hook's test notification it skipped),
+    // and the text output shows both.
+    let out = p.output(&["history", "--region", MEMBER_REGION, "--json"]);
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        runs.iter()
+            .all(|r| (r["account"].as_str(), r["region"].as_str())
+                == (Some(MEMBER), Some(MEMBER_REGION))),
+        "{runs:?}"
+    );
+    let groups: Vec<&str> = runs.iter().filter_map(|r| r["group"].as_str()).collect();
+    assert_eq!(groups, ["web-eu", "web-eu"], "{runs:?}");
+    let out = p.output(&["history"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("ACCOUNT") && text.contains("REGION"),
+        "{text}"
+    );
+    for (ids, account, region) in [(&us, ACCOUNT, "us-east-1"), (&eu, MEMBER, MEMBER_REGION)] {
+        for id in ids {
+            let row = text
+                .lines()
+                .find(|l| l.contains(id.as_str()) && l.contains("launch"));
+            assert!(
+                row.is_some_and(|l| l.contains(account) && l.contains(region)),
+                "{id} in {account} {region}: {text}"
+            );
+        }
+    }
     let out = p.output(&[&eu[0], "--source", "member", "--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("web-eu"), "{text}");

@@ -5,11 +5,11 @@
 //! One item per finished run: `instance_id` (partition key) and `run` (sort key:
 //! `<started_at>#<writer>#<run id>`, so an instance's runs come back newest first and two
 //! hosts never write the same key), with the run's group, hook, transition, layer, outcome,
-//! result, decision, cause, error, account, host, steps (JSON, each detail cut short) and
+//! result, decision, cause, error, account, region, host, steps (JSON, each detail cut short) and
 //! `expires_at` (the table's TTL attribute: 90 days, as the local history keeps). A run
 //! costs one write of under 1 KB (one write request unit; with on-demand pricing about
 //! $1.25 per million launches), sent in BatchWriteItem calls of up to 25. Reading an
-//! instance's runs is one Query; filtering by group, account or outcome alone scans the
+//! instance's runs is one Query; filtering by group, account, region or outcome alone scans the
 //! table (paid per 4 KB read: a table of 100,000 runs is about 12,500 read units, a few
 //! cents a scan).
 
@@ -41,11 +41,10 @@ pub struct FleetRecord {
     pub run: serde_json::Value,
 }
 
-/// A run read back: which host worked it, in which account, and the run.
+/// A run read back: which host worked it, and the run (with its account and region).
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetRun {
     pub host: String,
-    pub account_id: Option<String>,
     #[serde(flatten)]
     pub run: RunRow,
 }
@@ -245,7 +244,8 @@ fn passes(r: &FleetRun, f: &HistoryFilter) -> bool {
         |want: &Option<String>, got: Option<&str>| want.as_deref().is_none_or(|w| Some(w) == got);
     eq(&f.instance, r.run.instance_id.as_deref())
         && eq(&f.group, r.run.group.as_deref())
-        && eq(&f.account, r.account_id.as_deref())
+        && eq(&f.account, r.run.account.as_deref())
+        && eq(&f.region, r.run.region.as_deref())
         && f.outcome.is_none_or(|o| o == r.run.outcome)
 }
 
@@ -275,7 +275,6 @@ fn read_item(item: &HashMap<String, AttributeValue>) -> FleetRun {
         .unwrap_or_default();
     FleetRun {
         host: text("host").unwrap_or_default(),
-        account_id: text("account_id"),
         run: RunRow {
             id: number("run_id").unwrap_or(0),
             message_id: None,
@@ -286,6 +285,8 @@ fn read_item(item: &HashMap<String, AttributeValue>) -> FleetRun {
             hook: text("hook"),
             transition: text("transition"),
             layer: text("layer"),
+            account: text("account_id"),
+            region: text("region"),
             outcome: text("outcome")
                 .and_then(|o| Outcome::parse(&o))
                 .unwrap_or_default(),
@@ -308,5 +309,44 @@ fn read_item(item: &HashMap<String, AttributeValue>) -> FleetRun {
                 })
                 .collect(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run as the pipeline hands it over, in `account` and `region`.
+    fn record(account: &str, region: &str) -> FleetRecord {
+        FleetRecord {
+            writer: "host-a-1".into(),
+            account_id: Some(account.into()),
+            run: serde_json::json!({
+                "run_id": 7, "instance_id": "i-0123456789abcdef0", "group": "web-eu",
+                "outcome": "succeeded", "region": region, "host": "host-a",
+                "started_at": "2026-01-02T03:04:05Z", "steps": [],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_runs_account_and_region_are_read_back_and_filtered_by() {
+        let eu = read_item(&FleetHistory::item(&record("210987654321", "eu-west-1")));
+        assert_eq!(
+            (eu.run.account.as_deref(), eu.run.region.as_deref()),
+            (Some("210987654321"), Some("eu-west-1"))
+        );
+        let filter = |account: Option<&str>, region: Option<&str>| HistoryFilter {
+            account: account.map(str::to_string),
+            region: region.map(str::to_string),
+            ..HistoryFilter::default()
+        };
+        assert!(passes(&eu, &filter(None, Some("eu-west-1"))));
+        assert!(!passes(&eu, &filter(None, Some("us-east-1"))));
+        assert!(passes(
+            &eu,
+            &filter(Some("210987654321"), Some("eu-west-1"))
+        ));
+        assert!(!passes(&eu, &filter(Some("123456789012"), None)));
     }
 }

@@ -11,6 +11,7 @@ use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 use super::{AwsError, BatchResult, ErrorClass};
+use crate::metrics::CountCalls;
 
 /// Loads the shared SDK config: standard retry mode with `max_attempts` tries per call
 /// (`aws.max_attempts`), each attempt given `attempt_timeout` (`aws.attempt_timeout`).
@@ -49,11 +50,13 @@ pub async fn load_config(max_attempts: u32, attempt_timeout: Duration) -> aws_co
 
 /// The SDK config of a source's calls: its region, and when it names a role, credentials
 /// of that role (AssumeRole with its external id, through `base`'s credentials and
-/// endpoint, renewed before they expire). Nothing is called here: a role that cannot be
-/// assumed fails the source's first call, and every call after that tries again.
+/// endpoint, renewed before they expire by the config's identity cache). Nothing is called
+/// here: a role that cannot be assumed fails the source's first call, and every call after
+/// that tries again. The AssumeRole calls are counted in `calls` (service `sts`).
 pub async fn source_config(
     base: &aws_config::SdkConfig,
     source: &crate::sources::SourceConfig,
+    calls: &CountCalls,
 ) -> aws_config::SdkConfig {
     let mut b = base.to_builder();
     let region = source.region.clone().map(aws_config::Region::new);
@@ -61,21 +64,81 @@ pub async fn source_config(
         b = b.region(r.clone());
     }
     if let Some(role) = &source.role {
-        let mut p = aws_config::sts::AssumeRoleProvider::builder(&role.arn)
-            .session_name(session_name(crate::claims::hostname()))
-            .configure(base);
-        if let Some(r) = region {
-            p = p.region(r);
-        }
-        if let Some(id) = &role.external_id {
-            p = p.external_id(id);
-        }
-        let provider = p.build().await;
+        let provider = AssumeRole::new(base, region, role, calls);
         b = b.credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
             provider,
         ));
     }
     b.build()
+}
+
+/// A source role's credentials: one AssumeRole call each time the identity cache asks
+/// (at first use, then before they expire). aws-config's `AssumeRoleProvider` makes the
+/// same call, but through an STS client of its own that takes no interceptor, so its calls
+/// could not be counted with every other AWS call.
+#[derive(Debug)]
+struct AssumeRole {
+    call: aws_sdk_sts::operation::assume_role::builders::AssumeRoleFluentBuilder,
+}
+
+impl AssumeRole {
+    fn new(
+        base: &aws_config::SdkConfig,
+        region: Option<aws_config::Region>,
+        role: &crate::sources::AssumeRole,
+        calls: &CountCalls,
+    ) -> AssumeRole {
+        // As aws-config's provider: the host's credentials are not cached by this client
+        // (the source's config caches what it gets); STS in the source's region.
+        let mut conf = base
+            .to_builder()
+            .identity_cache(aws_sdk_sts::config::IdentityCache::no_cache());
+        if let Some(r) = region {
+            conf = conf.region(r);
+        }
+        let sts = aws_sdk_sts::config::Builder::from(&conf.build())
+            .interceptor(calls.clone())
+            .build();
+        let call = aws_sdk_sts::Client::from_conf(sts)
+            .assume_role()
+            .role_arn(&role.arn)
+            .role_session_name(session_name(crate::claims::hostname()))
+            .set_external_id(role.external_id.clone());
+        AssumeRole { call }
+    }
+
+    async fn credentials(&self) -> aws_credential_types::provider::Result {
+        use aws_credential_types::provider::error::CredentialsError;
+        let out = self
+            .call
+            .clone()
+            .send()
+            .await
+            .map_err(CredentialsError::provider_error)?;
+        let c = out
+            .credentials
+            .ok_or_else(|| CredentialsError::unhandled("AssumeRole answered no credentials"))?;
+        let expiry = std::time::SystemTime::try_from(c.expiration)
+            .map_err(|e| CredentialsError::unhandled(format!("AssumeRole's expiration: {e}")))?;
+        Ok(aws_sdk_sqs::config::Credentials::new(
+            c.access_key_id,
+            c.secret_access_key,
+            Some(c.session_token),
+            Some(expiry),
+            "AssumeRole",
+        ))
+    }
+}
+
+impl aws_sdk_sqs::config::ProvideCredentials for AssumeRole {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(self.credentials())
+    }
 }
 
 /// Whether `sdk_cfg`'s credentials can be had now (for a source with a role: AssumeRole

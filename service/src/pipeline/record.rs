@@ -159,6 +159,7 @@ impl Pipeline {
     pub(super) async fn open_run(&self, job: &Job, layer: Option<&str>) -> Result<i64, StoreError> {
         let ev = &job.event;
         let event_json = self.event_json(ev);
+        let (account, region) = self.source_account_region();
         self.store
             .insert_run(NewRun {
                 message_id: job.message_id.as_deref(),
@@ -171,8 +172,22 @@ impl Pipeline {
                 outcome: Outcome::Running,
                 error: None,
                 event: Some(&event_json),
+                account: account.or(ev.account_id.as_deref()),
+                region,
             })
             .await
+    }
+
+    /// The account and region of this pipeline's source, for its history rows (None for
+    /// what nobody could tell, and in pipelines built without a source).
+    fn source_account_region(&self) -> (Option<&str>, Option<&str>) {
+        fn known(v: &str) -> Option<&str> {
+            (v != crate::sources::UNKNOWN).then_some(v)
+        }
+        match &self.scope {
+            Some(s) => (known(&s.account), known(&s.region)),
+            None => (None, None),
+        }
     }
 
     /// The event as the history keeps it, with the account and region of the source it
@@ -195,6 +210,7 @@ impl Pipeline {
     ) -> Outcome {
         self.stats.count(outcome);
         let excerpt = (outcome == Outcome::Rejected).then(|| clip(&msg.body, EXCERPT_MAX));
+        let (account, region) = self.source_account_region();
         let r = self
             .store
             .insert_run(NewRun {
@@ -202,6 +218,8 @@ impl Pipeline {
                 outcome,
                 error: Some(reason),
                 event: excerpt.as_deref(),
+                account,
+                region,
                 ..Default::default()
             })
             .await;
@@ -303,8 +321,7 @@ impl Pipeline {
         };
         // Every source's loop comes here, over one store: one at a time, or two would send
         // the same event.
-        static REPUBLISHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let Ok(_one) = REPUBLISHING.try_lock() else {
+        let Some(_turn) = self.store.outbox_turn() else {
             return 0;
         };
         let pending = match self.store.unpublished(100).await {

@@ -938,3 +938,93 @@ async fn daemon_unmatched_completes_only_an_action_auto_scaling_confirms() {
         "{outcomes:?}"
     );
 }
+
+/// A source's pipeline over `store`, publishing through `publisher`.
+fn source_over(store: &Store, publisher: &Batcher<String>) -> Arc<Pipeline> {
+    let cfg = Arc::new(Config::parse(CONFIG, "test").unwrap());
+    let hooks = Arc::new(FakeHooks::default());
+    let stats = Arc::new(Stats::default());
+    let leases = Leases::spawn(None, hooks.clone(), Duration::from_secs(30), stats.clone());
+    Arc::new(Pipeline::new(Parts {
+        cfg,
+        hooks,
+        services: Services {
+            instances: Arc::new(FakeInstances::default()),
+            ssm: Arc::new(crate::aws::fake::Unused),
+            opsworks: Arc::new(crate::aws::fake::Unused),
+            ecs: Arc::new(crate::aws::fake::Unused),
+        },
+        store: store.clone(),
+        claims: None,
+        leases,
+        publisher: Some(publisher.clone()),
+        stats,
+        remote: None,
+        ansible: None,
+    }))
+}
+
+/// Two sources' loops over one store come to the outbox at once, while the first one's
+/// publication of the waiting event is still on its way: the second finds the outbox
+/// taken, so the event goes out once (without the turn, it reads the same event, not yet
+/// marked published, and sends it too).
+#[tokio::test]
+async fn one_source_loop_at_a_time_republishes_the_outbox() {
+    use crate::store::{NewRun, RunEnd};
+    let store = Store::in_memory().unwrap();
+    let run = store.insert_run(NewRun::default()).await.unwrap();
+    let end = RunEnd {
+        outcome: Outcome::Succeeded,
+        unpublished: Some(r#"{"type":"provision.result"}"#),
+        ..RunEnd::default()
+    };
+    store.finish_run(run, end).await.unwrap();
+
+    // The result topic: counts the calls begun, holds each until the gate opens, and
+    // keeps what was sent.
+    let (begun, mut calls) = tokio::sync::watch::channel(0usize);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (begun, topic_gate, topic_sent) = (Arc::new(begun), gate.clone(), sent.clone());
+    let (publisher, _task) =
+        Batcher::spawn(10, Duration::from_millis(1), move |bodies: Vec<String>| {
+            let (begun, gate, sent) = (begun.clone(), topic_gate.clone(), topic_sent.clone());
+            async move {
+                begun.send_modify(|n| *n += 1);
+                let _ = gate.acquire().await;
+                let n = bodies.len();
+                sent.lock().unwrap().extend(bodies);
+                vec![Ok(()); n]
+            }
+        });
+    let (a, b) = (
+        source_over(&store, &publisher),
+        source_over(&store, &publisher),
+    );
+    let bound = Duration::from_secs(10);
+
+    let first = tokio::spawn(async move { a.republish().await });
+    tokio::time::timeout(bound, calls.wait_for(|n| *n >= 1))
+        .await
+        .expect("the first loop publishes")
+        .unwrap();
+    let mut second = tokio::spawn(async move { b.republish().await });
+    let second_early = tokio::time::timeout(bound, async {
+        tokio::select! {
+            n = &mut second => Some(n.unwrap()),
+            _ = calls.wait_for(|n| *n >= 2) => None,
+        }
+    })
+    .await
+    .expect("the second loop gives up its turn, or publishes too");
+    gate.close();
+    let first = first.await.unwrap();
+    let second = match second_early {
+        Some(n) => n,
+        None => second.await.unwrap(),
+    };
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "sent once: {sent:?}");
+    assert_eq!((first, second), (1, 0));
+    assert!(store.unpublished(10).await.unwrap().is_empty());
+}
