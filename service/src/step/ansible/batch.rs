@@ -17,6 +17,10 @@
 //!   several overlapping runs (each its own `ansible-playbook` and Mitogen), slower together
 //!   than one.
 //!
+//! A batch's run is *opened* as the batch opens ([`Runs::open`]), so that it can get ready
+//! while the members are reached: the runner starts `ansible-playbook` then, and hands it the
+//! inventory once the batch starts.
+//!
 //! Owns the gathering; not the reaching (the step does it, [`crate::ssh`]) nor the run
 //! (the runner). Other batched steps (ssm) use [`crate::step::gather`], whose items are
 //! ready when they arrive.
@@ -32,8 +36,21 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 type RunFuture<R> = Pin<Box<dyn Future<Output = Vec<R>> + Send>>;
-/// Runs one batch: the reached items in entry order in, one result per item out.
-pub type Run<I, R> = Arc<dyn Fn(Vec<I>) -> RunFuture<R> + Send + Sync>;
+/// Runs one batch once its members are known: the reached items in entry order in, one
+/// result per item out.
+pub type Start<I, R> = Box<dyn FnOnce(Vec<I>) -> RunFuture<R> + Send>;
+
+/// How the batches of one key run.
+pub trait Runs<I, R>: Send + Sync {
+    /// A batch opened: what runs it once its members are known. Called as the batch opens,
+    /// before any member is reached, so that a run can get ready meanwhile (the runner starts
+    /// `ansible-playbook`); dropped unused when the batch ends without a run (every member
+    /// left), which must undo whatever it started.
+    fn open(self: Arc<Self>) -> Start<I, R>;
+}
+
+/// The runs of one key's batches.
+pub type Run<I, R> = Arc<dyn Runs<I, R>>;
 
 /// How long batches gather.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +73,8 @@ struct Batch<K, I, R> {
     /// When a member was last reached.
     last_ready: Option<Instant>,
     members: Vec<(u64, Member<I, R>)>,
-    run: Run<I, R>,
+    /// Its run, opened with the batch.
+    start: Start<I, R>,
     wake: Arc<Notify>,
 }
 
@@ -242,7 +260,7 @@ where
             last_entry: now,
             last_ready: ready.then_some(now),
             members: vec![(member_id, member)],
-            run: run.clone(),
+            start: run.clone().open(),
             wake: wake.clone(),
         },
     );
@@ -266,7 +284,9 @@ async fn drive<K, I, R>(
 {
     enum Step<B> {
         Run(B),
-        End,
+        /// Ended without a run: the batch is dropped (and its opened run undone) outside
+        /// the lock.
+        End(Option<B>),
         Wait(Option<Instant>),
     }
     loop {
@@ -286,15 +306,15 @@ async fn drive<K, I, R>(
             }
             match next {
                 Next::Start => Step::Run(st.batches.remove(&b).expect("decided on it")),
-                Next::Abandon => {
-                    st.batches.remove(&b);
-                    Step::End
-                }
+                Next::Abandon => Step::End(st.batches.remove(&b)),
                 Next::Wait(until) => Step::Wait(until),
             }
         };
         match step {
-            Step::End => return,
+            Step::End(batch) => {
+                drop(batch);
+                return;
+            }
             Step::Wait(Some(t)) => {
                 tokio::select! {
                     _ = wake.notified() => {}
@@ -323,7 +343,7 @@ async fn drive<K, I, R>(
                         }
                     };
                     tokio::select! {
-                        r = (batch.run)(items) => Some(r),
+                        r = (batch.start)(items) => Some(r),
                         () = all_left => None,
                     }
                 };
@@ -405,12 +425,32 @@ mod tests {
         }
     }
 
+    /// Batches run by `f`, which has nothing to get ready before the members are known.
+    fn run_fn<I, R>(f: impl Fn(Vec<I>) -> RunFuture<R> + Send + Sync + 'static) -> Run<I, R>
+    where
+        I: 'static,
+        R: 'static,
+    {
+        struct Plain<F>(F);
+        impl<I, R, F> Runs<I, R> for Plain<F>
+        where
+            F: Fn(Vec<I>) -> RunFuture<R> + Send + Sync + 'static,
+            I: 'static,
+            R: 'static,
+        {
+            fn open(self: Arc<Self>) -> Start<I, R> {
+                Box::new(move |items| (self.0)(items))
+            }
+        }
+        Arc::new(Plain(f))
+    }
+
     /// Each run's items, and when it started.
-    type Runs = Arc<Mutex<Vec<(Vec<u32>, Duration)>>>;
+    type RunLog = Arc<Mutex<Vec<(Vec<u32>, Duration)>>>;
 
     /// A run that records its batches and answers each item times ten.
-    fn recorder(runs: Runs, t0: Instant) -> Run<u32, u32> {
-        Arc::new(move |items: Vec<u32>| {
+    fn recorder(runs: RunLog, t0: Instant) -> Run<u32, u32> {
+        run_fn(move |items: Vec<u32>| {
             runs.lock().unwrap().push((items.clone(), t0.elapsed()));
             Box::pin(async move { items.into_iter().map(|x| x * 10).collect() })
         })
@@ -444,7 +484,7 @@ mod tests {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let run: Run<u32, u32> = {
             let finished = finished.clone();
-            Arc::new(move |items: Vec<u32>| {
+            run_fn(move |items: Vec<u32>| {
                 let finished = finished.clone();
                 Box::pin(async move {
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -548,5 +588,65 @@ mod tests {
         assert!(runs[1].1 >= Duration::from_millis(2100) && runs[1].1 < Duration::from_secs(3));
         // 2 was reached at 10 s and ran after a quiet period.
         assert!(runs[2].1 >= Duration::from_secs(10));
+    }
+
+    /// Counts the batches opened, run, and ended without a run (their start dropped unused).
+    #[derive(Default)]
+    struct Opens {
+        opened: std::sync::atomic::AtomicUsize,
+        ran: std::sync::atomic::AtomicUsize,
+        dropped_unused: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct Unused(Option<Arc<std::sync::atomic::AtomicUsize>>);
+    impl Unused {
+        fn disarm(mut self) {
+            self.0 = None;
+        }
+    }
+
+    impl Drop for Unused {
+        fn drop(&mut self) {
+            if let Some(n) = self.0.take() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Runs<u32, u32> for Opens {
+        fn open(self: Arc<Self>) -> Start<u32, u32> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.opened.fetch_add(1, SeqCst);
+            let guard = Unused(Some(self.dropped_unused.clone()));
+            Box::new(move |items| {
+                guard.disarm();
+                self.ran.fetch_add(1, SeqCst);
+                Box::pin(async move { items.into_iter().map(|x| x + 1).collect() })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_opens_with_its_batch_and_is_dropped_unused_when_every_member_left() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let b = Arc::new(Batches::new(timing(50)));
+        let opens = Arc::new(Opens::default());
+        let run: Run<u32, u32> = opens.clone();
+        // Opened as the first member enters, before it is reached; once for the batch.
+        let t1 = b.enter("k", run.clone());
+        let t2 = b.enter("k", run.clone());
+        assert_eq!(opens.opened.load(SeqCst), 1);
+        assert_eq!(opens.ran.load(SeqCst), 0);
+        let (r1, r2) = tokio::join!(t1.ready(1), t2.ready(2));
+        assert_eq!((r1, r2), (Some(2), Some(3)));
+        assert_eq!(opens.ran.load(SeqCst), 1);
+        assert_eq!(opens.dropped_unused.load(SeqCst), 0);
+        // A batch whose every member gives up: its opened run is dropped, never run.
+        let t3 = b.enter("k", run.clone());
+        assert_eq!(opens.opened.load(SeqCst), 2);
+        drop(t3);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(opens.ran.load(SeqCst), 1);
+        assert_eq!(opens.dropped_unused.load(SeqCst), 1);
     }
 }

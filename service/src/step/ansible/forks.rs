@@ -57,6 +57,22 @@ impl ForkBudget {
         }
         Forks(held)
     }
+
+    /// Forks free now (none held back for a run about to start).
+    pub fn free(&self) -> usize {
+        self.free.available_permits()
+    }
+
+    /// Exactly `n` forks (at least one, at most the budget) if they are free now: for a run
+    /// whose forks were fixed when it started early.
+    pub fn try_take_exactly(&self, n: usize) -> Option<Forks> {
+        let n = n.clamp(1, self.total);
+        self.free
+            .clone()
+            .try_acquire_many_owned(n as u32)
+            .ok()
+            .map(Forks)
+    }
 }
 
 #[cfg(test)]
@@ -84,5 +100,21 @@ mod tests {
         assert_eq!(third.await.unwrap(), 14);
         drop(second);
         assert_eq!(budget.take(50).await.count(), 20, "at most the budget");
+    }
+
+    #[tokio::test]
+    async fn exactly_n_forks_only_when_all_n_are_free() {
+        let budget = ForkBudget::new(20);
+        let first = budget.take(14).await;
+        assert_eq!(budget.free(), 6);
+        assert!(
+            budget.try_take_exactly(7).is_none(),
+            "6 are free, 7 are not"
+        );
+        assert_eq!(budget.free(), 6, "a refusal takes nothing");
+        let six = budget.try_take_exactly(6).expect("6 are free");
+        assert_eq!((six.count(), budget.free()), (6, 0));
+        drop((first, six));
+        assert_eq!(budget.try_take_exactly(99).map(|f| f.count()), Some(20));
     }
 }

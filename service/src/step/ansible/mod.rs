@@ -244,13 +244,11 @@ impl Ansible {
             timeout: self.timeout,
             runner: self.runner_choice(&runner.settings),
         };
-        let run: batch::Run<_, _> = {
-            let (r, k) = (runner.clone(), key.clone());
-            Arc::new(move |targets| {
-                let (r, k, vars) = (r.clone(), k.clone(), vars.clone());
-                Box::pin(async move { r.run_batch(&k, vars, targets).await })
-            })
-        };
+        let run: batch::Run<_, _> = Arc::new(BatchRun {
+            runner: runner.clone(),
+            key: key.clone(),
+            vars,
+        });
         let (first, reached) = self.attempt(ctx, runner, &key, &run).await?;
         let lost = match first {
             HostResult::Done(detail) => return Ok(StepOutput { detail }),
@@ -311,6 +309,27 @@ impl Ansible {
             HostResult::Failed("the ansible-playbook run stopped unexpectedly".into())
         });
         Ok((lost_in_the_run(result, mux.as_ref()), reached))
+    }
+}
+
+/// The runs of one step's batches: `ansible-playbook` started as a batch opens (when a fork
+/// is free), given the batch's inventory once it is complete.
+struct BatchRun {
+    runner: Arc<Runner>,
+    key: BatchKey,
+    vars: BTreeMap<String, String>,
+}
+
+impl batch::Runs<Target, HostResult> for BatchRun {
+    fn open(self: Arc<Self>) -> batch::Start<Target, HostResult> {
+        let early = self.runner.start_early(&self.key, &self.vars);
+        Box::new(move |targets| {
+            Box::pin(async move {
+                self.runner
+                    .run_batch(&self.key, self.vars.clone(), targets, early)
+                    .await
+            })
+        })
     }
 }
 

@@ -3,6 +3,16 @@
 //! (killed past the step's timeout), its ssh control masters (closed after the run) and its
 //! bounded log in `<state dir>/ansible-logs/`.
 //!
+//! A run is started *early*, as its batch opens: Python's start, ansible's imports and its
+//! plugins' loading (most of a second on a busy ops host) then overlap the reaching of the
+//! batch's instances instead of following it. It waits in the `provision_batch` inventory
+//! plugin for the run's `inventory.json`, written once the batch is complete. An early run
+//! is fixed to the forks it was started with, so it is used only if that many forks (at most
+//! one per host) are free in the shared budget when the batch starts; otherwise, or when the
+//! budget had no fork free as the batch opened, the run starts then with the forks that are
+//! free, as any run did before early starts. A batch that ends without a run (every member
+//! left) stops its early run.
+//!
 //! Owns how a run is started and cleaned up; not which instances share a run (the step's
 //! batching) nor how the callback's document becomes per-host results (see `results`).
 
@@ -23,7 +33,7 @@ use crate::step::child::{Group, GRACE};
 use crate::step::tail;
 
 use super::batch::{Batches, Timing};
-use super::forks::ForkBudget;
+use super::forks::{ForkBudget, Forks};
 use super::inventory;
 use super::mitogen::{self, Mitogen};
 use super::results::{host_result, parse_results, HostResult};
@@ -33,7 +43,12 @@ use super::BatchKey;
 /// The callback that prints per-host results as one JSON document (ansible-core has none).
 pub const CALLBACK_PLUGIN: &str =
     include_str!("../../../../playbooks/callback_plugins/provision_json.py");
+/// The inventory plugin a run waits in for its inventory (see the module's documentation).
+pub const INVENTORY_PLUGIN: &str =
+    include_str!("../../../../playbooks/inventory_plugins/provision_batch.py");
 const EXCERPT: usize = 1500;
+/// An early run is not used when its inventory plugin would give up waiting this soon.
+const EARLY_MARGIN: Duration = Duration::from_secs(10);
 /// How long the reached members of a batch wait without any other being reached.
 const STRAGGLE: Duration = Duration::from_secs(2);
 
@@ -51,6 +66,34 @@ pub struct Runner {
     retry_for: Duration,
     logs: LogDir,
     callback_dir: PathBuf,
+    inventory_plugin_dir: PathBuf,
+}
+
+/// An `ansible-playbook` started as its batch opened, waiting for the batch's inventory.
+/// Dropped unused (the batch ended without a run, or the run started without it), it is
+/// stopped and its run directory removed.
+pub(super) struct Early(tokio::task::JoinHandle<Result<Started, String>>);
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        // Still starting: stopped there (what it started so far is dropped, stopping it);
+        // started: its `Started` is dropped with the task's output.
+        self.0.abort();
+    }
+}
+
+/// A started `ansible-playbook` and what its run owns; dropped, its process group is
+/// stopped and its directory removed.
+pub(super) struct Started {
+    child: tokio::process::Child,
+    group: Group,
+    dir: tempfile::TempDir,
+    cp: PathBuf,
+    vault: Option<SecretFile>,
+    /// Its `ANSIBLE_FORKS`; Ansible uses at most one per host.
+    forks: usize,
+    /// When its inventory plugin gives up waiting.
+    gives_up: std::time::Instant,
 }
 
 impl Runner {
@@ -69,6 +112,12 @@ impl Runner {
         let callback_dir = remote.runtime_dir().join("callback_plugins");
         std::fs::create_dir_all(&callback_dir)?;
         std::fs::write(callback_dir.join("provision_json.py"), CALLBACK_PLUGIN)?;
+        let inventory_plugin_dir = remote.runtime_dir().join("inventory_plugins");
+        std::fs::create_dir_all(&inventory_plugin_dir)?;
+        std::fs::write(
+            inventory_plugin_dir.join("provision_batch.py"),
+            INVENTORY_PLUGIN,
+        )?;
         let found = Arc::new(std::sync::OnceLock::new());
         if settings.runner.strategy == Strategy::Mitogen {
             // Looked for at start, beside it (a Python start is slow on a busy host and the
@@ -105,6 +154,7 @@ impl Runner {
             retry_for,
             logs,
             callback_dir,
+            inventory_plugin_dir,
         }))
     }
 
@@ -136,18 +186,59 @@ impl Runner {
         c
     }
 
+    /// Starts the run of a batch that just opened, unless no fork is free (then it starts
+    /// once the batch is complete, as a busy budget would make it wait anyway).
+    pub(super) fn start_early(
+        self: &Arc<Self>,
+        key: &BatchKey,
+        vars: &BTreeMap<String, String>,
+    ) -> Option<Early> {
+        if self.forks.free() == 0 {
+            return None;
+        }
+        let forks = self.settings.forks(self.settings.max_batch);
+        let (r, key, vars) = (self.clone(), key.clone(), vars.clone());
+        Some(Early(tokio::spawn(async move {
+            r.start(&key, &vars, forks).await
+        })))
+    }
+
     pub(super) async fn run_batch(
         &self,
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: Vec<Target>,
+        early: Option<Early>,
     ) -> Vec<HostResult> {
         let n = targets.len();
-        match self.run_batch_inner(key, vars, &targets).await {
+        match self.run_batch_inner(key, vars, &targets, early).await {
             Ok(results) => results,
             Err(e) => {
                 warn!(error = %e, playbook = %key.playbook, "ansible-playbook run failed");
                 vec![HostResult::Failed(e); n]
+            }
+        }
+    }
+
+    /// The early run if it still waits and its forks are free now, with them; None otherwise
+    /// (it is then dropped, which stops it).
+    async fn take_early(&self, early: Option<Early>, hosts: usize) -> Option<(Started, Forks)> {
+        let mut early = early?;
+        let mut started = (&mut early.0).await.ok()?.ok()?;
+        let waiting = matches!(started.child.try_wait(), Ok(None));
+        let fresh = std::time::Instant::now() + EARLY_MARGIN < started.gives_up;
+        if !(waiting && fresh) {
+            return None;
+        }
+        match self.forks.try_take_exactly(started.forks.min(hosts)) {
+            Some(forks) => Some((started, forks)),
+            None => {
+                info!(
+                    forks = started.forks.min(hosts),
+                    free = self.forks.free(),
+                    "the early ansible-playbook is not used: its forks are not free"
+                );
+                None
             }
         }
     }
@@ -157,52 +248,37 @@ impl Runner {
         key: &BatchKey,
         vars: BTreeMap<String, String>,
         targets: &[Target],
+        early: Option<Early>,
     ) -> Result<Vec<HostResult>, String> {
-        let playbook = self.settings.playbook_dir.join(&key.playbook);
-        if !playbook.is_file() {
-            return Err(format!(
-                "playbook {} does not exist (ansible.playbook_dir)",
-                playbook.display()
-            ));
-        }
-        let dir = self
-            .remote
-            .scratch_dir("ansible-")
-            .map_err(|e| format!("cannot create a private run directory: {e}"))?;
-        let inv_path = self.write_inventory(dir.path(), key, targets)?;
-        let vars_path = write_vars(dir.path(), key, vars)?;
-        let vault = match self.vault_password().await? {
-            Some(s) => Some(
-                SecretFile::write(dir.path(), "vault-password", &s)
-                    .map_err(|e| format!("cannot write the vault password file: {e}"))?,
-            ),
-            None => None,
-        };
-        let cp = dir.path().join("cp");
-        std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
         // Held until the run ends (its ssh masters closed): the forks of every run in
         // flight stay within the budget.
-        let forks = self.forks.take(self.settings.forks(targets.len())).await;
-        let mut c = self
-            .command_for(key, forks.count(), &cp, dir.path())
-            .await?;
-        c.arg("-i")
-            .arg(&inv_path)
-            .arg("-e")
-            .arg(format!("@{}", vars_path.display()));
-        if let Some(v) = &vault {
-            c.arg("--vault-password-file").arg(v.path());
-        }
-        c.arg(&playbook);
+        let (started, forks, started_early) = match self.take_early(early, targets.len()).await {
+            Some((started, forks)) => (started, forks, true),
+            None => {
+                let forks = self.forks.take(self.settings.forks(targets.len())).await;
+                (self.start(key, &vars, forks.count()).await?, forks, false)
+            }
+        };
+        self.write_inventory(started.dir.path(), key, targets)?;
         let ids: Vec<&str> = targets.iter().map(|t| t.id.as_str()).collect();
-        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks = forks.count(), "running ansible-playbook");
-        let started = std::time::Instant::now();
+        info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, strategy = key.runner.strategy.as_str(), pipelining = key.runner.pipelining, forks = forks.count(), started_early, "running ansible-playbook");
+        let begun = std::time::Instant::now();
         let (log, sink) = self.open_log(key, targets);
-        let finished = self.run_to_end(c, key, &cp, dir.path(), &sink).await;
+        let Started {
+            child,
+            group,
+            dir,
+            cp,
+            vault,
+            ..
+        } = started;
+        let finished = self
+            .run_to_end(child, group, key, &cp, dir.path(), &sink)
+            .await;
         drop(forks);
         drop(vault);
         let run = finished?;
-        let elapsed = started.elapsed();
+        let elapsed = begun.elapsed();
         self.finish_log(sink, &run, dir.path(), elapsed);
         info!(playbook = %key.playbook, hosts = targets.len(), instances = ?ids, exit = ?run.status.code(), elapsed_ms = elapsed.as_millis() as u64,
             stdout_bytes = run.stdout.total(), stderr_bytes = run.stderr.total(), log = %log, "ansible-playbook finished");
@@ -230,6 +306,66 @@ impl Runner {
                 )
             })
             .collect())
+    }
+
+    /// Starts `ansible-playbook` for a run of `key` with `forks`, in a private run
+    /// directory; it waits in the `provision_batch` inventory plugin until the run's
+    /// inventory is written there (at most the step's timeout plus the batch window and two
+    /// minutes, or until this process is gone).
+    async fn start(
+        &self,
+        key: &BatchKey,
+        vars: &BTreeMap<String, String>,
+        forks: usize,
+    ) -> Result<Started, String> {
+        let playbook = self.settings.playbook_dir.join(&key.playbook);
+        if !playbook.is_file() {
+            return Err(format!(
+                "playbook {} does not exist (ansible.playbook_dir)",
+                playbook.display()
+            ));
+        }
+        let dir = self
+            .remote
+            .scratch_dir("ansible-")
+            .map_err(|e| format!("cannot create a private run directory: {e}"))?;
+        let vars_path = write_vars(dir.path(), key, vars.clone())?;
+        let vault = match self.vault_password().await? {
+            Some(s) => Some(
+                SecretFile::write(dir.path(), "vault-password", &s)
+                    .map_err(|e| format!("cannot write the vault password file: {e}"))?,
+            ),
+            None => None,
+        };
+        let cp = dir.path().join("cp");
+        std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
+        let wait = key.timeout + self.settings.batch_window + Duration::from_secs(120);
+        let source = dir.path().join("batch.provision");
+        std::fs::write(&source, format!("{}\n", wait.as_secs()))
+            .map_err(|e| format!("cannot write the run's inventory source: {e}"))?;
+        let mut c = self.command_for(key, forks, &cp, dir.path()).await?;
+        c.env("ANSIBLE_INVENTORY_PLUGINS", &self.inventory_plugin_dir)
+            .env("ANSIBLE_INVENTORY_ENABLED", "provision_batch")
+            .arg("-i")
+            .arg(&source)
+            .arg("-e")
+            .arg(format!("@{}", vars_path.display()));
+        if let Some(v) = &vault {
+            c.arg("--vault-password-file").arg(v.path());
+        }
+        c.arg(&playbook);
+        let child = c
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.settings.program.display()))?;
+        Ok(Started {
+            group: Group::of(&child, GRACE),
+            child,
+            dir,
+            cp,
+            vault,
+            forks,
+            gives_up: std::time::Instant::now() + wait,
+        })
     }
 
     /// The run's inventory: each target with its EC2 host variables and its connection
@@ -263,8 +399,12 @@ impl Runner {
             .map(|(g, members)| (g, json!({ "hosts": members })))
             .collect();
         let inventory = json!({ "all": { "hosts": hosts, "children": children } });
+        // Renamed into place: the run waiting for it reads it whole or not at all.
+        let part = dir.join("inventory.json.part");
         let inv_path = dir.join("inventory.json");
-        std::fs::write(&inv_path, inventory.to_string()).map_err(|e| e.to_string())?;
+        std::fs::write(&part, inventory.to_string())
+            .and_then(|()| std::fs::rename(&part, &inv_path))
+            .map_err(|e| format!("cannot write the run's inventory: {e}"))?;
         Ok(inv_path)
     }
 
@@ -310,23 +450,20 @@ impl Runner {
         Ok(c)
     }
 
-    /// Runs the command to its end or the step's timeout (then its whole process group is
+    /// Runs the started child to its end or the step's timeout (then its whole process group is
     /// stopped: SIGTERM, a grace, SIGKILL), and closes the ssh masters it left. Its output
     /// is read as it comes: stderr streamed to the log, stdout to a file in the run's
     /// directory (for the log's results section), each kept in memory as head and tail
     /// within `ansible.output_max_bytes`.
     async fn run_to_end(
         &self,
-        mut c: tokio::process::Command,
+        mut child: tokio::process::Child,
+        group: Group,
         key: &BatchKey,
         cp: &Path,
         dir: &Path,
         log: &Mutex<LogSink>,
     ) -> Result<Finished, String> {
-        let mut child = c
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.settings.program.display()))?;
-        let group = Group::of(&child, GRACE);
         let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
         let budget = self.settings.output_max_bytes;
         let (mut stdout, mut stderr) = (HeadTail::new(budget), HeadTail::new(budget));

@@ -211,7 +211,7 @@ impl AnsibleSettings {
 
     /// Parallel hosts of a run of `hosts` instances.
     pub fn forks(&self, hosts: usize) -> usize {
-        self.forks.unwrap_or(DEFAULT_FORKS.min(hosts)).clamp(1, 500)
+        self.forks.unwrap_or(DEFAULT_FORKS).min(hosts).clamp(1, 500)
     }
 }
 
@@ -244,6 +244,7 @@ mod tests {
             }
         );
         assert_eq!(s.forks(50), 40);
+        assert_eq!(s.forks(5), 5, "never more forks than hosts");
         let (_, mut errs) = parse(
             "strategy = \"free\"\npipelining = \"yes\"\nbatch_window = \"1s\"\nbatch_quiet = \"2s\"\n",
         );
