@@ -5,7 +5,7 @@
 //! simulated instances with the integration tests' support (tests/it/common).
 
 // The tests' support, most of which this benchmark does not use.
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/it/common/mod.rs"]
 mod common;
 

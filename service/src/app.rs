@@ -21,7 +21,7 @@ use crate::aws::sdk;
 use crate::aws::sns::SnsNotifier;
 use crate::aws::sqs::SqsQueue;
 use crate::aws::ssm::SsmClient;
-use crate::aws::{Hooks, Instances, Notifier, Queue, Services};
+use crate::aws::{Hooks, Notifier, Queue, Services};
 use crate::batch::Batcher;
 use crate::claims::Claims;
 use crate::config::Config;
@@ -62,7 +62,8 @@ pub struct App {
     publisher_task: Option<JoinHandle<()>>,
     fleet_task: Option<JoinHandle<()>>,
     /// For the daemon's housekeeping (None when no step uses SSH).
-    known_hosts: Option<(Arc<Remote>, Arc<dyn Instances>)>,
+    /// Whose known_hosts files the housekeeping prunes.
+    known_hosts: Option<Arc<Remote>>,
 }
 
 /// One source wired: a pipeline with the clients of its account and region (its role's
@@ -196,11 +197,29 @@ async fn prune_history(store: &Store) {
     }
 }
 
+/// The pipelines of the sources receiving now.
+pub type ReceivingNow = Arc<dyn Fn() -> Vec<Arc<Pipeline>> + Send + Sync>;
+
 /// At start and every [`KNOWN_HOSTS_PRUNE_EVERY`]: removes the known_hosts files of
-/// instances that terminated without their terminate hook reaching provision.
-fn spawn_known_hosts_pruning(remote: Arc<Remote>, instances: Arc<dyn Instances>) -> JoinHandle<()> {
+/// instances that terminated without their terminate hook reaching provision. Only while
+/// one source is receiving: an instance unknown to one account may live in another, so
+/// with several (now: a reload may add or replace one) no file is removed by a sweep;
+/// terminate runs remove theirs.
+fn spawn_known_hosts_pruning(remote: Arc<Remote>, receiving: ReceivingNow) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut said = false;
         loop {
+            let pipelines = receiving();
+            let [only] = pipelines.as_slice() else {
+                if !said {
+                    tracing::info!(sources = pipelines.len(), "known_hosts entries are not pruned by a sweep while several sources receive (an instance unknown to one account may live in another); terminate runs remove theirs");
+                    said = true;
+                }
+                tokio::time::sleep(KNOWN_HOSTS_PRUNE_EVERY).await;
+                continue;
+            };
+            said = false;
+            let instances = only.services().instances.clone();
             match remote.prune_known_hosts(instances.as_ref()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
@@ -409,14 +428,7 @@ impl App {
         let first = sources.first().ok_or_else(|| {
             anyhow::anyhow!("the config names no queue ([queue] url or [sources.NAME])")
         })?;
-        let known_hosts = match (&wiring.remote, sources.len()) {
-            (Some(r), 1) => Some((r.clone(), first.pipeline.services().instances.clone())),
-            (Some(_), _) => {
-                tracing::info!("known_hosts entries are not pruned by a sweep with several sources (an instance unknown to one account may live in another); terminate runs remove theirs");
-                None
-            }
-            (None, _) => None,
-        };
+        let known_hosts = wiring.remote.clone();
         Ok(App {
             pipeline: first.pipeline.clone(),
             queue: first.queue.clone(),
@@ -437,12 +449,13 @@ impl App {
 
     /// The long-running daemon's housekeeping (not for one-shot commands): the history is
     /// pruned every hour, and known_hosts files of vanished instances at start and every
-    /// few hours. Abort them at shutdown.
-    pub fn spawn_housekeeping(&self) -> Vec<JoinHandle<()>> {
+    /// few hours, asked of the source `receiving` names at that moment (sources change with
+    /// reloads). Abort them at shutdown.
+    pub fn spawn_housekeeping(&self, receiving: ReceivingNow) -> Vec<JoinHandle<()>> {
         let store = self.pipeline.store().clone();
         let mut tasks = vec![tokio::spawn(prune_history_while_running(store))];
-        if let Some((remote, instances)) = self.known_hosts.clone() {
-            tasks.push(spawn_known_hosts_pruning(remote, instances));
+        if let Some(remote) = self.known_hosts.clone() {
+            tasks.push(spawn_known_hosts_pruning(remote, receiving));
         }
         tasks
     }

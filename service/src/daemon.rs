@@ -136,7 +136,9 @@ pub async fn run(
     };
     tokio::pin!(stop_receiving);
     listener.run(stop_receiving).await;
-    if !shutdown.is_cancelled() {
+    // Retired by a reload: its runs finish (until shutdown). Otherwise (shutdown, a drain
+    // that ended or gave up) in-flight work gets the grace period below.
+    if retire.is_cancelled() && !shutdown.is_cancelled() {
         listener.finish_in_flight(shutdown).await;
     }
     let summary = listener.drain().await;

@@ -66,8 +66,7 @@ pub enum RejectPolicy {
 /// dead-letters once it can. Until decided, rejected messages are deleted.
 #[derive(Debug, Clone)]
 pub struct RejectRule {
-    /// Whether the redrive policy is still to be read when undecided.
-    auto: bool,
+    /// Set from the start unless "auto"; "auto" sets it once the redrive policy is read.
     decided: Arc<std::sync::OnceLock<RejectPolicy>>,
 }
 
@@ -75,7 +74,6 @@ impl RejectRule {
     pub fn new(on_reject: OnReject) -> RejectRule {
         match on_reject {
             OnReject::Auto => RejectRule {
-                auto: true,
                 decided: Arc::default(),
             },
             OnReject::Delete => RejectRule::fixed(RejectPolicy::Delete),
@@ -87,7 +85,6 @@ impl RejectRule {
         let decided = std::sync::OnceLock::new();
         let _ = decided.set(policy);
         RejectRule {
-            auto: false,
             decided: Arc::new(decided),
         }
     }
@@ -102,7 +99,7 @@ impl RejectRule {
     /// leaves it to the next call; a permanent one (GetQueueAttributes refused) decides
     /// Delete, as a queue without a dead-letter queue. Otherwise nothing.
     pub async fn decide(&self, queue: &dyn Queue) {
-        if !self.auto || self.decided.get().is_some() {
+        if self.decided.get().is_some() {
             return;
         }
         let policy = match queue.redrive_policy().await {

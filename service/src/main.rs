@@ -433,7 +433,10 @@ fn serve(cfg: Config, mode: Mode, reload: Option<ReloadFrom>) -> anyhow::Result<
         let alive_within = (app.settings.wait_time * 3).max(Duration::from_secs(60));
         let health = tokio::spawn(report_health(systemd.clone(), registry.clone(), alive_within));
         let housekeeping = match mode {
-            Mode::Daemon => app.spawn_housekeeping(),
+            Mode::Daemon => {
+                let r = receivers.clone();
+                app.spawn_housekeeping(Arc::new(move || r.pipelines()))
+            }
             _ => Vec::new(),
         };
         let endpoint = match (mode, metrics_listen) {

@@ -99,9 +99,16 @@ impl Receivers {
             let shutdown = self.shutdown.clone();
             tokio::spawn(
                 async move {
+                    // Stopped by shutdown too, and then awaited: its runs in flight get the
+                    // grace period and are cancelled, not dropped with the runtime.
+                    let run = r.run_every(every, grace, stop.clone());
+                    tokio::pin!(run);
                     tokio::select! {
-                        () = r.run_every(every, grace, stop.clone()) => {}
-                        () = shutdown.cancelled() => { stop.cancel(); }
+                        () = &mut run => {}
+                        () = shutdown.cancelled() => {
+                            stop.cancel();
+                            run.await;
+                        }
                     }
                 }
                 .instrument(span.clone()),

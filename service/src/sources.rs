@@ -223,13 +223,16 @@ pub fn all_from_raw(
     out
 }
 
-/// Whether two queue URLs name the same queue (scheme and a trailing slash aside).
+/// Whether two queue URLs name the same queue (scheme, a trailing slash and the host's case
+/// aside: queue names are case-sensitive).
 fn same_queue(a: &str, b: &str) -> bool {
     let norm = |u: &str| {
-        u.split_once("://")
+        let rest = u
+            .split_once("://")
             .map_or(u, |(_, r)| r)
-            .trim_end_matches('/')
-            .to_ascii_lowercase()
+            .trim_end_matches('/');
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        (host.to_ascii_lowercase(), path.to_string())
     };
     norm(a) == norm(b)
 }
@@ -350,6 +353,23 @@ region = "us-east-2"
         assert_eq!(got[1].region.as_deref(), Some("us-east-2"));
         assert_eq!(got[1].account(), Some("123456789012"), "the URL's");
         assert!(got[1].role.is_none());
+    }
+
+    #[test]
+    fn the_same_queue_is_told_by_its_host_case_blind_and_its_name_exactly() {
+        let a = "https://sqs.eu-west-1.amazonaws.com/210987654321/Lifecycle";
+        assert!(same_queue(
+            a,
+            "http://SQS.eu-west-1.amazonaws.com/210987654321/Lifecycle/"
+        ));
+        assert!(!same_queue(
+            a,
+            "https://sqs.eu-west-1.amazonaws.com/210987654321/lifecycle"
+        ));
+        assert!(!same_queue(
+            a,
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/Lifecycle"
+        ));
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct Store {
     label: Arc<str>,
     /// Held by whoever republishes the outbox ([`Store::outbox_turn`]).
     outbox: Arc<tokio::sync::Mutex<()>>,
+    /// Runs of this process whose staged result event their own run still publishes (from
+    /// [`Store::stage_result`] to [`Store::finish_run`]): not the outbox's to send.
+    staged: Arc<Mutex<std::collections::HashSet<i64>>>,
 }
 
 impl Store {
@@ -190,6 +193,7 @@ impl Store {
             conn: Arc::new(Mutex::new(conn)),
             label: format!("state store {path}").into(),
             outbox: Arc::default(),
+            staged: Arc::default(),
         })
     }
 
@@ -257,7 +261,7 @@ impl Store {
         let error = end.error.map(str::to_string);
         let unpublished = end.unpublished.map(str::to_string);
         let heartbeats = end.heartbeats;
-        self.call(move |c| {
+        let r = self.call(move |c| {
             c.execute(
                 "UPDATE runs SET finished_at = ?2, outcome = ?3, hook_result = ?4, heartbeats = ?5, error = ?6,
                    notified = ?7, result_json = ?8, decision = COALESCE(?9, decision),
@@ -266,7 +270,10 @@ impl Store {
             )?;
             Ok(())
         })
-        .await
+        .await;
+        // Its own publish is over (sent, or left for the outbox), recorded or not.
+        self.staged.lock().unwrap().remove(&run_id);
+        r
     }
 
     /// A run's decision and its cause, recorded before completing (a crash after this
@@ -309,14 +316,22 @@ impl Store {
 
     /// Result events whose publication failed, oldest first (the outbox).
     pub async fn unpublished(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, result_json FROM runs WHERE notified = 0 AND result_json IS NOT NULL ORDER BY id LIMIT ?1",
-            )?;
-            let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-        .await
+        // Staged by a run of this process still under way: its run publishes it (else the
+        // outbox and the run would both send it). A crash leaves them to the next process.
+        let staged: Vec<i64> = self.staged.lock().unwrap().iter().copied().collect();
+        let rows: Vec<(i64, String)> = self
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT id, result_json FROM runs WHERE notified = 0 AND result_json IS NOT NULL ORDER BY id LIMIT ?1",
+                )?;
+                let rows = stmt.query_map([(limit + staged.len()) as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+                    .map(|v| v.into_iter().filter(|(id, _)| !staged.contains(id)).collect())
+            })
+            .await?;
+        Ok(rows.into_iter().take(limit).collect())
     }
 
     /// The turn to republish the outbox: every source's loop tries, over this one store,
@@ -328,6 +343,7 @@ impl Store {
     /// Puts a run's result event in the outbox before its action is recorded done, so a
     /// crash before it is published leaves it to [`Store::unpublished`].
     pub async fn stage_result(&self, run_id: i64, body: &str) -> Result<(), StoreError> {
+        self.staged.lock().unwrap().insert(run_id);
         let body = body.to_string();
         self.call(move |c| {
             c.execute(
@@ -751,6 +767,39 @@ mod tests {
         ));
         s.release("t2", "a").await.unwrap();
         assert_eq!(s.claim("t2", "c", r1, LEASE).await.unwrap(), fresh());
+    }
+
+    #[tokio::test]
+    async fn a_result_staged_by_a_run_under_way_is_its_own_to_publish_until_it_ends() {
+        let s = Store::in_memory().unwrap();
+        let r1 = s.insert_run(run("t6")).await.unwrap();
+        s.stage_result(r1, r#"{"a":1}"#).await.unwrap();
+        assert!(
+            s.unpublished(10).await.unwrap().is_empty(),
+            "its run is publishing it"
+        );
+        // Another process (after a crash) sees it: the staging is this process's.
+        let other = Store {
+            staged: Arc::default(),
+            ..s.clone()
+        };
+        assert_eq!(other.unpublished(10).await.unwrap().len(), 1);
+        let body = r#"{"a":2}"#;
+        s.finish_run(
+            r1,
+            RunEnd {
+                outcome: Outcome::Succeeded,
+                unpublished: Some(body),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.unpublished(10).await.unwrap(),
+            vec![(r1, body.to_string())],
+            "its publish failed: the outbox's now"
+        );
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ import json
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, unquote
+from xml.sax.saxutils import escape
 
 import aws_scope
 
@@ -137,7 +138,7 @@ def _access_denied(caller: str, role_arn: str) -> tuple[str, list[tuple[str, str
     message = f"User: {caller} is not authorized to perform: sts:AssumeRole on resource: {role_arn}"
     body = (
         '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
-        f"<Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{message}</Message></Error>"
+        f"<Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{escape(message)}</Message></Error>"
         f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
     ).encode()
     return "403 Forbidden", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body

@@ -668,13 +668,13 @@ async fn a_history_row_a_locked_state_store_cannot_take_is_waited_out_in_flight(
     // Another process holds the state store's write lock (an EXCLUSIVE transaction, kept
     // past the store's 5 s busy timeout) when a launch arrives, so its history row cannot be
     // written. That is transient, as a claim the store cannot write: the message waits in
-    // flight (its 3 s visibility extended; the queue would dead-letter it at its second
-    // receive) and the action is heartbeated; once the lock is gone the launch completes
-    // once, recorded once.
+    // flight (its 3 s visibility extended; the queue, maxReceiveCount 1, would dead-letter
+    // it at a second receive, and no completion would come); once the lock is gone the
+    // launch completes once, recorded once.
     let w = World::builder("web-lock")
         .heartbeat(300)
         .metadata(METADATA)
-        .dead_letter_after(2)
+        .dead_letter_after(1)
         .start()
         .await;
     let p = w.provision_with(None, &fast("retry_for = \"1s\""));

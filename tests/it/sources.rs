@@ -43,8 +43,9 @@ fn member_role(emu: &Emulator) -> String {
 /// made with the member role's credentials in eu-west-1.
 async fn member_world(emu: &Emulator, role: &str) -> (Aws, common::Queue) {
     let aws = Aws::assumed(emu, role, EXTERNAL_ID, MEMBER_REGION).await;
-    assert_eq!(aws.account, MEMBER);
     let q = aws.queue("lifecycle-eu").await;
+    // The emulator put the queue in the account the assumed credentials belong to.
+    assert!(q.url.contains(&format!("/{MEMBER}/")), "{}", q.url);
     aws.group("web-eu").await;
     aws.hook(
         "web-eu",
@@ -207,22 +208,22 @@ async fn one_daemon_serves_two_accounts_and_regions_and_a_broken_role_stops_noth
     }
 
     // Result events (in the ops account's topic) and metrics name account and region.
+    // Read off the queue as they come (each read takes them), kept across polls.
+    let seen = std::sync::Mutex::new(Vec::new());
     let events = eventually("4 result events", Duration::from_secs(30), || {
-        let (aws, results) = (aws, &results);
+        let (aws, results, seen) = (aws, &results, &seen);
         async move {
-            let mut all = Vec::new();
-            for _ in 0..10 {
-                all.extend(aws.results(results).await);
-                if all.len() >= 4 {
-                    return Some(all);
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            None
+            let got = aws.results(results).await;
+            let mut all = seen.lock().unwrap();
+            all.extend(got);
+            (all.len() >= 4).then(|| all.clone())
         }
     })
     .await;
-    for e in events.iter().filter(|e| e["group"] == "web-us") {
+    assert_eq!(events.len(), 4, "one per launch: {events:?}");
+    let us_events: Vec<&Value> = events.iter().filter(|e| e["group"] == "web-us").collect();
+    assert_eq!(us_events.len(), 2, "{events:?}");
+    for e in us_events {
         assert_eq!(
             (e["account_id"].as_str(), e["region"].as_str()),
             (Some(ACCOUNT), Some("us-east-1")),

@@ -76,9 +76,18 @@ pub async fn source_config(
 /// (at first use, then before they expire). aws-config's `AssumeRoleProvider` makes the
 /// same call, but through an STS client of its own that takes no interceptor, so its calls
 /// could not be counted with every other AWS call.
-#[derive(Debug)]
 struct AssumeRole {
     call: aws_sdk_sts::operation::assume_role::builders::AssumeRoleFluentBuilder,
+}
+
+/// The role only: the call's own Debug prints its input, external id included, and the
+/// SDK logs its credentials providers' Debug at trace level.
+impl std::fmt::Debug for AssumeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssumeRole")
+            .field("role_arn", &self.call.get_role_arn())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AssumeRole {
@@ -261,6 +270,24 @@ pub(super) fn batch_result(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_role_call_prints_its_role_and_never_its_external_id() {
+        let base = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let role = crate::sources::AssumeRole {
+            arn: "arn:aws:iam::210987654321:role/provision-member".into(),
+            external_id: Some("ops-7f3a".into()),
+        };
+        let calls = CountCalls(std::sync::Arc::new(crate::metrics::Stats::default()));
+        let a = AssumeRole::new(&base, None, &role, &calls);
+        let shown = format!("{a:?}");
+        assert!(shown.contains("role/provision-member"), "{shown}");
+        assert!(!shown.contains("ops-7f3a"), "{shown}");
+        // What the redaction is for: the SDK's own Debug of the call shows the input.
+        assert!(format!("{:?}", a.call).contains("ops-7f3a"));
+    }
 
     #[derive(Debug)]
     struct E(&'static str, Option<Box<E>>);

@@ -122,10 +122,16 @@ impl Mux {
 impl Drop for Mux {
     fn drop(&mut self) {
         // A burst's masters close at once: a few bytes each over the socket, not a process.
-        if let Err(e) = terminate(&self.path) {
-            debug!(socket = %self.path.display(), error = %e, "no master to close");
-            let _ = std::fs::remove_file(&self.path);
-        }
+        close_master(&self.path);
+    }
+}
+
+/// Asks the master whose socket is `path` to exit (see [`terminate`]); a socket nobody
+/// answers on is removed.
+pub fn close_master(path: &Path) {
+    if let Err(e) = terminate(path) {
+        debug!(socket = %path.display(), error = %e, "no master to close");
+        let _ = std::fs::remove_file(path);
     }
 }
 

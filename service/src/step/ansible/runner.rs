@@ -72,28 +72,51 @@ pub struct Runner {
 /// An `ansible-playbook` started as its batch opened, waiting for the batch's inventory.
 /// Dropped unused (the batch ended without a run, or the run started without it), it is
 /// stopped and its run directory removed.
-pub(super) struct Early(tokio::task::JoinHandle<Result<Started, String>>);
+pub(super) struct Early(Option<tokio::task::JoinHandle<Result<Started, String>>>);
 
 impl Drop for Early {
     fn drop(&mut self) {
-        // Still starting: stopped there (what it started so far is dropped, stopping it);
-        // started: its `Started` is dropped with the task's output.
-        self.0.abort();
+        let Some(task) = self.0.take() else { return };
+        // Still starting: stopped there (nothing spawned yet). Started: its process group
+        // is stopped and waited for, then its directory removed (removing it under a
+        // process still exiting, and cleaning up its own temp files, could leave it).
+        task.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Ok(Ok(started)) = task.await {
+                    started.stop().await;
+                }
+            });
+        }
     }
 }
 
 /// A started `ansible-playbook` and what its run owns; dropped, its process group is
-/// stopped and its directory removed.
+/// stopped (see [`Started::stop`] to wait for it) and its directory removed.
 pub(super) struct Started {
     child: tokio::process::Child,
     group: Group,
     dir: tempfile::TempDir,
-    cp: PathBuf,
     vault: Option<SecretFile>,
     /// Its `ANSIBLE_FORKS`; Ansible uses at most one per host.
     forks: usize,
     /// When its inventory plugin gives up waiting.
     gives_up: std::time::Instant,
+}
+
+impl Started {
+    /// Stops its process group (TERM, a grace, KILL), waits for it, then removes its
+    /// directory.
+    async fn stop(self) {
+        let Started {
+            mut child,
+            group,
+            dir,
+            ..
+        } = self;
+        group.stop(&mut child).await;
+        drop(dir);
+    }
 }
 
 impl Runner {
@@ -198,9 +221,9 @@ impl Runner {
         }
         let forks = self.settings.forks(self.settings.max_batch);
         let (r, key, vars) = (self.clone(), key.clone(), vars.clone());
-        Some(Early(tokio::spawn(async move {
+        Some(Early(Some(tokio::spawn(async move {
             r.start(&key, &vars, forks).await
-        })))
+        }))))
     }
 
     pub(super) async fn run_batch(
@@ -223,21 +246,26 @@ impl Runner {
     /// The early run if it still waits and its forks are free now, with them; None otherwise
     /// (it is then dropped, which stops it).
     async fn take_early(&self, early: Option<Early>, hosts: usize) -> Option<(Started, Forks)> {
-        let mut early = early?;
-        let mut started = (&mut early.0).await.ok()?.ok()?;
+        let mut started = early?.0.take()?.await.ok()?.ok()?;
         let waiting = matches!(started.child.try_wait(), Ok(None));
         let fresh = std::time::Instant::now() + EARLY_MARGIN < started.gives_up;
-        if !(waiting && fresh) {
-            return None;
-        }
-        match self.forks.try_take_exactly(started.forks.min(hosts)) {
+        let forks = if waiting && fresh {
+            self.forks.try_take_exactly(started.forks.min(hosts))
+        } else {
+            None
+        };
+        match forks {
             Some(forks) => Some((started, forks)),
             None => {
                 info!(
+                    waiting,
+                    fresh,
                     forks = started.forks.min(hosts),
                     free = self.forks.free(),
-                    "the early ansible-playbook is not used: its forks are not free"
+                    "the early ansible-playbook is not used (ended, about to give up, or its forks are not free); the run starts now"
                 );
+                // Stopped beside the run that starts instead.
+                tokio::spawn(started.stop());
                 None
             }
         }
@@ -268,13 +296,10 @@ impl Runner {
             child,
             group,
             dir,
-            cp,
             vault,
             ..
         } = started;
-        let finished = self
-            .run_to_end(child, group, key, &cp, dir.path(), &sink)
-            .await;
+        let finished = self.run_to_end(child, group, key, dir.path(), &sink).await;
         drop(forks);
         drop(vault);
         let run = finished?;
@@ -337,7 +362,7 @@ impl Runner {
             ),
             None => None,
         };
-        let cp = dir.path().join("cp");
+        let cp = control_dir(dir.path());
         std::fs::create_dir(&cp).map_err(|e| e.to_string())?;
         let wait = key.timeout + self.settings.batch_window + Duration::from_secs(120);
         let source = dir.path().join("batch.provision");
@@ -361,7 +386,6 @@ impl Runner {
             group: Group::of(&child, GRACE),
             child,
             dir,
-            cp,
             vault,
             forks,
             gives_up: std::time::Instant::now() + wait,
@@ -460,7 +484,6 @@ impl Runner {
         mut child: tokio::process::Child,
         group: Group,
         key: &BatchKey,
-        cp: &Path,
         dir: &Path,
         log: &Mutex<LogSink>,
     ) -> Result<Finished, String> {
@@ -500,7 +523,7 @@ impl Runner {
         // Ansible's ssh masters (ControlPersist) detach from the run's process group and
         // would outlive it by a minute, holding a session on every instance, with their
         // socket directory about to be removed: closed after every run, timed out or not.
-        close_masters(cp).await;
+        close_masters(&control_dir(dir)).await;
         Ok(Finished {
             status: status?,
             stdout,
@@ -681,27 +704,28 @@ pub async fn syntax_check(
     }
 }
 
-/// Asks every ssh ControlMaster with a socket in `dir` to exit (`ssh -O exit`), at once.
+/// Where a run's own ssh control masters (Ansible's `ControlPersist`) put their sockets.
+fn control_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("cp")
+}
+
+/// Asks every ssh ControlMaster with a socket in `dir` to exit, as the verified logins are
+/// closed ([`crate::ssh::mux::close_master`]: no `ssh -O exit` process each).
 async fn close_masters(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut exits = tokio::task::JoinSet::new();
-    for e in entries.flatten() {
-        let mut c = tokio::process::Command::new("ssh");
-        c.arg("-o")
-            .arg(format!("ControlPath={}", e.path().display()))
-            .args(["-O", "exit", "provision-master"])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        exits.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.status()).await;
-        });
+    let sockets: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    if sockets.is_empty() {
+        return;
     }
-    while exits.join_next().await.is_some() {}
+    // Each is a few bytes over its socket (bounded at 2 s), as for the verified logins.
+    let _ = tokio::task::spawn_blocking(move || {
+        for s in &sockets {
+            crate::ssh::mux::close_master(s);
+        }
+    })
+    .await;
 }
 
 /// What a finished run left: its exit status and its output, bounded.
