@@ -637,6 +637,11 @@ impl HostNet {
         } else {
             host_key
         };
+        // The instance's own home for its sessions: a fresh instance's root has no rc files
+        // of its own, and this machine's (a developer's pyenv in /root/.bashrc, read by every
+        // bash that sshd starts) would cost each session 0.15 CPU-seconds here.
+        let home = dir.path().join("home");
+        fs::create_dir(&home).unwrap();
         let authorized_keys = dir.path().join("authorized_keys");
         fs::write(
             &authorized_keys,
@@ -664,8 +669,9 @@ impl HostNet {
                  MaxStartups 100:30:200\n\
                  MaxSessions 50\n\
                  Subsystem sftp internal-sftp\n\
-                 SetEnv PATH={bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+                 SetEnv PATH={bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME={home}\n",
                 bin = dir.path().join("bin").display(),
+                home = home.display(),
                 key = sshd_key.display(),
                 pid = dir.path().join("sshd.pid").display(),
                 ak = authorized_keys.display(),
