@@ -56,6 +56,93 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     })
 }
 
+/// The whole machine's CPU (every process: the simulated instances' sshd and what runs
+/// through them, the emulator, the ops side), from `/proc/stat` every 50 ms while the
+/// benchmark runs: how busy the cores were during a row's wall.
+struct MachineCpu {
+    /// (epoch seconds, busy CPU-seconds, idle CPU-seconds) since boot.
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(f64, f64, f64)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MachineCpu {
+    fn start() -> MachineCpu {
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((busy, idle)) = machine_cpu() {
+                    s.lock().unwrap().push((epoch_now(), busy, idle));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        MachineCpu {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Busy CPU-seconds and the idle share of the cores between two moments (epoch
+    /// seconds): the samples just outside them.
+    fn between(&self, t0: f64, t1: f64) -> Option<(f64, f64)> {
+        let s = self.samples.lock().unwrap();
+        let a = s.iter().rev().find(|x| x.0 <= t0).or_else(|| s.first())?;
+        let b = s.iter().find(|x| x.0 >= t1).or_else(|| s.last())?;
+        let (busy, idle) = (b.1 - a.1, b.2 - a.2);
+        (busy + idle > 0.0).then(|| (busy, idle / (busy + idle)))
+    }
+}
+
+impl Drop for MachineCpu {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The machine's busy and idle CPU-seconds since boot (`/proc/stat`'s `cpu` line: user,
+/// nice, system, irq, softirq busy; idle and iowait idle; steal neither).
+fn machine_cpu() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<f64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    Some((
+        (at(0) + at(1) + at(2) + at(5) + at(6)) / hz,
+        (at(3) + at(4)) / hz,
+    ))
+}
+
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user+sys) the simulated instances have spent: each one's sshd and the
+/// sessions it reaped (logins, and the commands and modules run through them).
+fn hosts_cpu(hosts: &[SimHost]) -> f64 {
+    hosts
+        .iter()
+        .filter_map(|h| proc_stat(h.sshd_pid()? as i32))
+        .map(|s| s.own + s.reaped)
+        .sum()
+}
+
 /// CPU seconds (user+sys) of every child this process has reaped so far, and of theirs.
 fn reaped_children_cpu() -> f64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -228,6 +315,14 @@ struct Row {
     console_reads: Option<u64>,
     /// Provision only: each instance's moments (see [`MOMENTS`]).
     timeline: BTreeMap<String, [Option<f64>; 10]>,
+    /// The whole machine during the wall: busy CPU-seconds, and the idle share of the cores.
+    machine: Option<(f64, f64)>,
+    /// Provision only: the emulator's CPU-seconds from the scale-out to the last completed
+    /// hook (part of `machine`).
+    emulator_cpu: Option<f64>,
+    /// The simulated instances' CPU-seconds for the row (their sshd and its sessions,
+    /// reaped once the row's connections closed).
+    hosts_cpu: f64,
 }
 
 /// ssh ControlPersist masters that detached from a finished run, and so became this
@@ -285,6 +380,7 @@ fn venv_mitogen_strategy_dir() -> PathBuf {
 /// Plain `ansible-playbook` over the same hosts (marker.yml, a hand-made inventory with
 /// strict host key checking), measured: wall from spawn to exit, CPU of its tree.
 fn bench_plain(
+    machine: &MachineCpu,
     net: &HostNet,
     hosts: &[SimHost],
     name: &str,
@@ -309,9 +405,12 @@ fn bench_plain(
     }
     let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
     let cpu_before = reaped_children_cpu();
+    let hosts_before = hosts_cpu(hosts);
     let t0 = std::time::Instant::now();
+    let from = epoch_now();
     let out = common::output_within(&mut c, Duration::from_secs(600));
     let wall = t0.elapsed().as_secs_f64();
+    let machine = machine.between(from, from + wall);
     let tree = reaped_children_cpu() - cpu_before;
     let cpu = tree + masters_cpu(&earlier);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -330,6 +429,7 @@ fn bench_plain(
         );
     }
     settle(&[&net.dir().join("cp")]);
+    let hosts_cpu = hosts_cpu(hosts) - hosts_before;
     Row {
         name: name.to_string(),
         forks,
@@ -340,6 +440,9 @@ fn bench_plain(
         daemon_cpu: None,
         console_reads: None,
         timeline: BTreeMap::new(),
+        machine,
+        emulator_cpu: None,
+        hosts_cpu,
     }
 }
 
@@ -357,6 +460,7 @@ fn bench_plain(
 /// plain Mitogen (known_hosts given) have them: `console_reads` counts provision's
 /// GetConsoleOutput calls (the timeline prints it; one per instance: none came early).
 async fn bench_provision(
+    machine: &MachineCpu,
     net: &HostNet,
     hosts: &[SimHost],
     group: &str,
@@ -383,6 +487,9 @@ async fn bench_provision(
 
     let earlier: BTreeSet<i32> = adopted(&["ssh"]).into_iter().map(|(pid, _)| pid).collect();
     let daemon = Daemon::start(&p, &w.emu);
+    let emu_cpu = || proc_stat(w.emu.pid() as i32).map_or(0.0, |s| s.own);
+    let emu_before = emu_cpu();
+    let hosts_before = hosts_cpu(hosts);
     w.aws.scale(group, n as i32).await;
     let ids = instance_hosts(&w, group, hosts).await;
     assert_eq!(ids.len(), n);
@@ -396,6 +503,7 @@ async fn bench_provision(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let emulator_cpu = emu_cpu() - emu_before;
     let run = daemon.stop_measured();
     let masters = masters_cpu(&earlier);
     if let Some(dir) = std::env::var_os("BENCH_KEEP_LOGS") {
@@ -450,11 +558,17 @@ async fn bench_provision(
         daemon_cpu: Some(run.daemon_cpu),
         console_reads: Some(console_reads),
         timeline: timeline(&run.log, &p.history(), &actions),
+        machine: machine.between(first, last),
+        emulator_cpu: Some(emulator_cpu),
+        hosts_cpu: 0.0,
     };
     drop(p);
     drop(w);
     settle(&[]);
-    row
+    Row {
+        hosts_cpu: hosts_cpu(hosts) - hosts_before,
+        ..row
+    }
 }
 
 /// Each instance of the group that just scaled out, with the simulated host at its address
@@ -614,19 +728,21 @@ async fn bench_ansible_runners() {
         .unwrap_or(1)
         .max(1);
     let mut rows = Vec::new();
+    let machine = MachineCpu::start();
     for round in 0..repeat {
         for (name, env) in &plain {
             if wanted(name) {
-                rows.push(bench_plain(&net, &hosts, name, env, forks));
+                rows.push(bench_plain(&machine, &net, &hosts, name, env, forks));
             }
         }
         for (i, (name, extra, f)) in runners.iter().enumerate() {
             if wanted(name) {
                 let group = format!("web-bench-{i}-{round}");
-                rows.push(bench_provision(&net, &hosts, &group, name, extra, *f).await);
+                rows.push(bench_provision(&machine, &net, &hosts, &group, name, extra, *f).await);
             }
         }
     }
+    drop(machine);
     report(n, repeat, &rows);
     drop(hosts);
     drop(net);
@@ -681,8 +797,20 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
         "\n== ansible: {n} simulated instances, marker.yml (3 tasks), the same hosts for every row, median of {repeat}"
     );
     println!(
-        "{:<32}{:>6}{:>6}{:>9}{:>10}{:>8}{:>8}{:>11}{:>10}   rounds (wall/CPU)",
-        "runner", "forks", "runs", "wall", "(dmn->)", "CPU", "(dmn)", "wall/mtg", "CPU/mtg"
+        "{:<32}{:>6}{:>6}{:>9}{:>10}{:>8}{:>8}{:>11}{:>10}{:>10}{:>6}{:>8}{:>8}   rounds (wall/CPU)",
+        "runner",
+        "forks",
+        "runs",
+        "wall",
+        "(dmn->)",
+        "CPU",
+        "(dmn)",
+        "wall/mtg",
+        "CPU/mtg",
+        "machine",
+        "idle",
+        "(emu)",
+        "hosts"
     );
     let secs = |v: Option<f64>| v.map(|w| format!("{w:.2}s")).unwrap_or_else(|| "-".into());
     for s in &sums {
@@ -692,8 +820,12 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
             .iter()
             .map(|r| format!("{:.2}/{:.2}", r.wall, r.cpu))
             .collect();
+        let idle = s
+            .opt(|r| r.machine.map(|m| m.1))
+            .map(|i| format!("{:.0}%", i * 100.0))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<32}{:>6}{:>6}{:>8.2}s{:>10}{:>7.2}s{:>8}{:>10.2}x{:>9.2}x   {}",
+            "{:<32}{:>6}{:>6}{:>8.2}s{:>10}{:>7.2}s{:>8}{:>10.2}x{:>9.2}x{:>10}{:>6}{:>8}{:>8}   {}",
             s.name,
             r0.forks,
             r0.runs,
@@ -703,6 +835,10 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
             secs(s.opt(|r| r.daemon_cpu)),
             s.wall() / base.0,
             s.cpu() / base.1,
+            secs(s.opt(|r| r.machine.map(|m| m.0))),
+            idle,
+            secs(s.opt(|r| r.emulator_cpu)),
+            secs(s.opt(|r| Some(r.hosts_cpu))),
             rounds.join(" "),
         );
     }
@@ -726,8 +862,14 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
          ops side's whole tree: ansible-playbook, its forks, Mitogen's multiplexers, ssh clients \
          and detached ControlPersist masters, and the provision daemon from its start to its \
          stop ((dmn): the daemon alone). provision: {binary}. Not counted: the instances' sshd \
-         and the modules run through it, the emulator. The machine is shared: run it twice to \
-         see the noise."
+         and the modules run through it, the emulator. machine = the whole machine's busy \
+         CPU-seconds during the wall (every process: the instances' sshd and modules, the \
+         emulator, the ops side), idle = the share of the cores left idle then (/proc/stat): a \
+         row near 0% idle is bound by these cores, which the instances and the emulator share \
+         with the ops side here and do not in production; (emu) = of that, the emulator's, \
+         from the scale-out to the last completion; hosts = the simulated instances' own \
+         CPU-seconds (their sshd and everything run through it). The machine is shared: run it twice \
+         to see the noise."
     );
     let json = json!({
         "ansible_instances": n,
@@ -735,6 +877,10 @@ fn report(n: usize, repeat: usize, rows: &[Row]) {
         "ansible_rows": sums.iter().map(|s| json!({
             "runner": s.name, "forks": s.rows[0].forks, "runs": s.rows[0].runs,
             "wall_seconds": round2(s.wall()), "cpu_seconds": round2(s.cpu()),
+            "machine_busy_seconds": s.opt(|r| r.machine.map(|m| m.0)).map(round2),
+            "machine_idle_share": s.opt(|r| r.machine.map(|m| m.1)).map(round2),
+            "emulator_cpu_seconds": s.opt(|r| r.emulator_cpu).map(round2),
+            "hosts_cpu_seconds": s.opt(|r| Some(r.hosts_cpu)).map(round2),
         })).collect::<Vec<_>>(),
         "ansible_default_wall_ratio_to_plain_mitogen": round2(wr),
         "ansible_default_cpu_ratio_to_plain_mitogen": round2(cr),

@@ -881,6 +881,13 @@ impl SimHost {
         &self.scratch
     }
 
+    /// Its sshd's process id while it runs (the benchmark reads the instance's CPU there:
+    /// sshd reaps its sessions and what ran through them).
+    #[allow(dead_code)]
+    pub fn sshd_pid(&self) -> Option<u32> {
+        self.sshd.lock().unwrap().as_ref().map(Child::id)
+    }
+
     /// The same machine at another address: this host's sshd restarts with `other`'s host
     /// key (as an instance keeps its keys when its public IP changes on a stop and start).
     pub fn take_host_key_of(&self, other: &SimHost) {

@@ -61,6 +61,12 @@ pub struct Emulator {
 }
 
 impl Emulator {
+    /// The emulator's process id (its CPU, for the benchmark).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the emulator on a port the kernel picks (`-p 0`): the child writes the port to a
     /// file once it listens, and the health check must answer with the child's own pid, so a
     /// port taken by another process can never be mistaken for this test's emulator.
