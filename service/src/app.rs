@@ -61,9 +61,6 @@ pub struct App {
     wiring: Arc<Wiring>,
     publisher_task: Option<JoinHandle<()>>,
     fleet_task: Option<JoinHandle<()>>,
-    /// For the daemon's housekeeping (None when no step uses SSH).
-    /// Whose known_hosts files the housekeeping prunes.
-    known_hosts: Option<Arc<Remote>>,
 }
 
 /// One source wired: a pipeline with the clients of its account and region (its role's
@@ -428,7 +425,6 @@ impl App {
         let first = sources.first().ok_or_else(|| {
             anyhow::anyhow!("the config names no queue ([queue] url or [sources.NAME])")
         })?;
-        let known_hosts = wiring.remote.clone();
         Ok(App {
             pipeline: first.pipeline.clone(),
             queue: first.queue.clone(),
@@ -438,7 +434,6 @@ impl App {
             wiring: Arc::new(wiring),
             publisher_task,
             fleet_task,
-            known_hosts,
         })
     }
 
@@ -454,7 +449,8 @@ impl App {
     pub fn spawn_housekeeping(&self, receiving: ReceivingNow) -> Vec<JoinHandle<()>> {
         let store = self.pipeline.store().clone();
         let mut tasks = vec![tokio::spawn(prune_history_while_running(store))];
-        if let Some(remote) = self.known_hosts.clone() {
+        // The known_hosts files are SSH's (none when no step uses SSH).
+        if let Some(remote) = self.wiring.remote.clone() {
             tasks.push(spawn_known_hosts_pruning(remote, receiving));
         }
         tasks

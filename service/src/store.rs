@@ -673,6 +673,16 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(60);
 
+    /// Ends `run_id` succeeded, its result event `unpublished` (its publish failed) or not.
+    async fn succeeded(s: &Store, run_id: i64, unpublished: Option<&str>) {
+        let end = RunEnd {
+            outcome: Outcome::Succeeded,
+            unpublished,
+            ..Default::default()
+        };
+        s.finish_run(run_id, end).await.unwrap();
+    }
+
     fn fresh() -> Claim {
         Claim::Fresh { from: None }
     }
@@ -785,16 +795,7 @@ mod tests {
         };
         assert_eq!(other.unpublished(10).await.unwrap().len(), 1);
         let body = r#"{"a":2}"#;
-        s.finish_run(
-            r1,
-            RunEnd {
-                outcome: Outcome::Succeeded,
-                unpublished: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        succeeded(&s, r1, Some(body)).await;
         assert_eq!(
             s.unpublished(10).await.unwrap(),
             vec![(r1, body.to_string())],
@@ -808,25 +809,8 @@ mod tests {
         let r1 = s.insert_run(run("t4")).await.unwrap();
         let r2 = s.insert_run(run("t5")).await.unwrap();
         let body = r#"{"a":1}"#;
-        s.finish_run(
-            r1,
-            RunEnd {
-                outcome: Outcome::Succeeded,
-                unpublished: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        s.finish_run(
-            r2,
-            RunEnd {
-                outcome: Outcome::Succeeded,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        succeeded(&s, r1, Some(body)).await;
+        succeeded(&s, r2, None).await;
         assert_eq!(
             s.unpublished(10).await.unwrap(),
             vec![(r1, body.to_string())]
